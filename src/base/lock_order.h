@@ -1,0 +1,48 @@
+// The project's lock order, in one place.
+//
+// A thread may only acquire a lock whose rank is strictly greater than every
+// ranked lock it already holds. Debug, sanitizer and thread-safety builds
+// (NESTCACHE_LOCK_CHECKS) check this at every acquisition and abort with both
+// lock names on a violation; release builds compile the checks out.
+//
+// Outermost first:
+//
+//   kSlots          Vm::slots_lock_        memslot updates (KVM slots_lock)
+//   kMmu            Vm::mmu_lock_          EPT01 map, invalidation counters
+//   kCacheRefresh   PfnCache::refresh_mu_  one refresh/activate at a time
+//   kCacheRegistry  CacheRegistry::mu_     index of active caches by hva
+//   kCacheRw        PfnCache::rw_          the cache's pfn/pointer/valid
+//   kHostMm         HostMm::mu_            hva -> pfn bindings of regions
+//   kPhysMem        PhysMem::mu_           free lists, pins
+//   kLeaf           anything that calls nothing while held (counters, queues)
+//
+// DESIGN.md §7 lists the registry before the refresh mutex; we follow KVM
+// (refresh_lock -> gpc_lock -> gpc->lock), because activate and refresh must
+// update the registry's hva index while their refresh mutex is held, and the
+// notifier never takes a refresh mutex, so this order has no cycle.
+//
+// Nested-VMX and CPU locks (vCPU run state, nested-context table) rank below
+// kSlots: a vCPU thread may call into the vm layer while holding them, never
+// the reverse. The notifier waits for vCPUs to leave guest mode while holding
+// none of these locks.
+#pragma once
+
+namespace nestcache {
+
+enum class LockRank : int {
+  kNone = 0,  // unranked: not checked (use for locks that nest nothing)
+  kVcpuRun = 10,
+  kNestedContexts = 20,
+  kSlots = 30,
+  kMmu = 40,
+  kCacheRefresh = 50,
+  kCacheRegistry = 60,
+  kCacheRw = 70,
+  kHostMm = 80,
+  kPhysMem = 90,
+  kLeaf = 100,
+};
+
+const char* lock_rank_name(LockRank rank);
+
+}  // namespace nestcache

@@ -1,0 +1,134 @@
+// Annotated mutexes and scoped lockers.
+//
+// Thin wrappers over std::mutex and std::shared_mutex that (1) carry Clang
+// thread-safety capabilities so NC_GUARDED_BY fields are checked at compile
+// time, and (2) carry a LockRank (base/lock_order.h) that debug builds check
+// at run time. Use the scoped lockers; call lock()/unlock() directly only
+// where a protocol really drops and retakes a lock (and say why there).
+#pragma once
+
+#include <condition_variable>
+#include <mutex>
+#include <shared_mutex>
+
+#include "base/lock_order.h"
+#include "base/thread_annotations.h"
+
+namespace nestcache {
+
+namespace lock_checks {
+// Record that the calling thread takes / drops a lock of `rank`. No-ops unless
+// NESTCACHE_LOCK_CHECKS is defined.
+void acquire(LockRank rank, const void* lock);
+void release(LockRank rank, const void* lock);
+// Aborts unless the calling thread holds no ranked lock at or above `rank`;
+// used before blocking on something a lock holder might wait for.
+void assert_none_held_from(LockRank rank);
+}  // namespace lock_checks
+
+class NC_CAPABILITY("mutex") Mutex {
+ public:
+  explicit Mutex(LockRank rank = LockRank::kNone) : rank_(rank) {}
+  Mutex(const Mutex&) = delete;
+  Mutex& operator=(const Mutex&) = delete;
+
+  void lock() NC_ACQUIRE() {
+    lock_checks::acquire(rank_, this);
+    mu_.lock();
+  }
+  void unlock() NC_RELEASE() {
+    mu_.unlock();
+    lock_checks::release(rank_, this);
+  }
+  // For condition variables: std::condition_variable_any calls lock/unlock.
+  std::mutex& native() { return mu_; }
+  LockRank rank() const { return rank_; }
+
+ private:
+  std::mutex mu_;
+  LockRank rank_;
+};
+
+class NC_CAPABILITY("shared_mutex") SharedMutex {
+ public:
+  explicit SharedMutex(LockRank rank = LockRank::kNone) : rank_(rank) {}
+  SharedMutex(const SharedMutex&) = delete;
+  SharedMutex& operator=(const SharedMutex&) = delete;
+
+  void lock() NC_ACQUIRE() {
+    lock_checks::acquire(rank_, this);
+    mu_.lock();
+  }
+  void unlock() NC_RELEASE() {
+    mu_.unlock();
+    lock_checks::release(rank_, this);
+  }
+  void lock_shared() NC_ACQUIRE_SHARED() {
+    lock_checks::acquire(rank_, this);
+    mu_.lock_shared();
+  }
+  void unlock_shared() NC_RELEASE_SHARED() {
+    mu_.unlock_shared();
+    lock_checks::release(rank_, this);
+  }
+
+ private:
+  std::shared_mutex mu_;
+  LockRank rank_;
+};
+
+class NC_SCOPED_CAPABILITY MutexLock {
+ public:
+  explicit MutexLock(Mutex& mu) NC_ACQUIRE(mu) : mu_(mu) { mu_.lock(); }
+  ~MutexLock() NC_RELEASE() { mu_.unlock(); }
+  MutexLock(const MutexLock&) = delete;
+  MutexLock& operator=(const MutexLock&) = delete;
+
+ private:
+  Mutex& mu_;
+};
+
+class NC_SCOPED_CAPABILITY WriterLock {
+ public:
+  explicit WriterLock(SharedMutex& mu) NC_ACQUIRE(mu) : mu_(mu) { mu_.lock(); }
+  ~WriterLock() NC_RELEASE() { mu_.unlock(); }
+  WriterLock(const WriterLock&) = delete;
+  WriterLock& operator=(const WriterLock&) = delete;
+
+ private:
+  SharedMutex& mu_;
+};
+
+class NC_SCOPED_CAPABILITY ReaderLock {
+ public:
+  explicit ReaderLock(SharedMutex& mu) NC_ACQUIRE_SHARED(mu) : mu_(mu) { mu_.lock_shared(); }
+  ~ReaderLock() NC_RELEASE() { mu_.unlock_shared(); }
+  ReaderLock(const ReaderLock&) = delete;
+  ReaderLock& operator=(const ReaderLock&) = delete;
+
+ private:
+  SharedMutex& mu_;
+};
+
+// A condition variable usable with Mutex. wait() must be called with `mu`
+// held; it is released while blocked and held again on return.
+class CondVar {
+ public:
+  template <class Pred>
+  void wait(Mutex& mu, Pred pred) NC_REQUIRES(mu) {
+    // std::condition_variable_any drives Mutex::lock/unlock, keeping the
+    // lock-order bookkeeping right across the wait.
+    cv_.wait(mu, pred);
+  }
+  template <class Pred, class Duration>
+  bool wait_for(Mutex& mu, Duration d, Pred pred) NC_REQUIRES(mu) {
+    return cv_.wait_for(mu, d, pred);
+  }
+  void notify_one() { cv_.notify_one(); }
+  void notify_all() { cv_.notify_all(); }
+
+ private:
+  std::condition_variable_any cv_;
+};
+
+}  // namespace nestcache
