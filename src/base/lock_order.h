@@ -8,6 +8,7 @@
 // Outermost first:
 //
 //   kSlots          Vm::slots_lock_        memslot updates (KVM slots_lock)
+//   kMmNotifiers    HostMm::notifiers_mu_  notifier list (held shared around callbacks)
 //   kMmu            Vm::mmu_lock_          EPT01 map, invalidation counters
 //   kCacheRefresh   PfnCache::refresh_mu_  one refresh/activate at a time
 //   kCacheRegistry  CacheRegistry::mu_     index of active caches by hva
@@ -34,6 +35,7 @@ enum class LockRank : int {
   kVcpuRun = 10,
   kNestedContexts = 20,
   kSlots = 30,
+  kMmNotifiers = 35,
   kMmu = 40,
   kCacheRefresh = 50,
   kCacheRegistry = 60,

@@ -12,6 +12,7 @@ const char* lock_rank_name(LockRank rank) {
     case LockRank::kVcpuRun: return "vcpu_run";
     case LockRank::kNestedContexts: return "nested_contexts";
     case LockRank::kSlots: return "slots_lock";
+    case LockRank::kMmNotifiers: return "mm_notifiers";
     case LockRank::kMmu: return "mmu_lock";
     case LockRank::kCacheRefresh: return "cache_refresh";
     case LockRank::kCacheRegistry: return "cache_registry";

@@ -1,0 +1,227 @@
+#include "host/phys_mem.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "base/check.h"
+
+namespace nestcache::host {
+
+namespace {
+enum FrameState : uint8_t {
+  kFree = 0,       // on a free list or never handed out
+  kAllocated = 1,  // owned by someone
+  kFreePending = 2 // freed while pinned: goes back at the last unpin
+};
+int pool_index(FrameKind kind) { return kind == FrameKind::managed ? 0 : 1; }
+}  // namespace
+
+const char* frame_kind_name(FrameKind kind) {
+  return kind == FrameKind::managed ? "managed" : "unmanaged";
+}
+
+// --- RemapWindow / FramePin -----------------------------------------------
+
+RemapWindow& RemapWindow::operator=(RemapWindow&& o) noexcept {
+  if (this != &o) {
+    reset();
+    mem_ = o.mem_;
+    data_ = o.data_;
+    o.mem_ = nullptr;
+    o.data_ = nullptr;
+  }
+  return *this;
+}
+
+void RemapWindow::reset() {
+  if (data_) mem_->close_window(data_);
+  mem_ = nullptr;
+  data_ = nullptr;
+}
+
+FramePin& FramePin::operator=(FramePin&& o) noexcept {
+  if (this != &o) {
+    reset();
+    mem_ = o.mem_;
+    pfn_ = o.pfn_;
+    o.mem_ = nullptr;
+    o.pfn_ = kInvalidPfn;
+  }
+  return *this;
+}
+
+void FramePin::reset() {
+  if (mem_) mem_->unpin(pfn_);
+  mem_ = nullptr;
+  pfn_ = kInvalidPfn;
+}
+
+// --- PhysMem ----------------------------------------------------------------
+
+Result<std::unique_ptr<PhysMem>> PhysMem::create(const PhysMemConfig& config) {
+  size_t total = config.managed_frames + config.unmanaged_frames;
+  if (total == 0) return errorf(EINVAL, "physical memory needs at least one frame");
+  std::unique_ptr<PhysMem> m(new PhysMem());
+  m->total_ = total;
+  m->managed_ = config.managed_frames;
+  m->fd_ = memfd_create("nestcache-physmem", MFD_CLOEXEC);
+  if (m->fd_ < 0) return errorf(errno, "memfd_create: {}", std::strerror(errno));
+  if (ftruncate(m->fd_, static_cast<off_t>(total * kPageSize)) != 0)
+    return errorf(errno, "sizing physical memory to {} frames: {}", total, std::strerror(errno));
+  void* pool = mmap(nullptr, total * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fd_, 0);
+  if (pool == MAP_FAILED) return errorf(errno, "mapping the hardware view: {}", std::strerror(errno));
+  m->pool_ = static_cast<std::byte*>(pool);
+  if (m->managed_ > 0) {
+    void* direct = mmap(nullptr, m->managed_ * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fd_, 0);
+    if (direct == MAP_FAILED) return errorf(errno, "mapping the direct map: {}", std::strerror(errno));
+    m->direct_ = static_cast<std::byte*>(direct);
+  }
+  m->versions_ = std::make_unique<std::atomic<uint64_t>[]>(total);
+  MutexLock l(m->mu_);
+  m->pools_[0] = Pool{0, m->managed_, {}};
+  m->pools_[1] = Pool{m->managed_, total, {}};
+  m->pins_.assign(total, 0);
+  m->state_.assign(total, kFree);
+  return m;
+}
+
+PhysMem::~PhysMem() {
+  if (direct_) munmap(direct_, managed_ * kPageSize);
+  if (pool_) munmap(pool_, total_ * kPageSize);
+  if (fd_ >= 0) close(fd_);
+}
+
+void PhysMem::zero_frame(Pfn pfn) { std::memset(pool_ + pfn * kPageSize, 0, kPageSize); }
+
+Result<Pfn> PhysMem::alloc(FrameKind kind) {
+  auto run = NC_TRY(alloc_run(kind, 1));
+  return run.first;
+}
+
+Result<PfnRun> PhysMem::alloc_run(FrameKind kind, size_t max) {
+  NC_CHECK(max > 0);
+  PfnRun run;
+  bool needs_zero = false;
+  {
+    MutexLock l(mu_);
+    Pool& p = pools_[pool_index(kind)];
+    if (p.fresh_next < p.fresh_end) {
+      // Never-used frames are still holes in the memfd, hence already zero.
+      run = {p.fresh_next, std::min<size_t>(max, p.fresh_end - p.fresh_next)};
+      p.fresh_next += run.count;
+    } else if (!p.free.empty()) {
+      run = {p.free.back(), 1};
+      p.free.pop_back();
+      needs_zero = true;
+    } else {
+      return errorf(ENOMEM, "out of {} frames", frame_kind_name(kind));
+    }
+    for (size_t i = 0; i < run.count; i++) {
+      NC_CHECK(state_[run.first + i] == kFree);
+      state_[run.first + i] = kAllocated;
+    }
+  }
+  if (needs_zero) zero_frame(run.first);
+  return run;
+}
+
+void PhysMem::free(Pfn pfn) {
+  NC_CHECK(pfn < total_);
+  retag(pfn);
+  MutexLock l(mu_);
+  NC_CHECK(state_[pfn] == kAllocated);
+  if (pins_[pfn] > 0) {
+    state_[pfn] = kFreePending;
+    return;
+  }
+  release_locked(pfn);
+}
+
+void PhysMem::release_locked(Pfn pfn) {
+  state_[pfn] = kFree;
+  pools_[pool_index(kind(pfn))].free.push_back(pfn);
+}
+
+size_t PhysMem::free_frames(FrameKind kind) const {
+  MutexLock l(mu_);
+  const Pool& p = pools_[pool_index(kind)];
+  return p.free.size() + (p.fresh_end - p.fresh_next);
+}
+
+bool PhysMem::check(const FrameTag& t, const char* what, CounterSet* also) const {
+  if (versions_[t.pfn].load(std::memory_order_acquire) == t.version) return true;
+  counters_.add(Counter::stale_accesses);
+  if (also) also->add(Counter::stale_accesses);
+  if (stale_fatal_.load(std::memory_order_relaxed)) {
+    std::fprintf(stderr, "nestcache: stale access through %s to pfn %llu (tag version %llu, frame now %llu)\n",
+                 what, static_cast<unsigned long long>(t.pfn), static_cast<unsigned long long>(t.version),
+                 static_cast<unsigned long long>(versions_[t.pfn].load()));
+    std::abort();
+  }
+  return false;
+}
+
+std::byte* PhysMem::direct(Pfn pfn) const {
+  NC_CHECK(pfn < managed_);
+  return direct_ + pfn * kPageSize;
+}
+
+Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
+  NC_CHECK(pfn < total_);
+  void* p = mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, offset_of(pfn));
+  if (p == MAP_FAILED) return errorf(ENOMEM, "remap window on pfn {}: {}", pfn, std::strerror(errno));
+  counters_.add(Counter::remap_windows);
+  RemapWindow w;
+  w.mem_ = this;
+  w.data_ = static_cast<std::byte*>(p);
+  return w;
+}
+
+void PhysMem::close_window(std::byte* data) {
+  NC_CHECK(munmap(data, kPageSize) == 0);
+  counters_.add(Counter::remap_windows_closed);
+}
+
+Result<FramePin> PhysMem::pin(Pfn pfn) {
+  NC_CHECK(pfn < total_);
+  if (kind(pfn) != FrameKind::managed) return errorf(EINVAL, "pfn {} is unmanaged and cannot be pinned", pfn);
+  MutexLock l(mu_);
+  if (state_[pfn] != kAllocated) return errorf(EFAULT, "pfn {} is not allocated", pfn);
+  pins_[pfn]++;
+  counters_.add(Counter::pins);
+  FramePin p;
+  p.mem_ = this;
+  p.pfn_ = pfn;
+  return p;
+}
+
+void PhysMem::unpin(Pfn pfn) {
+  MutexLock l(mu_);
+  NC_CHECK(pins_[pfn] > 0);
+  counters_.add(Counter::unpins);
+  if (--pins_[pfn] == 0 && state_[pfn] == kFreePending) release_locked(pfn);
+}
+
+uint32_t PhysMem::pin_count(Pfn pfn) const {
+  MutexLock l(mu_);
+  return pins_[pfn];
+}
+
+void PhysMem::copy_frame(Pfn dst, Pfn src) {
+  std::memcpy(pool_ + dst * kPageSize, pool_ + src * kPageSize, kPageSize);
+}
+
+int64_t PhysMem::live_windows() const {
+  return static_cast<int64_t>(counters_.get(Counter::remap_windows)) -
+         static_cast<int64_t>(counters_.get(Counter::remap_windows_closed));
+}
+
+int64_t PhysMem::live_pins() const {
+  return static_cast<int64_t>(counters_.get(Counter::pins)) - static_cast<int64_t>(counters_.get(Counter::unpins));
+}
+
+}  // namespace nestcache::host

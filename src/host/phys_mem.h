@@ -1,0 +1,216 @@
+// PhysMem: host physical memory with real mapping costs (DESIGN.md §2).
+//
+// Frames are 4 KiB pages of one memfd; a frame number is a pfn. Frames
+// [0, managed_frames) are *managed*: permanently mapped in the direct map, so
+// L0 code turns such a pfn into a pointer for free. The rest are *unmanaged*:
+// L0 code reaches them only through a RemapWindow, a real mmap/munmap of that
+// frame (the memremap/memunmap the seed removes from the nested entry path).
+//
+// Every frame carries a version. The version changes whenever the frame stops
+// backing the guest page it backed (freed, migrated away, discarded, its
+// memslot moved or deleted), even while a pin keeps the frame alive. Every L0
+// mapping, cached pfn and pfn written into vmcs02 records a FrameTag (pfn +
+// version) when it is made and checks it on each access: a mismatch is a
+// *stale access*, counted always and fatal where a test asks for it.
+//
+// The whole pool is also mapped once as the *hardware view*, the way the CPU
+// reaches physical memory without mappings. Only the cpu layer can obtain it
+// (HardwareKey); L0 software never uses it.
+//
+// Thread safety: all public functions may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "base/counters.h"
+#include "base/error.h"
+#include "base/mutex.h"
+#include "base/types.h"
+
+namespace nestcache {
+namespace cpu {
+class HardwareKeys;
+}
+namespace host {
+
+enum class FrameKind : uint8_t { managed, unmanaged };
+const char* frame_kind_name(FrameKind kind);
+
+// Identifies one binding of one frame: the pfn and the frame's version when
+// the binding was observed. Two tags are equal only if the frame has not
+// changed hands in between (versions are unique across the whole pool).
+struct FrameTag {
+  Pfn pfn = kInvalidPfn;
+  uint64_t version = 0;
+  bool operator==(const FrameTag&) const = default;
+  bool valid() const { return pfn != kInvalidPfn; }
+};
+
+// A run of consecutive frames [first, first + count).
+struct PfnRun {
+  Pfn first = kInvalidPfn;
+  size_t count = 0;
+};
+
+struct PhysMemConfig {
+  size_t managed_frames = 0;
+  size_t unmanaged_frames = 0;
+};
+
+class PhysMem;
+
+// A real mmap of one unmanaged (or managed) frame, released by munmap when
+// the window is destroyed. Move-only. Opening and closing are counted.
+class RemapWindow {
+ public:
+  RemapWindow() = default;
+  RemapWindow(RemapWindow&& o) noexcept { *this = std::move(o); }
+  RemapWindow& operator=(RemapWindow&& o) noexcept;
+  ~RemapWindow() { reset(); }
+
+  std::byte* data() const { return data_; }
+  explicit operator bool() const { return data_ != nullptr; }
+  // munmap now (the destructor does it otherwise).
+  void reset();
+
+ private:
+  friend class PhysMem;
+  PhysMem* mem_ = nullptr;
+  std::byte* data_ = nullptr;
+};
+
+// A pin on a managed frame (get_user_pages analogue). While any pin is held
+// the frame is neither migrated nor returned to the free list. Move-only.
+class FramePin {
+ public:
+  FramePin() = default;
+  FramePin(FramePin&& o) noexcept { *this = std::move(o); }
+  FramePin& operator=(FramePin&& o) noexcept;
+  ~FramePin() { reset(); }
+
+  Pfn pfn() const { return pfn_; }
+  explicit operator bool() const { return mem_ != nullptr; }
+  void reset();
+
+ private:
+  friend class PhysMem;
+  PhysMem* mem_ = nullptr;
+  Pfn pfn_ = kInvalidPfn;
+};
+
+// The capability to reach any frame without a mapping. Constructible only by
+// cpu::HardwareKeys (the simulated processor) and by tests.
+class HardwareKey {
+ private:
+  friend class cpu::HardwareKeys;
+  friend struct HardwareKeyForTests;
+  HardwareKey() = default;
+};
+
+class HardwareView {
+ public:
+  std::byte* frame(Pfn pfn) const { return base_ + pfn * kPageSize; }
+
+ private:
+  friend class PhysMem;
+  explicit HardwareView(std::byte* base) : base_(base) {}
+  std::byte* base_;
+};
+
+class PhysMem {
+ public:
+  // Creates the memfd, sizes it, maps the direct map and the hardware view.
+  // Memory is sparse: the kernel backs a frame only once it is touched.
+  static Result<std::unique_ptr<PhysMem>> create(const PhysMemConfig& config);
+  ~PhysMem();
+  PhysMem(const PhysMem&) = delete;
+  PhysMem& operator=(const PhysMem&) = delete;
+
+  size_t num_frames() const { return total_; }
+  size_t managed_frames() const { return managed_; }
+  FrameKind kind(Pfn pfn) const { return pfn < managed_ ? FrameKind::managed : FrameKind::unmanaged; }
+  int fd() const { return fd_; }
+  static off_t offset_of(Pfn pfn) { return static_cast<off_t>(pfn * kPageSize); }
+
+  // --- allocation -------------------------------------------------------
+  // Allocates one zeroed frame of `kind`. ENOMEM when none is free.
+  Result<Pfn> alloc(FrameKind kind) NC_EXCLUDES(mu_);
+  // Allocates up to `max` zeroed consecutive frames (at least one). Callers
+  // that need n frames loop; consecutive frames let HostMm map many pages
+  // with one mmap and keep the process's mapping count low.
+  Result<PfnRun> alloc_run(FrameKind kind, size_t max) NC_EXCLUDES(mu_);
+  // Returns a frame to its free list and bumps its version. If the frame is
+  // pinned, it goes back only when the last pin is dropped.
+  void free(Pfn pfn) NC_EXCLUDES(mu_);
+  size_t free_frames(FrameKind kind) const NC_EXCLUDES(mu_);
+
+  // --- tags -------------------------------------------------------------
+  FrameTag tag(Pfn pfn) const { return {pfn, versions_[pfn].load(std::memory_order_acquire)}; }
+  // The frame stops backing what it backed: gives it a new, unique version.
+  void retag(Pfn pfn) { versions_[pfn].store(next_version_.fetch_add(1) + 1, std::memory_order_release); }
+  // True if `t` still names the current binding of its frame. Otherwise counts
+  // a stale access (here and in `also`, if given) and, when stale accesses
+  // are fatal, aborts with a message naming `what`.
+  bool check(const FrameTag& t, const char* what, CounterSet* also = nullptr) const;
+  // Makes stale accesses abort the process (tests that must see none).
+  void set_stale_access_fatal(bool fatal) { stale_fatal_.store(fatal); }
+
+  // --- L0 software access -------------------------------------------------
+  // Pointer into the direct map. Requires a managed frame.
+  std::byte* direct(Pfn pfn) const;
+  // Opens a remap window on any frame (ENOMEM if mmap fails).
+  Result<RemapWindow> map_window(Pfn pfn);
+  // Pins a managed frame; EINVAL for unmanaged frames (they cannot be pinned).
+  Result<FramePin> pin(Pfn pfn) NC_EXCLUDES(mu_);
+  uint32_t pin_count(Pfn pfn) const NC_EXCLUDES(mu_);
+
+  // Copies one frame into another (page migration's copy). Host-internal: the
+  // migration code's own access, not an L0 mapping.
+  void copy_frame(Pfn dst, Pfn src);
+
+  // --- hardware -----------------------------------------------------------
+  HardwareView hardware_view(const HardwareKey&) const { return HardwareView(pool_); }
+
+  // remap_windows, remap_windows_closed, pins, unpins, stale_accesses.
+  CounterSet& counters() const { return counters_; }
+  // Windows open now (opened - closed) and pins held now: both 0 when idle.
+  int64_t live_windows() const;
+  int64_t live_pins() const;
+
+ private:
+  friend class RemapWindow;
+  friend class FramePin;
+  PhysMem() = default;
+  void close_window(std::byte* data);
+  void unpin(Pfn pfn) NC_EXCLUDES(mu_);
+  void zero_frame(Pfn pfn);
+  void release_locked(Pfn pfn) NC_REQUIRES(mu_);
+
+  int fd_ = -1;
+  size_t total_ = 0;
+  size_t managed_ = 0;
+  std::byte* pool_ = nullptr;     // hardware view: the whole memfd
+  std::byte* direct_ = nullptr;   // direct map: managed frames only
+  std::unique_ptr<std::atomic<uint64_t>[]> versions_;
+  std::atomic<uint64_t> next_version_{0};
+  std::atomic<bool> stale_fatal_{false};
+  mutable CounterSet counters_;
+
+  struct Pool {
+    Pfn fresh_next = 0;   // frames never handed out yet: [fresh_next, fresh_end)
+    Pfn fresh_end = 0;
+    std::vector<Pfn> free;  // frames handed out and given back
+  };
+  mutable Mutex mu_{LockRank::kPhysMem};
+  Pool pools_[2] NC_GUARDED_BY(mu_);
+  std::vector<uint32_t> pins_ NC_GUARDED_BY(mu_);
+  std::vector<uint8_t> state_ NC_GUARDED_BY(mu_);  // FrameState
+};
+
+}  // namespace host
+}  // namespace nestcache
