@@ -15,7 +15,9 @@
 //   4. copy_evmcs_to_vmcs12(page, vmcs12, snapshot.clean_fields): only the
 //      dirty groups are copied into the cached vmcs12, from which the entry
 //      proceeds exactly as without eVMCS (entry checks plus
-//      check_evmcs_controls, pages, vmcs02);
+//      check_evmcs_controls, pages, vmcs02). An eVMCS has no launch state of
+//      its own: L0 sets the cached vmcs12's to "launched" for VMRESUME and
+//      "clear" for VMLAUNCH before the launch-state check;
 //   5. after a successful entry marks every group clean in the page.
 // On a reflected exit L0 writes the exit information and L2's guest state
 // back with copy_vmcs12_to_evmcs. The nested-state blob carries the vmcs12

@@ -1,7 +1,7 @@
 // vmcs12: the VMCS that L1 builds for its L2, as L0 sees it.
 //
 // L1 owns a 4 KiB VMCS region in its memory. Its format is implementation
-// specific except for the first 8 bytes (SDM 25.2), so nestcache defines it:
+// specific except for the first 8 bytes (SDM 24.2), so nestcache defines it:
 // Vmcs12 is that region decoded, one named member per supported field, and
 // serialize()/deserialize() convert between the two. L0 reads the region at
 // VMPTRLD, keeps this decoded copy while the VMCS is current (all VMREAD,
@@ -15,12 +15,13 @@
 //   12  u32  reserved, 0
 //   16+      the fields, each at FieldInfo::page_offset with its own width;
 //            every other byte is 0.
-// The offsets are the member offsets of Vmcs12 (a standard-layout struct), so
-// a field is appended at the end of its width group, never inserted: moving a
-// field changes the format of regions and nested-state blobs (the layout test
-// in tests/vmx/vmcs12_test.cc pins it).
+// The offsets are the member offsets of Vmcs12 (a standard-layout struct).
+// Adding, removing or moving a field therefore changes the format of VMCS
+// regions and of nested-state blobs: bump kNestedStateVersion with it and
+// update the layout test (tests/vmx/vmcs12_test.cc pins the offsets). Keep
+// the fields grouped by width so none needs padding before it.
 //
-// VMREAD/VMWRITE semantics (SDM Vol. 3C, 31.3, VMREAD and VMWRITE):
+// VMREAD/VMWRITE semantics (SDM Vol. 3C 30.3, VMREAD and VMWRITE):
 //   - an encoding that is not in the field table, has reserved bits set, or
 //     is the "high" access of a field that is not 64 bits wide
 //     -> VMfailValid(12, unsupported VMCS component);
@@ -45,8 +46,8 @@
 
 namespace nestcache::vmx {
 
-// X(member, encoding, C++ type). Grouped by width so the struct has no
-// padding; within a group, new fields go at the end (see the layout note).
+// X(member, encoding, C++ type). Grouped by width so no field needs
+// padding before it; see the layout note above before changing the list.
 #define NC_VMCS12_FIELDS(X)                                                          \
   /* 64-bit and natural-width fields */                                              \
   X(msr_bitmap, field::kMsrBitmap, uint64_t)                                         \
@@ -114,7 +115,7 @@ namespace nestcache::vmx {
   X(guest_interrupt_status, field::kGuestInterruptStatus, uint16_t)                  \
   X(host_cs_selector, field::kHostCsSelector, uint16_t)
 
-// Launch state of a VMCS (SDM 25.1): VMLAUNCH needs "clear", VMRESUME
+// Launch state of a VMCS (SDM 24.1): VMLAUNCH needs "clear", VMRESUME
 // "launched"; VMCLEAR makes it clear, a successful VMLAUNCH launched.
 inline constexpr uint32_t kLaunchStateClear = 0;
 inline constexpr uint32_t kLaunchStateLaunched = 1;

@@ -1,10 +1,14 @@
 // Architectural VMX vocabulary, named once: VMCS field encodings, control bits,
 // exit reasons, VM-instruction error numbers and MSR numbers, with the values
-// the Intel SDM (Vol. 3C, appendices A-C and chapter 26) gives them. Also the
+// the Intel SDM (Vol. 3C, chapters 24-30 and appendices A-C) gives them. Also the
 // outcome type every VMX-emulation function returns (VmxFail).
 //
 // Only what nestcache models is here; adding a field or a bit is one line.
 // Nothing in this header reaches memory or a vCPU.
+//
+// Section numbers follow the SDM edition KVM's sources cite (VMCS in chapter
+// 24, VM entries in 26, VMX instruction reference in 30); recent editions
+// number each of these chapters one higher.
 #pragma once
 
 #include <cstdint>
@@ -138,7 +142,7 @@ inline constexpr uint32_t kHostRip = 0x6c16;
 }  // namespace field
 
 // ---------------------------------------------------------------------------
-// VM-execution, VM-exit and VM-entry control bits (SDM 25.6-25.8).
+// VM-execution, VM-exit and VM-entry control bits (SDM 24.6-24.8).
 // ---------------------------------------------------------------------------
 
 namespace pin {  // pin-based VM-execution controls
@@ -224,7 +228,7 @@ inline constexpr uint32_t kLoadEfer = 1u << 15;
 inline constexpr uint32_t kAlwaysOn = 0x000011fb;
 }  // namespace entry_ctl
 
-// EPT pointer (SDM 25.6.11).
+// EPT pointer (SDM 24.6.11).
 namespace eptp {
 inline constexpr uint64_t kMemTypeMask = 0x7;
 inline constexpr uint64_t kMemTypeUc = 0;
@@ -236,7 +240,7 @@ inline constexpr uint64_t kAccessedDirty = 1ull << 6;
 inline constexpr uint64_t kReservedLow = 0xf80;  // bits 11:7 (no supervisor shadow stacks)
 }  // namespace eptp
 
-// VM-entry / VM-exit interruption-information format (SDM 25.8.3, 25.9.2).
+// VM-entry / VM-exit interruption-information format (SDM 24.8.3, 24.9.2).
 namespace intr_info {
 inline constexpr uint32_t kVectorMask = 0xff;
 inline constexpr uint32_t kTypeShift = 8;
@@ -256,7 +260,7 @@ inline constexpr uint32_t kTypeSoftwareException = 6;
 inline constexpr uint32_t kTypeOtherEvent = 7;
 }  // namespace intr_info
 
-// Guest activity states (SDM 25.4.2).
+// Guest activity states (SDM 24.4.2).
 namespace activity {
 inline constexpr uint32_t kActive = 0;
 inline constexpr uint32_t kHlt = 1;
@@ -383,7 +387,7 @@ constexpr std::string_view exit_reason_name(ExitReason r) {
   return "UNKNOWN";
 }
 
-// Exit qualifications of a VM-entry failure due to invalid guest state (SDM 27.8).
+// Exit qualifications of a VM-entry failure due to invalid guest state (SDM 26.8).
 namespace entry_fail_qual {
 inline constexpr uint64_t kDefault = 0;
 inline constexpr uint64_t kPdpte = 2;
@@ -392,7 +396,7 @@ inline constexpr uint64_t kVmcsLinkPointer = 4;
 }  // namespace entry_fail_qual
 
 // ---------------------------------------------------------------------------
-// VM-instruction error numbers (SDM Vol. 3C 31.4, "VM-Instruction Error
+// VM-instruction error numbers (SDM Vol. 3C 30.4, "VM-Instruction Error
 // Numbers"); 14, 21 and 27 are not assigned.
 // ---------------------------------------------------------------------------
 
