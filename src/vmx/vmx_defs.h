@@ -34,6 +34,8 @@ namespace nestcache::vmx {
 enum class FieldWidth : uint8_t { k16 = 0, k64 = 1, k32 = 2, kNatural = 3 };
 enum class FieldType : uint8_t { kControl = 0, kReadOnly = 1, kGuestState = 2, kHostState = 3 };
 
+// The width and type an encoding names (bits 14:13 and 11:10); defined for
+// any value, including encodings no VMCS supports.
 constexpr FieldWidth field_width(uint32_t encoding) {
   return static_cast<FieldWidth>((encoding >> 13) & 3);
 }
@@ -43,6 +45,7 @@ constexpr FieldType field_type(uint32_t encoding) {
 // True for the "high" half of a 64-bit field (encoding of the full field + 1).
 constexpr bool field_is_high_access(uint32_t encoding) { return (encoding & 1) != 0; }
 
+// "16-bit", "natural-width", "read-only data", ... for messages.
 constexpr std::string_view field_width_name(FieldWidth w) {
   switch (w) {
     case FieldWidth::k16: return "16-bit";
@@ -333,6 +336,7 @@ enum class ExitReason : uint16_t {
 inline constexpr uint32_t kExitReasonBasicMask = 0xffff;
 inline constexpr uint32_t kExitReasonEntryFailure = 1u << 31;  // VM-entry failure
 
+// The basic exit reason (bits 15:0) of an exit-reason field value.
 constexpr ExitReason basic_exit_reason(uint32_t exit_reason_field) {
   return static_cast<ExitReason>(exit_reason_field & kExitReasonBasicMask);
 }
@@ -551,6 +555,8 @@ struct VmxFail {
   // What was wrong, for people: names the field, the value and the rule.
   std::string message;
 
+  // Constructors for the three outcomes; `rule` must outlive the VmxFail
+  // (pass a string literal).
   static VmxFail invalid(std::string message) {
     return VmxFail{VmxFailKind::kFailInvalid, VmInstructionError::kNone,
                    ExitReason::kExceptionOrNmi, 0, {}, std::move(message)};
