@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include <fmt/format.h>
@@ -39,6 +40,13 @@ tl::unexpected<Error> errorf(int code, fmt::format_string<Args...> f, Args&&... 
 
 inline Status ok() { return {}; }
 
+namespace detail {
+template <class T, class E>
+T take_value(tl::expected<T, E>&& r) {
+  if constexpr (!std::is_void_v<T>) return std::move(*r);
+}
+}  // namespace detail
+
 }  // namespace nestcache
 
 // Propagates the error of a Result/Status expression, or yields its value.
@@ -46,5 +54,5 @@ inline Status ok() { return {}; }
   ({                                                        \
     auto&& nc_try_result_ = (expr);                         \
     if (!nc_try_result_) return tl::unexpected(std::move(nc_try_result_).error()); \
-    std::move(nc_try_result_).value();                      \
+    ::nestcache::detail::take_value(std::move(nc_try_result_)); \
   })

@@ -154,15 +154,21 @@ size_t PhysMem::free_frames(FrameKind kind) const {
 
 bool PhysMem::check(const FrameTag& t, const char* what, CounterSet* also) const {
   if (versions_[t.pfn].load(std::memory_order_acquire) == t.version) return true;
+  if (stale_fatal_.load(std::memory_order_relaxed))
+    std::fprintf(stderr, "nestcache: pfn %llu: tag version %llu, frame now at %llu\n",
+                 static_cast<unsigned long long>(t.pfn), static_cast<unsigned long long>(t.version),
+                 static_cast<unsigned long long>(versions_[t.pfn].load()));
+  report_stale(what, also);
+  return false;
+}
+
+void PhysMem::report_stale(const char* what, CounterSet* also) const {
   counters_.add(Counter::stale_accesses);
   if (also) also->add(Counter::stale_accesses);
   if (stale_fatal_.load(std::memory_order_relaxed)) {
-    std::fprintf(stderr, "nestcache: stale access through %s to pfn %llu (tag version %llu, frame now %llu)\n",
-                 what, static_cast<unsigned long long>(t.pfn), static_cast<unsigned long long>(t.version),
-                 static_cast<unsigned long long>(versions_[t.pfn].load()));
+    std::fprintf(stderr, "nestcache: stale access through %s\n", what);
     std::abort();
   }
-  return false;
 }
 
 std::byte* PhysMem::direct(Pfn pfn) const {

@@ -157,6 +157,9 @@ class PhysMem {
   // a stale access (here and in `also`, if given) and, when stale accesses
   // are fatal, aborts with a message naming `what`.
   bool check(const FrameTag& t, const char* what, CounterSet* also = nullptr) const;
+  // Counts a stale access found by other means (a memslot no longer leads to
+  // the mapping), with the same fatal-mode handling as check().
+  void report_stale(const char* what, CounterSet* also = nullptr) const;
   // Makes stale accesses abort the process (tests that must see none).
   void set_stale_access_fatal(bool fatal) { stale_fatal_.store(fatal); }
 

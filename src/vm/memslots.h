@@ -1,0 +1,146 @@
+// Memslots: the guest-physical memory map (KVM_SET_USER_MEMORY_REGION).
+//
+// A memslot maps guest frames [base_gfn, base_gfn + npages) onto the VMM's
+// addresses [userspace_addr, ...). The active set is published with RCU:
+// vCPUs look up gfns without ever blocking, inside an rcu::ReadLock. Every
+// publish bumps the generation, which is how pfn caches notice memslot
+// changes without any notifier.
+//
+// Updates are double-buffered as in KVM: the change is applied to the
+// inactive set, which is published; after a grace period the same change is
+// applied to the set readers have just stopped seeing. Each update is
+// O(log n) plus one grace period, so filling all 32,764 slots stays cheap.
+//
+// Deleting or moving a slot publishes twice: first with the old slot marked
+// invalid (lookups find it but translate nothing), so the caller can zap
+// mappings of the old range while no new ones can be made, then the final set.
+//
+// Thread safety: updates must be serialised by the caller (Vm::slots_lock);
+// lookups may run concurrently from any thread inside an rcu::ReadLock.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <vector>
+
+#include "base/error.h"
+#include "base/rcu.h"
+#include "base/types.h"
+
+namespace nestcache::vm {
+
+inline constexpr uint32_t kMaxUserMemslots = 32764;  // KVM_USER_MEM_SLOTS on x86
+inline constexpr uint64_t kMaxSlotPages = (uint64_t{1} << 31) - 1;  // KVM_MEM_MAX_NR_PAGES
+inline constexpr uint32_t kMemLogDirtyPages = 1u << 0;
+inline constexpr uint32_t kMemReadonly = 1u << 1;
+
+// The argument of KVM_SET_USER_MEMORY_REGION.
+struct MemoryRegion {
+  uint32_t slot = 0;
+  uint32_t flags = 0;
+  Gpa guest_phys_addr = 0;
+  uint64_t memory_size = 0;  // 0 deletes the slot
+  Hva userspace_addr = 0;
+};
+
+struct Memslot {
+  uint32_t id = 0;
+  Gfn base_gfn = 0;
+  uint64_t npages = 0;
+  Hva userspace_addr = 0;
+  uint32_t flags = 0;
+  bool invalid = false;  // being deleted or moved: translates nothing
+
+  Gfn end_gfn() const { return base_gfn + npages; }
+  bool contains(Gfn gfn) const { return gfn >= base_gfn && gfn < end_gfn(); }
+  Hva gfn_to_hva(Gfn gfn) const { return userspace_addr + (gfn - base_gfn) * kPageSize; }
+  Hva end_hva() const { return userspace_addr + npages * kPageSize; }
+};
+
+enum class MemslotChange { none, create, remove, move, flags_only };
+
+// What a validated MemoryRegion will do.
+struct MemslotUpdate {
+  MemslotChange change;
+  std::optional<Memslot> old_slot;  // remove, move, flags_only
+  std::optional<Memslot> new_slot;  // create, move, flags_only
+};
+
+// A per-reader memo of the last slot found; valid only for the generation
+// it was taken in.
+struct LookupHint {
+  uint64_t generation = ~uint64_t{0};
+  const Memslot* slot = nullptr;
+};
+
+// One published state of the memslots. Readers get it from Memslots::active()
+// inside an rcu::ReadLock and must not keep pointers past it.
+class MemslotSet {
+ public:
+  uint64_t generation() const { return generation_; }
+  size_t size() const { return by_gfn_.size(); }
+  // The slot containing gfn (possibly marked invalid), or null. O(log n).
+  const Memslot* find(Gfn gfn) const;
+  // As find, trying the hint first and updating it.
+  const Memslot* find(Gfn gfn, LookupHint& hint) const;
+  const Memslot* by_id(uint32_t id) const;
+  // Calls fn(slot) for every slot whose hva range meets [start, end).
+  template <class Fn>
+  void for_each_in_hva_range(Hva start, Hva end, Fn&& fn) const {
+    auto it = by_hva_.lower_bound(start > max_bytes_ ? start - max_bytes_ : 0);
+    for (; it != by_hva_.end() && it->first < end; ++it) {
+      const Memslot* s = it->second;
+      if (s->end_hva() > start) fn(*s);
+    }
+  }
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    for (auto& [gfn, s] : by_gfn_) fn(s);
+  }
+
+ private:
+  friend class Memslots;
+  void apply(const MemslotUpdate& u, bool mark_invalid);
+
+  uint64_t generation_ = 0;
+  std::map<Gfn, Memslot> by_gfn_;
+  std::multimap<Hva, const Memslot*> by_hva_;
+  std::vector<const Memslot*> by_id_ = std::vector<const Memslot*>(kMaxUserMemslots, nullptr);
+  uint64_t max_bytes_ = 0;  // largest slot ever, bounds the hva-range search
+};
+
+class Memslots {
+ public:
+  Memslots();
+  ~Memslots();
+  Memslots(const Memslots&) = delete;
+  Memslots& operator=(const Memslots&) = delete;
+
+  // The published set. Requires an rcu::ReadLock for as long as it is used.
+  const MemslotSet* active() const { return active_.read(); }
+  // The generation of the published set; no lock needed.
+  uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
+
+  // Checks `r` against KVM's rules and the current slots; says what it would
+  // do. EINVAL: bad flags, misaligned address or size, bad slot id, size
+  // change of an existing slot, delete of a missing slot, range beyond the
+  // physical-address width; EEXIST: overlap with another slot.
+  // Requires the caller to serialise updates.
+  Result<MemslotUpdate> validate(const MemoryRegion& r) const;
+  // Publishes the set with update.old_slot marked invalid (remove/move only).
+  void publish_invalid(const MemslotUpdate& update);
+  // Publishes the final set.
+  void commit(const MemslotUpdate& update);
+
+ private:
+  void publish(const MemslotUpdate& update, bool mark_invalid);
+  void update_retired_set(MemslotSet* set, const MemslotUpdate& update, bool mark_invalid);
+
+  MemslotSet sets_[2];
+  rcu::Pointer<MemslotSet> active_;
+  std::atomic<uint64_t> generation_{0};
+};
+
+}  // namespace nestcache::vm

@@ -1,0 +1,62 @@
+#include "vm/vcpu.h"
+
+#include <vector>
+
+#include "base/check.h"
+
+namespace nestcache::vm {
+
+void Vcpu::kick() {
+  counters_.add(Counter::kicks);
+  uint64_t s = state_.load(std::memory_order_seq_cst);
+  while ((s & kModeMask) == static_cast<uint64_t>(VcpuMode::in_guest)) {
+    uint64_t exiting = (s & ~kModeMask) | static_cast<uint64_t>(VcpuMode::exiting);
+    if (state_.compare_exchange_weak(s, exiting, std::memory_order_seq_cst)) break;
+  }
+  wake();
+}
+
+bool Vcpu::enter_guest_mode() {
+  uint64_t s = state_.load(std::memory_order_relaxed);
+  NC_DCHECK((s & kModeMask) == static_cast<uint64_t>(VcpuMode::outside));
+  state_.store((s & ~kModeMask) | static_cast<uint64_t>(VcpuMode::in_guest), std::memory_order_seq_cst);
+  // Only now look at requests: a requester that set its bit before our store
+  // is seen here; one that sets it after sees us in guest mode and kicks.
+  if (has_requests()) {
+    exit_guest_mode();
+    return false;
+  }
+  return true;
+}
+
+void Vcpu::exit_guest_mode() {
+  uint64_t s = state_.load(std::memory_order_relaxed);
+  uint64_t epoch = (s >> 2) + 1;
+  state_.store((epoch << 2) | static_cast<uint64_t>(VcpuMode::outside), std::memory_order_seq_cst);
+  state_.notify_all();
+}
+
+void Vcpu::wait_for_exit(uint64_t seen) {
+  // Waits until the state moves on from `seen`; any move of an in-guest or
+  // exiting vCPU ends that guest-mode episode or marks it exiting, and we
+  // keep waiting through the latter.
+  for (uint64_t s = seen;;) {
+    if ((s & kModeMask) == static_cast<uint64_t>(VcpuMode::outside) || (s >> 2) != (seen >> 2)) return;
+    state_.wait(s, std::memory_order_seq_cst);
+    s = state_.load(std::memory_order_seq_cst);
+  }
+}
+
+void Vcpu::make_request_and_wait(std::span<Vcpu* const> vcpus, Request r) {
+  std::vector<std::pair<Vcpu*, uint64_t>> waits;
+  for (Vcpu* v : vcpus) {
+    v->make_request(r);
+    // Read the mode only after the request is visible (seq_cst both sides).
+    uint64_t s = v->state_.load(std::memory_order_seq_cst);
+    v->kick();
+    if ((s & kModeMask) != static_cast<uint64_t>(VcpuMode::outside)) waits.push_back({v, s});
+  }
+  for (auto& [v, s] : waits) v->wait_for_exit(s);
+}
+
+}  // namespace nestcache::vm

@@ -1,0 +1,207 @@
+#include "vm/vm.h"
+
+#include <algorithm>
+
+#include "base/check.h"
+#include "vm/pfn_cache.h"
+
+namespace nestcache::vm {
+
+Vm::Vm(host::HostMm& mm, uint32_t id) : mm_(mm), id_(id), caches_(std::make_unique<CacheRegistry>(*this)) {
+  mm_.add_notifier(this);
+}
+
+Vm::~Vm() {
+  mm_.remove_notifier(this);
+  NC_CHECK(caches_->active_count() == 0);  // every PfnCache must be gone first
+}
+
+// --- memslots ---------------------------------------------------------------------
+
+Status Vm::set_memory_region(const MemoryRegion& r) {
+  MutexLock l(slots_lock_);
+  MemslotUpdate u = NC_TRY(memslots_.validate(r));
+  return apply_update_locked(u);
+}
+
+Status Vm::set_memory_regions(std::span<const MemoryRegion> rs) {
+  MutexLock l(slots_lock_);
+  for (const MemoryRegion& r : rs) {
+    MemslotUpdate u = NC_TRY(memslots_.validate(r));
+    NC_TRY(apply_update_locked(u));
+  }
+  return ok();
+}
+
+Status Vm::apply_update_locked(const MemslotUpdate& u) {
+  if (u.change == MemslotChange::none) return ok();
+  if (u.change == MemslotChange::remove || u.change == MemslotChange::move) {
+    // Publish the old slot invalid first. Once the grace period inside
+    // publish_invalid has passed, no EPT01 fault that saw the slot valid is
+    // still running (faults hold the RCU read lock throughout), so what we
+    // zap now cannot be re-created from the old slot.
+    memslots_.publish_invalid(u);
+    size_t zapped;
+    {
+      WriterLock l(mmu_lock_);
+      zapped = zap_gfn_range_locked(u.old_slot->base_gfn, u.old_slot->end_gfn());
+    }
+    if (zapped) flush_all_tlbs();
+  }
+  memslots_.commit(u);
+  return ok();
+}
+
+Result<Hva> Vm::gfn_to_hva(Gfn gfn) const {
+  LookupHint hint;
+  return gfn_to_hva(gfn, hint);
+}
+
+Result<Hva> Vm::gfn_to_hva(Gfn gfn, LookupHint& hint) const {
+  rcu::ReadLock rcu;
+  const Memslot* s = memslots_.active()->find(gfn, hint);
+  if (!s || s->invalid) return errorf(EFAULT, "gfn {:#x} is in no memslot", gfn);
+  return s->gfn_to_hva(gfn);
+}
+
+// --- guest memory --------------------------------------------------------------------
+
+Status Vm::read_guest(Gpa gpa, void* dst, size_t len) const {
+  auto* d = static_cast<std::byte*>(dst);
+  while (len) {
+    size_t chunk = std::min(len, kPageSize - page_offset(gpa));
+    Hva hva = NC_TRY(gfn_to_hva(gpa_to_gfn(gpa)));
+    NC_TRY(mm_.copy_from(hva + page_offset(gpa), d, chunk));
+    gpa += chunk;
+    d += chunk;
+    len -= chunk;
+  }
+  return ok();
+}
+
+Status Vm::write_guest(Gpa gpa, const void* src, size_t len) {
+  auto* s = static_cast<const std::byte*>(src);
+  while (len) {
+    size_t chunk = std::min(len, kPageSize - page_offset(gpa));
+    Hva hva = NC_TRY(gfn_to_hva(gpa_to_gfn(gpa)));
+    NC_TRY(mm_.copy_to(hva + page_offset(gpa), s, chunk));
+    gpa += chunk;
+    s += chunk;
+    len -= chunk;
+  }
+  return ok();
+}
+
+// --- EPT01 ---------------------------------------------------------------------------
+
+std::optional<Ept01Entry> Vm::ept01_lookup(Gfn gfn) const {
+  ReaderLock l(mmu_lock_);
+  auto it = ept01_.find(gfn);
+  if (it == ept01_.end()) return std::nullopt;
+  return it->second;
+}
+
+size_t Vm::ept01_size() const {
+  ReaderLock l(mmu_lock_);
+  return ept01_.size();
+}
+
+Result<Ept01Entry> Vm::ept01_fault(Gfn gfn, bool write) {
+  for (;;) {
+    uint64_t seq = mmu_invalidate_seq();
+    // The RCU read lock covers the whole fault, so a memslot delete or move
+    // (which waits for a grace period before zapping) never misses an entry
+    // made from the old slot.
+    rcu::ReadLock rcu;
+    const Memslot* s = memslots_.active()->find(gfn);
+    if (!s || s->invalid) return errorf(EFAULT, "gfn {:#x} is in no memslot", gfn);
+    if (write && (s->flags & kMemReadonly)) return errorf(EFAULT, "gfn {:#x} is in read-only slot {}", gfn, s->id);
+    Hva hva = s->gfn_to_hva(gfn);
+    host::FrameTag tag = NC_TRY(mm_.fault_in(hva, write));
+    WriterLock l(mmu_lock_);
+    if (mmu_invalidate_retry(hva, seq)) continue;  // an invalidation raced the resolve: the frame may be gone
+    Ept01Entry e{tag, !(s->flags & kMemReadonly)};
+    ept01_[gfn] = e;
+    return e;
+  }
+}
+
+bool Vm::mmu_invalidate_retry(Hva hva, uint64_t seq) const {
+  if (invalidate_in_progress_.load() && hva >= invalidate_range_start_.load() && hva < invalidate_range_end_.load())
+    return true;
+  return mmu_invalidate_seq_.load() != seq;
+}
+
+size_t Vm::zap_gfn_range_locked(Gfn first, Gfn end) {
+  auto lo = ept01_.lower_bound(first);
+  auto hi = ept01_.lower_bound(end);
+  size_t n = std::distance(lo, hi);
+  ept01_.erase(lo, hi);
+  counters_.add(Counter::ept01_zaps, n);
+  return n;
+}
+
+void Vm::flush_all_tlbs() {
+  std::vector<Vcpu*> all = vcpus();
+  Vcpu::make_request_and_wait(all, Request::kTlbFlush);
+}
+
+// --- MMU notifier ----------------------------------------------------------------------
+
+void Vm::invalidate_range_start(Hva start, Hva end) {
+  size_t zapped = 0;
+  {
+    WriterLock l(mmu_lock_);
+    if (invalidate_in_progress_.load() == 0) {
+      invalidate_range_start_.store(start);
+      invalidate_range_end_.store(end);
+    } else {
+      invalidate_range_start_.store(std::min(invalidate_range_start_.load(), start));
+      invalidate_range_end_.store(std::max(invalidate_range_end_.load(), end));
+    }
+    invalidate_in_progress_.fetch_add(1);
+    rcu::ReadLock rcu;
+    memslots_.active()->for_each_in_hva_range(start, end, [&](const Memslot& s) {
+      Hva lo = std::max(start, s.userspace_addr), hi = std::min(end, s.end_hva());
+      Gfn first = s.base_gfn + (lo - s.userspace_addr) / kPageSize;
+      Gfn last = s.base_gfn + (hi - s.userspace_addr + kPageSize - 1) / kPageSize;
+      zapped += zap_gfn_range_locked(first, last);
+    });
+  }
+  // No lock is held from here: the vCPUs we wait for may need any of them on
+  // their way out of guest mode.
+  if (zapped) flush_all_tlbs();
+  std::vector<Vcpu*> users = caches_->invalidate(start, end);
+  if (!users.empty()) Vcpu::make_request_and_wait(users, Request::kOutsideGuestMode);
+}
+
+void Vm::invalidate_range_end(Hva start, Hva end) {
+  WriterLock l(mmu_lock_);
+  mmu_invalidate_seq_.fetch_add(1);
+  NC_CHECK(invalidate_in_progress_.load() > 0);
+  invalidate_in_progress_.fetch_sub(1);
+}
+
+// --- vCPUs -------------------------------------------------------------------------------
+
+void Vm::add_vcpu(Vcpu* v) {
+  MutexLock l(vcpus_mu_);
+  vcpus_.push_back(v);
+}
+
+void Vm::remove_vcpu(Vcpu* v) {
+  MutexLock l(vcpus_mu_);
+  std::erase(vcpus_, v);
+}
+
+std::vector<Vcpu*> Vm::vcpus() const {
+  MutexLock l(vcpus_mu_);
+  return vcpus_;
+}
+
+size_t Vm::online_vcpus() const {
+  MutexLock l(vcpus_mu_);
+  return vcpus_.size();
+}
+
+}  // namespace nestcache::vm

@@ -1,0 +1,158 @@
+// KVM_SET_USER_MEMORY_REGION rules and memslot lookups.
+#include <gtest/gtest.h>
+
+#include "vm_fixture.h"
+
+namespace nestcache::vm {
+namespace {
+
+struct MemslotsTest : ::testing::Test {
+  void SetUp() override {
+    phys = std::move(*host::PhysMem::create({1024, 0}));
+    mm = std::make_unique<host::HostMm>(*phys);
+    vm = std::make_unique<Vm>(*mm, 1);
+    hva = *mm->create_region(256 * kPageSize, host::FrameKind::managed);
+  }
+  int set(uint32_t slot, Gpa gpa, uint64_t size, Hva uaddr, uint32_t flags = 0) {
+    auto st = vm->set_memory_region({slot, flags, gpa, size, uaddr});
+    return st ? 0 : st.error().code;
+  }
+  std::unique_ptr<host::PhysMem> phys;
+  std::unique_ptr<host::HostMm> mm;
+  std::unique_ptr<Vm> vm;
+  Hva hva = 0;
+};
+
+TEST_F(MemslotsTest, CreateMakesTheRangeTranslatable) {
+  EXPECT_EQ(set(3, 0x10000, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(*vm->gfn_to_hva(0x12), hva + 2 * kPageSize);
+  EXPECT_EQ(vm->gfn_to_hva(0x14).error().code, EFAULT);
+  EXPECT_EQ(vm->gfn_to_hva(0x0f).error().code, EFAULT);
+}
+
+TEST_F(MemslotsTest, UnknownFlagsAreEinval) { EXPECT_EQ(set(0, 0, kPageSize, hva, 1u << 5), EINVAL); }
+TEST_F(MemslotsTest, SlotIdBeyondTheLimitIsEinval) { EXPECT_EQ(set(kMaxUserMemslots, 0, kPageSize, hva), EINVAL); }
+TEST_F(MemslotsTest, MisalignedSizeIsEinval) { EXPECT_EQ(set(0, 0, 100, hva), EINVAL); }
+TEST_F(MemslotsTest, MisalignedGuestAddressIsEinval) { EXPECT_EQ(set(0, 0x10, kPageSize, hva), EINVAL); }
+TEST_F(MemslotsTest, MisalignedUserAddressIsEinval) { EXPECT_EQ(set(0, 0, kPageSize, hva + 8), EINVAL); }
+TEST_F(MemslotsTest, WrappingGuestRangeIsEinval) { EXPECT_EQ(set(0, ~uint64_t{0} & kPageMask, 2 * kPageSize, hva), EINVAL); }
+TEST_F(MemslotsTest, RangeBeyondPhysicalAddressWidthIsEinval) {
+  EXPECT_EQ(set(0, uint64_t{1} << kMaxPhysAddrBits, kPageSize, hva), EINVAL);
+}
+TEST_F(MemslotsTest, DeletingAMissingSlotIsEinval) { EXPECT_EQ(set(7, 0, 0, 0), EINVAL); }
+
+TEST_F(MemslotsTest, OverlapWithAnotherSlotIsEexist) {
+  ASSERT_EQ(set(0, 0x10000, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(set(1, 0x13000, 4 * kPageSize, hva), EEXIST);  // tail overlap
+  EXPECT_EQ(set(1, 0xe000, 4 * kPageSize, hva), EEXIST);   // head overlap
+  EXPECT_EQ(set(1, 0x11000, kPageSize, hva), EEXIST);      // inside
+  EXPECT_EQ(set(1, 0x14000, kPageSize, hva), 0);           // adjacent is fine
+}
+
+TEST_F(MemslotsTest, ResizingOrRemappingAnExistingSlotIsEinval) {
+  ASSERT_EQ(set(0, 0, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(set(0, 0, 8 * kPageSize, hva), EINVAL);
+  EXPECT_EQ(set(0, 0, 4 * kPageSize, hva + kPageSize), EINVAL);
+  EXPECT_EQ(set(0, 0, 4 * kPageSize, hva, kMemReadonly), EINVAL);
+}
+
+TEST_F(MemslotsTest, SettingTheSameLayoutAgainIsANoOp) {
+  ASSERT_EQ(set(0, 0, 4 * kPageSize, hva), 0);
+  uint64_t gen = vm->memslots().generation();
+  EXPECT_EQ(set(0, 0, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(vm->memslots().generation(), gen);
+}
+
+TEST_F(MemslotsTest, DirtyLoggingFlagChangeKeepsTheSlotAndBumpsTheGeneration) {
+  ASSERT_EQ(set(0, 0, 4 * kPageSize, hva), 0);
+  uint64_t gen = vm->memslots().generation();
+  EXPECT_EQ(set(0, 0, 4 * kPageSize, hva, kMemLogDirtyPages), 0);
+  EXPECT_GT(vm->memslots().generation(), gen);
+  rcu::ReadLock r;
+  EXPECT_EQ(vm->memslots().active()->by_id(0)->flags, kMemLogDirtyPages);
+}
+
+TEST_F(MemslotsTest, MoveTranslatesTheNewRangeOnlyAndPublishesTwice) {
+  ASSERT_EQ(set(0, 0x10000, 4 * kPageSize, hva), 0);
+  uint64_t gen = vm->memslots().generation();
+  ASSERT_EQ(set(0, 0x40000, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(vm->memslots().generation(), gen + 2);  // invalid, then final
+  EXPECT_EQ(vm->gfn_to_hva(0x10).error().code, EFAULT);
+  EXPECT_EQ(*vm->gfn_to_hva(0x41), hva + kPageSize);
+}
+
+TEST_F(MemslotsTest, MoveOntoAnOverlappingRangeOfItselfIsAllowed) {
+  ASSERT_EQ(set(0, 0x10000, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(set(0, 0x12000, 4 * kPageSize, hva), 0);
+  EXPECT_EQ(*vm->gfn_to_hva(0x12), hva);
+}
+
+TEST_F(MemslotsTest, DeleteRemovesTheSlotAndItsEpt01Entries) {
+  ASSERT_EQ(set(0, 0, 4 * kPageSize, hva), 0);
+  ASSERT_TRUE(vm->ept01_fault(1, true));
+  EXPECT_TRUE(vm->ept01_lookup(1));
+  ASSERT_EQ(set(0, 0, 0, 0), 0);
+  EXPECT_FALSE(vm->ept01_lookup(1));
+  EXPECT_EQ(vm->gfn_to_hva(1).error().code, EFAULT);
+  EXPECT_EQ(set(0, 0, 4 * kPageSize, hva), 0) << "the id is free again";
+}
+
+TEST_F(MemslotsTest, ReadOnlySlotsRefuseWriteFaults) {
+  ASSERT_EQ(set(0, 0, 4 * kPageSize, hva, kMemReadonly), 0);
+  EXPECT_TRUE(vm->ept01_fault(0, false));
+  EXPECT_EQ(vm->ept01_fault(0, true).error().code, EFAULT);
+}
+
+TEST_F(MemslotsTest, ErrorsLeaveTheSlotsUnchanged) {
+  ASSERT_EQ(set(0, 0, 4 * kPageSize, hva), 0);
+  uint64_t gen = vm->memslots().generation();
+  EXPECT_NE(set(1, 0x1000, kPageSize, hva), 0);
+  EXPECT_NE(set(0, 0, 8 * kPageSize, hva), 0);
+  EXPECT_EQ(vm->memslots().generation(), gen);
+  rcu::ReadLock r;
+  EXPECT_EQ(vm->memslots().active()->size(), 1u);
+}
+
+class MemslotsScale : public ::testing::TestWithParam<uint32_t> {};
+
+TEST_P(MemslotsScale, EveryGfnOfEverySlotResolvesAndTheHintFollows) {
+  const uint32_t n = GetParam();
+  auto phys = std::move(*host::PhysMem::create({n + 16, 0}));
+  host::HostMm mm(*phys);
+  Vm vm(mm, 1);
+  Hva hva = *mm.create_region(size_t{n} * kPageSize, host::FrameKind::managed);
+  std::vector<MemoryRegion> rs;
+  // Slots one page each, with a one-page hole between neighbours.
+  for (uint32_t i = 0; i < n; i++) rs.push_back({i, 0, Gpa{2} * i * kPageSize, kPageSize, hva + size_t{i} * kPageSize});
+  ASSERT_TRUE(vm.set_memory_regions(rs));
+  rcu::ReadLock r;
+  const MemslotSet* set = vm.memslots().active();
+  ASSERT_EQ(set->size(), n);
+  LookupHint hint;
+  for (uint32_t i = 0; i < n; i++) {
+    const Memslot* s = set->find(Gfn{2} * i, hint);
+    ASSERT_NE(s, nullptr);
+    ASSERT_EQ(s->id, i);
+    ASSERT_EQ(set->find(Gfn{2} * i + 1), nullptr) << "holes resolve to nothing";
+    ASSERT_EQ(hint.slot, s);
+  }
+  EXPECT_EQ(set->find(Gfn{2} * n), nullptr);
+}
+
+INSTANTIATE_TEST_SUITE_P(Slots, MemslotsScale, ::testing::Values(1u, 8u, 512u, 8192u, kMaxUserMemslots));
+
+TEST(MemslotsLimit, The32765thSlotIsRefused) {
+  auto phys = std::move(*host::PhysMem::create({16, 0}));
+  host::HostMm mm(*phys);
+  Vm vm(mm, 1);
+  Hva hva = *mm.create_region(kPageSize, host::FrameKind::managed);
+  std::vector<MemoryRegion> rs;
+  for (uint32_t i = 0; i < kMaxUserMemslots; i++) rs.push_back({i, 0, Gpa{i} * kPageSize, kPageSize, hva});
+  ASSERT_TRUE(vm.set_memory_regions(rs));
+  auto st = vm.set_memory_region({kMaxUserMemslots, 0, Gpa{kMaxUserMemslots} * kPageSize, kPageSize, hva});
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, EINVAL);
+}
+
+}  // namespace
+}  // namespace nestcache::vm
