@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what nestcache needs to build and test on a fresh Debian machine.
+set -euo pipefail
+packages=(
+  build-essential cmake ninja-build pkg-config clang
+  googletest libgtest-dev libgmock-dev libbenchmark-dev
+  liburcu-dev libfmt-dev nlohmann-json3-dev libcli11-dev libexpected-dev
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "nestcache setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
