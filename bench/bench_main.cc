@@ -66,8 +66,10 @@ class BusyThread {
 };
 
 // Forwards everything to the reporter --benchmark_format chose, and keeps the
-// real time per iteration of every successful run, by benchmark name without
-// the "/real_time" suffix, averaged over repetitions.
+// real and CPU time per iteration of every successful run, by benchmark name
+// without the "/real_time" suffix: the "mean" aggregate when repetitions produced one
+// (with --benchmark_report_aggregates_only it is all there is), otherwise the
+// average of the runs.
 class CollectingReporter : public benchmark::BenchmarkReporter {
  public:
   explicit CollectingReporter(benchmark::BenchmarkReporter* inner) : inner_(inner) {}
@@ -75,33 +77,48 @@ class CollectingReporter : public benchmark::BenchmarkReporter {
   bool ReportContext(const Context& context) override { return inner_->ReportContext(context); }
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& r : runs) {
-      if (r.run_type != Run::RT_Iteration || r.error_occurred || r.iterations == 0) continue;
+      if (r.error_occurred || r.iterations == 0) continue;
       std::string name = r.run_name.function_name;
       if (!r.run_name.args.empty()) name += "/" + r.run_name.args;
-      Mean& m = real_ns_[name];
-      m.sum += r.real_accumulated_time / static_cast<double>(r.iterations) * 1e9;
-      m.n++;
+      const double to_ns = 1e9 / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      const Ns ns{r.GetAdjustedRealTime() * to_ns, r.GetAdjustedCPUTime() * to_ns};
+      Times& t = times_[name];
+      if (r.run_type == Run::RT_Iteration) {
+        t.run_sum.real += ns.real;
+        t.run_sum.cpu += ns.cpu;
+        t.runs++;
+      } else if (r.aggregate_name == "mean") {
+        t.mean = ns;
+      }
     }
     inner_->ReportRuns(runs);
   }
   void Finalize() override { inner_->Finalize(); }
 
-  // Mean real nanoseconds per iteration of `name`, if it ran.
-  std::optional<double> real_ns(const std::string& name) const {
-    auto it = real_ns_.find(name);
-    if (it == real_ns_.end() || it->second.n == 0) return std::nullopt;
-    return it->second.sum / it->second.n;
+  struct Ns {
+    double real = 0;
+    double cpu = 0;
+  };
+  // Nanoseconds per iteration of `name`, if it ran.
+  std::optional<Ns> ns(const std::string& name) const {
+    auto it = times_.find(name);
+    if (it == times_.end()) return std::nullopt;
+    const Times& t = it->second;
+    if (t.mean) return t.mean;
+    if (t.runs == 0) return std::nullopt;
+    return Ns{t.run_sum.real / t.runs, t.run_sum.cpu / t.runs};
   }
-  bool any() const { return !real_ns_.empty(); }
+  bool any() const { return !times_.empty(); }
   bool console() const { return dynamic_cast<benchmark::ConsoleReporter*>(inner_) != nullptr; }
 
  private:
-  struct Mean {
-    double sum = 0;
-    int n = 0;
+  struct Times {
+    std::optional<Ns> mean;
+    Ns run_sum;
+    int runs = 0;
   };
   benchmark::BenchmarkReporter* inner_;
-  std::map<std::string, Mean> real_ns_;
+  std::map<std::string, Times> times_;
 };
 
 void print_help() {
@@ -157,11 +174,19 @@ int main(int argc, char** argv) {
   // On stdout next to the console table; on stderr when stdout carries JSON
   // or CSV, so that it stays machine-readable.
   FILE* out = reporter.console() ? stdout : stderr;
-  std::optional<double> map_ns = reporter.real_ns(kHostMapUnmanaged);
-  std::optional<double> cache_ns = reporter.real_ns(kPfnCacheUnmanaged);
-  if (map_ns && cache_ns && *cache_ns > 0) {
+  std::optional<CollectingReporter::Ns> map = reporter.ns(kHostMapUnmanaged);
+  std::optional<CollectingReporter::Ns> cache = reporter.ns(kPfnCacheUnmanaged);
+  if (map && cache && cache->real > 0 && cache->cpu > 0) {
     std::fprintf(out, "\nunmanaged HostMap / PfnCache access: %.1fx (%s %.1f ns, %s %.1f ns; real time, busy thread %s)\n",
-                 *map_ns / *cache_ns, kHostMapUnmanaged, *map_ns, kPfnCacheUnmanaged, *cache_ns, busy ? "on" : "off");
+                 map->real / cache->real, kHostMapUnmanaged, map->real, kPfnCacheUnmanaged, cache->real,
+                 busy ? "on" : "off");
+    std::fprintf(out, "  same run in CPU time: %.1fx (%.1f ns / %.1f ns)\n", map->cpu / cache->cpu, map->cpu,
+                 cache->cpu);
+    // Real time well above CPU time means the thread waited for a CPU (other
+    // load on the machine): the real-time ratio is then not the cost ratio.
+    if (map->real > 1.2 * map->cpu || cache->real > 1.2 * cache->cpu)
+      std::fprintf(out, "  warning: real time exceeds CPU time by more than 20%%: the benchmark thread waited "
+                        "for a CPU; prefer the CPU-time ratio or rerun on a quieter machine\n");
   } else if (reporter.any()) {
     std::fprintf(out, "\nunmanaged HostMap / PfnCache ratio: not available (%s and %s must both run)\n",
                  kHostMapUnmanaged, kPfnCacheUnmanaged);
