@@ -6,7 +6,7 @@ HostMap& HostMap::operator=(HostMap&& o) noexcept {
   if (this != &o) {
     unmap(false);
     vm_ = o.vm_;
-    also_ = o.also_;
+    counters_ = o.counters_;
     gfn_ = o.gfn_;
     hva_ = o.hva_;
     generation_ = o.generation_;
@@ -20,7 +20,7 @@ HostMap& HostMap::operator=(HostMap&& o) noexcept {
   return *this;
 }
 
-Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* also) {
+Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* counters) {
   HostMap m;
   m.gfn_ = gfn;
   {
@@ -44,20 +44,15 @@ Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* also) {
     m.data_ = m.window_.data();
   }
   m.vm_ = &vm;
-  m.also_ = also;
-  vm.counters().add(Counter::maps);
-  if (also) also->add(Counter::maps);
-  if (*kind == host::FrameKind::unmanaged) {
-    vm.counters().add(Counter::remap_windows);
-    if (also) also->add(Counter::remap_windows);
-  }
+  m.counters_ = counters ? counters : &vm.counters();
+  m.counters_->add(Counter::maps);
+  if (*kind == host::FrameKind::unmanaged) m.counters_->add(Counter::remap_windows);
   return m;
 }
 
 void HostMap::unmap(bool dirty) {
   if (!vm_) return;
-  vm_->counters().add(Counter::unmaps);
-  if (also_) also_->add(Counter::unmaps);
+  counters_->add(Counter::unmaps);
   window_.reset();
   pin_.reset();
   vm_ = nullptr;
@@ -65,16 +60,12 @@ void HostMap::unmap(bool dirty) {
 }
 
 bool HostMap::check() const {
-  if (!vm_->phys().check(tag_, "host map", &vm_->counters())) {
-    if (also_) also_->add(Counter::stale_accesses);
-    return false;
-  }
+  if (!vm_->phys().check(tag_, "host map", counters_)) return false;
   if (vm_->memslots().generation() == generation_) return true;
   // Memslots changed since the map: stale if the gfn no longer leads here.
   Result<Hva> now = vm_->gfn_to_hva(gfn_);
   if (now && *now == hva_) return true;
-  vm_->phys().report_stale("host map (memslot changed)", &vm_->counters());
-  if (also_) also_->add(Counter::stale_accesses);
+  vm_->phys().report_stale("host map (memslot changed)", counters_);
   return false;
 }
 

@@ -28,9 +28,9 @@ class HostMap {
   ~HostMap() { unmap(false); }
 
   // Maps gfn. EFAULT if no valid memslot holds it (or the fault fails),
-  // ENOMEM if the remap window cannot be opened. Counts maps (and the
-  // window) in the VM's counters and in `also`, if given.
-  static Result<HostMap> map(Vm& vm, Gfn gfn, CounterSet* also = nullptr);
+  // ENOMEM if the remap window cannot be opened. Counts maps, unmaps,
+  // windows and stale accesses in `counters` (a vCPU's), or in the VM's.
+  static Result<HostMap> map(Vm& vm, Gfn gfn, CounterSet* counters = nullptr);
   // Releases the mapping. `dirty` records that the guest page was written
   // (no dirty log is modelled; kept for the call sites' honesty).
   void unmap(bool dirty);
@@ -60,7 +60,7 @@ class HostMap {
 
  private:
   Vm* vm_ = nullptr;
-  CounterSet* also_ = nullptr;
+  CounterSet* counters_ = nullptr;
   Gfn gfn_ = 0;
   Hva hva_ = 0;
   uint64_t generation_ = 0;

@@ -60,7 +60,8 @@ void CacheRegistry::unindex_locked(PfnCache* c, Hva hva) {
 
 // --- PfnCache --------------------------------------------------------------------
 
-PfnCache::PfnCache(Vm& vm, Vcpu* guest_uses_pfn) : vm_(vm), vcpu_(guest_uses_pfn) {}
+PfnCache::PfnCache(Vm& vm, Vcpu* guest_uses_pfn, const host::HardwareView* hw)
+    : vm_(vm), vcpu_(guest_uses_pfn), hw_(hw) {}
 
 PfnCache::~PfnCache() { deactivate(); }
 
@@ -120,13 +121,16 @@ Result<PfnCache::Mapping> PfnCache::map_frame(Hva hva) {
   host::FrameTag tag = NC_TRY(vm_.mm().fault_in(hva, true));
   Mapping m;
   m.tag = tag;
-  if (vm_.phys().kind(tag.pfn) == host::FrameKind::managed) {
+  if (hw_) {
+    m.khva = hw_->frame(tag.pfn);
+  } else if (vm_.phys().kind(tag.pfn) == host::FrameKind::managed) {
     // No pin: like KVM's cache, we rely on invalidation, not a page
     // reference, to stop using the frame before it is freed.
     m.khva = vm_.phys().direct(tag.pfn);
   } else {
     m.window = NC_TRY(vm_.phys().map_window(tag.pfn));
     m.khva = m.window.data();
+    vm_.counters().add(Counter::remap_windows);
   }
   return m;
 }

@@ -60,8 +60,11 @@ class CacheRegistry {
 
 class PfnCache {
  public:
-  // kvm_gpc_init (vcpu == nullptr) / kvm_gpc_init_for_vcpu.
-  explicit PfnCache(Vm& vm, Vcpu* guest_uses_pfn = nullptr);
+  // kvm_gpc_init (vcpu == nullptr) / kvm_gpc_init_for_vcpu. With `hw`, the
+  // cache maps frames through the hardware view instead of the direct map or
+  // a remap window: mapping costs nothing, invalidation works as usual (the
+  // `oracle` page strategy: the physical limit of the cache design).
+  explicit PfnCache(Vm& vm, Vcpu* guest_uses_pfn = nullptr, const host::HardwareView* hw = nullptr);
   ~PfnCache();
   PfnCache(const PfnCache&) = delete;
   PfnCache& operator=(const PfnCache&) = delete;
@@ -152,6 +155,7 @@ class PfnCache {
 
   Vm& vm_;
   std::atomic<Vcpu*> vcpu_;
+  const host::HardwareView* hw_;
   std::function<void()> refresh_hook_;
 
   mutable Mutex refresh_mu_{LockRank::kCacheRefresh};

@@ -1,0 +1,268 @@
+#include "cpu/cpu_model.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+
+#include "base/check.h"
+
+namespace nestcache::cpu {
+
+using vmx::ExitInfo;
+using vmx::ExitReason;
+using Exit = Vcpu::Exit;
+
+namespace {
+
+Exit l2_exit(ExitReason r, uint64_t qual, bool complete, uint32_t msr = 0) {
+  Exit e;
+  e.kind = Exit::Kind::l2;
+  e.info = ExitInfo::of(r, qual);
+  e.msr = msr;
+  e.complete_op = complete;
+  return e;
+}
+
+uint64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+std::byte* CpuModel::frame(Vcpu& v, const host::FrameTag& tag, const char* what) {
+  v.m_.vm().phys().check(tag, what, &v.counters());
+  return v.m_.hw_.frame(tag.pfn);
+}
+
+// --- translation ----------------------------------------------------------------------
+
+CpuModel::Xlate CpuModel::translate_l1(Vcpu& v, Gfn gfn) {
+  if (auto it = v.tlb01_.find(gfn); it != v.tlb01_.end()) return {Xlate::Kind::ok, it->second, gfn};
+  auto e = v.m_.vm().ept01_lookup(gfn);
+  if (!e) return {Xlate::Kind::ept01_miss, {}, gfn};
+  v.tlb01_.emplace(gfn, e->tag);
+  return {Xlate::Kind::ok, e->tag, gfn};
+}
+
+CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
+  const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
+  if (v.tlb02_eptp_ != vmcs02.eptp12) {
+    v.tlb02_.clear();
+    v.tlb02_eptp_ = vmcs02.eptp12;
+  }
+  Gfn l2_gfn = gpa_to_gfn(l2_gpa);
+  if (auto it = v.tlb02_.find(l2_gfn); it != v.tlb02_.end()) return {Xlate::Kind::ok, it->second.tag, it->second.l1_gfn};
+  Gpa table = vmcs02.eptp12;
+  for (int level = 4; level >= 1; level--) {
+    Gpa entry_gpa = table + ((l2_gpa >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
+    Xlate t = translate_l1(v, gpa_to_gfn(entry_gpa));
+    if (t.kind != Xlate::Kind::ok) return t;
+    uint64_t entry;
+    std::memcpy(&entry, frame(v, t.tag, "EPT12 walk") + page_offset(entry_gpa), 8);
+    if (!(entry & (kEptRead | kEptWrite | kEptExec))) return {Xlate::Kind::ept12_violation, {}, 0};
+    table = entry & kEptAddrMask;
+  }
+  Xlate leaf = translate_l1(v, gpa_to_gfn(table));
+  if (leaf.kind != Xlate::Kind::ok) return leaf;
+  v.tlb02_.emplace(l2_gfn, Vcpu::Tlb02Entry{leaf.tag, gpa_to_gfn(table)});
+  return leaf;
+}
+
+// --- memory access ------------------------------------------------------------------------
+
+CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::FrameTag& tag, Gpa gpa) {
+  std::byte* p = frame(v, tag, "guest memory") + page_offset(gpa);
+  // Guest memory is shared between vCPU threads as real memory is between
+  // CPUs: every access is an atomic access of its size (relaxed, as plain
+  // x86 loads and stores to aligned addresses are).
+  auto load = [&](uint8_t size) -> uint64_t {
+    switch (size) {
+      case 1: return std::atomic_ref<uint8_t>(*reinterpret_cast<uint8_t*>(p)).load(std::memory_order_relaxed);
+      case 2: return std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(p)).load(std::memory_order_relaxed);
+      case 4: return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(p)).load(std::memory_order_relaxed);
+      default: return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).load(std::memory_order_relaxed);
+    }
+  };
+  auto store = [&](uint8_t size, uint64_t x) {
+    switch (size) {
+      case 1: std::atomic_ref<uint8_t>(*reinterpret_cast<uint8_t*>(p)).store(x, std::memory_order_relaxed); break;
+      case 2: std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(p)).store(x, std::memory_order_relaxed); break;
+      case 4: std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(p)).store(x, std::memory_order_relaxed); break;
+      default: std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).store(x, std::memory_order_relaxed); break;
+    }
+  };
+  if (auto* r = op.get_if<GuestOp::Read>()) {
+    if (gpa % r->size) return OpResult::exception(kVectorGP);  // the model needs natural alignment
+    return OpResult::success(load(r->size));
+  }
+  if (auto* w = op.get_if<GuestOp::Write>()) {
+    if (gpa % w->size) return OpResult::exception(kVectorGP);
+    store(w->size, w->value);
+    return OpResult::success();
+  }
+  auto* c = op.get_if<GuestOp::CmpXchg>();
+  NC_CHECK(c);
+  if (gpa % 8) return OpResult::exception(kVectorGP);
+  // Guest memory shared between vCPU threads is accessed like real memory:
+  // a locked compare-exchange on the frame itself.
+  std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
+  uint64_t expected = c->expected;
+  word.compare_exchange_strong(expected, c->desired);
+  return OpResult::success(expected);
+}
+
+static Gpa op_gpa(const GuestOp& op) {
+  if (auto* r = op.get_if<GuestOp::Read>()) return r->gpa;
+  if (auto* w = op.get_if<GuestOp::Write>()) return w->gpa;
+  return op.get_if<GuestOp::CmpXchg>()->gpa;
+}
+
+static bool is_memory_op(const GuestOp& op) {
+  return op.is<GuestOp::Read>() || op.is<GuestOp::Write>() || op.is<GuestOp::CmpXchg>();
+}
+
+// --- L1 ---------------------------------------------------------------------------------------
+
+CpuModel::Outcome CpuModel::execute_l1(Vcpu& v, const GuestOp& op) {
+  if (is_memory_op(op)) {
+    Gpa gpa = op_gpa(op);
+    Xlate x = translate_l1(v, gpa_to_gfn(gpa));
+    if (x.kind == Xlate::Kind::ept01_miss) {
+      Exit e;
+      e.kind = Exit::Kind::ept01_miss;
+      e.gfn = x.gfn;
+      return e;
+    }
+    return access(v, op, x.tag, gpa);
+  }
+  if (op.is<GuestOp::Now>()) return OpResult::success(now_ns());
+  if (op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
+  Exit e;  // everything else is L0's to emulate
+  e.kind = Exit::Kind::l1_op;
+  return e;
+}
+
+// --- L2 ---------------------------------------------------------------------------------------
+
+CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
+  const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
+  if (is_memory_op(op)) {
+    Gpa gpa = op_gpa(op);
+    Xlate x = translate_l2(v, gpa);
+    if (x.kind == Xlate::Kind::ept12_violation) {
+      Exit e = l2_exit(ExitReason::kEptViolation, op.is<GuestOp::Read>() ? 1 : 2, false);
+      e.info.guest_physical_address = gpa;
+      return e;
+    }
+    if (x.kind == Xlate::Kind::ept01_miss) {
+      Exit e;
+      e.kind = Exit::Kind::ept01_miss;
+      e.gfn = x.gfn;
+      return e;
+    }
+    // The hardware compares every access with the APIC-access address it
+    // was given; if that frame no longer backs the page, the comparison is
+    // against a stale pfn (the map strategy after a migration or discard).
+    if (vmcs02.apic_access.valid()) v.m_.vm().phys().check(vmcs02.apic_access.tag, "APIC-access page", &v.counters());
+    if (vmcs02.apic_access.valid() && x.tag.pfn == vmcs02.apic_access.pfn()) {
+      // An access to the APIC-access page: the processor recognises it by
+      // the physical address vmcs02 holds and exits (SDM 30.4). Qualification:
+      // page offset, access type (0 linear read, 1 linear write).
+      uint64_t type = op.is<GuestOp::Read>() ? 0 : 1;
+      return l2_exit(ExitReason::kApicAccess, page_offset(gpa) | (type << 12), true);
+    }
+    return access(v, op, x.tag, gpa);
+  }
+  if (auto* r = op.get_if<GuestOp::Rdmsr>()) {
+    bool intercept = !vmcs02.use_msr_bitmap || r->msr > 0x1fff || (vmcs02.msr_bitmap[r->msr / 8] >> (r->msr % 8)) & 1;
+    if (intercept) return l2_exit(ExitReason::kMsrRead, 0, true, r->msr);
+    return OpResult::success(v.l2_msrs_[r->msr]);
+  }
+  if (auto* w = op.get_if<GuestOp::Wrmsr>()) {
+    bool intercept =
+        !vmcs02.use_msr_bitmap || w->msr > 0x1fff || (vmcs02.msr_bitmap[2048 + w->msr / 8] >> (w->msr % 8)) & 1;
+    if (intercept) {
+      Exit e = l2_exit(ExitReason::kMsrWrite, 0, true, w->msr);
+      v.l2_msrs_[w->msr] = w->value;  // what L0 stores if the exit stays with L0
+      return e;
+    }
+    v.l2_msrs_[w->msr] = w->value;
+    return OpResult::success();
+  }
+  if (auto* c = op.get_if<GuestOp::WriteCr8>()) {
+    if (vmcs02.proc & vmx::proc::kUseTprShadow) {
+      // The TPR shadow: the processor writes VTPR into the virtual-APIC page
+      // through the pfn L0 put in vmcs02 (SDM 30.3).
+      std::byte* page = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
+      page[kVapicTpr] = static_cast<std::byte>((c->value & 0xf) << 4);
+      if (!(vmcs02.proc2 & vmx::proc2::kVirtualInterruptDelivery) && (c->value & 0xf) < (vmcs02.tpr_threshold & 0xf))
+        return l2_exit(ExitReason::kTprBelowThreshold, 0, true);
+      return OpResult::success();
+    }
+    if (vmcs02.proc & vmx::proc::kCr8LoadExiting) return l2_exit(ExitReason::kCrAccess, 8 | (0 << 4), true);
+    v.l2_cr8_ = c->value & 0xf;
+    return OpResult::success();
+  }
+  if (op.is<GuestOp::ReadCr8>()) {
+    if (vmcs02.proc & vmx::proc::kUseTprShadow)
+      return OpResult::success(static_cast<uint64_t>(frame(v, vmcs02.vapic.tag, "virtual-APIC page")[kVapicTpr]) >> 4);
+    if (vmcs02.proc & vmx::proc::kCr8StoreExiting) return l2_exit(ExitReason::kCrAccess, 8 | (1 << 4), true);
+    return OpResult::success(v.l2_cr8_);
+  }
+  if (auto* s = op.get_if<GuestOp::SendIpi>()) {
+    // x2APIC ICR write: goes through the MSR bitmap like any WRMSR.
+    GuestOp icr{GuestOp::Wrmsr{0x830, (uint64_t{s->dest_apic_id} << 32) | s->vector}};
+    return execute_l2(v, icr);
+  }
+  if (op.is<GuestOp::Vmcall>()) return l2_exit(ExitReason::kVmcall, 0, true);
+  if (op.is<GuestOp::Hlt>()) {
+    if (auto vec = take_virtual_interrupt(v)) return OpResult::success(*vec);
+    if (vmcs02.proc & vmx::proc::kHltExiting) return l2_exit(ExitReason::kHlt, 0, true);
+    Exit e;
+    e.kind = Exit::Kind::halt;
+    return e;
+  }
+  if (op.is<GuestOp::Eoi>() || op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
+  if (op.is<GuestOp::Now>()) return OpResult::success(now_ns());
+  // VMX instructions in L2: nestcache runs no third level.
+  return OpResult::exception(kVectorUD);
+}
+
+// --- interrupts ---------------------------------------------------------------------------------
+
+void CpuModel::process_posted_interrupts(Vcpu& v) {
+  const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
+  if (!(vmcs02.pin & vmx::pin::kPostedInterrupts) || !vmcs02.pi_desc.valid() || !vmcs02.vapic.valid()) return;
+  std::byte* desc = frame(v, vmcs02.pi_desc.tag, "posted-interrupt descriptor") + vmcs02.pi_desc.offset;
+  std::atomic_ref<uint8_t> on(*reinterpret_cast<uint8_t*>(desc + kPiOnByte));
+  if (!(on.fetch_and(~uint8_t{1}) & 1)) return;
+  std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
+  for (int w = 0; w < 4; w++) {
+    std::atomic_ref<uint64_t> pir(*reinterpret_cast<uint64_t*>(desc + 8 * w));
+    uint64_t bits = pir.exchange(0);
+    for (int b = 0; b < 64; b++) {
+      if (!((bits >> b) & 1)) continue;
+      int vec = w * 64 + b;
+      std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * (vec / 32)));
+      irr.fetch_or(1u << (vec % 32));
+    }
+  }
+}
+
+std::optional<uint8_t> CpuModel::take_virtual_interrupt(Vcpu& v) {
+  const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
+  if (!vmcs02.vapic.valid() || !(vmcs02.pin & vmx::pin::kPostedInterrupts)) return std::nullopt;
+  std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
+  for (int reg = 7; reg >= 0; reg--) {
+    std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * reg));
+    uint32_t bits = irr.load();
+    if (!bits) continue;
+    int bit = 31 - __builtin_clz(bits);
+    irr.fetch_and(~(1u << bit));
+    v.counters().add(Counter::posted_interrupts_delivered);
+    return static_cast<uint8_t>(reg * 32 + bit);
+  }
+  return std::nullopt;
+}
+
+}  // namespace nestcache::cpu

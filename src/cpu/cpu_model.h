@@ -1,0 +1,50 @@
+// CpuModel: executes one guest operation against the current VMCS, as the
+// processor would, and says whether it completed or caused a VM exit.
+//
+// Memory: L1 addresses go through EPT01 (Vm's map, cached in the vCPU's
+// TLB); L2 addresses through EPT12 — 4-level tables in L1 memory, read
+// through the hardware view — then EPT01. Every access to a frame checks
+// the frame tag it was translated with; a mismatch is a stale access.
+// vmcs02 decides the rest: MSR-bitmap interception, the TPR shadow written
+// into the virtual-APIC pfn, APIC-access detection by pfn, posted-interrupt
+// processing from the descriptor's pfn.
+#pragma once
+
+#include <variant>
+
+#include "cpu/machine.h"
+
+namespace nestcache::cpu {
+
+// EPT entry bits of the model's EPT12 (SDM 29.3.2, 4 KiB pages only).
+inline constexpr uint64_t kEptRead = 1, kEptWrite = 2, kEptExec = 4;
+inline constexpr uint64_t kEptAddrMask = 0x000ffffffffff000ull;
+// Virtual-APIC page offsets (SDM 30.1).
+inline constexpr size_t kVapicTpr = 0x80;
+inline constexpr size_t kVapicIrr = 0x200;
+// Posted-interrupt descriptor: PIR in bytes 0-31, ON is bit 0 of byte 32.
+inline constexpr size_t kPiOnByte = 32;
+
+class CpuModel {
+ public:
+  using Outcome = std::variant<OpResult, Vcpu::Exit>;
+  static Outcome execute_l1(Vcpu& v, const GuestOp& op);
+  static Outcome execute_l2(Vcpu& v, const GuestOp& op);
+  // Posted-interrupt processing by the "hardware" (vmcs02's descriptor pfn).
+  static void process_posted_interrupts(Vcpu& v);
+  // Delivers the highest pending virtual interrupt to L2, if any.
+  static std::optional<uint8_t> take_virtual_interrupt(Vcpu& v);
+
+ private:
+  struct Xlate {
+    enum class Kind { ok, ept01_miss, ept12_violation } kind = Kind::ok;
+    host::FrameTag tag;
+    Gfn gfn = 0;  // ept01_miss: the L1 gfn to fill
+  };
+  static Xlate translate_l1(Vcpu& v, Gfn gfn);
+  static Xlate translate_l2(Vcpu& v, Gpa l2_gpa);
+  static Outcome access(Vcpu& v, const GuestOp& op, const host::FrameTag& tag, Gpa gpa);
+  static std::byte* frame(Vcpu& v, const host::FrameTag& tag, const char* what);
+};
+
+}  // namespace nestcache::cpu

@@ -1,0 +1,91 @@
+#include "cpu/machine.h"
+
+#include "base/check.h"
+
+namespace nestcache::cpu {
+
+Machine::Machine(vm::Vm& vm, const MachineConfig& config)
+    : vm_(vm), config_(config), hw_(HardwareKeys::view(vm.phys())) {
+  NC_CHECK(config.vcpus >= 1);
+  for (int i = 0; i < config.vcpus; i++) vcpus_.push_back(std::make_unique<Vcpu>(*this, i));
+}
+
+Machine::~Machine() {
+  for (auto& v : vcpus_) {
+    v->make_request(vm::Request::kStop);
+    v->kick();
+  }
+  vcpus_.clear();
+  MutexLock l(l2_mu_);
+  l2_programs_.clear();
+}
+
+void Machine::set_l1_program(int i, GuestTask task) { vcpus_.at(i)->l1_ = std::move(task); }
+
+void Machine::bind_l2_program(Gpa vmcs12, GuestTask task) {
+  MutexLock l(l2_mu_);
+  auto p = std::make_unique<L2Program>();
+  p->task = std::move(task);
+  l2_programs_[vmcs12] = std::move(p);
+}
+
+L2Program* Machine::l2_program(Gpa vmcs12) {
+  MutexLock l(l2_mu_);
+  auto it = l2_programs_.find(vmcs12);
+  return it == l2_programs_.end() ? nullptr : it->second.get();
+}
+
+void Machine::fail(std::string message) {
+  MutexLock l(done_mu_);
+  if (failure_.empty()) failure_ = std::move(message);
+  done_cv_.notify_all();
+}
+
+void Machine::vcpu_finished() {
+  MutexLock l(done_mu_);
+  running_--;
+  done_cv_.notify_all();
+}
+
+Status Machine::run(std::chrono::milliseconds timeout) {
+  {
+    MutexLock l(done_mu_);
+    running_ = num_vcpus();
+  }
+  for (auto& v : vcpus_) {
+    NC_CHECK(v->l1_);
+    Vcpu* raw = v.get();
+    v->thread_ = std::thread([raw] { raw->run_loop(); });
+  }
+  bool timed_out;
+  {
+    MutexLock l(done_mu_);
+    timed_out = !done_cv_.wait_for(done_mu_, timeout, [&]() NC_NO_THREAD_SAFETY_ANALYSIS {
+      return running_ == 0 || !failure_.empty();
+    });
+  }
+  // Whatever happened, stop every vCPU and wait for its thread.
+  for (auto& v : vcpus_) {
+    v->make_request(vm::Request::kStop);
+    v->kick();
+  }
+  for (auto& v : vcpus_)
+    if (v->thread_.joinable()) v->thread_.join();
+  MutexLock l(done_mu_);
+  if (!failure_.empty()) return errorf(EIO, "{}", failure_);
+  if (timed_out) return errorf(ETIMEDOUT, "the guests did not finish within {} ms", timeout.count());
+  return ok();
+}
+
+void Machine::send_ipi(int from, uint32_t dest, uint8_t vector) {
+  if (dest >= vcpus_.size()) return;  // no such APIC: the IPI goes nowhere
+  vcpus_[dest]->deliver_interrupt(vector);
+}
+
+CounterSnapshot Machine::counters() const {
+  CounterSnapshot s = CounterSnapshot::of(vm_.counters());
+  for (auto& v : vcpus_) s += CounterSnapshot::of(v->counters());
+  return s;
+}
+
+}  // namespace nestcache::cpu

@@ -1,0 +1,343 @@
+// The vCPU thread: L0's run loop and its exit handlers (DESIGN.md §5).
+//
+//   loop:  process requests (TLB flushes, refresh-guest-pages, stop)
+//          enter guest mode; for L2, the last check before hardware entry
+//          run operations until a VM exit (CpuModel)
+//          leave guest mode, pay the transition, handle the exit
+#include <chrono>
+
+#include "base/check.h"
+#include "cpu/cpu_model.h"
+#include "cpu/machine.h"
+
+namespace nestcache::cpu {
+
+using vmx::ExitReason;
+using vmx::ExitTarget;
+using vmx::InstrResult;
+
+namespace {
+
+OpResult to_op_result(const InstrResult& r) {
+  switch (r.kind) {
+    case InstrResult::Kind::ok: return OpResult::success(r.value);
+    case InstrResult::Kind::fail_invalid: return OpResult::fail_invalid();
+    case InstrResult::Kind::fail_valid: return OpResult::fail_valid(static_cast<uint32_t>(r.error));
+    case InstrResult::Kind::ud: return OpResult::exception(kVectorUD);
+  }
+  return OpResult::exception(kVectorUD);
+}
+
+}  // namespace
+
+Vcpu::Vcpu(Machine& m, int id) : vm::Vcpu(id), m_(m) {
+  nested_ = std::make_unique<vmx::NestedVmx>(m.vm(), *this, m.config().strategy, &m.hw_, counters());
+  m.vm().add_vcpu(this);
+}
+
+Vcpu::~Vcpu() {
+  if (thread_.joinable()) thread_.join();
+  nested_.reset();
+  m_.vm().remove_vcpu(this);
+}
+
+void Vcpu::wake() {
+  MutexLock l(apic_mu_);
+  woken_ = true;
+  apic_cv_.notify_all();
+}
+
+void Vcpu::deliver_interrupt(uint8_t vector) {
+  {
+    MutexLock l(apic_mu_);
+    l1_irr_[vector / 64] |= uint64_t{1} << (vector % 64);
+    woken_ = true;
+    apic_cv_.notify_all();
+  }
+  irq_arrived_.store(true);
+}
+
+std::optional<uint8_t> Vcpu::take_l1_interrupt() {
+  MutexLock l(apic_mu_);
+  for (int w = 3; w >= 0; w--) {
+    if (!l1_irr_[w]) continue;
+    int bit = 63 - __builtin_clzll(l1_irr_[w]);
+    l1_irr_[w] &= ~(uint64_t{1} << bit);
+    return static_cast<uint8_t>(w * 64 + bit);
+  }
+  return std::nullopt;
+}
+
+bool Vcpu::take_notification() {
+  const vmx::Vmcs02& v02 = nested().vmcs02();
+  if (!nested().guest_mode() || !(v02.pin & vmx::pin::kPostedInterrupts)) return false;
+  uint8_t nv = static_cast<uint8_t>(v02.pi_notification_vector);
+  MutexLock l(apic_mu_);
+  uint64_t bit = uint64_t{1} << (nv % 64);
+  if (!(l1_irr_[nv / 64] & bit)) return false;
+  l1_irr_[nv / 64] &= ~bit;
+  return true;
+}
+
+void Vcpu::block_until_event() {
+  MutexLock l(apic_mu_);
+  apic_cv_.wait(apic_mu_, [&]() NC_NO_THREAD_SAFETY_ANALYSIS {
+    return woken_ || has_requests() || l1_irr_[0] || l1_irr_[1] || l1_irr_[2] || l1_irr_[3];
+  });
+  woken_ = false;
+}
+
+void Vcpu::burn_transition() {
+  uint64_t ns = m_.config().exit_cost_ns;
+  if (!ns) return;
+  auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
+  while (std::chrono::steady_clock::now() < until) {
+  }
+}
+
+GuestTask* Vcpu::current_task() {
+  if (!nested().guest_mode()) return &l1_;
+  return l2_ ? &l2_->task : nullptr;
+}
+
+void Vcpu::fail_op(GuestTask& t) {
+  try {
+    t.rethrow_if_failed();
+  } catch (const std::exception& e) {
+    m_.fail(fmt::format("vCPU {}: guest program failed: {}", id(), e.what()));
+  } catch (...) {
+    m_.fail(fmt::format("vCPU {}: guest program failed", id()));
+  }
+  stop_ = true;
+}
+
+void Vcpu::process_requests() {
+  if (check_request(vm::Request::kStop)) stop_ = true;
+  if (check_request(vm::Request::kTlbFlush)) {
+    tlb01_.clear();
+    tlb02_.clear();
+  }
+  if (check_request(vm::Request::kTlbFlushGuest)) tlb02_.clear();
+  check_request(vm::Request::kOutsideGuestMode);  // its only job was the exit
+  check_request(vm::Request::kEvent);
+  if (check_request(vm::Request::kRefreshGuestPages)) {
+    // The caches the hardware uses were invalidated: refresh them and
+    // rewrite the vmcs02 pfns before the next entry.
+    if (auto st = nested().refresh_guest_pages(); !st) {
+      m_.fail(fmt::format("vCPU {}: KVM internal error refreshing nested pages: {}", id(), st.error().message));
+      stop_ = true;
+    }
+    tlb02_.clear();
+  }
+}
+
+void Vcpu::run_loop() {
+  l1_.start();
+  while (!stop_) {
+    process_requests();
+    if (stop_) break;
+    if (l1_.done()) {
+      if (l1_.failed()) fail_op(l1_);
+      break;
+    }
+    GuestTask* task = current_task();
+    if (!task) {
+      m_.fail(fmt::format("vCPU {}: no L2 program is bound to vmcs12 {:#x}", id(), nested().current_vmptr()));
+      break;
+    }
+    if (!enter_guest_mode()) continue;  // a request came in: go round
+    if (nested().last_check_fails()) {
+      // Seed patch 3: a page the hardware would use was invalidated after
+      // vmcs02 was built. Cancel the entry; the request refreshes it.
+      exit_guest_mode();
+      make_request(vm::Request::kRefreshGuestPages);
+      counters().add(Counter::entry_cancels);
+      continue;
+    }
+    Exit e = run_guest();
+    exit_guest_mode();
+    if (e.kind != Exit::Kind::none) burn_transition();
+    handle_exit(e);
+  }
+  m_.vcpu_finished();
+}
+
+Vcpu::Exit Vcpu::run_guest() {
+  GuestTask* t = current_task();
+  bool l2 = nested().guest_mode();
+  for (;;) {
+    if (t->done()) {
+      if (t->failed()) {
+        fail_op(*t);
+        return {};
+      }
+      if (!l2) return {};
+      Exit e;  // an L2 program that returns has nothing left to run: shut it down
+      e.kind = Exit::Kind::l2;
+      e.info = vmx::ExitInfo::of(ExitReason::kTripleFault);
+      return e;
+    }
+    if (exit_requested()) {
+      Exit e;
+      e.kind = Exit::Kind::kick;
+      return e;
+    }
+    if (l2 && irq_arrived_.exchange(false) && take_notification()) CpuModel::process_posted_interrupts(*this);
+    const GuestOp& op = *t->pending();
+    CpuModel::Outcome o = l2 ? CpuModel::execute_l2(*this, op) : CpuModel::execute_l1(*this, op);
+    if (auto* r = std::get_if<OpResult>(&o)) {
+      t->resume_with(*r);
+      continue;
+    }
+    return std::get<Exit>(o);
+  }
+}
+
+void Vcpu::handle_exit(const Exit& e) {
+  bool l2 = nested().guest_mode();
+  switch (e.kind) {
+    case Exit::Kind::none: return;
+    case Exit::Kind::kick:
+      counters().add(l2 ? Counter::l0_exits : Counter::l1_exits);
+      return;
+    case Exit::Kind::ept01_miss: {
+      counters().add(l2 ? Counter::l0_exits : Counter::l1_exits);
+      auto r = m_.vm().ept01_fault(e.gfn, true);
+      if (r) return;  // the operation retries and finds the entry
+      // No memslot: an MMIO exit to the VMM, which completes the access
+      // (reads see all ones, writes are dropped) and resumes the guest.
+      counters().add(Counter::mmio_exits);
+      current_task()->resume_with(OpResult::success(~uint64_t{0}));
+      return;
+    }
+    case Exit::Kind::halt:
+      counters().add(Counter::l0_exits);
+      block_until_event();
+      return;
+    case Exit::Kind::l1_op:
+      counters().add(Counter::l1_exits);
+      handle_l1_op(*l1_.pending());
+      return;
+    case Exit::Kind::l2:
+      handle_l2_exit(e);
+      return;
+  }
+}
+
+void Vcpu::handle_l1_op(const GuestOp& op) {
+  vmx::NestedVmx& n = nested();
+  auto done = [&](const InstrResult& r) { l1_.resume_with(to_op_result(r)); };
+  if (auto* o = op.get_if<GuestOp::Vmxon>()) return done(n.vmxon(o->gpa));
+  if (op.is<GuestOp::Vmxoff>()) {
+    l2_ = nullptr;
+    return done(n.vmxoff());
+  }
+  if (auto* o = op.get_if<GuestOp::Vmclear>()) return done(n.vmclear(o->gpa));
+  if (auto* o = op.get_if<GuestOp::Vmptrld>()) return done(n.vmptrld(o->gpa));
+  if (op.is<GuestOp::Vmptrst>()) return done(n.vmptrst());
+  if (auto* o = op.get_if<GuestOp::Vmread>()) return done(n.vmread(o->field));
+  if (auto* o = op.get_if<GuestOp::Vmwrite>()) return done(n.vmwrite(o->field, o->value));
+  if (auto* o = op.get_if<GuestOp::Invept>()) return done(n.invept(static_cast<uint64_t>(o->type), o->eptp));
+  if (auto* o = op.get_if<GuestOp::Invvpid>()) return done(n.invvpid(static_cast<uint64_t>(o->type), o->vpid));
+  if (op.is<GuestOp::Vmlaunch>() || op.is<GuestOp::Vmresume>()) {
+    bool launch = op.is<GuestOp::Vmlaunch>();
+    return complete_nested_entry(n.enter(launch));
+  }
+  if (auto* o = op.get_if<GuestOp::SendIpi>()) {
+    m_.send_ipi(id(), o->dest_apic_id, o->vector);
+    return l1_.resume_with(OpResult::success());
+  }
+  if (auto* o = op.get_if<GuestOp::Wrmsr>()) {
+    if (o->msr == 0x830) m_.send_ipi(id(), static_cast<uint32_t>(o->value >> 32), static_cast<uint8_t>(o->value));
+    return l1_.resume_with(OpResult::success());
+  }
+  if (op.is<GuestOp::Rdmsr>()) return l1_.resume_with(OpResult::success(0));
+  if (op.is<GuestOp::Hlt>()) {
+    if (auto vec = take_l1_interrupt()) return l1_.resume_with(OpResult::success(*vec));
+    block_until_event();  // the HLT stays pending and is retried
+    return;
+  }
+  if (op.is<GuestOp::Eoi>() || op.is<GuestOp::WriteCr8>() || op.is<GuestOp::Vmcall>())
+    return l1_.resume_with(OpResult::success());
+  if (op.is<GuestOp::ReadCr8>()) return l1_.resume_with(OpResult::success(0));
+  l1_.resume_with(OpResult::exception(kVectorUD));
+}
+
+void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
+  using K = vmx::EntryResult::Kind;
+  switch (r.kind) {
+    case K::failed: return l1_.resume_with(to_op_result(r.instr));
+    case K::exit_to_l1: return l1_.resume_with(OpResult::success());
+    case K::internal_error:
+      m_.fail(fmt::format("vCPU {}: KVM internal error on nested entry: {}", id(), r.message));
+      stop_ = true;
+      return;
+    case K::entered: break;
+  }
+  // L1's VMLAUNCH/VMRESUME stays pending while L2 runs; it completes at the
+  // next reflected exit.
+  if (reflected_since_entry_ && l1_.pending()->is<GuestOp::Vmresume>()) counters().add(Counter::nested_round_trips);
+  reflected_since_entry_ = false;
+  l2_ = m_.l2_program(nested().current_vmptr());
+  if (!l2_) return;  // run_loop reports the missing program
+  if (!l2_->task.started()) l2_->task.start();
+  if (l2_->complete_pending) {
+    l2_->complete_pending = false;
+    l2_->task.resume_with(OpResult::success(l2_->complete_value));
+  }
+  if (take_notification()) complete_posted_interrupts_in_software();
+}
+
+// KVM's vmx_complete_nested_posted_interrupt: the notification arrived while
+// L2 was not on the hardware, so L0 software moves PIR into the virtual IRR
+// through the strategy's mappings of the descriptor and the virtual-APIC page.
+void Vcpu::complete_posted_interrupts_in_software() {
+  const vmx::Vmcs12& v = nested().vmcs12();
+  Gpa desc = v.posted_intr_desc_addr;
+  uint64_t pir[4] = {};
+  bool on = false;
+  Status st = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
+    size_t off = page_offset(desc);
+    on = view.fetch_and8(off + kPiOnByte, static_cast<uint8_t>(~1u)) & 1;
+    if (on)
+      for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + 8 * w, 0);
+  });
+  if (st && on) {
+    st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, [&](const vmx::PageView& view) {
+      for (int vec = 0; vec < 256; vec++)
+        if ((pir[vec / 64] >> (vec % 64)) & 1) view.fetch_or32(kVapicIrr + 0x10 * (vec / 32), 1u << (vec % 32));
+    });
+  }
+  if (!st) {
+    m_.fail(fmt::format("vCPU {}: KVM internal error: posted-interrupt descriptor unreachable: {}", id(),
+                        st.error().message));
+    stop_ = true;
+  }
+}
+
+void Vcpu::handle_l2_exit(const Exit& e) {
+  vmx::NestedVmx& n = nested();
+  if (n.route_exit(e.info, e.msr) == ExitTarget::l0) {
+    counters().add(Counter::l0_exits);
+    auto reason = static_cast<ExitReason>(e.info.exit_reason & 0xffff);
+    if (reason == ExitReason::kMsrRead)
+      l2_->task.resume_with(OpResult::success(l2_msrs_[e.msr]));
+    else if (reason == ExitReason::kMsrWrite)
+      l2_->task.resume_with(OpResult::success());
+    else if (reason == ExitReason::kHlt)
+      block_until_event();
+    return;
+  }
+  // Reflect to L1: the exit information goes into vmcs12, the pages are put,
+  // and L1 resumes after its VMLAUNCH/VMRESUME.
+  if (e.complete_op && l2_) {
+    l2_->complete_pending = true;
+    l2_->complete_value = 0;
+  }
+  n.reflect_exit(e.info);
+  l2_ = nullptr;
+  reflected_since_entry_ = true;
+  l1_.resume_with(OpResult::success());
+}
+
+}  // namespace nestcache::cpu

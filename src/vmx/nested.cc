@@ -1,0 +1,312 @@
+#include "vmx/nested.h"
+
+#include <cstring>
+
+#include "base/check.h"
+#include "vmx/entry_checks.h"
+
+namespace nestcache::vmx {
+
+namespace {
+constexpr uint32_t kRevisionMask = 0x7fffffff;
+using Kind = InstrResult::Kind;
+}  // namespace
+
+NestedVmx::NestedVmx(vm::Vm& vm, vm::Vcpu& vcpu, StrategyKind strategy, const host::HardwareView* hw,
+                     CounterSet& counters)
+    : vm_(vm), vcpu_(vcpu), counters_(counters), pages_(make_page_set(strategy, vm, vcpu, counters, hw)) {}
+
+NestedVmx::~NestedVmx() { release_nested(); }
+
+// --- helpers ---------------------------------------------------------------------
+
+InstrResult NestedVmx::fail_valid(VmInstructionError e, std::string message) {
+  // VMfailValid needs a current VMCS to hold the error number; without one
+  // the SDM's VMfail is VMfailInvalid.
+  if (current_ == kInvalidGpa) return {Kind::fail_invalid, 0, VmInstructionError::kNone, std::move(message)};
+  vmcs12_.set_vm_instruction_error(e);
+  return {Kind::fail_valid, 0, e, std::move(message)};
+}
+
+InstrResult NestedVmx::fail(const VmxFail& f) {
+  if (f.kind == VmxFailKind::kFailValid) return fail_valid(f.error, f.to_string());
+  return {Kind::fail_invalid, 0, VmInstructionError::kNone, f.to_string()};
+}
+
+Status NestedVmx::load_vmcs12(Gpa gpa) {
+  std::array<std::byte, kPageSize> buf;
+  NC_TRY(vm_.read_guest(gpa, buf.data(), buf.size()));
+  vmcs12_ = Vmcs12::deserialize(buf);
+  return ok();
+}
+
+Status NestedVmx::flush_vmcs12() {
+  std::array<std::byte, kPageSize> buf;
+  vmcs12_.serialize(buf);
+  return vm_.write_guest(current_, buf.data(), buf.size());
+}
+
+void NestedVmx::release_nested() {
+  if (current_ != kInvalidGpa) (void)flush_vmcs12();
+  current_ = kInvalidGpa;
+  guest_mode_ = false;
+  pages_->release();
+}
+
+// --- VMX instructions ------------------------------------------------------------------
+
+InstrResult NestedVmx::vmxon(Gpa region) {
+  if (vmxon_) return fail_valid(VmInstructionError::kVmxonInVmxRoot, "VMXON in VMX root operation");
+  if (!page_address_valid(region))
+    return {Kind::fail_invalid, 0, {}, fmt::format("VMXON region {:#x} is misaligned or too wide", region)};
+  uint32_t rev = 0;
+  if (!vm_.read_guest(region, &rev, sizeof rev))
+    return {Kind::fail_invalid, 0, {}, fmt::format("VMXON region {:#x} is not guest memory", region)};
+  if ((rev & kRevisionMask) != kVmcs12Revision)
+    return {Kind::fail_invalid, 0, {}, fmt::format("VMXON region revision {:#x} is not {:#x}", rev, kVmcs12Revision)};
+  vmxon_ = true;
+  vmxon_ptr_ = region;
+  current_ = kInvalidGpa;
+  return InstrResult::success();
+}
+
+InstrResult NestedVmx::vmxoff() {
+  if (!vmxon_) return InstrResult::undefined("VMXOFF outside VMX operation");
+  release_nested();
+  vmxon_ = false;
+  vmxon_ptr_ = kInvalidGpa;
+  return InstrResult::success();
+}
+
+InstrResult NestedVmx::vmclear(Gpa gpa) {
+  if (!vmxon_) return InstrResult::undefined("VMCLEAR outside VMX operation");
+  if (!page_address_valid(gpa))
+    return fail_valid(VmInstructionError::kVmclearInvalidAddress, fmt::format("VMCLEAR of bad address {:#x}", gpa));
+  if (gpa == vmxon_ptr_) return fail_valid(VmInstructionError::kVmclearVmxonPointer, "VMCLEAR of the VMXON pointer");
+  if (gpa == current_) {
+    vmcs12_.launch_state = kLaunchStateClear;
+    (void)flush_vmcs12();
+    current_ = kInvalidGpa;
+  } else {
+    // Not current: the processor only writes the launch state into the region.
+    uint32_t clear = kLaunchStateClear;
+    (void)vm_.write_guest(gpa + 8, &clear, sizeof clear);
+  }
+  return InstrResult::success();
+}
+
+InstrResult NestedVmx::vmptrld(Gpa gpa) {
+  if (!vmxon_) return InstrResult::undefined("VMPTRLD outside VMX operation");
+  if (!page_address_valid(gpa))
+    return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of bad address {:#x}", gpa));
+  if (gpa == vmxon_ptr_) return fail_valid(VmInstructionError::kVmptrldVmxonPointer, "VMPTRLD of the VMXON pointer");
+  uint32_t rev = 0;
+  if (!vm_.read_guest(gpa, &rev, sizeof rev))
+    return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of {:#x}: not guest memory", gpa));
+  if (rev != kVmcs12Revision)  // bit 31 (shadow VMCS) is not supported either
+    return fail_valid(VmInstructionError::kVmptrldIncorrectRevision,
+                      fmt::format("VMCS revision {:#x} is not {:#x}", rev, kVmcs12Revision));
+  if (gpa != current_) {
+    if (current_ != kInvalidGpa) (void)flush_vmcs12();
+    current_ = kInvalidGpa;
+    if (!load_vmcs12(gpa))
+      return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of {:#x}: unreadable", gpa));
+    current_ = gpa;
+  }
+  return InstrResult::success();
+}
+
+InstrResult NestedVmx::vmptrst() {
+  if (!vmxon_) return InstrResult::undefined("VMPTRST outside VMX operation");
+  return InstrResult::success(current_ == kInvalidGpa ? ~uint64_t{0} : current_);
+}
+
+InstrResult NestedVmx::vmread(uint32_t f) {
+  if (!vmxon_) return InstrResult::undefined("VMREAD outside VMX operation");
+  if (current_ == kInvalidGpa) return {Kind::fail_invalid, 0, {}, "VMREAD without a current VMCS"};
+  auto v = vmcs12_.read(f);
+  if (!v) return fail(v.error());
+  return InstrResult::success(*v);
+}
+
+InstrResult NestedVmx::vmwrite(uint32_t f, uint64_t value) {
+  if (!vmxon_) return InstrResult::undefined("VMWRITE outside VMX operation");
+  if (current_ == kInvalidGpa) return {Kind::fail_invalid, 0, {}, "VMWRITE without a current VMCS"};
+  auto st = vmcs12_.write(f, value);
+  if (!st) return fail(st.error());
+  return InstrResult::success();
+}
+
+InstrResult NestedVmx::invept(uint64_t type, uint64_t eptp) {
+  if (!vmxon_) return InstrResult::undefined("INVEPT outside VMX operation");
+  if (type != 1 && type != 2)  // single-context, all-context
+    return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand, fmt::format("INVEPT type {} unsupported", type));
+  vcpu_.make_request(vm::Request::kTlbFlushGuest);
+  return InstrResult::success();
+}
+
+InstrResult NestedVmx::invvpid(uint64_t type, uint16_t vpid) {
+  if (!vmxon_) return InstrResult::undefined("INVVPID outside VMX operation");
+  if (type > 3) return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand, fmt::format("INVVPID type {} unsupported", type));
+  if ((type == 0 || type == 1 || type == 3) && vpid == 0)
+    return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand, "INVVPID of VPID 0");
+  vcpu_.make_request(vm::Request::kTlbFlushGuest);
+  return InstrResult::success();
+}
+
+// --- nested entry: checks -> get pages -> build vmcs02 -> guest mode --------------------
+
+EntryResult NestedVmx::enter(bool launch) {
+  const char* insn = launch ? "VMLAUNCH" : "VMRESUME";
+  if (!vmxon_) return {EntryResult::Kind::failed, InstrResult::undefined(fmt::format("{} outside VMX operation", insn)), {}};
+  if (current_ == kInvalidGpa)
+    return {EntryResult::Kind::failed, {Kind::fail_invalid, 0, {}, fmt::format("{} without a current VMCS", insn)}, {}};
+  if (launch && vmcs12_.launched())
+    return {EntryResult::Kind::failed, fail_valid(VmInstructionError::kVmlaunchNonClearVmcs, "VMLAUNCH of a launched VMCS"), {}};
+  if (!launch && !vmcs12_.launched())
+    return {EntryResult::Kind::failed,
+            fail_valid(VmInstructionError::kVmresumeNonLaunchedVmcs, "VMRESUME of a VMCS that was never launched"), {}};
+
+  // 1. Consistency checks on controls, host state and guest state.
+  if (auto st = check_vm_entry(vmcs12_); !st) {
+    if (st.error().kind == VmxFailKind::kEntryFailure) {
+      ExitInfo e = ExitInfo::of(st.error().exit_reason, st.error().qualification);
+      e.exit_reason |= kExitReasonEntryFailure;
+      vmcs12_.set_exit_info(e);
+      return {EntryResult::Kind::exit_to_l1, InstrResult::success(), st.error().to_string()};
+    }
+    return {EntryResult::Kind::failed, fail(st.error()), {}};
+  }
+
+  // 2-3. Get vmcs12 pages through the strategy, build vmcs02.
+  if (auto st = get_vmcs12_pages(); !st) {
+    pages_->put();
+    return {EntryResult::Kind::internal_error, InstrResult::success(), st.error().to_string()};
+  }
+  if (vmcs02_.vapic_bad_address) {
+    // KVM writes an invalid address into vmcs02, and the hardware entry
+    // fails on it: L1 sees VMfailValid(7).
+    pages_->put();
+    return {EntryResult::Kind::failed,
+            fail_valid(VmInstructionError::kEntryInvalidControlFields, "virtual-APIC page has no backing"), {}};
+  }
+  guest_mode_ = true;
+  if (launch) vmcs12_.launch_state = kLaunchStateLaunched;
+  counters_.add(Counter::nested_entries);
+  // 4. The last check happens in the run loop, with the vCPU in guest mode.
+  return {EntryResult::Kind::entered, InstrResult::success(), {}};
+}
+
+Status NestedVmx::get_vmcs12_pages() {
+  const Vmcs12& v = vmcs12_;
+  Vmcs02& o = vmcs02_;
+  o.pin = v.pin_based_controls;
+  o.proc = v.primary_proc_controls;
+  o.proc2 = (v.primary_proc_controls & proc::kActivateSecondaryControls) ? v.secondary_proc_controls : 0;
+  o.tpr_threshold = v.tpr_threshold;
+  o.pi_notification_vector = v.posted_intr_notification_vector;
+  o.eptp12 = v.ept_pointer & kPageMask;
+  o.vpid = v.virtual_processor_id;
+  o.apic_access = {};
+  o.vapic = {};
+  o.vapic_bad_address = false;
+  o.pi_desc = {};
+
+  if (o.proc2 & proc2::kVirtualizeApicAccesses) {
+    auto hw = pages_->get_hw(L1Page::apic_access, v.apic_access_addr);
+    if (!hw) return errorf(EFAULT, "no backing for APIC-access address {:#x}: {}", v.apic_access_addr, hw.error().message);
+    o.apic_access = *hw;
+  }
+  if (o.proc & proc::kUseTprShadow) {
+    auto hw = pages_->get_hw(L1Page::vapic, v.virtual_apic_page_addr);
+    if (hw) {
+      o.vapic = *hw;
+    } else if ((o.proc & proc::kCr8LoadExiting) && (o.proc & proc::kCr8StoreExiting) &&
+               !(o.proc2 & proc2::kVirtualizeApicAccesses)) {
+      o.proc &= ~proc::kUseTprShadow;  // every CR8 access exits instead
+    } else {
+      o.vapic_bad_address = true;
+    }
+  }
+  if (o.pin & pin::kPostedInterrupts) {
+    auto hw = pages_->get_hw(L1Page::pi_desc, v.posted_intr_desc_addr);
+    if (hw)
+      o.pi_desc = *hw;
+    else
+      o.pin &= ~pin::kPostedInterrupts;  // the internal error waits until L0 needs the descriptor
+  }
+  merge_msr_bitmap();
+  o.generation++;
+  return ok();
+}
+
+void NestedVmx::merge_msr_bitmap() {
+  if (!(vmcs12_.primary_proc_controls & proc::kUseMsrBitmaps)) {
+    vmcs02_.use_msr_bitmap = false;
+    return;
+  }
+  // L0 intercepts nothing of its own, so the merge is L1's bitmap as is.
+  Status st = pages_->access(L1Page::msr_bitmap, vmcs12_.msr_bitmap & kPageMask, [&](const PageView& view) {
+    std::memcpy(vmcs02_.msr_bitmap.data(), view.bytes(), kPageSize);
+  });
+  // KVM's fallback: an unusable bitmap means vmcs02 uses none (all MSRs exit).
+  vmcs02_.use_msr_bitmap = static_cast<bool>(st);
+}
+
+bool NestedVmx::last_check_fails() const { return guest_mode_ && pages_->any_invalid(); }
+
+Status NestedVmx::refresh_guest_pages() {
+  if (!guest_mode_) return ok();
+  return get_vmcs12_pages();
+}
+
+// --- nested exit ----------------------------------------------------------------------------
+
+ExitTarget NestedVmx::route_exit(const ExitInfo& exit, uint32_t msr) const {
+  const Vmcs12& v = vmcs12_;
+  switch (static_cast<ExitReason>(exit.exit_reason & 0xffff)) {
+    case ExitReason::kMsrRead:
+    case ExitReason::kMsrWrite: {
+      if (!(v.primary_proc_controls & proc::kUseMsrBitmaps)) return ExitTarget::l1;
+      uint32_t base;
+      if (msr <= 0x1fff)
+        base = 0;
+      else if (msr >= 0xc0000000 && msr <= 0xc0001fff)
+        base = 1024;
+      else
+        return ExitTarget::l1;
+      if (static_cast<ExitReason>(exit.exit_reason & 0xffff) == ExitReason::kMsrWrite) base += 2048;
+      // As KVM: L1's bitmap is read with a guest-memory read, not a map.
+      uint8_t byte = 0;
+      if (!vm_.read_guest((v.msr_bitmap & kPageMask) + base + (msr & 0x1fff) / 8, &byte, 1)) return ExitTarget::l1;
+      return (byte >> (msr % 8)) & 1 ? ExitTarget::l1 : ExitTarget::l0;
+    }
+    case ExitReason::kHlt:
+      return (v.primary_proc_controls & proc::kHltExiting) ? ExitTarget::l1 : ExitTarget::l0;
+    case ExitReason::kExternalInterrupt:
+      return (v.pin_based_controls & pin::kExternalInterruptExiting) ? ExitTarget::l1 : ExitTarget::l0;
+    case ExitReason::kVmcall:
+    case ExitReason::kEptViolation:
+    case ExitReason::kApicAccess:
+    case ExitReason::kCrAccess:
+    case ExitReason::kTprBelowThreshold:
+      return ExitTarget::l1;
+    default:
+      return ExitTarget::l0;
+  }
+}
+
+void NestedVmx::reflect_exit(const ExitInfo& exit) {
+  NC_CHECK(guest_mode_);
+  vmcs12_.set_exit_info(exit);
+  // Put vmcs12 pages: map unmaps them all; the caches stay mapped.
+  pages_->put();
+  guest_mode_ = false;
+  counters_.add(Counter::reflected_exits);
+}
+
+Status NestedVmx::access_page(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn) {
+  return pages_->access(p, gpa, fn);
+}
+
+}  // namespace nestcache::vmx

@@ -1,0 +1,139 @@
+// NestedVmx: one vCPU's nested-VMX state and the emulation L0 runs for L1
+// (DESIGN.md §4): the VMX instructions, nested VM entry (checks -> get vmcs12
+// pages -> build vmcs02 -> last check) and nested VM exit (reflect -> put
+// pages). A nested entry reads top to bottom in enter().
+//
+// The cpu layer calls in here from the vCPU's own thread: on L1 exits for
+// VMX instructions, before each hardware entry into L2 (last_check), on the
+// refresh-guest-pages request, and on every L2 exit. Nothing here is
+// thread-safe; everything runs on the vCPU thread that owns the state.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <string>
+
+#include "vm/vcpu.h"
+#include "vm/vm.h"
+#include "vmx/page_strategy.h"
+#include "vmx/vmcs12.h"
+
+namespace nestcache::vmx {
+
+// The VMCS the (simulated) hardware runs L2 with: what L0 built from vmcs12.
+struct Vmcs02 {
+  uint32_t pin = 0, proc = 0, proc2 = 0;
+  bool use_msr_bitmap = false;
+  std::array<uint8_t, kPageSize> msr_bitmap{};  // L0's own merged page
+  HwPage apic_access;     // valid iff APIC-access virtualization is on
+  HwPage vapic;           // valid iff the TPR shadow is on
+  bool vapic_bad_address = false;  // KVM's INVALID_GPA fallback: entry fails
+  HwPage pi_desc;         // valid iff posted interrupts are on
+  uint16_t pi_notification_vector = 0;
+  uint32_t tpr_threshold = 0;
+  Gpa eptp12 = 0;         // root of L1's EPT12 tables (L1 gpa)
+  uint16_t vpid = 0;
+  uint64_t generation = 0;  // bumped whenever L0 rewrites the pfns
+};
+
+// The outcome of one emulated VMX instruction, as L1 observes it.
+struct InstrResult {
+  enum class Kind { ok, fail_invalid, fail_valid, ud };
+  Kind kind = Kind::ok;
+  uint64_t value = 0;
+  VmInstructionError error = VmInstructionError::kNone;
+  std::string message;
+
+  static InstrResult success(uint64_t v = 0) { return {Kind::ok, v, VmInstructionError::kNone, {}}; }
+  static InstrResult undefined(std::string m) { return {Kind::ud, 0, VmInstructionError::kNone, std::move(m)}; }
+  bool ok() const { return kind == Kind::ok; }
+};
+
+// The outcome of VMLAUNCH/VMRESUME.
+struct EntryResult {
+  enum class Kind {
+    entered,         // vmcs02 built, vCPU in guest mode: run L2
+    failed,          // VMfail / #UD: `instr` says which; L1 continues
+    exit_to_l1,      // entry failed like a VM exit (exit reason 33...): L1 continues
+    internal_error,  // L0 could not build vmcs02 (no APIC-access page): to the VMM
+  };
+  Kind kind = Kind::entered;
+  InstrResult instr;
+  std::string message;
+};
+
+// Where an L2 exit goes.
+enum class ExitTarget { l0, l1 };
+
+class NestedVmx {
+ public:
+  NestedVmx(vm::Vm& vm, vm::Vcpu& vcpu, StrategyKind strategy, const host::HardwareView* hw, CounterSet& counters);
+  ~NestedVmx();
+
+  // --- VMX instructions (SDM Vol. 3C ch. 31) -------------------------------
+  InstrResult vmxon(Gpa region);
+  InstrResult vmxoff();
+  InstrResult vmclear(Gpa vmcs);
+  InstrResult vmptrld(Gpa vmcs);
+  InstrResult vmptrst();
+  InstrResult vmread(uint32_t field);
+  InstrResult vmwrite(uint32_t field, uint64_t value);
+  InstrResult invept(uint64_t type, uint64_t eptp);
+  InstrResult invvpid(uint64_t type, uint16_t vpid);
+
+  // --- nested entry -----------------------------------------------------------
+  // VMLAUNCH (launch) / VMRESUME: instruction checks, entry consistency
+  // checks, get vmcs12 pages through the strategy, build vmcs02, switch to
+  // guest mode.
+  EntryResult enter(bool launch);
+  // The last check before the hardware entry (seed patch 3), called with
+  // the vCPU already in guest mode: true if a page the hardware uses was
+  // invalidated. The caller then cancels the entry and requests
+  // kRefreshGuestPages.
+  bool last_check_fails() const;
+  // kRefreshGuestPages: re-gets the hardware pages and rewrites vmcs02.
+  // Returns the KVM internal error if the APIC-access page is gone for good.
+  Status refresh_guest_pages();
+
+  // --- nested exit -------------------------------------------------------------
+  // Whether an L2 exit is L1's to handle (vmcs12 controls, L1's MSR bitmap).
+  ExitTarget route_exit(const ExitInfo& exit, uint32_t msr = 0) const;
+  // Reflects an exit to L1: exit information into vmcs12, put vmcs12 pages,
+  // leave guest mode. L1 resumes after its VMLAUNCH/VMRESUME.
+  void reflect_exit(const ExitInfo& exit);
+
+  // --- L0 software access to L1 pages (posted-interrupt completion etc.) -------
+  Status access_page(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn);
+
+  bool vmx_on() const { return vmxon_; }
+  bool guest_mode() const { return guest_mode_; }
+  Gpa current_vmptr() const { return current_; }
+  const Vmcs12& vmcs12() const { return vmcs12_; }
+  const Vmcs02& vmcs02() const { return vmcs02_; }
+  StrategyKind strategy() const { return pages_->kind(); }
+  PageSet& pages() { return *pages_; }
+
+ private:
+  InstrResult fail_valid(VmInstructionError e, std::string message);
+  InstrResult fail(const VmxFail& f);
+  Status load_vmcs12(Gpa gpa);
+  Status flush_vmcs12();
+  // nested_get_vmcs12_pages: the pages and KVM's fallbacks. Returns an
+  // error only for the internal-error cases.
+  Status get_vmcs12_pages();
+  void merge_msr_bitmap();
+  void release_nested();
+
+  vm::Vm& vm_;
+  vm::Vcpu& vcpu_;
+  CounterSet& counters_;
+  std::unique_ptr<PageSet> pages_;
+  bool vmxon_ = false;
+  Gpa vmxon_ptr_ = kInvalidGpa;
+  Gpa current_ = kInvalidGpa;
+  Vmcs12 vmcs12_;
+  bool guest_mode_ = false;
+  Vmcs02 vmcs02_;
+};
+
+}  // namespace nestcache::vmx

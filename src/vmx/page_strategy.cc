@@ -1,0 +1,157 @@
+#include "vmx/page_strategy.h"
+
+#include "base/check.h"
+
+namespace nestcache::vmx {
+
+const char* strategy_name(StrategyKind kind) {
+  switch (kind) {
+    case StrategyKind::map: return "map";
+    case StrategyKind::cache: return "cache";
+    case StrategyKind::oracle: return "oracle";
+  }
+  return "?";
+}
+
+std::optional<StrategyKind> parse_strategy(std::string_view name) {
+  for (StrategyKind k : {StrategyKind::map, StrategyKind::cache, StrategyKind::oracle})
+    if (name == strategy_name(k)) return k;
+  return std::nullopt;
+}
+
+const char* l1_page_name(L1Page p) {
+  switch (p) {
+    case L1Page::msr_bitmap: return "msr_bitmap";
+    case L1Page::apic_access: return "apic_access";
+    case L1Page::vapic: return "virtual_apic";
+    case L1Page::pi_desc: return "posted_interrupt_descriptor";
+    case L1Page::evmcs: return "evmcs";
+    case L1Page::kCount: break;
+  }
+  return "?";
+}
+
+CacheBundle::CacheBundle(vm::Vm& vm, vm::Vcpu* vcpu, const host::HardwareView* hw) {
+  for (int i = 0; i < kNumL1Pages; i++)
+    caches[i] = std::make_unique<vm::PfnCache>(vm, hardware_uses(static_cast<L1Page>(i)) ? vcpu : nullptr, hw);
+}
+
+namespace {
+
+// --- map: the kernel before the seed ---------------------------------------
+
+class MapPageSet final : public PageSet {
+ public:
+  MapPageSet(vm::Vm& vm, CounterSet& counters) : vm_(vm), counters_(counters) {}
+  StrategyKind kind() const override { return StrategyKind::map; }
+
+  Result<HwPage> get_hw(L1Page p, Gpa gpa) override {
+    vm::HostMap& m = maps_[static_cast<int>(p)];
+    m.unmap(true);
+    m = NC_TRY(vm::HostMap::map(vm_, gpa_to_gfn(gpa), &counters_));
+    return HwPage{m.tag(), page_offset(gpa)};
+  }
+
+  Status access(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn) override {
+    vm::HostMap& held = maps_[static_cast<int>(p)];
+    if (held.mapped() && held.gfn() == gpa_to_gfn(gpa)) {
+      fn(view(held));
+      return ok();
+    }
+    // Not held (the MSR bitmap): map for this access only, as the kernel's
+    // merge does.
+    vm::HostMap m = NC_TRY(vm::HostMap::map(vm_, gpa_to_gfn(gpa), &counters_));
+    fn(view(m));
+    m.unmap(false);
+    return ok();
+  }
+
+  void put() override {
+    for (int i = 0; i < kNumL1Pages; i++)
+      if (static_cast<L1Page>(i) != L1Page::evmcs) maps_[i].unmap(true);
+  }
+  bool any_invalid() const override { return false; }  // nothing invalidates a map
+  void release() override {
+    for (auto& m : maps_) m.unmap(false);
+  }
+
+ private:
+  static PageView view(const vm::HostMap& m) {
+    return PageView(m.data(), [](const void* c) { return static_cast<const vm::HostMap*>(c)->check(); }, &m);
+  }
+  vm::Vm& vm_;
+  CounterSet& counters_;
+  std::array<vm::HostMap, kNumL1Pages> maps_;
+};
+
+// --- cache / oracle: the seed -------------------------------------------------
+
+class CachePageSet final : public PageSet {
+ public:
+  CachePageSet(StrategyKind kind, vm::Vm& vm, vm::Vcpu& vcpu, const host::HardwareView* hw)
+      : kind_(kind), vcpu_(vcpu), own_(vm, &vcpu, hw), bundle_(&own_) {}
+  StrategyKind kind() const override { return kind_; }
+
+  Result<HwPage> get_hw(L1Page p, Gpa gpa) override {
+    HwPage hw;
+    NC_TRY(lock(p, gpa, [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS { hw = HwPage{c.tag(), page_offset(gpa)}; }));
+    return hw;
+  }
+
+  Status access(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn) override {
+    return lock(p, gpa, [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS {
+      fn(PageView(c.khva(), [](const void* x) NC_NO_THREAD_SAFETY_ANALYSIS {
+        return static_cast<const vm::PfnCache*>(x)->check_tag("pfn cache");
+      }, &c));
+    });
+  }
+
+  void put() override {}  // the caches stay mapped: the seed's speed-up
+
+  bool any_invalid() const override {
+    for (L1Page p : {L1Page::apic_access, L1Page::vapic, L1Page::pi_desc})
+      if ((*bundle_)[p].invalid()) return true;
+    return false;
+  }
+
+  void release() override {
+    for (auto& c : bundle_->caches) c->deactivate();
+  }
+
+  void use_bundle(CacheBundle* b) override { bundle_ = b ? b : &own_; }
+
+ private:
+  // The seed's nested_gpc_lock: check under the read lock, or (re)activate
+  // at the gpa, until the cache maps it; fn runs with the lock held.
+  template <class Fn>
+  Status lock(L1Page p, Gpa gpa, Fn&& fn) {
+    vm::PfnCache& c = (*bundle_)[p];
+    // Patch 9 (v4): a cache taken over from another vCPU's context is
+    // re-bound so that invalidations kick the vCPU that really uses it.
+    if (c.vcpu() && c.vcpu() != &vcpu_) c.set_vcpu(&vcpu_);
+    Gpa page = gpa & kPageMask;
+    Status st = c.with_read_lock(page, kPageSize, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { fn(c); });
+    if (!st && c.vcpu()) {
+      // Patch 4: a vCPU-bound cache that cannot be activated is deactivated,
+      // or invalid() would cancel every entry forever.
+      c.deactivate();
+    }
+    return st;
+  }
+
+  StrategyKind kind_;
+  vm::Vcpu& vcpu_;
+  CacheBundle own_;
+  CacheBundle* bundle_;
+};
+
+}  // namespace
+
+std::unique_ptr<PageSet> make_page_set(StrategyKind kind, vm::Vm& vm, vm::Vcpu& vcpu, CounterSet& vcpu_counters,
+                                       const host::HardwareView* hw) {
+  if (kind == StrategyKind::map) return std::make_unique<MapPageSet>(vm, vcpu_counters);
+  NC_CHECK(kind == StrategyKind::cache || hw);
+  return std::make_unique<CachePageSet>(kind, vm, vcpu, kind == StrategyKind::oracle ? hw : nullptr);
+}
+
+}  // namespace nestcache::vmx
