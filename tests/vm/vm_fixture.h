@@ -65,6 +65,7 @@ class HarnessVcpu : public Vcpu {
         episodes_ended.fetch_add(1);
         exit_guest_mode();
       }
+      handle_requests();  // what arrived with the last kick, even when stopping
     });
   }
   void stop() {
