@@ -1,0 +1,38 @@
+#include "workloads/nested_env.h"
+
+namespace nestcache::workloads {
+
+vmx::StrategyKind to_strategy_kind(Strategy s) {
+  switch (s) {
+    case Strategy::map: return vmx::StrategyKind::map;
+    case Strategy::cache: return vmx::StrategyKind::cache;
+    case Strategy::oracle: return vmx::StrategyKind::oracle;
+  }
+  return vmx::StrategyKind::cache;
+}
+
+Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
+  auto env = std::make_unique<NestedEnv>();
+  env->config = c;
+  size_t frames = c.l1_bytes / kPageSize + c.extra_frames;
+  env->phys = NC_TRY(host::PhysMem::create({c.memory == MemoryKind::managed ? frames : 64,
+                                            c.memory == MemoryKind::unmanaged ? frames : 64}));
+  env->phys->set_stale_access_fatal(c.stale_fatal);
+  env->mm = std::make_unique<host::HostMm>(*env->phys);
+  env->vm = std::make_unique<vm::Vm>(*env->mm, 1);
+  env->l1_base = NC_TRY(env->mm->create_region(c.l1_bytes, c.memory));
+  NC_TRY(env->vm->set_memory_region({0, 0, 0, c.l1_bytes, env->l1_base}));
+  env->machine = std::make_unique<cpu::Machine>(
+      *env->vm, cpu::MachineConfig{c.vcpus, to_strategy_kind(c.strategy), c.exit_cost_ns});
+  return env;
+}
+
+Result<Hva> NestedEnv::add_page_slot(uint32_t slot, Gpa gpa) {
+  Hva h = NC_TRY(mm->create_region(kPageSize, config.memory));
+  NC_TRY(vm->set_memory_region({slot, 0, gpa, kPageSize, h}));
+  return h;
+}
+
+CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
+
+}  // namespace nestcache::workloads

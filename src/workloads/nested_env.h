@@ -1,0 +1,49 @@
+// NestedEnv: the set-up every nested scenario shares — host memory of the
+// chosen kind, an L1 VM with its memory in memslot 0, and a Machine running
+// the chosen page strategy — plus the counter and stale-access bookkeeping
+// the reports need.
+#pragma once
+
+#include <memory>
+
+#include "base/check.h"
+#include "cpu/machine.h"
+#include "guest/l1.h"
+#include "workloads/registry.h"
+
+namespace nestcache::workloads {
+
+vmx::StrategyKind to_strategy_kind(Strategy s);
+
+struct NestedEnvConfig {
+  Strategy strategy = Strategy::cache;
+  MemoryKind memory = MemoryKind::unmanaged;
+  int vcpus = 1;
+  size_t l1_bytes = 32 << 20;       // L1's memory, memslot 0 at gpa 0
+  size_t extra_frames = 1024;       // for regions scenarios add, migrations, windows
+  uint64_t exit_cost_ns = 0;
+  bool stale_fatal = false;         // scenarios count stale accesses instead
+};
+
+class NestedEnv {
+ public:
+  static Result<std::unique_ptr<NestedEnv>> create(const NestedEnvConfig& c);
+
+  // Adds a one-page region of the configured kind as memslot `slot` at `gpa`
+  // (scenarios give the pages they churn their own slots).
+  Result<Hva> add_page_slot(uint32_t slot, Gpa gpa);
+  // Everything counted during the run: the machine's vCPUs and the VM.
+  CounterSnapshot counters() const;
+
+  NestedEnvConfig config;
+  std::unique_ptr<host::PhysMem> phys;
+  std::unique_ptr<host::HostMm> mm;
+  std::unique_ptr<vm::Vm> vm;
+  std::unique_ptr<cpu::Machine> machine;
+  Hva l1_base = 0;
+};
+
+// L1's memory layout for scenarios: its own page allocator starts here.
+inline constexpr Gpa kL1PagesStart = 0x100000;
+
+}  // namespace nestcache::workloads

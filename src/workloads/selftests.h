@@ -1,0 +1,12 @@
+// Registration functions of the nested-VMX scenarios (registry.cc calls them).
+#pragma once
+
+#include "workloads/registry.h"
+
+namespace nestcache::workloads {
+
+void register_vmx_instructions_selftest();
+void register_nested_pages_selftest();
+void register_migrate_under_l2_selftest();
+
+}  // namespace nestcache::workloads
