@@ -40,6 +40,7 @@ namespace nestcache {
   X(l0_exits, "L2 exits handled by L0 alone")                                             \
   X(nested_round_trips, "reflected exits followed by the VMRESUME that resumes L2")       \
   X(l1_exits, "exits from L1 to L0 (VMX instructions, MSRs, IPIs, HLT, EPT01 misses)")   \
+  X(internal_errors, "KVM internal errors on nested entry (an L1 page L0 cannot reach)")\
   X(mmio_exits, "guest accesses to addresses without a memslot (MMIO exits to the VMM)")\
   X(posted_interrupts_delivered, "interrupts delivered to L2 through the PI descriptor") \
   X(lost_tpr_writes, "L2 CR8 writes not visible in L1's virtual-APIC page")               \

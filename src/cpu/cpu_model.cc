@@ -251,7 +251,7 @@ void CpuModel::process_posted_interrupts(Vcpu& v) {
 
 std::optional<uint8_t> CpuModel::take_virtual_interrupt(Vcpu& v) {
   const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
-  if (!vmcs02.vapic.valid() || !(vmcs02.pin & vmx::pin::kPostedInterrupts)) return std::nullopt;
+  if (!vmcs02.vapic.valid() || !(vmcs02.proc2 & vmx::proc2::kVirtualInterruptDelivery)) return std::nullopt;
   std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
   for (int reg = 7; reg >= 0; reg--) {
     std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * reg));

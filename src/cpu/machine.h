@@ -50,6 +50,11 @@ struct MachineConfig {
   int vcpus = 1;
   vmx::StrategyKind strategy = vmx::StrategyKind::cache;
   uint64_t exit_cost_ns = kDefaultExitCostNs;
+  // What L0's VMM does with a KVM internal error on a nested entry (an L1
+  // page with no memslot): stop the run (false), or count it and run the
+  // vCPU again (true), which re-executes L1's VMLAUNCH/VMRESUME — as a VMM
+  // that calls KVM_RUN again after KVM_EXIT_INTERNAL_ERROR does.
+  bool retry_internal_errors = false;
 };
 
 class Machine;
@@ -80,6 +85,7 @@ class Vcpu final : public vm::Vcpu {
       l1_op,         // an L1 operation L0 emulates (VMX instruction, MSR, HLT...)
       l2,            // an L2 exit: reflected to L1 or handled by L0
       halt,          // the guest waits for an interrupt
+      pi_software,   // a posted-interrupt notification L0 completes in software
     };
     Kind kind = Kind::none;
     Gfn gfn = 0;             // ept01_miss
@@ -110,7 +116,9 @@ class Vcpu final : public vm::Vcpu {
   // arrived; true if it did.
   bool take_notification();
   std::optional<uint8_t> take_l1_interrupt();
-  void block_until_event();
+  // Blocks until an interrupt, request or kick arrives; with a timeout,
+  // returns false if it passed first.
+  bool block_until_event(std::chrono::microseconds timeout = std::chrono::microseconds::max());
   void fail_op(GuestTask& t);
   void burn_transition();
   GuestTask* current_task();

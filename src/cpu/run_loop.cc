@@ -5,6 +5,7 @@
 //          run operations until a VM exit (CpuModel)
 //          leave guest mode, pay the transition, handle the exit
 #include <chrono>
+#include <thread>
 
 #include "base/check.h"
 #include "cpu/cpu_model.h"
@@ -69,9 +70,9 @@ std::optional<uint8_t> Vcpu::take_l1_interrupt() {
 }
 
 bool Vcpu::take_notification() {
-  const vmx::Vmcs02& v02 = nested().vmcs02();
-  if (!nested().guest_mode() || !(v02.pin & vmx::pin::kPostedInterrupts)) return false;
-  uint8_t nv = static_cast<uint8_t>(v02.pi_notification_vector);
+  const vmx::Vmcs12& v12 = nested().vmcs12();
+  if (!nested().guest_mode() || !(v12.pin_based_controls & vmx::pin::kPostedInterrupts)) return false;
+  uint8_t nv = static_cast<uint8_t>(v12.posted_intr_notification_vector);
   MutexLock l(apic_mu_);
   uint64_t bit = uint64_t{1} << (nv % 64);
   if (!(l1_irr_[nv / 64] & bit)) return false;
@@ -79,12 +80,18 @@ bool Vcpu::take_notification() {
   return true;
 }
 
-void Vcpu::block_until_event() {
+bool Vcpu::block_until_event(std::chrono::microseconds timeout) {
   MutexLock l(apic_mu_);
-  apic_cv_.wait(apic_mu_, [&]() NC_NO_THREAD_SAFETY_ANALYSIS {
+  auto ready = [&]() NC_NO_THREAD_SAFETY_ANALYSIS {
     return woken_ || has_requests() || l1_irr_[0] || l1_irr_[1] || l1_irr_[2] || l1_irr_[3];
-  });
+  };
+  bool woke = true;
+  if (timeout == std::chrono::microseconds::max())
+    apic_cv_.wait(apic_mu_, ready);
+  else
+    woke = apic_cv_.wait_for(apic_mu_, timeout, ready);
   woken_ = false;
+  return woke;
 }
 
 void Vcpu::burn_transition() {
@@ -124,8 +131,15 @@ void Vcpu::process_requests() {
     // The caches the hardware uses were invalidated: refresh them and
     // rewrite the vmcs02 pfns before the next entry.
     if (auto st = nested().refresh_guest_pages(); !st) {
-      m_.fail(fmt::format("vCPU {}: KVM internal error refreshing nested pages: {}", id(), st.error().message));
-      stop_ = true;
+      counters().add(Counter::internal_errors);
+      if (m_.config().retry_internal_errors) {
+        // The VMM runs the vCPU again; the pages are still to be refreshed.
+        make_request(vm::Request::kRefreshGuestPages);
+        std::this_thread::yield();
+      } else {
+        m_.fail(fmt::format("vCPU {}: KVM internal error refreshing nested pages: {}", id(), st.error().message));
+        stop_ = true;
+      }
     }
     tlb02_.clear();
   }
@@ -182,7 +196,18 @@ Vcpu::Exit Vcpu::run_guest() {
       e.kind = Exit::Kind::kick;
       return e;
     }
-    if (l2 && irq_arrived_.exchange(false) && take_notification()) CpuModel::process_posted_interrupts(*this);
+    if (l2 && irq_arrived_.exchange(false) && take_notification()) {
+      if (nested().vmcs02().pin & vmx::pin::kPostedInterrupts) {
+        CpuModel::process_posted_interrupts(*this);  // the hardware's own processing
+      } else {
+        // vmcs02 runs without posted interrupts (KVM's fallback for a
+        // descriptor it could not map): the notification is an ordinary
+        // interrupt, which exits to L0 for a software completion.
+        Exit e;
+        e.kind = Exit::Kind::pi_software;
+        return e;
+      }
+    }
     const GuestOp& op = *t->pending();
     CpuModel::Outcome o = l2 ? CpuModel::execute_l2(*this, op) : CpuModel::execute_l1(*this, op);
     if (auto* r = std::get_if<OpResult>(&o)) {
@@ -211,8 +236,13 @@ void Vcpu::handle_exit(const Exit& e) {
       return;
     }
     case Exit::Kind::halt:
+      // L2 halted with HLT exiting off: L0 waits for the next event, for a
+      // millisecond at most (a timer tick). The HLT then ends with no vector;
+      // an interrupt that came is taken by the guest's next HLT. Guest code
+      // can thus notice an interrupt that never comes.
       counters().add(Counter::l0_exits);
-      block_until_event();
+      block_until_event(std::chrono::milliseconds(1));
+      if (l2_) l2_->task.resume_with(OpResult::success(0));
       return;
     case Exit::Kind::l1_op:
       counters().add(Counter::l1_exits);
@@ -220,6 +250,10 @@ void Vcpu::handle_exit(const Exit& e) {
       return;
     case Exit::Kind::l2:
       handle_l2_exit(e);
+      return;
+    case Exit::Kind::pi_software:
+      counters().add(Counter::l0_exits);
+      complete_posted_interrupts_in_software();
       return;
   }
 }
@@ -269,6 +303,8 @@ void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
     case K::failed: return l1_.resume_with(to_op_result(r.instr));
     case K::exit_to_l1: return l1_.resume_with(OpResult::success());
     case K::internal_error:
+      counters().add(Counter::internal_errors);
+      if (m_.config().retry_internal_errors) return;  // the VMLAUNCH/VMRESUME runs again
       m_.fail(fmt::format("vCPU {}: KVM internal error on nested entry: {}", id(), r.message));
       stop_ = true;
       return;
@@ -309,6 +345,14 @@ void Vcpu::complete_posted_interrupts_in_software() {
     });
   }
   if (!st) {
+    // KVM's mmio_needed: an internal error for the VMM. A VMM that runs the
+    // vCPU again gets the completion retried.
+    counters().add(Counter::internal_errors);
+    if (m_.config().retry_internal_errors) {
+      deliver_interrupt(static_cast<uint8_t>(v.posted_intr_notification_vector));
+      std::this_thread::yield();
+      return;
+    }
     m_.fail(fmt::format("vCPU {}: KVM internal error: posted-interrupt descriptor unreachable: {}", id(),
                         st.error().message));
     stop_ = true;

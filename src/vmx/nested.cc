@@ -198,8 +198,10 @@ EntryResult NestedVmx::enter(bool launch) {
 }
 
 Status NestedVmx::get_vmcs12_pages() {
+  // Build into a copy and install it only whole: a failure half-way must not
+  // leave vmcs02 with the controls of one build and the pfns of another.
   const Vmcs12& v = vmcs12_;
-  Vmcs02& o = vmcs02_;
+  Vmcs02 o = vmcs02_;
   o.pin = v.pin_based_controls;
   o.proc = v.primary_proc_controls;
   o.proc2 = (v.primary_proc_controls & proc::kActivateSecondaryControls) ? v.secondary_proc_controls : 0;
@@ -235,29 +237,34 @@ Status NestedVmx::get_vmcs12_pages() {
     else
       o.pin &= ~pin::kPostedInterrupts;  // the internal error waits until L0 needs the descriptor
   }
-  merge_msr_bitmap();
+  merge_msr_bitmap(o);
   o.generation++;
+  vmcs02_ = o;
   return ok();
 }
 
-void NestedVmx::merge_msr_bitmap() {
+void NestedVmx::merge_msr_bitmap(Vmcs02& o) {
   if (!(vmcs12_.primary_proc_controls & proc::kUseMsrBitmaps)) {
-    vmcs02_.use_msr_bitmap = false;
+    o.use_msr_bitmap = false;
     return;
   }
   // L0 intercepts nothing of its own, so the merge is L1's bitmap as is.
   Status st = pages_->access(L1Page::msr_bitmap, vmcs12_.msr_bitmap & kPageMask, [&](const PageView& view) {
-    std::memcpy(vmcs02_.msr_bitmap.data(), view.bytes(), kPageSize);
+    std::memcpy(o.msr_bitmap.data(), view.bytes(), kPageSize);
   });
   // KVM's fallback: an unusable bitmap means vmcs02 uses none (all MSRs exit).
-  vmcs02_.use_msr_bitmap = static_cast<bool>(st);
+  o.use_msr_bitmap = static_cast<bool>(st);
 }
 
 bool NestedVmx::last_check_fails() const { return guest_mode_ && pages_->any_invalid(); }
 
 Status NestedVmx::refresh_guest_pages() {
   if (!guest_mode_) return ok();
-  return get_vmcs12_pages();
+  NC_TRY(get_vmcs12_pages());
+  // KVM's invalid-address fallback for the virtual-APIC page makes the
+  // hardware entry fail; L2 cannot run on this vmcs02.
+  if (vmcs02_.vapic_bad_address) return errorf(EFAULT, "virtual-APIC page {:#x} has no backing", vmcs12_.virtual_apic_page_addr);
+  return ok();
 }
 
 // --- nested exit ----------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class NestedVmx {
   // nested_get_vmcs12_pages: the pages and KVM's fallbacks. Returns an
   // error only for the internal-error cases.
   Status get_vmcs12_pages();
-  void merge_msr_bitmap();
+  void merge_msr_bitmap(Vmcs02& o);
   void release_nested();
 
   vm::Vm& vm_;

@@ -99,11 +99,32 @@ class CachePageSet final : public PageSet {
   }
 
   Status access(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn) override {
-    return lock(p, gpa, [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS {
+    auto with_view = [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS {
       fn(PageView(c.khva(), [](const void* x) NC_NO_THREAD_SAFETY_ANALYSIS {
         return static_cast<const vm::PfnCache*>(x)->check_tag("pfn cache");
       }, &c));
-    });
+    };
+    if (!hardware_uses(p)) return lock(p, gpa, with_view);
+    // The seed's nested_gpc_lock_if_active: L0 software reaching a page the
+    // hardware uses (posted-interrupt completion) refreshes an active cache
+    // but never activates or deactivates one. A failed refresh leaves it
+    // active and invalid, so the last check before entry keeps L2 off the
+    // hardware until the pages are refreshed; deactivating it here would
+    // take it out of the registry while vmcs02 still holds its pfn.
+    vm::PfnCache& c = (*bundle_)[p];
+    Gpa page = gpa & kPageMask;
+    for (;;) {
+      {
+        rcu::ReadLock rcu;
+        ReaderLock l(c.lock());
+        if (!c.active() || c.gpa() != page) return errorf(ENOENT, "{} is not mapped", l1_page_name(p));
+        if (c.check(kPageSize)) {
+          with_view(c);
+          return ok();
+        }
+      }
+      NC_TRY(c.refresh(kPageSize));
+    }
   }
 
   void put() override {}  // the caches stay mapped: the seed's speed-up

@@ -23,6 +23,7 @@ struct NestedEnvConfig {
   size_t extra_frames = 1024;       // for regions scenarios add, migrations, windows
   uint64_t exit_cost_ns = 0;
   bool stale_fatal = false;         // scenarios count stale accesses instead
+  bool retry_internal_errors = false;  // see cpu::MachineConfig
 };
 
 class NestedEnv {

@@ -1,0 +1,57 @@
+// The nested-pages workload shared by the `nested-pages` and
+// `migrate-under-l2` selftests: L1 runs one L2 that uses every page the seed
+// names, and checks what L2 observes, round after round.
+//
+// Per round, L2 (under L1's vmcs12 with EPT, TPR shadow, APIC-access
+// virtualization, virtual-interrupt delivery, posted interrupts and MSR
+// bitmaps):
+//   1. writes a pattern into its memory; L1 reads it back from its own view;
+//   2. writes CR8 values; the processor puts each into the virtual-APIC page
+//      through vmcs02's pfn, and L1 reads it back there (a mismatch is a lost
+//      TPR write);
+//   3. touches the APIC-access page (an APIC-access exit to L1);
+//   4. reads an MSR that L1's bitmap intercepts on even rounds only (L1
+//      changes its bitmap between entries; the change must be honoured);
+//   5. waits for interrupts that L1's second vCPU posts through the
+//      posted-interrupt descriptor (each one not received is lost).
+// The four L1 pages vmcs02 points to (MSR bitmap, APIC-access, virtual-APIC,
+// descriptor) each live in their own one-page memslot so that a host thread
+// can migrate them and move their memslots while L2 runs.
+#pragma once
+
+#include <atomic>
+
+#include "workloads/nested_env.h"
+
+namespace nestcache::workloads {
+
+struct PagesWorkloadConfig {
+  int rounds = 8;
+  int interrupts_per_round = 4;
+  // Churn: a host thread migrates the four pages and moves their memslots
+  // away and back while the workload runs.
+  bool churn = false;
+  std::chrono::milliseconds timeout{120000};
+};
+
+// What L2 and L1 observed: identical for every strategy when nothing is lost.
+struct PagesTranscript {
+  int rounds = 0;
+  int memory_mismatches = 0;
+  int tpr_checks = 0;
+  int lost_tpr_writes = 0;
+  int apic_access_exits = 0;
+  int msr_exits = 0;
+  int interrupts_posted = 0;
+  int interrupts_received = 0;
+  uint64_t vector_sum = 0;
+  uint64_t churn_operations = 0;  // migrations and memslot moves done
+  int entry_retries = 0;          // entries L1 repeated after VMfail(7) under churn
+  nlohmann::json to_json() const;
+};
+
+// Runs the workload on `env` (2 L1 vCPUs). Fills `result` (counters,
+// failures for a run that could not complete) and returns the transcript.
+PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c, SelftestResult& result);
+
+}  // namespace nestcache::workloads
