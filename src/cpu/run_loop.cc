@@ -196,16 +196,32 @@ Vcpu::Exit Vcpu::run_guest() {
       e.kind = Exit::Kind::kick;
       return e;
     }
-    if (l2 && irq_arrived_.exchange(false) && take_notification()) {
-      if (nested().vmcs02().pin & vmx::pin::kPostedInterrupts) {
-        CpuModel::process_posted_interrupts(*this);  // the hardware's own processing
-      } else {
-        // vmcs02 runs without posted interrupts (KVM's fallback for a
-        // descriptor it could not map): the notification is an ordinary
-        // interrupt, which exits to L0 for a software completion.
-        Exit e;
-        e.kind = Exit::Kind::pi_software;
-        return e;
+    if (l2 && irq_arrived_.exchange(false)) {
+      if (take_notification()) {
+        if (nested().vmcs02().pin & vmx::pin::kPostedInterrupts) {
+          CpuModel::process_posted_interrupts(*this);  // the hardware's own processing
+        } else {
+          // vmcs02 runs without posted interrupts (KVM's fallback for a
+          // descriptor it could not map): the notification is an ordinary
+          // interrupt, which exits to L0 for a software completion.
+          irq_arrived_.store(true);  // look again for other vectors next time
+          Exit e;
+          e.kind = Exit::Kind::pi_software;
+          return e;
+        }
+      }
+      // Any other interrupt is L1's: with external-interrupt exiting in
+      // vmcs12 it exits L2 at once (acknowledged on exit: the vector goes
+      // into the exit interruption information); otherwise it waits in L1's
+      // APIC until L1 runs.
+      if (nested().vmcs12().pin_based_controls & vmx::pin::kExternalInterruptExiting) {
+        if (auto vec = take_l1_interrupt()) {
+          Exit e;
+          e.kind = Exit::Kind::l2;
+          e.info = vmx::ExitInfo::of(ExitReason::kExternalInterrupt);
+          e.info.interruption_info = *vec | vmx::intr_info::kValid;
+          return e;
+        }
       }
     }
     const GuestOp& op = *t->pending();
