@@ -1,0 +1,224 @@
+// `nestcache bench`: the seed's benchmark (memslot_perf in nested mode) for
+// each page strategy, side by side: option parsing and validation, dispatch
+// to the registered bench tests, the comparison table and issue 8's JSON.
+#include <algorithm>
+#include <optional>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.h"
+#include "workloads/progress.h"
+
+namespace nestcache::cli {
+
+namespace {
+
+// Resolves --tests; prints what is wrong and returns nullopt on an unknown
+// name or when nothing is registered.
+std::optional<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string& list) {
+  std::vector<std::string> valid = workloads::bench_names();
+  std::string known = valid.empty() ? "no benchmark test is registered in this build yet"
+                                   : fmt::format("valid tests: {}", workloads::join_names(valid));
+  std::vector<const workloads::BenchInfo*> tests;
+  if (list.empty()) {
+    for (const auto& b : workloads::benches()) tests.push_back(&b);
+    if (tests.empty()) fmt::print(stderr, "nestcache bench: {}\n", known);
+    return tests.empty() ? std::nullopt : std::optional(tests);
+  }
+  for (const std::string& name : workloads::split_list(list)) {
+    const workloads::BenchInfo* b = workloads::find_bench(name);
+    if (!b) {
+      fmt::print(stderr, "nestcache bench: unknown test '{}'; {}\n", name, known);
+      return std::nullopt;
+    }
+    if (std::find(tests.begin(), tests.end(), b) == tests.end()) tests.push_back(b);
+  }
+  return tests;
+}
+
+const workloads::BenchRow* find_row(std::span<const workloads::BenchRow> rows, workloads::Strategy s) {
+  for (const auto& r : rows)
+    if (r.strategy == s) return &r;
+  return nullptr;
+}
+
+// The table of one test: one line per strategy, then the ratios of each view.
+void print_test_table(const workloads::BenchInfo& info, std::span<const workloads::BenchRow> rows, bool verbose) {
+  using workloads::Strategy;
+  fmt::print("\n{} — {}\n", info.name, info.summary);
+  fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n", "strategy",
+             "per iteration", "iterations", "cold iteration", "per round trip", "round trips", "shootdowns",
+             "ept12", "maps", "unmaps", "windows", "stale");
+  for (const auto& r : rows) {
+    fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
+               workloads::strategy_name(r.strategy), format_seconds(r.seconds_per_iteration), r.iterations,
+               format_seconds(r.cold_iteration_seconds), format_seconds(r.seconds_per_round_trip),
+               r.counters[Counter::nested_round_trips], r.counters[Counter::shootdowns],
+               r.counters[Counter::ept12_faults], r.counters[Counter::maps], r.counters[Counter::unmaps],
+               r.counters[Counter::remap_windows], r.counters[Counter::stale_accesses]);
+    if (verbose) fmt::print("           {}\n", r.to_json().dump());
+  }
+  const auto* map = find_row(rows, Strategy::map);
+  const auto* cache = find_row(rows, Strategy::cache);
+  const auto* oracle = find_row(rows, Strategy::oracle);
+  if (cache && (map || oracle)) {
+    fmt::print("  ratios:  {:<16} {:>10} {:>13}\n", "view", "map/cache", "cache/oracle");
+    struct View {
+      const char* name;
+      double workloads::BenchRow::*field;
+    };
+    for (View v : {View{"per iteration", &workloads::BenchRow::seconds_per_iteration},
+                   View{"cold iteration", &workloads::BenchRow::cold_iteration_seconds},
+                   View{"per round trip", &workloads::BenchRow::seconds_per_round_trip}}) {
+      fmt::print("           {:<16} {:>10} {:>13}\n", v.name, map ? format_ratio(map->*v.field, cache->*v.field) : "-",
+                 oracle ? format_ratio(cache->*v.field, oracle->*v.field) : "-");
+    }
+  }
+  for (const auto& r : rows)
+    for (const auto& f : r.failures) fmt::print("  FAILED {}/{}: {}\n", r.test, workloads::strategy_name(r.strategy), f);
+  if (info.commentary)
+    for (const std::string& sentence : info.commentary(rows)) fmt::print("  {}\n", sentence);
+}
+
+void print_bench_list(bool json) {
+  const auto& tests = workloads::benches();
+  if (json) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& t : tests)
+      list.push_back({{"name", t.name}, {"summary", t.summary}, {"in_default_job", t.in_default_job}});
+    print_json(list);
+    return;
+  }
+  size_t width = 0;
+  for (const auto& t : tests) width = std::max(width, t.name.size());
+  fmt::print("Bench tests (run some with `nestcache bench --tests a,b`; * = part of the main job):\n");
+  for (const auto& t : tests) fmt::print("  {:<{}} {} {}\n", t.name, width, t.in_default_job ? '*' : ' ', t.summary);
+  if (tests.empty()) fmt::print("  (none registered in this build yet)\n");
+}
+
+}  // namespace
+
+CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
+  using namespace workloads;
+  CLI::App* cmd = app.add_subcommand("bench", "Time the seed's benchmark for each page strategy, side by side");
+  a.command = cmd;
+  cmd->add_option("--tests", a.tests, "Comma-separated bench tests to run (default: every registered test)")
+      ->type_name("a,b,...");
+  cmd->add_option("--strategy", a.strategy, "Strategies to compare, comma-separated, in this order (or all)")
+      ->type_name("map,cache,oracle")
+      ->default_str("map,cache,oracle")
+      ->check(registry_validator(parse_strategy_list, "strategies"));
+  cmd->add_option("--memory", a.memory, "Frames backing guest memory: managed, or unmanaged (the seed's case)")
+      ->type_name("managed|unmanaged")
+      ->default_str("unmanaged")
+      ->check(registry_validator(parse_memory_kind, "memory"));
+  cmd->add_option("--slots", a.slots, "L2 memslots the guest memory is split over")
+      ->default_str(std::to_string(kDefaultBenchSlots))
+      ->check(CLI::Range(kMinBenchSlots, kMaxBenchSlots));
+  cmd->add_option("--seconds", a.seconds, "Iterate while the elapsed time is under this (upstream -l)")
+      ->default_str(fmt::format("{}", kDefaultBenchSeconds))
+      ->check(CLI::Range(0.001, 86400.0));
+  cmd->add_option("--iterations", a.iterations, "Run exactly this many iterations instead of a time limit")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1'000'000'000}));
+  cmd->add_option("--runs", a.runs, "Repeat each test this many times and keep the best (upstream -r)")
+      ->default_str("1")
+      ->check(CLI::Range(1u, 1000u));
+  a.exit_cost_option =
+      cmd->add_option("--exit-cost-ns", a.exit_cost_ns,
+                      "Modelled hardware exit/entry cost (default: the CPU model's published figure)")
+          ->check(CLI::Range(uint64_t{0}, kMaxExitCostNs));
+  cmd->add_option("--l1-hz", a.l1_hz, "L1 timer ticks per second interrupting L2 (0: off)")
+      ->default_str(std::to_string(kDefaultL1Hz))
+      ->check(CLI::Range(0u, 100000u));
+  cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
+      ->default_str("1")
+      ->check(CLI::Range(0.0001, 1.0));
+  cmd->add_flag("--json", a.json, "Print one JSON object: the parameters and a row per test and strategy");
+  cmd->add_flag("--verify", a.verify, "Check the values guest and host write (upstream -d)");
+  cmd->add_flag("-v,--verbose", a.verbose, "Print each row's full counters");
+  cmd->add_flag("--list", a.list, "List the registered bench tests and exit");
+  cmd->footer(wrap_text(
+      "L1 runs memslot_perf's tests against an L2 guest whose memory is split over --slots L2 memslots, once "
+      "per strategy. Each row shows three views: upstream's average time per iteration, the cold first "
+      "iteration, and the time per nested round trip, with the ratios map/cache and cache/oracle of each. "
+      "The exit cost used is printed with every result; --exit-cost-ns 0 shows the pure software cost.\n"
+      "Exit status: 0 when every run completed and its checks held, 1 otherwise, 2 on a usage error."));
+  return cmd;
+}
+
+int run_bench_command(const BenchArgs& a, bool json) {
+  if (a.list) {
+    print_bench_list(json);
+    return kExitOk;
+  }
+  auto tests = resolve_tests(a.tests);
+  if (!tests) return a.tests.empty() ? kExitFailed : kExitUsage;
+  workloads::BenchOptions o;
+  o.strategies = workloads::parse_strategy_list(a.strategy).value();  // validated by CLI11
+  o.memory = workloads::parse_memory_kind(a.memory).value();
+  o.slots = a.slots;
+  o.seconds = a.seconds;
+  o.iterations = a.iterations;
+  o.runs = a.runs;
+  if (a.exit_cost_option->count() > 0) o.exit_cost_ns = a.exit_cost_ns;
+  o.l1_hz = a.l1_hz;
+  o.scale = a.scale;
+  o.json = json;
+  o.verify = a.verify;
+  o.verbose = a.verbose;
+  return run_bench(*tests, o);
+}
+
+int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions o) {
+  if (auto st = workloads::validate(o); !st) {
+    fmt::print(stderr, "nestcache bench: {}\n", st.error().message);
+    return kExitUsage;
+  }
+  workloads::Progress progress(!o.json);
+  o.progress = &progress;
+  workloads::BenchReport report;
+  bool ok = true;
+  size_t total = tests.size() * o.strategies.size(), done = 0;
+  for (const workloads::BenchInfo* t : tests) {
+    for (workloads::Strategy s : o.strategies) {
+      progress.update(done++, total, fmt::format("{} / {}", t->name, workloads::strategy_name(s)));
+      auto row = t->run(o, s);
+      if (!row) {
+        progress.finish();
+        fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", t->name, workloads::strategy_name(s),
+                   row.error().to_string());
+        ok = false;
+        continue;
+      }
+      row->test = t->name;
+      row->strategy = s;
+      ok = ok && row->failures.empty();
+      report.rows.push_back(std::move(*row));
+    }
+  }
+  progress.finish();
+  report.options = o;
+  report.options.progress = nullptr;
+  if (o.json) {
+    print_json(report.to_json());
+    return ok ? kExitOk : kExitFailed;
+  }
+  fmt::print("nestcache bench: memory {}, {} slots, exit cost {} ns per hardware transition{}, L1 timer {} Hz, {}, "
+             "best of {} run{}\n",
+             workloads::memory_kind_name(o.memory), o.slots, report.exit_cost_ns(),
+             o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
+             o.iterations ? fmt::format("{} iterations per run", o.iterations)
+                          : fmt::format("{} s per run", o.seconds),
+             o.runs, o.runs == 1 ? "" : "s");
+  if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
+  for (const workloads::BenchInfo* t : tests) {
+    std::vector<workloads::BenchRow> rows;
+    for (const auto& r : report.rows)
+      if (r.test == t->name) rows.push_back(r);
+    if (!rows.empty()) print_test_table(*t, rows, o.verbose);
+  }
+  if (!ok) fmt::print("\nSome runs failed; see above.\n");
+  return ok ? kExitOk : kExitFailed;
+}
+
+}  // namespace nestcache::cli

@@ -1,0 +1,122 @@
+// The commands of the `nestcache` program (the cli layer, DESIGN.md §1).
+//
+// main.cc builds one CLI11 app from the pieces declared here: each command
+// adds its options to the app, bound to its own Args struct, and after
+// parsing runs through the workload registry (workloads/registry.h). The
+// commands never know a scenario by name; everything they list and run
+// comes from the registry.
+//
+// Exit status, everywhere: 0 success, 1 a test failed or could not run,
+// 2 a usage error (bad option value, unknown test name).
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "workloads/registry.h"
+
+namespace nestcache::cli {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailed = 1;
+inline constexpr int kExitUsage = 2;
+
+// ---------------------------------------------------------------------------
+// nestcache selftest [NAME | --all] [options]
+
+struct SelftestArgs {
+  std::string name;  // a NAME that is no registered test (the known ones are sub-commands)
+  bool all = false;
+  std::string strategy = "cache";
+  std::string memory = "unmanaged";
+  bool json = false;
+  bool verbose = false;
+
+  // One sub-command and one option set per registered selftest, in
+  // registry order; filled by add_selftest_command.
+  CLI::App* command = nullptr;
+  std::vector<CLI::App*> test_commands;
+  std::vector<std::unique_ptr<workloads::SelftestOptions>> test_options;
+};
+
+// Adds `selftest` to `app`, with one sub-command per registered selftest
+// carrying the common options and the test's own.
+CLI::App* add_selftest_command(CLI::App& app, SelftestArgs& args);
+// Runs what the parsed command line asks for; returns the exit status.
+// `json` is true when --json was given anywhere on the line.
+int run_selftest_command(SelftestArgs& args, bool json);
+
+// Runs each of `tests` with `opts` plus the test's default options, prints
+// a summary per test (or one JSON object for all), returns the exit status.
+int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloads::RunOptions opts);
+
+// ---------------------------------------------------------------------------
+// nestcache bench [options]
+
+struct BenchArgs {
+  std::string tests;  // empty: every registered bench test
+  std::string strategy = "map,cache,oracle";
+  std::string memory = "unmanaged";
+  uint32_t slots = workloads::kDefaultBenchSlots;
+  double seconds = workloads::kDefaultBenchSeconds;
+  uint64_t iterations = 0;
+  uint32_t runs = 1;
+  uint64_t exit_cost_ns = 0;
+  CLI::Option* exit_cost_option = nullptr;  // given or not
+  uint32_t l1_hz = workloads::kDefaultL1Hz;
+  double scale = 1.0;
+  bool json = false;
+  bool verify = false;
+  bool verbose = false;
+  bool list = false;
+  CLI::App* command = nullptr;
+};
+
+CLI::App* add_bench_command(CLI::App& app, BenchArgs& args);
+int run_bench_command(const BenchArgs& args, bool json);
+
+// Runs every (test, strategy) pair with a progress display, prints the
+// table (or issue 8's JSON object), returns the exit status.
+int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions opts);
+
+// ---------------------------------------------------------------------------
+// nestcache (no command)
+
+// The main job (DESIGN.md §8): the benchmarks registered for it, or, while
+// none is, every selftest. One small function in default_job.cc.
+int run_default_job(bool json);
+
+// ---------------------------------------------------------------------------
+// Helpers (output.cc)
+
+// A CLI11 validator running one of the registry's parsers (parse_strategy,
+// parse_memory_kind, ...), so the command line and code calling the
+// registry report a bad value with the same message.
+template <class Parse>
+CLI::Validator registry_validator(Parse parse, const std::string& name) {
+  return CLI::Validator(
+      [parse](std::string& text) -> std::string {
+        auto r = parse(text);
+        return r ? std::string() : r.error().message;
+      },
+      "", name);
+}
+
+// "1.23 ms", "870 ns", "4.20 s": three significant digits.
+std::string format_seconds(double seconds);
+// "17.2x", or "-" when the denominator is zero.
+std::string format_ratio(double num, double den);
+// Prints a selftest's human summary to stdout.
+void print_selftest_summary(std::string_view test, const workloads::RunOptions& opts,
+                            const workloads::SelftestResult& r);
+// Breaks `text` into lines of at most `width` columns at spaces (for help
+// paragraphs; CLI11 does not wrap them). Existing newlines are kept.
+std::string wrap_text(std::string_view text, size_t width = 100);
+// Prints JSON to stdout, indented, with a trailing newline.
+void print_json(const nlohmann::json& j);
+
+}  // namespace nestcache::cli

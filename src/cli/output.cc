@@ -1,0 +1,98 @@
+// Human and JSON output shared by the commands (see commands.h).
+#include <cmath>
+#include <cstdio>
+
+#include <fmt/format.h>
+
+#include "cli/commands.h"
+
+namespace nestcache::cli {
+
+namespace {
+constexpr size_t kCounterLineWidth = 96;
+}  // namespace
+
+std::string format_seconds(double s) {
+  struct Unit {
+    double scale;
+    const char* name;
+  };
+  static constexpr Unit kUnits[] = {{1, "s"}, {1e-3, "ms"}, {1e-6, "µs"}, {1e-9, "ns"}};
+  if (s == 0) return "0 s";
+  for (const Unit& u : kUnits) {
+    double v = s / u.scale;
+    if (std::fabs(v) >= 1 || u.scale == 1e-9) {
+      int decimals = std::fabs(v) >= 100 ? 0 : std::fabs(v) >= 10 ? 1 : 2;
+      return fmt::format("{:.{}f} {}", v, decimals, u.name);
+    }
+  }
+  return fmt::format("{} s", s);
+}
+
+std::string format_ratio(double num, double den) {
+  if (den <= 0 || num < 0) return "-";
+  double r = num / den;
+  return r >= 100 ? fmt::format("{:.0f}x", r) : r >= 10 ? fmt::format("{:.1f}x", r) : fmt::format("{:.2f}x", r);
+}
+
+std::string wrap_text(std::string_view text, size_t width) {
+  std::string out;
+  size_t column = 0;
+  while (!text.empty()) {
+    if (text.front() == '\n') {
+      out += '\n';
+      column = 0;
+      text.remove_prefix(1);
+      continue;
+    }
+    size_t end = text.find_first_of(" \n");
+    std::string_view word = text.substr(0, end);
+    if (column > 0 && column + 1 + word.size() > width) {
+      out += '\n';
+      column = 0;
+    } else if (column > 0) {
+      out += ' ';
+      column++;
+    }
+    out += word;
+    column += word.size();
+    text.remove_prefix(word.size());
+    if (!text.empty() && text.front() == ' ') text.remove_prefix(1);
+  }
+  return out;
+}
+
+void print_json(const nlohmann::json& j) {
+  std::string text = j.dump(2);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fputc('\n', stdout);
+}
+
+void print_selftest_summary(std::string_view test, const workloads::RunOptions& opts,
+                            const workloads::SelftestResult& r) {
+  double seconds = r.details.value("seconds", 0.0);
+  fmt::print("{}: {}  (strategy {}, memory {}, {})\n", test, r.passed ? "PASS" : "FAIL",
+             workloads::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory),
+             format_seconds(seconds));
+  for (const std::string& f : r.failures) fmt::print("  failed: {}\n", f);
+  for (const std::string& n : r.notes) fmt::print("  note: {}\n", n);
+
+  // The counters that moved (all of them with --verbose), wrapped.
+  std::string line = "  counters:";
+  bool any = false;
+  for (int i = 0; i < kNumCounters; i++) {
+    Counter c = static_cast<Counter>(i);
+    if (r.counters[c] == 0 && !opts.verbose) continue;
+    std::string item = fmt::format(" {}={}", counter_name(c), r.counters[c]);
+    if (line.size() + item.size() > kCounterLineWidth) {
+      fmt::print("{}\n", line);
+      line = "           ";
+    }
+    line += item;
+    any = true;
+  }
+  if (any) fmt::print("{}\n", line);
+  if (opts.verbose) fmt::print("  details: {}\n", r.details.dump());
+}
+
+}  // namespace nestcache::cli

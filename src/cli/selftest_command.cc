@@ -1,0 +1,161 @@
+// `nestcache selftest`: lists the registered selftests, runs one by name or
+// all of them, and prints a summary or the JSON result.
+//
+// Each registered selftest is a CLI11 sub-command of `selftest`, so its own
+// options (--mode, --delay-ms, ...) are parsed and range-checked by CLI11
+// and listed by `nestcache selftest NAME --help`. A NAME that is no
+// registered test lands in the positional argument instead and is reported
+// with the list of valid names.
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.h"
+#include "workloads/progress.h"
+
+namespace nestcache::cli {
+
+namespace {
+
+constexpr const char* kCommonGroup = "Common options";
+
+// --strategy, --memory, --json, --verbose: on `selftest` and on every test.
+void add_common_options(CLI::App& cmd, SelftestArgs& args) {
+  cmd.add_option("--strategy", args.strategy,
+                 "How L0 reaches L1's pages: map (per entry, the kernel today), cache (the seed), oracle (limit)")
+      ->type_name("map|cache|oracle")
+      ->default_str("cache")
+      ->check(registry_validator(workloads::parse_strategy, "strategy"))
+      ->group(kCommonGroup);
+  cmd.add_option("--memory", args.memory,
+                 "Frames backing guest memory: managed (direct map, pinnable) or unmanaged (the seed's case)")
+      ->type_name("managed|unmanaged")
+      ->default_str("unmanaged")
+      ->check(registry_validator(workloads::parse_memory_kind, "memory"))
+      ->group(kCommonGroup);
+  cmd.add_flag("--json", args.json, "Print the result as one JSON object, counters by snake_case name")
+      ->group(kCommonGroup);
+  cmd.add_flag("-v,--verbose", args.verbose, "Print every counter and the test's details")->group(kCommonGroup);
+}
+
+void print_list(bool json) {
+  const auto& tests = workloads::selftests();
+  if (json) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& t : tests) list.push_back({{"name", t.name}, {"summary", t.summary}});
+    print_json(list);
+    return;
+  }
+  size_t width = 0;
+  for (const auto& t : tests) width = std::max(width, t.name.size());
+  fmt::print("Selftests (run one with `nestcache selftest NAME`, all with `nestcache selftest --all`;\n"
+             "`nestcache selftest NAME --help` shows a test's options):\n");
+  for (const auto& t : tests) fmt::print("  {:<{}}  {}\n", t.name, width, t.summary);
+  if (tests.empty()) fmt::print("  (none registered)\n");
+}
+
+void print_unknown(std::string_view name) {
+  auto names = workloads::selftest_names();
+  if (names.empty())
+    fmt::print(stderr, "nestcache selftest: unknown selftest '{}': no selftest is registered\n", name);
+  else
+    fmt::print(stderr, "nestcache selftest: unknown selftest '{}'; valid names: {}\n", name,
+               workloads::join_names(names));
+}
+
+}  // namespace
+
+CLI::App* add_selftest_command(CLI::App& app, SelftestArgs& args) {
+  CLI::App* cmd = app.add_subcommand("selftest", "List and run the correctness scenarios");
+  args.command = cmd;
+  cmd->require_subcommand(0, 1);
+  cmd->add_option("NAME", args.name, "The selftest to run (without NAME and --all: list the selftests)");
+  cmd->add_flag("--all", args.all, "Run every selftest with its default options");
+  add_common_options(*cmd, args);
+  cmd->footer(wrap_text(
+      "A selftest runs one scenario and checks it: no stale access through a cache, no lost TPR write or "
+      "posted interrupt, the seed's own counts. Each test has its own options (`nestcache selftest NAME "
+      "--help`); the common options go before or after NAME.\n"
+      "Exit status: 0 when every assertion held, 1 when one failed, 2 on a usage error."));
+
+  for (const workloads::SelftestInfo& t : workloads::selftests()) {
+    CLI::App* sub = cmd->add_subcommand(t.name, t.summary);
+    sub->footer(wrap_text(t.description));
+    add_common_options(*sub, args);
+    auto opts = std::make_unique<workloads::SelftestOptions>();
+    if (t.add_options) t.add_options(*sub, *opts);
+    args.test_commands.push_back(sub);
+    args.test_options.push_back(std::move(opts));
+  }
+  return cmd;
+}
+
+int run_selftest_command(SelftestArgs& args, bool json) {
+  workloads::RunOptions opts;
+  // Validated by CLI11 already; value() cannot fail here.
+  opts.strategy = workloads::parse_strategy(args.strategy).value();
+  opts.memory = workloads::parse_memory_kind(args.memory).value();
+  opts.json = json;
+  opts.verbose = args.verbose;
+
+  const auto& tests = workloads::selftests();
+  for (size_t i = 0; i < args.test_commands.size(); i++) {
+    if (!args.test_commands[i]->parsed()) continue;
+    if (args.all) {
+      fmt::print(stderr, "nestcache selftest: give a test NAME or --all, not both\n");
+      return kExitUsage;
+    }
+    opts.extra = args.test_options[i]->values();
+    workloads::Progress progress(!json);
+    opts.progress = &progress;
+    workloads::SelftestResult r = workloads::run_selftest(tests[i], opts);
+    progress.finish();
+    if (json)
+      print_json(workloads::selftest_json(tests[i].name, opts, r));
+    else
+      print_selftest_summary(tests[i].name, opts, r);
+    return r.passed ? kExitOk : kExitFailed;
+  }
+  if (!args.name.empty()) {
+    print_unknown(args.name);
+    return kExitUsage;
+  }
+  if (args.all) {
+    std::vector<const workloads::SelftestInfo*> all;
+    for (const auto& t : tests) all.push_back(&t);
+    return run_selftests(all, opts);
+  }
+  print_list(json);
+  return kExitOk;
+}
+
+int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloads::RunOptions opts) {
+  if (tests.empty()) {
+    fmt::print(stderr, "nestcache: no selftest is registered\n");
+    return kExitFailed;
+  }
+  nlohmann::json results = nlohmann::json::array();
+  size_t passed = 0;
+  workloads::Progress progress(!opts.json);
+  for (size_t i = 0; i < tests.size(); i++) {
+    const workloads::SelftestInfo& t = *tests[i];
+    workloads::RunOptions one = opts;
+    one.extra = workloads::default_extra(t);
+    one.progress = &progress;
+    progress.update(i, tests.size(), t.name);
+    workloads::SelftestResult r = workloads::run_selftest(t, one);
+    progress.finish();
+    passed += r.passed;
+    if (opts.json)
+      results.push_back(workloads::selftest_json(t.name, one, r));
+    else
+      print_selftest_summary(t.name, one, r);
+  }
+  bool all_passed = passed == tests.size();
+  if (opts.json)
+    print_json({{"passed", all_passed}, {"results", results}});
+  else
+    fmt::print("\n{} of {} selftests passed (strategy {}, memory {}).\n", passed, tests.size(),
+               workloads::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory));
+  return all_passed ? kExitOk : kExitFailed;
+}
+
+}  // namespace nestcache::cli

@@ -1,0 +1,310 @@
+// The workload registry: option parsers, test-specific options, the
+// selftest runner's guarantees, the JSON shapes, counter merging.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+#include <stdexcept>
+
+#include <CLI/CLI.hpp>
+
+#include "workloads/progress.h"
+#include "workloads/registry.h"
+
+namespace nestcache::workloads {
+namespace {
+
+// --- parsers ----------------------------------------------------------------
+
+TEST(RegistryParse, EveryStrategyNameParsesAndRoundTrips) {
+  for (Strategy s : kAllStrategies) {
+    auto r = parse_strategy(strategy_name(s));
+    ASSERT_TRUE(r);
+    EXPECT_EQ(*r, s);
+  }
+}
+
+TEST(RegistryParse, AnUnknownStrategyIsEinvalNamingTheChoices) {
+  auto r = parse_strategy("x");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EINVAL);
+  EXPECT_EQ(r.error().message, "unknown strategy 'x': expected map, cache or oracle");
+}
+
+TEST(RegistryParse, AStrategyListKeepsTheOrderGiven) {
+  auto r = parse_strategy_list("oracle, map");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(*r, (std::vector<Strategy>{Strategy::oracle, Strategy::map}));
+}
+
+TEST(RegistryParse, AllMeansEveryStrategy) {
+  auto r = parse_strategy_list("all");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->size(), kAllStrategies.size());
+}
+
+TEST(RegistryParse, AStrategyListRejectsUnknownDuplicateAndEmptyItems) {
+  EXPECT_EQ(parse_strategy_list("map,bogus").error().message, "unknown strategy 'bogus': expected map, cache or oracle");
+  EXPECT_EQ(parse_strategy_list("map,map").error().message, "strategy 'map' given twice in 'map,map'");
+  EXPECT_FALSE(parse_strategy_list("map,,cache"));
+  EXPECT_FALSE(parse_strategy_list(""));
+}
+
+TEST(RegistryParse, MemoryKinds) {
+  EXPECT_EQ(*parse_memory_kind("managed"), MemoryKind::managed);
+  EXPECT_EQ(*parse_memory_kind("unmanaged"), MemoryKind::unmanaged);
+  auto r = parse_memory_kind("both");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().message, "unknown memory kind 'both': expected managed or unmanaged");
+}
+
+TEST(RegistryParse, SplitListTrimsAndKeepsEmptyItems) {
+  EXPECT_EQ(split_list(" a , b,,c "), (std::vector<std::string>{"a", "b", "", "c"}));
+  EXPECT_EQ(split_list("one"), (std::vector<std::string>{"one"}));
+}
+
+TEST(RegistryParse, JoinNamesReadsAsAList) {
+  std::vector<std::string> v = {"a", "b", "c"};
+  EXPECT_EQ(join_names(v), "a, b and c");
+  EXPECT_EQ(join_names(std::span(v).first(2), "or"), "a or b");
+  EXPECT_EQ(join_names(std::span(v).first(1)), "a");
+}
+
+// --- RunOptions and SelftestOptions --------------------------------------------
+
+TEST(RegistryOptions, TypedViewsOfExtraUseTheFallbackWhenAbsent) {
+  RunOptions o;
+  o.extra = {{"slots", "64"}, {"ratio", "0.5"}, {"bad", "12x"}, {"fast", "true"}};
+  EXPECT_EQ(*o.int_option("slots", 1), 64);
+  EXPECT_EQ(*o.int_option("missing", 7), 7);
+  EXPECT_DOUBLE_EQ(*o.double_option("ratio", 1), 0.5);
+  auto bad = o.int_option("bad", 0);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().message, "option --bad: '12x' is not a number");
+  EXPECT_EQ(o.string_option("missing", "d"), "d");
+  EXPECT_TRUE(o.flag_option("fast"));
+  EXPECT_FALSE(o.flag_option("missing"));
+}
+
+struct ParsedOptions {
+  CLI::App app;
+  SelftestOptions opts;
+  ParsedOptions() {
+    opts.add(app, "--delay-ms", "delay", "10")->check(CLI::Range(0, 100));
+    opts.add(app, "--mode", "mode");
+    opts.add_flag(app, "--fast", "flag");
+  }
+  std::map<std::string, std::string> parse(std::vector<std::string> args) {
+    std::reverse(args.begin(), args.end());  // CLI11 takes them back to front
+    app.parse(args);
+    return opts.values();
+  }
+};
+
+TEST(RegistryOptions, DeclaredOptionsLandInExtraWithDefaults) {
+  ParsedOptions p;
+  auto v = p.parse({"--delay-ms", "25", "--fast"});
+  EXPECT_EQ(v, (std::map<std::string, std::string>{{"delay-ms", "25"}, {"fast", "true"}}));
+}
+
+TEST(RegistryOptions, AnOptionNotGivenTakesItsDefaultOrIsLeftOut) {
+  ParsedOptions p;
+  auto v = p.parse({});
+  EXPECT_EQ(v, (std::map<std::string, std::string>{{"delay-ms", "10"}}));
+}
+
+TEST(RegistryOptions, ValidatorsOnDeclaredOptionsRefuseBadValues) {
+  ParsedOptions p;
+  EXPECT_THROW(p.parse({"--delay-ms", "1000"}), CLI::ValidationError);
+}
+
+// --- the selftest registry and runner --------------------------------------------
+
+TEST(RegistrySelftests, RegisterAllIsIdempotentAndRegistersMemslots) {
+  register_all();
+  size_t n = selftests().size();
+  register_all();
+  EXPECT_EQ(selftests().size(), n);
+  ASSERT_NE(find_selftest("memslots"), nullptr);
+  EXPECT_EQ(find_selftest("no-such-test"), nullptr);
+  auto names = selftest_names();
+  EXPECT_NE(std::find(names.begin(), names.end(), "memslots"), names.end());
+}
+
+TEST(RegistrySelftests, EveryRegisteredTestHasASummaryAndUniqueName) {
+  register_all();
+  std::set<std::string> seen;
+  for (const SelftestInfo& t : selftests()) {
+    EXPECT_FALSE(t.summary.empty()) << t.name;
+    EXPECT_TRUE(seen.insert(t.name).second) << t.name;
+  }
+}
+
+TEST(RegistrySelftests, DefaultExtraHoldsTheDeclaredDefaults) {
+  register_all();
+  auto extra = default_extra(*find_selftest("memslots"));
+  EXPECT_EQ(extra, (std::map<std::string, std::string>{{"slots", "512"}}));
+}
+
+TEST(RegistrySelftests, AnExceptionEscapingATestBecomesAFailure) {
+  SelftestInfo t{.name = "throws", .run = [](const RunOptions&) -> SelftestResult {
+                   throw std::runtime_error("boom");
+                 }};
+  SelftestResult r = run_selftest(t, RunOptions{});
+  EXPECT_FALSE(r.passed);
+  ASSERT_EQ(r.failures.size(), 1u);
+  EXPECT_EQ(r.failures[0], "the test threw an exception: boom");
+}
+
+TEST(RegistrySelftests, PassedAgreesWithFailures) {
+  SelftestInfo silent{.name = "silent", .run = [](const RunOptions&) {
+                        SelftestResult r;
+                        r.passed = false;  // but no message
+                        return r;
+                      }};
+  SelftestResult a = run_selftest(silent, RunOptions{});
+  EXPECT_FALSE(a.passed);
+  EXPECT_EQ(a.failures.size(), 1u);
+
+  SelftestInfo listed{.name = "listed", .run = [](const RunOptions&) {
+                        SelftestResult r;
+                        r.failures.push_back("x != y");  // but passed left true
+                        return r;
+                      }};
+  EXPECT_FALSE(run_selftest(listed, RunOptions{}).passed);
+}
+
+TEST(RegistrySelftests, CheckFormatsOnlyFailures) {
+  SelftestResult r;
+  EXPECT_TRUE(r.check(1 + 1 == 2, "never {}", "shown"));
+  EXPECT_FALSE(r.check(false, "stale_accesses = {}, expected 0", 3));
+  EXPECT_FALSE(r.passed);
+  EXPECT_EQ(r.failures, (std::vector<std::string>{"stale_accesses = 3, expected 0"}));
+}
+
+TEST(RegistrySelftests, TheJsonObjectHasTheDocumentedFields) {
+  RunOptions o;
+  o.strategy = Strategy::map;
+  o.memory = MemoryKind::managed;
+  o.extra = {{"slots", "4"}};
+  SelftestResult r;
+  r.note("a sentence");
+  r.counters[Counter::stale_accesses] = 12;
+  auto j = selftest_json("memslots", o, r);
+  EXPECT_EQ(j["test"], "memslots");
+  EXPECT_EQ(j["strategy"], "map");
+  EXPECT_EQ(j["memory"], "managed");
+  EXPECT_EQ(j["passed"], true);
+  EXPECT_TRUE(j["failures"].is_array());
+  EXPECT_EQ(j["notes"][0], "a sentence");
+  EXPECT_EQ(j["counters"]["stale_accesses"], 12);
+  EXPECT_EQ(j["counters"].size(), size_t(kNumCounters));
+  EXPECT_TRUE(j["details"].is_object());
+  EXPECT_EQ(j["options"]["slots"], "4");
+}
+
+// --- benchmarks --------------------------------------------------------------------
+
+TEST(RegistryBench, DefaultOptionsAreValidAndRangesAreEnforced) {
+  BenchOptions o;
+  EXPECT_TRUE(validate(o));
+  EXPECT_EQ(o.slots, 8192u);
+  EXPECT_EQ(o.strategies.size(), 3u);
+  EXPECT_EQ(o.memory, MemoryKind::unmanaged);
+  auto bad = [](auto mutate) {
+    BenchOptions b;
+    mutate(b);
+    return !validate(b);
+  };
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.slots = 1; }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.slots = 32765; }));
+  EXPECT_FALSE(bad([](BenchOptions& b) { b.slots = 32764; }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.seconds = 0; }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.runs = 0; }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.scale = 1.5; }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.scale = 0; }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.strategies.clear(); }));
+  EXPECT_TRUE(bad([](BenchOptions& b) { b.exit_cost_ns = kMaxExitCostNs + 1; }));
+}
+
+TEST(RegistryBench, ARowCarriesIssue8sFieldsAndItsExtras) {
+  BenchRow row;
+  row.test = "unmap";
+  row.strategy = Strategy::cache;
+  row.seconds_per_iteration = 0.5;
+  row.iterations = 10;
+  row.cold_iteration_seconds = 2;
+  row.seconds_per_round_trip = 1e-6;
+  row.counters[Counter::nested_round_trips] = 100;
+  row.counters[Counter::shootdowns] = 7;
+  row.counters[Counter::remap_windows] = 3;
+  row.extra["nested_context_reuse_per_switch"] = 1.0;
+  auto j = row.to_json();
+  for (const char* key : {"test", "strategy", "seconds_per_iteration", "iterations", "cold_iteration_seconds",
+                          "seconds_per_round_trip", "nested_round_trips", "shootdowns", "ept12_faults", "maps",
+                          "unmaps", "remap_windows", "stale_accesses"})
+    EXPECT_TRUE(j.contains(key)) << key;
+  EXPECT_EQ(j["strategy"], "cache");
+  EXPECT_EQ(j["nested_round_trips"], 100);
+  EXPECT_EQ(j["shootdowns"], 7);
+  EXPECT_EQ(j["counters"]["remap_windows"], 3);
+  EXPECT_EQ(j["nested_context_reuse_per_switch"], 1.0);
+}
+
+TEST(RegistryBench, TheReportHasIssue8sTopLevelFields) {
+  BenchReport rep;
+  rep.options.slots = 512;
+  BenchRow row;
+  row.test = "map";
+  row.exit_cost_ns = 700;
+  rep.rows.push_back(row);
+  auto j = rep.to_json();
+  EXPECT_EQ(j["exit_cost_ns"], 700) << "the model's default, as the row reports it";
+  EXPECT_EQ(j["l1_hz"], 250);
+  EXPECT_EQ(j["slots"], 512);
+  EXPECT_EQ(j["memory"], "unmanaged");
+  EXPECT_EQ(j["seconds_limit"], 5.0);
+  ASSERT_EQ(j["results"].size(), 1u);
+  EXPECT_EQ(j["results"][0]["test"], "map");
+  rep.options.exit_cost_ns = 0;
+  EXPECT_EQ(rep.to_json()["exit_cost_ns"], 0) << "an explicit --exit-cost-ns wins, even 0";
+}
+
+TEST(RegistryBench, FindBenchOfAnUnknownNameIsNull) {
+  register_all();
+  EXPECT_EQ(find_bench("no-such-test"), nullptr);
+}
+
+// --- helpers -------------------------------------------------------------------------
+
+TEST(RegistryCounters, PoolCountersComeFromPhysMemAndTheRestAreSummed) {
+  CounterSnapshot phys, mm, vm;
+  phys[Counter::remap_windows] = 5;  // every window in the pool
+  vm[Counter::remap_windows] = 2;    // the VM's HostMap windows, counted again
+  phys[Counter::stale_accesses] = 1;
+  vm[Counter::stale_accesses] = 1;
+  mm[Counter::migrations] = 3;
+  vm[Counter::maps] = 4;
+  CounterSnapshot others[] = {mm, vm};
+  CounterSnapshot m = merge_run_counters(phys, others);
+  EXPECT_EQ(m[Counter::remap_windows], 5u);
+  EXPECT_EQ(m[Counter::stale_accesses], 1u);
+  EXPECT_EQ(m[Counter::migrations], 3u);
+  EXPECT_EQ(m[Counter::maps], 4u);
+}
+
+TEST(RegistryProgress, RenderDrawsABarAndCounts) {
+  EXPECT_EQ(Progress::render(1, 4, "map / cache", 8), "[##......]  25% 1/4 map / cache");
+  EXPECT_EQ(Progress::render(9, 4, "x", 4), "[####] 100% 4/4 x");
+  EXPECT_EQ(Progress::render(3, 0, "pages"), "pages 3");
+}
+
+TEST(RegistryProgress, ADisabledDisplayIgnoresUpdates) {
+  Progress p(false);
+  EXPECT_FALSE(p.active());
+  p.update(1, 2, "nothing drawn");
+  p.finish();
+}
+
+}  // namespace
+}  // namespace nestcache::workloads
