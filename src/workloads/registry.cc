@@ -19,9 +19,11 @@ namespace nestcache::workloads {
 // `void register_<name>()` in namespace nestcache::workloads (it calls
 // register_selftest or register_bench), and add one X(...) line here. The
 // order here is the order of `nestcache selftest` and `nestcache bench`.
-#define NC_BUILTIN_WORKLOADS(X)        \
-  X(register_memslots_selftest)        \
+#define NC_BUILTIN_WORKLOADS(X)         \
+  X(register_memslots_selftest)         \
   X(register_vmx_instructions_selftest) \
+  X(register_nested_pages_selftest)     \
+  X(register_migrate_under_l2_selftest) \
   /* one line per scenario file, above this comment */
 
 #define NC_DECLARE_REGISTER(fn) void fn();
