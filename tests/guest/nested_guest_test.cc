@@ -91,6 +91,49 @@ TEST_P(MachineTest, L1RunsAnL2ThatWritesMemoryAndExitsWithVmcall) {
   EXPECT_EQ(c[Counter::stale_accesses], 0u);
 }
 
+TEST_P(MachineTest, AnInterruptForL1ExitsL2WhenL1AsksForExternalInterruptExiting) {
+  auto machine2 = std::make_unique<Machine>(*vm, MachineConfig{2, GetParam().strategy, 0});
+  machine.reset();
+  constexpr Gpa kFlag = 0x80000;  // L1 word: L2 is running
+  uint64_t info = 0, reason = 0;
+  auto l1 = [&](Machine& m) -> GuestTask {
+    L1Pages pages(0x100000, kL1Bytes);
+    co_await guest::enter_vmx(pages);
+    Gpa vmcs = pages.alloc();
+    co_await guest::init_region(vmcs);
+    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+    Ept12 ept(pages);
+    co_await ept.map(kL2DataGpa, pages.alloc());
+    vmx::Vmcs12 v = vmx::minimal_vmcs12();
+    v.pin_based_controls |= vmx::pin::kExternalInterruptExiting;
+    v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
+    v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls;
+    v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
+    v.ept_pointer = ept.eptp();
+    co_await guest::write_vmcs(v);
+    m.bind_l2_program(vmcs, []() -> GuestTask {
+      co_await ops::write64(0x80000 - 0x80000 + kL2DataGpa, 1);
+      for (;;) co_await ops::pause();  // spins without exiting until interrupted
+    }());
+    co_await ops::write64(kFlag, 1);
+    OpResult r = co_await ops::vmlaunch();
+    EXPECT_TRUE(r.ok());
+    reason = co_await guest::exit_reason();
+    info = co_await guest::vmread(vmx::field::kExitInterruptionInfo);
+  };
+  auto sender = []() -> GuestTask {
+    while (co_await ops::read64(kFlag) == 0) co_await ops::pause();
+    co_await ops::send_ipi(0, 0x31);
+  };
+  machine2->set_l1_program(0, l1(*machine2));
+  machine2->set_l1_program(1, sender());
+  auto st = machine2->run(std::chrono::seconds(20));
+  ASSERT_TRUE(st) << st.error().to_string();
+  EXPECT_EQ(reason, static_cast<uint64_t>(vmx::ExitReason::kExternalInterrupt));
+  EXPECT_EQ(info, 0x31u | vmx::intr_info::kValid);
+  EXPECT_EQ(machine2->counters()[Counter::reflected_exits], 1u);
+}
+
 INSTANTIATE_TEST_SUITE_P(All, MachineTest,
                          ::testing::Values(Param{StrategyKind::map, host::FrameKind::managed},
                                            Param{StrategyKind::map, host::FrameKind::unmanaged},
