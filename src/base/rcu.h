@@ -6,7 +6,10 @@
 // synchronize() before freeing what readers may still see.
 #pragma once
 
-#define _LGPL_SOURCE 1
+// Without _LGPL_SOURCE the read-side calls go into liburcu-bp.so instead of
+// being inlined: the inline versions touch the library's thread-local reader
+// record, whose declared 128-byte alignment the shared library's TLS does not
+// honour, and UBSan's alignment check stops on it.
 #include <urcu-bp.h>
 
 #include <atomic>
