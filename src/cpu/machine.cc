@@ -7,6 +7,8 @@ namespace nestcache::cpu {
 Machine::Machine(vm::Vm& vm, const MachineConfig& config)
     : vm_(vm), config_(config), hw_(HardwareKeys::view(vm.phys())) {
   NC_CHECK(config.vcpus >= 1);
+  if (config.strategy != vmx::StrategyKind::map)
+    contexts_ = std::make_unique<vmx::NestedContexts>(vm, config.strategy == vmx::StrategyKind::oracle ? &hw_ : nullptr);
   for (int i = 0; i < config.vcpus; i++) vcpus_.push_back(std::make_unique<Vcpu>(*this, i));
 }
 
@@ -15,6 +17,13 @@ Machine::~Machine() {
     v->make_request(vm::Request::kStop);
     v->kick();
   }
+  for (auto& v : vcpus_)
+    if (v->thread_.joinable()) v->thread_.join();
+  // VM teardown, in KVM's order: each vCPU's nested state first (it clears
+  // its current context), then the contexts and their caches, whose
+  // hardware caches are bound to vCPUs that must still exist then.
+  for (auto& v : vcpus_) v->nested_.reset();
+  if (contexts_) contexts_->destroy();
   vcpus_.clear();
   MutexLock l(l2_mu_);
   l2_programs_.clear();

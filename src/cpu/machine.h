@@ -31,6 +31,7 @@
 #include "cpu/guest_task.h"
 #include "vm/vm.h"
 #include "vmx/nested.h"
+#include "vmx/nested_contexts.h"
 
 namespace nestcache::cpu {
 
@@ -115,7 +116,8 @@ class Vcpu final : public vm::Vcpu {
   // Takes the posted-interrupt notification vector out of the APIC, if it
   // arrived; true if it did.
   bool take_notification();
-  std::optional<uint8_t> take_l1_interrupt();
+  // The highest pending L1 interrupt other than `except` (-1: none).
+  std::optional<uint8_t> take_l1_interrupt(int except = -1);
   // Blocks until an interrupt, request or kick arrives; with a timeout,
   // returns false if it passed first.
   bool block_until_event(std::chrono::microseconds timeout = std::chrono::microseconds::max());
@@ -180,8 +182,13 @@ class Machine {
   // Sends `vector` from `from` to the vCPU with APIC id `dest` (x2APIC ICR).
   void send_ipi(int from, uint32_t dest, uint8_t vector);
 
-  // The sum of every vCPU's counters and the VM's.
+  // The sum of every vCPU's counters and the VM's (the VM's include
+  // nested_context_reuse and nested_context_recycle).
   CounterSnapshot counters() const;
+
+  // The VM's nested-context table (seed patches 8-9): made for the cache and
+  // oracle strategies, nullptr for map (the kernel today has none).
+  vmx::NestedContexts* nested_contexts() { return contexts_.get(); }
 
  private:
   friend class Vcpu;
@@ -193,6 +200,9 @@ class Machine {
   vm::Vm& vm_;
   MachineConfig config_;
   host::HardwareView hw_;
+  // Declared before vcpus_: every vCPU's NestedVmx refers to it, so it is
+  // destroyed after them (its contexts are freed earlier, in ~Machine).
+  std::unique_ptr<vmx::NestedContexts> contexts_;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
 
   Mutex l2_mu_{LockRank::kLeaf};

@@ -32,7 +32,8 @@ OpResult to_op_result(const InstrResult& r) {
 }  // namespace
 
 Vcpu::Vcpu(Machine& m, int id) : vm::Vcpu(id), m_(m) {
-  nested_ = std::make_unique<vmx::NestedVmx>(m.vm(), *this, m.config().strategy, &m.hw_, counters());
+  nested_ = std::make_unique<vmx::NestedVmx>(m.vm(), *this, m.config().strategy, &m.hw_, counters(),
+                                             m.contexts_.get());
   m.vm().add_vcpu(this);
 }
 
@@ -58,11 +59,13 @@ void Vcpu::deliver_interrupt(uint8_t vector) {
   irq_arrived_.store(true);
 }
 
-std::optional<uint8_t> Vcpu::take_l1_interrupt() {
+std::optional<uint8_t> Vcpu::take_l1_interrupt(int except) {
   MutexLock l(apic_mu_);
   for (int w = 3; w >= 0; w--) {
-    if (!l1_irr_[w]) continue;
-    int bit = 63 - __builtin_clzll(l1_irr_[w]);
+    uint64_t pending = l1_irr_[w];
+    if (except >= 0 && except / 64 == w) pending &= ~(uint64_t{1} << (except % 64));
+    if (!pending) continue;
+    int bit = 63 - __builtin_clzll(pending);
     l1_irr_[w] &= ~(uint64_t{1} << bit);
     return static_cast<uint8_t>(w * 64 + bit);
   }
@@ -214,8 +217,12 @@ Vcpu::Exit Vcpu::run_guest() {
       // vmcs12 it exits L2 at once (acknowledged on exit: the vector goes
       // into the exit interruption information); otherwise it waits in L1's
       // APIC until L1 runs.
-      if (nested().vmcs12().pin_based_controls & vmx::pin::kExternalInterruptExiting) {
-        if (auto vec = take_l1_interrupt()) {
+      const vmx::Vmcs12& v12 = nested().vmcs12();
+      if (v12.pin_based_controls & vmx::pin::kExternalInterruptExiting) {
+        // The notification vector is never L1's here: it may have arrived
+        // since take_notification() looked, and is handled next time round.
+        int nv = (v12.pin_based_controls & vmx::pin::kPostedInterrupts) ? v12.posted_intr_notification_vector : -1;
+        if (auto vec = take_l1_interrupt(nv)) {
           Exit e;
           e.kind = Exit::Kind::l2;
           e.info = vmx::ExitInfo::of(ExitReason::kExternalInterrupt);
