@@ -161,7 +161,8 @@ void Vm::invalidate_range_start(Hva start, Hva end) {
     }
     invalidate_in_progress_.fetch_add(1);
     rcu::ReadLock rcu;
-    memslots_.active()->for_each_in_hva_range(start, end, [&](const Memslot& s) {
+    // (The lambda runs under mmu_lock_, which the analysis cannot see into.)
+    memslots_.active()->for_each_in_hva_range(start, end, [&](const Memslot& s) NC_NO_THREAD_SAFETY_ANALYSIS {
       Hva lo = std::max(start, s.userspace_addr), hi = std::min(end, s.end_hva());
       Gfn first = s.base_gfn + (lo - s.userspace_addr) / kPageSize;
       Gfn last = s.base_gfn + (hi - s.userspace_addr + kPageSize - 1) / kPageSize;
