@@ -24,6 +24,7 @@ namespace nestcache::workloads {
   X(register_vmx_instructions_selftest) \
   X(register_nested_pages_selftest)     \
   X(register_migrate_under_l2_selftest) \
+  X(register_memslot_perf_bench)        \
   /* one line per scenario file, above this comment */
 
 #define NC_DECLARE_REGISTER(fn) void fn();

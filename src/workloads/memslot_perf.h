@@ -1,0 +1,97 @@
+// memslot_perf in nested mode (DESIGN.md §6, issue 8): upstream KVM's
+// memslot_perf_test run by an L1 "VMM" against one L2 vCPU, on the nested
+// stack, so every discard, shootdown and EPT12 fault is a real nested round
+// trip through L0's page strategy.
+//
+// Who runs where:
+//   L1 vCPU 0  the VMM's vCPU thread: L1 KVM running the L2 vCPU. Its exit
+//              handler serves EPT12 violations (map the page, allocating and
+//              zeroing its backing if the VMM's own mapping is gone; retry a
+//              fault that raced an invalidation), shootdown IPIs (ack through
+//              an L1 memory word), flush kicks (INVEPT, then ack) and timer
+//              ticks (nothing but the round trip).
+//   L1 vCPU 1  the VMM's "host" thread: upstream's test loop. Discards
+//              (MADV_DONTNEED) go through L1's notifier: clear the populated
+//              pages, zap the ones in EPT12 (INVEPT + a waiting flush kick to
+//              vCPU 0), then, if any page was populated, ONE synchronous
+//              shootdown IPI to vCPU 0 per call. It also raises L1's timer
+//              ticks at --l1-hz while the test runs.
+//   L2         upstream's guest code: writes, and a sync page it spins on
+//              with compare-exchange (no exits while it waits).
+// L2 memory is split over the L2 memslots (L1 bookkeeping) as upstream splits
+// it: slot 0 is reserved, the area goes over slots 1..N-1, the last slot takes
+// the remainder. Every page is populated by the VMM at preparation.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "base/counters.h"
+#include "base/error.h"
+#include "workloads/registry.h"
+
+namespace nestcache::workloads {
+
+// Upstream's tests, in upstream's order.
+enum class MemslotTest : uint8_t { map, unmap, unmap_chunked, move_active, move_inactive, rw };
+
+// "map", "unmap", "unmap-chunked", "move-active", "move-inactive", "rw".
+std::string_view memslot_test_name(MemslotTest t);
+
+struct MemslotPerfConfig {
+  MemslotTest test = MemslotTest::unmap;
+  Strategy strategy = Strategy::cache;
+  MemoryKind memory = MemoryKind::unmanaged;
+  uint32_t slots = kDefaultBenchSlots;  // upstream -s: slot 0 + slots-1 data slots
+  double seconds = kDefaultBenchSeconds;  // iterate while elapsed < this (upstream -l)
+  uint64_t iterations = 0;                // > 0: exactly this many instead
+  uint64_t exit_cost_ns = 0;
+  uint32_t l1_hz = kDefaultL1Hz;  // L1 timer ticks per second while the test runs; 0: off
+  double scale = 1.0;             // (0, 1]: shrinks upstream's area sizes
+  bool verify = false;            // upstream -d: check the values written
+  std::chrono::milliseconds timeout{600000};
+  // Called from the host thread after each iteration (may be empty).
+  std::function<void(uint64_t iterations_done)> on_iteration = nullptr;
+};
+
+// The area a test works on, after --scale and the slot split.
+struct MemslotLayout {
+  uint64_t pages = 0;           // the whole L2 memory: 64 KiB sync/extra + test area
+  uint64_t test_pages = 0;      // the test area
+  uint32_t data_slots = 0;      // slots the memory is split over (upstream nslots)
+  uint64_t pages_per_slot = 0;  // the last slot has the remainder on top
+  bool slots_capped = false;    // fewer pages than slots: one page per slot (upstream refuses)
+};
+
+// One run of one test: its timing and what happened, per phase.
+struct MemslotPerfRun {
+  MemslotLayout layout;
+  std::vector<double> iteration_seconds;  // each iteration, in order
+  double loop_seconds = 0;                // upstream's guest_runtime: all iterations
+  CounterSnapshot counters;               // the timed loop (L0 and L1 events)
+  CounterSnapshot cold;                   // the first iteration alone
+  uint64_t discard_calls = 0;             // host MADV_DONTNEED calls in the timed loop
+  uint64_t cold_discard_calls = 0;        // ... in the first iteration
+  uint64_t fault_retries = 0;             // EPT12 faults retried after racing a discard
+  uint64_t flush_kicks = 0;               // waiting TLB-flush kicks to the L2 vCPU
+  uint64_t timer_ticks = 0;               // L1 timer interrupts sent
+  std::vector<std::string> failures;      // value checks (--verify) and broken invariants
+
+  double seconds_per_iteration() const {
+    return iteration_seconds.empty() ? 0 : loop_seconds / static_cast<double>(iteration_seconds.size());
+  }
+};
+
+// The layout `c` gives (no machine is built). EINVAL if the area cannot be
+// split as the test needs (move-active with a last slot too small).
+Result<MemslotLayout> memslot_layout(const MemslotPerfConfig& c);
+
+// Builds the nested stack for `c`, prepares the VM (every page populated),
+// runs the timed loop and tears everything down. An error means the run could
+// not happen; failed checks are in the run's `failures`.
+Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c);
+
+}  // namespace nestcache::workloads

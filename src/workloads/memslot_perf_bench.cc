@@ -1,0 +1,168 @@
+// `nestcache bench`'s tests: memslot_perf in nested mode (memslot_perf.h),
+// registered one bench test per upstream test, with the three views of
+// DESIGN.md §6 and the seed's table printed beside the view it matches.
+#include <limits>
+
+#include "cpu/machine.h"
+#include "workloads/memslot_perf.h"
+
+namespace nestcache::workloads {
+
+namespace {
+
+// The seed's table (cover letter, 8192 memslots, unmanaged memory, EC2 Nitro).
+struct SeedFigures {
+  double before_s;  // kvm_vcpu_map/unmap: above upstream's 5 s limit, so ONE cold iteration
+  double after_s;   // pfn caches: the average over hundreds of mostly warm iterations
+  const char* ratio;
+};
+
+std::optional<SeedFigures> seed_figures(MemslotTest t) {
+  switch (t) {
+    case MemslotTest::map: return SeedFigures{26.12, 1.54, "~17x"};
+    case MemslotTest::unmap: return SeedFigures{40.00, 0.017, "~2353x"};
+    case MemslotTest::unmap_chunked: return SeedFigures{10.07, 0.005, "~2014x"};
+    default: return std::nullopt;
+  }
+}
+
+nlohmann::json phase_json(const CounterSnapshot& c, uint64_t discard_calls, double divide) {
+  auto per = [&](uint64_t v) { return divide > 0 ? static_cast<double>(v) / divide : 0.0; };
+  return {{"nested_round_trips", per(c[Counter::nested_round_trips])},
+          {"shootdowns", per(c[Counter::shootdowns])},
+          {"ept12_faults", per(c[Counter::ept12_faults])},
+          {"remap_windows", per(c[Counter::remap_windows])},
+          {"discard_calls", per(discard_calls)}};
+}
+
+Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strategy s) {
+  MemslotPerfConfig c;
+  c.test = test;
+  c.strategy = s;
+  c.memory = o.memory;
+  c.slots = o.slots;
+  c.seconds = o.seconds;
+  c.iterations = o.iterations;
+  c.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
+  c.l1_hz = o.l1_hz;
+  c.scale = o.scale;
+  c.verify = o.verify;
+  std::string label = fmt::format("{} / {}", memslot_test_name(test), strategy_name(s));
+  c.on_iteration = [&](uint64_t done) {
+    o.report_progress(done, o.iterations, fmt::format("{}: iteration {}", label, done));
+  };
+
+  // Best of --runs by time per iteration, as upstream ranks its runs.
+  std::optional<MemslotPerfRun> best;
+  for (uint32_t r = 0; r < o.runs; r++) {
+    MemslotPerfRun run = NC_TRY(run_memslot_perf(c));
+    if (!best || (!run.iteration_seconds.empty() && run.seconds_per_iteration() < best->seconds_per_iteration()))
+      best = std::move(run);
+  }
+  const MemslotPerfRun& run = *best;
+  BenchRow row;
+  row.test = std::string(memslot_test_name(test));
+  row.strategy = s;
+  row.iterations = run.iteration_seconds.size();
+  row.seconds_per_iteration = run.seconds_per_iteration();
+  row.cold_iteration_seconds = run.iteration_seconds.empty() ? 0 : run.iteration_seconds.front();
+  uint64_t trips = run.counters[Counter::nested_round_trips];
+  row.seconds_per_round_trip = trips ? run.loop_seconds / static_cast<double>(trips) : 0;
+  row.exit_cost_ns = c.exit_cost_ns;
+  row.counters = run.counters;
+  row.failures = run.failures;
+  if (s != Strategy::map && run.counters[Counter::stale_accesses])
+    row.failures.push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
+                                       strategy_name(s)));
+  const MemslotLayout& l = run.layout;
+  double warm = row.iterations > 1 ? static_cast<double>(row.iterations - 1) : 0;
+  row.extra = {
+      {"slots_used", l.data_slots + 1},
+      {"slots_capped", l.slots_capped},
+      {"area_pages", l.test_pages},
+      {"pages_per_slot", l.pages_per_slot},
+      {"loop_seconds", run.loop_seconds},
+      {"discard_calls", run.discard_calls},
+      {"fault_retries", run.fault_retries},
+      {"flush_kicks", run.flush_kicks},
+      {"timer_ticks", run.timer_ticks},
+      {"cold", phase_json(run.cold, run.cold_discard_calls, 1)},
+      {"warm_per_iteration",
+       phase_json(run.counters - run.cold, run.discard_calls - run.cold_discard_calls, warm)},
+  };
+  return row;
+}
+
+const BenchRow* row_of(std::span<const BenchRow> rows, Strategy s) {
+  for (const BenchRow& r : rows)
+    if (r.strategy == s) return &r;
+  return nullptr;
+}
+
+std::string ratio(double num, double den) {
+  if (!(den > 0)) return "-";
+  return fmt::format("{:.{}f}x", num / den, num / den >= 100 ? 0 : 1);
+}
+
+std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> rows) {
+  std::vector<std::string> out;
+  const BenchRow* map = row_of(rows, Strategy::map);
+  const BenchRow* cache = row_of(rows, Strategy::cache);
+  if (auto seed = seed_figures(test)) {
+    out.push_back(fmt::format("seed ({} memslots, EC2 Nitro): before {:.2f} s, after {} s, {} faster.", 8192,
+                              seed->before_s, seed->after_s, seed->ratio));
+    out.push_back(
+        "Its \"before\" is above upstream's 5 s limit, so it is ONE cold iteration (view: cold iteration, map); its "
+        "\"after\" is an average over many warm iterations (view: per iteration, cache).");
+    if (map && cache)
+      out.push_back(fmt::format("Ours measured the seed's way: map cold {:.3g} s ÷ cache per iteration {:.3g} s = {}; "
+                                "like for like: cold {}, per iteration {}, per round trip {}.",
+                                map->cold_iteration_seconds, cache->seconds_per_iteration,
+                                ratio(map->cold_iteration_seconds, cache->seconds_per_iteration),
+                                ratio(map->cold_iteration_seconds, cache->cold_iteration_seconds),
+                                ratio(map->seconds_per_iteration, cache->seconds_per_iteration),
+                                ratio(map->seconds_per_round_trip, cache->seconds_per_round_trip)));
+  }
+  for (const BenchRow& r : rows) {
+    if (r.extra.value("slots_capped", false))
+      out.push_back(fmt::format("{}: fewer pages than slots; ran with {} slots of one page (upstream refuses).",
+                                strategy_name(r.strategy), r.extra.value("slots_used", 0)));
+  }
+  return out;
+}
+
+void add(MemslotTest t, const char* summary, const char* description, bool in_default_job) {
+  register_bench({
+      .name = std::string(memslot_test_name(t)),
+      .summary = summary,
+      .description = description,
+      .in_default_job = in_default_job,
+      .run = [t](const BenchOptions& o, Strategy s) { return run_bench_test(t, o, s); },
+      .commentary = [t](std::span<const BenchRow> rows) { return commentary(t, rows); },
+  });
+}
+
+}  // namespace
+
+void register_memslot_perf_bench() {
+  add(MemslotTest::map, "guest maps one half (EPT12 faults) while the host discards the other, slot by slot",
+      "Area 32 MiB (one page per slot at 8192 slots). L2 writes every page of one half while the VMM discards the "
+      "other half one slot per call; they sync and swap.",
+      true);
+  add(MemslotTest::unmap, "host discards 128 MiB one page per call; the guest touches one page per half",
+      "32,768 discard calls per iteration; each one that clears a populated page sends a shootdown IPI to the L2 "
+      "vCPU: all of them in the cold first iteration, about 2 in a warm one.",
+      true);
+  add(MemslotTest::unmap_chunked, "as unmap, in 2 MiB chunks split per slot (16 KiB per call at 8192 slots)",
+      "About 8,192 discard calls per iteration: a quarter of unmap's.", true);
+  add(MemslotTest::move_active, "the last slot moves away and back while the guest writes into it",
+      "Half of the guest's 192 KiB area lies in the moved slot: its writes there fault to L1 and complete as MMIO "
+      "while the slot is away.",
+      false);
+  add(MemslotTest::move_inactive, "the last slot moves away and back; the guest writes next to it",
+      "The guest's 192 KiB area ends where the moved slot starts.", false);
+  add(MemslotTest::rw, "guest and host write and verify every page in turns",
+      "Area 512 MiB: the guest writes every page, the host checks and clears, and the other way round.", false);
+}
+
+}  // namespace nestcache::workloads
