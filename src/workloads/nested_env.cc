@@ -35,4 +35,12 @@ Result<Hva> NestedEnv::add_page_slot(uint32_t slot, Gpa gpa) {
 
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 
+nlohmann::json NestedEnv::counters_by_vcpu() const {
+  nlohmann::json j = nlohmann::json::object();
+  for (int i = 0; i < machine->num_vcpus(); i++)
+    j[fmt::format("vcpu{}", i)] = CounterSnapshot::of(machine->vcpu(i).counters()).to_json();
+  j["vm"] = CounterSnapshot::of(vm->counters()).to_json();
+  return j;
+}
+
 }  // namespace nestcache::workloads

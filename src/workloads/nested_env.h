@@ -35,6 +35,8 @@ class NestedEnv {
   Result<Hva> add_page_slot(uint32_t slot, Gpa gpa);
   // Everything counted during the run: the machine's vCPUs and the VM.
   CounterSnapshot counters() const;
+  // The same per vCPU ({"vcpu0": {...}, ...}; the VM's own events under "vm").
+  nlohmann::json counters_by_vcpu() const;
 
   NestedEnvConfig config;
   std::unique_ptr<host::PhysMem> phys;

@@ -279,6 +279,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
   result.counters[Counter::lost_tpr_writes] += t.lost_tpr_writes;
   result.counters[Counter::lost_posted_interrupts] += t.interrupts_posted - t.interrupts_received;
   result.details["transcript"] = t.to_json();
+  result.details["counters_by_vcpu"] = env.counters_by_vcpu();
   return t;
 }
 

@@ -156,6 +156,7 @@ SelftestResult run(const RunOptions& o) {
   e.machine->set_l1_program(0, l1_program(c));
   if (auto st = e.machine->run(std::chrono::seconds(60)); !st) result.fail(st.error().to_string());
   result.counters = e.counters();
+  result.details["counters_by_vcpu"] = e.counters_by_vcpu();
   result.details["checks"] = c.checks;
   if (o.verbose) result.details["log"] = c.log;
   result.check(c.checks >= 40, "only {} checks ran", c.checks);
