@@ -1,0 +1,30 @@
+# Runs `nestcache bench ... --json` and checks that stdout is one JSON object
+# with issue 8's parameters and, in every result row, issue 8's fields.
+#
+#   cmake -DEXE=<nestcache> "-DARGS=bench --tests unmap --json" -P check_bench_json.cmake
+separate_arguments(args UNIX_COMMAND "${ARGS}")
+execute_process(COMMAND "${EXE}" ${args} RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT status EQUAL 0)
+  message(FATAL_ERROR "nestcache ${ARGS}: exit status ${status}\n${out}${err}")
+endif()
+foreach(key exit_cost_ns l1_hz slots memory seconds_limit results)
+  string(JSON value ERROR_VARIABLE problem GET "${out}" ${key})
+  if(problem)
+    message(FATAL_ERROR "nestcache ${ARGS}: no '${key}': ${problem}\n${out}")
+  endif()
+endforeach()
+string(JSON rows LENGTH "${out}" results)
+if(rows EQUAL 0)
+  message(FATAL_ERROR "nestcache ${ARGS}: no result rows\n${out}")
+endif()
+math(EXPR last "${rows} - 1")
+foreach(i RANGE ${last})
+  foreach(key test strategy seconds_per_iteration iterations cold_iteration_seconds seconds_per_round_trip
+              nested_round_trips shootdowns ept12_faults maps unmaps remap_windows stale_accesses)
+    string(JSON value ERROR_VARIABLE problem GET "${out}" results ${i} ${key})
+    if(problem)
+      message(FATAL_ERROR "nestcache ${ARGS}: row ${i} has no '${key}': ${problem}\n${out}")
+    endif()
+  endforeach()
+endforeach()
+message(STATUS "nestcache ${ARGS}: ${rows} rows with every field")
