@@ -4,6 +4,7 @@
 
 #include "base/check.h"
 #include "vmx/entry_checks.h"
+#include "vmx/nested_contexts.h"
 
 namespace nestcache::vmx {
 
@@ -13,8 +14,12 @@ using Kind = InstrResult::Kind;
 }  // namespace
 
 NestedVmx::NestedVmx(vm::Vm& vm, vm::Vcpu& vcpu, StrategyKind strategy, const host::HardwareView* hw,
-                     CounterSet& counters)
-    : vm_(vm), vcpu_(vcpu), counters_(counters), pages_(make_page_set(strategy, vm, vcpu, counters, hw)) {}
+                     CounterSet& counters, NestedContexts* contexts)
+    : vm_(vm),
+      vcpu_(vcpu),
+      counters_(counters),
+      pages_(make_page_set(strategy, vm, vcpu, counters, hw)),
+      contexts_(strategy == StrategyKind::map ? nullptr : contexts) {}
 
 NestedVmx::~NestedVmx() { release_nested(); }
 
@@ -48,9 +53,41 @@ Status NestedVmx::flush_vmcs12() {
 
 void NestedVmx::release_nested() {
   if (current_ != kInvalidGpa) (void)flush_vmcs12();
+  // Patch 9 (v4): free_nested clears the current context; its caches stay
+  // mapped in the table for whichever vCPU loads it next.
+  clear_context(current_);
+  // A context kept from an earlier vmcs12 (a load found every context
+  // attached) is this vCPU's too: detach it as well.
+  if (ctx_) clear_context(ctx_->key());
   current_ = kInvalidGpa;
   guest_mode_ = false;
   pages_->release();
+}
+
+// --- nested contexts ----------------------------------------------------------------
+
+void NestedVmx::load_context(Gpa vmptr) {
+  if (!contexts_) return;
+  // Found, new or recycled: the context's caches serve this vmcs12 from now
+  // on. nullptr (every context attached): keep the current set, which the
+  // next entry re-activates at this vmcs12's addresses.
+  if (VmxNestedContext* ctx = contexts_->load(vcpu_, vmptr)) {
+    ctx_ = ctx;
+    pages_->use_bundle(&ctx->bundle);
+  }
+}
+
+void NestedVmx::clear_context(Gpa vmptr) {
+  if (!contexts_ || vmptr == kInvalidGpa) return;
+  contexts_->clear(vcpu_, vmptr);
+  // A detached context belongs to the table (another vCPU may recycle it at
+  // any moment), so stop using its caches. The seed keeps the stale pointers
+  // until the next load; going back to the vCPU's own set costs nothing
+  // until that set is used.
+  if (ctx_ && ctx_->key() == vmptr) {
+    ctx_ = nullptr;
+    pages_->use_bundle(nullptr);
+  }
 }
 
 // --- VMX instructions ------------------------------------------------------------------
@@ -92,6 +129,7 @@ InstrResult NestedVmx::vmclear(Gpa gpa) {
     uint32_t clear = kLaunchStateClear;
     (void)vm_.write_guest(gpa + 8, &clear, sizeof clear);
   }
+  clear_context(gpa);  // patch 9: detach, to the LRU tail
   return InstrResult::success();
 }
 
@@ -112,6 +150,7 @@ InstrResult NestedVmx::vmptrld(Gpa gpa) {
     if (!load_vmcs12(gpa))
       return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of {:#x}: unreadable", gpa));
     current_ = gpa;
+    load_context(gpa);  // patch 9: set_current_vmptr loads the context
   }
   return InstrResult::success();
 }

@@ -65,9 +65,16 @@ struct EntryResult {
 // Where an L2 exit goes.
 enum class ExitTarget { l0, l1 };
 
+class NestedContexts;
+class VmxNestedContext;
+
 class NestedVmx {
  public:
-  NestedVmx(vm::Vm& vm, vm::Vcpu& vcpu, StrategyKind strategy, const host::HardwareView* hw, CounterSet& counters);
+  // `contexts`: the VM's nested-context table (cache and oracle), or nullptr
+  // (map, or a vCPU without one): the vCPU then keeps one cache set for every
+  // vmcs12. It must outlive this object.
+  NestedVmx(vm::Vm& vm, vm::Vcpu& vcpu, StrategyKind strategy, const host::HardwareView* hw, CounterSet& counters,
+            NestedContexts* contexts = nullptr);
   ~NestedVmx();
 
   // --- VMX instructions (SDM Vol. 3C ch. 31) -------------------------------
@@ -112,6 +119,9 @@ class NestedVmx {
   const Vmcs02& vmcs02() const { return vmcs02_; }
   StrategyKind strategy() const { return pages_->kind(); }
   PageSet& pages() { return *pages_; }
+  // The nested context whose caches serve the current vmcs12, or nullptr
+  // (no table, or every context was attached when it was loaded).
+  const VmxNestedContext* context() const { return ctx_; }
 
  private:
   InstrResult fail_valid(VmInstructionError e, std::string message);
@@ -123,11 +133,17 @@ class NestedVmx {
   Status get_vmcs12_pages();
   void merge_msr_bitmap(Vmcs02& o);
   void release_nested();
+  // Nested contexts (nested_contexts.h): VMPTRLD of a new address loads,
+  // VMCLEAR / VMXOFF / teardown clear.
+  void load_context(Gpa vmptr);
+  void clear_context(Gpa vmptr);
 
   vm::Vm& vm_;
   vm::Vcpu& vcpu_;
   CounterSet& counters_;
   std::unique_ptr<PageSet> pages_;
+  NestedContexts* contexts_;
+  VmxNestedContext* ctx_ = nullptr;  // attached to this vCPU while set
   bool vmxon_ = false;
   Gpa vmxon_ptr_ = kInvalidGpa;
   Gpa current_ = kInvalidGpa;

@@ -136,10 +136,12 @@ class CachePageSet final : public PageSet {
   }
 
   void release() override {
-    for (auto& c : bundle_->caches) c->deactivate();
+    bundle_ = &own_;
+    for (auto& c : own_.caches) c->deactivate();
   }
 
   void use_bundle(CacheBundle* b) override { bundle_ = b ? b : &own_; }
+  vm::PfnCache* cache(L1Page p) override { return &(*bundle_)[p]; }
 
  private:
   // The seed's nested_gpc_lock: check under the read lock, or (re)activate

@@ -121,10 +121,16 @@ class PageSet {
   virtual void put() = 0;
   // The last check before hardware entry: is any hardware-used page invalid?
   virtual bool any_invalid() const = 0;
-  // Drops every mapping (VMXOFF, vCPU teardown).
+  // VMXOFF, vCPU teardown: drops the mappings this set owns and goes back to
+  // its own caches. A nested context's caches are the context's: they stay
+  // mapped until the VM frees the context (clear it before calling this).
   virtual void release() = 0;
-  // Points the set at another bundle of caches (nested contexts); no-op for map.
+  // Points the set at the caches of a nested context (nullptr: back to the
+  // vCPU's own set). The caches keep what they map; the next get_hw/access
+  // re-activates any whose gpa differs. No-op for map.
   virtual void use_bundle(CacheBundle* bundle) {}
+  // The cache serving page `p` now (nullptr for map): tests and reports.
+  virtual vm::PfnCache* cache(L1Page p) { return nullptr; }
 };
 
 // Makes the page set for one vCPU. `hw` is required for oracle.

@@ -1,0 +1,40 @@
+// VMX nested contexts: the vendor half of the context table (see
+// nested_contexts.h and, for the table's rules, nested_context.h).
+#include "vmx/nested_contexts.h"
+
+#include "base/check.h"
+
+namespace nestcache::vmx {
+
+VmxNestedContext::~VmxNestedContext() {
+  for (auto& c : bundle.caches) c->deactivate();
+}
+
+NestedContexts::NestedContexts(vm::Vm& vm, const host::HardwareView* hw)
+    : vm_(vm), hw_(hw), table_(*this, vm.counters(), [&vm] { return static_cast<int>(vm.online_vcpus()); }) {}
+
+NestedContexts::~NestedContexts() { table_.destroy(); }
+
+VmxNestedContext* NestedContexts::load(vm::Vcpu& vcpu, Gpa vmptr) {
+  // Every context this table holds was made by alloc() below.
+  return static_cast<VmxNestedContext*>(table_.load(vcpu.id(), vmptr));
+}
+
+void NestedContexts::clear(vm::Vcpu& vcpu, Gpa vmptr) {
+  if (vmptr != kInvalidGpa) table_.clear(vcpu.id(), vmptr);
+}
+
+std::unique_ptr<NestedContext> NestedContexts::alloc(int vcpu_id) {
+  vm::Vcpu* owner = nullptr;
+  for (vm::Vcpu* v : vm_.vcpus())
+    if (v->id() == vcpu_id) owner = v;
+  if (!owner) return nullptr;  // a vCPU being torn down: no context, keep what it has
+  return std::make_unique<VmxNestedContext>(vm_, owner, hw_);
+}
+
+// Patch 9: nothing to do. A recycled context keeps its caches mapped at the
+// old L2's addresses; the next lock sees the gpa differ and re-activates,
+// and re-binds the hardware caches to the loading vCPU.
+void NestedContexts::reset(NestedContext&) {}
+
+}  // namespace nestcache::vmx
