@@ -8,5 +8,7 @@ namespace nestcache::workloads {
 void register_vmx_instructions_selftest();
 void register_nested_pages_selftest();
 void register_migrate_under_l2_selftest();
+void register_apic_update_selftest();
+void register_l2_switch_selftest();
 
 }  // namespace nestcache::workloads

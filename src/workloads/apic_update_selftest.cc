@@ -1,0 +1,401 @@
+// Selftest `apic-update`: the seed's vmx_apic_update_test (patch 5), plus the
+// virtual-APIC and posted-interrupt variants (DESIGN.md §6).
+//
+// One L1 vCPU runs one L2 with APIC-access virtualization; the APIC-access
+// page lives alone in memslot 1 at the seed's VAPIC_GPA. L2 writes 8 values
+// (1<<0 ... 1<<6, then 0) to offset 0x80 of it, --delay-ms apart; each write
+// is an APIC-access exit that L1 handles by resuming L2; L2 ends with VMCALL.
+// Meanwhile a VMM thread, every delay/4, discards the page (--mode discard:
+// the MMU-notifier path) or moves its memslot up by 0x10000 (--mode move: the
+// memslot-generation path). After a move L2's write reaches an address with
+// no memslot: an MMIO exit to the VMM, tolerated and counted as the seed does.
+//
+// --page vapic adds the TPR shadow (virtual-APIC page in memslot 2): after each
+// write L2 sets CR8 and L1 checks the value in its virtual-APIC page. --page
+// pi adds posted interrupts (descriptor in memslot 3): L1 posts one interrupt
+// per write and L2 must receive it. A check that raced a discard of its own
+// page (the VMM dropped the contents) is not a loss and is counted apart.
+// While L1 keeps entering L2 these pages must exist at vmcs12's addresses, so
+// in move mode they (and the APIC-access page with them) are moved away and
+// back each period (the descriptor stays: see run_once); an entry that meets a
+// page away is retried by L1 (VMfail) or by the VMM (internal error), and
+// reported.
+#include <CLI/CLI.hpp>
+
+#include <atomic>
+#include <thread>
+
+#include "cpu/cpu_model.h"
+#include "vmx/entry_checks.h"
+#include "workloads/nested_env.h"
+#include "workloads/selftests.h"
+
+namespace nestcache::workloads {
+
+namespace {
+
+namespace ops = cpu::ops;
+using cpu::GuestOp;
+using cpu::GuestTask;
+
+constexpr Gpa kApicGpa = 0xc0000000;   // the seed's VAPIC_GPA (its slot 1)
+constexpr Gpa kVapicGpa = 0xd0000000;  // virtual-APIC page, slot 2
+constexpr Gpa kPiPage = 0xe0000000;    // descriptor page, slot 3
+constexpr Gpa kPiDesc = kPiPage + 0x40;
+constexpr Gpa kMoveStep = 0x10000;     // the seed's memslot move
+constexpr Gpa kL2Data = 0x200000;      // L2 mailbox page
+constexpr Gpa kCall = 0x0, kTprValue = 0x8, kReceived = 0x10;
+enum Call : uint64_t { kCallTpr = 1, kCallIrq, kCallIrqDone, kCallDone };
+constexpr uint8_t kNotificationVector = 0xf2;
+constexpr uint8_t kFirstVector = 0x80;
+constexpr uint64_t kMmio = ~uint64_t{0};
+constexpr int kWrites = 8;
+
+enum PageBits : unsigned { kPageApic = 1, kPageVapic = 2, kPagePi = 4 };
+
+struct Config {
+  bool discard = true;
+  unsigned pages = kPageApic;
+  uint64_t delay_ns = 5'000'000;
+  // Move mode with pages L1 keeps entering with: away and back each period.
+  bool move_and_back() const { return !discard && pages != kPageApic; }
+};
+
+// What L1 and L2 saw, and the VMM thread's sequence: odd while it changes a
+// page. A TPR or interrupt check whose sequence moved raced a change of its
+// own page (the VMM dropped the contents) and is not counted as a loss.
+struct Transcript {
+  std::atomic<uint64_t> seq{0};
+  std::atomic<bool> started{false};
+  int apic_access_exits = 0, vmcalls = 0;
+  int tpr_checks = 0, lost_tpr_writes = 0, tpr_raced = 0;
+  int posted = 0, received = 0, lost_interrupts = 0, pi_raced = 0;
+  int entries = 0, entry_retries = 0;
+  uint64_t last_exit = 0;
+  uint64_t churn_operations = 0;
+};
+
+cpu::GuestFn<uint64_t> read_settled(Gpa gpa) {
+  for (;;) {
+    uint64_t v = co_await ops::read64(gpa);
+    if (v != kMmio) co_return v;
+    co_await ops::pause();
+  }
+}
+
+GuestTask l2_program(Config c, Transcript& t) {
+  for (int i = 0; i < kWrites; i++) {
+    uint32_t value = i < kWrites - 1 ? 1u << i : 0;
+    if (c.pages & kPageApic) co_await ops::write32(kApicGpa + cpu::kVapicTpr, value);  // APIC-access exit
+    if (c.pages & kPageVapic) {
+      uint64_t tpr = 1 + i % 15;
+      // The test reads the VMM's sequence (an oracle, not a guest action).
+      co_await ops::write64(kL2Data + kTprValue, tpr | (t.seq.load() << 8));
+      co_await ops::write_cr8(tpr);
+      co_await ops::write64(kL2Data + kCall, kCallTpr);
+      co_await ops::vmcall(kCallTpr);
+    }
+    if (c.pages & kPagePi) {
+      co_await ops::write64(kL2Data + kCall, kCallIrq);
+      co_await ops::vmcall(kCallIrq);  // L1 posts while L2 is out
+      uint64_t got = 0;
+      uint64_t deadline = co_await ops::now() + 10'000'000;
+      while (!got && co_await ops::now() < deadline) got = (co_await ops::exec(GuestOp{GuestOp::Hlt{}})).value;
+      if (got) co_await ops::eoi();
+      co_await ops::write64(kL2Data + kReceived, got);
+      co_await ops::write64(kL2Data + kCall, kCallIrqDone);
+      co_await ops::vmcall(kCallIrqDone);
+    }
+    uint64_t until = co_await ops::now() + c.delay_ns;  // the seed's udelay
+    while (co_await ops::now() < until) co_await ops::pause();
+  }
+  co_await ops::write64(kL2Data + kCall, kCallDone);
+  for (;;) co_await ops::vmcall(kCallDone);
+}
+
+GuestTask l1_program(cpu::Machine& m, Config c, Transcript& t) {
+  guest::L1Pages pages(kL1PagesStart, 16 << 20);
+  co_await guest::enter_vmx(pages);
+  Gpa vmcs = pages.alloc();
+  co_await guest::init_region(vmcs);
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+  guest::Ept12 ept(pages);
+  Gpa data = pages.alloc();
+  co_await ept.map(kL2Data, data);
+  co_await ept.map(kApicGpa, kApicGpa);  // identity, as the seed's nested_map
+
+  vmx::Vmcs12 v = vmx::minimal_vmcs12();
+  v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls;
+  v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
+  v.ept_pointer = ept.eptp();
+  if (c.pages & kPageApic) {
+    v.secondary_proc_controls |= vmx::proc2::kVirtualizeApicAccesses;
+    v.apic_access_addr = kApicGpa;
+  }
+  if (c.pages & (kPageVapic | kPagePi)) {
+    v.primary_proc_controls |= vmx::proc::kUseTprShadow;
+    v.virtual_apic_page_addr = kVapicGpa;
+  }
+  if (c.pages & kPagePi) {
+    v.pin_based_controls |= vmx::pin::kPostedInterrupts | vmx::pin::kExternalInterruptExiting;
+    v.secondary_proc_controls |= vmx::proc2::kVirtualInterruptDelivery;
+    v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
+    v.posted_intr_desc_addr = kPiDesc;
+    v.posted_intr_notification_vector = kNotificationVector;
+  }
+  co_await guest::write_vmcs(v);
+  m.bind_l2_program(vmcs, l2_program(c, t));
+
+  auto enter = [&](bool launch) -> cpu::GuestFn<cpu::OpResult> {
+    for (;;) {
+      cpu::OpResult r = co_await (launch ? ops::vmlaunch() : ops::vmresume());
+      // KVM's invalid-address fallback while the virtual-APIC page is away.
+      if (c.move_and_back() && r.outcome == cpu::Outcome::fail_valid &&
+          r.vm_instruction_error == static_cast<uint32_t>(vmx::VmInstructionError::kEntryInvalidControlFields)) {
+        t.entry_retries++;
+        co_await ops::pause();
+        continue;
+      }
+      if (!r.ok()) throw guest::VmxError("nested entry failed: " + cpu::to_string(r));
+      t.entries++;
+      co_return r;
+    }
+  };
+
+  t.started.store(true);  // the seed's GUEST_SYNC(0): the VMM thread starts
+  co_await enter(true);
+  uint64_t pi_seq = 0;
+  int vector = 0;
+  for (;;) {
+    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
+    t.last_exit = static_cast<uint64_t>(reason);
+    if (reason == vmx::ExitReason::kApicAccess) {
+      t.apic_access_exits++;
+    } else if (reason == vmx::ExitReason::kVmcall) {
+      t.vmcalls++;
+      uint64_t call = co_await ops::read64(data + kCall);
+      if (call == kCallDone) break;
+      if (call == kCallTpr) {
+        uint64_t word = co_await ops::read64(data + kTprValue);
+        uint64_t vtpr = (co_await read_settled(kVapicGpa + cpu::kVapicTpr)) & 0xff;
+        uint64_t seq0 = word >> 8;
+        t.tpr_checks++;
+        if (vtpr != (word & 0xf) << 4) {
+          if (seq0 % 2 == 0 && t.seq.load() == seq0)
+            t.lost_tpr_writes++;
+          else
+            t.tpr_raced++;
+        }
+      } else if (call == kCallIrq) {
+        pi_seq = t.seq.load();
+        uint8_t vec = static_cast<uint8_t>(kFirstVector + vector++ % 32);
+        Gpa pir = kPiDesc + 8 * (vec / 64);
+        for (;;) {  // PIR bit, then ON (the page may be away: MMIO reads retry)
+          uint64_t old = co_await read_settled(pir);
+          if (co_await ops::cmpxchg64(pir, old, old | (uint64_t{1} << (vec % 64))) == old) break;
+        }
+        for (;;) {
+          uint64_t old = co_await read_settled(kPiDesc + 32);
+          if (co_await ops::cmpxchg64(kPiDesc + 32, old, old | 1) == old) break;
+        }
+        t.posted++;
+        co_await ops::send_ipi(0, kNotificationVector);  // self: completed by L0 at the entry
+      } else if (call == kCallIrqDone) {
+        if (co_await ops::read64(data + kReceived)) {
+          t.received++;
+        } else if (pi_seq % 2 == 0 && t.seq.load() == pi_seq) {
+          t.lost_interrupts++;
+        } else {
+          t.pi_raced++;
+        }
+      }
+    } else {
+      throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
+    }
+    co_await enter(false);
+  }
+}
+
+struct ChurnPage {
+  uint32_t slot;
+  Gpa gpa;
+  Hva hva;
+};
+
+// The VMM thread (the seed's host pthread): one change per page per period.
+void churn(NestedEnv& env, const Config& c, std::vector<ChurnPage>& pages, Transcript& t, std::atomic<bool>& stop) {
+  while (!t.started.load() && !stop.load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  auto period = std::chrono::nanoseconds(c.delay_ns / 4);
+  while (!stop.load()) {
+    std::this_thread::sleep_for(period);
+    if (stop.load()) break;
+    for (ChurnPage& p : pages) {
+      t.seq.fetch_add(1);
+      if (c.discard) {
+        (void)env.mm->discard(p.hva, kPageSize);
+      } else if (!c.move_and_back()) {
+        p.gpa += kMoveStep;  // away for good, as the seed does
+        (void)env.vm->set_memory_region({p.slot, 0, p.gpa, kPageSize, p.hva});
+      } else {
+        (void)env.vm->set_memory_region({p.slot, 0, p.gpa + kMoveStep, kPageSize, p.hva});
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+        (void)env.vm->set_memory_region({p.slot, 0, p.gpa, kPageSize, p.hva});
+      }
+      t.seq.fetch_add(1);
+      t.churn_operations++;
+    }
+  }
+}
+
+const char* mode_name(bool discard) { return discard ? "discard" : "move"; }
+
+// One run: one mode, one strategy.
+void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
+  const char* mode = mode_name(c.discard);
+  NestedEnvConfig ec{o.strategy, o.memory};
+  ec.vcpus = 1;
+  ec.retry_internal_errors = c.move_and_back();
+  auto env_r = NestedEnv::create(ec);
+  if (!env_r) return r.fail(fmt::format("{}: {}", mode, env_r.error().to_string()));
+  NestedEnv& env = **env_r;
+
+  std::vector<ChurnPage> churned;
+  struct {
+    unsigned bit;
+    uint32_t slot;
+    Gpa gpa;
+  } const layout[] = {{kPageApic, 1, kApicGpa}, {kPageVapic, 2, kVapicGpa}, {kPagePi, 3, kPiPage}};
+  for (auto& l : layout) {
+    bool used = (c.pages & l.bit) || (l.bit == kPageVapic && (c.pages & kPagePi));
+    if (!used) continue;
+    auto h = env.add_page_slot(l.slot, l.gpa);
+    if (!h) return r.fail(fmt::format("{}: {}", mode, h.error().to_string()));
+    if (l.bit == kPageApic) {  // the seed fills the page with 0x45 first
+      std::vector<uint8_t> fill(kPageSize, 0x45);
+      (void)env.mm->copy_to(*h, fill.data(), fill.size());
+    }
+    // Move mode leaves the descriptor in place and moves the virtual-APIC
+    // page it delivers into: a descriptor away at an entry makes KVM clear
+    // posted interrupts in vmcs02, and every notification after that is an
+    // internal error until L1 enters again (mmio_needed) — KVM's behaviour,
+    // which would stall this L2 for good.
+    bool churn_it = c.discard ? (c.pages & l.bit) != 0 : (l.bit != kPagePi && used);
+    if (churn_it) churned.push_back({l.slot, l.gpa, *h});
+  }
+
+  Transcript t;
+  env.machine->set_l1_program(0, l1_program(*env.machine, c, t));
+  std::atomic<bool> stop{false};
+  std::thread vmm([&] { churn(env, c, churned, t, stop); });
+  Status st = env.machine->run(std::chrono::milliseconds(60000));
+  stop.store(true);
+  vmm.join();
+  CounterSnapshot k = env.counters();
+  r.counters += k;
+
+  std::string tag = fmt::format("{} {}", mode, strategy_name(o.strategy));
+  r.check(static_cast<bool>(st), "{}: the run failed (every entry must succeed): {}", tag,
+          st ? std::string() : st.error().to_string());
+  r.check(t.last_exit == static_cast<uint64_t>(vmx::ExitReason::kVmcall), "{}: last exit reason {} is not VMCALL", tag,
+          t.last_exit);
+  uint64_t stale = k[Counter::stale_accesses];
+  nlohmann::json d = {{"apic_access_exits", t.apic_access_exits}, {"mmio_exits", k[Counter::mmio_exits]},
+                      {"vmm_updates", t.churn_operations},    {"entries", t.entries},
+                      {"entry_retries", t.entry_retries},     {"internal_errors", k[Counter::internal_errors]},
+                      {"stale_accesses", stale},              {"tpr_checks", t.tpr_checks},
+                      {"lost_tpr_writes", t.lost_tpr_writes}, {"tpr_checks_raced_a_change", t.tpr_raced},
+                      {"interrupts_posted", t.posted},        {"interrupts_received", t.received},
+                      {"lost_posted_interrupts", t.lost_interrupts}, {"interrupts_raced_a_change", t.pi_raced},
+                      {"entry_cancels", k[Counter::entry_cancels]},  {"cache_invalidations", k[Counter::cache_invalidations]},
+                      {"remap_windows", k[Counter::remap_windows]}};
+  r.details["runs"][mode] = d;
+  r.counters[Counter::lost_tpr_writes] += t.lost_tpr_writes;
+  r.counters[Counter::lost_posted_interrupts] += t.lost_interrupts;
+  r.check(t.churn_operations > 0, "{}: the VMM thread changed nothing while L2 ran", tag);
+  if ((c.pages & kPageVapic)) r.check(t.tpr_checks == kWrites, "{}: {} TPR checks of {}", tag, t.tpr_checks, kWrites);
+  if ((c.pages & kPagePi)) r.check(t.posted == kWrites, "{}: {} interrupts posted of {}", tag, t.posted, kWrites);
+
+  std::string counts = fmt::format(
+      "{} APIC-access exits, {} MMIO exits, {} VMM updates, {} stale accesses, {} lost TPR writes, {} lost posted "
+      "interrupts",
+      t.apic_access_exits, k[Counter::mmio_exits], t.churn_operations, stale, t.lost_tpr_writes, t.lost_interrupts);
+  if (o.strategy == Strategy::map) {
+    // The kernel before the seed: nothing invalidates the maps. This run
+    // passes by reporting what the detectors saw.
+    if (c.discard && o.memory == MemoryKind::unmanaged) {
+      r.check(stale > 0, "{}: map on unmanaged memory under discard: the stale-access detector saw nothing", tag);
+      r.note(fmt::format("{}: {} ({} of {} APIC-page writes did not exit) — map keeps stale pfns in vmcs02 after a "
+                         "discard: the bug the seed fixes",
+                         tag, counts, (c.pages & kPageApic) ? kWrites - t.apic_access_exits : 0, kWrites));
+    } else {
+      r.note(fmt::format("{}: {}", tag, counts));
+    }
+    return;
+  }
+  r.check(stale == 0, "{}: {} stale accesses", tag, stale);
+  r.check(t.lost_tpr_writes == 0, "{}: {} lost TPR writes", tag, t.lost_tpr_writes);
+  r.check(t.lost_interrupts == 0, "{}: {} lost posted interrupts", tag, t.lost_interrupts);
+  if (c.discard && (c.pages & kPageApic))
+    r.check(t.apic_access_exits == kWrites, "{}: {} APIC-access exits of {} writes", tag, t.apic_access_exits, kWrites);
+  if (!c.move_and_back()) r.check(t.entry_retries == 0, "{}: {} entries failed", tag, t.entry_retries);
+  r.note(fmt::format("{}: {}, {} cancelled entries", tag, counts, k[Counter::entry_cancels]));
+}
+
+SelftestResult run_apic_update(const RunOptions& o) {
+  SelftestResult r;
+  Config c;
+  auto delay = o.int_option("delay-ms", 5);
+  if (!delay) return r.fail(delay.error().to_string()), r;
+  if (*delay < 1 || *delay > 10000) return r.fail(fmt::format("--delay-ms {} is out of range (1..10000)", *delay)), r;
+  c.delay_ns = static_cast<uint64_t>(*delay) * 1'000'000;
+  std::string page = o.string_option("page", "apic-access");
+  if (page == "apic-access")
+    c.pages = kPageApic;
+  else if (page == "vapic")
+    c.pages = kPageVapic;
+  else if (page == "pi")
+    c.pages = kPagePi;
+  else if (page == "all")
+    c.pages = kPageApic | kPageVapic | kPagePi;
+  else
+    return r.fail(fmt::format("unknown --page '{}': expected apic-access, vapic, pi or all", page)), r;
+  std::string mode = o.string_option("mode", "both");
+  if (mode != "discard" && mode != "move" && mode != "both")
+    return r.fail(fmt::format("unknown --mode '{}': expected discard, move or both", mode)), r;
+  for (bool discard : {true, false}) {
+    if (mode != "both" && mode != mode_name(discard)) continue;
+    c.discard = discard;
+    run_once(o, c, r);
+  }
+  return r;
+}
+
+}  // namespace
+
+void register_apic_update_selftest() {
+  register_selftest({
+      .name = "apic-update",
+      .summary = "seed patch 5: L2 writes the APIC-access page while the VMM discards it or moves its memslot",
+      .description =
+          "The seed's vmx_apic_update_test. One L1 vCPU; the APIC-access page alone in a one-page memslot; L2 "
+          "writes 8 values to its offset 0x80, --delay-ms apart, each an APIC-access exit L1 resumes from, then "
+          "VMCALLs. A VMM thread every delay/4 discards the page (--mode discard) or moves its memslot by "
+          "0x10000 (--mode move); an access left without a memslot is an MMIO exit, tolerated and counted. "
+          "--page vapic / pi / all add the virtual-APIC page (TPR shadow: lost TPR writes) and the posted-interrupt "
+          "descriptor (lost interrupts); in move mode those pages move away and back. Asserts: every entry "
+          "succeeds, the last exit is VMCALL; with cache and oracle zero stale accesses, lost TPR writes and lost "
+          "interrupts. With map under discard on unmanaged memory the stale accesses are detected and reported.",
+      .add_options =
+          [](CLI::App& app, SelftestOptions& o) {
+            o.add(app, "--mode", "discard, move or both", "both")->check(CLI::IsMember({"discard", "move", "both"}));
+            o.add(app, "--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5")
+                ->check(CLI::Range(1, 10000));
+            o.add(app, "--page", "apic-access, vapic, pi or all", "apic-access")
+                ->check(CLI::IsMember({"apic-access", "vapic", "pi", "all"}));
+          },
+      .run = run_apic_update,
+  });
+}
+
+}  // namespace nestcache::workloads

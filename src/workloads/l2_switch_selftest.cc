@@ -1,0 +1,272 @@
+// Selftest `l2-switch`: the seed's vmx_l2_switch_test (patch 10), which
+// checks the nested-context counters while L1 switches between L2 vCPUs
+// (DESIGN.md §6).
+//
+// L1 runs N L2s (each its own vmcs12, MSR bitmap, APIC-access page and
+// virtual-APIC page; each L2 runs VMCALL in a loop) for S rounds:
+//   migrate  VMPTRLD, write the vmcs, VMLAUNCH, VMCALL exit, VMPTRST, VMCLEAR
+//            (round 0 starts with VMCLEAR): an L2 vCPU migrating;
+//   sched    round 0: VMCLEAR, VMPTRLD, write the vmcs, VMLAUNCH; later rounds
+//            VMPTRLD + VMRESUME; VMCLEAR of every vmcs at the end: L2s
+//            multiplexed on one L1 vCPU.
+// With --l1-vcpus M the steps are spread over M L1 vCPUs, one at a time in a
+// fixed order (a token in L1 memory): L2 j runs its round r on L1 vCPU
+// (j + r) mod M in migrate mode (it moves between L1 vCPUs), j mod M in sched.
+// Capacity C = 8·M contexts. The seed's formulas, with C for 8:
+//   N <= C            reuse = N·(S−1), recycle = 0
+//   N > C, sched      reuse = C·(S−1), recycle = 0
+//   N > C, migrate    reuse = 0,       recycle = N·S − C
+// Ours too: with cache on unmanaged memory and N <= C no remap window opens
+// in rounds after the first (the contexts keep the caches mapped); after
+// teardown no window, pin, context or active cache is left. With map there is
+// no table: reuse and recycle are 0, and the windows per switch are reported.
+#include <CLI/CLI.hpp>
+
+#include "vmx/entry_checks.h"
+#include "workloads/nested_env.h"
+#include "workloads/selftests.h"
+
+namespace nestcache::workloads {
+
+namespace {
+
+namespace ops = cpu::ops;
+using cpu::GuestOp;
+using cpu::GuestTask;
+
+constexpr int kMaxL2 = 16;
+constexpr Gpa kToken = 0x80000;  // L1 word: the next step to run
+constexpr size_t kL1Bytes = 8 << 20;
+
+enum class Mode { migrate, sched };
+const char* mode_name(Mode m) { return m == Mode::migrate ? "migrate" : "sched"; }
+
+struct Config {
+  int l2 = 2, switches = 4, l1_vcpus = 1;
+  Mode mode = Mode::migrate;
+  int capacity() const { return vmx::kNestedOversubRatio * l1_vcpus; }
+  int l1_vcpu_of(int j, int round) const { return mode == Mode::migrate ? (j + round) % l1_vcpus : j % l1_vcpus; }
+};
+
+struct L2Pages {
+  Gpa vmcs, msr_bitmap, apic_access, vapic;
+};
+
+// Host-side bookkeeping the L1 programs fill in as they go (test oracles).
+struct Shared {
+  std::vector<L2Pages> l2;
+  std::vector<uint64_t> windows_at_round;  // remap windows when each round began
+  host::PhysMem* phys = nullptr;
+};
+
+GuestTask l2_program() {
+  for (;;) co_await ops::vmcall(0);
+}
+
+GuestTask l1_program(cpu::Machine& m, Config c, Shared& s, int me) {
+  // Each L1 vCPU needs only its VMXON region.
+  guest::L1Pages pages(kL1PagesStart + static_cast<Gpa>(me) * 0x20000, kL1PagesStart + static_cast<Gpa>(me + 1) * 0x20000);
+  co_await guest::enter_vmx(pages);
+  auto expect_vmcall = [&]() -> GuestTask {
+    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
+    if (reason != vmx::ExitReason::kVmcall)
+      throw guest::VmxError(fmt::format("L2 exited with {}, expected VMCALL", vmx::exit_reason_name(reason)));
+  };
+  const int steps = c.l2 * c.switches;
+  for (int k = 0; k < steps; k++) {
+    int round = k / c.l2, j = k % c.l2;
+    if (c.l1_vcpu_of(j, round) != me) continue;
+    while (co_await ops::read64(kToken) != static_cast<uint64_t>(k)) co_await ops::pause();
+    if (j == 0) s.windows_at_round[round] = s.phys->counters().get(Counter::remap_windows);
+    const L2Pages& p = s.l2[j];
+    if (round == 0) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
+    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{p.vmcs}}, "VMPTRLD");
+    if (c.mode == Mode::migrate || round == 0) {
+      vmx::Vmcs12 v = vmx::minimal_vmcs12();
+      v.primary_proc_controls |= vmx::proc::kUseMsrBitmaps | vmx::proc::kUseTprShadow |
+                                 vmx::proc::kActivateSecondaryControls;
+      v.secondary_proc_controls |= vmx::proc2::kVirtualizeApicAccesses;
+      v.msr_bitmap = p.msr_bitmap;
+      v.apic_access_addr = p.apic_access;
+      v.virtual_apic_page_addr = p.vapic;
+      co_await guest::write_vmcs(v);
+      co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    } else {
+      co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+    }
+    co_await expect_vmcall();
+    if (c.mode == Mode::migrate) {
+      uint64_t cur = co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrst{}}, "VMPTRST");
+      if (cur != p.vmcs) throw guest::VmxError(fmt::format("VMPTRST {:#x}, expected {:#x}", cur, p.vmcs));
+      co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
+    }
+    co_await ops::write64(kToken, k + 1);
+  }
+  while (co_await ops::read64(kToken) != static_cast<uint64_t>(steps)) co_await ops::pause();
+  if (c.mode == Mode::sched)
+    for (int j = me; j < c.l2; j += c.l1_vcpus) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{s.l2[j].vmcs}}, "VMCLEAR");
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+}
+
+struct Expected {
+  uint64_t reuse, recycle;
+};
+
+// The seed's check_stats, with capacity C for its 8.
+Expected expected(const Config& c) {
+  uint64_t n = c.l2, s = c.switches, cap = c.capacity();
+  if (n <= cap) return {n * (s - 1), 0};
+  if (c.mode == Mode::sched) return {cap * (s - 1), 0};
+  return {0, n * s - cap};
+}
+
+void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
+  std::string tag = fmt::format("{} N={} S={} M={} {}", mode_name(c.mode), c.l2, c.switches, c.l1_vcpus,
+                                strategy_name(o.strategy));
+  NestedEnvConfig ec{o.strategy, o.memory};
+  ec.vcpus = c.l1_vcpus;
+  ec.l1_bytes = kL1Bytes;
+  auto env_r = NestedEnv::create(ec);
+  if (!env_r) return r.fail(fmt::format("{}: {}", tag, env_r.error().to_string()));
+  NestedEnv& env = **env_r;
+
+  // The L2s' pages, from an area of L1 memory above the L1 vCPUs' allocators.
+  Shared s;
+  s.phys = env.phys.get();
+  s.windows_at_round.assign(c.switches, 0);
+  Gpa next = 0x400000;
+  for (int j = 0; j < c.l2; j++) {
+    L2Pages p{next, next + kPageSize, next + 2 * kPageSize, next + 3 * kPageSize};
+    next += 4 * kPageSize;
+    uint32_t rev = vmx::kVmcs12Revision;
+    if (auto st = env.vm->write_guest(p.vmcs, &rev, sizeof rev); !st) return r.fail(st.error().to_string());
+    s.l2.push_back(p);
+    env.machine->bind_l2_program(p.vmcs, l2_program());
+  }
+  for (int i = 0; i < c.l1_vcpus; i++) env.machine->set_l1_program(i, l1_program(*env.machine, c, s, i));
+  Status st = env.machine->run(std::chrono::milliseconds(60000));
+  CounterSnapshot k = env.counters();
+  uint64_t windows_end = env.phys->counters().get(Counter::remap_windows);
+  size_t contexts = 0, attached = 0;
+  if (auto* t = env.machine->nested_contexts()) {
+    contexts = t->table().size();
+    attached = t->table().attached_count();
+  }
+  // VM teardown, then the leak checks.
+  env.machine.reset();
+  const CounterSet& pc = env.phys->counters();
+  uint64_t open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
+  uint64_t held_pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
+  size_t active_caches = env.vm->caches().active_count();
+  r.counters += k;
+
+  if (!r.check(static_cast<bool>(st), "{}: {}", tag, st ? std::string() : st.error().to_string())) return;
+  uint64_t reuse = k[Counter::nested_context_reuse], recycle = k[Counter::nested_context_recycle];
+  uint64_t later_windows = windows_end - (c.switches > 1 ? s.windows_at_round[1] : windows_end);
+  uint64_t later_switches = static_cast<uint64_t>(c.l2) * (c.switches - 1);
+  double per_switch = later_switches ? double(later_windows) / double(later_switches) : 0;
+  nlohmann::json d = {{"mode", mode_name(c.mode)},       {"l2", c.l2},
+                      {"switches", c.switches},          {"l1_vcpus", c.l1_vcpus},
+                      {"nested_context_reuse", reuse},   {"nested_context_recycle", recycle},
+                      {"contexts", contexts},            {"remap_windows", windows_end},
+                      {"remap_windows_after_round_0", later_windows},
+                      {"remap_windows_per_switch", per_switch}};
+  r.check(open_windows == 0 && held_pins == 0 && active_caches == 0 && attached == 0,
+          "{}: leaked at teardown: {} remap windows, {} pins, {} active caches, {} attached contexts", tag, open_windows,
+          held_pins, active_caches, attached);
+  if (o.strategy == Strategy::map) {
+    r.check(reuse == 0 && recycle == 0 && contexts == 0, "{}: map uses no nested contexts", tag);
+    r.details["runs"].push_back(d);
+    return;
+  }
+  Expected e = expected(c);
+  d["expected_reuse"] = e.reuse;
+  d["expected_recycle"] = e.recycle;
+  r.details["runs"].push_back(d);
+  r.check(reuse == e.reuse && recycle == e.recycle, "{}: reuse {} recycle {}, the seed's formula says {} and {}", tag,
+          reuse, recycle, e.reuse, e.recycle);
+  r.check(contexts <= static_cast<size_t>(c.capacity()), "{}: {} contexts above capacity {}", tag, contexts,
+          c.capacity());
+  if (o.strategy == Strategy::cache && o.memory == MemoryKind::unmanaged && c.l2 <= c.capacity())
+    r.check(later_windows == 0, "{}: {} remap windows in switch rounds after the first (contexts should keep them)",
+            tag, later_windows);
+}
+
+SelftestResult run_l2_switch(const RunOptions& o) {
+  SelftestResult r;
+  auto switches = o.int_option("switches", 4);
+  auto l1_vcpus = o.int_option("l1-vcpus", 1);
+  if (!switches || !l1_vcpus) return r.fail("--switches and --l1-vcpus take integers"), r;
+  if (*switches < 1 || *switches > 1000) return r.fail(fmt::format("--switches {} is out of range (1..1000)", *switches)), r;
+  if (*l1_vcpus < 1 || *l1_vcpus > 8) return r.fail(fmt::format("--l1-vcpus {} is out of range (1..8)", *l1_vcpus)), r;
+  std::vector<Mode> modes;
+  std::string mode = o.string_option("mode", "all");
+  if (mode == "evmcs")
+    return r.fail("--mode evmcs: the enlightened VMCS is not implemented yet in nestcache (issue 7); "
+                  "use --mode migrate or sched"),
+           r;
+  if (mode == "migrate") modes = {Mode::migrate};
+  else if (mode == "sched") modes = {Mode::sched};
+  else if (mode == "all") modes = {Mode::migrate, Mode::sched};
+  else return r.fail(fmt::format("unknown --mode '{}': expected migrate, sched or evmcs", mode)), r;
+  if (mode == "all")
+    r.note("the seed's sweep runs migrate, sched and evmcs; evmcs is skipped here (the enlightened VMCS is not "
+           "implemented yet)");
+  std::vector<int> counts;
+  std::string l2 = o.string_option("l2", "sweep");
+  if (l2 == "sweep") {
+    for (int n = 2; n <= kMaxL2; n++) counts.push_back(n);
+  } else {
+    auto n = o.int_option("l2", 2);
+    if (!n || *n < 2 || *n > kMaxL2) return r.fail(fmt::format("--l2 {} is out of range (2..{})", l2, kMaxL2)), r;
+    counts.push_back(static_cast<int>(*n));
+  }
+  uint64_t total = modes.size() * counts.size(), done = 0;
+  for (Mode m : modes) {
+    for (int n : counts) {
+      Config c{n, static_cast<int>(*switches), static_cast<int>(*l1_vcpus), m};
+      o.report_progress(done++, total, fmt::format("{} N={}", mode_name(m), n));
+      run_once(o, c, r);
+    }
+  }
+  uint64_t reuse = r.counters[Counter::nested_context_reuse], recycle = r.counters[Counter::nested_context_recycle];
+  if (o.strategy == Strategy::map) {
+    double worst = 0;
+    for (auto& d : r.details["runs"]) worst = std::max(worst, d["remap_windows_per_switch"].get<double>());
+    r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} remap windows per L2 switch on {} "
+                       "memory",
+                       worst, memory_kind_name(o.memory)));
+  } else {
+    r.note(fmt::format("{}: {} runs, the seed's reuse/recycle formulas checked in each ({} reuses, {} recycles in "
+                       "all)",
+                       strategy_name(o.strategy), total, reuse, recycle));
+  }
+  return r;
+}
+
+}  // namespace
+
+void register_l2_switch_selftest() {
+  register_selftest({
+      .name = "l2-switch",
+      .summary = "seed patch 10: L1 switches between N L2s; nested-context reuse and recycle counts",
+      .description =
+          "The seed's vmx_l2_switch_test. One L1 vCPU (8 contexts) runs N L2s (each VMCALLs in a loop) for S "
+          "rounds, in migrate mode (VMPTRLD, VMLAUNCH, VMCLEAR each run) or sched mode (VMPTRLD + VMRESUME, "
+          "VMCLEAR at the end), and checks the seed's nested_context_reuse / nested_context_recycle formulas. "
+          "Also: no remap window after the first round with cache (N <= capacity), nothing leaked at teardown, "
+          "and --l1-vcpus M spreading the L2s over M L1 vCPUs (capacity 8·M). Default: N = 2..16 in migrate and "
+          "sched (the seed's evmcs mode is not implemented yet).",
+      .add_options =
+          [](CLI::App& app, SelftestOptions& o) {
+            o.add(app, "--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep");
+            o.add(app, "--switches", "rounds over every L2", "4")->check(CLI::Range(1, 1000));
+            o.add(app, "--mode", "migrate, sched, evmcs (not implemented yet) or all", "all")
+                ->check(CLI::IsMember({"migrate", "sched", "evmcs", "all"}));
+            o.add(app, "--l1-vcpus", "L1 vCPUs sharing the L2s", "1")->check(CLI::Range(1, 8));
+          },
+      .run = run_l2_switch,
+  });
+}
+
+}  // namespace nestcache::workloads
