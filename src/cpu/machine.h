@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <optional>
 #include <memory>
@@ -97,6 +98,11 @@ class Vcpu final : public vm::Vcpu {
   CounterSet& counters() { return vm::Vcpu::counters(); }
   // Delivers an interrupt vector to this vCPU's local APIC (x2APIC IPI).
   void deliver_interrupt(uint8_t vector);
+  // Test hook: runs on the vCPU thread before each entry into L2, after vmcs02
+  // is built and the vCPU is in guest mode, just before the last check (seed
+  // patch 3). A test lands an invalidation there (from another thread: the
+  // notifier waits for this vCPU to leave guest mode). Set before run().
+  void set_before_last_check_hook(std::function<void()> hook) { before_last_check_ = std::move(hook); }
 
  protected:
   void wake() override;
@@ -133,6 +139,7 @@ class Vcpu final : public vm::Vcpu {
   bool stop_ = false;
   bool reflected_since_entry_ = false;
   L2Program* l2_ = nullptr;  // the program of the current vmcs12, in guest mode
+  std::function<void()> before_last_check_;
 
   // Translation caches (the vCPU's TLB): EPT01 and EPT02 (= EPT12 + EPT01).
   struct Tlb02Entry {

@@ -163,6 +163,7 @@ void Vcpu::run_loop() {
       break;
     }
     if (!enter_guest_mode()) continue;  // a request came in: go round
+    if (before_last_check_ && nested().guest_mode()) before_last_check_();  // tests only
     if (nested().last_check_fails()) {
       // Seed patch 3: a page the hardware would use was invalidated after
       // vmcs02 was built. Cancel the entry; the request refreshes it.
