@@ -1,0 +1,116 @@
+// The seed's two selftests (apic-update, l2-switch) through the registry, as
+// the CLI runs them, plus the nested-context wiring they rely on.
+#include <gtest/gtest.h>
+
+#include "workloads/registry.h"
+#include "workloads/selftests.h"
+
+namespace nestcache::workloads {
+namespace {
+
+SelftestResult run(const std::string& name, Strategy s, MemoryKind m, std::map<std::string, std::string> extra,
+                   bool expect_pass = true) {
+  register_all();
+  const SelftestInfo* info = find_selftest(name);
+  EXPECT_NE(info, nullptr) << name;
+  if (!info) return {};
+  RunOptions o;
+  o.strategy = s;
+  o.memory = m;
+  o.extra = default_extra(*info);
+  for (auto& [k, v] : extra) o.extra[k] = v;
+  SelftestResult r = run_selftest(*info, o);
+  if (expect_pass)
+    for (auto& f : r.failures) ADD_FAILURE() << name << ": " << f;
+  return r;
+}
+
+TEST(ApicUpdate, CacheAndOraclePassBothModesWithEveryPage) {
+  for (Strategy s : {Strategy::cache, Strategy::oracle}) {
+    SelftestResult r = run("apic-update", s, MemoryKind::unmanaged, {{"page", "all"}});
+    EXPECT_TRUE(r.passed) << strategy_name(s);
+    EXPECT_EQ(r.counters[Counter::stale_accesses], 0u);
+    EXPECT_EQ(r.counters[Counter::lost_tpr_writes], 0u);
+    EXPECT_EQ(r.counters[Counter::lost_posted_interrupts], 0u);
+    EXPECT_EQ(r.details["runs"]["discard"]["apic_access_exits"], 8);
+    EXPECT_TRUE(r.details["runs"].contains("move"));
+  }
+}
+
+TEST(ApicUpdate, SeedVariantMoveModeToleratesMmioExits) {
+  SelftestResult r = run("apic-update", Strategy::cache, MemoryKind::unmanaged, {{"mode", "move"}});
+  EXPECT_TRUE(r.passed);
+  auto& d = r.details["runs"]["move"];
+  EXPECT_EQ(d["apic_access_exits"].get<int>() + d["mmio_exits"].get<int>(), 8) << d.dump();
+}
+
+TEST(ApicUpdate, MapOnUnmanagedMemoryUnderDiscardReportsStaleAccesses) {
+  SelftestResult r = run("apic-update", Strategy::map, MemoryKind::unmanaged, {{"mode", "discard"}});
+  EXPECT_TRUE(r.passed) << "the map run passes by reporting";
+  EXPECT_GT(r.counters[Counter::stale_accesses], 0u);
+  ASSERT_FALSE(r.notes.empty());
+  EXPECT_NE(r.notes[0].find("the bug the seed fixes"), std::string::npos) << r.notes[0];
+}
+
+TEST(ApicUpdate, JsonCarriesTheCounters) {
+  SelftestResult r = run("apic-update", Strategy::cache, MemoryKind::managed, {{"mode", "discard"}});
+  RunOptions o;
+  nlohmann::json j = selftest_json("apic-update", o, r);
+  EXPECT_TRUE(j["passed"].get<bool>());
+  EXPECT_TRUE(j["counters"].contains("stale_accesses"));
+  EXPECT_TRUE(j["details"]["runs"].contains("discard"));
+}
+
+struct SwitchCase {
+  const char* mode;
+  int l2;
+  uint64_t reuse, recycle;
+};
+
+TEST(L2Switch, SeedFormulasWithCacheAndOracle) {
+  // S = 4 on one L1 vCPU (capacity 8).
+  for (const SwitchCase& c : {SwitchCase{"migrate", 5, 15, 0}, SwitchCase{"sched", 8, 24, 0},
+                              SwitchCase{"sched", 12, 24, 0}, SwitchCase{"migrate", 12, 0, 40},
+                              SwitchCase{"migrate", 16, 0, 56}}) {
+    for (Strategy s : {Strategy::cache, Strategy::oracle}) {
+      SelftestResult r = run("l2-switch", s, MemoryKind::unmanaged, {{"mode", c.mode}, {"l2", std::to_string(c.l2)}});
+      EXPECT_TRUE(r.passed) << c.mode << " " << c.l2;
+      EXPECT_EQ(r.counters[Counter::nested_context_reuse], c.reuse) << c.mode << " N=" << c.l2;
+      EXPECT_EQ(r.counters[Counter::nested_context_recycle], c.recycle) << c.mode << " N=" << c.l2;
+    }
+  }
+}
+
+TEST(L2Switch, CacheOpensNoWindowAfterTheFirstRound) {
+  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged, {{"mode", "sched"}, {"l2", "8"}});
+  EXPECT_TRUE(r.passed);
+  EXPECT_EQ(r.details["runs"][0]["remap_windows_after_round_0"], 0);
+  EXPECT_GT(r.details["runs"][0]["remap_windows"].get<int>(), 0);
+}
+
+TEST(L2Switch, MapUsesNoContextsAndRemapsEverySwitch) {
+  SelftestResult r = run("l2-switch", Strategy::map, MemoryKind::unmanaged, {{"mode", "migrate"}, {"l2", "4"}});
+  EXPECT_TRUE(r.passed);
+  EXPECT_EQ(r.counters[Counter::nested_context_reuse], 0u);
+  EXPECT_EQ(r.counters[Counter::nested_context_recycle], 0u);
+  EXPECT_GE(r.details["runs"][0]["remap_windows_per_switch"].get<double>(), 3.0);
+}
+
+TEST(L2Switch, SeveralL1VcpusMoveL2sBetweenThem) {
+  // Capacity 16 with two L1 vCPUs: N = 12 fits, N = 16 + migrate fits too.
+  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged,
+                         {{"mode", "migrate"}, {"l2", "12"}, {"l1-vcpus", "2"}});
+  EXPECT_TRUE(r.passed);
+  EXPECT_EQ(r.counters[Counter::nested_context_reuse], 36u);
+  EXPECT_EQ(r.counters[Counter::nested_context_recycle], 0u);
+}
+
+TEST(L2Switch, EvmcsModeIsRejectedClearly) {
+  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged, {{"mode", "evmcs"}}, false);
+  EXPECT_FALSE(r.passed);
+  ASSERT_FALSE(r.failures.empty());
+  EXPECT_NE(r.failures[0].find("not implemented"), std::string::npos) << r.failures[0];
+}
+
+}  // namespace
+}  // namespace nestcache::workloads
