@@ -57,8 +57,11 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
     Gpa entry_gpa = table + ((l2_gpa >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
     Xlate t = translate_l1(v, gpa_to_gfn(entry_gpa));
     if (t.kind != Xlate::Kind::ok) return t;
-    uint64_t entry;
-    std::memcpy(&entry, frame(v, t.tag, "EPT12 walk") + page_offset(entry_gpa), 8);
+    // L1 may rewrite this entry from another vCPU while the walk reads it
+    // (a discard zapping EPT12, as the hardware walker races software on a
+    // real CPU): an atomic load, like every other access to guest memory.
+    auto* entry_ptr = reinterpret_cast<uint64_t*>(frame(v, t.tag, "EPT12 walk") + page_offset(entry_gpa));
+    uint64_t entry = std::atomic_ref<uint64_t>(*entry_ptr).load(std::memory_order_relaxed);
     if (!(entry & (kEptRead | kEptWrite | kEptExec))) return {Xlate::Kind::ept12_violation, {}, 0};
     table = entry & kEptAddrMask;
   }
