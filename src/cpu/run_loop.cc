@@ -354,19 +354,35 @@ void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
 void Vcpu::complete_posted_interrupts_in_software() {
   const vmx::Vmcs12& v = nested().vmcs12();
   Gpa desc = v.posted_intr_desc_addr;
+  size_t off = page_offset(desc);
   uint64_t pir[4] = {};
   bool on = false;
-  Status st = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
-    size_t off = page_offset(desc);
-    on = view.fetch_and8(off + kPiOnByte, static_cast<uint8_t>(~1u)) & 1;
-    if (on)
-      for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + 8 * w, 0);
-  });
+  auto no_op = [](const vmx::PageView&) {};
+  // KVM holds both pages before it touches either; we check that the
+  // virtual-APIC page is reachable first, and if it goes away between taking
+  // PIR and setting IRR, put the bits back: a failed completion must leave
+  // the interrupts pending, never drop them.
+  Status st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, no_op);
+  if (st) {
+    st = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
+      on = view.fetch_and8(off + kPiOnByte, static_cast<uint8_t>(~1u)) & 1;
+      if (on)
+        for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + 8 * w, 0);
+    });
+  }
   if (st && on) {
     st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, [&](const vmx::PageView& view) {
       for (int vec = 0; vec < 256; vec++)
         if ((pir[vec / 64] >> (vec % 64)) & 1) view.fetch_or32(kVapicIrr + 0x10 * (vec / 32), 1u << (vec % 32));
     });
+    if (!st) {
+      Status back = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
+        for (int w = 0; w < 4; w++)
+          if (pir[w]) view.fetch_or64(off + 8 * w, pir[w]);
+        view.fetch_or64(off + kPiOnByte, 1);  // ON: bit 0 of the descriptor's fifth qword
+      });
+      if (!back) counters().add(Counter::lost_posted_interrupts);
+    }
   }
   if (!st) {
     // KVM's mmio_needed: an internal error for the VMM. A VMM that runs the

@@ -80,6 +80,10 @@ class PageView {
     check();
     return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(data_ + off)).exchange(v);
   }
+  uint64_t fetch_or64(size_t off, uint64_t v) const {
+    check();
+    return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(data_ + off)).fetch_or(v);
+  }
   uint32_t fetch_or32(size_t off, uint32_t v) const {
     check();
     return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(data_ + off)).fetch_or(v);

@@ -40,7 +40,7 @@ TEST(ApicUpdate, CacheAndOraclePassBothModesWithEveryPage) {
 TEST(ApicUpdate, SeedVariantMoveModeToleratesMmioExits) {
   // The seed's move variant moves the slot away for good: only entries before the first
   // move can succeed, so give L1 a comfortable head start even on a slow (sanitizer) build.
-  SelftestResult r = run("apic-update", Strategy::cache, MemoryKind::unmanaged, {{"mode", "move"}, {"delay-ms", "40"}});
+  SelftestResult r = run("apic-update", Strategy::cache, MemoryKind::unmanaged, {{"mode", "move"}, {"delay-ms", "400"}});
   EXPECT_TRUE(r.passed);
   auto& d = r.details["runs"]["move"];
   EXPECT_EQ(d["apic_access_exits"].get<int>() + d["mmio_exits"].get<int>(), 8) << d.dump();
