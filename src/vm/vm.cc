@@ -66,30 +66,31 @@ Result<Hva> Vm::gfn_to_hva(Gfn gfn, LookupHint& hint) const {
 
 // --- guest memory --------------------------------------------------------------------
 
-Status Vm::read_guest(Gpa gpa, void* dst, size_t len) const {
-  auto* d = static_cast<std::byte*>(dst);
-  while (len) {
-    size_t chunk = std::min(len, kPageSize - page_offset(gpa));
-    Hva hva = NC_TRY(gfn_to_hva(gpa_to_gfn(gpa)));
-    NC_TRY(mm_.copy_from(hva + page_offset(gpa), d, chunk));
-    gpa += chunk;
-    d += chunk;
-    len -= chunk;
+namespace {
+// Walks [gpa, gpa + len) page by page: fn(hva, done, chunk) for each piece.
+template <class Fn>
+Status for_each_guest_chunk(const Vm& vm, Gpa gpa, size_t len, Fn&& fn) {
+  for (size_t done = 0; done < len;) {
+    Gpa g = gpa + done;
+    size_t chunk = std::min(len - done, kPageSize - page_offset(g));
+    Hva hva = NC_TRY(vm.gfn_to_hva(gpa_to_gfn(g)));
+    NC_TRY(fn(hva + page_offset(g), done, chunk));
+    done += chunk;
   }
   return ok();
+}
+}  // namespace
+
+Status Vm::read_guest(Gpa gpa, void* dst, size_t len) const {
+  auto* d = static_cast<std::byte*>(dst);
+  return for_each_guest_chunk(*this, gpa, len,
+                              [&](Hva hva, size_t done, size_t n) { return mm_.copy_from(hva, d + done, n); });
 }
 
 Status Vm::write_guest(Gpa gpa, const void* src, size_t len) {
   auto* s = static_cast<const std::byte*>(src);
-  while (len) {
-    size_t chunk = std::min(len, kPageSize - page_offset(gpa));
-    Hva hva = NC_TRY(gfn_to_hva(gpa_to_gfn(gpa)));
-    NC_TRY(mm_.copy_to(hva + page_offset(gpa), s, chunk));
-    gpa += chunk;
-    s += chunk;
-    len -= chunk;
-  }
-  return ok();
+  return for_each_guest_chunk(*this, gpa, len,
+                              [&](Hva hva, size_t done, size_t n) { return mm_.copy_to(hva, s + done, n); });
 }
 
 // --- EPT01 ---------------------------------------------------------------------------
