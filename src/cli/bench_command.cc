@@ -26,12 +26,14 @@ std::optional<std::vector<const workloads::BenchInfo*>> resolve_tests(const std:
     return tests.empty() ? std::nullopt : std::optional(tests);
   }
   for (const std::string& name : workloads::split_list(list)) {
-    const workloads::BenchInfo* b = workloads::find_bench(name);
-    if (!b) {
+    std::vector<const workloads::BenchInfo*> named = workloads::find_bench_group(name);
+    if (const workloads::BenchInfo* b = workloads::find_bench(name)) named = {b};
+    if (named.empty()) {
       fmt::print(stderr, "nestcache bench: unknown test '{}'; {}\n", name, known);
       return std::nullopt;
     }
-    if (std::find(tests.begin(), tests.end(), b) == tests.end()) tests.push_back(b);
+    for (const workloads::BenchInfo* b : named)
+      if (std::find(tests.begin(), tests.end(), b) == tests.end()) tests.push_back(b);
   }
   return tests;
 }
@@ -85,7 +87,8 @@ void print_bench_list(bool json) {
   if (json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& t : tests)
-      list.push_back({{"name", t.name}, {"summary", t.summary}, {"in_default_job", t.in_default_job}});
+      list.push_back(
+          {{"name", t.name}, {"group", t.group}, {"summary", t.summary}, {"in_default_job", t.in_default_job}});
     print_json(list);
     return;
   }
@@ -93,6 +96,14 @@ void print_bench_list(bool json) {
   for (const auto& t : tests) width = std::max(width, t.name.size());
   fmt::print("Bench tests (run some with `nestcache bench --tests a,b`; * = part of the main job):\n");
   for (const auto& t : tests) fmt::print("  {:<{}} {} {}\n", t.name, width, t.in_default_job ? '*' : ' ', t.summary);
+  std::vector<std::string> groups;
+  for (const auto& t : tests)
+    if (!t.group.empty() && std::find(groups.begin(), groups.end(), t.group) == groups.end()) groups.push_back(t.group);
+  for (const auto& g : groups) {
+    std::vector<std::string> members;
+    for (const auto* t : workloads::find_bench_group(g)) members.push_back(t->name);
+    fmt::print("  {:<{}}   = {}\n", g, width, workloads::join_names(members));
+  }
   if (tests.empty()) fmt::print("  (none registered in this build yet)\n");
 }
 

@@ -124,6 +124,12 @@ class CachePageSet final : public PageSet {
         }
       }
       NC_TRY(c.refresh(kPageSize));
+      // The refresh may have moved the cache to a new pfn while vmcs02
+      // still holds the old one, and the cache is valid again, so the last
+      // check before entry would let the hardware use the old pfn. Rewrite
+      // vmcs02 before the next entry. (The seed's software paths refresh
+      // without this; frame tags showed the stale pfn here.)
+      vcpu_.make_request(vm::Request::kRefreshGuestPages);
     }
   }
 

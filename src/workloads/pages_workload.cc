@@ -31,7 +31,6 @@ enum Call : uint64_t { kCallMemory = 1, kCallTpr, kCallIrq, kCallIrqDone, kCallD
 
 constexpr uint8_t kNotificationVector = 0xf2;
 constexpr uint32_t kInterceptedMsr = 0x10;
-constexpr uint8_t kFirstVector = 0x80;
 constexpr uint64_t kMmio = ~uint64_t{0};  // what a read of an address without memslot returns
 constexpr uint64_t kWaitNs = 20'000'000;
 
@@ -203,7 +202,7 @@ GuestTask l1_poster(PagesWorkloadConfig c, PagesTranscript& t, L1Shared& shared)
       continue;
     }
     for (int k = 0; k < c.interrupts_per_round; k++) {
-      uint8_t vec = static_cast<uint8_t>(kFirstVector + k);
+      uint8_t vec = posted_vector(t.interrupts_posted);
       Gpa pir = kPiDesc + 8 * (vec / 64);
       for (;;) {  // set the PIR bit (the slot may be moving: MMIO reads retry)
         uint64_t old = co_await read_settled(pir);
@@ -281,6 +280,21 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
   result.counters[Counter::lost_tpr_writes] += t.lost_tpr_writes;
   result.counters[Counter::lost_posted_interrupts] += t.interrupts_posted - t.interrupts_received;
   result.details["transcript"] = t.to_json();
+  if (t.interrupts_posted != t.interrupts_received) {
+    // Where did the missing interrupts stop? Still posted (PIR/ON: a
+    // notification was consumed without processing), in the virtual IRR (L2
+    // never took them), or nowhere (the bits were lost).
+    uint64_t desc[5] = {};
+    uint32_t virr[8] = {};
+    (void)env.vm->read_guest(kPiDesc, desc, sizeof desc);
+    for (int i = 0; i < 8; i++) (void)env.vm->read_guest(kVapic + 0x200 + 0x10 * i, &virr[i], 4);
+    result.details["pending_at_end"] = {{"pir", {desc[0], desc[1], desc[2], desc[3]}},
+                                        {"on", desc[4] & 1},
+                                        {"virtual_irr", virr}};
+    result.note(fmt::format("{} interrupts missing: PIR {:#x} {:#x} {:#x} {:#x} ON {}, virtual IRR {:#x} {:#x} {:#x} {:#x} {:#x} {:#x} {:#x} {:#x}",
+                            t.interrupts_posted - t.interrupts_received, desc[0], desc[1], desc[2], desc[3], desc[4] & 1,
+                            virr[0], virr[1], virr[2], virr[3], virr[4], virr[5], virr[6], virr[7]));
+  }
   result.details["counters_by_vcpu"] = env.counters_by_vcpu();
   return t;
 }

@@ -35,6 +35,13 @@ struct PagesWorkloadConfig {
 };
 
 // What L2 and L1 observed: identical for every strategy when nothing is lost.
+// The vector of the i-th interrupt L1 posts in a run (0-based). Vectors
+// cycle through 64 values so that an interrupt still pending when the poster
+// moves on (its ack deadline passed on a loaded machine) is not merged with a
+// later one of the same vector: a pending vector is one IRR bit, and two
+// posts of it while pending deliver once, architecturally.
+inline uint8_t posted_vector(int i) { return static_cast<uint8_t>(0x80 + i % 64); }
+
 struct PagesTranscript {
   int rounds = 0;
   int memory_mismatches = 0;

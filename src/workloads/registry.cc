@@ -2,6 +2,7 @@
 // result JSON, and the list of built-in scenarios (see registry.h).
 #include "workloads/registry.h"
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <exception>
@@ -27,6 +28,7 @@ namespace nestcache::workloads {
   X(register_apic_update_selftest)      \
   X(register_l2_switch_selftest)        \
   X(register_memslot_perf_bench)        \
+  X(register_l2_switch_bench)           \
   /* one line per scenario file, above this comment */
 
 #define NC_DECLARE_REGISTER(fn) void fn();
@@ -318,6 +320,7 @@ void register_bench(BenchInfo info) {
   NC_CHECK(!info.name.empty());
   NC_CHECK(info.run != nullptr);
   NC_CHECK(find_bench(info.name) == nullptr);
+  NC_CHECK(find_bench_group(info.name).empty());
   bench_registry().push_back(std::move(info));
 }
 
@@ -329,9 +332,19 @@ const BenchInfo* find_bench(std::string_view name) {
   return nullptr;
 }
 
+std::vector<const BenchInfo*> find_bench_group(std::string_view group) {
+  std::vector<const BenchInfo*> v;
+  for (const BenchInfo& b : bench_registry())
+    if (!group.empty() && b.group == group) v.push_back(&b);
+  return v;
+}
+
 std::vector<std::string> bench_names() {
   std::vector<std::string> v;
-  for (const BenchInfo& b : bench_registry()) v.push_back(b.name);
+  for (const BenchInfo& b : bench_registry()) {
+    if (!b.group.empty() && std::find(v.begin(), v.end(), b.group) == v.end()) v.push_back(b.group);
+    v.push_back(b.name);
+  }
   return v;
 }
 

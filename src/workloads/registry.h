@@ -272,6 +272,9 @@ struct BenchRow {
 
 struct BenchInfo {
   std::string name = {};         // as in --tests, kebab-case ("unmap-chunked")
+  // Tests that vary one parameter ("l2-switch-2", "l2-switch-8", ...) share a
+  // group; --tests may name the group to run all of them, in registration order.
+  std::string group = {};
   std::string summary = {};      // one line
   std::string description = {};  // a paragraph
   bool in_default_job = false;   // run by `nestcache` with no arguments
@@ -287,6 +290,8 @@ struct BenchInfo {
 void register_bench(BenchInfo info);
 const std::vector<BenchInfo>& benches();
 const BenchInfo* find_bench(std::string_view name);
+// The tests of a group (empty if `group` names none).
+std::vector<const BenchInfo*> find_bench_group(std::string_view group);
 std::vector<std::string> bench_names();
 
 // A whole `nestcache bench` run: issue 8's JSON object.

@@ -34,6 +34,10 @@ class NestedSelftests : public ::testing::TestWithParam<Case> {
     for (auto& [k, v] : extra) o.extra[k] = v;
     SelftestResult r = info->run(o);
     for (auto& f : r.failures) ADD_FAILURE() << name << ": " << f;
+    if (!r.failures.empty()) {
+      for (auto& n : r.notes) ADD_FAILURE() << name << " (note): " << n;
+      ADD_FAILURE() << name << " (details): " << r.details.dump();
+    }
     return r;
   }
 };
@@ -56,10 +60,11 @@ TEST_P(NestedSelftests, MigrateUnderL2) {
   SelftestResult r = run("migrate-under-l2", {{"rounds", "20"}});
   EXPECT_TRUE(r.passed);
   uint64_t stale = r.counters[Counter::stale_accesses];
-  if (GetParam().strategy == Strategy::map && GetParam().memory == MemoryKind::unmanaged)
+  if (GetParam().strategy == Strategy::map && GetParam().memory == MemoryKind::unmanaged) {
     EXPECT_GT(stale, 0u) << "the detector must see the map strategy's stale pfns";
-  else if (GetParam().strategy != Strategy::map)
+  } else if (GetParam().strategy != Strategy::map) {
     EXPECT_EQ(stale, 0u);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NestedSelftests,

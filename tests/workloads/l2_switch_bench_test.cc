@@ -1,0 +1,68 @@
+// `nestcache bench --tests l2-switch` (issue 7, "Cost"): the rows for N = 2,
+// 8 and 16 carry the context counters, follow the seed's sched formulas, and
+// show what the contexts save: no remap window after the cold round with
+// cache while every L2 has a context, one set of windows per switch with map.
+#include <gtest/gtest.h>
+
+#include "workloads/registry.h"
+
+namespace nestcache::workloads {
+namespace {
+
+constexpr uint64_t kRounds = 3;
+
+BenchRow run(const std::string& name, Strategy s) {
+  register_all();
+  const BenchInfo* b = find_bench(name);
+  EXPECT_NE(b, nullptr) << name;
+  BenchOptions o;
+  o.iterations = kRounds;
+  o.exit_cost_ns = 0;
+  auto row = b->run(o, s);
+  EXPECT_TRUE(row) << (row ? "" : row.error().to_string());
+  return row ? *row : BenchRow{};
+}
+
+TEST(L2SwitchBench, TheGroupNamesTheThreeSizes) {
+  register_all();
+  std::vector<std::string> names;
+  for (const BenchInfo* b : find_bench_group("l2-switch")) names.push_back(b->name);
+  EXPECT_EQ(names, (std::vector<std::string>{"l2-switch-2", "l2-switch-8", "l2-switch-16"}));
+  EXPECT_EQ(find_bench("l2-switch"), nullptr) << "the group is not a test of its own";
+}
+
+TEST(L2SwitchBench, CacheKeepsEveryL2sPagesWhenEachHasAContext) {
+  BenchRow r = run("l2-switch-8", Strategy::cache);
+  EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();
+  EXPECT_EQ(r.iterations, kRounds);
+  EXPECT_EQ(r.extra["nested_context_reuse"].get<uint64_t>(), 8 * (kRounds - 1));
+  EXPECT_EQ(r.extra["nested_context_recycle"].get<uint64_t>(), 0u);
+  EXPECT_EQ(r.counters[Counter::nested_round_trips], 8 * (kRounds - 1));
+  // Unmanaged memory: windows open in the cold round only (MSR bitmap,
+  // APIC-access and virtual-APIC page of each L2).
+  EXPECT_EQ(r.counters[Counter::remap_windows], 8u * 3);
+  EXPECT_EQ(r.counters[Counter::stale_accesses], 0u);
+}
+
+TEST(L2SwitchBench, MapRemapsOnEverySwitchAndUsesNoContexts) {
+  BenchRow r = run("l2-switch-2", Strategy::map);
+  EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();
+  EXPECT_EQ(r.extra["nested_context_reuse"].get<uint64_t>(), 0u);
+  EXPECT_EQ(r.extra["contexts"].get<uint64_t>(), 0u);
+  // Three pages per entry, every entry of every round.
+  EXPECT_EQ(r.counters[Counter::remap_windows], 2u * kRounds * 3);
+  EXPECT_GT(r.seconds_per_round_trip, 0);
+}
+
+TEST(L2SwitchBench, SixteenL2sShareTheEightContexts) {
+  BenchRow r = run("l2-switch-16", Strategy::oracle);
+  EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();
+  EXPECT_EQ(r.extra["nested_context_reuse"].get<uint64_t>(), 8 * (kRounds - 1));
+  EXPECT_EQ(r.extra["l2"].get<int>(), 16);
+  nlohmann::json j = r.to_json();
+  for (const char* key : {"nested_context_reuse", "nested_context_recycle", "seconds_per_switch"})
+    EXPECT_TRUE(j.contains(key)) << key;
+}
+
+}  // namespace
+}  // namespace nestcache::workloads
