@@ -1,5 +1,6 @@
 #include "workloads/pages_workload.h"
 
+#include <atomic>
 #include <thread>
 
 #include "vmx/entry_checks.h"
@@ -40,9 +41,13 @@ uint64_t pattern(int round) { return 0x5157000000000000ull | (uint64_t(round) <<
 struct L1Shared {
   Gpa irq_request;  // round+1 when L2 waits for interrupts; ~0: stop
   Gpa l2_data;      // L1 address of L2's data page
+  // The host thread's changes so far (a test oracle, not guest state): with
+  // churn, L2 starts each round only after at least one more change, so
+  // every round runs under churn however the threads are scheduled.
+  std::atomic<uint64_t> churn_operations{0};
 };
 
-GuestTask l2_program(PagesWorkloadConfig c) {
+GuestTask l2_program(PagesWorkloadConfig c, const std::atomic<uint64_t>& churn_operations) {
   // Interrupts are counted over the whole run: one that arrives after its
   // round's deadline (delayed, e.g. while a memslot was away) still counts;
   // one that never arrives by the final drain is lost.
@@ -59,7 +64,12 @@ GuestTask l2_program(PagesWorkloadConfig c) {
     }
   };
   const uint64_t per_round = c.interrupts_per_round;
+  uint64_t changes = 0;
   for (int r = 0; r < c.rounds; r++) {
+    if (c.churn) {
+      while (churn_operations.load() == changes) co_await ops::pause();
+      changes = churn_operations.load();
+    }
     co_await ops::write64(kL2Data + kPattern + 8 * (r % 32), pattern(r));
     co_await ops::write64(kL2Data + kCall, kCallMemory);
     co_await ops::vmcall(kCallMemory);
@@ -122,7 +132,7 @@ GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1
   v.posted_intr_desc_addr = kPiDesc;
   v.posted_intr_notification_vector = kNotificationVector;
   co_await guest::write_vmcs(v);
-  m.bind_l2_program(vmcs, l2_program(c));
+  m.bind_l2_program(vmcs, l2_program(c, shared.churn_operations));
 
   auto set_msr_intercept = [](bool on) -> GuestTask {
     Gpa byte = kMsrBitmap + kInterceptedMsr / 8;
@@ -251,7 +261,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
     }
     hvas.push_back(*h);
   }
-  L1Shared shared{0x80000, 0};  // a word in L1 memory below its page allocator
+  L1Shared shared{0x80000, 0};  // irq_request: a word in L1 memory below its page allocator
   env.machine->set_l1_program(0, l1_main(*env.machine, c, t, shared, result));
   env.machine->set_l1_program(1, l1_poster(c, t, shared));
 
@@ -268,6 +278,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
           (void)env.vm->set_memory_region({uint32_t(1 + i), 0, slot_gpa(i), kPageSize, hvas[i]});
         }
         t.churn_operations++;
+        shared.churn_operations.fetch_add(1);
         std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
     });

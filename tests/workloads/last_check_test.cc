@@ -149,5 +149,51 @@ TEST(LastCheck, VcpuBoundCacheWhoseActivationFailsIsDeactivatedSoEntriesGoOn) {
   EXPECT_EQ(k[Counter::stale_accesses], 0u);
 }
 
+// L0 software reaching a hardware-used page (the posted-interrupt completion)
+// refreshes an invalidated cache: valid again, possibly at a new pfn, while
+// vmcs02 still holds the old one. The last check looks only for invalid
+// caches, so the refresh itself must ask for vmcs02 to be rewritten. Driven
+// through NestedVmx directly, with the vCPU thread not running, so each step
+// happens in exactly this order.
+TEST(LastCheck, SoftwareRefreshOfAHardwareUsedPageRewritesVmcs02BeforeTheNextEntry) {
+  auto env = make_env();
+  ASSERT_TRUE(env);
+  auto vapic_hva = env->add_page_slot(2, kVapicGpa);
+  ASSERT_TRUE(vapic_hva);
+  cpu::Vcpu& vcpu = env->machine->vcpu(0);
+  vmx::NestedVmx& n = vcpu.nested();
+
+  constexpr Gpa kVmxon = 0x10000, kVmcs = 0x11000;
+  uint32_t rev = vmx::kVmcs12Revision;
+  ASSERT_TRUE(env->vm->write_guest(kVmxon, &rev, sizeof rev));
+  vmx::Vmcs12 v = vmx::minimal_vmcs12();
+  v.primary_proc_controls |= vmx::proc::kUseTprShadow;
+  v.virtual_apic_page_addr = kVapicGpa;
+  std::array<std::byte, kPageSize> image;
+  v.serialize(image);
+  ASSERT_TRUE(env->vm->write_guest(kVmcs, image.data(), image.size()));
+  ASSERT_TRUE(n.vmxon(kVmxon).ok());
+  ASSERT_TRUE(n.vmptrld(kVmcs).ok());
+  vmx::EntryResult e = n.enter(true);
+  ASSERT_EQ(e.kind, vmx::EntryResult::Kind::entered) << e.message << e.instr.message;
+  host::FrameTag before = n.vmcs02().vapic.tag;
+  while (vcpu.check_request(vm::Request::kRefreshGuestPages)) {
+  }
+
+  // The host migrates the page (the vCPU is outside guest mode: no wait),
+  // then L0 software reaches it before the next entry.
+  ASSERT_TRUE(env->mm->migrate(*vapic_hva));
+  EXPECT_TRUE(n.last_check_fails()) << "invalidated";
+  ASSERT_TRUE(n.access_page(vmx::L1Page::vapic, kVapicGpa, [](const vmx::PageView&) {}));
+  EXPECT_FALSE(n.last_check_fails()) << "the refresh made the cache valid again";
+  EXPECT_NE(env->phys->tag(before.pfn), before) << "vmcs02's pfn is the migrated-away frame";
+  EXPECT_TRUE(vcpu.check_request(vm::Request::kRefreshGuestPages))
+      << "without this request the entry would use the old pfn";
+  ASSERT_TRUE(n.refresh_guest_pages());
+  host::FrameTag after = n.vmcs02().vapic.tag;
+  EXPECT_EQ(env->phys->tag(after.pfn), after) << "vmcs02 rewritten to the live frame";
+  EXPECT_NE(after, before);
+}
+
 }  // namespace
 }  // namespace nestcache::workloads
