@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <set>
 #include <thread>
 
@@ -63,6 +64,10 @@ TEST(NestedStateMachine, GetWorksWhileL2RunsOnTheVcpuThread) {
   EXPECT_FALSE(image->run_pending);
   EXPECT_GT((*env)->counters()[Counter::kicks], kicks_before) << "the vCPU was kicked out of L2";
 
+  // Let the other thread take some while L2 is parked too.
+  for (auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+       guest_mode.load() < 3 && std::chrono::steady_clock::now() < deadline;)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   stop.store(true);
   hammer.join();
   Status st = (*parked)->release();
