@@ -64,6 +64,10 @@ Status Machine::run(std::chrono::milliseconds timeout) {
   for (auto& v : vcpus_) {
     NC_CHECK(v->l1_);
     Vcpu* raw = v.get();
+    {
+      MutexLock l(raw->call_mu_);  // VMM calls go to the thread from now on
+      raw->thread_running_ = true;
+    }
     v->thread_ = std::thread([raw] { raw->run_loop(); });
   }
   bool timed_out;

@@ -23,6 +23,7 @@
 #include <map>
 #include <optional>
 #include <memory>
+#include <span>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -119,6 +120,18 @@ class Vcpu final : public vm::Vcpu {
   void handle_l2_exit(const Exit& e);
   void complete_nested_entry(const vmx::EntryResult& r);
   void complete_posted_interrupts_in_software();
+  // VMM calls (vcpu_nested_state.cc): runs `fn` on this vCPU's thread
+  // between two entries, out of guest mode, and waits for it; if the thread
+  // is not running, runs it on the caller's thread (the vCPU cannot run
+  // meanwhile). One call at a time.
+  void call_on_vcpu(const std::function<void()>& fn) NC_EXCLUDES(call_mu_);
+  // The vCPU thread's side: runs the pending call, if any.
+  void serve_vmm_call() NC_EXCLUDES(call_mu_);
+  // The vCPU thread leaves its loop: later calls run on their caller's thread.
+  void stop_serving_vmm_calls() NC_EXCLUDES(call_mu_);
+  // The kGetNestedStatePages request: resolve the restored vmcs12's pages
+  // and bind its L2 program, or fail the entry with an internal error.
+  void get_nested_state_pages();
   // Takes the posted-interrupt notification vector out of the APIC, if it
   // arrived; true if it did.
   bool take_notification();
@@ -159,6 +172,14 @@ class Vcpu final : public vm::Vcpu {
   bool woken_ NC_GUARDED_BY(apic_mu_) = false;
   std::atomic<bool> irq_arrived_{false};  // an interrupt reached l1_irr_ since last looked
 
+  // VMM calls (call_on_vcpu). `call_` points at the caller's function while
+  // it waits; the vCPU thread runs it without the lock and then bumps
+  // `calls_done_`.
+  Mutex call_mu_{LockRank::kVcpuRun};
+  CondVar call_cv_;
+  bool thread_running_ NC_GUARDED_BY(call_mu_) = false;
+  const std::function<void()>* call_ NC_GUARDED_BY(call_mu_) = nullptr;
+  uint64_t calls_done_ NC_GUARDED_BY(call_mu_) = 0;
 };
 
 class Machine {
@@ -192,6 +213,24 @@ class Machine {
   // The sum of every vCPU's counters and the VM's (the VM's include
   // nested_context_reuse and nested_context_recycle).
   CounterSnapshot counters() const;
+
+  // --- nested state (KVM_GET/SET_NESTED_STATE; vcpu_nested_state.cc) -----------
+  // Both work at any time. While run() is active the vCPU thread is asked
+  // (kVmmCall + kick) to leave guest mode and do the work between two
+  // entries, as KVM's ioctls run with the vCPU out of KVM_RUN, and the
+  // caller waits; a vCPU whose thread is not running is used directly.
+  //
+  // vCPU `i`'s nested state as a version-1 blob (docs/nested-state.md).
+  // EINVAL for a bad vCPU index.
+  Result<std::vector<std::byte>> get_nested_state(int i);
+  // Restores vCPU `i`'s nested state from `blob`. Everything is validated
+  // first (vmx::NestedVmx::set_nested_state: E2BIG for an oversized blob,
+  // EINVAL naming the broken rule otherwise), and on error nothing changed.
+  // In guest mode the vmcs12 pages are resolved by kGetNestedStatePages
+  // before the next entry, which then binds the L2 program of the restored
+  // vmcs12 (bind_l2_program it before run()); a page that cannot be had
+  // fails that entry with a KVM internal error (run() returns it).
+  Status set_nested_state(int i, std::span<const std::byte> blob);
 
   // The VM's nested-context table (seed patches 8-9): made for the cache and
   // oracle strategies, nullptr for map (the kernel today has none).

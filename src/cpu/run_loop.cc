@@ -129,6 +129,10 @@ void Vcpu::process_requests() {
   }
   if (check_request(vm::Request::kTlbFlushGuest)) tlb02_.clear();
   check_request(vm::Request::kOutsideGuestMode);  // its only job was the exit
+  // Nested state: a VMM call first (a set raises the request below), then
+  // the restored vmcs12's pages, before any entry.
+  if (check_request(vm::Request::kVmmCall)) serve_vmm_call();
+  if (check_request(vm::Request::kGetNestedStatePages)) get_nested_state_pages();
   check_request(vm::Request::kEvent);
   if (check_request(vm::Request::kRefreshGuestPages)) {
     // The caches the hardware uses were invalidated: refresh them and
@@ -172,11 +176,13 @@ void Vcpu::run_loop() {
       counters().add(Counter::entry_cancels);
       continue;
     }
+    if (nested().guest_mode()) nested().set_run_pending(false);  // L2 is on the hardware now
     Exit e = run_guest();
     exit_guest_mode();
     if (e.kind != Exit::Kind::none) burn_transition();
     handle_exit(e);
   }
+  stop_serving_vmm_calls();
   m_.vcpu_finished();
 }
 
@@ -334,6 +340,7 @@ void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
       return;
     case K::entered: break;
   }
+  nested().set_run_pending(true);  // until L2 is on the hardware (nested state)
   // L1's VMLAUNCH/VMRESUME stays pending while L2 runs; it completes at the
   // next reflected exit.
   if (reflected_since_entry_ && l1_.pending()->is<GuestOp::Vmresume>()) counters().add(Counter::nested_round_trips);

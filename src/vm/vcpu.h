@@ -32,6 +32,7 @@ enum class Request : uint32_t {
   kStop = 4,               // leave the run loop
   kGetNestedStatePages = 5,// resolve vmcs12 pages after nested-state restore
   kTlbFlushGuest = 6,      // flush L2 translations (INVEPT / L1 request)
+  kVmmCall = 7,            // a VMM call (get/set nested state) waits to run on the vCPU thread
   kCount
 };
 

@@ -15,6 +15,7 @@
 
 #include "vm/vcpu.h"
 #include "vm/vm.h"
+#include "vmx/nested_state_format.h"
 #include "vmx/page_strategy.h"
 #include "vmx/vmcs12.h"
 
@@ -109,6 +110,33 @@ class NestedVmx {
   // leave guest mode. L1 resumes after its VMLAUNCH/VMRESUME.
   void reflect_exit(const ExitInfo& exit);
 
+  // --- nested state (KVM_GET/SET_NESTED_STATE; nested_state.cc) ---------------
+  // As KVM's ioctls, these run only while the vCPU is not running: on its own
+  // thread between two entries, or while its thread is stopped.
+  // cpu::Machine::get_nested_state / set_nested_state arrange that.
+  //
+  // The state as a blob image: VMXON and current-vmcs12 addresses, guest
+  // mode, run pending, and L0's cached vmcs12 (not the copy in L1 memory).
+  NestedStateImage get_nested_state() const;
+  // Decodes and validates `blob` completely -- size (E2BIG above
+  // kNestedStateMaxSize), format and state rules (decode), memslots
+  // (check_nested_state_addresses), eVMCS support -- and only then replaces
+  // this vCPU's nested state. On error nothing has changed. In guest mode the
+  // vmcs12 pages are not resolved here: kGetNestedStatePages is requested and
+  // get_nested_state_pages() resolves them before the next entry.
+  Status set_nested_state(std::span<const std::byte> blob);
+  // The kGetNestedStatePages request (KVM's vmx_get_nested_state_pages):
+  // gets the vmcs12 pages through the strategy with KVM's fallbacks and
+  // builds vmcs02. An error is the KVM internal error the entry then fails
+  // with (no APIC-access page; a virtual-APIC page that leaves vmcs02 with
+  // an invalid address). Nothing to do outside guest mode.
+  Status get_nested_state_pages();
+  // nested_run_pending: L1's VMLAUNCH/VMRESUME was emulated (enter()
+  // succeeded) but L2 has not run yet. The cpu layer sets it when enter()
+  // succeeds and clears it at the hardware entry into L2.
+  bool run_pending() const { return guest_mode_ && run_pending_; }
+  void set_run_pending(bool pending) { run_pending_ = pending; }
+
   // --- L0 software access to L1 pages (posted-interrupt completion etc.) -------
   Status access_page(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn);
 
@@ -137,6 +165,10 @@ class NestedVmx {
   // VMCLEAR / VMXOFF / teardown clear.
   void load_context(Gpa vmptr);
   void clear_context(Gpa vmptr);
+  // Nested state (nested_state.cc). The eVMCS hook: whether this vCPU can
+  // restore a blob with the eVMCS flag (EINVAL until the eVMCS path exists).
+  Status check_evmcs_nested_state(const NestedStateImage& s) const;
+  bool gpa_backed(Gpa gpa, uint64_t len) const;
 
   vm::Vm& vm_;
   vm::Vcpu& vcpu_;
@@ -149,6 +181,7 @@ class NestedVmx {
   Gpa current_ = kInvalidGpa;
   Vmcs12 vmcs12_;
   bool guest_mode_ = false;
+  bool run_pending_ = false;  // nested state: see run_pending()
   Vmcs02 vmcs02_;
 };
 

@@ -81,8 +81,11 @@ Result<NestedStateImage> decode(std::span<const std::byte> blob) {
   if (const auto hsize = get<uint16_t>(blob, off::kHeaderSize); hsize != kNestedStateHeaderSize)
     return bad("header size {} is wrong for version 1 (must be {})", hsize, kNestedStateHeaderSize);
   const auto total = get<uint32_t>(blob, off::kTotalSize);
-  if (total != blob.size())
-    return bad("total size field says {} bytes but the blob has {}", total, blob.size());
+  if (total > blob.size())
+    return bad("total size field says {} bytes but the blob has {}: truncated", total, blob.size());
+  if (total < blob.size())
+    return bad("total size field says {} bytes but the blob has {}: {} trailing bytes", total, blob.size(),
+               blob.size() - total);
   const auto image_size = get<uint32_t>(blob, off::kVmcs12Size);
   if (image_size != 0 && image_size != kVmcsRegionSize)
     return bad("vmcs12 image size {} is neither 0 nor {}", image_size, kVmcsRegionSize);

@@ -50,6 +50,9 @@ namespace nestcache::vmx {
 inline constexpr uint32_t kNestedStateMagic = 0x534e434e;  // "NCNS" in memory order
 inline constexpr uint16_t kNestedStateVersion = 1;
 inline constexpr size_t kNestedStateHeaderSize = 64;
+// The largest version-1 blob: the header and one vmcs12 image. A restore
+// refuses anything longer with E2BIG before parsing it.
+inline constexpr size_t kNestedStateMaxSize = kNestedStateHeaderSize + kVmcsRegionSize;
 
 namespace nested_state_flag {
 // The vCPU is in VMX non-root operation running L2 (needs a current vmcs12).

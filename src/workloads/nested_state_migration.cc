@@ -1,0 +1,345 @@
+// The mid-L2 migration scenario (see nested_state_migration.h).
+#include "workloads/nested_state_migration.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "cpu/cpu_model.h"
+#include "vmx/entry_checks.h"
+
+namespace nestcache::workloads::nested_state {
+
+namespace {
+
+namespace ops = cpu::ops;
+using cpu::GuestOp;
+using cpu::GuestTask;
+using cpu::OpResult;
+
+constexpr size_t kL1Bytes = 8 << 20;
+constexpr auto kRunTimeout = std::chrono::seconds(60);
+
+// L1's own bookkeeping, below its page allocator (kL1PagesStart): its
+// "registers" for this scenario live in memory so a restored L1 finds them.
+constexpr Gpa kL1State = 0x80000;
+constexpr Gpa kStateVmcs12 = kL1State + 0x00, kStateData = kL1State + 0x08, kStateCount = kL1State + 0x10,
+              kStateSteps = kL1State + 0x18;
+constexpr Gpa kTranscript = 0x90000;  // TranscriptEntry as 5 qwords each
+constexpr size_t kEntryBytes = 5 * 8;
+constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / kEntryBytes;
+
+// L2's data page (an L2 address, mapped by EPT12 onto an L1 page).
+constexpr Gpa kL2Data = 0x200000;
+constexpr uint64_t kAck = 0x00, kReq = 0x08, kCallWord = 0x10, kParked = 0x18, kGo = 0x20, kReceived = 0x28,
+                   kResults = 0x100;
+enum Call : uint64_t { kCallStep = 1, kCallIrq, kCallIrqDone, kCallDone };
+
+constexpr uint32_t kMsrIntercepted = 0x10;  // read-intercepted in L1's bitmap
+constexpr uint32_t kMsrPassthrough = 0x11;
+constexpr uint8_t kNotificationVector = 0xf2;
+constexpr uint8_t kFirstVector = 0x80;
+
+uint64_t mix(uint64_t prev, uint64_t step) {
+  uint64_t x = (prev ^ (step * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+  return x ^ (x >> 31);
+}
+
+// L2: restartable from its memory. It resumes after the last step L1
+// acknowledged; a step redone after a restore repeats exactly what it did.
+GuestTask l2_program(int steps, int park_step) {
+  uint64_t first = (co_await ops::read64(kL2Data + kAck)) + 1;
+  for (uint64_t i = first; i <= static_cast<uint64_t>(steps); i++) {
+    if (i == static_cast<uint64_t>(park_step)) {
+      // The migration point: spin without exits until the VMM says go.
+      co_await ops::write64(kL2Data + kParked, 1);
+      while (!(co_await ops::read64(kL2Data + kGo))) co_await ops::pause();
+    }
+    uint64_t prev = i > 1 ? co_await ops::read64(kL2Data + kResults + 8 * (i - 1)) : 0x5eed;
+    co_await ops::write64(kL2Data + kResults + 8 * i, mix(prev, i));
+    co_await ops::write_cr8(i & 0xf);  // TPR shadow: VTPR in the virtual-APIC page
+    co_await ops::write64(kL2Data + kReq, i);
+    switch (i % 4) {
+      case 0:
+        co_await ops::write64(kL2Data + kCallWord, kCallStep);
+        co_await ops::vmcall(kCallStep);
+        break;
+      case 1:
+        co_await ops::write32(kApicGpa + cpu::kVapicTpr, static_cast<uint32_t>(i));  // APIC-access exit
+        break;
+      case 2:
+        (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
+        (void)co_await ops::rdmsr(kMsrIntercepted);  // exits to L1
+        break;
+      case 3: {
+        co_await ops::write64(kL2Data + kCallWord, kCallIrq);
+        co_await ops::vmcall(kCallIrq);  // L1 posts one interrupt while L2 is out
+        uint64_t got = 0;
+        uint64_t deadline = co_await ops::now() + 2'000'000'000;
+        while (!got && co_await ops::now() < deadline) got = (co_await ops::exec(GuestOp{GuestOp::Hlt{}})).value;
+        if (got) co_await ops::eoi();
+        co_await ops::write64(kL2Data + kReceived, got);
+        co_await ops::write64(kL2Data + kCallWord, kCallIrqDone);
+        co_await ops::vmcall(kCallIrqDone);
+        break;
+      }
+    }
+  }
+  co_await ops::write64(kL2Data + kReq, steps + 1);
+  co_await ops::write64(kL2Data + kCallWord, kCallDone);
+  for (;;) co_await ops::vmcall(kCallDone);
+}
+
+// L1's exit loop, entered right after a VMLAUNCH/VMRESUME returned (L2 has
+// exited). Its state is in kL1State, so a restored L1 runs the same loop.
+GuestTask l1_exit_loop() {
+  const Gpa data = co_await ops::read64(kStateData);
+  for (;;) {
+    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & vmx::kExitReasonBasicMask);
+    TranscriptEntry e;
+    e.reason = static_cast<uint64_t>(reason);
+    e.step = co_await ops::read64(data + kReq);
+    uint64_t steps = co_await ops::read64(kStateSteps);
+    if (e.step >= 1 && e.step <= steps) e.value = co_await ops::read64(data + kResults + 8 * e.step);
+    e.vtpr = (co_await ops::read32(kVapicGpa + cpu::kVapicTpr)) & 0xff;
+    bool ack = true, done = false;
+    switch (reason) {
+      case vmx::ExitReason::kApicAccess:
+        e.info = co_await guest::vmread(vmx::field::kExitQualification);
+        break;
+      case vmx::ExitReason::kMsrRead:
+        e.info = kMsrIntercepted;
+        break;
+      case vmx::ExitReason::kVmcall: {
+        uint64_t call = co_await ops::read64(data + kCallWord);
+        if (call == kCallDone) {
+          done = true;
+        } else if (call == kCallIrq) {
+          // Post one interrupt: PIR bit, ON, then the notification IPI to
+          // ourselves; L0 completes it in software at the next entry.
+          auto vec = static_cast<uint8_t>(kFirstVector + e.step % 32);
+          Gpa pir = kPiDesc + 8 * (vec / 64);
+          co_await ops::write64(pir, (co_await ops::read64(pir)) | (uint64_t{1} << (vec % 64)));
+          co_await ops::write64(kPiDesc + 32, (co_await ops::read64(kPiDesc + 32)) | 1);
+          co_await ops::send_ipi(0, kNotificationVector);
+          e.info = vec;
+          ack = false;  // the step goes on: L2 still has to receive it
+        } else if (call == kCallIrqDone) {
+          e.info = co_await ops::read64(data + kReceived);
+        }
+        break;
+      }
+      default:
+        throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
+    }
+    uint64_t n = co_await ops::read64(kStateCount);
+    if (n >= kMaxEntries) throw guest::VmxError("transcript full");
+    const Gpa at = kTranscript + n * kEntryBytes;
+    co_await ops::write64(at + 0, e.step);
+    co_await ops::write64(at + 8, e.reason);
+    co_await ops::write64(at + 16, e.info);
+    co_await ops::write64(at + 24, e.value);
+    co_await ops::write64(at + 32, e.vtpr);
+    co_await ops::write64(kStateCount, n + 1);
+    if (done) co_return;
+    if (ack) co_await ops::write64(data + kAck, e.step);
+    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+  }
+}
+
+// The source's L1: sets everything up and launches L2.
+GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
+  guest::L1Pages pages(kL1PagesStart, 4 << 20);
+  co_await guest::enter_vmx(pages);
+  Gpa vmcs = pages.alloc();
+  co_await guest::init_region(vmcs);
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+  guest::Ept12 ept(pages);
+  Gpa data = pages.alloc();
+  co_await ept.map(kL2Data, data);
+  co_await ept.map(kApicGpa, kApicGpa);
+  Gpa bitmap = pages.alloc();
+  co_await ops::write8(bitmap + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));  // read, low MSRs
+
+  vmx::Vmcs12 v = vmx::minimal_vmcs12();
+  v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow | vmx::proc::kUseMsrBitmaps;
+  v.secondary_proc_controls |=
+      vmx::proc2::kEnableEpt | vmx::proc2::kVirtualizeApicAccesses | vmx::proc2::kVirtualInterruptDelivery;
+  v.pin_based_controls |= vmx::pin::kPostedInterrupts | vmx::pin::kExternalInterruptExiting;
+  v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
+  v.ept_pointer = ept.eptp();
+  v.msr_bitmap = bitmap;
+  v.apic_access_addr = kApicGpa;
+  v.virtual_apic_page_addr = kVapicGpa;
+  v.posted_intr_desc_addr = kPiDesc;
+  v.posted_intr_notification_vector = kNotificationVector;
+  co_await guest::write_vmcs(v);
+
+  co_await ops::write64(kStateVmcs12, vmcs);
+  co_await ops::write64(kStateData, data);
+  co_await ops::write64(kStateSteps, static_cast<uint64_t>(c.steps));
+  m.bind_l2_program(vmcs, l2_program(c.steps, c.park_step()));
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+  co_await l1_exit_loop();
+}
+
+// The destination's L1. Its first operation must be the VMRESUME that the
+// restored guest mode has in flight: the vCPU runs L2 first, and L2's first
+// reflected exit completes whatever L1 operation is pending.
+GuestTask l1_restored() {
+  OpResult r = co_await ops::vmresume();
+  if (!r.ok()) throw guest::VmxError("the restored VMRESUME failed: " + cpu::to_string(r));
+  co_await l1_exit_loop();
+}
+
+uint64_t read_u64(NestedEnv& env, Gpa gpa) {
+  uint64_t x = 0;
+  (void)env.vm->read_guest(gpa, &x, sizeof x);
+  return x;
+}
+
+Status write_u64(NestedEnv& env, Gpa gpa, uint64_t x) { return env.vm->write_guest(gpa, &x, sizeof x); }
+
+struct SlotLayout {
+  uint32_t slot;
+  Gpa gpa;
+  size_t bytes;
+};
+const SlotLayout kSlots[] = {
+    {0, 0, kL1Bytes}, {kApicSlot, kApicGpa, kPageSize}, {kVapicSlot, kVapicGpa, kPageSize}, {kPiSlot, kPiPage, kPageSize}};
+
+}  // namespace
+
+Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector<uint32_t> leave_out) {
+  NestedEnvConfig ec{c.strategy, c.memory};
+  ec.vcpus = 1;
+  ec.l1_bytes = kL1Bytes;
+  auto env = NC_TRY(NestedEnv::create(ec));
+  for (const SlotLayout& s : kSlots) {
+    if (s.slot == 0 || std::find(leave_out.begin(), leave_out.end(), s.slot) != leave_out.end()) continue;
+    NC_TRY(env->add_page_slot(s.slot, s.gpa));
+  }
+  return env;
+}
+
+Transcript read_transcript(NestedEnv& env) {
+  Transcript t;
+  uint64_t n = std::min<uint64_t>(read_u64(env, kStateCount), kMaxEntries);
+  for (uint64_t k = 0; k < n; k++) {
+    uint64_t q[5] = {};
+    (void)env.vm->read_guest(kTranscript + k * kEntryBytes, q, sizeof q);
+    t.push_back({q[0], q[1], q[2], q[3], q[4]});
+  }
+  return t;
+}
+
+Result<std::unique_ptr<ParkedRun>> ParkedRun::start(NestedEnv& env, const MigrationConfig& c) {
+  std::unique_ptr<ParkedRun> p(new ParkedRun(env));
+  env.machine->set_l1_program(0, l1_fresh(*env.machine, c));
+  ParkedRun* raw = p.get();
+  p->runner_ = std::thread([raw] {
+    raw->status_ = raw->env_.machine->run(kRunTimeout);
+    raw->finished_.store(true);
+  });
+  // The VMM polls L2's data page (its L1 address is in L1's state block once
+  // L1 has set up) until L2 parks or the run ends.
+  for (;;) {
+    Gpa data = read_u64(env, kStateData);
+    if (data && read_u64(env, data + kParked)) return p;
+    if (p->finished_.load()) {
+      p->runner_.join();
+      if (!p->status_) return tl::unexpected(p->status_.error());
+      return errorf(EPROTO, "the run ended before L2 reached the migration point");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+Status ParkedRun::release() {
+  if (!runner_.joinable()) return status_;
+  Gpa data = read_u64(env_, kStateData);
+  Status st = write_u64(env_, data + kGo, 1);
+  runner_.join();
+  if (!st) return st;
+  return status_;
+}
+
+ParkedRun::~ParkedRun() { (void)release(); }
+
+SourceRun run_source(const MigrationConfig& c, bool save) {
+  SourceRun out;
+  auto env_r = make_vm(c);
+  if (!env_r) {
+    out.run = tl::unexpected(env_r.error());
+    return out;
+  }
+  NestedEnv& env = **env_r;
+  auto parked = ParkedRun::start(env, c);
+  if (!parked) {
+    out.run = tl::unexpected(parked.error());
+    out.transcript = read_transcript(env);
+    return out;
+  }
+  out.parked = true;
+  if (save) {
+    // L2 is running (parked in a loop without exits): the get kicks it out
+    // of guest mode and runs on the vCPU thread between two entries.
+    auto blob = env.machine->get_nested_state(0);
+    if (blob) out.blob = std::move(*blob);
+    // L2 only reads memory while parked, and L1 is not running: the memory
+    // is quiescent, as a paused VM's is.
+    for (const SlotLayout& s : kSlots) {
+      MemoryImage::Slot m{s.slot, s.gpa, std::vector<std::byte>(s.bytes)};
+      if (env.vm->read_guest(s.gpa, m.bytes.data(), m.bytes.size())) out.memory.slots.push_back(std::move(m));
+    }
+  }
+  out.run = (*parked)->release();
+  out.transcript = read_transcript(env);
+  out.counters = env.counters();
+  return out;
+}
+
+Status restore_memory(NestedEnv& env, const MemoryImage& image) {
+  for (const MemoryImage::Slot& s : image.slots) {
+    if (!env.vm->gfn_to_hva(gpa_to_gfn(s.gpa))) continue;  // a slot the destination does not have
+    NC_TRY(env.vm->write_guest(s.gpa, s.bytes.data(), s.bytes.size()));
+  }
+  Gpa data = read_u64(env, kStateData);
+  if (!data) return errorf(EINVAL, "the memory image has no L1 state block");
+  return write_u64(env, data + kGo, 1);
+}
+
+Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs12) {
+  if (vmcs12 == kInvalidGpa) return errorf(EINVAL, "the restored state has no current vmcs12");
+  env.machine->bind_l2_program(vmcs12, l2_program(c.steps, c.park_step()));
+  env.machine->set_l1_program(0, l1_restored());
+  return ok();
+}
+
+RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, std::span<const std::byte> blob,
+                         std::vector<uint32_t> leave_out) {
+  RestoredRun out;
+  auto fail = [&](const Error& e) {
+    out.set = tl::unexpected(e);
+    out.run = tl::unexpected(e);
+    return out;
+  };
+  auto env_r = make_vm(c, std::move(leave_out));
+  if (!env_r) return fail(env_r.error());
+  NestedEnv& env = **env_r;
+  if (auto st = restore_memory(env, memory); !st) return fail(st.error());
+  out.set = env.machine->set_nested_state(0, blob);
+  if (!out.set) {
+    out.run = out.set;
+    return out;
+  }
+  auto image = vmx::decode(blob);
+  if (!image) return fail(image.error());
+  if (auto st = bind_restored_programs(env, c, image->current_vmcs_gpa); !st) return fail(st.error());
+  out.run = env.machine->run(kRunTimeout);
+  out.transcript = read_transcript(env);
+  out.counters = env.counters();
+  return out;
+}
+
+}  // namespace nestcache::workloads::nested_state

@@ -1,0 +1,143 @@
+// Migrating an L1 vCPU mid-L2 across VMs with the nested-state blob: the
+// pieces the `nested-state` selftest and its tests are built from.
+//
+// The guest: one L1 vCPU runs one L2 whose vmcs12 uses every page L0 gets
+// for a nested guest (MSR bitmap, APIC-access page, virtual-APIC page with
+// TPR shadow and virtual-interrupt delivery, posted-interrupt descriptor;
+// the last three in one-page memslots of their own). L2 runs --steps steps;
+// each computes a value into its memory, sets CR8, and ends with one exit L1
+// handles: a VMCALL, an APIC-access write, an intercepted RDMSR, or a
+// request for a posted interrupt which L2 then receives. L1 appends what it
+// saw (exit, qualification or vector, L2's value, the VTPR in the
+// virtual-APIC page) to a transcript in its memory.
+//
+// Migration: before step park_step() L2 parks (spins, without exits, on a
+// "go" word in its memory). The VMM then takes the nested state while L2
+// runs (Machine::get_nested_state kicks the vCPU out of L2), copies every
+// memslot, and lets the source go on. A fresh VM gets the same memslots and
+// the copied memory, the blob is restored (Machine::set_nested_state), and
+// its L1 and L2 programs pick up from guest memory: a coroutine's stack is
+// not in the blob, just as a real vCPU's registers are not in nested state.
+// For that, the L2 program keeps its progress in its memory (the step L1
+// acknowledged last), and the restored L1 program's first operation is the
+// VMRESUME that the blob's guest mode has in flight.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "workloads/nested_env.h"
+
+namespace nestcache::workloads::nested_state {
+
+inline constexpr Gpa kApicGpa = 0xc0000000;   // slot 1
+inline constexpr Gpa kVapicGpa = 0xd0000000;  // slot 2
+inline constexpr Gpa kPiPage = 0xe0000000;    // slot 3
+inline constexpr Gpa kPiDesc = kPiPage + 0x40;
+inline constexpr uint32_t kApicSlot = 1, kVapicSlot = 2, kPiSlot = 3;
+
+struct MigrationConfig {
+  Strategy strategy = Strategy::cache;
+  MemoryKind memory = MemoryKind::unmanaged;
+  int steps = 16;  // 4..256
+  // L2 parks before this step (the migration point).
+  int park_step() const { return steps / 2 + 1; }
+};
+
+// One transcript line: what L1 saw at one exit.
+struct TranscriptEntry {
+  uint64_t step = 0;    // the step L2 was on
+  uint64_t reason = 0;  // basic exit reason
+  uint64_t info = 0;    // exit qualification, or the posted / received vector
+  uint64_t value = 0;   // L2's value of that step, read by L1
+  uint64_t vtpr = 0;    // the VTPR byte of the virtual-APIC page
+  bool operator==(const TranscriptEntry&) const = default;
+};
+using Transcript = std::vector<TranscriptEntry>;
+
+// The guest memory of a VM, memslot by memslot, as a VMM copies it.
+struct MemoryImage {
+  struct Slot {
+    uint32_t slot;
+    Gpa gpa;
+    std::vector<std::byte> bytes;
+  };
+  std::vector<Slot> slots;
+};
+
+// A VM laid out for the scenario: L1 memory in slot 0, the APIC-access,
+// virtual-APIC and descriptor pages in slots 1-3. `leave_out` lists page
+// slots not to create (tests of pages that cannot be resolved).
+Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector<uint32_t> leave_out = {});
+
+// The source side. Runs the scenario from the start in a new VM; when L2
+// parks, takes the nested state (if `save`) and the memory, then lets L2 go
+// on to the end.
+struct SourceRun {
+  Status run;                    // Machine::run's result
+  Transcript transcript;         // the whole run's
+  std::vector<std::byte> blob;   // the state taken mid-L2 (save only)
+  MemoryImage memory;            // the memory at that moment (save only)
+  bool parked = false;           // L2 reached the migration point
+  CounterSnapshot counters;
+};
+SourceRun run_source(const MigrationConfig& c, bool save);
+
+// Copies `image` into `env` (each slot that exists there) and releases the
+// parked L2 (the "go" word), as the VMM does before resuming a migrated VM.
+Status restore_memory(NestedEnv& env, const MemoryImage& image);
+// Gives `env`'s machine the programs that continue a restored run: the L2
+// program bound at the restored vmcs12, and the L1 program on vCPU 0.
+Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs12);
+// What L1 wrote so far in `env`'s memory.
+Transcript read_transcript(NestedEnv& env);
+
+// The whole destination side: make_vm, restore_memory, set_nested_state,
+// bind_restored_programs, run. Returns the run's status and transcript.
+struct RestoredRun {
+  Status set;
+  Status run;
+  Transcript transcript;
+  CounterSnapshot counters;
+};
+RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, std::span<const std::byte> blob,
+                         std::vector<uint32_t> leave_out = {});
+
+// Starts the scenario (no save) in `env` on another thread and returns once
+// L2 has parked; `release()` lets it finish and returns the run's status.
+class ParkedRun {
+ public:
+  static Result<std::unique_ptr<ParkedRun>> start(NestedEnv& env, const MigrationConfig& c);
+  ~ParkedRun();
+  Status release();
+
+ private:
+  explicit ParkedRun(NestedEnv& env) : env_(env) {}
+  NestedEnv& env_;
+  std::thread runner_;
+  Status status_;
+  std::atomic<bool> finished_{false};
+};
+
+// One malformed blob and how a restore must refuse it.
+struct BadBlob {
+  std::string name;             // kebab-case, for reports
+  std::vector<std::byte> blob;
+  int code = EINVAL;            // the errno set must return
+  std::string expect;           // a part of the message that names the rule
+};
+// At least 20 malformed variants of `good` (a guest-mode blob taken by
+// run_source), each breaking a different rule: framing (truncated, trailing
+// bytes, oversized, magic, version, sizes, reserved bytes, flags), state
+// (flags that do not go together, VMX off with state, misaligned or too wide
+// addresses), the vmcs12 image (revision, shadow indicator, launch state,
+// each kind of entry check), the VM (addresses with no memslot in a VM made
+// by make_vm) and eVMCS (not supported by this build's vCPU). Empty if
+// `good` does not decode.
+std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good);
+
+}  // namespace nestcache::workloads::nested_state
