@@ -121,7 +121,16 @@ TEST_P(SoakTest, CachesStayCorrectUnderMigrationDiscardAndMemslotChurn) {
         if (!st) failures.fetch_add(1);
       }
     });
-    std::this_thread::sleep_for(std::chrono::seconds(2));
+    // At least 2 s, and on until every thread has made the progress checked
+    // below (a loaded machine can starve one of them for a while), 60 s at most.
+    auto enough = [&] {
+      return reads.load() > 1000 && moving_reads.load() > 0 && env.mm->counters().get(Counter::migrations) > 100 &&
+             env.vm->counters().get(Counter::cache_invalidations) > 100 && vcpu.in_guest_episodes.load() > 10;
+    };
+    auto start = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - start < std::chrono::seconds(2) ||
+           (!enough() && std::chrono::steady_clock::now() - start < std::chrono::seconds(60)))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     stop.store(true);
     for (auto& t : ts) t.join();
     vcpu.stop();
