@@ -26,6 +26,7 @@ namespace nestcache::workloads {
   X(register_migrate_under_l2_selftest) \
   X(register_apic_update_selftest)      \
   X(register_l2_switch_selftest)        \
+  X(register_evmcs_selftest)            \
   X(register_memslot_perf_bench)        \
   /* one line per scenario file, above this comment */
 
