@@ -48,7 +48,8 @@ namespace nestcache {
   X(shootdowns, "synchronous TLB-shootdown IPIs sent by L1")                              \
   X(ept12_faults, "EPT12 violations handled by L1")                                       \
   X(nested_context_reuse, "nested contexts found by key and attached")                    \
-  X(nested_context_recycle, "detached nested contexts recycled under a new key")
+  X(nested_context_recycle, "detached nested contexts recycled under a new key")       \
+  X(evmcs_map_failures, "eVMCS locks that failed: #UD on VMLAUNCH/VMRESUME, or exit information not written back")
 
 enum class Counter : int {
 #define NC_COUNTER_ENUM(name, desc) name,

@@ -198,8 +198,8 @@ class Machine {
 
   // The program L1 runs on vCPU `i`.
   void set_l1_program(int i, GuestTask task);
-  // The program of the L2 whose vmcs12 lives at `vmcs12`; it runs whenever
-  // some L1 vCPU enters that vmcs12.
+  // The program of the L2 whose vmcs12 lives at `vmcs12` (or whose eVMCS,
+  // for an enlightened L1); it runs whenever some L1 vCPU enters it.
   void bind_l2_program(Gpa vmcs12, GuestTask task) NC_EXCLUDES(l2_mu_);
 
   // Starts every vCPU thread and waits until every L1 program has returned,

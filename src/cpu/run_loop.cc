@@ -163,7 +163,7 @@ void Vcpu::run_loop() {
     }
     GuestTask* task = current_task();
     if (!task) {
-      m_.fail(fmt::format("vCPU {}: no L2 program is bound to vmcs12 {:#x}", id(), nested().current_vmptr()));
+      m_.fail(fmt::format("vCPU {}: no L2 program is bound to vmcs12 {:#x}", id(), nested().nested_vmptr()));
       break;
     }
     if (!enter_guest_mode()) continue;  // a request came in: go round
@@ -313,9 +313,18 @@ void Vcpu::handle_l1_op(const GuestOp& op) {
   }
   if (auto* o = op.get_if<GuestOp::Wrmsr>()) {
     if (o->msr == 0x830) m_.send_ipi(id(), static_cast<uint32_t>(o->value >> 32), static_cast<uint8_t>(o->value));
+    // Hyper-V's VP-assist page: where an enlightened L1 names its eVMCS.
+    if (o->msr == vmx::kHvX64MsrVpAssistPage && !n.set_vp_assist_msr(o->value))
+      return l1_.resume_with(OpResult::exception(kVectorGP));
     return l1_.resume_with(OpResult::success());
   }
-  if (op.is<GuestOp::Rdmsr>()) return l1_.resume_with(OpResult::success(0));
+  if (auto* o = op.get_if<GuestOp::Rdmsr>()) {
+    if (o->msr == vmx::kHvX64MsrVpAssistPage) {
+      if (!n.evmcs_enabled()) return l1_.resume_with(OpResult::exception(kVectorGP));
+      return l1_.resume_with(OpResult::success(n.vp_assist_msr()));
+    }
+    return l1_.resume_with(OpResult::success(0));
+  }
   if (op.is<GuestOp::Hlt>()) {
     if (auto vec = take_l1_interrupt()) return l1_.resume_with(OpResult::success(*vec));
     block_until_event();  // the HLT stays pending and is retried
@@ -345,7 +354,8 @@ void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
   // next reflected exit.
   if (reflected_since_entry_ && l1_.pending()->is<GuestOp::Vmresume>()) counters().add(Counter::nested_round_trips);
   reflected_since_entry_ = false;
-  l2_ = m_.l2_program(nested().current_vmptr());
+  // An L2 belongs to its vmcs12, or to its eVMCS when L1 is enlightened.
+  l2_ = m_.l2_program(nested().nested_vmptr());
   if (!l2_) return;  // run_loop reports the missing program
   if (!l2_->task.started()) l2_->task.start();
   if (l2_->complete_pending) {

@@ -282,7 +282,8 @@ inline constexpr size_t kVpAssistCurrentNestedVmcsOffset = 48;
 static_assert(offsetof(VpAssistPage, enlighten_vmentry) == kVpAssistEnlightenVmentryOffset);
 static_assert(offsetof(VpAssistPage, current_nested_vmcs) == kVpAssistCurrentNestedVmcsOffset);
 
-// HV_X64_MSR_VP_ASSIST_PAGE: bit 0 enables the page, bits 63:12 its gpa.
+// HV_X64_MSR_VP_ASSIST_PAGE (TLFS): bit 0 enables the page, bits 63:12 its gpa.
+inline constexpr uint32_t kHvX64MsrVpAssistPage = 0x40000073;
 inline constexpr uint64_t kVpAssistPageEnable = 1;
 
 }  // namespace nestcache::vmx

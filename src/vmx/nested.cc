@@ -26,10 +26,12 @@ NestedVmx::~NestedVmx() { release_nested(); }
 // --- helpers ---------------------------------------------------------------------
 
 InstrResult NestedVmx::fail_valid(VmInstructionError e, std::string message) {
-  // VMfailValid needs a current VMCS to hold the error number; without one
-  // the SDM's VMfail is VMfailInvalid.
-  if (current_ == kInvalidGpa) return {Kind::fail_invalid, 0, VmInstructionError::kNone, std::move(message)};
+  // VMfailValid needs a current VMCS to hold the error number (a vmcs12 or
+  // the eVMCS in use); without one the SDM's VMfail is VMfailInvalid.
+  if (current_ == kInvalidGpa && !evmcs_in_use())
+    return {Kind::fail_invalid, 0, VmInstructionError::kNone, std::move(message)};
   vmcs12_.set_vm_instruction_error(e);
+  if (evmcs_in_use()) sync_vmcs12_to_evmcs();  // L1 reads the error in its page
   return {Kind::fail_valid, 0, e, std::move(message)};
 }
 
@@ -52,6 +54,7 @@ Status NestedVmx::flush_vmcs12() {
 }
 
 void NestedVmx::release_nested() {
+  release_evmcs();  // its context is cleared like the vmcs12's below
   if (current_ != kInvalidGpa) (void)flush_vmcs12();
   // Patch 9 (v4): free_nested clears the current context; its caches stay
   // mapped in the table for whichever vCPU loads it next.
@@ -120,7 +123,11 @@ InstrResult NestedVmx::vmclear(Gpa gpa) {
   if (!page_address_valid(gpa))
     return fail_valid(VmInstructionError::kVmclearInvalidAddress, fmt::format("VMCLEAR of bad address {:#x}", gpa));
   if (gpa == vmxon_ptr_) return fail_valid(VmInstructionError::kVmclearVmxonPointer, "VMCLEAR of the VMXON pointer");
-  if (gpa == current_) {
+  if (evmcs_enabled_ && vp_assist_evmptr()) {
+    // KVM: with enlightened entry on, the region may be an eVMCS, which has
+    // no launch state to write; clearing the eVMCS in use releases it.
+    if (gpa == evmcs_gpa_) release_evmcs();
+  } else if (gpa == current_) {
     vmcs12_.launch_state = kLaunchStateClear;
     (void)flush_vmcs12();
     current_ = kInvalidGpa;
@@ -138,6 +145,10 @@ InstrResult NestedVmx::vmptrld(Gpa gpa) {
   if (!page_address_valid(gpa))
     return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of bad address {:#x}", gpa));
   if (gpa == vmxon_ptr_) return fail_valid(VmInstructionError::kVmptrldVmxonPointer, "VMPTRLD of the VMXON pointer");
+  // KVM forbids VMPTRLD once an eVMCS is in use (it leaves the instruction
+  // unexecuted and L1 loops on it); nestcache fails it so L1 sees why.
+  if (evmcs_in_use())
+    return {Kind::fail_invalid, 0, {}, fmt::format("VMPTRLD of {:#x} while the enlightened VMCS {:#x} is in use", gpa, evmcs_gpa_)};
   uint32_t rev = 0;
   if (!vm_.read_guest(gpa, &rev, sizeof rev))
     return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of {:#x}: not guest memory", gpa));
@@ -157,11 +168,24 @@ InstrResult NestedVmx::vmptrld(Gpa gpa) {
 
 InstrResult NestedVmx::vmptrst() {
   if (!vmxon_) return InstrResult::undefined("VMPTRST outside VMX operation");
+  // With an eVMCS in use there is no current VMCS pointer: all ones (KVM
+  // WARNs; the TLFS does not support VMPTRST then).
   return InstrResult::success(current_ == kInvalidGpa ? ~uint64_t{0} : current_);
 }
 
 InstrResult NestedVmx::vmread(uint32_t f) {
   if (!vmxon_) return InstrResult::undefined("VMREAD outside VMX operation");
+  if (evmcs_in_use()) {
+    // KVM's Windows 11 workaround: VMREAD reads the eVMCS page itself
+    // (through the strategy: patch 7 locks it). L2's VMREADs exit to L1.
+    VmxResult<uint64_t> v = tl::unexpected(VmxFail::invalid("the enlightened VMCS cannot be mapped"));
+    Status st = pages_->lock_evmcs(evmcs_gpa_, [&](const PageView& view) {
+      v = evmcs_vmread(EvmcsPage::load(std::span<const std::byte, kPageSize>(view.bytes(), kPageSize)), f);
+    });
+    if (!st) counters_.add(Counter::evmcs_map_failures);
+    if (!v) return fail(v.error());
+    return InstrResult::success(*v);
+  }
   if (current_ == kInvalidGpa) return {Kind::fail_invalid, 0, {}, "VMREAD without a current VMCS"};
   auto v = vmcs12_.read(f);
   if (!v) return fail(v.error());
@@ -170,6 +194,7 @@ InstrResult NestedVmx::vmread(uint32_t f) {
 
 InstrResult NestedVmx::vmwrite(uint32_t f, uint64_t value) {
   if (!vmxon_) return InstrResult::undefined("VMWRITE outside VMX operation");
+  if (evmcs_in_use()) return fail(evmcs_vmwrite(f).error());
   if (current_ == kInvalidGpa) return {Kind::fail_invalid, 0, {}, "VMWRITE without a current VMCS"};
   auto st = vmcs12_.write(f, value);
   if (!st) return fail(st.error());
@@ -198,7 +223,19 @@ InstrResult NestedVmx::invvpid(uint64_t type, uint16_t vpid) {
 EntryResult NestedVmx::enter(bool launch) {
   const char* insn = launch ? "VMLAUNCH" : "VMRESUME";
   if (!vmxon_) return {EntryResult::Kind::failed, InstrResult::undefined(fmt::format("{} outside VMX operation", insn)), {}};
-  if (current_ == kInvalidGpa)
+  // 0. The enlightened VMPTRLD (patches 6-7): with an eVMCS in use, vmcs12
+  // now holds its dirty groups and the snapshot decides the rest.
+  std::string why;
+  switch (handle_enlightened_vmptrld(launch, why)) {
+    case Evmptrld::error:
+      return {EntryResult::Kind::failed, InstrResult::undefined(fmt::format("{}: {}", insn, why)), {}};
+    case Evmptrld::vmfail:
+      return {EntryResult::Kind::failed, {Kind::fail_invalid, 0, {}, fmt::format("{}: {}", insn, why)}, {}};
+    case Evmptrld::disabled:
+    case Evmptrld::succeeded:
+      break;
+  }
+  if (current_ == kInvalidGpa && !evmcs_in_use())
     return {EntryResult::Kind::failed, {Kind::fail_invalid, 0, {}, fmt::format("{} without a current VMCS", insn)}, {}};
   if (launch && vmcs12_.launched())
     return {EntryResult::Kind::failed, fail_valid(VmInstructionError::kVmlaunchNonClearVmcs, "VMLAUNCH of a launched VMCS"), {}};
@@ -206,12 +243,16 @@ EntryResult NestedVmx::enter(bool launch) {
     return {EntryResult::Kind::failed,
             fail_valid(VmInstructionError::kVmresumeNonLaunchedVmcs, "VMRESUME of a VMCS that was never launched"), {}};
 
-  // 1. Consistency checks on controls, host state and guest state.
-  if (auto st = check_vm_entry(vmcs12_); !st) {
+  // 1. Consistency checks on controls, host state and guest state (and the
+  // controls an eVMCS cannot express).
+  VmxStatus checked = check_vm_entry(vmcs12_);
+  if (checked && evmcs_in_use()) checked = check_evmcs_controls(vmcs12_);
+  if (auto& st = checked; !st) {
     if (st.error().kind == VmxFailKind::kEntryFailure) {
       ExitInfo e = ExitInfo::of(st.error().exit_reason, st.error().qualification);
       e.exit_reason |= kExitReasonEntryFailure;
       vmcs12_.set_exit_info(e);
+      if (evmcs_in_use()) sync_vmcs12_to_evmcs();
       return {EntryResult::Kind::exit_to_l1, InstrResult::success(), st.error().to_string()};
     }
     return {EntryResult::Kind::failed, fail(st.error()), {}};
@@ -231,6 +272,7 @@ EntryResult NestedVmx::enter(bool launch) {
   }
   guest_mode_ = true;
   if (launch) vmcs12_.launch_state = kLaunchStateLaunched;
+  if (evmcs_in_use()) mark_evmcs_clean();
   counters_.add(Counter::nested_entries);
   // 4. The last check happens in the run loop, with the vCPU in guest mode.
   return {EntryResult::Kind::entered, InstrResult::success(), {}};
@@ -287,12 +329,20 @@ void NestedVmx::merge_msr_bitmap(Vmcs02& o) {
     o.use_msr_bitmap = false;
     return;
   }
+  // eVMCS: L1 promised (MSR-bitmap enlightenment) to clear the MSR_BITMAP
+  // clean bit whenever it changes its bitmap; clean in this entry's
+  // snapshot, the merged bitmap L0 already has still holds.
+  if (evmcs_in_use() && !force_msr_bitmap_recalc_ && evmcs_snap_.msr_bitmap_unchanged()) {
+    o.use_msr_bitmap = true;
+    return;
+  }
   // L0 intercepts nothing of its own, so the merge is L1's bitmap as is.
   Status st = pages_->access(L1Page::msr_bitmap, vmcs12_.msr_bitmap & kPageMask, [&](const PageView& view) {
     std::memcpy(o.msr_bitmap.data(), view.bytes(), kPageSize);
   });
   // KVM's fallback: an unusable bitmap means vmcs02 uses none (all MSRs exit).
   o.use_msr_bitmap = static_cast<bool>(st);
+  if (st) force_msr_bitmap_recalc_ = false;
 }
 
 bool NestedVmx::last_check_fails() const { return guest_mode_ && pages_->any_invalid(); }
@@ -345,7 +395,9 @@ ExitTarget NestedVmx::route_exit(const ExitInfo& exit, uint32_t msr) const {
 void NestedVmx::reflect_exit(const ExitInfo& exit) {
   NC_CHECK(guest_mode_);
   vmcs12_.set_exit_info(exit);
-  // Put vmcs12 pages: map unmaps them all; the caches stay mapped.
+  if (evmcs_in_use()) sync_vmcs12_to_evmcs();
+  // Put vmcs12 pages: map unmaps them all (not the eVMCS, kept while in
+  // use); the caches stay mapped.
   pages_->put();
   guest_mode_ = false;
   counters_.add(Counter::reflected_exits);

@@ -10,11 +10,14 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "vm/vcpu.h"
 #include "vm/vm.h"
+#include "vmx/evmcs.h"
 #include "vmx/nested_state_format.h"
 #include "vmx/page_strategy.h"
 #include "vmx/vmcs12.h"
@@ -151,6 +154,33 @@ class NestedVmx {
   // (no table, or every context was attached when it was loaded).
   const VmxNestedContext* context() const { return ctx_; }
 
+  // --- Hyper-V enlightened VMCS (seed patches 6, 7, 9; nested_evmcs.cc) --------
+  // KVM_CAP_HYPERV_ENLIGHTENED_VMCS on this vCPU (the VMM enables it before
+  // the vCPU runs). Without it the VP-assist MSR faults and VMLAUNCH/VMRESUME
+  // never look for an eVMCS.
+  void enable_evmcs() { evmcs_enabled_ = true; }
+  bool evmcs_enabled() const { return evmcs_enabled_; }
+  // WRMSR HV_X64_MSR_VP_ASSIST_PAGE. Returns false (#GP for L1) without the
+  // capability, with reserved bits 11:1 set, or when the enabled page is in
+  // no memslot (KVM's kvm_hv_set_msr). Bit 0 clear disables the page.
+  bool set_vp_assist_msr(uint64_t value);
+  uint64_t vp_assist_msr() const { return vp_assist_msr_; }
+  // The eVMCS in use (KVM's hv_evmcs_vmptr): set by the enlightened VMPTRLD
+  // of an entry, kInvalidGpa once released. While set, L0 copies from and to
+  // it on every entry and exit, and VMPTRLD/VMWRITE fail.
+  Gpa evmcs_gpa() const { return evmcs_gpa_; }
+  bool evmcs_in_use() const { return evmcs_gpa_ != kInvalidGpa; }
+  // Patch 6's snapshot of the last enlightened entry (zero once released).
+  const EvmcsSnapshot& evmcs_snapshot() const { return evmcs_snap_; }
+  // The address naming the current L2: the eVMCS in use, else the current
+  // vmcs12 (KVM's nested_vmptr()). kInvalidGpa when neither.
+  Gpa nested_vmptr() const { return evmcs_in_use() ? evmcs_gpa_ : current_; }
+  // Test hook, on the vCPU thread: runs in each enlightened VMPTRLD right
+  // after the snapshot and the copy into vmcs12, with the eVMCS lock
+  // released. A test rewrites the page there (from another thread) to show
+  // the rest of the entry uses only the snapshot.
+  void set_evmcs_snapshot_hook(std::function<void()> hook) { evmcs_snapshot_hook_ = std::move(hook); }
+
  private:
   InstrResult fail_valid(VmInstructionError e, std::string message);
   InstrResult fail(const VmxFail& f);
@@ -170,6 +200,24 @@ class NestedVmx {
   Status check_evmcs_nested_state(const NestedStateImage& s) const;
   bool gpa_backed(Gpa gpa, uint64_t len) const;
 
+  // eVMCS (nested_evmcs.cc). KVM's EVMPTRLD_* outcomes.
+  enum class Evmptrld { disabled, succeeded, vmfail, error };
+  // nested_vmx_handle_enlightened_vmptrld, on every VMLAUNCH/VMRESUME: find
+  // the eVMCS in the VP-assist page, switch contexts on a new address, lock
+  // the page, check its revision, take the snapshot and copy the dirty
+  // groups into vmcs12. `why` explains vmfail and error.
+  Evmptrld handle_enlightened_vmptrld(bool launch, std::string& why);
+  // The eVMCS address the VP-assist page names, if enlightened entry is on.
+  std::optional<Gpa> vp_assist_evmptr() const;
+  // nested_release_evmcs: forget the eVMCS, drop map's HostMap, clear its
+  // context.
+  void release_evmcs();
+  // copy_vmcs12_to_enlightened: exit information and L2's state back into
+  // the page (nested exit, VMfailValid). Counts a failure to reach it.
+  void sync_vmcs12_to_evmcs();
+  // After a successful enlightened entry: every group clean in the page.
+  void mark_evmcs_clean();
+
   vm::Vm& vm_;
   vm::Vcpu& vcpu_;
   CounterSet& counters_;
@@ -183,6 +231,15 @@ class NestedVmx {
   bool guest_mode_ = false;
   bool run_pending_ = false;  // nested state: see run_pending()
   Vmcs02 vmcs02_;
+
+  // eVMCS state (KVM: hv_vcpu's VP-assist page, nested.hv_evmcs_vmptr and
+  // patch 6's cached fields).
+  bool evmcs_enabled_ = false;
+  uint64_t vp_assist_msr_ = 0;
+  Gpa evmcs_gpa_ = kInvalidGpa;
+  EvmcsSnapshot evmcs_snap_;
+  bool force_msr_bitmap_recalc_ = true;
+  std::function<void()> evmcs_snapshot_hook_;
 };
 
 }  // namespace nestcache::vmx

@@ -75,6 +75,19 @@ class MapPageSet final : public PageSet {
     for (auto& m : maps_) m.unmap(false);
   }
 
+  Status lock_evmcs(Gpa gpa, const std::function<void(const PageView&)>& fn) override {
+    vm::HostMap& held = maps_[static_cast<int>(L1Page::evmcs)];
+    // The kernel today maps the eVMCS only when its address changes and then
+    // trusts the map for as long as it stays current.
+    if (!held.mapped() || held.gfn() != gpa_to_gfn(gpa)) {
+      held.unmap(true);
+      held = NC_TRY(vm::HostMap::map(vm_, gpa_to_gfn(gpa), &counters_));
+    }
+    fn(view(held));
+    return ok();
+  }
+  void release_evmcs() override { maps_[static_cast<int>(L1Page::evmcs)].unmap(true); }
+
  private:
   static PageView view(const vm::HostMap& m) {
     return PageView(m.data(), [](const void* c) { return static_cast<const vm::HostMap*>(c)->check(); }, &m);
@@ -148,6 +161,21 @@ class CachePageSet final : public PageSet {
 
   void use_bundle(CacheBundle* b) override { bundle_ = b ? b : &own_; }
   vm::PfnCache* cache(L1Page p) override { return &(*bundle_)[p]; }
+
+  Status lock_evmcs(Gpa gpa, const std::function<void(const PageView&)>& fn) override {
+    // Patch 7: nested_gpc_lock on every VMLAUNCH/VMRESUME. A memslot move is
+    // caught by the generation check, a migration by the invalidation: the
+    // lock refreshes (or fails: the caller's #UD) and fn never sees a stale
+    // mapping. The eVMCS cache is not vCPU-bound, so a failure leaves it
+    // active; the next lock tries again.
+    auto with_view = [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS {
+      fn(PageView(c.khva(), [](const void* x) NC_NO_THREAD_SAFETY_ANALYSIS {
+        return static_cast<const vm::PfnCache*>(x)->check_tag("eVMCS cache");
+      }, &c));
+    };
+    return lock(L1Page::evmcs, gpa, with_view);
+  }
+  void release_evmcs() override {}
 
  private:
   // The seed's nested_gpc_lock: check under the read lock, or (re)activate

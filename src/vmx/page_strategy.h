@@ -92,8 +92,14 @@ class PageView {
     check();
     return std::atomic_ref<uint8_t>(*reinterpret_cast<uint8_t*>(data_ + off)).fetch_and(v);
   }
-  // Checks once and returns the bytes (bulk copies: the MSR-bitmap merge).
+  // Checks once and returns the bytes (bulk copies: the MSR-bitmap merge,
+  // the eVMCS image).
   const std::byte* bytes() const {
+    check();
+    return data_;
+  }
+  // The same, writable (the eVMCS write-back on a nested exit).
+  std::byte* mutable_bytes() const {
     check();
     return data_;
   }
@@ -135,6 +141,22 @@ class PageSet {
   virtual void use_bundle(CacheBundle* bundle) {}
   // The cache serving page `p` now (nullptr for map): tests and reports.
   virtual vm::PfnCache* cache(L1Page p) { return nullptr; }
+
+  // The enlightened VMCS (seed patch 7): runs fn on a checked view of the
+  // eVMCS page at `gpa`.
+  //   map     the HostMap taken when the eVMCS became current (a gpa this
+  //           set has not mapped) is kept and reused until release_evmcs():
+  //           nothing revalidates it, so a memslot move or a migration leaves
+  //           it stale, and the view's checks count every such access;
+  //   cache   the eVMCS cache (not bound to a vCPU) is locked on every call:
+  //           checked, or refreshed / re-activated at `gpa`;
+  //   oracle  the same with hardware-view mappings.
+  // An error means the page cannot be mapped (no memslot holds it): the
+  // caller's #UD (EVMPTRLD_ERROR). fn does not run then.
+  virtual Status lock_evmcs(Gpa gpa, const std::function<void(const PageView&)>& fn) = 0;
+  // nested_release_evmcs: map drops its kept HostMap; a cache stays mapped
+  // (it belongs to the nested context, or to the set until release()).
+  virtual void release_evmcs() = 0;
 };
 
 // Makes the page set for one vCPU. `hw` is required for oracle.

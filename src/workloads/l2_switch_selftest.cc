@@ -9,6 +9,14 @@
 //   sched    round 0: VMCLEAR, VMPTRLD, write the vmcs, VMLAUNCH; later rounds
 //            VMPTRLD + VMRESUME; VMCLEAR of every vmcs at the end: L2s
 //            multiplexed on one L1 vCPU.
+//   evmcs    an enlightened L1 (Hyper-V eVMCS): one VP-assist page, one eVMCS
+//            per L2; each step names the L2's eVMCS in the VP-assist page,
+//            writes every field into the page with the MSR-bitmap
+//            enlightenment on, VMLAUNCH, VMCALL exit, guest RIP += 3 in the
+//            page, VMRESUME, VMCALL exit. No VMCLEAR: L0 switches contexts
+//            because the eVMCS address changes (clear the old, load the new).
+//            One L1 vCPU, as the seed's (the eVMCS stays current on the L1
+//            vCPU that last entered it).
 // With --l1-vcpus M the steps are spread over M L1 vCPUs, one at a time in a
 // fixed order (a token in L1 memory): L2 j runs its round r on L1 vCPU
 // (j + r) mod M in migrate mode (it moves between L1 vCPUs), j mod M in sched.
@@ -16,6 +24,7 @@
 //   N <= C            reuse = N·(S−1), recycle = 0
 //   N > C, sched      reuse = C·(S−1), recycle = 0
 //   N > C, migrate    reuse = 0,       recycle = N·S − C
+//   N > C, evmcs      reuse = 0,       recycle = N·S − C
 // Ours too: with cache on unmanaged memory and N <= C no remap window opens
 // in rounds after the first (the contexts keep the caches mapped); after
 // teardown no window, pin, context or active cache is left. With map there is
@@ -38,19 +47,29 @@ constexpr int kMaxL2 = 16;
 constexpr Gpa kToken = 0x80000;  // L1 word: the next step to run
 constexpr size_t kL1Bytes = 8 << 20;
 
-enum class Mode { migrate, sched };
-const char* mode_name(Mode m) { return m == Mode::migrate ? "migrate" : "sched"; }
+enum class Mode { migrate, sched, evmcs };
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::migrate: return "migrate";
+    case Mode::sched: return "sched";
+    case Mode::evmcs: return "evmcs";
+  }
+  return "?";
+}
 
 struct Config {
   int l2 = 2, switches = 4, l1_vcpus = 1;
   Mode mode = Mode::migrate;
   int capacity() const { return vmx::kNestedOversubRatio * l1_vcpus; }
   int l1_vcpu_of(int j, int round) const { return mode == Mode::migrate ? (j + round) % l1_vcpus : j % l1_vcpus; }
+  // An L2 is found by its vmcs12 address, or by its eVMCS address in evmcs mode.
 };
 
 struct L2Pages {
-  Gpa vmcs, msr_bitmap, apic_access, vapic;
+  Gpa vmcs, msr_bitmap, apic_access, vapic;  // evmcs mode: `vmcs` is the eVMCS page
 };
+
+constexpr Gpa kVpAssist = 0x90000;  // evmcs mode: the L1 vCPU's VP-assist page
 
 // Host-side bookkeeping the L1 programs fill in as they go (test oracles).
 struct Shared {
@@ -61,6 +80,40 @@ struct Shared {
 
 GuestTask l2_program() {
   for (;;) co_await ops::vmcall(0);
+}
+
+// The seed's eVMCS mode: for each round and L2, load_evmcs, prepare the
+// eVMCS (MSR-bitmap enlightenment on), VMLAUNCH -> VMCALL, RIP += 3,
+// VMRESUME -> VMCALL. L1 reads the exit reason from the page.
+GuestTask l1_evmcs_program(Config c, Shared& s) {
+  guest::L1Pages pages(kL1PagesStart, kL1PagesStart + 0x20000);
+  co_await guest::enter_vmx(pages);
+  co_await guest::enable_vp_assist(kVpAssist);
+  auto expect_vmcall = [&](Gpa evmcs) -> GuestTask {
+    auto reason = static_cast<vmx::ExitReason>(co_await guest::evmcs_read(evmcs, vmx::field::kExitReason) & 0xffff);
+    if (reason != vmx::ExitReason::kVmcall)
+      throw guest::VmxError(fmt::format("L2 exited with {}, expected VMCALL", vmx::exit_reason_name(reason)));
+  };
+  for (int round = 0; round < c.switches; round++) {
+    for (int j = 0; j < c.l2; j++) {
+      if (j == 0) s.windows_at_round[round] = s.phys->counters().get(Counter::remap_windows);
+      const L2Pages& p = s.l2[j];
+      co_await guest::load_evmcs(kVpAssist, p.vmcs);
+      vmx::Vmcs12 v = vmx::minimal_vmcs12();
+      // No APIC-access virtualization: eVMCS v1 cannot express it.
+      v.primary_proc_controls |= vmx::proc::kUseMsrBitmaps | vmx::proc::kUseTprShadow;
+      v.msr_bitmap = p.msr_bitmap;
+      v.virtual_apic_page_addr = p.vapic;
+      co_await guest::write_evmcs(p.vmcs, v, vmx::evmcs_enlightenment::kMsrBitmap);
+      co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+      co_await expect_vmcall(p.vmcs);
+      uint64_t rip = co_await guest::evmcs_read(p.vmcs, vmx::field::kGuestRip);
+      co_await guest::evmcs_write(p.vmcs, vmx::field::kGuestRip, rip + 3);
+      co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+      co_await expect_vmcall(p.vmcs);
+    }
+  }
+  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
 }
 
 GuestTask l1_program(cpu::Machine& m, Config c, Shared& s, int me) {
@@ -117,7 +170,7 @@ Expected expected(const Config& c) {
   uint64_t n = c.l2, s = c.switches, cap = c.capacity();
   if (n <= cap) return {n * (s - 1), 0};
   if (c.mode == Mode::sched) return {cap * (s - 1), 0};
-  return {0, n * s - cap};
+  return {0, n * s - cap};  // migrate and evmcs
 }
 
 void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
@@ -138,12 +191,19 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   for (int j = 0; j < c.l2; j++) {
     L2Pages p{next, next + kPageSize, next + 2 * kPageSize, next + 3 * kPageSize};
     next += 4 * kPageSize;
-    uint32_t rev = vmx::kVmcs12Revision;
+    // A fresh vmcs12 region carries the VMCS revision; a fresh eVMCS its version.
+    uint32_t rev = c.mode == Mode::evmcs ? vmx::kEvmcsRevision : vmx::kVmcs12Revision;
     if (auto st = env.vm->write_guest(p.vmcs, &rev, sizeof rev); !st) return r.fail(st.error().to_string());
     s.l2.push_back(p);
     env.machine->bind_l2_program(p.vmcs, l2_program());
   }
-  for (int i = 0; i < c.l1_vcpus; i++) env.machine->set_l1_program(i, l1_program(*env.machine, c, s, i));
+  if (c.mode == Mode::evmcs) {
+    // The VMM enables the capability (the seed's vcpu_enable_evmcs).
+    env.machine->vcpu(0).nested().enable_evmcs();
+    env.machine->set_l1_program(0, l1_evmcs_program(c, s));
+  } else {
+    for (int i = 0; i < c.l1_vcpus; i++) env.machine->set_l1_program(i, l1_program(*env.machine, c, s, i));
+  }
   Status st = env.machine->run(std::chrono::milliseconds(60000));
   CounterSnapshot k = env.counters();
   uint64_t windows_end = env.phys->counters().get(Counter::remap_windows);
@@ -201,17 +261,17 @@ SelftestResult run_l2_switch(const RunOptions& o) {
   if (*l1_vcpus < 1 || *l1_vcpus > 8) return r.fail(fmt::format("--l1-vcpus {} is out of range (1..8)", *l1_vcpus)), r;
   std::vector<Mode> modes;
   std::string mode = o.string_option("mode", "all");
-  if (mode == "evmcs")
-    return r.fail("--mode evmcs: the enlightened VMCS is not implemented yet in nestcache (issue 7); "
-                  "use --mode migrate or sched"),
-           r;
   if (mode == "migrate") modes = {Mode::migrate};
   else if (mode == "sched") modes = {Mode::sched};
-  else if (mode == "all") modes = {Mode::migrate, Mode::sched};
-  else return r.fail(fmt::format("unknown --mode '{}': expected migrate, sched or evmcs", mode)), r;
-  if (mode == "all")
-    r.note("the seed's sweep runs migrate, sched and evmcs; evmcs is skipped here (the enlightened VMCS is not "
-           "implemented yet)");
+  else if (mode == "evmcs") modes = {Mode::evmcs};
+  else if (mode == "all") modes = {Mode::migrate, Mode::sched, Mode::evmcs};
+  else return r.fail(fmt::format("unknown --mode '{}': expected migrate, sched, evmcs or all", mode)), r;
+  if (mode == "evmcs" && *l1_vcpus > 1)
+    return r.fail(fmt::format("--mode evmcs runs on one L1 vCPU, as the seed's (--l1-vcpus {} given)", *l1_vcpus)), r;
+  if (mode == "all" && *l1_vcpus > 1) {
+    modes.pop_back();
+    r.note("evmcs mode runs on one L1 vCPU, as the seed's: left out of this sweep with --l1-vcpus > 1");
+  }
   std::vector<int> counts;
   std::string l2 = o.string_option("l2", "sweep");
   if (l2 == "sweep") {
@@ -255,13 +315,14 @@ void register_l2_switch_selftest() {
           "rounds, in migrate mode (VMPTRLD, VMLAUNCH, VMCLEAR each run) or sched mode (VMPTRLD + VMRESUME, "
           "VMCLEAR at the end), and checks the seed's nested_context_reuse / nested_context_recycle formulas. "
           "Also: no remap window after the first round with cache (N <= capacity), nothing leaked at teardown, "
-          "and --l1-vcpus M spreading the L2s over M L1 vCPUs (capacity 8·M). Default: N = 2..16 in migrate and "
-          "sched (the seed's evmcs mode is not implemented yet).",
+          "and --l1-vcpus M spreading the L2s over M L1 vCPUs (capacity 8·M; migrate and sched only). evmcs mode "
+          "runs an enlightened L1 (one eVMCS per L2, named in the VP-assist page; contexts keyed by the eVMCS "
+          "address, switched when that address changes). Default: N = 2..16 in migrate, sched and evmcs.",
       .add_options =
           [](CLI::App& app, SelftestOptions& o) {
             o.add(app, "--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep");
             o.add(app, "--switches", "rounds over every L2", "4")->check(CLI::Range(1, 1000));
-            o.add(app, "--mode", "migrate, sched, evmcs (not implemented yet) or all", "all")
+            o.add(app, "--mode", "migrate, sched, evmcs or all", "all")
                 ->check(CLI::IsMember({"migrate", "sched", "evmcs", "all"}));
             o.add(app, "--l1-vcpus", "L1 vCPUs sharing the L2s", "1")->check(CLI::Range(1, 8));
           },

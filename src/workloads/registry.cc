@@ -28,6 +28,7 @@ namespace nestcache::workloads {
   X(register_apic_update_selftest)      \
   X(register_l2_switch_selftest)        \
   X(register_nested_state_selftest)     \
+  X(register_evmcs_selftest)            \
   X(register_memslot_perf_bench)        \
   X(register_l2_switch_bench)           \
   /* one line per scenario file, above this comment */

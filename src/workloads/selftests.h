@@ -11,5 +11,6 @@ void register_migrate_under_l2_selftest();
 void register_apic_update_selftest();
 void register_l2_switch_selftest();
 void register_nested_state_selftest();
+void register_evmcs_selftest();
 
 }  // namespace nestcache::workloads

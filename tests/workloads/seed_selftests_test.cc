@@ -113,11 +113,36 @@ TEST(L2Switch, SeveralL1VcpusMoveL2sBetweenThem) {
   EXPECT_EQ(r.counters[Counter::nested_context_recycle], 0u);
 }
 
-TEST(L2Switch, EvmcsModeIsRejectedClearly) {
-  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged, {{"mode", "evmcs"}}, false);
+TEST(L2Switch, EvmcsModeFollowsTheSeedsFormulas) {
+  // An enlightened L1: contexts keyed by the eVMCS address, switched when it
+  // changes (no VMCLEAR), so evmcs counts like migrate.
+  for (const SwitchCase& c : {SwitchCase{"evmcs", 5, 15, 0}, SwitchCase{"evmcs", 8, 24, 0},
+                              SwitchCase{"evmcs", 12, 0, 40}, SwitchCase{"evmcs", 16, 0, 56}}) {
+    for (Strategy s : {Strategy::cache, Strategy::oracle}) {
+      SelftestResult r = run("l2-switch", s, MemoryKind::unmanaged, {{"mode", c.mode}, {"l2", std::to_string(c.l2)}});
+      EXPECT_TRUE(r.passed) << c.mode << " " << c.l2;
+      EXPECT_EQ(r.counters[Counter::nested_context_reuse], c.reuse) << c.mode << " N=" << c.l2;
+      EXPECT_EQ(r.counters[Counter::nested_context_recycle], c.recycle) << c.mode << " N=" << c.l2;
+      EXPECT_EQ(r.counters[Counter::stale_accesses], 0u);
+    }
+  }
+}
+
+TEST(L2Switch, EvmcsModeKeepsTheCachesMappedAcrossSwitches) {
+  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged, {{"mode", "evmcs"}, {"l2", "8"}});
+  EXPECT_TRUE(r.passed);
+  EXPECT_EQ(r.details["runs"][0]["remap_windows_after_round_0"], 0);
+  SelftestResult m = run("l2-switch", Strategy::map, MemoryKind::unmanaged, {{"mode", "evmcs"}, {"l2", "4"}});
+  EXPECT_TRUE(m.passed);
+  EXPECT_GT(m.details["runs"][0]["remap_windows_per_switch"].get<double>(), 0.0);
+}
+
+TEST(L2Switch, EvmcsModeWithSeveralL1VcpusIsRefusedClearly) {
+  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged,
+                         {{"mode", "evmcs"}, {"l1-vcpus", "2"}}, false);
   EXPECT_FALSE(r.passed);
   ASSERT_FALSE(r.failures.empty());
-  EXPECT_NE(r.failures[0].find("not implemented"), std::string::npos) << r.failures[0];
+  EXPECT_NE(r.failures[0].find("one L1 vCPU"), std::string::npos) << r.failures[0];
 }
 
 }  // namespace
