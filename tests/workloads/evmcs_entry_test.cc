@@ -34,7 +34,9 @@ std::unique_ptr<NestedEnv> make_env(Strategy s, MemoryKind m = MemoryKind::unman
   auto env = NestedEnv::create(ec);
   EXPECT_TRUE(env) << env.error().to_string();
   if (!env) return nullptr;
-  if (evmcs_slot) EXPECT_TRUE((*env)->add_page_slot(1, kEvmcs));
+  if (evmcs_slot) {
+    EXPECT_TRUE((*env)->add_page_slot(1, kEvmcs));
+  }
   (*env)->machine->vcpu(0).nested().enable_evmcs();
   return std::move(*env);
 }
