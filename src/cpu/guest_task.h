@@ -32,13 +32,40 @@
 // only where the compiler makes it one: clang always, GCC 12 only from -O2; at
 // -O0 a million back-to-back subtask calls overflowed the stack. The
 // trampoline costs one return and one call per transfer at every -O level.
+//
+// Lambdas: a coroutine lambda's captures live in the closure object, not in
+// the coroutine frame (only parameters are copied into it), so the closure
+// must outlive the task:
+//
+//   auto wait = [&]() -> GuestTask { ... };  co_await wait();     // fine
+//   co_await [&]() -> GuestTask { ... }();                         // fine: the
+//       // closure is a temporary of the co_await's full-expression
+//   GuestTask t = [&]() -> GuestTask { ... }();  co_await std::move(t);
+//       // WRONG: the closure died at the end of the first statement (the
+//       // asan preset reports the task's first use of a capture)
+//   auto wait = [](Gpa flag, uint64_t n) -> GuestTask { ... };  // fine anywhere:
+//       // what it needs arrives as parameters, copied into its frame
+//
+// A closure whose captures have destructors (`[v]` with v a std::vector, say)
+// does not compile as a guest coroutine (detail::PromiseBase): GCC 12 destroys
+// such a closure twice when it is called inside a co_await expression — the
+// second time after the subtask has returned, as "free(): invalid pointer" or
+// a double free — and by-value captures would suggest the task owns them,
+// which it does not. Pass such values as parameters instead. The same GCC 12
+// bug hits any temporary with a destructor whose member function is called in
+// a co_await expression (`co_await Helper{v}.run()`): name the object first.
+// The check reads the first argument the promise is built with, so it also
+// refuses a free coroutine whose first parameter is such a closure; clang 14
+// does not pass a lambda's closure to the promise, so only GCC checks.
 #pragma once
 
 #include <concepts>
 #include <coroutine>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <optional>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -64,9 +91,59 @@ struct RootState {
 // root.next, until the stack waits for an operation or the root has ended.
 void run_stack(RootState& root, std::coroutine_handle<> h);
 
+// True if `name`, a type as GCC or clang spell it in __PRETTY_FUNCTION__,
+// names a lambda's closure type: GCC writes "scope::<lambda(params)>", clang
+// "(lambda at file:line:col)". A class nested in a lambda
+// ("f()::<lambda()>::Local") is not one: the lambda must end the name.
+constexpr bool spells_closure_type(std::string_view name) {
+  std::size_t start = name.rfind("<lambda(");
+  if (start == std::string_view::npos) start = name.rfind("(lambda at ");
+  if (start == std::string_view::npos) return false;
+  int depth = 0;
+  for (std::size_t i = start; i < name.size(); ++i) {
+    char c = name[i];
+    if (c == '<' || c == '(') {
+      ++depth;
+    } else if ((c == '>' || c == ')') && --depth == 0) {
+      return i + 1 == name.size();
+    }
+  }
+  return false;
+}
+
+// True if T is a lambda's closure type. The language has no trait for it, so
+// this reads the compiler's spelling of T: "... [with T = NAME]" (GCC) or
+// "... [T = NAME]" (clang).
+template <class T>
+constexpr bool is_closure_type() {
+  std::string_view f = __PRETTY_FUNCTION__;
+  std::size_t begin = f.find("T = ");
+  if (begin == std::string_view::npos || f.back() != ']') return false;
+  begin += 4;
+  return spells_closure_type(f.substr(begin, f.size() - 1 - begin));
+}
+
+// True for a coroutine lambda whose captures have destructors: the closures a
+// guest coroutine may not be (see "Lambdas" at the top of this file).
+template <class T>
+inline constexpr bool kIsClosureWithDestructors =
+    !std::is_trivially_destructible_v<T> && is_closure_type<std::remove_cv_t<T>>();
+
 // State every guest coroutine frame has, whatever it returns.
 class PromiseBase {
  public:
+  PromiseBase() = default;
+  // The frame is built with the coroutine's arguments; for a lambda (any
+  // member function) the first is the object it is called on. Only checks it.
+  template <class First, class... Rest>
+  explicit PromiseBase(First&, Rest&...) noexcept {
+    static_assert(!kIsClosureWithDestructors<First>,
+                  "a guest coroutine lambda may not capture objects with destructors: GCC 12 "
+                  "destroys such a closure twice when it is called in a co_await expression, "
+                  "and the task does not own its captures. Pass them as parameters (copied into "
+                  "the coroutine frame); see \"Lambdas\" in cpu/guest_task.h");
+  }
+
   // Lazy: nothing runs until start() (root) or co_await (subtask).
   std::suspend_always initial_suspend() noexcept { return {}; }
   void unhandled_exception() noexcept { exception_ = std::current_exception(); }
@@ -192,6 +269,7 @@ class [[nodiscard]] GuestFn {
  public:
   class promise_type : public detail::PromiseBase {
    public:
+    using PromiseBase::PromiseBase;
     GuestFn get_return_object() noexcept {
       return GuestFn(std::coroutine_handle<promise_type>::from_promise(*this));
     }
@@ -234,6 +312,7 @@ class [[nodiscard]] GuestTask {
  public:
   class promise_type : public detail::PromiseBase {
    public:
+    using PromiseBase::PromiseBase;
     GuestTask get_return_object() noexcept {
       return GuestTask(std::coroutine_handle<promise_type>::from_promise(*this));
     }
