@@ -103,8 +103,8 @@ std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good_span) {
                EINVAL, "eVMCS flag is set but no eVMCS address"});
   v.push_back({"evmcs-unsupported-controls", with([](S& s) { s.evmcs = true; }), EINVAL,
                "with eVMCS, the vmcs12 fails evmcs-unsupported-control"});
-  v.push_back({"evmcs-not-supported-yet", with([](S& s) { s.evmcs = true; s.guest_mode = false; }), EINVAL,
-               "eVMCS state needs enlightened-VMCS support"});
+  v.push_back({"evmcs-on-vcpu-without-evmcs", with([](S& s) { s.evmcs = true; s.guest_mode = false; }), EINVAL,
+               "eVMCS flag is set but vCPU 0 has not enabled the enlightened VMCS"});
   return v;
 }
 
