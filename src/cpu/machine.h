@@ -229,8 +229,19 @@ class Machine {
   // In guest mode the vmcs12 pages are resolved by kGetNestedStatePages
   // before the next entry, which then binds the L2 program of the restored
   // vmcs12 (bind_l2_program it before run()); a page that cannot be had
-  // fails that entry with a KVM internal error (run() returns it).
+  // fails that entry with a KVM internal error (run() returns it). A blob
+  // with the eVMCS flag needs the vCPU's eVMCS enabled
+  // (vcpu(i).nested().enable_evmcs(), before run()); the same request maps
+  // the eVMCS, which the VP-assist page must name (set_vp_assist_msr), and
+  // the L2 program is the one bound at the eVMCS address.
   Status set_nested_state(int i, std::span<const std::byte> blob);
+  // HV_X64_MSR_VP_ASSIST_PAGE of vCPU `i`, as a VMM's KVM_GET_MSRS /
+  // KVM_SET_MSRS moves it with a migrated enlightened L1 (it is not nested
+  // state). Same threading as get/set_nested_state. EINVAL for a bad index,
+  // a vCPU without the enlightened VMCS, or a value the MSR refuses
+  // (vmx::NestedVmx::set_vp_assist_msr: reserved bits, no memslot).
+  Result<uint64_t> get_vp_assist_msr(int i);
+  Status set_vp_assist_msr(int i, uint64_t value);
 
   // The VM's nested-context table (seed patches 8-9): made for the cache and
   // oracle strategies, nullptr for map (the kernel today has none).

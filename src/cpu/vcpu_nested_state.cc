@@ -76,7 +76,7 @@ void Vcpu::get_nested_state_pages() {
   // The L2 program of the restored vmcs12 runs from here; it rebuilds what
   // it needs from guest memory (a coroutine's stack is not in the blob, as a
   // real L2's registers are restored by the VMM, not by nested state).
-  l2_ = m_.l2_program(n.current_vmptr());
+  l2_ = m_.l2_program(n.nested_vmptr());  // the vmcs12's, or the restored eVMCS's
   if (l2_ && !l2_->task.started()) l2_->task.start();
 }
 
@@ -102,6 +102,28 @@ Status Machine::set_nested_state(int i, std::span<const std::byte> blob) {
     v.reflected_since_entry_ = false;
   });
   return st;
+}
+
+Result<uint64_t> Machine::get_vp_assist_msr(int i) {
+  if (i < 0 || i >= num_vcpus()) return errorf(EINVAL, "VP-assist MSR: no vCPU {} (the VM has {})", i, num_vcpus());
+  Vcpu& v = *vcpus_[i];
+  if (!v.nested().evmcs_enabled())
+    return errorf(EINVAL, "VP-assist MSR: vCPU {} has not enabled the enlightened VMCS", i);
+  uint64_t value = 0;
+  v.call_on_vcpu([&] { value = v.nested().vp_assist_msr(); });
+  return value;
+}
+
+Status Machine::set_vp_assist_msr(int i, uint64_t value) {
+  if (i < 0 || i >= num_vcpus()) return errorf(EINVAL, "VP-assist MSR: no vCPU {} (the VM has {})", i, num_vcpus());
+  Vcpu& v = *vcpus_[i];
+  bool done = false;
+  v.call_on_vcpu([&] { done = v.nested().set_vp_assist_msr(value); });
+  if (!done)
+    return errorf(EINVAL,
+                  "VP-assist MSR: vCPU {} refuses {:#x} (no enlightened VMCS, reserved bits, or a page in no memslot)",
+                  i, value);
+  return ok();
 }
 
 }  // namespace nestcache::cpu

@@ -120,19 +120,28 @@ class NestedVmx {
   //
   // The state as a blob image: VMXON and current-vmcs12 addresses, guest
   // mode, run pending, and L0's cached vmcs12 (not the copy in L1 memory).
-  NestedStateImage get_nested_state() const;
+  // With an eVMCS in use: the eVMCS flag and address, and outside guest
+  // mode a full copy of the page into the cached vmcs12 (clean fields 0,
+  // under the strategy's eVMCS lock: seed patch 7); in guest mode the cached
+  // vmcs12 L2 runs on. Not const: the lock may map or refresh the page.
+  NestedStateImage get_nested_state();
   // Decodes and validates `blob` completely -- size (E2BIG above
   // kNestedStateMaxSize), format and state rules (decode), memslots
   // (check_nested_state_addresses), eVMCS support -- and only then replaces
   // this vCPU's nested state. On error nothing has changed. In guest mode the
   // vmcs12 pages are not resolved here: kGetNestedStatePages is requested and
-  // get_nested_state_pages() resolves them before the next entry.
+  // get_nested_state_pages() resolves them before the next entry. A blob
+  // with the eVMCS flag needs enable_evmcs() on this vCPU; its eVMCS becomes
+  // the one in use (its nested context loaded) but is mapped only by that
+  // request, in or out of guest mode.
   Status set_nested_state(std::span<const std::byte> blob);
   // The kGetNestedStatePages request (KVM's vmx_get_nested_state_pages):
-  // gets the vmcs12 pages through the strategy with KVM's fallbacks and
-  // builds vmcs02. An error is the KVM internal error the entry then fails
-  // with (no APIC-access page; a virtual-APIC page that leaves vmcs02 with
-  // an invalid address). Nothing to do outside guest mode.
+  // first a restored eVMCS (get_evmcs_page), then, in guest mode, the vmcs12
+  // pages through the strategy with KVM's fallbacks, and vmcs02. An error is
+  // the KVM internal error the entry then fails with (an eVMCS that cannot
+  // be used; no APIC-access page; a virtual-APIC page that leaves vmcs02
+  // with an invalid address). On error the restored state stays as it was,
+  // so the request can be retried.
   Status get_nested_state_pages();
   // nested_run_pending: L1's VMLAUNCH/VMRESUME was emulated (enter()
   // succeeded) but L2 has not run yet. The cpu layer sets it when enter()
@@ -170,6 +179,8 @@ class NestedVmx {
   // it on every entry and exit, and VMPTRLD/VMWRITE fail.
   Gpa evmcs_gpa() const { return evmcs_gpa_; }
   bool evmcs_in_use() const { return evmcs_gpa_ != kInvalidGpa; }
+  // A restored eVMCS not mapped yet: kGetNestedStatePages maps it.
+  bool evmcs_map_pending() const { return evmcs_map_pending_; }
   // Patch 6's snapshot of the last enlightened entry (zero once released).
   const EvmcsSnapshot& evmcs_snapshot() const { return evmcs_snap_; }
   // The address naming the current L2: the eVMCS in use, else the current
@@ -195,8 +206,8 @@ class NestedVmx {
   // VMCLEAR / VMXOFF / teardown clear.
   void load_context(Gpa vmptr);
   void clear_context(Gpa vmptr);
-  // Nested state (nested_state.cc). The eVMCS hook: whether this vCPU can
-  // restore a blob with the eVMCS flag (EINVAL until the eVMCS path exists).
+  // Nested state (nested_state.cc). Whether this vCPU can restore a blob
+  // with the eVMCS flag: EINVAL unless enable_evmcs() was called.
   Status check_evmcs_nested_state(const NestedStateImage& s) const;
   bool gpa_backed(Gpa gpa, uint64_t len) const;
 
@@ -212,6 +223,18 @@ class NestedVmx {
   // nested_release_evmcs: forget the eVMCS, drop map's HostMap, clear its
   // context.
   void release_evmcs();
+  // KVM's nested_get_evmcs_page, the enlightened VMPTRLD with copy=false:
+  // maps the eVMCS a restore installed (evmcs_map_pending_) through the
+  // strategy, checks that the VP-assist page names it and that its revision
+  // is right, marks every group dirty (in the page too) and writes the
+  // restored vmcs12 back into it. Nothing is copied into vmcs12: the blob's
+  // is the newest. On error nothing changes (the request may be retried).
+  Status get_evmcs_page();
+  // vmx_get_enlightened_to_vmcs12 (patch 7): the cached vmcs12 with every
+  // carried field copied from the page (clean fields 0), for
+  // get_nested_state outside guest mode. The cached vmcs12 as it is if the
+  // page cannot be mapped (counted in evmcs_map_failures).
+  Vmcs12 evmcs_full_copy();
   // copy_vmcs12_to_enlightened: exit information and L2's state back into
   // the page (nested exit, VMfailValid). Counts a failure to reach it.
   void sync_vmcs12_to_evmcs();
@@ -237,6 +260,9 @@ class NestedVmx {
   bool evmcs_enabled_ = false;
   uint64_t vp_assist_msr_ = 0;
   Gpa evmcs_gpa_ = kInvalidGpa;
+  // KVM's EVMPTR_MAP_PENDING: evmcs_gpa_ was installed by set_nested_state
+  // and has not been mapped on this vCPU; kGetNestedStatePages maps it.
+  bool evmcs_map_pending_ = false;
   EvmcsSnapshot evmcs_snap_;
   bool force_msr_bitmap_recalc_ = true;
   std::function<void()> evmcs_snapshot_hook_;

@@ -14,8 +14,13 @@
 //      fields, MSR-bitmap and flush-hypercall enlightenments); copy the dirty
 //      groups into vmcs12. Nothing later in the entry reads the page again
 //      except the final "mark every group clean" write.
+//
+// Nested state: get_nested_state copies the whole page (clean fields 0,
+// evmcs_full_copy); a restore maps the eVMCS in the request before the next
+// entry (get_evmcs_page, KVM's nested_get_evmcs_page), not in an entry.
 #include <cstring>
 
+#include "base/check.h"
 #include "vmx/entry_checks.h"
 #include "vmx/nested.h"
 #include "vmx/nested_contexts.h"
@@ -55,6 +60,9 @@ std::optional<Gpa> NestedVmx::vp_assist_evmptr() const {
 
 NestedVmx::Evmptrld NestedVmx::handle_enlightened_vmptrld(bool launch, std::string& why) {
   if (!evmcs_enabled_) return Evmptrld::disabled;
+  // A restored eVMCS is mapped by kGetNestedStatePages, and enter_guest_mode()
+  // lets no L1 instruction run while that request is pending.
+  NC_DCHECK(!evmcs_map_pending_);
   std::optional<Gpa> gpa = vp_assist_evmptr();
   if (!gpa) {
     release_evmcs();
@@ -118,11 +126,64 @@ void NestedVmx::release_evmcs() {
   if (evmcs_gpa_ == kInvalidGpa) return;
   Gpa old = evmcs_gpa_;
   evmcs_gpa_ = kInvalidGpa;
+  evmcs_map_pending_ = false;
   evmcs_snap_ = {};
   force_msr_bitmap_recalc_ = true;
   pages_->release_evmcs();
   // Detached, its eVMCS cache stays mapped in the table for the next load.
   clear_context(old);
+}
+
+Status NestedVmx::get_evmcs_page() {
+  // 1. The VP-assist page must name the restored eVMCS. KVM finds the eVMCS
+  // there and takes whatever it names; the blob carries the address, the
+  // nested context and the L2 are keyed by it, so a VMM that restored
+  // another VP-assist page (or none yet) gets a clean failure instead of an
+  // L2 running on some other eVMCS.
+  std::optional<Gpa> named = vp_assist_evmptr();
+  if (!named)
+    return errorf(EINVAL, "the VP-assist page (MSR value {:#x}) names no eVMCS; the restored eVMCS is {:#x}",
+                  vp_assist_msr_, evmcs_gpa_);
+  if (*named != evmcs_gpa_)
+    return errorf(EINVAL, "the VP-assist page names eVMCS {:#x}, not the restored eVMCS {:#x}", *named, evmcs_gpa_);
+
+  // 2. Lock the page through the strategy, as every enlightened VMPTRLD
+  // does (patch 7): map takes its HostMap, cache/oracle activate the eVMCS
+  // cache of the context set_nested_state loaded. The address is new to
+  // this vCPU, so once the revision is right every clean bit is cleared in
+  // the page too: L1's next VMRESUME copies every group.
+  EvmcsPage page;
+  VmxStatus revision;
+  Status locked = pages_->lock_evmcs(evmcs_gpa_, [&](const PageView& view) {
+    page = EvmcsPage::load(page_of(view));
+    revision = check_evmcs_revision(page);
+    if (revision) view.write<uint32_t>(kEvmcsCleanFieldsOffset, page.clean_fields & ~evmcs_clean::kAll);
+  });
+  if (!locked) {
+    counters_.add(Counter::evmcs_map_failures);
+    return errorf(EFAULT, "the enlightened VMCS at {:#x} cannot be mapped: {}", evmcs_gpa_, locked.error().message);
+  }
+  if (!revision) return errorf(EINVAL, "the enlightened VMCS at {:#x}: {}", evmcs_gpa_, revision.error().to_string());
+
+  // 3. Patch 6's snapshot with every group dirty; no copy into vmcs12 (the
+  // seed's copy=false): the blob's vmcs12 is newer than anything in the
+  // page. KVM then writes it into the page (need_vmcs12_to_shadow_sync).
+  evmcs_map_pending_ = false;
+  evmcs_snap_ = EvmcsSnapshot::take(page, /*force_dirty=*/true);
+  force_msr_bitmap_recalc_ = true;
+  sync_vmcs12_to_evmcs();
+  return ok();
+}
+
+Vmcs12 NestedVmx::evmcs_full_copy() {
+  Vmcs12 v = vmcs12_;
+  // Clean fields 0: the bits describe what changed since this vCPU's last
+  // entry, which a restored vCPU never had (KVM commit d6bf71a18c74).
+  Status st = pages_->lock_evmcs(evmcs_gpa_, [&](const PageView& view) {
+    copy_evmcs_to_vmcs12(EvmcsPage::load(page_of(view)), v, evmcs_clean::kNone);
+  });
+  if (!st) counters_.add(Counter::evmcs_map_failures);
+  return v;
 }
 
 void NestedVmx::sync_vmcs12_to_evmcs() {

@@ -11,19 +11,25 @@
 //                             page that cannot be had fails that entry)
 // The pages are deliberately not looked at by set: the VMM restores L1's
 // memory and memslots in any order around the set, and only the entry needs
-// them.
+// them. The same holds for a restored eVMCS: set makes it the eVMCS in use
+// (its nested context loaded), the request maps it (get_evmcs_page).
 #include "vmx/nested.h"
 
 
 namespace nestcache::vmx {
 
-NestedStateImage NestedVmx::get_nested_state() const {
+NestedStateImage NestedVmx::get_nested_state() {
   NestedStateImage s;
   if (!vmxon_) return s;
   s.vmxon_gpa = vmxon_ptr_;
-  // eVMCS: when an enlightened VMCS is current, the eVMCS work sets s.evmcs,
-  // the eVMCS address, and a full copy (copy_evmcs_to_vmcs12, clean fields 0).
-  if (current_ != kInvalidGpa) {
+  if (evmcs_in_use()) {
+    // The eVMCS address stands for the current VMCS. KVM copies the page
+    // only outside guest mode: in guest mode the cached vmcs12 is what L2
+    // runs on (the entry's copy; the page may have changed since, patch 6).
+    s.evmcs = true;
+    s.current_vmcs_gpa = evmcs_gpa_;
+    s.vmcs12 = guest_mode_ || evmcs_map_pending_ ? vmcs12_ : evmcs_full_copy();
+  } else if (current_ != kInvalidGpa) {
     s.current_vmcs_gpa = current_;
     s.vmcs12 = vmcs12_;  // L0's cached copy: newer than the region in L1 memory
   }
@@ -39,16 +45,19 @@ bool NestedVmx::gpa_backed(Gpa gpa, uint64_t len) const {
   return true;
 }
 
-// The eVMCS hook. A blob with kEvmcs passes the format checks (decode), but
-// restoring it needs what only the enlightened-VMCS path has: the VP-assist
-// page, the eVMCS revision check, the eVMCS copy and its nested context.
-// The eVMCS work replaces this with those checks and installs the eVMCS in
-// set_nested_state() (the step marked "eVMCS:" there).
+// What a blob with kEvmcs needs beyond the format (decode: alignment,
+// width, flag combinations, eVMCS controls) and the memslots
+// (check_nested_state_addresses): a vCPU that enabled the enlightened VMCS,
+// as KVM's vmx_set_nested_state requires enlightened_vmcs_enabled. The
+// eVMCS page itself (revision, the VP-assist page naming it) is looked at by
+// the request before the next entry, like every page the state names.
 Status NestedVmx::check_evmcs_nested_state(const NestedStateImage& s) const {
-  return errorf(EINVAL,
-                "nested state: eVMCS state needs enlightened-VMCS support on this vCPU (VP-assist page, eVMCS "
-                "copy), which this build does not have; eVMCS address {:#x} not restored",
-                s.current_vmcs_gpa);
+  if (!evmcs_enabled_)
+    return errorf(EINVAL,
+                  "nested state: eVMCS flag is set but vCPU {} has not enabled the enlightened VMCS "
+                  "(KVM_CAP_HYPERV_ENLIGHTENED_VMCS); eVMCS {:#x} not restored",
+                  vcpu_.id(), s.current_vmcs_gpa);
+  return ok();
 }
 
 Status NestedVmx::set_nested_state(std::span<const std::byte> blob) {
@@ -74,9 +83,17 @@ Status NestedVmx::set_nested_state(std::span<const std::byte> blob) {
   // 3. Install. From here nothing fails.
   vmxon_ = true;
   vmxon_ptr_ = s.vmxon_gpa;
-  // eVMCS: the eVMCS work makes s.current_vmcs_gpa the current eVMCS here
-  // (clear the old context, load the new one) instead of a vmcs12 pointer.
-  if (s.current_vmcs_gpa != kInvalidGpa) {
+  if (s.evmcs) {
+    // The blob's eVMCS is the one in use, but not mapped on this vCPU yet
+    // (KVM's EVMPTR_MAP_PENDING); its context, keyed by the eVMCS address,
+    // serves the caches from now on, as an address change does (patch 9).
+    // The request maps it before the next entry, in guest mode or not.
+    evmcs_gpa_ = s.current_vmcs_gpa;
+    evmcs_map_pending_ = true;
+    vmcs12_ = *s.vmcs12;  // the blob carries no clean bit: none of the source's is trusted
+    load_context(evmcs_gpa_);
+    vcpu_.make_request(vm::Request::kGetNestedStatePages);
+  } else if (s.current_vmcs_gpa != kInvalidGpa) {
     current_ = s.current_vmcs_gpa;
     vmcs12_ = *s.vmcs12;  // the blob's copy, not the region in L1 memory
     load_context(current_);  // as VMPTRLD (set_current_vmptr) does
@@ -94,9 +111,14 @@ Status NestedVmx::set_nested_state(std::span<const std::byte> blob) {
 }
 
 Status NestedVmx::get_nested_state_pages() {
+  // KVM maps the eVMCS (nested_get_evmcs_page) before the vmcs12 pages, and
+  // fails the entry when it cannot.
+  if (evmcs_map_pending_) {
+    if (auto st = get_evmcs_page(); !st)
+      return errorf(st.error().code, "nested state restored, but its enlightened VMCS cannot be used: {}",
+                    st.error().message);
+  }
   if (!guest_mode_) return ok();
-  // eVMCS: KVM maps the eVMCS (nested_get_evmcs_page) before the vmcs12
-  // pages; the eVMCS work adds that here.
   if (auto st = get_vmcs12_pages(); !st)
     return errorf(st.error().code, "nested state restored, but the entry into L2 cannot be built: {}",
                   st.error().message);

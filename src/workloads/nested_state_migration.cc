@@ -46,7 +46,9 @@ uint64_t mix(uint64_t prev, uint64_t step) {
 
 // L2: restartable from its memory. It resumes after the last step L1
 // acknowledged; a step redone after a restore repeats exactly what it did.
-GuestTask l2_program(int steps, int park_step) {
+// With `evmcs` (no APIC-access page, no posted interrupts) steps 1 and 3 of
+// each four end with a HLT and an intercepted WRMSR instead.
+GuestTask l2_program(int steps, int park_step, bool evmcs) {
   uint64_t first = (co_await ops::read64(kL2Data + kAck)) + 1;
   for (uint64_t i = first; i <= static_cast<uint64_t>(steps); i++) {
     if (i == static_cast<uint64_t>(park_step)) {
@@ -64,13 +66,20 @@ GuestTask l2_program(int steps, int park_step) {
         co_await ops::vmcall(kCallStep);
         break;
       case 1:
-        co_await ops::write32(kApicGpa + cpu::kVapicTpr, static_cast<uint32_t>(i));  // APIC-access exit
+        if (evmcs)
+          (void)co_await ops::exec(GuestOp{GuestOp::Hlt{}});  // HLT exiting: to L1
+        else
+          co_await ops::write32(kApicGpa + cpu::kVapicTpr, static_cast<uint32_t>(i));  // APIC-access exit
         break;
       case 2:
         (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
         (void)co_await ops::rdmsr(kMsrIntercepted);  // exits to L1
         break;
       case 3: {
+        if (evmcs) {
+          co_await ops::wrmsr(kMsrIntercepted, i);  // exits to L1
+          break;
+        }
         co_await ops::write64(kL2Data + kCallWord, kCallIrq);
         co_await ops::vmcall(kCallIrq);  // L1 posts one interrupt while L2 is out
         uint64_t got = 0;
@@ -89,12 +98,18 @@ GuestTask l2_program(int steps, int park_step) {
   for (;;) co_await ops::vmcall(kCallDone);
 }
 
+// The exit reason as L1 reads it: VMREAD, or a load from its eVMCS.
+cpu::GuestFn<uint64_t> l1_exit_reason(bool evmcs) {
+  if (evmcs) co_return co_await guest::evmcs_read(kEvmcsGpa, vmx::field::kExitReason);
+  co_return co_await guest::exit_reason();
+}
+
 // L1's exit loop, entered right after a VMLAUNCH/VMRESUME returned (L2 has
 // exited). Its state is in kL1State, so a restored L1 runs the same loop.
-GuestTask l1_exit_loop() {
+GuestTask l1_exit_loop(bool evmcs) {
   const Gpa data = co_await ops::read64(kStateData);
   for (;;) {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & vmx::kExitReasonBasicMask);
+    auto reason = static_cast<vmx::ExitReason>(co_await l1_exit_reason(evmcs) & vmx::kExitReasonBasicMask);
     TranscriptEntry e;
     e.reason = static_cast<uint64_t>(reason);
     e.step = co_await ops::read64(data + kReq);
@@ -107,7 +122,10 @@ GuestTask l1_exit_loop() {
         e.info = co_await guest::vmread(vmx::field::kExitQualification);
         break;
       case vmx::ExitReason::kMsrRead:
+      case vmx::ExitReason::kMsrWrite:
         e.info = kMsrIntercepted;
+        break;
+      case vmx::ExitReason::kHlt:
         break;
       case vmx::ExitReason::kVmcall: {
         uint64_t call = co_await ops::read64(data + kCallWord);
@@ -140,27 +158,18 @@ GuestTask l1_exit_loop() {
     co_await ops::write64(at + 24, e.value);
     co_await ops::write64(at + 32, e.vtpr);
     co_await ops::write64(kStateCount, n + 1);
+    // An enlightened L1 changes a field of a clean-field group between
+    // entries (the group's clean bit goes down): the next entry must copy
+    // it, and after a restore the first one must copy every group.
+    if (evmcs) co_await guest::evmcs_write(kEvmcsGpa, vmx::field::kTscOffset, e.step * 0x1000 + n);
     if (done) co_return;
     if (ack) co_await ops::write64(data + kAck, e.step);
     co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
   }
 }
 
-// The source's L1: sets everything up and launches L2.
-GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
-  guest::L1Pages pages(kL1PagesStart, 4 << 20);
-  co_await guest::enter_vmx(pages);
-  Gpa vmcs = pages.alloc();
-  co_await guest::init_region(vmcs);
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
-  guest::Ept12 ept(pages);
-  Gpa data = pages.alloc();
-  co_await ept.map(kL2Data, data);
-  co_await ept.map(kApicGpa, kApicGpa);
-  Gpa bitmap = pages.alloc();
-  co_await ops::write8(bitmap + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));  // read, low MSRs
-
+// The plain L1's vmcs12: every page L0 gets for a nested guest.
+GuestTask write_full_vmcs12(const guest::Ept12& ept, Gpa bitmap) {
   vmx::Vmcs12 v = vmx::minimal_vmcs12();
   v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow | vmx::proc::kUseMsrBitmaps;
   v.secondary_proc_controls |=
@@ -174,22 +183,64 @@ GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
   v.posted_intr_desc_addr = kPiDesc;
   v.posted_intr_notification_vector = kNotificationVector;
   co_await guest::write_vmcs(v);
+}
+
+// The source's L1: sets everything up and launches L2.
+GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
+  guest::L1Pages pages(kL1PagesStart, 4 << 20);
+  co_await guest::enter_vmx(pages);
+  Gpa vmcs = kEvmcsGpa;
+  if (c.evmcs) {
+    // Hyper-V: the VP-assist page names the eVMCS; no VMCLEAR or VMPTRLD.
+    co_await guest::enable_vp_assist(kVpAssistGpa);
+    co_await guest::init_evmcs(kEvmcsGpa);
+    co_await guest::load_evmcs(kVpAssistGpa, kEvmcsGpa);
+  } else {
+    vmcs = pages.alloc();
+    co_await guest::init_region(vmcs);
+    co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
+    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+  }
+  guest::Ept12 ept(pages);
+  Gpa data = pages.alloc();
+  co_await ept.map(kL2Data, data);
+  if (!c.evmcs) co_await ept.map(kApicGpa, kApicGpa);
+  Gpa bitmap = pages.alloc();
+  // Read- and write-intercept kMsrIntercepted (low MSRs: read bitmap at 0,
+  // write bitmap at 2048).
+  co_await ops::write8(bitmap + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));
+  co_await ops::write8(bitmap + 2048 + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));
+
+  if (c.evmcs) {
+    // What eVMCS v1 can express: TPR shadow, MSR bitmap, EPT, HLT exiting.
+    vmx::Vmcs12 v = vmx::minimal_vmcs12();
+    v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow |
+                               vmx::proc::kUseMsrBitmaps | vmx::proc::kHltExiting;
+    v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
+    v.ept_pointer = ept.eptp();
+    v.msr_bitmap = bitmap;
+    v.virtual_apic_page_addr = kVapicGpa;
+    co_await guest::write_evmcs(kEvmcsGpa, v, vmx::evmcs_enlightenment::kMsrBitmap);
+  } else {
+    co_await write_full_vmcs12(ept, bitmap);
+  }
 
   co_await ops::write64(kStateVmcs12, vmcs);
   co_await ops::write64(kStateData, data);
   co_await ops::write64(kStateSteps, static_cast<uint64_t>(c.steps));
-  m.bind_l2_program(vmcs, l2_program(c.steps, c.park_step()));
+  m.bind_l2_program(vmcs, l2_program(c.steps, c.park_step(), c.evmcs));
   co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-  co_await l1_exit_loop();
+  co_await l1_exit_loop(c.evmcs);
 }
+
 
 // The destination's L1. Its first operation must be the VMRESUME that the
 // restored guest mode has in flight: the vCPU runs L2 first, and L2's first
 // reflected exit completes whatever L1 operation is pending.
-GuestTask l1_restored() {
+GuestTask l1_restored(bool evmcs) {
   OpResult r = co_await ops::vmresume();
   if (!r.ok()) throw guest::VmxError("the restored VMRESUME failed: " + cpu::to_string(r));
-  co_await l1_exit_loop();
+  co_await l1_exit_loop(evmcs);
 }
 
 uint64_t read_u64(NestedEnv& env, Gpa gpa) {
@@ -205,8 +256,17 @@ struct SlotLayout {
   Gpa gpa;
   size_t bytes;
 };
-const SlotLayout kSlots[] = {
-    {0, 0, kL1Bytes}, {kApicSlot, kApicGpa, kPageSize}, {kVapicSlot, kVapicGpa, kPageSize}, {kPiSlot, kPiPage, kPageSize}};
+const SlotLayout kSlots[] = {{0, 0, kL1Bytes},
+                             {kApicSlot, kApicGpa, kPageSize},
+                             {kVapicSlot, kVapicGpa, kPageSize},
+                             {kPiSlot, kPiPage, kPageSize},
+                             {kEvmcsSlot, kEvmcsGpa, kPageSize}};
+
+// The nested state of a vCPU whose run is over, or empty.
+std::vector<std::byte> final_state(NestedEnv& env) {
+  auto blob = env.machine->get_nested_state(0);
+  return blob ? std::move(*blob) : std::vector<std::byte>{};
+}
 
 }  // namespace
 
@@ -219,6 +279,7 @@ Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector
     if (s.slot == 0 || std::find(leave_out.begin(), leave_out.end(), s.slot) != leave_out.end()) continue;
     NC_TRY(env->add_page_slot(s.slot, s.gpa));
   }
+  if (c.evmcs) env->machine->vcpu(0).nested().enable_evmcs();  // KVM_CAP_HYPERV_ENLIGHTENED_VMCS
   return env;
 }
 
@@ -286,6 +347,12 @@ SourceRun run_source(const MigrationConfig& c, bool save) {
     // of guest mode and runs on the vCPU thread between two entries.
     auto blob = env.machine->get_nested_state(0);
     if (blob) out.blob = std::move(*blob);
+    // An enlightened L1's VP-assist page is an MSR, not nested state: the
+    // VMM moves it with KVM_GET_MSRS / KVM_SET_MSRS.
+    if (c.evmcs) {
+      auto msr = env.machine->get_vp_assist_msr(0);
+      if (msr) out.vp_assist_msr = *msr;
+    }
     // L2 only reads memory while parked, and L1 is not running: the memory
     // is quiescent, as a paused VM's is.
     for (const SlotLayout& s : kSlots) {
@@ -296,6 +363,7 @@ SourceRun run_source(const MigrationConfig& c, bool save) {
   out.run = (*parked)->release();
   out.transcript = read_transcript(env);
   out.counters = env.counters();
+  out.final_state = final_state(env);
   return out;
 }
 
@@ -311,13 +379,14 @@ Status restore_memory(NestedEnv& env, const MemoryImage& image) {
 
 Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs12) {
   if (vmcs12 == kInvalidGpa) return errorf(EINVAL, "the restored state has no current vmcs12");
-  env.machine->bind_l2_program(vmcs12, l2_program(c.steps, c.park_step()));
-  env.machine->set_l1_program(0, l1_restored());
+  env.machine->bind_l2_program(vmcs12, l2_program(c.steps, c.park_step(), c.evmcs));
+  env.machine->set_l1_program(0, l1_restored(c.evmcs));
   return ok();
 }
 
 RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, std::span<const std::byte> blob,
-                         std::vector<uint32_t> leave_out) {
+                         std::vector<uint32_t> leave_out, uint64_t vp_assist_msr,
+                         const std::function<Status(NestedEnv&)>& before_run) {
   RestoredRun out;
   auto fail = [&](const Error& e) {
     out.set = tl::unexpected(e);
@@ -333,12 +402,19 @@ RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, st
     out.run = out.set;
     return out;
   }
+  if (c.evmcs) {
+    if (auto st = env.machine->set_vp_assist_msr(0, vp_assist_msr); !st) return fail(st.error());
+  }
   auto image = vmx::decode(blob);
   if (!image) return fail(image.error());
   if (auto st = bind_restored_programs(env, c, image->current_vmcs_gpa); !st) return fail(st.error());
+  if (before_run) {
+    if (auto st = before_run(env); !st) return fail(st.error());
+  }
   out.run = env.machine->run(kRunTimeout);
   out.transcript = read_transcript(env);
   out.counters = env.counters();
+  out.final_state = final_state(env);
   return out;
 }
 

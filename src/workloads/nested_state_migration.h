@@ -21,9 +21,22 @@
 // For that, the L2 program keeps its progress in its memory (the step L1
 // acknowledged last), and the restored L1 program's first operation is the
 // VMRESUME that the blob's guest mode has in flight.
+//
+// The enlightened variant (MigrationConfig::evmcs): L1 is a Hyper-V guest
+// hypervisor. It names an eVMCS (alone in memslot 4) in its VP-assist page,
+// writes the fields straight into the eVMCS with the MSR-bitmap
+// enlightenment on, reads the exit information from the page, and after
+// each exit changes one field of a clean-field group (the TSC offset) before
+// its VMRESUME. eVMCS v1 has no APIC-access page and no posted interrupts,
+// so its steps end with a VMCALL, a HLT, an intercepted RDMSR or an
+// intercepted WRMSR (the TPR shadow and its VTPR stay). The blob then
+// carries the eVMCS flag and address; the VMM also moves the VP-assist MSR
+// (Machine::get/set_vp_assist_msr), and the destination vCPU enables the
+// enlightened VMCS before the restore.
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -38,12 +51,16 @@ inline constexpr Gpa kApicGpa = 0xc0000000;   // slot 1
 inline constexpr Gpa kVapicGpa = 0xd0000000;  // slot 2
 inline constexpr Gpa kPiPage = 0xe0000000;    // slot 3
 inline constexpr Gpa kPiDesc = kPiPage + 0x40;
-inline constexpr uint32_t kApicSlot = 1, kVapicSlot = 2, kPiSlot = 3;
+inline constexpr Gpa kEvmcsGpa = 0xb0000000;  // slot 4 (eVMCS variant)
+inline constexpr Gpa kVpAssistGpa = 0x88000;  // L1 memory (eVMCS variant)
+inline constexpr uint32_t kApicSlot = 1, kVapicSlot = 2, kPiSlot = 3, kEvmcsSlot = 4;
 
 struct MigrationConfig {
   Strategy strategy = Strategy::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   int steps = 16;  // 4..256
+  // L1 uses the enlightened VMCS (the file comment's variant).
+  bool evmcs = false;
   // L2 parks before this step (the migration point).
   int park_step() const { return steps / 2 + 1; }
 };
@@ -70,8 +87,11 @@ struct MemoryImage {
 };
 
 // A VM laid out for the scenario: L1 memory in slot 0, the APIC-access,
-// virtual-APIC and descriptor pages in slots 1-3. `leave_out` lists page
-// slots not to create (tests of pages that cannot be resolved).
+// virtual-APIC and descriptor pages in slots 1-3, the eVMCS page in slot 4
+// (made in both variants, so both lay out memory alike). With c.evmcs the
+// vCPU enables the enlightened VMCS (the VMM's
+// KVM_CAP_HYPERV_ENLIGHTENED_VMCS). `leave_out` lists page slots not to
+// create (tests of pages that cannot be resolved).
 Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector<uint32_t> leave_out = {});
 
 // The source side. Runs the scenario from the start in a new VM; when L2
@@ -82,6 +102,8 @@ struct SourceRun {
   Transcript transcript;         // the whole run's
   std::vector<std::byte> blob;   // the state taken mid-L2 (save only)
   MemoryImage memory;            // the memory at that moment (save only)
+  uint64_t vp_assist_msr = 0;    // eVMCS variant: the VP-assist MSR then (save only)
+  std::vector<std::byte> final_state;  // the nested state after the run
   bool parked = false;           // L2 reached the migration point
   CounterSnapshot counters;
 };
@@ -97,15 +119,19 @@ Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs
 Transcript read_transcript(NestedEnv& env);
 
 // The whole destination side: make_vm, restore_memory, set_nested_state,
-// bind_restored_programs, run. Returns the run's status and transcript.
+// the VP-assist MSR (eVMCS variant: `vp_assist_msr`), bind_restored_programs,
+// `before_run` if given (tests break something the first entry needs), run.
+// Returns the run's status and transcript.
 struct RestoredRun {
   Status set;
   Status run;
   Transcript transcript;
   CounterSnapshot counters;
+  std::vector<std::byte> final_state;  // the nested state after the run
 };
 RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, std::span<const std::byte> blob,
-                         std::vector<uint32_t> leave_out = {});
+                         std::vector<uint32_t> leave_out = {}, uint64_t vp_assist_msr = 0,
+                         const std::function<Status(NestedEnv&)>& before_run = nullptr);
 
 // Starts the scenario (no save) in `env` on another thread and returns once
 // L2 has parked; `release()` lets it finish and returns the run's status.
@@ -129,6 +155,9 @@ struct BadBlob {
   std::vector<std::byte> blob;
   int code = EINVAL;            // the errno set must return
   std::string expect;           // a part of the message that names the rule
+  // Refused by a vCPU that has not enabled the enlightened VMCS; set it on
+  // such a vCPU (make_vm with evmcs = false).
+  bool needs_plain_vcpu = false;
 };
 // At least 20 malformed variants of `good` (a guest-mode blob taken by
 // run_source), each breaking a different rule: framing (truncated, trailing
@@ -136,7 +165,10 @@ struct BadBlob {
 // (flags that do not go together, VMX off with state, misaligned or too wide
 // addresses), the vmcs12 image (revision, shadow indicator, launch state,
 // each kind of entry check), the VM (addresses with no memslot in a VM made
-// by make_vm) and eVMCS (not supported by this build's vCPU). Empty if
+// by make_vm) and eVMCS (the flag on a vCPU without the enlightened VMCS,
+// without an address, with controls eVMCS v1 cannot express). A `good` with
+// the eVMCS flag gets the eVMCS variants of the address rules (misaligned,
+// too wide, the VMXON region, no memslot, the flag with VMX off). Empty if
 // `good` does not decode.
 std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good);
 

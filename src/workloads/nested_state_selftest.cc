@@ -13,6 +13,14 @@
 // (every step, every exit, the VTPR of each step, every posted interrupt
 // received).
 //
+// With --evmcs L1 uses the enlightened VMCS (nested_state_migration.h): the
+// blob carries the eVMCS flag and address, the restored vCPU maps the eVMCS
+// through the strategy in the request before its first entry, and the
+// malformed blobs include the eVMCS rules (the flag on a vCPU without the
+// enlightened VMCS, a misaligned or unbacked eVMCS address, ...). Both
+// variants also check that the source and the restored vCPU end with the
+// same nested state.
+//
 // KVM's own selftest for this ioctl pair (vmx_set_nested_state_test) checks
 // that invalid states are refused; this one also moves a running L2 to
 // another VM under each page strategy.
@@ -20,6 +28,7 @@
 
 #include <set>
 
+#include "vmx/evmcs.h"
 #include "vmx/nested_state_format.h"
 #include "workloads/nested_state_migration.h"
 #include "workloads/selftests.h"
@@ -35,13 +44,15 @@ nlohmann::json entry_json(const TranscriptEntry& e) {
 }
 
 // What a correct transcript of `steps` steps looks like, whoever ran it.
-void check_transcript(const Transcript& t, int steps, std::string_view who, SelftestResult& r) {
+void check_transcript(const Transcript& t, int steps, bool evmcs, std::string_view who, SelftestResult& r) {
   const auto vmcall = static_cast<uint64_t>(vmx::ExitReason::kVmcall);
   const auto apic = static_cast<uint64_t>(vmx::ExitReason::kApicAccess);
   const auto msr = static_cast<uint64_t>(vmx::ExitReason::kMsrRead);
+  const auto msr_write = static_cast<uint64_t>(vmx::ExitReason::kMsrWrite);
+  const auto hlt = static_cast<uint64_t>(vmx::ExitReason::kHlt);
   size_t k = 0;
   for (uint64_t i = 1; i <= static_cast<uint64_t>(steps); i++) {
-    const int entries = i % 4 == 3 ? 2 : 1;
+    const int entries = i % 4 == 3 && !evmcs ? 2 : 1;
     if (!r.check(k + entries <= t.size(), "{}: transcript ends at step {} of {}", who, i, steps)) return;
     const TranscriptEntry& e = t[k];
     r.check(e.step == i, "{}: entry {} is for step {}, expected {}", who, k, e.step, i);
@@ -50,13 +61,19 @@ void check_transcript(const Transcript& t, int steps, std::string_view who, Self
     switch (i % 4) {
       case 0: r.check(e.reason == vmcall, "{}: step {}: exit {} is not VMCALL", who, i, e.reason); break;
       case 1:
-        r.check(e.reason == apic && e.info == (0x80 | 1u << 12), "{}: step {}: exit {} qualification {:#x}, expected "
-                "an APIC-access write at 0x80", who, i, e.reason, e.info);
+        if (evmcs)
+          r.check(e.reason == hlt, "{}: step {}: exit {} is not HLT", who, i, e.reason);
+        else
+          r.check(e.reason == apic && e.info == (0x80 | 1u << 12), "{}: step {}: exit {} qualification {:#x}, "
+                  "expected an APIC-access write at 0x80", who, i, e.reason, e.info);
         break;
       case 2: r.check(e.reason == msr, "{}: step {}: exit {} is not RDMSR", who, i, e.reason); break;
       case 3:
-        r.check(t[k + 1].step == i && t[k + 1].info == e.info && e.info != 0,
-                "{}: step {}: posted vector {:#x}, received {:#x}", who, i, e.info, t[k + 1].info);
+        if (evmcs)
+          r.check(e.reason == msr_write, "{}: step {}: exit {} is not WRMSR", who, i, e.reason);
+        else
+          r.check(t[k + 1].step == i && t[k + 1].info == e.info && e.info != 0,
+                  "{}: step {}: posted vector {:#x}, received {:#x}", who, i, e.info, t[k + 1].info);
         break;
     }
     k += entries;
@@ -66,16 +83,20 @@ void check_transcript(const Transcript& t, int steps, std::string_view who, Self
             "final VMCALL", who);
 }
 
-// Phase 3's malformed blobs against a vCPU holding `good`.
-nlohmann::json reject_all(cpu::Machine& m, std::span<const std::byte> good, SelftestResult& r) {
+// Phase 3's malformed blobs against a vCPU holding `good`; those refused
+// only by a vCPU without the enlightened VMCS against `plain` (vCPU 0 of a
+// VM that never enabled it), when given.
+nlohmann::json reject_all(cpu::Machine& m, cpu::Machine* plain, std::span<const std::byte> good, SelftestResult& r) {
   nlohmann::json out = nlohmann::json::array();
   std::set<std::string> messages;
   const std::vector<BadBlob> bad = malformed_blobs(good);
   r.check(bad.size() >= 20, "only {} malformed blobs", bad.size());
   for (const BadBlob& b : bad) {
-    Status st = m.set_nested_state(0, b.blob);
-    auto after = m.get_nested_state(0);
-    const bool unchanged = after && std::equal(after->begin(), after->end(), good.begin(), good.end());
+    cpu::Machine& target = b.needs_plain_vcpu && plain ? *plain : m;
+    auto before = target.get_nested_state(0);
+    Status st = target.set_nested_state(0, b.blob);
+    auto after = target.get_nested_state(0);
+    const bool unchanged = before && after && *after == *before;
     nlohmann::json j = {{"name", b.name}, {"bytes", b.blob.size()}, {"rejected", !st}, {"state_unchanged", unchanged}};
     if (!st) {
       j["errno"] = st.error().code_name();
@@ -95,6 +116,27 @@ nlohmann::json reject_all(cpu::Machine& m, std::span<const std::byte> good, Self
   return out;
 }
 
+// The eVMCS variant's blob: the flag, the eVMCS address, and an image that
+// is a full copy of the eVMCS page as the VMM copied it (every carried field
+// equal to the page's, whatever its clean bits say).
+void check_evmcs_blob(const vmx::NestedStateImage& image, const SourceRun& src, SelftestResult& r) {
+  r.check(image.evmcs, "L1 uses an eVMCS, but the blob has no eVMCS flag");
+  r.check(image.current_vmcs_gpa == kEvmcsGpa, "the blob's current VMCS {:#x} is not the eVMCS {:#x}",
+          image.current_vmcs_gpa, kEvmcsGpa);
+  r.check(src.vp_assist_msr == (kVpAssistGpa | vmx::kVpAssistPageEnable), "the VP-assist MSR read {:#x}",
+          src.vp_assist_msr);
+  for (const MemoryImage::Slot& s : src.memory.slots) {
+    if (s.slot != kEvmcsSlot || !image.vmcs12) continue;
+    const vmx::EvmcsPage page = vmx::EvmcsPage::load(std::span<const std::byte, kPageSize>(s.bytes.data(), kPageSize));
+    vmx::Vmcs12 full = *image.vmcs12;
+    vmx::copy_evmcs_to_vmcs12(page, full, vmx::evmcs_clean::kNone);
+    r.check(full == *image.vmcs12, "the blob's vmcs12 is not a full copy of the eVMCS page");
+    r.details["evmcs_page_clean_fields"] = page.clean_fields;
+    return;
+  }
+  r.fail("the memory image has no eVMCS page");
+}
+
 SelftestResult run_nested_state(const RunOptions& o) {
   SelftestResult r;
   MigrationConfig c{o.strategy, o.memory};
@@ -102,14 +144,15 @@ SelftestResult run_nested_state(const RunOptions& o) {
   if (!steps) return r.fail(steps.error().to_string()), r;
   if (*steps < 4 || *steps > 256) return r.fail(fmt::format("--steps {} is out of range (4..256)", *steps)), r;
   c.steps = static_cast<int>(*steps);
-  const std::string tag(strategy_name(o.strategy));
+  c.evmcs = o.flag_option("evmcs");
+  const std::string tag = std::string(strategy_name(o.strategy)) + (c.evmcs ? " with eVMCS" : "");
 
   // 1. Reference: the run nobody interrupts.
   SourceRun ref = run_source(c, false);
   r.counters += ref.counters;
   if (!r.check(static_cast<bool>(ref.run), "reference run failed: {}", ref.run ? "" : ref.run.error().to_string()))
     return r;
-  check_transcript(ref.transcript, c.steps, "reference", r);
+  check_transcript(ref.transcript, c.steps, c.evmcs, "reference", r);
 
   // 2. Source: save mid-L2, then finish.
   SourceRun src = run_source(c, true);
@@ -127,8 +170,10 @@ SelftestResult run_nested_state(const RunOptions& o) {
                        {"flags", image->flags()},
                        {"guest_mode", image->guest_mode},
                        {"run_pending", image->run_pending},
+                       {"evmcs", image->evmcs},
                        {"vmxon_gpa", image->vmxon_gpa},
-                       {"vmcs12_gpa", image->current_vmcs_gpa}};
+                       {image->evmcs ? "evmcs_gpa" : "vmcs12_gpa", image->current_vmcs_gpa}};
+  if (c.evmcs) check_evmcs_blob(*image, src, r);
 
   // 3. Destination: restore into a fresh VM, refuse the malformed blobs,
   // then let L2 finish there.
@@ -138,17 +183,38 @@ SelftestResult run_nested_state(const RunOptions& o) {
   if (auto st = restore_memory(dst, src.memory); !st) return r.fail("memory copy: " + st.error().to_string()), r;
   if (auto st = dst.machine->set_nested_state(0, src.blob); !st)
     return r.fail("restoring the saved state failed: " + st.error().to_string()), r;
+  if (c.evmcs) {
+    if (auto st = dst.machine->set_vp_assist_msr(0, src.vp_assist_msr); !st)
+      return r.fail("restoring the VP-assist MSR failed: " + st.error().to_string()), r;
+    r.check(dst.machine->vcpu(0).nested().evmcs_map_pending(), "the restored eVMCS was mapped before the request");
+  }
   auto got = dst.machine->get_nested_state(0);
   r.check(got && *got == src.blob, "get after set does not return the blob that was set");
-  r.details["malformed"] = reject_all(*dst.machine, src.blob, r);
+  // eVMCS: the flag on a vCPU that never enabled the enlightened VMCS is
+  // refused by such a vCPU, in a VM of its own.
+  std::unique_ptr<NestedEnv> plain;
+  if (c.evmcs) {
+    MigrationConfig pc = c;
+    pc.evmcs = false;
+    auto p = make_vm(pc);
+    if (!p) return r.fail(p.error().to_string()), r;
+    plain = std::move(*p);
+  }
+  r.details["malformed"] = reject_all(*dst.machine, plain ? plain->machine.get() : nullptr, src.blob, r);
   if (auto st = bind_restored_programs(dst, c, image->current_vmcs_gpa); !st) return r.fail(st.error().to_string()), r;
   Status run = dst.machine->run(std::chrono::seconds(60));
   CounterSnapshot k = dst.counters();
   r.counters += k;
   r.check(static_cast<bool>(run), "the restored L2 did not finish: {}", run ? "" : run.error().to_string());
   Transcript restored = read_transcript(dst);
-  check_transcript(restored, c.steps, "restored", r);
+  check_transcript(restored, c.steps, c.evmcs, "restored", r);
   r.check(restored == ref.transcript, "the restored run's transcript differs from the uninterrupted run's");
+  // The vCPU ends where the uninterrupted one did: same VMCS, same vmcs12
+  // (for an enlightened L1 a full copy of its eVMCS, which L1 changed after
+  // every exit).
+  auto end = dst.machine->get_nested_state(0);
+  r.check(end && !ref.final_state.empty() && *end == ref.final_state,
+          "the restored vCPU's final nested state differs from the uninterrupted run's");
   for (size_t i = 0; i < std::min(restored.size(), ref.transcript.size()); i++) {
     if (restored[i] == ref.transcript[i]) continue;
     r.details["first_difference"] = {{"entry", i}, {"restored", entry_json(restored[i])},
@@ -174,6 +240,10 @@ SelftestResult run_nested_state(const RunOptions& o) {
                      tag, c.park_step(), c.steps, restored.size(), restored.size() - before));
   r.note(fmt::format("{} of {} malformed blobs refused, each with its own error, the restored state untouched", rejected,
                      r.details["malformed"].size()));
+  if (c.evmcs)
+    r.note(fmt::format("eVMCS {:#x}: flag and address in the blob, the image a full copy of the page, mapped by the "
+                       "request before the first entry ({} eVMCS map failures)",
+                       image->current_vmcs_gpa, k[Counter::evmcs_map_failures]));
   return r;
 }
 
@@ -191,11 +261,16 @@ void register_nested_state_selftest() {
           "malformed blobs (truncated, wrong version, bad magic, misaligned addresses, inconsistent flags, guest "
           "mode without VMXON, addresses with no memslot, vmcs12 failing entry checks, trailing bytes, oversized, "
           "eVMCS...), each refused with its own error and nothing changed; then L2 finishes in the new VM. "
-          "Asserts the transcript equals an uninterrupted run's. KVM's vmx_set_nested_state_test checks the "
-          "refusals; the migration across VMs is ours.",
+          "Asserts the transcript and the final nested state equal an uninterrupted run's. With --evmcs L1 uses "
+          "the enlightened VMCS (VMCALL, HLT, RDMSR and WRMSR exits; the exit information read from the eVMCS): "
+          "the blob carries the eVMCS address and a full copy, the restored vCPU maps the eVMCS through the "
+          "strategy before its first entry, and the eVMCS blobs (flag on a vCPU without eVMCS, misaligned, "
+          "no memslot, ...) are refused too. KVM's vmx_set_nested_state_test checks the refusals; the "
+          "migration across VMs is ours.",
       .add_options =
           [](CLI::App& app, SelftestOptions& o) {
             o.add(app, "--steps", "L2 steps (the migration is half way)", "16")->check(CLI::Range(4, 256));
+            o.add_flag(app, "--evmcs", "L1 uses the Hyper-V enlightened VMCS (the blob carries the eVMCS)");
           },
       .run = run_nested_state,
   });

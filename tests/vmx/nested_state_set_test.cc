@@ -136,7 +136,7 @@ TEST(NestedStateSet, RejectedBlobsChangeNothing) {
   NestedStateImage unbacked_vmxon = s, unbacked_vmcs = s, evmcs = s;
   unbacked_vmxon.vmxon_gpa = kNoSlot;
   unbacked_vmcs.current_vmcs_gpa = kNoSlot;
-  evmcs.evmcs = true;
+  evmcs.evmcs = true;  // this vCPU never enabled the enlightened VMCS
   evmcs.guest_mode = false;
   std::vector<std::byte> huge(kNestedStateMaxSize + 1);
   std::vector<std::byte> cut = encode(s);
@@ -146,7 +146,7 @@ TEST(NestedStateSet, RejectedBlobsChangeNothing) {
       {cut, EINVAL, "truncated"},
       {encode(unbacked_vmxon), EINVAL, "VMXON region 0x800000 is not backed by a memslot"},
       {encode(unbacked_vmcs), EINVAL, "current vmcs12 region 0x800000 is not backed by a memslot"},
-      {encode(evmcs), EINVAL, "eVMCS state needs enlightened-VMCS support"},
+      {encode(evmcs), EINVAL, "eVMCS flag is set but vCPU 0 has not enabled the enlightened VMCS"},
   };
   for (const Case& c : cases) {
     auto st = f.nested->set_nested_state(c.blob);
