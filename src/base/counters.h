@@ -31,6 +31,9 @@ namespace nestcache {
   X(cache_activations, "pfn-cache activations")                                           \
   X(cache_refreshes, "pfn-cache refreshes that (re)mapped a frame")                       \
   X(cache_refresh_retries, "refreshes retried because an invalidation raced them")        \
+  X(cache_refresh_waits, "times a refresh waited for an in-flight invalidation of its page") \
+  X(cache_refresh_wait_ns, "nanoseconds refreshes spent waiting for in-flight invalidations") \
+  X(cache_reader_waits, "invalidations that waited for lock-free pfn-cache readers")     \
   X(cache_invalidations, "pfn caches marked invalid by the notifier")                     \
   X(requests, "vCPU requests made")                                                       \
   X(kicks, "vCPU kicks")                                                                  \

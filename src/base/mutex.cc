@@ -71,7 +71,15 @@ void assert_none_held_from(LockRank rank) {
     }
   }
 }
+void assert_held(LockRank rank, const void* lock) {
+  if (rank == LockRank::kNone) return;
+  for (int i = 0; i < nheld; i++)
+    if (held[i].lock == lock) return;
+  std::fprintf(stderr, "nestcache: %s lock is not held where it must be\n", lock_rank_name(rank));
+  std::abort();
+}
 #else
+void assert_held(LockRank, const void*) {}
 void acquire(LockRank, const void*) {}
 void release(LockRank, const void*) {}
 void assert_none_held_from(LockRank) {}

@@ -24,6 +24,9 @@ void release(LockRank rank, const void* lock);
 // Aborts unless the calling thread holds no ranked lock at or above `rank`;
 // used before blocking on something a lock holder might wait for.
 void assert_none_held_from(LockRank rank);
+// Aborts unless the calling thread holds `lock` (any mode). Unranked locks are
+// not tracked, so the check passes for them. No-op without NESTCACHE_LOCK_CHECKS.
+void assert_held(LockRank rank, const void* lock);
 }  // namespace lock_checks
 
 class NC_CAPABILITY("mutex") Mutex {
@@ -40,6 +43,10 @@ class NC_CAPABILITY("mutex") Mutex {
     mu_.unlock();
     lock_checks::release(rank_, this);
   }
+  // Aborts (in lock-checking builds) unless the calling thread holds this
+  // lock; tells the compile-time analysis the same. For `*_locked` functions,
+  // next to their NC_REQUIRES.
+  void assert_held() const NC_ASSERT_CAPABILITY(this) { lock_checks::assert_held(rank_, this); }
   // For condition variables: std::condition_variable_any calls lock/unlock.
   std::mutex& native() { return mu_; }
   LockRank rank() const { return rank_; }
@@ -71,6 +78,10 @@ class NC_CAPABILITY("shared_mutex") SharedMutex {
     mu_.unlock_shared();
     lock_checks::release(rank_, this);
   }
+  // As Mutex::assert_held: held exclusively or shared (the run-time check
+  // cannot tell the two apart; the compile-time annotation asks for exclusive).
+  void assert_held() const NC_ASSERT_CAPABILITY(this) { lock_checks::assert_held(rank_, this); }
+  void assert_shared_held() const NC_ASSERT_SHARED_CAPABILITY(this) { lock_checks::assert_held(rank_, this); }
 
  private:
   std::shared_mutex mu_;

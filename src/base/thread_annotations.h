@@ -28,5 +28,6 @@
 #define NC_TRY_ACQUIRE(...) NC_TSA(try_acquire_capability(__VA_ARGS__))
 #define NC_EXCLUDES(...) NC_TSA(locks_excluded(__VA_ARGS__))
 #define NC_ASSERT_CAPABILITY(x) NC_TSA(assert_capability(x))
+#define NC_ASSERT_SHARED_CAPABILITY(x) NC_TSA(assert_shared_capability(x))
 #define NC_RETURN_CAPABILITY(x) NC_TSA(lock_returned(x))
 #define NC_NO_THREAD_SAFETY_ANALYSIS NC_TSA(no_thread_safety_analysis)

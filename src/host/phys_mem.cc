@@ -152,8 +152,7 @@ size_t PhysMem::free_frames(FrameKind kind) const {
   return p.free.size() + (p.fresh_end - p.fresh_next);
 }
 
-bool PhysMem::check(const FrameTag& t, const char* what, CounterSet* also) const {
-  if (versions_[t.pfn].load(std::memory_order_acquire) == t.version) return true;
+bool PhysMem::report_mismatch(FrameTag t, const char* what, CounterSet* also) const {
   if (stale_fatal_.load(std::memory_order_relaxed))
     std::fprintf(stderr, "nestcache: pfn %llu: tag version %llu, frame now at %llu\n",
                  static_cast<unsigned long long>(t.pfn), static_cast<unsigned long long>(t.version),

@@ -156,7 +156,12 @@ class PhysMem {
   // True if `t` still names the current binding of its frame. Otherwise counts
   // a stale access (here and in `also`, if given) and, when stale accesses
   // are fatal, aborts with a message naming `what`.
-  bool check(const FrameTag& t, const char* what, CounterSet* also = nullptr) const;
+  // Inline on the match: every access through a cache or a map pays it.
+  bool check(const FrameTag& t, const char* what, CounterSet* also = nullptr) const {
+    if (versions_[t.pfn].load(std::memory_order_acquire) == t.version) [[likely]]
+      return true;
+    return report_mismatch(t, what, also);
+  }
   // Counts a stale access found by other means (a memslot no longer leads to
   // the mapping), with the same fatal-mode handling as check().
   void report_stale(const char* what, CounterSet* also = nullptr) const;
@@ -193,6 +198,9 @@ class PhysMem {
   void unpin(Pfn pfn) NC_EXCLUDES(mu_);
   void zero_frame(Pfn pfn);
   void release_locked(Pfn pfn) NC_REQUIRES(mu_);
+  // check()'s slow path: reports a stale access of `t` and returns false.
+  // (By value: a caller's tag can then stay in registers.)
+  bool report_mismatch(FrameTag t, const char* what, CounterSet* also) const;
 
   int fd_ = -1;
   size_t total_ = 0;

@@ -26,6 +26,21 @@ TEST(LockOrderDeathTest, DescendingRanksAbort) {
       },
       "lock order violation: taking slots_lock while holding mmu_lock");
 }
+
+TEST(LockOrderDeathTest, AssertHeldAbortsWhenTheLockIsNotHeld) {
+  Mutex mu(LockRank::kMmu);
+  SharedMutex rw(LockRank::kCacheRw);
+  {
+    MutexLock l(mu);
+    mu.assert_held();  // held: passes
+  }
+  {
+    ReaderLock l(rw);
+    rw.assert_shared_held();
+  }
+  EXPECT_DEATH(mu.assert_held(), "mmu_lock lock is not held");
+  EXPECT_DEATH(rw.assert_held(), "cache_rw lock is not held");
+}
 #endif
 
 TEST(Counters, NamesRoundTripAndJson) {
