@@ -1,53 +1,99 @@
 #include "vm/memslots.h"
 
+#include <algorithm>
+
 #include "base/check.h"
 
 namespace nestcache::vm {
 
 // --- MemslotSet ---------------------------------------------------------------
 
+MemslotSet::MemslotSet() : index_of_id_(kMaxUserMemslots, kNoIndex) {}
+
+int32_t MemslotSet::search(Gfn gfn) const {
+  const size_t n = keys_.size();
+  if (n == 0 || gfn < keys_[0]) return kNoIndex;
+  // Branch-free lower half / upper half steps: the compiler turns the
+  // conditional into a cmov, so a search costs its ~log2(n) loads and no
+  // mispredicted branches, however the gfns arrive.
+  const Gfn* base = keys_.data();
+  for (size_t len = n; len > 1;) {
+    const size_t half = len / 2;
+    base = base[half] <= gfn ? base + half : base;
+    len -= half;
+  }
+  return static_cast<int32_t>(base - keys_.data());
+}
+
 const Memslot* MemslotSet::find(Gfn gfn) const {
-  auto it = by_gfn_.upper_bound(gfn);
-  if (it == by_gfn_.begin()) return nullptr;
-  --it;
-  return it->second.contains(gfn) ? &it->second : nullptr;
+  const int32_t last = last_used_.load(std::memory_order_relaxed);
+  if (last != kNoIndex && static_cast<size_t>(last) < slots_.size() && slots_[last].contains(gfn)) return &slots_[last];
+  const int32_t i = search(gfn);
+  if (i == kNoIndex || !slots_[i].contains(gfn)) return nullptr;
+  last_used_.store(i, std::memory_order_relaxed);
+  return &slots_[i];
 }
 
 const Memslot* MemslotSet::find(Gfn gfn, LookupHint& hint) const {
-  if (hint.generation == generation_ && hint.slot && hint.slot->contains(gfn)) return hint.slot;
-  const Memslot* s = find(gfn);
-  if (s) hint = {generation_, s};
-  return s;
+  if (hint.generation == generation_ && hint.slot->contains(gfn)) return hint.slot;
+  const int32_t i = search(gfn);
+  if (i == kNoIndex || !slots_[i].contains(gfn)) return nullptr;
+  hint = {generation_, &slots_[i]};
+  return &slots_[i];
 }
 
-const Memslot* MemslotSet::by_id(uint32_t id) const { return id < by_id_.size() ? by_id_[id] : nullptr; }
+const Memslot* MemslotSet::by_id(uint32_t id) const {
+  if (id >= index_of_id_.size() || index_of_id_[id] == kNoIndex) return nullptr;
+  return &slots_[index_of_id_[id]];
+}
+
+const Memslot* MemslotSet::overlap(Gfn base, Gfn end, uint32_t id) const {
+  // Slots do not overlap one another, so their ends ascend with their bases:
+  // walking back from the last slot that starts before `end`, the first one
+  // that ends at or before `base` ends the search.
+  for (int32_t i = search(end - 1); i != kNoIndex && slots_[i].end_gfn() > base; i--)
+    if (slots_[i].id != id) return &slots_[i];
+  return nullptr;
+}
+
+void MemslotSet::reindex_from(size_t first) {
+  for (size_t i = first; i < slots_.size(); i++) index_of_id_[slots_[i].id] = static_cast<int32_t>(i);
+}
+
+void MemslotSet::insert(const Memslot& s) {
+  NC_CHECK(index_of_id_[s.id] == kNoIndex);
+  const size_t at = static_cast<size_t>(search(s.base_gfn) + 1);  // after every slot starting below s
+  keys_.insert(keys_.begin() + at, s.base_gfn);
+  slots_.insert(slots_.begin() + at, s);
+  reindex_from(at);
+  by_hva_.emplace(s.userspace_addr, s.id);
+  max_bytes_ = std::max<uint64_t>(max_bytes_, s.npages * kPageSize);
+}
+
+void MemslotSet::erase(const Memslot& old) {
+  const int32_t at = index_of_id_[old.id];
+  NC_CHECK(at != kNoIndex && slots_[at].base_gfn == old.base_gfn);
+  auto [lo, hi] = by_hva_.equal_range(old.userspace_addr);
+  for (auto h = lo; h != hi; ++h) {
+    if (h->second == old.id) {
+      by_hva_.erase(h);
+      break;
+    }
+  }
+  keys_.erase(keys_.begin() + at);
+  slots_.erase(slots_.begin() + at);
+  index_of_id_[old.id] = kNoIndex;
+  reindex_from(static_cast<size_t>(at));
+}
 
 void MemslotSet::apply(const MemslotUpdate& u, bool mark_invalid) {
-  auto erase = [&](const Memslot& old) {
-    auto it = by_gfn_.find(old.base_gfn);
-    NC_CHECK(it != by_gfn_.end() && it->second.id == old.id);
-    auto [lo, hi] = by_hva_.equal_range(old.userspace_addr);
-    for (auto h = lo; h != hi; ++h) {
-      if (h->second == &it->second) {
-        by_hva_.erase(h);
-        break;
-      }
-    }
-    by_id_[old.id] = nullptr;
-    by_gfn_.erase(it);
-  };
-  auto insert = [&](const Memslot& s) {
-    auto [it, inserted] = by_gfn_.emplace(s.base_gfn, s);
-    NC_CHECK(inserted);
-    by_hva_.emplace(s.userspace_addr, &it->second);
-    by_id_[s.id] = &it->second;
-    max_bytes_ = std::max<uint64_t>(max_bytes_, s.npages * kPageSize);
-  };
-
+  // Indices move with inserts and erases; a stale last-used index would only
+  // cost a search, but start clean.
+  last_used_.store(kNoIndex, std::memory_order_relaxed);
   if (mark_invalid) {
-    auto it = by_gfn_.find(u.old_slot->base_gfn);
-    NC_CHECK(it != by_gfn_.end());
-    it->second.invalid = true;
+    const int32_t at = index_of_id_[u.old_slot->id];
+    NC_CHECK(at != kNoIndex);
+    slots_[at].invalid = true;
     return;
   }
   switch (u.change) {
@@ -59,9 +105,9 @@ void MemslotSet::apply(const MemslotUpdate& u, bool mark_invalid) {
       insert(*u.new_slot);
       break;
     case MemslotChange::flags_only: {
-      auto it = by_gfn_.find(u.old_slot->base_gfn);
-      NC_CHECK(it != by_gfn_.end());
-      it->second.flags = u.new_slot->flags;
+      const int32_t at = index_of_id_[u.old_slot->id];
+      NC_CHECK(at != kNoIndex);
+      slots_[at].flags = u.new_slot->flags;
       break;
     }
   }
@@ -116,13 +162,8 @@ Result<MemslotUpdate> Memslots::validate(const MemoryRegion& r) const {
     u.old_slot = *old;
   }
   if (u.change == MemslotChange::create || u.change == MemslotChange::move) {
-    auto it = set.by_gfn_.upper_bound(s.base_gfn);
-    if (it != set.by_gfn_.begin()) --it;
-    for (; it != set.by_gfn_.end() && it->second.base_gfn < s.end_gfn(); ++it) {
-      const Memslot& o = it->second;
-      if (o.id != s.id && o.end_gfn() > s.base_gfn)
-        return errorf(EEXIST, "guest range {:#x}+{:#x} overlaps slot {}", r.guest_phys_addr, r.memory_size, o.id);
-    }
+    if (const Memslot* o = set.overlap(s.base_gfn, s.end_gfn(), s.id))
+      return errorf(EEXIST, "guest range {:#x}+{:#x} overlaps slot {}", r.guest_phys_addr, r.memory_size, o->id);
   }
   u.new_slot = s;
   return u;

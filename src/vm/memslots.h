@@ -6,10 +6,17 @@
 // publish bumps the generation, which is how pfn caches notice memslot
 // changes without any notifier.
 //
+// A lookup is KVM's: first the caller's last-used slot (a per-vCPU
+// LookupHint; callers without one use the set's own last-used slot), then a
+// branch-free binary search of a flat, sorted array of base gfns, so the cost
+// stays a few cache lines up to all 32,764 slots. The slots themselves sit in
+// a parallel array in the same order, next to one another.
+//
 // Updates are double-buffered as in KVM: the change is applied to the
 // inactive set, which is published; after a grace period the same change is
-// applied to the set readers have just stopped seeing. Each update is
-// O(log n) plus one grace period, so filling all 32,764 slots stays cheap.
+// applied to the set readers have just stopped seeing. Keeping the arrays
+// sorted makes an update O(n) moves in the worst case (an insert at the
+// front); appending in gfn order, the usual way to fill many slots, is O(1).
 //
 // Deleting or moving a slot publishes twice: first with the old slot marked
 // invalid (lookups find it but translate nothing), so the caller can zap
@@ -68,8 +75,9 @@ struct MemslotUpdate {
   std::optional<Memslot> new_slot;  // create, move, flags_only
 };
 
-// A per-reader memo of the last slot found; valid only for the generation
-// it was taken in.
+// A per-reader memo of the last slot found (KVM's vcpu->last_used_slot);
+// valid only for the generation it was taken in. Each vCPU keeps one
+// (vm::Vcpu::memslot_hint) and passes it to its lookups.
 struct LookupHint {
   uint64_t generation = ~uint64_t{0};
   const Memslot* slot = nullptr;
@@ -79,11 +87,15 @@ struct LookupHint {
 // inside an rcu::ReadLock and must not keep pointers past it.
 class MemslotSet {
  public:
+  MemslotSet();
   uint64_t generation() const { return generation_; }
-  size_t size() const { return by_gfn_.size(); }
-  // The slot containing gfn (possibly marked invalid), or null. O(log n).
+  size_t size() const { return slots_.size(); }
+  // The slot containing gfn (possibly marked invalid), or null: the set's
+  // last-used slot if it holds gfn, else a binary search (which then becomes
+  // the last-used slot).
   const Memslot* find(Gfn gfn) const;
-  // As find, trying the hint first and updating it.
+  // As find, trying the caller's hint instead of the set's last-used slot and
+  // updating the hint.
   const Memslot* find(Gfn gfn, LookupHint& hint) const;
   const Memslot* by_id(uint32_t id) const;
   // Calls fn(slot) for every slot whose hva range meets [start, end).
@@ -91,24 +103,33 @@ class MemslotSet {
   void for_each_in_hva_range(Hva start, Hva end, Fn&& fn) const {
     auto it = by_hva_.lower_bound(start > max_bytes_ ? start - max_bytes_ : 0);
     for (; it != by_hva_.end() && it->first < end; ++it) {
-      const Memslot* s = it->second;
-      if (s->end_hva() > start) fn(*s);
+      const Memslot& s = slots_[index_of_id_[it->second]];
+      if (s.end_hva() > start) fn(s);
     }
-  }
-  template <class Fn>
-  void for_each(Fn&& fn) const {
-    for (auto& [gfn, s] : by_gfn_) fn(s);
   }
 
  private:
   friend class Memslots;
+  static constexpr int32_t kNoIndex = -1;
+  // Index in slots_ of the last slot with base_gfn <= gfn, or kNoIndex.
+  int32_t search(Gfn gfn) const;
+  // The slot overlapping [base, end) other than slot `id`, or null.
+  const Memslot* overlap(Gfn base, Gfn end, uint32_t id) const;
   void apply(const MemslotUpdate& u, bool mark_invalid);
+  void insert(const Memslot& s);
+  void erase(const Memslot& old);
+  void reindex_from(size_t first);
 
   uint64_t generation_ = 0;
-  std::map<Gfn, Memslot> by_gfn_;
-  std::multimap<Hva, const Memslot*> by_hva_;
-  std::vector<const Memslot*> by_id_ = std::vector<const Memslot*>(kMaxUserMemslots, nullptr);
+  std::vector<Gfn> keys_;       // base gfns, ascending: what the search reads
+  std::vector<Memslot> slots_;  // the slots in the same order
+  std::vector<int32_t> index_of_id_;         // slot id -> index in slots_
+  std::multimap<Hva, uint32_t> by_hva_;      // userspace_addr -> slot id
   uint64_t max_bytes_ = 0;  // largest slot ever, bounds the hva-range search
+  // KVM's slots->last_used_slot: an index into slots_, shared by the lookups
+  // that bring no hint of their own. Racy by design (relaxed): a stale value
+  // only costs a search.
+  mutable std::atomic<int32_t> last_used_{kNoIndex};
 };
 
 class Memslots {

@@ -1,93 +1,111 @@
 #include "vm/pfn_cache.h"
 
-#include <algorithm>
-#include <thread>
-
-#include "base/check.h"
-
 namespace nestcache::vm {
 
-// --- CacheRegistry -------------------------------------------------------------
+// --- CachePtr ----------------------------------------------------------------------
 
-std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
-  std::vector<Vcpu*> vcpus;
-  MutexLock l(mu_);
-  for (auto it = by_hva_.lower_bound(start & kPageMask); it != by_hva_.end() && it->first < end; ++it) {
-    PfnCache* c = it->second;
-    WriterLock w(c->rw_);
-    if (!c->active_ || c->hva_ < (start & kPageMask) || c->hva_ >= end) continue;
-    if (c->valid_) {
-      c->valid_ = false;
-      c->valid_flag_.store(false);
-      vm_.counters().add(Counter::cache_invalidations);
-    }
-    // Wait for the bound vCPU even when the cache was already invalid: an
-    // earlier, overlapping invalidation may have marked it and still be
-    // waiting for that vCPU to leave guest mode, with the old pfn in use.
-    // (The seed only collects vCPUs of caches it flips from valid, which
-    // leaves that window open; frame tags showed it here.)
-    if (Vcpu* v = c->vcpu_.load(); v && std::find(vcpus.begin(), vcpus.end(), v) == vcpus.end()) vcpus.push_back(v);
+CachePtr& CachePtr::operator=(CachePtr&& o) noexcept {
+  if (this != &o) {
+    reset();
+    cache_ = o.cache_;
+    phys_ = o.phys_;
+    counters_ = o.counters_;
+    data_ = o.data_;
+    tag_ = o.tag_;
+    gpa_ = o.gpa_;
+    size_ = o.size_;
+    slot_ = o.slot_;
+    o.cache_ = nullptr;
   }
-  return vcpus;
+  return *this;
 }
 
-size_t CacheRegistry::active_count() const {
-  MutexLock l(mu_);
-  return by_hva_.size();
-}
+void CachePtr::end_rwlock_read(const PfnCache* cache) { cache->rw_.unlock_shared(); }
 
-void CacheRegistry::index(PfnCache* c, Hva old_hva, Hva new_hva) {
-  MutexLock l(mu_);
-  if (old_hva) unindex_locked(c, old_hva);
-  by_hva_.emplace(new_hva, c);
-}
+// --- PfnCache: reading ----------------------------------------------------------------
 
-void CacheRegistry::unindex(PfnCache* c, Hva hva) {
-  MutexLock l(mu_);
-  unindex_locked(c, hva);
-}
-
-void CacheRegistry::unindex_locked(PfnCache* c, Hva hva) {
-  auto [lo, hi] = by_hva_.equal_range(hva);
-  for (auto it = lo; it != hi; ++it) {
-    if (it->second == c) {
-      by_hva_.erase(it);
-      return;
-    }
+CachePtr PfnCache::read_rwlock(Gpa want, size_t len) const {
+  CachePtr p;
+  rw_.lock_shared();  // held past this function by the handle (CachePtr::reset)
+  const uint64_t seq = seq_.load(std::memory_order_relaxed);
+  const Gpa gpa = gpa_.load(std::memory_order_relaxed);
+  if (!(seq & kValidBit) || !fits(want, len, gpa, generation_.load(std::memory_order_relaxed))) {
+    rw_.unlock_shared();
+    return p;
   }
-  NC_CHECK(!"cache missing from the registry");
+  fill(p, khva_.load(std::memory_order_relaxed),
+       {pfn_.load(std::memory_order_relaxed), tag_version_.load(std::memory_order_relaxed)}, gpa, len, -1);
+  return p;
 }
 
-// --- PfnCache --------------------------------------------------------------------
+Result<CachePtr> PfnCache::lock(Gpa gpa, size_t len) {
+  for (;;) {
+    if (CachePtr p = read(gpa, len)) return p;
+    Status st = active() && this->gpa() == gpa ? refresh(len) : activate(gpa, len);
+    if (!st) return tl::unexpected(st.error());
+  }
+}
 
-PfnCache::PfnCache(Vm& vm, Vcpu* guest_uses_pfn, const host::HardwareView* hw)
-    : vm_(vm), vcpu_(guest_uses_pfn), hw_(hw) {}
+// --- PfnCache: the mapping fields ---------------------------------------------------------
+
+void PfnCache::set_invalid_locked() {
+  rw_.assert_held();
+  const uint64_t seq = seq_.load(std::memory_order_relaxed);
+  if (!(seq & kValidBit)) return;
+  // seq_cst: an invalidation looks for lock-free readers right after this,
+  // and a reader that names the cache before this store must be found, one
+  // that names it after must see the bit clear (cache_readers.h).
+  seq_.store(seq + 1, std::memory_order_seq_cst);
+  // Field stores that follow must not be seen before the bit is clear.
+  std::atomic_thread_fence(std::memory_order_release);
+}
+
+void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) {
+  rw_.assert_held();
+  const uint64_t seq = seq_.load(std::memory_order_relaxed);
+  NC_CHECK(!(seq & kValidBit));
+  generation_.store(generation, std::memory_order_relaxed);
+  khva_.store(khva, std::memory_order_relaxed);
+  pfn_.store(tag.pfn, std::memory_order_relaxed);
+  tag_version_.store(tag.version, std::memory_order_relaxed);
+  seq_.store(seq + 1, std::memory_order_release);  // valid, a new version
+}
+
+void PfnCache::release_window(host::RemapWindow w) const {
+  // A lock-free reader that checked the old mapping may still be copying
+  // through the window: munmap under it would fault.
+  if (w && read_side_ == CacheReadSide::lockfree) {
+    const void* self = this;
+    cache_readers::wait_for_readers({&self, 1});
+  }
+}
+
+PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
+  WriterLock w(rw_);
+  if (!active_.load() || hva_ < start || hva_ >= end) return {};
+  Hit hit{true, (seq_.load() & kValidBit) != 0, vcpu_.load()};
+  invalidations_.fetch_add(1);
+  set_invalid_locked();
+  return hit;
+}
+
+// --- PfnCache: activate, refresh, deactivate -------------------------------------------------
+
+PfnCache::PfnCache(Vm& vm, CacheReadSide side, Vcpu* guest_uses_pfn, const host::HardwareView* hw)
+    : vm_(vm), phys_(vm.phys()), read_side_(side), vcpu_(guest_uses_pfn), hw_(hw) {}
 
 PfnCache::~PfnCache() { deactivate(); }
-
-Gpa PfnCache::current_gpa() const {
-  ReaderLock l(rw_);
-  return gpa_;
-}
-
-bool PfnCache::check(size_t len) const {
-  return active_ && valid_ && generation_ == vm_.memslots().generation() && page_offset(gpa_) + len <= kPageSize;
-}
-
-bool PfnCache::check_tag(const char* what) const { return vm_.phys().check(tag_, what, &vm_.counters()); }
 
 Status PfnCache::activate(Gpa gpa, size_t len) {
   MutexLock r(refresh_mu_);
   {
     WriterLock w(rw_);
-    if (gpa_ != gpa) {
-      gpa_ = gpa;
-      valid_ = false;
-      valid_flag_.store(false);
+    if (gpa_.load() != gpa) {
+      set_invalid_locked();
+      gpa_.store(gpa, std::memory_order_relaxed);
     }
-    if (!active_) vm_.counters().add(Counter::cache_activations);
-    active_ = true;
-    active_flag_.store(true);
+    if (!active_.load()) vm_.counters().add(Counter::cache_activations);
+    active_.store(true);
   }
   return refresh_locked(len);
 }
@@ -97,19 +115,17 @@ void PfnCache::deactivate() {
   host::RemapWindow old_window;
   {
     WriterLock w(rw_);
-    if (!active_) return;
-    active_ = false;
-    valid_ = false;
-    active_flag_.store(false);
-    valid_flag_.store(false);
-    khva_ = nullptr;
-    tag_ = {};
+    if (!active_.load()) return;
+    active_.store(false);
+    set_invalid_locked();
+    khva_.store(nullptr, std::memory_order_relaxed);
+    pfn_.store(kInvalidPfn, std::memory_order_relaxed);
     hva_ = 0;
     old_window = std::move(window_);
   }
   if (indexed_hva_) vm_.caches().unindex(this, indexed_hva_);
   indexed_hva_ = 0;
-  // old_window unmaps here, outside the locks.
+  release_window(std::move(old_window));  // outside the locks
 }
 
 Status PfnCache::refresh(size_t len) {
@@ -136,12 +152,9 @@ Result<PfnCache::Mapping> PfnCache::map_frame(Hva hva) {
 }
 
 Status PfnCache::refresh_locked(size_t len) {
-  Gpa gpa;
-  {
-    ReaderLock l(rw_);
-    if (!active_) return errorf(EINVAL, "refresh of an inactive pfn cache");
-    gpa = gpa_;
-  }
+  refresh_mu_.assert_held();
+  if (!active_.load()) return errorf(EINVAL, "refresh of an inactive pfn cache");
+  const Gpa gpa = gpa_.load(std::memory_order_relaxed);  // changes only under refresh_mu_
   if (page_offset(gpa) + len > kPageSize)
     return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
 
@@ -156,60 +169,69 @@ Status PfnCache::refresh_locked(size_t len) {
   }();
   if (!hva) {
     host::RemapWindow old_window;
-    WriterLock w(rw_);
-    valid_ = false;
-    valid_flag_.store(false);
-    khva_ = nullptr;
-    tag_ = {};
-    old_window = std::move(window_);
+    {
+      WriterLock w(rw_);
+      set_invalid_locked();
+      khva_.store(nullptr, std::memory_order_relaxed);
+      pfn_.store(kInvalidPfn, std::memory_order_relaxed);
+      old_window = std::move(window_);
+    }
+    release_window(std::move(old_window));
     return tl::unexpected(hva.error());
   }
 
-  // Be findable at the new hva before snapshotting the sequence: from then
-  // on an invalidation of that hva either bumps the sequence we compare
-  // against or finds this cache and marks it invalid.
+  // Be findable at the new hva before the loop: from then on an invalidation
+  // of that hva finds this cache (and bumps invalidations_) or, if its search
+  // ran before, is still in progress when the loop first waits.
   if (*hva != indexed_hva_) {
     vm_.caches().index(this, indexed_hva_, *hva);
     indexed_hva_ = *hva;
     WriterLock w(rw_);
     hva_ = *hva;
-    valid_ = false;
-    valid_flag_.store(false);
+    set_invalid_locked();
   } else {
     // Same hva and still valid (only the memslot generation moved): the
-    // mapping is good, as KVM keeps it; just adopt the new generation.
+    // mapping is good, as KVM keeps it; adopt the new generation. Only this
+    // field changes, so a lock-free reader sees the old or the new value of
+    // it with the same mapping either way.
     WriterLock w(rw_);
-    if (valid_) {
-      generation_ = generation;
+    if (seq_.load() & kValidBit) {
+      generation_.store(generation, std::memory_order_relaxed);
       return ok();
     }
   }
 
   for (;;) {
-    uint64_t seq = vm_.mmu_invalidate_seq();
+    // Read before waiting: an invalidation that found the cache before this
+    // load began before the wait below, which then outlasts it.
+    const uint64_t seen = invalidations_.load();
+    if (const uint64_t ns = vm_.wait_for_invalidation(*hva)) {
+      vm_.counters().add(Counter::cache_refresh_waits);
+      vm_.counters().add(Counter::cache_refresh_wait_ns, ns);
+    }
     Result<Mapping> m = map_frame(*hva);
     if (!m) return tl::unexpected(m.error());
     if (refresh_hook_) refresh_hook_();
     host::RemapWindow old_window;
+    bool installed = false;
     {
       WriterLock w(rw_);
-      // An invalidation that started after our snapshot may have freed the
-      // frame we just mapped: installing it would make a stale mapping look
-      // valid. Drop it and resolve again.
-      if (!vm_.mmu_invalidate_retry(*hva, seq)) {
-        tag_ = m->tag;
-        khva_ = m->khva;
+      // An invalidation of this hva that found the cache since `seen`, or one
+      // still running, may have freed the frame we just mapped: installing it
+      // would make a stale mapping look valid. Drop it and resolve again.
+      if (invalidations_.load() == seen && !vm_.invalidation_in_progress(*hva)) {
         old_window = std::move(window_);  // released after the new one is in
         window_ = std::move(m->window);
-        generation_ = generation;
-        valid_ = true;
-        valid_flag_.store(true);
+        publish_locked(m->tag, m->khva, generation);
         vm_.counters().add(Counter::cache_refreshes);
-        return ok();
+        installed = true;
       }
     }
+    if (installed) {
+      release_window(std::move(old_window));
+      return ok();
+    }
     vm_.counters().add(Counter::cache_refresh_retries);
-    std::this_thread::yield();
   }
 }
 

@@ -6,65 +6,181 @@
 // cost; unmanaged frames through one remap window that stays open until the
 // pfn changes. Two things make a mapping go bad, and both are caught:
 //   - the host changes the page's frame (migrate, discard): the MMU notifier
-//     marks the cache invalid (CacheRegistry::invalidate) before the old
-//     frame is freed;
+//     marks the cache invalid (CacheRegistry::invalidate) and waits for its
+//     readers before the old frame is copied or freed;
 //   - the VMM changes memslots: the cache's memslot generation no longer
-//     matches, and check() fails.
+//     matches, and the check fails.
 // A cache bound to a vCPU ("guest uses pfn", seed patch 2) is one whose pfn
 // the hardware uses (written into vmcs02). Invalidating it also forces that
 // vCPU out of guest mode before the notifier returns.
 //
-// Use: under rcu::ReadLock and ReaderLock(cache.lock()), check(len); if it
-// fails, drop the read lock and refresh(len) (or activate at a new gpa) and
-// try again. with_read_lock() packages that loop.
+// Use: `CachePtr p = cache.read(gpa, len)` checks the cache and, if it holds,
+// returns a handle that keeps the mapping usable until it goes away (the
+// read side is held for the handle's lifetime); an empty handle means
+// refresh (or activate) with no handle held, and try again. lock(gpa, len)
+// packages that loop (the seed's nested_gpc_lock).
+//
+// Read sides (CacheReadSide, chosen per cache; a VM's default in VmOptions):
+//   rwlock    KVM's: a handle holds rw_ shared; invalidation and refresh
+//             take it exclusive, so they wait for readers as they lock.
+//   lockfree  a handle takes no lock: it names the cache in a per-thread
+//             slot (cache_readers.h) and reads the mapping between two loads
+//             of a sequence count. An invalidation flips the count to
+//             invalid, then waits until no slot names the cache; a refresh
+//             does the same before it unmaps a remap window a reader may
+//             still use. A check costs a few loads, no atomic
+//             read-modify-write; an invalidation that finds such a cache pays
+//             one membarrier(2).
+// Both read sides share everything else: the writers (activate, refresh,
+// deactivate, the notifier) are serialised by rw_ held exclusive, and the
+// refresh / invalidate protocol is the same.
+//
+// Refresh (KVM's hva_to_pfn_retry): resolve, fault in and map with no cache
+// lock held, then install under rw_ unless an invalidation of this hva ran
+// since the snapshot or is running. "Ran" is this cache's own count of
+// invalidations that found it (the registry bumps it), so invalidations of
+// other pages never force a retry; "running" makes the refresh block until
+// that invalidation ends (Vm::wait_for_invalidation) instead of spinning.
+// Retries, waits and time waited are counted (cache_refresh_retries,
+// cache_refresh_waits, cache_refresh_wait_ns).
 //
 // Locks (base/lock_order.h): refresh_mu_ serialises activate / refresh /
-// deactivate; rw_ guards the mapping fields. Readers take rw_ shared.
+// deactivate; rw_ serialises every change of the mapping fields. A CachePtr
+// counts as holding rw_ shared in lock-checking builds, whatever the read side.
 #pragma once
 
 #include <atomic>
 #include <cstring>
 #include <functional>
-#include <map>
-#include <vector>
+#include <span>
+#include <utility>
 
+#include "base/check.h"
 #include "base/mutex.h"
-#include "base/rcu.h"
+#include "vm/cache_readers.h"
+#include "vm/cache_registry.h"
 #include "vm/vm.h"
 
 namespace nestcache::vm {
 
+class CacheRegistry;
 class PfnCache;
 
-// The index of active caches, ordered by hva, that invalidation searches in
-// O(log n + k) instead of walking every cache.
-class CacheRegistry {
+// A checked, held mapping of [gpa(), gpa() + size()) of one pfn cache (the
+// shape of Zircon's GuestPtr). While it lives, the cache's mapping stays
+// usable: an invalidation or a refresh of the cache waits for it to go. Every
+// access is bounds-checked (a violation aborts: it is a bug in L0, not bad
+// guest input) and checks the frame tag (a mismatch is a counted stale
+// access). Move-only; belongs to the thread that made it; must not outlive
+// its cache. While holding one, do not refresh, activate or deactivate a
+// cache, or invalidate host memory, on the same thread: those wait for it.
+class CachePtr {
  public:
-  explicit CacheRegistry(Vm& vm) : vm_(vm) {}
-  // Marks every active cache whose page lies in [start, end) invalid.
-  // Returns the vCPUs bound to those caches, valid or already invalid
-  // (deduplicated): the caller must wait for them to leave guest mode.
-  std::vector<Vcpu*> invalidate(Hva start, Hva end) NC_EXCLUDES(mu_);
-  size_t active_count() const NC_EXCLUDES(mu_);
+  CachePtr() = default;
+  CachePtr(CachePtr&& o) noexcept
+      : cache_(std::exchange(o.cache_, nullptr)),
+        phys_(o.phys_),
+        counters_(o.counters_),
+        data_(o.data_),
+        tag_(o.tag_),
+        gpa_(o.gpa_),
+        size_(o.size_),
+        slot_(o.slot_) {}
+  CachePtr& operator=(CachePtr&& o) noexcept;
+  ~CachePtr() { reset(); }
+
+  explicit operator bool() const { return cache_ != nullptr; }
+  Gpa gpa() const { return gpa_; }
+  size_t size() const { return size_; }
+  host::FrameTag tag() const { return tag_; }
+  Pfn pfn() const { return tag_.pfn; }
+  // True if the frame still backs the gpa; otherwise counts a stale access
+  // (naming `what`) and returns false.
+  bool check_tag(const char* what = "pfn cache") const { return phys_->check(tag_, what, counters_); }
+
+  template <class T>
+  T read(size_t off) const {
+    T v;
+    std::memcpy(&v, at(off, sizeof v), sizeof v);
+    return v;
+  }
+  template <class T>
+  void write(size_t off, T v) const {
+    std::memcpy(at(off, sizeof v), &v, sizeof v);
+  }
+  // Atomic read-modify-writes, for pages other CPUs update concurrently (the
+  // posted-interrupt descriptor, the virtual-APIC IRR). `off` must be
+  // aligned to sizeof(T).
+  template <class T>
+  T exchange(size_t off, T v) const {
+    return std::atomic_ref<T>(*reinterpret_cast<T*>(at(off, sizeof(T)))).exchange(v);
+  }
+  template <class T>
+  T fetch_or(size_t off, T v) const {
+    return std::atomic_ref<T>(*reinterpret_cast<T*>(at(off, sizeof(T)))).fetch_or(v);
+  }
+  template <class T>
+  T fetch_and(size_t off, T v) const {
+    return std::atomic_ref<T>(*reinterpret_cast<T*>(at(off, sizeof(T)))).fetch_and(v);
+  }
+  // [off, off + len) as bytes, tag checked once: for bulk copies (the
+  // MSR-bitmap merge, the eVMCS image). Valid while the handle lives.
+  std::span<std::byte> bytes(size_t off, size_t len) const { return {at(off, len), len}; }
+
+  // Ends the read now (the destructor does it otherwise).
+  void reset() {
+    if (!cache_) return;
+    if (slot_ >= 0) {
+      end_lockfree_read();
+    } else {
+      end_rwlock_read(cache_);
+    }
+    cache_ = nullptr;
+  }
 
  private:
   friend class PfnCache;
-  void index(PfnCache* c, Hva old_hva, Hva new_hva) NC_EXCLUDES(mu_);
-  void unindex(PfnCache* c, Hva hva) NC_EXCLUDES(mu_);
-  void unindex_locked(PfnCache* c, Hva hva) NC_REQUIRES(mu_);
+  // The read side is held from PfnCache::read to these, across scopes the
+  // compile-time analysis cannot follow (the handle is returned and moved),
+  // so the pair is checked at run time instead (lock_checks, in
+  // lock-checking builds).
+  void end_lockfree_read() const {
+#ifdef NESTCACHE_LOCK_CHECKS
+    lock_checks::release(LockRank::kCacheRw, lock_id());
+#endif
+    cache_readers::exit(slot_);
+  }
+  // Static, so that the handle's address does not escape and the compiler
+  // can keep a short-lived handle in registers.
+  static void end_rwlock_read(const PfnCache* cache) NC_NO_THREAD_SAFETY_ANALYSIS;
+  const void* lock_id() const;
+  std::byte* at(size_t off, size_t len) const {
+    NC_CHECK(cache_ && off <= size_ && len <= size_ - off);
+    check_tag();
+    return data_ + off;
+  }
 
-  Vm& vm_;
-  mutable Mutex mu_{LockRank::kCacheRegistry};
-  std::multimap<Hva, PfnCache*> by_hva_ NC_GUARDED_BY(mu_);
+  const PfnCache* cache_ = nullptr;
+  const host::PhysMem* phys_ = nullptr;
+  CounterSet* counters_ = nullptr;
+  std::byte* data_ = nullptr;  // the byte at gpa_
+  host::FrameTag tag_;
+  Gpa gpa_ = kInvalidGpa;
+  size_t size_ = 0;
+  int slot_ = -1;  // lockfree: the reader slot; -1: rw_ held shared
 };
 
 class PfnCache {
  public:
-  // kvm_gpc_init (vcpu == nullptr) / kvm_gpc_init_for_vcpu. With `hw`, the
-  // cache maps frames through the hardware view instead of the direct map or
-  // a remap window: mapping costs nothing, invalidation works as usual (the
-  // `oracle` page strategy: the physical limit of the cache design).
-  explicit PfnCache(Vm& vm, Vcpu* guest_uses_pfn = nullptr, const host::HardwareView* hw = nullptr);
+  // kvm_gpc_init (vcpu == nullptr) / kvm_gpc_init_for_vcpu, with the VM's
+  // read side (VmOptions::cache_read_side). With `hw`, the cache maps frames
+  // through the hardware view instead of the direct map or a remap window:
+  // mapping costs nothing, invalidation works as usual (the `oracle` page
+  // strategy: the physical limit of the cache design).
+  explicit PfnCache(Vm& vm, Vcpu* guest_uses_pfn = nullptr, const host::HardwareView* hw = nullptr)
+      : PfnCache(vm, vm.options().cache_read_side, guest_uses_pfn, hw) {}
+  // The same with a read side of its own (benchmarks compare the two).
+  PfnCache(Vm& vm, CacheReadSide side, Vcpu* guest_uses_pfn = nullptr, const host::HardwareView* hw = nullptr);
   ~PfnCache();
   PfnCache(const PfnCache&) = delete;
   PfnCache& operator=(const PfnCache&) = delete;
@@ -80,60 +196,31 @@ class PfnCache {
   // or len crosses the page; ENOMEM: out of mappings.
   Status refresh(size_t len) NC_EXCLUDES(refresh_mu_, rw_);
 
-  // Requires rw_ held (shared suffices) inside an rcu::ReadLock: active,
-  // valid, same memslot generation, and [gpa, gpa + len) within the page.
-  bool check(size_t len) const NC_REQUIRES_SHARED(rw_);
-  SharedMutex& lock() const NC_RETURN_CAPABILITY(rw_) { return rw_; }
+  // kvm_gpc_check plus the read side: a handle on [gpa, gpa + len) if the
+  // cache is active, valid, of the current memslot generation, caches `gpa`
+  // and len fits in the page; an empty handle otherwise (nothing held).
+  CachePtr read(Gpa gpa, size_t len) const NC_EXCLUDES(rw_);
+  // The same for whatever gpa the cache holds.
+  CachePtr read(size_t len) const NC_EXCLUDES(rw_) { return read(kAnyGpa, len); }
+  // read(len) succeeds right now (a test and report convenience).
+  bool check(size_t len) const NC_EXCLUDES(rw_) { return static_cast<bool>(read(len)); }
+  // The seed's nested_gpc_lock: read(gpa, len), activating the cache at gpa
+  // (if it holds another) or refreshing it until the check holds. Returns the
+  // activate / refresh error if the page cannot be mapped.
+  Result<CachePtr> lock(Gpa gpa, size_t len) NC_EXCLUDES(refresh_mu_, rw_);
 
   // active && !valid: the hardware must not enter with this pfn (patch 4's
   // kvm_gpc_invalid). Lock-free; no generation check.
-  bool invalid() const { return active_flag_.load() && !valid_flag_.load(); }
-  bool active() const { return active_flag_.load(); }
+  bool invalid() const { return active() && !(seq_.load() & kValidBit); }
+  bool active() const { return active_.load(); }
+  // The gpa the cache holds (kInvalidGpa before the first activation).
+  // Lock-free; it changes only in activate.
+  Gpa gpa() const { return gpa_.load(std::memory_order_relaxed); }
+  CacheReadSide read_side() const { return read_side_; }
 
   // The vCPU whose hardware uses the pfn; rebinding is seed patch 9 (v4).
   Vcpu* vcpu() const { return vcpu_.load(); }
   void set_vcpu(Vcpu* v) { vcpu_.store(v); }
-
-  // Mapping fields; require rw_.
-  Gpa gpa() const NC_REQUIRES_SHARED(rw_) { return gpa_; }
-  Pfn pfn() const NC_REQUIRES_SHARED(rw_) { return tag_.pfn; }
-  host::FrameTag tag() const NC_REQUIRES_SHARED(rw_) { return tag_; }
-  // The mapped page plus the gpa's offset. Callers access through read/write
-  // below, which check the frame tag, or call check_tag() themselves.
-  std::byte* khva() const NC_REQUIRES_SHARED(rw_) { return khva_ ? khva_ + page_offset(gpa_) : nullptr; }
-  bool check_tag(const char* what) const NC_REQUIRES_SHARED(rw_);
-
-  template <class T>
-  T read(size_t offset) const NC_REQUIRES_SHARED(rw_) {
-    T v;
-    check_tag("pfn cache");
-    std::memcpy(&v, khva() + offset, sizeof v);
-    return v;
-  }
-  template <class T>
-  void write(size_t offset, T v) const NC_REQUIRES_SHARED(rw_) {
-    check_tag("pfn cache");
-    std::memcpy(khva() + offset, &v, sizeof v);
-  }
-
-  // Runs fn() with rw_ held shared on a checked mapping of gpa (activating
-  // the cache there if it caches another gpa), refreshing as needed.
-  // Returns the activate/refresh error if the page cannot be mapped.
-  template <class Fn>
-  Status with_read_lock(Gpa gpa, size_t len, Fn&& fn) NC_EXCLUDES(refresh_mu_, rw_) {
-    for (;;) {
-      {
-        rcu::ReadLock rcu;
-        ReaderLock l(rw_);
-        if (check(len) && gpa_ == gpa) {
-          fn();
-          return ok();
-        }
-      }
-      Status st = active() && current_gpa() == gpa ? refresh(len) : activate(gpa, len);
-      if (!st) return st;
-    }
-  }
 
   // Test hook: runs inside refresh after the new frame is mapped and before
   // the cache lock is retaken, to land an invalidation deterministically.
@@ -143,35 +230,104 @@ class PfnCache {
 
  private:
   friend class CacheRegistry;
+  friend class CachePtr;
+  static constexpr Gpa kAnyGpa = kInvalidGpa - 1;
+  // seq_ = version << 1 | valid: the version moves on every change of the
+  // mapping fields, which are written only while the valid bit is clear.
+  static constexpr uint64_t kValidBit = 1;
   struct Mapping {
     host::FrameTag tag;
     std::byte* khva = nullptr;
     host::RemapWindow window;  // unmanaged frames only
   };
-  friend struct PfnCacheTestPeer;
-  Gpa current_gpa() const NC_EXCLUDES(rw_);
+  // What the notifier did to this cache (CacheRegistry::invalidate).
+  struct Hit {
+    bool affected = false;  // active and its page in the range
+    bool flipped = false;   // it was valid
+    Vcpu* vcpu = nullptr;   // bound vCPU, if any
+  };
+
+  // read() for the rwlock side: the handle keeps rw_ held shared.
+  CachePtr read_rwlock(Gpa gpa, size_t len) const NC_NO_THREAD_SAFETY_ANALYSIS;
+  // Fills a handle for a checked mapping.
+  void fill(CachePtr& p, std::byte* khva, const host::FrameTag& tag, Gpa gpa, size_t len, int slot) const {
+    p.cache_ = this;
+    p.phys_ = &phys_;
+    p.counters_ = &vm_.counters();
+    p.data_ = khva + page_offset(gpa);
+    p.tag_ = tag;
+    p.gpa_ = gpa;
+    p.size_ = len;
+    p.slot_ = slot;
+  }
+  // True if the mapping fields (read by the caller) pass the check.
+  bool fits(Gpa want, size_t len, Gpa gpa, uint64_t generation) const {
+    return (want == kAnyGpa || want == gpa) && generation == vm_.memslots().generation() &&
+           page_offset(gpa) + len <= kPageSize;
+  }
+  // The registry's call for an invalidation of [start, end) (page aligned).
+  Hit notifier_invalidate(Hva start, Hva end) NC_EXCLUDES(rw_);
   Status refresh_locked(size_t len) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
   Result<Mapping> map_frame(Hva hva);
+  // Clears the valid bit (moving the version on) if it is set.
+  void set_invalid_locked() NC_REQUIRES(rw_);
+  // Publishes new mapping fields and sets the valid bit.
+  void publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) NC_REQUIRES(rw_);
+  // Unmaps a window taken out of the cache, once no lock-free reader can
+  // still be using it.
+  void release_window(host::RemapWindow w) const;
 
   Vm& vm_;
+  const host::PhysMem& phys_;  // vm_.phys(), one load closer for the readers
+  const CacheReadSide read_side_;
   std::atomic<Vcpu*> vcpu_;
   const host::HardwareView* hw_;
   std::function<void()> refresh_hook_;
 
   mutable Mutex refresh_mu_{LockRank::kCacheRefresh};
   mutable SharedMutex rw_{LockRank::kCacheRw};
-  Gpa gpa_ NC_GUARDED_BY(rw_) = kInvalidGpa;
-  Hva hva_ NC_GUARDED_BY(rw_) = 0;         // 0: not resolved
+  // The mapping fields. Written with rw_ held exclusive (see seq_); read
+  // under rw_ shared (rwlock) or lock-free between two loads of seq_
+  // (lockfree). Atomics so that a lock-free reader's racing load is defined;
+  // relaxed, since seq_ orders them.
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<Gpa> gpa_{kInvalidGpa};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<std::byte*> khva_{nullptr};  // the mapped page
+  std::atomic<Pfn> pfn_{kInvalidPfn};
+  std::atomic<uint64_t> tag_version_{0};
+  std::atomic<bool> active_{false};
+  // Invalidations that found this cache active in their range; a refresh
+  // retries if it moved while the refresh resolved.
+  std::atomic<uint64_t> invalidations_{0};
+  Hva hva_ NC_GUARDED_BY(rw_) = 0;                 // 0: not resolved
   Hva indexed_hva_ NC_GUARDED_BY(refresh_mu_) = 0;  // key in the registry
-  uint64_t generation_ NC_GUARDED_BY(rw_) = 0;
-  host::FrameTag tag_ NC_GUARDED_BY(rw_);
-  std::byte* khva_ NC_GUARDED_BY(rw_) = nullptr;
   host::RemapWindow window_ NC_GUARDED_BY(rw_);
-  bool active_ NC_GUARDED_BY(rw_) = false;
-  bool valid_ NC_GUARDED_BY(rw_) = false;
-  // Lock-free copies for invalid() (the last check before hardware entry).
-  std::atomic<bool> active_flag_{false};
-  std::atomic<bool> valid_flag_{false};
 };
+
+inline const void* CachePtr::lock_id() const { return &cache_->rw_; }
+
+inline CachePtr PfnCache::read(Gpa want, size_t len) const {
+  if (read_side_ == CacheReadSide::rwlock) return read_rwlock(want, len);
+  CachePtr p;
+  const int slot = cache_readers::enter(this);
+  // The seqcount read: a valid version, the fields, the same version again.
+  // An invalidation that flips seq_ after our first load waits for our slot.
+  const uint64_t seq = seq_.load(std::memory_order_acquire);
+  const Gpa gpa = gpa_.load(std::memory_order_relaxed);
+  const uint64_t generation = generation_.load(std::memory_order_relaxed);
+  std::byte* khva = khva_.load(std::memory_order_relaxed);
+  const host::FrameTag tag{pfn_.load(std::memory_order_relaxed), tag_version_.load(std::memory_order_relaxed)};
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (!(seq & kValidBit) || seq_.load(std::memory_order_relaxed) != seq || !fits(want, len, gpa, generation)) {
+    cache_readers::exit(slot);
+    return p;
+  }
+#ifdef NESTCACHE_LOCK_CHECKS
+  lock_checks::acquire(LockRank::kCacheRw, &rw_);
+#endif
+  fill(p, khva, tag, gpa, len, slot);
+  return p;
+}
 
 }  // namespace nestcache::vm

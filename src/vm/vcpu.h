@@ -21,6 +21,7 @@
 #include <span>
 
 #include "base/counters.h"
+#include "vm/memslots.h"
 
 namespace nestcache::vm {
 
@@ -78,6 +79,11 @@ class Vcpu {
   // requests, kicks.
   CounterSet& counters() { return counters_; }
 
+  // The vCPU's last-used memslot (KVM's vcpu->last_used_slot), for lookups
+  // made on the vCPU's own thread: pass it to Vm::gfn_to_hva and
+  // Vm::ept01_fault. Touched by that thread only.
+  LookupHint& memslot_hint() { return memslot_hint_; }
+
  protected:
   // Unblocks the vCPU thread if it is halted or idle; the cpu layer's job.
   virtual void wake() {}
@@ -93,6 +99,7 @@ class Vcpu {
   std::atomic<uint32_t> requests_{0};
   std::atomic<uint64_t> state_{0};
   CounterSet counters_;
+  LookupHint memslot_hint_;
 };
 
 }  // namespace nestcache::vm

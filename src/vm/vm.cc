@@ -1,13 +1,29 @@
 #include "vm/vm.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "base/check.h"
-#include "vm/pfn_cache.h"
+#include "vm/cache_registry.h"
 
 namespace nestcache::vm {
 
-Vm::Vm(host::HostMm& mm, uint32_t id) : mm_(mm), id_(id), caches_(std::make_unique<CacheRegistry>(*this)) {
+const char* cache_read_side_name(CacheReadSide side) {
+  switch (side) {
+    case CacheReadSide::rwlock: return "rwlock";
+    case CacheReadSide::lockfree: return "lockfree";
+  }
+  return "?";
+}
+
+std::optional<CacheReadSide> parse_cache_read_side(std::string_view name) {
+  for (CacheReadSide s : {CacheReadSide::rwlock, CacheReadSide::lockfree})
+    if (name == cache_read_side_name(s)) return s;
+  return std::nullopt;
+}
+
+Vm::Vm(host::HostMm& mm, uint32_t id, VmOptions options)
+    : mm_(mm), id_(id), options_(options), caches_(std::make_unique<CacheRegistry>(*this)) {
   mm_.add_notifier(this);
 }
 
@@ -34,6 +50,7 @@ Status Vm::set_memory_regions(std::span<const MemoryRegion> rs) {
 }
 
 Status Vm::apply_update_locked(const MemslotUpdate& u) {
+  slots_lock_.assert_held();
   if (u.change == MemslotChange::none) return ok();
   if (u.change == MemslotChange::remove || u.change == MemslotChange::move) {
     // Publish the old slot invalid first. Once the grace period inside
@@ -102,19 +119,15 @@ std::optional<Ept01Entry> Vm::ept01_lookup(Gfn gfn) const {
   return it->second;
 }
 
-size_t Vm::ept01_size() const {
-  ReaderLock l(mmu_lock_);
-  return ept01_.size();
-}
-
-Result<Ept01Entry> Vm::ept01_fault(Gfn gfn, bool write) {
+Result<Ept01Entry> Vm::ept01_fault(Gfn gfn, bool write, LookupHint* hint) {
   for (;;) {
     uint64_t seq = mmu_invalidate_seq();
     // The RCU read lock covers the whole fault, so a memslot delete or move
     // (which waits for a grace period before zapping) never misses an entry
     // made from the old slot.
     rcu::ReadLock rcu;
-    const Memslot* s = memslots_.active()->find(gfn);
+    const MemslotSet* set = memslots_.active();
+    const Memslot* s = hint ? set->find(gfn, *hint) : set->find(gfn);
     if (!s || s->invalid) return errorf(EFAULT, "gfn {:#x} is in no memslot", gfn);
     if (write && (s->flags & kMemReadonly)) return errorf(EFAULT, "gfn {:#x} is in read-only slot {}", gfn, s->id);
     Hva hva = s->gfn_to_hva(gfn);
@@ -127,13 +140,29 @@ Result<Ept01Entry> Vm::ept01_fault(Gfn gfn, bool write) {
   }
 }
 
+bool Vm::invalidation_in_progress(Hva hva) const {
+  return invalidate_in_progress_.load() && hva >= invalidate_range_start_.load() && hva < invalidate_range_end_.load();
+}
+
 bool Vm::mmu_invalidate_retry(Hva hva, uint64_t seq) const {
-  if (invalidate_in_progress_.load() && hva >= invalidate_range_start_.load() && hva < invalidate_range_end_.load())
-    return true;
-  return mmu_invalidate_seq_.load() != seq;
+  return invalidation_in_progress(hva) || mmu_invalidate_seq_.load() != seq;
+}
+
+uint64_t Vm::wait_for_invalidation(Hva hva) {
+  if (!invalidation_in_progress(hva)) return 0;
+  const auto start = std::chrono::steady_clock::now();
+  {
+    MutexLock l(invalidation_wait_mu_);
+    invalidation_waiters_.fetch_add(1);
+    invalidation_done_.wait(invalidation_wait_mu_, [&] { return !invalidation_in_progress(hva); });
+    invalidation_waiters_.fetch_sub(1);
+  }
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
 }
 
 size_t Vm::zap_gfn_range_locked(Gfn first, Gfn end) {
+  mmu_lock_.assert_held();
   auto lo = ept01_.lower_bound(first);
   auto hi = ept01_.lower_bound(end);
   size_t n = std::distance(lo, hi);
@@ -173,15 +202,26 @@ void Vm::invalidate_range_start(Hva start, Hva end) {
   // No lock is held from here: the vCPUs we wait for may need any of them on
   // their way out of guest mode.
   if (zapped) flush_all_tlbs();
+  // Marks the caches, waits for their lock-free readers, and names the
+  // vCPUs whose hardware may still use the old pfns.
   std::vector<Vcpu*> users = caches_->invalidate(start, end);
   if (!users.empty()) Vcpu::make_request_and_wait(users, Request::kOutsideGuestMode);
 }
 
 void Vm::invalidate_range_end(Hva start, Hva end) {
-  WriterLock l(mmu_lock_);
-  mmu_invalidate_seq_.fetch_add(1);
-  NC_CHECK(invalidate_in_progress_.load() > 0);
-  invalidate_in_progress_.fetch_sub(1);
+  {
+    WriterLock l(mmu_lock_);
+    mmu_invalidate_seq_.fetch_add(1);
+    NC_CHECK(invalidate_in_progress_.load() > 0);
+    invalidate_in_progress_.fetch_sub(1);
+  }
+  // A refresh blocked on this range looks again. Taking the mutex orders the
+  // notify after its check of the range, so the wake-up cannot fall between
+  // that check and its wait.
+  if (invalidation_waiters_.load() > 0) {
+    { MutexLock l(invalidation_wait_mu_); }
+    invalidation_done_.notify_all();
+  }
 }
 
 // --- vCPUs -------------------------------------------------------------------------------

@@ -9,13 +9,14 @@
 //   1. invalidate_range_start: under mmu_lock, count the invalidation in
 //      progress and widen the in-progress range; zap EPT01 entries of every
 //      gfn whose hva is in the range.
-//   2. Mark every pfn cache mapping the range invalid (CacheRegistry).
+//   2. Mark every pfn cache mapping the range invalid (CacheRegistry), and
+//      wait for the lock-free readers still inside those caches.
 //   3. If EPT01 entries went, every vCPU gets a TLB flush; every vCPU that
 //      uses an invalidated cache's pfn in hardware gets kOutsideGuestMode;
 //      both wait until the vCPUs have left guest mode.
 //   4. invalidate_range_end: bump mmu_invalidate_seq, end the in-progress
-//      count. Faults and refreshes that snapshot the sequence before step 1
-//      and check it after step 4 (or during) retry.
+//      count, and wake the refreshes waiting for it. Faults that snapshot the
+//      sequence before step 1 and check it after step 4 (or during) retry.
 //
 // Thread safety: all public functions may be called from any thread, except
 // where noted. Lock order: base/lock_order.h.
@@ -23,6 +24,8 @@
 
 #include <map>
 #include <memory>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "base/counters.h"
@@ -35,6 +38,21 @@ namespace nestcache::vm {
 
 class CacheRegistry;
 
+// How the pfn caches of a VM let readers in (vm/pfn_cache.h, "Read sides"):
+// KVM's reader-writer lock, or a lock-free check that invalidations wait out.
+enum class CacheReadSide { rwlock, lockfree };
+const char* cache_read_side_name(CacheReadSide side);
+// "rwlock" / "lockfree"; nullopt for anything else.
+std::optional<CacheReadSide> parse_cache_read_side(std::string_view name);
+
+// What a Vm is made with.
+struct VmOptions {
+  // The read side of every PfnCache made for this VM without one of its own
+  // (the page strategies' caches). lockfree is the faster one
+  // (BM_PfnCacheAccess in bench/micro_bench.cc).
+  CacheReadSide cache_read_side = CacheReadSide::lockfree;
+};
+
 // One EPT01 leaf: the frame that backs a gfn, as of when it was filled.
 struct Ept01Entry {
   host::FrameTag tag;
@@ -44,10 +62,11 @@ struct Ept01Entry {
 class Vm : public host::MmuNotifier {
  public:
   // `id` names the VM in messages; it must be unique per HostMm.
-  Vm(host::HostMm& mm, uint32_t id);
+  Vm(host::HostMm& mm, uint32_t id, VmOptions options = {});
   ~Vm() override;
 
   uint32_t id() const { return id_; }
+  const VmOptions& options() const { return options_; }
   host::HostMm& mm() const { return mm_; }
   host::PhysMem& phys() const { return mm_.phys(); }
   Memslots& memslots() { return memslots_; }
@@ -66,6 +85,8 @@ class Vm : public host::MmuNotifier {
 
   // gfn -> hva through the active memslots. EFAULT if no valid slot holds gfn.
   Result<Hva> gfn_to_hva(Gfn gfn) const;
+  // The same, trying the caller's last-used slot first (a vCPU passes its
+  // Vcpu::memslot_hint()) and updating it.
   Result<Hva> gfn_to_hva(Gfn gfn, LookupHint& hint) const;
 
   // --- guest memory through the VMM's mappings (kvm_read_guest) -----------
@@ -78,17 +99,26 @@ class Vm : public host::MmuNotifier {
   // The EPT01 entry for gfn, if present.
   std::optional<Ept01Entry> ept01_lookup(Gfn gfn) const NC_EXCLUDES(mmu_lock_);
   // The EPT01-violation handler: resolves gfn -> hva -> frame and installs
-  // the entry, retrying while an invalidation of that hva races it.
-  // EFAULT when no memslot covers gfn (an MMIO exit for the VMM).
-  Result<Ept01Entry> ept01_fault(Gfn gfn, bool write) NC_EXCLUDES(mmu_lock_);
-  size_t ept01_size() const NC_EXCLUDES(mmu_lock_);
+  // the entry, retrying while an invalidation of that hva races it. A vCPU
+  // passes its memslot hint. EFAULT when no memslot covers gfn (an MMIO exit
+  // for the VMM).
+  Result<Ept01Entry> ept01_fault(Gfn gfn, bool write, LookupHint* hint = nullptr) NC_EXCLUDES(mmu_lock_);
 
-  // --- invalidation sequence (for PfnCache) ---------------------------------
-  uint64_t mmu_invalidate_seq() const { return mmu_invalidate_seq_.load(std::memory_order_acquire); }
+  // --- invalidations in flight ----------------------------------------------------
+  uint64_t mmu_invalidate_seq() const { return mmu_invalidate_seq_.load(std::memory_order_seq_cst); }
   // True if a fault that snapshotted `seq` for `hva` must retry: an
   // invalidation covering hva is in progress, or one ran since the snapshot.
   // Lock-free; callable under any lock.
   bool mmu_invalidate_retry(Hva hva, uint64_t seq) const;
+  // True while an invalidation whose range covers hva is between
+  // invalidate_range_start and _end (the range of overlapping invalidations
+  // only widens until none is left). Lock-free; callable under any lock.
+  bool invalidation_in_progress(Hva hva) const;
+  // Blocks, without spinning, until invalidation_in_progress(hva) is false;
+  // invalidate_range_end wakes it. Returns the nanoseconds it blocked (0 if
+  // it did not). Must not be called with mmu_lock_ held or from a thread
+  // that is itself inside an invalidation.
+  uint64_t wait_for_invalidation(Hva hva) NC_EXCLUDES(mmu_lock_, invalidation_wait_mu_);
 
   // --- vCPUs ---------------------------------------------------------------
   void add_vcpu(Vcpu* v) NC_EXCLUDES(vcpus_mu_);
@@ -108,6 +138,7 @@ class Vm : public host::MmuNotifier {
 
   host::HostMm& mm_;
   const uint32_t id_;
+  const VmOptions options_;
   mutable CounterSet counters_;
   Memslots memslots_;
   std::unique_ptr<CacheRegistry> caches_;
@@ -125,6 +156,13 @@ class Vm : public host::MmuNotifier {
   std::atomic<uint64_t> invalidate_in_progress_{0};
   std::atomic<Hva> invalidate_range_start_{0};
   std::atomic<Hva> invalidate_range_end_{0};
+  // Refreshes blocked in wait_for_invalidation(). invalidate_range_end takes
+  // the mutex and notifies only when the count is non-zero; the count is
+  // raised before the waiter looks at the range (both seq_cst), so either the
+  // ender sees the waiter or the waiter sees the ended invalidation.
+  std::atomic<uint32_t> invalidation_waiters_{0};
+  Mutex invalidation_wait_mu_{LockRank::kLeaf};
+  CondVar invalidation_done_;
 
   mutable Mutex vcpus_mu_{LockRank::kLeaf};
   std::vector<Vcpu*> vcpus_ NC_GUARDED_BY(vcpus_mu_);

@@ -106,18 +106,16 @@ class CachePageSet final : public PageSet {
   StrategyKind kind() const override { return kind_; }
 
   Result<HwPage> get_hw(L1Page p, Gpa gpa) override {
-    HwPage hw;
-    NC_TRY(lock(p, gpa, [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS { hw = HwPage{c.tag(), page_offset(gpa)}; }));
-    return hw;
+    vm::CachePtr ptr = NC_TRY(lock(p, gpa));
+    return HwPage{ptr.tag(), page_offset(gpa)};
   }
 
   Status access(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn) override {
-    auto with_view = [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS {
-      fn(PageView(c.khva(), [](const void* x) NC_NO_THREAD_SAFETY_ANALYSIS {
-        return static_cast<const vm::PfnCache*>(x)->check_tag("pfn cache");
-      }, &c));
-    };
-    if (!hardware_uses(p)) return lock(p, gpa, with_view);
+    if (!hardware_uses(p)) {
+      vm::CachePtr ptr = NC_TRY(lock(p, gpa));
+      fn(view(ptr, &check_cache));
+      return ok();
+    }
     // The seed's nested_gpc_lock_if_active: L0 software reaching a page the
     // hardware uses (posted-interrupt completion) refreshes an active cache
     // but never activates or deactivates one. A failed refresh leaves it
@@ -127,21 +125,17 @@ class CachePageSet final : public PageSet {
     vm::PfnCache& c = (*bundle_)[p];
     Gpa page = gpa & kPageMask;
     for (;;) {
-      {
-        rcu::ReadLock rcu;
-        ReaderLock l(c.lock());
-        if (!c.active() || c.gpa() != page) return errorf(ENOENT, "{} is not mapped", l1_page_name(p));
-        if (c.check(kPageSize)) {
-          with_view(c);
-          return ok();
-        }
+      if (!c.active() || c.gpa() != page) return errorf(ENOENT, "{} is not mapped", l1_page_name(p));
+      if (vm::CachePtr ptr = c.read(page, kPageSize)) {
+        fn(view(ptr, &check_cache));
+        return ok();
       }
       NC_TRY(c.refresh(kPageSize));
       // The refresh may have moved the cache to a new pfn while vmcs02
       // still holds the old one, and the cache is valid again, so the last
       // check before entry would let the hardware use the old pfn. Rewrite
       // vmcs02 before the next entry. (The seed's software paths refresh
-      // without this; frame tags showed the stale pfn here.)
+      // without this.)
       vcpu_.make_request(vm::Request::kRefreshGuestPages);
     }
   }
@@ -168,32 +162,36 @@ class CachePageSet final : public PageSet {
     // lock refreshes (or fails: the caller's #UD) and fn never sees a stale
     // mapping. The eVMCS cache is not vCPU-bound, so a failure leaves it
     // active; the next lock tries again.
-    auto with_view = [&](vm::PfnCache& c) NC_NO_THREAD_SAFETY_ANALYSIS {
-      fn(PageView(c.khva(), [](const void* x) NC_NO_THREAD_SAFETY_ANALYSIS {
-        return static_cast<const vm::PfnCache*>(x)->check_tag("eVMCS cache");
-      }, &c));
-    };
-    return lock(L1Page::evmcs, gpa, with_view);
+    vm::CachePtr ptr = NC_TRY(lock(L1Page::evmcs, gpa));
+    fn(view(ptr, &check_evmcs_cache));
+    return ok();
   }
   void release_evmcs() override {}
 
  private:
-  // The seed's nested_gpc_lock: check under the read lock, or (re)activate
-  // at the gpa, until the cache maps it; fn runs with the lock held.
-  template <class Fn>
-  Status lock(L1Page p, Gpa gpa, Fn&& fn) {
+  static bool check_cache(const void* p) { return static_cast<const vm::CachePtr*>(p)->check_tag("pfn cache"); }
+  static bool check_evmcs_cache(const void* p) {
+    return static_cast<const vm::CachePtr*>(p)->check_tag("eVMCS cache");
+  }
+  // A view of the whole page `ptr` holds, valid while ptr is.
+  static PageView view(const vm::CachePtr& ptr, PageView::CheckFn check) {
+    return PageView(ptr.bytes(0, ptr.size()).data(), check, &ptr);
+  }
+
+  // The seed's nested_gpc_lock: a held, checked mapping of the page at gpa,
+  // (re)activating or refreshing the cache as needed.
+  Result<vm::CachePtr> lock(L1Page p, Gpa gpa) {
     vm::PfnCache& c = (*bundle_)[p];
     // Patch 9 (v4): a cache taken over from another vCPU's context is
     // re-bound so that invalidations kick the vCPU that really uses it.
     if (c.vcpu() && c.vcpu() != &vcpu_) c.set_vcpu(&vcpu_);
-    Gpa page = gpa & kPageMask;
-    Status st = c.with_read_lock(page, kPageSize, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { fn(c); });
-    if (!st && c.vcpu()) {
+    Result<vm::CachePtr> ptr = c.lock(gpa & kPageMask, kPageSize);
+    if (!ptr && c.vcpu()) {
       // Patch 4: a vCPU-bound cache that cannot be activated is deactivated,
       // or invalid() would cancel every entry forever.
       c.deactivate();
     }
-    return st;
+    return ptr;
   }
 
   StrategyKind kind_;

@@ -126,21 +126,14 @@ void fill_and_verify(Env& env, const RunOptions& o, SelftestResult& r) {
   r.details["fill_and_verify_seconds"] = seconds_since(start);
 }
 
-Pfn cached_pfn(vm::PfnCache& c) {
-  ReaderLock l(c.lock());
-  return c.pfn();
-}
+// The pfn a checked cache maps (kInvalidPfn if the check fails).
+Pfn cached_pfn(vm::PfnCache& c) { return c.read(sizeof(uint64_t)).pfn(); }
 
-bool cache_checks(vm::PfnCache& c) {
-  rcu::ReadLock rcu;
-  ReaderLock l(c.lock());
-  return c.check(sizeof(uint64_t));
-}
+bool cache_checks(vm::PfnCache& c) { return c.check(sizeof(uint64_t)); }
 
 Result<uint64_t> read_through(vm::PfnCache& c, Gpa gpa) {
-  uint64_t v = 0;
-  NC_TRY(c.with_read_lock(gpa, sizeof v, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { v = c.read<uint64_t>(0); }));
-  return v;
+  vm::CachePtr p = NC_TRY(c.lock(gpa, sizeof(uint64_t)));
+  return p.read<uint64_t>(0);
 }
 
 // Stage 2: pfn caches across migrate and discard.
@@ -204,9 +197,11 @@ void caches_across_host_changes(Env& env, SelftestResult& r) {
     } else {
       r.check(v && *v == 0, "the discarded page at gpa {:#x} reads {:#x}, expected a zero page", c.gpa,
               v.value_or(0));
-      auto w = c.cache->with_read_lock(c.gpa, sizeof(uint64_t), [&]() NC_NO_THREAD_SAFETY_ANALYSIS {
-        c.cache->write<uint64_t>(0, kRewritten);
-      });
+      bool w = false;
+      if (auto p = c.cache->lock(c.gpa, sizeof(uint64_t))) {  // ends before the VMM reads the page back
+        p->write<uint64_t>(0, kRewritten);
+        w = true;
+      }
       uint64_t back = 0;
       auto rd = vm.read_guest(c.gpa, &back, sizeof back);
       r.check(w && rd && back == kRewritten, "a write through the refreshed cache at gpa {:#x} is not visible to the VMM",

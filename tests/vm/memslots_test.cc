@@ -1,6 +1,9 @@
 // KVM_SET_USER_MEMORY_REGION rules and memslot lookups.
 #include <gtest/gtest.h>
 
+#include <map>
+#include <random>
+
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -111,6 +114,112 @@ TEST_F(MemslotsTest, ErrorsLeaveTheSlotsUnchanged) {
   EXPECT_EQ(vm->memslots().generation(), gen);
   rcu::ReadLock r;
   EXPECT_EQ(vm->memslots().active()->size(), 1u);
+}
+
+TEST_F(MemslotsTest, TheHintIsTriedFirstAndDroppedWhenTheGenerationMoves) {
+  ASSERT_EQ(set(0, 0x10000, 4 * kPageSize, hva), 0);
+  ASSERT_EQ(set(1, 0x20000, 4 * kPageSize, hva), 0);
+  LookupHint hint;
+  {
+    rcu::ReadLock r;
+    const MemslotSet* s = vm->memslots().active();
+    EXPECT_EQ(s->find(0x11, hint)->id, 0u);
+    EXPECT_EQ(hint.slot->id, 0u);
+    EXPECT_EQ(hint.generation, s->generation());
+    EXPECT_EQ(s->find(0x22, hint)->id, 1u) << "a miss searches and moves the hint";
+    EXPECT_EQ(hint.slot->id, 1u);
+    EXPECT_EQ(s->find(0x30, hint), nullptr);
+    EXPECT_EQ(hint.slot->id, 1u) << "a hole leaves the hint alone";
+  }
+  // Moving slot 1 publishes new sets: the old hint's generation no longer
+  // matches, so it is not trusted even for a gfn its stale slot would hold.
+  ASSERT_EQ(set(1, 0x40000, 4 * kPageSize, hva), 0);
+  rcu::ReadLock r;
+  const MemslotSet* s = vm->memslots().active();
+  EXPECT_NE(hint.generation, s->generation());
+  EXPECT_EQ(s->find(0x22, hint), nullptr);
+  EXPECT_EQ(s->find(0x41, hint)->id, 1u);
+  EXPECT_EQ(hint.generation, s->generation());
+}
+
+TEST_F(MemslotsTest, AVcpuFaultUsesAndUpdatesItsOwnHint) {
+  ASSERT_EQ(set(0, 0x10000, 4 * kPageSize, hva), 0);
+  ASSERT_EQ(set(1, 0x20000, 4 * kPageSize, hva + 4 * kPageSize), 0);
+  testing::HarnessVcpu vcpu(0);
+  ASSERT_TRUE(vm->ept01_fault(0x21, true, &vcpu.memslot_hint()));
+  ASSERT_NE(vcpu.memslot_hint().slot, nullptr);
+  EXPECT_EQ(vcpu.memslot_hint().slot->id, 1u);
+  auto h = vm->gfn_to_hva(0x12, vcpu.memslot_hint());
+  ASSERT_TRUE(h);
+  EXPECT_EQ(*h, hva + 2 * kPageSize);
+  EXPECT_EQ(vcpu.memslot_hint().slot->id, 0u);
+}
+
+// Random creates, deletes, moves and flag changes against a plain std::map
+// model: after every change each slot resolves every gfn it holds (by search,
+// by the set's last-used slot and by a hint), the gfns around it resolve to
+// their own slot or nothing, and by_id agrees.
+TEST(MemslotsModel, RandomUpdatesKeepEveryLookupRight) {
+  auto phys = std::move(*host::PhysMem::create({64, 0}));
+  host::HostMm mm(*phys);
+  Vm vm(mm, 1);
+  Hva hva = *mm.create_region(4 * kPageSize, host::FrameKind::managed);
+  std::map<uint32_t, std::pair<Gfn, uint64_t>> model;  // id -> base, pages
+  std::mt19937 rng(5);
+  auto holder = [&](Gfn g) -> int64_t {
+    for (auto& [id, r] : model)
+      if (g >= r.first && g < r.first + r.second) return id;
+    return -1;
+  };
+  LookupHint hint;
+  for (int step = 0; step < 600; step++) {
+    const uint32_t id = rng() % 48;
+    const Gfn base = rng() % 256;
+    const uint64_t pages = 1 + rng() % 4;
+    MemoryRegion r{id, 0, gfn_to_gpa(base), pages * kPageSize, hva};
+    auto it = model.find(id);
+    if (it != model.end()) {
+      if (rng() % 3 == 0) {
+        r = {id, 0, 0, 0, 0};  // delete
+      } else {
+        r.memory_size = it->second.second * kPageSize;  // move: same size
+        if (pages == 1) r.flags = kMemLogDirtyPages;  // sometimes a flag change too
+      }
+    }
+    bool overlaps = false;
+    for (auto& [oid, o] : model)
+      if (oid != id && r.memory_size && base < o.first + o.second && o.first < base + r.memory_size / kPageSize)
+        overlaps = true;
+    Status st = vm.set_memory_region(r);
+    if (overlaps) {
+      ASSERT_FALSE(st);
+      ASSERT_EQ(st.error().code, EEXIST);
+    } else {
+      ASSERT_TRUE(st) << st.error().to_string();
+      if (r.memory_size == 0) {
+        model.erase(id);
+      } else {
+        model[id] = {base, r.memory_size / kPageSize};
+      }
+    }
+    rcu::ReadLock rl;
+    const MemslotSet* set = vm.memslots().active();
+    ASSERT_EQ(set->size(), model.size());
+    for (Gfn g = 0; g < 264; g++) {
+      const int64_t want = holder(g);
+      const Memslot* a = set->find(g);
+      const Memslot* b = set->find(g, hint);
+      ASSERT_EQ(a ? int64_t(a->id) : -1, want) << "step " << step << " gfn " << g;
+      ASSERT_EQ(a, b);
+      if (a) {
+        ASSERT_EQ(set->by_id(a->id), a);
+        ASSERT_EQ(a->base_gfn, model[a->id].first);
+        ASSERT_EQ(a->npages, model[a->id].second);
+        ASSERT_FALSE(a->invalid);
+      }
+    }
+    for (uint32_t i = 0; i < 48; i++) ASSERT_EQ(set->by_id(i) != nullptr, model.count(i) == 1);
+  }
 }
 
 class MemslotsScale : public ::testing::TestWithParam<uint32_t> {};

@@ -8,26 +8,30 @@ namespace nestcache::vm {
 namespace {
 
 using testing::HarnessVcpu;
+using testing::KindAndSide;
 using testing::VmEnv;
 
-class PfnCacheTest : public ::testing::TestWithParam<host::FrameKind> {
+class PfnCacheTest : public ::testing::TestWithParam<KindAndSide> {
  protected:
   void SetUp() override { env.phys->set_stale_access_fatal(true); }
-  bool check(PfnCache& c, size_t len = 8) {
-    rcu::ReadLock r;
-    ReaderLock l(c.lock());
-    return c.check(len);
-  }
-  Pfn pfn(PfnCache& c) {
-    ReaderLock l(c.lock());
-    return c.pfn();
-  }
+  static host::FrameKind kind() { return std::get<0>(GetParam()); }
+  static CacheReadSide side() { return std::get<1>(GetParam()); }
+  bool check(PfnCache& c, size_t len = 8) { return c.check(len); }
+  // The pfn a checked cache maps (kInvalidPfn when the check fails).
+  Pfn pfn(PfnCache& c) { return c.read(8).pfn(); }
+  // Reads through the cache at c_gpa, refreshing it as needed.
   uint64_t read(PfnCache& c, size_t off = 0) {
-    uint64_t v = 0;
-    EXPECT_TRUE(c.with_read_lock(c_gpa, 8, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { v = c.read<uint64_t>(off); }));
-    return v;
+    Result<CachePtr> p = c.lock(c_gpa, off + 8);
+    EXPECT_TRUE(p);
+    return p ? p->read<uint64_t>(off) : 0;
   }
-  VmEnv env{GetParam()};
+  // Reads 8 bytes at gpa through the cache (activating it there if needed).
+  uint64_t read_at(PfnCache& c, Gpa gpa) {
+    Result<CachePtr> p = c.lock(gpa, 8);
+    EXPECT_TRUE(p);
+    return p ? p->read<uint64_t>(0) : 0;
+  }
+  VmEnv env{kind(), 64, 4096, VmOptions{side()}};
   Gpa c_gpa = 0x3000;
 };
 
@@ -52,7 +56,7 @@ TEST_P(PfnCacheTest, ALengthCrossingThePageFailsTheCheck) {
 TEST_P(PfnCacheTest, UnmanagedCachesHoldOneWindowUntilDeactivated) {
   PfnCache c(*env.vm);
   ASSERT_TRUE(c.activate(c_gpa, 8));
-  int64_t expected = GetParam() == host::FrameKind::unmanaged ? 1 : 0;
+  int64_t expected = kind() == host::FrameKind::unmanaged ? 1 : 0;
   EXPECT_EQ(env.phys->live_windows(), expected);
   for (int i = 0; i < 100; i++) read(c);
   EXPECT_EQ(env.phys->counters().get(Counter::remap_windows), uint64_t(expected)) << "reads reuse the mapping";
@@ -87,7 +91,11 @@ TEST_P(PfnCacheTest, DiscardInvalidatesAndRefreshSeesAZeroPage) {
   EXPECT_FALSE(check(c));
   EXPECT_EQ(read(c), 0u);
   // Writes through the refreshed cache reach the VMM's view of the page.
-  ASSERT_TRUE(c.with_read_lock(c_gpa, 8, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { c.write<uint64_t>(0, 77); }));
+  {
+    Result<CachePtr> p = c.lock(c_gpa, 8);
+    ASSERT_TRUE(p);
+    p->write<uint64_t>(0, 77);
+  }
   uint64_t back = 0;
   ASSERT_TRUE(env.vm->read_guest(c_gpa, &back, 8));
   EXPECT_EQ(back, 77u);
@@ -105,7 +113,7 @@ TEST_P(PfnCacheTest, ChangesOutsideTheCachedPageLeaveItValid) {
 }
 
 TEST_P(PfnCacheTest, MemslotMoveFailsTheCheckByGenerationAndRefreshFollowsTheSlot) {
-  Hva extra = *env.mm->create_region(kPageSize, GetParam());
+  Hva extra = *env.mm->create_region(kPageSize, kind());
   uint64_t magic = 42;
   ASSERT_TRUE(env.mm->copy_to(extra, &magic, 8));
   ASSERT_TRUE(env.vm->set_memory_region({1, 0, 0x100000, kPageSize, extra}));
@@ -119,14 +127,12 @@ TEST_P(PfnCacheTest, MemslotMoveFailsTheCheckByGenerationAndRefreshFollowsTheSlo
   EXPECT_EQ(st.error().code, EFAULT) << "the old gpa is unmapped now";
   ASSERT_TRUE(c.activate(0x200000, 8));
   EXPECT_TRUE(check(c));
-  uint64_t v = 0;
-  ASSERT_TRUE(c.with_read_lock(0x200000, 8, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { v = c.read<uint64_t>(0); }));
-  EXPECT_EQ(v, magic);
+  EXPECT_EQ(read_at(c, 0x200000), magic);
 }
 
 TEST_P(PfnCacheTest, MemslotDeleteThenRecreateAtTheSameGpaRefreshesToTheNewBacking) {
-  Hva a = *env.mm->create_region(kPageSize, GetParam());
-  Hva b = *env.mm->create_region(kPageSize, GetParam());
+  Hva a = *env.mm->create_region(kPageSize, kind());
+  Hva b = *env.mm->create_region(kPageSize, kind());
   uint64_t va = 1, vb = 2;
   ASSERT_TRUE(env.mm->copy_to(a, &va, 8));
   ASSERT_TRUE(env.mm->copy_to(b, &vb, 8));
@@ -137,9 +143,7 @@ TEST_P(PfnCacheTest, MemslotDeleteThenRecreateAtTheSameGpaRefreshesToTheNewBacki
   ASSERT_TRUE(env.vm->set_memory_region({1, 0, 0x100000, kPageSize, b}));
   EXPECT_FALSE(check(c));
   ASSERT_TRUE(c.refresh(8));
-  uint64_t v = 0;
-  ASSERT_TRUE(c.with_read_lock(0x100000, 8, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { v = c.read<uint64_t>(0); }));
-  EXPECT_EQ(v, vb);
+  EXPECT_EQ(read_at(c, 0x100000), vb);
 }
 
 TEST_P(PfnCacheTest, AnInvalidationBetweenResolveAndInstallForcesARetry) {
@@ -184,9 +188,10 @@ TEST_P(PfnCacheTest, TheNotifierDoesNotReturnBeforeTheBoundVcpuLeftGuestMode) {
         ops.fetch_add(1);
       },
       [&] {
-        if (c.invalid() && !c.refresh(8)) return false;
-        ReaderLock l(c.lock());
-        hw_tag = c.tag();
+        if (!c.check(8) && !c.refresh(8)) return false;
+        CachePtr p = c.read(8);
+        if (!p) return false;
+        hw_tag = p.tag();
         return true;
       },
       [&] { return !c.invalid(); });
@@ -230,8 +235,7 @@ TEST_P(PfnCacheTest, InvalidationFindsOnlyTheAffectedCachesAmongMany) {
   EXPECT_EQ(env.vm->caches().active_count(), 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Memory, PfnCacheTest, ::testing::Values(host::FrameKind::managed, host::FrameKind::unmanaged),
-                         testing::kind_name);
+INSTANTIATE_TEST_SUITE_P(Memory, PfnCacheTest, testing::kKindsAndSides, testing::kind_and_side_name);
 
 }  // namespace
 }  // namespace nestcache::vm

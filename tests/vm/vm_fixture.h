@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <string>
 #include <thread>
+#include <tuple>
 
 #include "base/check.h"
 #include "vm/host_map.h"
@@ -15,13 +17,13 @@
 namespace nestcache::vm::testing {
 
 struct VmEnv {
-  explicit VmEnv(host::FrameKind kind, size_t pages = 64, size_t spare = 4096) : kind(kind) {
+  explicit VmEnv(host::FrameKind kind, size_t pages = 64, size_t spare = 4096, VmOptions options = {}) : kind(kind) {
     auto m = host::PhysMem::create({kind == host::FrameKind::managed ? pages + spare : 16,
                                     kind == host::FrameKind::unmanaged ? pages + spare : 16});
     NC_CHECK(m);
     phys = std::move(*m);
     mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<Vm>(*mm, 1);
+    vm = std::make_unique<Vm>(*mm, 1, options);
     base = *mm->create_region(pages * kPageSize, kind);
     NC_CHECK(vm->set_memory_region({0, 0, 0, pages * kPageSize, base}));
   }
@@ -36,6 +38,16 @@ struct VmEnv {
 
 inline const char* kind_name(const ::testing::TestParamInfo<host::FrameKind>& info) {
   return host::frame_kind_name(info.param);
+}
+
+// Tests that run for both frame kinds and both pfn-cache read sides.
+using KindAndSide = std::tuple<host::FrameKind, CacheReadSide>;
+inline const auto kKindsAndSides =
+    ::testing::Combine(::testing::Values(host::FrameKind::managed, host::FrameKind::unmanaged),
+                       ::testing::Values(CacheReadSide::rwlock, CacheReadSide::lockfree));
+inline std::string kind_and_side_name(const ::testing::TestParamInfo<KindAndSide>& info) {
+  return std::string(host::frame_kind_name(std::get<0>(info.param))) + "_" +
+         cache_read_side_name(std::get<1>(info.param));
 }
 
 // A vCPU thread for tests: loops entering guest mode and, while "in the

@@ -1,0 +1,91 @@
+// Lock-free pfn-cache readers: which thread is reading which cache right now.
+//
+// A lock-free reader (PfnCache's lockfree read side) names the cache it reads
+// in a slot of its thread's record *before* it checks the cache, and clears
+// the slot when it is done. It takes no lock and makes no atomic
+// read-modify-write: entering costs a load and a store, leaving one store.
+//
+// Whoever must know that no reader still uses a cache's old mapping (an
+// invalidation about to let the host copy and free the frame, a refresh about
+// to unmap an old remap window) first makes the cache invalid, then calls
+// wait_for_readers(). That issues one membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED),
+// which makes every running thread of the process execute a full memory
+// barrier, so each reader either has its slot visible (and is waited for) or
+// will see the cache invalid when it checks; then it waits until no slot
+// names the cache. This is the asymmetric fence of liburcu's "memb" flavour:
+// the cost moves from every read to every invalidation that finds a
+// lock-free cache. Where membarrier is missing (an old kernel, a seccomp
+// filter) readers issue the full fence themselves and the waiter a plain one.
+//
+// A thread may hold up to kSlotsPerThread reads at once. A read belongs to
+// the thread that entered it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <span>
+
+namespace nestcache::vm::cache_readers {
+
+inline constexpr int kSlotsPerThread = 8;
+
+// One thread's slots. Records are never freed: a thread that ends hands its
+// record (with every slot empty) to the next thread that starts reading.
+struct alignas(64) ThreadRecord {
+  std::atomic<const void*> slots[kSlotsPerThread] = {};
+  std::atomic<bool> in_use{false};
+  ThreadRecord* next = nullptr;  // set once, before the record is published
+};
+
+namespace internal {
+// The calling thread's record, or null before its first read. Constant
+// initialisation, so reaching it is one TLS load with no guard.
+inline thread_local ThreadRecord* t_record = nullptr;
+// Set once before main: true when membarrier is unavailable and readers must
+// fence themselves.
+extern bool g_reader_fence;
+// Gives the calling thread a record and returns it.
+ThreadRecord* register_thread();
+[[noreturn]] void too_many_reads();
+}  // namespace internal
+
+// Publishes that the calling thread reads `cache` (any unique address) and
+// orders that before whatever the caller loads next. Returns the slot to pass
+// to exit(). Aborts if the thread already holds kSlotsPerThread reads.
+inline int enter(const void* cache) {
+  ThreadRecord* r = internal::t_record;
+  if (!r) [[unlikely]]
+    r = internal::register_thread();
+  for (int i = 0; i < kSlotsPerThread; i++) {
+    // Only this thread writes its slots, so a relaxed look is exact.
+    if (r->slots[i].load(std::memory_order_relaxed) == nullptr) {
+      r->slots[i].store(cache, std::memory_order_relaxed);
+      // The slot store must precede the caller's loads of the cache's state.
+      // With membarrier the waiter supplies the CPU-level fence; only the
+      // compiler must keep the order here.
+      if (internal::g_reader_fence) {
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+      } else {
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+      }
+      return i;
+    }
+  }
+  internal::too_many_reads();
+}
+
+// Ends the read entered as `slot`: everything the reader did through the
+// cache happens before a waiter sees the slot empty.
+inline void exit(int slot) { internal::t_record->slots[slot].store(nullptr, std::memory_order_release); }
+
+// Returns once no thread is inside a read of any of `caches` that began
+// before this call; a read that begins later sees what the caller stored
+// before the call. The caller must not itself be reading any of them (that
+// would wait for ever: aborts instead). Waits by spinning briefly, then
+// yielding: reads are short.
+void wait_for_readers(std::span<const void* const> caches);
+
+// True if the calling thread is inside a read of `cache`.
+bool reading(const void* cache);
+
+}  // namespace nestcache::vm::cache_readers

@@ -1,0 +1,76 @@
+// CacheRegistry (see cache_registry.h).
+#include "vm/cache_registry.h"
+
+#include <algorithm>
+
+#include "base/check.h"
+#include "vm/cache_readers.h"
+#include "vm/pfn_cache.h"
+
+namespace nestcache::vm {
+
+std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
+  std::vector<Vcpu*> vcpus;
+  std::vector<const void*> lockfree;
+  const Hva first = start & kPageMask;
+  auto mark = [&](PfnCache* c) {
+    const PfnCache::Hit hit = c->notifier_invalidate(first, end);
+    if (!hit.affected) return;
+    if (hit.flipped) vm_.counters().add(Counter::cache_invalidations);
+    // Wait for the bound vCPU and the readers even when the cache was
+    // already invalid: an earlier, overlapping invalidation may have marked
+    // it and still be waiting for them, with the old pfn in use. (The seed
+    // collects only the vCPUs of caches it flips from valid, which leaves
+    // that window open.)
+    if (hit.vcpu && std::find(vcpus.begin(), vcpus.end(), hit.vcpu) == vcpus.end()) vcpus.push_back(hit.vcpu);
+    if (c->read_side() == CacheReadSide::lockfree) lockfree.push_back(c);
+  };
+  {
+    MutexLock l(mu_);
+    if (end > first && (end - first) / kPageSize <= kPagesLookedUpOneByOne) {
+      for (Hva page = first; page < end; page += kPageSize)
+        by_page_.for_each(page, [&](const void* c) { mark(static_cast<PfnCache*>(const_cast<void*>(c))); });
+    } else {
+      for (auto it = by_hva_.lower_bound(first); it != by_hva_.end() && it->first < end; ++it) mark(it->second);
+    }
+  }
+  // Outside the registry lock: a reader being waited for never needs it, but
+  // an activation on another thread does.
+  if (!lockfree.empty()) {
+    cache_readers::wait_for_readers(lockfree);
+    vm_.counters().add(Counter::cache_reader_waits);
+  }
+  return vcpus;
+}
+
+size_t CacheRegistry::active_count() const {
+  MutexLock l(mu_);
+  return by_hva_.size();
+}
+
+void CacheRegistry::index(PfnCache* c, Hva old_hva, Hva new_hva) {
+  MutexLock l(mu_);
+  if (old_hva) unindex_locked(c, old_hva);
+  by_hva_.emplace(new_hva, c);
+  by_page_.insert(new_hva, c);
+}
+
+void CacheRegistry::unindex(PfnCache* c, Hva hva) {
+  MutexLock l(mu_);
+  unindex_locked(c, hva);
+}
+
+void CacheRegistry::unindex_locked(PfnCache* c, Hva hva) {
+  mu_.assert_held();
+  NC_CHECK(by_page_.erase(hva, c));
+  auto [lo, hi] = by_hva_.equal_range(hva);
+  for (auto it = lo; it != hi; ++it) {
+    if (it->second == c) {
+      by_hva_.erase(it);
+      return;
+    }
+  }
+  NC_CHECK(!"cache missing from the registry");
+}
+
+}  // namespace nestcache::vm
