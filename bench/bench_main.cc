@@ -1,8 +1,9 @@
 // main() of nestcache_microbench: starts a busy second thread, runs the
 // micro-benchmarks of bench/micro_bench.cc with the usual Google Benchmark
 // flags (--benchmark_filter, --benchmark_format=json, --benchmark_out, ...),
-// and prints the ratio BM_HostMapAccess/unmanaged : BM_PfnCacheAccess/unmanaged
-// taken from the runs it just reported.
+// and prints, from the runs it just reported, the ratios
+// BM_HostMapAccess/unmanaged : BM_PfnCacheAccess/lockfree/unmanaged and
+// BM_PfnCacheAccess/<read side>/unmanaged : BM_PlainRead.
 //
 // Own flag: --busy_thread=0 runs without the second thread (to see what the
 // TLB shootdowns add); the default is on.
@@ -23,7 +24,9 @@
 namespace {
 
 constexpr const char* kHostMapUnmanaged = "BM_HostMapAccess/unmanaged";
-constexpr const char* kPfnCacheUnmanaged = "BM_PfnCacheAccess/unmanaged";
+constexpr const char* kPfnCacheUnmanaged = "BM_PfnCacheAccess/lockfree/unmanaged";
+constexpr const char* kPfnCacheRwlockUnmanaged = "BM_PfnCacheAccess/rwlock/unmanaged";
+constexpr const char* kPlainRead = "BM_PlainRead";
 
 // A thread of this process that keeps running and touching memory until
 // stopped.
@@ -190,6 +193,14 @@ int main(int argc, char** argv) {
   } else if (reporter.any()) {
     std::fprintf(out, "\nunmanaged HostMap / PfnCache ratio: not available (%s and %s must both run)\n",
                  kHostMapUnmanaged, kPfnCacheUnmanaged);
+  }
+  // The cached access against the floor, for both read sides.
+  if (std::optional<CollectingReporter::Ns> plain = reporter.ns(kPlainRead); plain && plain->real > 0 && plain->cpu > 0) {
+    for (const char* name : {kPfnCacheRwlockUnmanaged, kPfnCacheUnmanaged}) {
+      if (std::optional<CollectingReporter::Ns> c = reporter.ns(name))
+        std::fprintf(out, "%s / %s: %.1fx real time (%.2f ns / %.2f ns), %.1fx CPU time\n", name, kPlainRead,
+                     c->real / plain->real, c->real, plain->real, c->cpu / plain->cpu);
+    }
   }
   std::fflush(out);
   benchmark::Shutdown();

@@ -1,19 +1,26 @@
-// Micro-benchmarks of the host and vm layers (issue 3, "Micro-benchmarks"):
-// what one guest-page access costs through a one-shot HostMap against a
-// persistent PfnCache, on managed and unmanaged memory; how gfn -> memslot
-// lookup scales with the number of slots; and how the MMU notifier's search
-// for affected pfn caches scales with the number of registered caches.
+// Micro-benchmarks of the host and vm layers: what one guest-page access
+// costs through a one-shot HostMap against a persistent PfnCache (both read
+// sides) and against a plain read through a pointer, on managed and unmanaged
+// memory; how gfn -> memslot lookup scales with the number of slots, for a
+// random and a local access pattern; how the MMU notifier's search for
+// affected pfn caches scales with the number of registered caches; and what a
+// refresh costs while another thread invalidates other pages non-stop.
 //
 // Everything is built before the timed loop; each loop does only the
 // operation named. bench/bench_main.cc runs these with a second thread of this
-// process busy on another CPU and prints the unmanaged HostMap / PfnCache ratio.
+// process busy on another CPU and prints the unmanaged HostMap / PfnCache and
+// PfnCache / plain-read ratios.
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <deque>
 #include <map>
 #include <memory>
 #include <optional>
 #include <random>
+#include <string>
+#include <thread>
+#include <tuple>
 #include <vector>
 
 #include "base/check.h"
@@ -84,22 +91,40 @@ void BM_HostMapAccess(benchmark::State& state, FrameKind kind) {
 BENCHMARK_CAPTURE(BM_HostMapAccess, managed, FrameKind::managed)->Unit(benchmark::kNanosecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_HostMapAccess, unmanaged, FrameKind::unmanaged)->Unit(benchmark::kNanosecond)->UseRealTime();
 
-// The PfnCache reader protocol for one 8-byte read: inside RCU and the cache's
-// read lock, check and read; empty if the check failed (the caller refreshes
-// with no lock held, as refresh takes the cache's locks itself).
+// BM_PlainRead: an 8-byte read through a plain pointer to the guest page (the
+// VMM's own mapping of it): the floor a cached access is compared with.
+void BM_PlainRead(benchmark::State& state) {
+  std::unique_ptr<GuestEnv> env = one_page_env(state, FrameKind::managed);
+  if (!env) return;
+  // volatile: one real load per iteration, which the compiler may neither
+  // hoist out of the loop nor drop.
+  const volatile uint64_t* p = reinterpret_cast<const volatile uint64_t*>(env->base);
+  uint64_t last = 0;
+  for (auto _ : state) {
+    last = *p;
+    benchmark::DoNotOptimize(static_cast<const uint64_t&>(last));
+  }
+  check_value(state, last);
+}
+BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
+
+// The PfnCache reader protocol for one 8-byte read: check (taking the read
+// side), read, release; empty if the check failed (the caller refreshes with
+// nothing held, as refresh waits for readers).
 std::optional<uint64_t> read_through(const vm::PfnCache& cache) {
-  rcu::ReadLock rcu;
-  ReaderLock l(cache.lock());
-  if (!cache.check(sizeof(uint64_t))) return std::nullopt;
-  return cache.read<uint64_t>(0);
+  vm::CachePtr p = cache.read(0, sizeof(uint64_t));
+  if (!p) return std::nullopt;
+  return p.read<uint64_t>(0);
 }
 
-// BM_PfnCacheAccess/<kind>: check + 8-byte read through an activated PfnCache
-// (the "after"): the mapping persists, so neither kind makes a system call.
-void BM_PfnCacheAccess(benchmark::State& state, FrameKind kind) {
+// BM_PfnCacheAccess/<read side>/<kind>: check + 8-byte read through an
+// activated PfnCache (the "after"): the mapping persists, so neither kind
+// makes a system call. rwlock: KVM's reader-writer lock taken shared;
+// lockfree: a per-thread reader slot and a sequence count.
+void BM_PfnCacheAccess(benchmark::State& state, vm::CacheReadSide side, FrameKind kind) {
   std::unique_ptr<GuestEnv> env = one_page_env(state, kind);
   if (!env) return;
-  vm::PfnCache cache(*env->vm);  // declared after env: deactivated before the Vm goes
+  vm::PfnCache cache(*env->vm, side);  // declared after env: deactivated before the Vm goes
   if (auto st = cache.activate(0, sizeof(uint64_t)); !st) {
     state.SkipWithError(st.error().to_string().c_str());
     return;
@@ -127,36 +152,66 @@ void BM_PfnCacheAccess(benchmark::State& state, FrameKind kind) {
   per_iteration(state, Counter::cache_refreshes, vm_before, vm_after);
   check_value(state, last);
 }
-BENCHMARK_CAPTURE(BM_PfnCacheAccess, managed, FrameKind::managed)->Unit(benchmark::kNanosecond)->UseRealTime();
-BENCHMARK_CAPTURE(BM_PfnCacheAccess, unmanaged, FrameKind::unmanaged)->Unit(benchmark::kNanosecond)->UseRealTime();
+
+const bool kAccessRegistered = [] {
+  for (vm::CacheReadSide side : {vm::CacheReadSide::rwlock, vm::CacheReadSide::lockfree}) {
+    for (FrameKind kind : {FrameKind::managed, FrameKind::unmanaged}) {
+      const std::string name = std::string("BM_PfnCacheAccess/") + vm::cache_read_side_name(side) + "/" +
+                               host::frame_kind_name(kind);
+      benchmark::RegisterBenchmark(name.c_str(), BM_PfnCacheAccess, side, kind)
+          ->Unit(benchmark::kNanosecond)
+          ->UseRealTime();
+    }
+  }
+  return true;
+}();
 
 // --- memslot lookup ----------------------------------------------------------------
 
-// A Vm with `slots` one-page memslots at gfns 0 .. slots-1, all pointing at
-// the same one-page region (overlapping hvas are allowed, as in KVM), and a
-// pseudo-random stream of gfns, each inside some slot.
+constexpr Gfn kPagesPerSlot = 16;
+constexpr size_t kRunLength = 16;  // local pattern: lookups per slot before moving on
+
+enum class Pattern { random, local };
+const char* pattern_name(Pattern p) { return p == Pattern::random ? "random" : "local"; }
+
+// A Vm with `slots` memslots of kPagesPerSlot pages each, back to back from
+// gfn 0, all pointing at the same region (overlapping hvas are allowed, as in
+// KVM), and two precomputed streams of gfns inside them:
+//   random  each gfn anywhere in any slot;
+//   local   runs of kRunLength gfns within one slot (a guest working in one
+//           region), each run in a slot picked at random.
 struct SlotsFixture {
   explicit SlotsFixture(size_t slots) {
-    auto e = GuestEnv::create(FrameKind::managed, 1);  // slot 0
+    auto e = GuestEnv::create(FrameKind::managed, kPagesPerSlot);  // slot 0
     NC_CHECK(e);
     env = std::move(*e);
     std::vector<vm::MemoryRegion> regions;
-    for (uint32_t id = 1; id < slots; id++) regions.push_back({id, 0, gfn_to_gpa(id), kPageSize, env->base});
+    for (uint32_t id = 1; id < slots; id++)
+      regions.push_back({id, 0, gfn_to_gpa(id * kPagesPerSlot), kPagesPerSlot * kPageSize, env->base});
     NC_CHECK(env->vm->set_memory_regions(regions));
     std::mt19937_64 rng(kSeed);
-    std::uniform_int_distribution<Gfn> pick(0, slots - 1);
-    for (size_t i = 0; i < kStreamLength; i++) gfns.push_back(pick(rng));
+    std::uniform_int_distribution<Gfn> any(0, slots * kPagesPerSlot - 1);
+    std::uniform_int_distribution<Gfn> slot(0, slots - 1);
+    std::uniform_int_distribution<Gfn> page(0, kPagesPerSlot - 1);
+    for (size_t i = 0; i < kStreamLength; i++) gfns[0].push_back(any(rng));
+    for (size_t i = 0; i < kStreamLength; i += kRunLength) {
+      const Gfn base = slot(rng) * kPagesPerSlot;
+      for (size_t j = 0; j < kRunLength; j++) gfns[1].push_back(base + page(rng));
+    }
     rcu::ReadLock rcu;
     const vm::MemslotSet* set = env->vm->memslots().active();
     NC_CHECK(set->size() == slots);
-    for (Gfn g : gfns) NC_CHECK(set->find(g) != nullptr);
+    for (const auto& stream : gfns)
+      for (Gfn g : stream) NC_CHECK(set->find(g) && set->find(g)->contains(g));
   }
+  const std::vector<Gfn>& stream(Pattern p) const { return gfns[p == Pattern::random ? 0 : 1]; }
+
   std::unique_ptr<GuestEnv> env;
-  std::vector<Gfn> gfns;
+  std::vector<Gfn> gfns[2];
 };
 
-// Built once per size and shared by both lookup benchmarks: creating 32,764
-// slots publishes, and waits for an RCU grace period, 32,764 times.
+// Built once per size and shared by both patterns: creating 32,764 slots
+// publishes, and waits for an RCU grace period, 32,764 times.
 SlotsFixture& slots_fixture(size_t slots) {
   static std::map<size_t, std::unique_ptr<SlotsFixture>> fixtures;
   auto& f = fixtures[slots];
@@ -164,54 +219,57 @@ SlotsFixture& slots_fixture(size_t slots) {
   return *f;
 }
 
-// BM_MemslotLookup/<slots>: one gfn -> memslot lookup (binary search of the
-// RCU-published set, no hint) of a pseudo-random gfn.
-void BM_MemslotLookup(benchmark::State& state) {
+// BM_MemslotLookup/<pattern>/<slots>: one gfn -> memslot lookup the way a vCPU
+// makes it: inside an RCU read-side section (entered per lookup, as
+// Vm::gfn_to_hva does), the vCPU's last-used slot first, then the binary
+// search of the flat array.
+void BM_MemslotLookup(benchmark::State& state, Pattern pattern) {
   SlotsFixture& f = slots_fixture(static_cast<size_t>(state.range(0)));
   const vm::Memslots& slots = f.env->vm->memslots();
-  size_t i = 0;
-  for (auto _ : state) {
-    rcu::ReadLock rcu;
-    const vm::Memslot* s = slots.active()->find(f.gfns[i++ & kStreamMask]);
-    benchmark::DoNotOptimize(s);
-  }
-}
-BENCHMARK(BM_MemslotLookup)->Arg(8)->Arg(512)->Arg(8192)->Arg(32764)->Unit(benchmark::kNanosecond);
-
-// BM_MemslotLookupHint4/<slots>: one lookup with a per-vCPU LookupHint, each
-// pseudo-random gfn looked up 4 times in a row, so 3 of 4 lookups hit the hint
-// and 1 of 4 pays the hint check plus the binary search.
-void BM_MemslotLookupHint4(benchmark::State& state) {
-  SlotsFixture& f = slots_fixture(static_cast<size_t>(state.range(0)));
-  const vm::Memslots& slots = f.env->vm->memslots();
+  const std::vector<Gfn>& gfns = f.stream(pattern);
   vm::LookupHint hint;
-  size_t i = 0;
+  size_t i = 0, misses = 0;
   for (auto _ : state) {
     rcu::ReadLock rcu;
-    const vm::Memslot* s = slots.active()->find(f.gfns[(i++ / 4) & kStreamMask], hint);
+    const vm::Memslot* before = hint.slot;
+    const vm::Memslot* s = slots.active()->find(gfns[i++ & kStreamMask], hint);
+    misses += s != before;
     benchmark::DoNotOptimize(s);
   }
+  per_iteration(state, "hint_misses", misses);
 }
-BENCHMARK(BM_MemslotLookupHint4)->Arg(8)->Arg(512)->Arg(8192)->Arg(32764)->Unit(benchmark::kNanosecond);
+
+const bool kLookupRegistered = [] {
+  for (Pattern p : {Pattern::random, Pattern::local}) {
+    const std::string name = std::string("BM_MemslotLookup/") + pattern_name(p);
+    benchmark::RegisterBenchmark(name.c_str(), BM_MemslotLookup, p)
+        ->Arg(8)
+        ->Arg(512)
+        ->Arg(8192)
+        ->Arg(32764)
+        ->Unit(benchmark::kNanosecond);
+  }
+  return true;
+}();
 
 // --- invalidation search -------------------------------------------------------------
 
-// `caches` active PfnCaches, cache i on guest page 2i of one managed region of
-// 2 * caches pages (memslot 0); the odd pages have no cache. Every page is
-// faulted in, in ascending order, before the caches activate: consecutive
-// frames mapped one page after another merge into one kernel mapping, which
-// keeps 200,000 pages far below vm.max_map_count.
+// `caches` active PfnCaches of one read side, cache i on guest page 2i of one
+// managed region of 2 * caches pages (memslot 0); the odd pages have no cache.
+// Every page is faulted in, in ascending order, before the caches activate:
+// consecutive frames mapped one page after another merge into one kernel
+// mapping, which keeps 200,000 pages far below vm.max_map_count.
 //
 // Managed memory keeps set-up cheap (no remap window per cache) and does not
 // change what is measured: the notifier's search is the same for both kinds.
 struct CachesFixture {
-  explicit CachesFixture(size_t caches) {
+  CachesFixture(size_t caches, vm::CacheReadSide side) {
     auto e = GuestEnv::create(FrameKind::managed, 2 * caches);
     NC_CHECK(e);
     env = std::move(*e);
     for (size_t page = 0; page < 2 * caches; page++) NC_CHECK(env->mm->fault_in(env->base + page * kPageSize, true));
     for (size_t i = 0; i < caches; i++) {
-      vm::PfnCache& c = pool.emplace_back(*env->vm);
+      vm::PfnCache& c = pool.emplace_back(*env->vm, side);
       NC_CHECK(c.activate(gfn_to_gpa(2 * i), sizeof(uint64_t)));
     }
     NC_CHECK(env->vm->caches().active_count() == caches);
@@ -226,36 +284,41 @@ struct CachesFixture {
   std::vector<size_t> targets;    // pseudo-random cache indices
 };
 
-// Built once per size and shared by the hit and miss benchmarks: activating
-// 100,000 caches takes about a second, too long to repeat for every run.
-CachesFixture& caches_fixture(size_t caches) {
-  static std::map<size_t, std::unique_ptr<CachesFixture>> fixtures;
-  auto& f = fixtures[caches];
-  if (!f) f = std::make_unique<CachesFixture>(caches);
+// Built once per size and read side and shared by the hit and miss
+// benchmarks: activating 100,000 caches takes about a second.
+CachesFixture& caches_fixture(size_t caches, vm::CacheReadSide side) {
+  static std::map<std::pair<size_t, vm::CacheReadSide>, std::unique_ptr<CachesFixture>> fixtures;
+  auto& f = fixtures[{caches, side}];
+  if (!f) f = std::make_unique<CachesFixture>(caches, side);
   return *f;
 }
 
-// BM_CacheInvalidate/<caches>: one MMU-notifier invalidation (range start +
-// end) of a page exactly one registered cache maps, plus that cache's refresh.
+// BM_CacheInvalidate/hit/<read side>/<caches>: one MMU-notifier invalidation
+// (range start + end) of a page exactly one registered cache maps, plus that
+// cache's refresh. With lockfree caches the invalidation also waits out the
+// lock-free readers (one membarrier), which is the price of their free reads.
 //
 // Why the notifier call and not HostMm::migrate: migrate adds a frame
-// allocation, a 4 KiB copy and an mmap, which would bury the O(log n + k)
-// registry search the issue asks about. Why the refresh is inside the loop:
-// the cache must be valid again before the next invalidation can affect it,
-// and PauseTiming/ResumeTiming around it would cost more than the refresh
-// itself. The refresh does not depend on the number of caches (the cache keeps
-// its hva, so the registry is not touched), so the growth from 1k to 100k is
-// the search; BM_CacheInvalidateMiss shows the search with no cache affected.
-void BM_CacheInvalidate(benchmark::State& state) {
-  CachesFixture& f = caches_fixture(static_cast<size_t>(state.range(0)));
+// allocation, a 4 KiB copy and an mmap, which would bury the registry search.
+// Why the refresh is inside the loop: the cache must be valid again before the
+// next invalidation can affect it, and PauseTiming/ResumeTiming around it
+// would cost more than the refresh itself. The refresh does not depend on the
+// number of caches (the cache keeps its hva, so the registry is not touched).
+//
+// BM_CacheInvalidate/miss/<read side>/<caches>: one invalidation of a page
+// between two cached pages, which no cache maps: the search alone, the common
+// case of an event that touches no cache.
+void BM_CacheInvalidate(benchmark::State& state, bool hit, vm::CacheReadSide side) {
+  CachesFixture& f = caches_fixture(static_cast<size_t>(state.range(0)), side);
   vm::Vm& v = *f.env->vm;
   const CounterSnapshot before = CounterSnapshot::of(v.counters());
   size_t i = 0;
   for (auto _ : state) {
     const size_t target = f.targets[i++ & kStreamMask];
-    const Hva hva = f.cache_hva(target);
+    const Hva hva = f.cache_hva(target) + (hit ? 0 : kPageSize);
     v.invalidate_range_start(hva, hva + kPageSize);
     v.invalidate_range_end(hva, hva + kPageSize);
+    if (!hit) continue;
     if (auto st = f.pool[target].refresh(sizeof(uint64_t)); !st) {
       state.SkipWithError(st.error().to_string().c_str());
       break;
@@ -264,26 +327,91 @@ void BM_CacheInvalidate(benchmark::State& state) {
   const CounterSnapshot after = CounterSnapshot::of(v.counters());
   per_iteration(state, Counter::cache_invalidations, before, after);
   per_iteration(state, Counter::cache_refreshes, before, after);
+  per_iteration(state, Counter::cache_reader_waits, before, after);
 }
-BENCHMARK(BM_CacheInvalidate)->Arg(1000)->Arg(10000)->Arg(100000)->Unit(benchmark::kNanosecond);
 
-// BM_CacheInvalidateMiss/<caches>: one MMU-notifier invalidation (range start
-// + end) of a page between two cached pages, which no cache maps: the search
-// alone, the common case of an event that touches no cache.
-void BM_CacheInvalidateMiss(benchmark::State& state) {
-  CachesFixture& f = caches_fixture(static_cast<size_t>(state.range(0)));
-  vm::Vm& v = *f.env->vm;
+const bool kInvalidateRegistered = [] {
+  for (bool hit : {true, false}) {
+    for (vm::CacheReadSide side : {vm::CacheReadSide::rwlock, vm::CacheReadSide::lockfree}) {
+      const std::string name =
+          std::string("BM_CacheInvalidate/") + (hit ? "hit/" : "miss/") + vm::cache_read_side_name(side);
+      benchmark::RegisterBenchmark(name.c_str(), BM_CacheInvalidate, hit, side)
+          ->Arg(1000)
+          ->Arg(10000)
+          ->Arg(100000)
+          ->Unit(benchmark::kNanosecond);
+    }
+  }
+  return true;
+}();
+
+// --- refresh under a stream of invalidations ------------------------------------------
+
+// A thread that invalidates page after page of one range of the VM (MMU-
+// notifier start + end, as fast as it can) until destroyed, never the page
+// at `spared`.
+class Invalidator {
+ public:
+  Invalidator(vm::Vm& vm, Hva first, size_t pages, Hva spared) : thread_([=, &vm, this] {
+      for (size_t i = 0; !stop_.load(std::memory_order_relaxed); i++) {
+        const Hva hva = first + (i % pages) * kPageSize;
+        if (hva == spared) continue;
+        vm.invalidate_range_start(hva, hva + kPageSize);
+        vm.invalidate_range_end(hva, hva + kPageSize);
+        count_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }) {}
+  ~Invalidator() {
+    stop_.store(true);
+    thread_.join();
+  }
+  uint64_t count() const { return count_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> count_{0};
+  std::thread thread_;
+};
+
+// BM_PfnCacheRefresh/<quiet|invalidations>: the cache's page is invalidated,
+// then the cache refreshed, on the benchmark thread; with `invalidations`,
+// another thread invalidates the VM's other pages non-stop meanwhile (the
+// case where a refresh that retries on any invalidation of the VM never
+// finishes). Reports retries, waits and time waited per refresh.
+void BM_PfnCacheRefresh(benchmark::State& state, bool invalidations) {
+  constexpr size_t kPages = 64;
+  auto e = GuestEnv::create(FrameKind::managed, kPages);
+  if (!e) {
+    state.SkipWithError(e.error().to_string().c_str());
+    return;
+  }
+  std::unique_ptr<GuestEnv> env = std::move(*e);
+  vm::Vm& v = *env->vm;
+  for (size_t page = 0; page < kPages; page++) NC_CHECK(env->mm->fault_in(env->base + page * kPageSize, true));
+  vm::PfnCache cache(v);
+  NC_CHECK(cache.activate(0, sizeof(uint64_t)));
+  std::optional<Invalidator> other;
+  if (invalidations) other.emplace(v, env->base, kPages, env->base);
+  const uint64_t others_before = other ? other->count() : 0;
   const CounterSnapshot before = CounterSnapshot::of(v.counters());
-  size_t i = 0;
   for (auto _ : state) {
-    const Hva hva = f.cache_hva(f.targets[i++ & kStreamMask]) + kPageSize;
-    v.invalidate_range_start(hva, hva + kPageSize);
-    v.invalidate_range_end(hva, hva + kPageSize);
+    v.invalidate_range_start(env->base, env->base + kPageSize);
+    v.invalidate_range_end(env->base, env->base + kPageSize);
+    if (auto st = cache.refresh(sizeof(uint64_t)); !st) {
+      state.SkipWithError(st.error().to_string().c_str());
+      break;
+    }
   }
   const CounterSnapshot after = CounterSnapshot::of(v.counters());
-  per_iteration(state, Counter::cache_invalidations, before, after);
+  if (other) per_iteration(state, "other_invalidations", other->count() - others_before);
+  other.reset();
+  per_iteration(state, Counter::cache_refreshes, before, after);
+  per_iteration(state, Counter::cache_refresh_retries, before, after);
+  per_iteration(state, Counter::cache_refresh_waits, before, after);
+  per_iteration(state, Counter::cache_refresh_wait_ns, before, after);
 }
-BENCHMARK(BM_CacheInvalidateMiss)->Arg(1000)->Arg(10000)->Arg(100000)->Unit(benchmark::kNanosecond);
+BENCHMARK_CAPTURE(BM_PfnCacheRefresh, quiet, false)->Unit(benchmark::kNanosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_PfnCacheRefresh, invalidations, true)->Unit(benchmark::kNanosecond)->UseRealTime();
 
 }  // namespace
 }  // namespace nestcache::bench
