@@ -104,6 +104,7 @@ Status HostMm::destroy_region(Hva base) {
 }
 
 HostMm::Region* HostMm::find_locked(Hva hva) const {
+  mu_.assert_shared_held();
   auto it = regions_.upper_bound(hva);
   if (it == regions_.begin()) return nullptr;
   --it;
@@ -119,6 +120,7 @@ std::optional<FrameKind> HostMm::region_kind(Hva hva) const {
 }
 
 Result<FrameTag> HostMm::populate_locked(Region& r, size_t idx) {
+  mu_.assert_held();
   if (r.pfn[idx] != kInvalidPfn) return phys_.tag(r.pfn[idx]);
   Pfn pfn = r.home[idx];
   if (pfn == kInvalidPfn) pfn = NC_TRY(phys_.alloc(r.kind));

@@ -142,6 +142,7 @@ void PhysMem::free(Pfn pfn) {
 }
 
 void PhysMem::release_locked(Pfn pfn) {
+  mu_.assert_held();
   state_[pfn] = kFree;
   pools_[pool_index(kind(pfn))].free.push_back(pfn);
 }
