@@ -73,13 +73,13 @@ void too_many_reads() {
 namespace {
 
 // The full barrier on every running thread that pairs with the readers'
-// compiler-only fence (or a plain full fence when readers fence themselves).
+// compiler-only fence. The system call is itself a full barrier on the
+// calling thread, between the caller's store that made the caches invalid
+// and the loads of the slots that follow. Without membarrier the readers
+// exchange their slots seq_cst, which pairs with the caller's seq_cst store
+// and the seq_cst slot loads below: nothing to do here.
 void barrier_on_every_reader() {
-  if (internal::g_reader_fence) {
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    return;
-  }
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (internal::g_reader_fence) return;
   NC_CHECK(internal::membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0);
 }
 
@@ -105,9 +105,10 @@ void wait_for_readers(std::span<const void* const> caches) {
   for (const ThreadRecord* r = internal::g_records.load(std::memory_order_acquire); r; r = r->next) {
     for (const auto& slot : r->slots) {
       for (int spins = 0;; spins++) {
-        // Acquire: the reader's accesses happen before its release of the
-        // slot, so they happen before whatever the caller does next.
-        const void* c = slot.load(std::memory_order_acquire);
+        // Acquire (seq_cst for the fence pair above): the reader's accesses
+        // happen before its release of the slot, so they happen before
+        // whatever the caller does next.
+        const void* c = slot.load(std::memory_order_seq_cst);
         if (!c || std::find(caches.begin(), caches.end(), c) == caches.end()) break;
         if (spins < 64) {
 #if defined(__x86_64__)

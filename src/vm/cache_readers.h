@@ -59,13 +59,14 @@ inline int enter(const void* cache) {
   for (int i = 0; i < kSlotsPerThread; i++) {
     // Only this thread writes its slots, so a relaxed look is exact.
     if (r->slots[i].load(std::memory_order_relaxed) == nullptr) {
-      r->slots[i].store(cache, std::memory_order_relaxed);
       // The slot store must precede the caller's loads of the cache's state.
-      // With membarrier the waiter supplies the CPU-level fence; only the
-      // compiler must keep the order here.
-      if (internal::g_reader_fence) {
-        std::atomic_thread_fence(std::memory_order_seq_cst);
+      // With membarrier the waiter supplies the CPU-level fence and only the
+      // compiler must keep the order; without, a seq_cst exchange is the
+      // reader's half of the fence pair.
+      if (internal::g_reader_fence) [[unlikely]] {
+        r->slots[i].exchange(cache, std::memory_order_seq_cst);
       } else {
+        r->slots[i].store(cache, std::memory_order_relaxed);
         std::atomic_signal_fence(std::memory_order_seq_cst);
       }
       return i;

@@ -55,19 +55,18 @@ void PfnCache::set_invalid_locked() {
   // seq_cst: an invalidation looks for lock-free readers right after this,
   // and a reader that names the cache before this store must be found, one
   // that names it after must see the bit clear (cache_readers.h).
+  // (Field stores that follow are release stores: none is seen before this.)
   seq_.store(seq + 1, std::memory_order_seq_cst);
-  // Field stores that follow must not be seen before the bit is clear.
-  std::atomic_thread_fence(std::memory_order_release);
 }
 
 void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) {
   rw_.assert_held();
   const uint64_t seq = seq_.load(std::memory_order_relaxed);
   NC_CHECK(!(seq & kValidBit));
-  generation_.store(generation, std::memory_order_relaxed);
-  khva_.store(khva, std::memory_order_relaxed);
-  pfn_.store(tag.pfn, std::memory_order_relaxed);
-  tag_version_.store(tag.version, std::memory_order_relaxed);
+  generation_.store(generation, std::memory_order_release);
+  khva_.store(khva, std::memory_order_release);
+  pfn_.store(tag.pfn, std::memory_order_release);
+  tag_version_.store(tag.version, std::memory_order_release);
   seq_.store(seq + 1, std::memory_order_release);  // valid, a new version
 }
 
@@ -102,7 +101,7 @@ Status PfnCache::activate(Gpa gpa, size_t len) {
     WriterLock w(rw_);
     if (gpa_.load() != gpa) {
       set_invalid_locked();
-      gpa_.store(gpa, std::memory_order_relaxed);
+      gpa_.store(gpa, std::memory_order_release);
     }
     if (!active_.load()) vm_.counters().add(Counter::cache_activations);
     active_.store(true);
@@ -118,8 +117,8 @@ void PfnCache::deactivate() {
     if (!active_.load()) return;
     active_.store(false);
     set_invalid_locked();
-    khva_.store(nullptr, std::memory_order_relaxed);
-    pfn_.store(kInvalidPfn, std::memory_order_relaxed);
+    khva_.store(nullptr, std::memory_order_release);
+    pfn_.store(kInvalidPfn, std::memory_order_release);
     hva_ = 0;
     old_window = std::move(window_);
   }
@@ -151,6 +150,27 @@ Result<PfnCache::Mapping> PfnCache::map_frame(Hva hva) {
   return m;
 }
 
+Result<Hva> PfnCache::resolve(Gpa gpa, uint64_t& generation) const {
+  rcu::ReadLock rcu;
+  const MemslotSet* set = vm_.memslots().active();
+  generation = set->generation();
+  const Memslot* s = set->find(gpa_to_gfn(gpa));
+  if (!s || s->invalid) return errorf(EFAULT, "gpa {:#x} is in no memslot", gpa);
+  return s->gfn_to_hva(gpa_to_gfn(gpa));
+}
+
+void PfnCache::drop_mapping() {
+  host::RemapWindow old_window;
+  {
+    WriterLock w(rw_);
+    set_invalid_locked();
+    khva_.store(nullptr, std::memory_order_release);
+    pfn_.store(kInvalidPfn, std::memory_order_release);
+    old_window = std::move(window_);
+  }
+  release_window(std::move(old_window));
+}
+
 Status PfnCache::refresh_locked(size_t len) {
   refresh_mu_.assert_held();
   if (!active_.load()) return errorf(EINVAL, "refresh of an inactive pfn cache");
@@ -159,24 +179,9 @@ Status PfnCache::refresh_locked(size_t len) {
     return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
 
   uint64_t generation;
-  Result<Hva> hva = [&]() -> Result<Hva> {
-    rcu::ReadLock rcu;
-    const MemslotSet* set = vm_.memslots().active();
-    generation = set->generation();
-    const Memslot* s = set->find(gpa_to_gfn(gpa));
-    if (!s || s->invalid) return errorf(EFAULT, "gpa {:#x} is in no memslot", gpa);
-    return s->gfn_to_hva(gpa_to_gfn(gpa));
-  }();
+  Result<Hva> hva = resolve(gpa, generation);
   if (!hva) {
-    host::RemapWindow old_window;
-    {
-      WriterLock w(rw_);
-      set_invalid_locked();
-      khva_.store(nullptr, std::memory_order_relaxed);
-      pfn_.store(kInvalidPfn, std::memory_order_relaxed);
-      old_window = std::move(window_);
-    }
-    release_window(std::move(old_window));
+    drop_mapping();
     return tl::unexpected(hva.error());
   }
 
@@ -196,20 +201,23 @@ Status PfnCache::refresh_locked(size_t len) {
     // it with the same mapping either way.
     WriterLock w(rw_);
     if (seq_.load() & kValidBit) {
-      generation_.store(generation, std::memory_order_relaxed);
+      generation_.store(generation, std::memory_order_release);
       return ok();
     }
   }
+  return map_and_install(*hva, generation);
+}
 
+Status PfnCache::map_and_install(Hva hva, uint64_t generation) {
   for (;;) {
     // Read before waiting: an invalidation that found the cache before this
     // load began before the wait below, which then outlasts it.
     const uint64_t seen = invalidations_.load();
-    if (const uint64_t ns = vm_.wait_for_invalidation(*hva)) {
+    if (const uint64_t ns = vm_.wait_for_invalidation(hva)) {
       vm_.counters().add(Counter::cache_refresh_waits);
       vm_.counters().add(Counter::cache_refresh_wait_ns, ns);
     }
-    Result<Mapping> m = map_frame(*hva);
+    Result<Mapping> m = map_frame(hva);
     if (!m) return tl::unexpected(m.error());
     if (refresh_hook_) refresh_hook_();
     host::RemapWindow old_window;
@@ -219,7 +227,7 @@ Status PfnCache::refresh_locked(size_t len) {
       // An invalidation of this hva that found the cache since `seen`, or one
       // still running, may have freed the frame we just mapped: installing it
       // would make a stale mapping look valid. Drop it and resolve again.
-      if (invalidations_.load() == seen && !vm_.invalidation_in_progress(*hva)) {
+      if (invalidations_.load() == seen && !vm_.invalidation_in_progress(hva)) {
         old_window = std::move(window_);  // released after the new one is in
         window_ = std::move(m->window);
         publish_locked(m->tag, m->khva, generation);

@@ -268,6 +268,13 @@ class PfnCache {
   // The registry's call for an invalidation of [start, end) (page aligned).
   Hit notifier_invalidate(Hva start, Hva end) NC_EXCLUDES(rw_);
   Status refresh_locked(size_t len) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
+  // gpa -> hva through the active memslots; `generation` is the set's.
+  Result<Hva> resolve(Gpa gpa, uint64_t& generation) const;
+  // Makes the cache invalid and unmaps it (its gpa left the memslots).
+  void drop_mapping() NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
+  // The retry loop of refresh: waits out an in-flight invalidation of hva,
+  // maps its frame and installs it unless an invalidation of hva raced.
+  Status map_and_install(Hva hva, uint64_t generation) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
   Result<Mapping> map_frame(Hva hva);
   // Clears the valid bit (moving the version on) if it is set.
   void set_invalid_locked() NC_REQUIRES(rw_);
@@ -289,7 +296,8 @@ class PfnCache {
   // The mapping fields. Written with rw_ held exclusive (see seq_); read
   // under rw_ shared (rwlock) or lock-free between two loads of seq_
   // (lockfree). Atomics so that a lock-free reader's racing load is defined;
-  // relaxed, since seq_ orders them.
+  // stored with release after seq_ loses its valid bit, loaded with acquire
+  // before seq_ is loaded again (the seqcount's ordering without fences).
   std::atomic<uint64_t> seq_{0};
   std::atomic<Gpa> gpa_{kInvalidGpa};
   std::atomic<uint64_t> generation_{0};
@@ -313,13 +321,14 @@ inline CachePtr PfnCache::read(Gpa want, size_t len) const {
   const int slot = cache_readers::enter(this);
   // The seqcount read: a valid version, the fields, the same version again.
   // An invalidation that flips seq_ after our first load waits for our slot.
+  // Acquire loads throughout (plain loads on x86): none of the field loads
+  // may move after the second load of seq_.
   const uint64_t seq = seq_.load(std::memory_order_acquire);
-  const Gpa gpa = gpa_.load(std::memory_order_relaxed);
-  const uint64_t generation = generation_.load(std::memory_order_relaxed);
-  std::byte* khva = khva_.load(std::memory_order_relaxed);
-  const host::FrameTag tag{pfn_.load(std::memory_order_relaxed), tag_version_.load(std::memory_order_relaxed)};
-  std::atomic_thread_fence(std::memory_order_acquire);
-  if (!(seq & kValidBit) || seq_.load(std::memory_order_relaxed) != seq || !fits(want, len, gpa, generation)) {
+  const Gpa gpa = gpa_.load(std::memory_order_acquire);
+  const uint64_t generation = generation_.load(std::memory_order_acquire);
+  std::byte* khva = khva_.load(std::memory_order_acquire);
+  const host::FrameTag tag{pfn_.load(std::memory_order_acquire), tag_version_.load(std::memory_order_acquire)};
+  if (!(seq & kValidBit) || seq_.load(std::memory_order_acquire) != seq || !fits(want, len, gpa, generation)) {
     cache_readers::exit(slot);
     return p;
   }
