@@ -111,7 +111,7 @@ BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
 // The PfnCache reader protocol for one 8-byte read: check (taking the read
 // side), read, release; empty if the check failed (the caller refreshes with
 // nothing held, as refresh waits for readers).
-std::optional<uint64_t> read_through(const vm::PfnCache& cache) {
+[[gnu::always_inline]] inline std::optional<uint64_t> read_through(const vm::PfnCache& cache) {
   vm::CachePtr p = cache.read(0, sizeof(uint64_t));
   if (!p) return std::nullopt;
   return p.read<uint64_t>(0);
