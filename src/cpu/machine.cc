@@ -95,6 +95,15 @@ void Machine::send_ipi(int from, uint32_t dest, uint8_t vector) {
   vcpus_[dest]->deliver_interrupt(vector);
 }
 
+Status Machine::watch(Gpa gpa, uint64_t bytes) {
+  for (Gfn gfn = gpa_to_gfn(gpa); gfn <= gpa_to_gfn(gpa + bytes - 1); gfn++) {
+    auto entry = vm_.ept01_fault(gfn, true);
+    if (!entry) return errorf(EFAULT, "watch: L1 page {:#x} is not guest memory: {}", gfn_to_gpa(gfn), entry.error().message);
+    monitors_.watch(entry->tag.pfn);
+  }
+  return ok();
+}
+
 CounterSnapshot Machine::counters() const {
   CounterSnapshot s = CounterSnapshot::of(vm_.counters());
   for (auto& v : vcpus_) s += CounterSnapshot::of(v->counters());
