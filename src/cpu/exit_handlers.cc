@@ -21,7 +21,8 @@ void Vcpu::handle_exit(const Exit& e) {
       return;
     case Exit::Kind::ept01_miss: {
       counters().add(l2 ? Counter::l0_exits : Counter::l1_exits);
-      if (m_.vm().ept01_fault(e.gfn, true)) return;  // the operation retries and finds the entry
+      // With the vCPU's last-used memslot, as KVM's vCPU lookups do.
+      if (m_.vm().ept01_fault(e.gfn, true, &memslot_hint())) return;  // the operation retries and finds the entry
       // No memslot: an MMIO exit to the VMM, which completes the access
       // (reads see all ones, writes are dropped) and resumes the guest.
       counters().add(Counter::mmio_exits);
