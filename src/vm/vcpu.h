@@ -55,8 +55,9 @@ class Vcpu {
   // Forces the vCPU out of guest mode if it is in it, and wakes it if halted.
   void kick();
   // Sets `r` on every vCPU in `vcpus`, kicks them, and waits until each one
-  // that was in guest mode has left it. Must not be called from a vCPU
-  // thread on itself while it is in guest mode.
+  // that was in guest mode has left it (counting guest_mode_waits on each
+  // such vCPU before waiting). Must not be called from a vCPU thread on
+  // itself while it is in guest mode.
   static void make_request_and_wait(std::span<Vcpu* const> vcpus, Request r);
 
   // --- vCPU thread side ---------------------------------------------------
