@@ -12,7 +12,7 @@
  * Every step prints "@@ <step> <args>"; model/trail_steps.awk turns a
  * counterexample trail into numbered sentences.
  *
- * Protocol variants (default: nestcache's protocol). Each drops one step:
+ * Protocol variants (default: nestcache's protocol). Each changes one step:
  *   SEED            a software refresh does not request a vmcs02 rewrite
  *                   (the seed's nested_gpc_lock_if_active, v4)
  *   NO_WAIT         the notifier kicks bound vCPUs but does not wait for them
@@ -27,19 +27,20 @@
  *   STALE_SNAPSHOT  refresh snapshots mmu_invalidate_seq once, not per try
  *
  * Bounds: NVCPU vCPUs (1 or 2; with 2 their caches map the same page),
- * NINV host invalidations (each a migrate or a discard of hva A or B, in its
- * own thread), NSLOT memslot changes (each a move to the other hva or a
- * delete, or a re-create after a delete).
+ * NINV host changes (each a migrate or a discard of hva A, or of hva B when
+ * memslot changes can move the page there; each in its own thread), NSLOT
+ * memslot changes (each a move to the other hva or a delete, or a re-create
+ * after a delete). check.sh names the configurations it checks.
  */
 
 #ifndef NVCPU
 #define NVCPU 1
 #endif
 #ifndef NINV
-#define NINV 2
+#define NINV 1
 #endif
 #ifndef NSLOT
-#define NSLOT 1
+#define NSLOT 2
 #endif
 
 #define NONE 255

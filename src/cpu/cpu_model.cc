@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "base/check.h"
+#include "cpu/machine.h"
 
 namespace nestcache::cpu {
 
@@ -21,10 +22,6 @@ Exit l2_exit(ExitReason r, uint64_t qual, bool complete, uint32_t msr = 0) {
   e.msr = msr;
   e.complete_op = complete;
   return e;
-}
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
@@ -53,8 +50,8 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
   Gfn l2_gfn = gpa_to_gfn(l2_gpa);
   if (auto it = v.tlb02_.find(l2_gfn); it != v.tlb02_.end()) return {Xlate::Kind::ok, it->second.tag, it->second.l1_gfn};
   Gpa table = vmcs02.eptp12;
-  for (int level = 4; level >= 1; level--) {
-    Gpa entry_gpa = table + ((l2_gpa >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
+  for (int level = vmx::ept::kLevels; level >= 1; level--) {
+    Gpa entry_gpa = table + vmx::ept::index(l2_gpa, level) * 8;
     Xlate t = translate_l1(v, gpa_to_gfn(entry_gpa));
     if (t.kind != Xlate::Kind::ok) return t;
     // L1 may rewrite this entry from another vCPU while the walk reads it
@@ -62,8 +59,8 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
     // real CPU): an atomic load, like every other access to guest memory.
     auto* entry_ptr = reinterpret_cast<uint64_t*>(frame(v, t.tag, "EPT12 walk") + page_offset(entry_gpa));
     uint64_t entry = std::atomic_ref<uint64_t>(*entry_ptr).load(std::memory_order_relaxed);
-    if (!(entry & (kEptRead | kEptWrite | kEptExec))) return {Xlate::Kind::ept12_violation, {}, 0};
-    table = entry & kEptAddrMask;
+    if (!vmx::ept::present(entry)) return {Xlate::Kind::ept12_violation, {}, 0};
+    table = entry & vmx::ept::kAddressMask;
   }
   Xlate leaf = translate_l1(v, gpa_to_gfn(table));
   if (leaf.kind != Xlate::Kind::ok) return leaf;
@@ -94,13 +91,25 @@ CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::Frame
       default: std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).store(x, std::memory_order_relaxed); break;
     }
   };
+  // Every access goes through the machine's monitor table: a store wakes the
+  // vCPUs that MWAIT on its line, and on a watched line the clocks of reader
+  // and writer meet (cpu/monitor.h).
+  MonitorTable& monitors = v.m_.monitors();
   if (auto* r = op.get_if<GuestOp::Read>()) {
     if (gpa % r->size) return OpResult::exception(kVectorGP);  // the model needs natural alignment
-    return OpResult::success(load(r->size));
+    uint64_t value = 0;
+    monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] {
+      value = load(r->size);
+      return false;
+    });
+    return OpResult::success(value);
   }
   if (auto* w = op.get_if<GuestOp::Write>()) {
     if (gpa % w->size) return OpResult::exception(kVectorGP);
-    store(w->size, w->value);
+    monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] {
+      store(w->size, w->value);
+      return true;
+    });
     return OpResult::success();
   }
   auto* c = op.get_if<GuestOp::CmpXchg>();
@@ -110,17 +119,68 @@ CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::Frame
   // a locked compare-exchange on the frame itself.
   std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
   uint64_t expected = c->expected;
-  word.compare_exchange_strong(expected, c->desired);
+  monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] { return word.compare_exchange_strong(expected, c->desired); });
   return OpResult::success(expected);
+}
+
+CpuModel::Outcome CpuModel::mwait(Vcpu& v, const GuestOp::Mwait& op, const host::FrameTag& tag) {
+  if (op.gpa % 8) return OpResult::exception(kVectorGP);
+  std::byte* p = frame(v, tag, "monitored line") + page_offset(op.gpa);
+  std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
+  MonitorTable& monitors = v.m_.monitors();
+  const uint64_t offset = page_offset(op.gpa);
+  if (!monitors.arm(tag.pfn, offset, &v, v.clock_, [&] { return word.load() == op.expected; }))
+    return OpResult::success();  // it already changed: no sleep
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  if (op.timeout_ns) deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(op.timeout_ns);
+  // Nothing may touch the monitored frame while the thread sleeps: a
+  // migration zaps EPT01 and kicks this vCPU awake first.
+  v.park(false, deadline);
+  monitors.disarm(tag.pfn, offset, &v, v.clock_);
+  return OpResult::success();
+}
+
+CpuModel::Outcome CpuModel::sleep(Vcpu& v, uint64_t timeout_ns) {
+  if (timeout_ns) v.park(false, std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns));
+  return OpResult::success();
+}
+
+CpuModel::Outcome CpuModel::tpause(Vcpu& v, uint64_t deadline_ns) {
+  if (v.m_.config().clock == ClockKind::modelled) {
+    v.clock_.advance_to(deadline_ns, TimePart::idle);  // the delay is modelled time, not a wait
+    return OpResult::success();
+  }
+  uint64_t now = v.now_ns();
+  if (deadline_ns > now) v.park(false, std::chrono::steady_clock::now() + std::chrono::nanoseconds(deadline_ns - now));
+  return OpResult::success();
+}
+
+std::optional<CpuModel::Outcome> CpuModel::execute_common(Vcpu& v, const GuestOp& op) {
+  if (op.is<GuestOp::Now>()) return OpResult::success(v.now_ns());
+  if (op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
+  if (auto* t = op.get_if<GuestOp::Tpause>()) return tpause(v, t->deadline_ns);
+  if (auto* m = op.get_if<GuestOp::Mwait>(); m && m->gpa == kInvalidGpa) return sleep(v, m->timeout_ns);
+  return std::nullopt;
+}
+
+uint64_t CpuModel::cost(const GuestCosts& costs, const GuestOp& op) {
+  if (op.is<GuestOp::CmpXchg>()) return costs.locked_op_ns;
+  if (op.is<GuestOp::Pause>()) return costs.pause_ns;
+  if (op.is<GuestOp::Yield>()) return 0;  // not an instruction: an operation boundary
+  return costs.op_ns;
 }
 
 static Gpa op_gpa(const GuestOp& op) {
   if (auto* r = op.get_if<GuestOp::Read>()) return r->gpa;
   if (auto* w = op.get_if<GuestOp::Write>()) return w->gpa;
+  if (auto* m = op.get_if<GuestOp::Mwait>()) return m->gpa;
   return op.get_if<GuestOp::CmpXchg>()->gpa;
 }
 
+// Operations that reach memory through the guest's translation: loads,
+// stores, locked RMWs and a MONITOR of a real address.
 static bool is_memory_op(const GuestOp& op) {
+  if (auto* m = op.get_if<GuestOp::Mwait>()) return m->gpa != kInvalidGpa;
   return op.is<GuestOp::Read>() || op.is<GuestOp::Write>() || op.is<GuestOp::CmpXchg>();
 }
 
@@ -136,10 +196,10 @@ CpuModel::Outcome CpuModel::execute_l1(Vcpu& v, const GuestOp& op) {
       e.gfn = x.gfn;
       return e;
     }
+    if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
     return access(v, op, x.tag, gpa);
   }
-  if (op.is<GuestOp::Now>()) return OpResult::success(now_ns());
-  if (op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
+  if (auto done = execute_common(v, op)) return *done;
   Exit e;  // everything else is L0's to emulate
   e.kind = Exit::Kind::l1_op;
   return e;
@@ -174,17 +234,15 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
       uint64_t type = op.is<GuestOp::Read>() ? 0 : 1;
       return l2_exit(ExitReason::kApicAccess, page_offset(gpa) | (type << 12), true);
     }
+    if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
     return access(v, op, x.tag, gpa);
   }
   if (auto* r = op.get_if<GuestOp::Rdmsr>()) {
-    bool intercept = !vmcs02.use_msr_bitmap || r->msr > 0x1fff || (vmcs02.msr_bitmap[r->msr / 8] >> (r->msr % 8)) & 1;
-    if (intercept) return l2_exit(ExitReason::kMsrRead, 0, true, r->msr);
+    if (!vmcs02.use_msr_bitmap || vmx::msr_bitmap::intercepts(vmcs02.msr_bitmap, r->msr, false)) return l2_exit(ExitReason::kMsrRead, 0, true, r->msr);
     return OpResult::success(v.l2_msrs_[r->msr]);
   }
   if (auto* w = op.get_if<GuestOp::Wrmsr>()) {
-    bool intercept =
-        !vmcs02.use_msr_bitmap || w->msr > 0x1fff || (vmcs02.msr_bitmap[2048 + w->msr / 8] >> (w->msr % 8)) & 1;
-    if (intercept) {
+    if (!vmcs02.use_msr_bitmap || vmx::msr_bitmap::intercepts(vmcs02.msr_bitmap, w->msr, true)) {
       Exit e = l2_exit(ExitReason::kMsrWrite, 0, true, w->msr);
       v.l2_msrs_[w->msr] = w->value;  // what L0 stores if the exit stays with L0
       return e;
@@ -197,7 +255,7 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
       // The TPR shadow: the processor writes VTPR into the virtual-APIC page
       // through the pfn L0 put in vmcs02 (SDM 30.3).
       std::byte* page = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
-      page[kVapicTpr] = static_cast<std::byte>((c->value & 0xf) << 4);
+      page[vmx::vapic::kTpr] = static_cast<std::byte>(vmx::vapic::vtpr_of_cr8(c->value));
       if (!(vmcs02.proc2 & vmx::proc2::kVirtualInterruptDelivery) && (c->value & 0xf) < (vmcs02.tpr_threshold & 0xf))
         return l2_exit(ExitReason::kTprBelowThreshold, 0, true);
       return OpResult::success();
@@ -208,13 +266,13 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
   }
   if (op.is<GuestOp::ReadCr8>()) {
     if (vmcs02.proc & vmx::proc::kUseTprShadow)
-      return OpResult::success(static_cast<uint64_t>(frame(v, vmcs02.vapic.tag, "virtual-APIC page")[kVapicTpr]) >> 4);
+      return OpResult::success(static_cast<uint64_t>(frame(v, vmcs02.vapic.tag, "virtual-APIC page")[vmx::vapic::kTpr]) >> 4);
     if (vmcs02.proc & vmx::proc::kCr8StoreExiting) return l2_exit(ExitReason::kCrAccess, 8 | (1 << 4), true);
     return OpResult::success(v.l2_cr8_);
   }
   if (auto* s = op.get_if<GuestOp::SendIpi>()) {
     // x2APIC ICR write: goes through the MSR bitmap like any WRMSR.
-    GuestOp icr{GuestOp::Wrmsr{0x830, (uint64_t{s->dest_apic_id} << 32) | s->vector}};
+    GuestOp icr{GuestOp::Wrmsr{vmx::x2apic::kIcr, vmx::x2apic::icr(s->dest_apic_id, s->vector)}};
     return execute_l2(v, icr);
   }
   if (op.is<GuestOp::Vmcall>()) return l2_exit(ExitReason::kVmcall, 0, true);
@@ -225,8 +283,8 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
     e.kind = Exit::Kind::halt;
     return e;
   }
-  if (op.is<GuestOp::Eoi>() || op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
-  if (op.is<GuestOp::Now>()) return OpResult::success(now_ns());
+  if (op.is<GuestOp::Eoi>()) return OpResult::success();
+  if (auto done = execute_common(v, op)) return *done;
   // VMX instructions in L2: nestcache runs no third level.
   return OpResult::exception(kVectorUD);
 }
@@ -237,16 +295,16 @@ void CpuModel::process_posted_interrupts(Vcpu& v) {
   const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
   if (!(vmcs02.pin & vmx::pin::kPostedInterrupts) || !vmcs02.pi_desc.valid() || !vmcs02.vapic.valid()) return;
   std::byte* desc = frame(v, vmcs02.pi_desc.tag, "posted-interrupt descriptor") + vmcs02.pi_desc.offset;
-  std::atomic_ref<uint8_t> on(*reinterpret_cast<uint8_t*>(desc + kPiOnByte));
+  std::atomic_ref<uint8_t> on(*reinterpret_cast<uint8_t*>(desc + vmx::pi_desc::kControl));
   if (!(on.fetch_and(~uint8_t{1}) & 1)) return;
   std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
   for (int w = 0; w < 4; w++) {
-    std::atomic_ref<uint64_t> pir(*reinterpret_cast<uint64_t*>(desc + 8 * w));
+    std::atomic_ref<uint64_t> pir(*reinterpret_cast<uint64_t*>(desc + vmx::pi_desc::pir_word(64 * w)));
     uint64_t bits = pir.exchange(0);
     for (int b = 0; b < 64; b++) {
       if (!((bits >> b) & 1)) continue;
       int vec = w * 64 + b;
-      std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * (vec / 32)));
+      std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + vmx::vapic::word_of(vmx::vapic::kIrr, vec)));
       irr.fetch_or(1u << (vec % 32));
     }
   }
@@ -257,7 +315,7 @@ std::optional<uint8_t> CpuModel::take_virtual_interrupt(Vcpu& v) {
   if (!vmcs02.vapic.valid() || !(vmcs02.proc2 & vmx::proc2::kVirtualInterruptDelivery)) return std::nullopt;
   std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
   for (int reg = 7; reg >= 0; reg--) {
-    std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * reg));
+    std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + vmx::vapic::word_of(vmx::vapic::kIrr, 32 * reg)));
     uint32_t bits = irr.load();
     if (!bits) continue;
     int bit = 31 - __builtin_clz(bits);

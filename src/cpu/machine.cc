@@ -5,10 +5,10 @@
 namespace nestcache::cpu {
 
 Machine::Machine(vm::Vm& vm, const MachineConfig& config)
-    : vm_(vm), config_(config), hw_(HardwareKeys::view(vm.phys())) {
+    : vm_(vm), config_(config), hw_(HardwareKeys::view(vm.phys())), monitors_(vm.phys().num_frames()) {
   NC_CHECK(config.vcpus >= 1);
   if (config.strategy != vmx::StrategyKind::map)
-    contexts_ = std::make_unique<vmx::NestedContexts>(vm, config.strategy == vmx::StrategyKind::oracle ? &hw_ : nullptr);
+    contexts_ = std::make_unique<vmx::VmxNestedContexts>(vm, config.strategy == vmx::StrategyKind::oracle ? &hw_ : nullptr);
   for (int i = 0; i < config.vcpus; i++) vcpus_.push_back(std::make_unique<Vcpu>(*this, i));
 }
 
@@ -93,6 +93,15 @@ Status Machine::run(std::chrono::milliseconds timeout) {
 void Machine::send_ipi(int from, uint32_t dest, uint8_t vector) {
   if (dest >= vcpus_.size()) return;  // no such APIC: the IPI goes nowhere
   vcpus_[dest]->deliver_interrupt(vector);
+}
+
+Status Machine::watch(Gpa gpa, uint64_t bytes) {
+  for (Gfn gfn = gpa_to_gfn(gpa); gfn <= gpa_to_gfn(gpa + bytes - 1); gfn++) {
+    auto entry = vm_.ept01_fault(gfn, true);
+    if (!entry) return errorf(EFAULT, "watch: L1 page {:#x} is not guest memory: {}", gfn_to_gpa(gfn), entry.error().message);
+    monitors_.watch(entry->tag.pfn);
+  }
+  return ok();
 }
 
 CounterSnapshot Machine::counters() const {

@@ -87,9 +87,8 @@ class TrailReplay {
     vcpu().check_request(Request::kOutsideGuestMode);
     if (vcpu().check_request(Request::kRefreshGuestPages)) refresh = n().refresh_guest_pages();
     if (!vcpu().enter_guest_mode()) return false;  // "cancel_req"
-    if (n().last_check_fails()) {                   // "last_check_fail"
+    if (!n().check_before_hardware_entry()) {       // "last_check_fail": requests kRefreshGuestPages
       vcpu().exit_guest_mode();
-      vcpu().make_request(Request::kRefreshGuestPages);
       return false;
     }
     return true;
