@@ -26,6 +26,10 @@
  *                   (no patch-4 deactivation)
  *   STALE_SNAPSHOT  refresh snapshots mmu_invalidate_seq once, not per try
  *
+ * HOST_AFTER_SLOT_CHANGE restricts the runs, not the protocol: host changes
+ * start only once the first memslot change is committed (check.sh uses it to
+ * print the seed's counterexample through a memslot move).
+ *
  * Bounds: NVCPU vCPUs (1 or 2; with 2 their caches map the same page),
  * NINV host changes (each a migrate or a discard of hva A, or of hva B when
  * memslot changes can move the page there; each in its own thread), NSLOT
@@ -368,10 +372,12 @@ inline notify_start(i, h) {
    * filed in the range (under its write lock), collect its vCPU. */
   atomic {
     v = 0;
+    k = 0;   /* caches found */
     do
     :: v < NVCPU ->
        if
        :: c_active[v] && c_idx[v] == h && c_hva[v] == h ->
+          k++;
           if
           :: c_valid[v] -> c_valid[v] = false; collect[v] = true; printf("@@ mark %d %d\n", i, v)
           :: else ->
@@ -386,7 +392,12 @@ inline notify_start(i, h) {
        v++
     :: else -> break
     od;
-    v = 0
+    if
+    :: k == 0 -> printf("@@ nocache %d %d\n", i, h)
+    :: else
+    fi;
+    v = 0;
+    k = 0
   }
   /* Vcpu::make_request_and_wait(collected, kOutsideGuestMode): request,
    * read the mode, kick, for each; then wait for those seen in guest mode. */
@@ -437,10 +448,13 @@ inline notify_end(i, h) {
 /* One host change of the page at hva A or B, in its own thread:
  * HostMm::migrate or HostMm::discard. */
 proctype invalidator(byte i) {
-  byte h, old, new, v;
+  byte h, old, new, v, k;
   bool collect[NVCPU];
   bool moved;
 
+#ifdef HOST_AFTER_SLOT_CHANGE
+  (gen >= 2);
+#endif
   /* hva B matters only once a memslot change can move the page there */
   if
   :: atomic { true -> h = A }

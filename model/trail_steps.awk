@@ -54,6 +54,7 @@ BEGIN {
   def("discard", "h", "discards hva {h2}", "src/host/host_mm.cc HostMm::discard")
   def("start", "h", "notifier: invalidate_range_start(hva {h2})", "src/vm/vm.cc Vm::invalidate_range_start")
   def("mark", "h", "notifier: marks vCPU{v2}'s cache invalid", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
+  def("nocache", "h", "notifier: no cache is filed at hva {h2}: nothing to mark, no vCPU to wait for", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
   def("collect", "h", "notifier: vCPU{v2}'s cache was already invalid: waits for vCPU{v2} all the same", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
   def("skip_invalid", "h", "notifier: vCPU{v2}'s cache was already invalid: vCPU{v2} is not waited for", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
   def("request", "h", "notifier: requests kOutsideGuestMode of vCPU{v2}", "src/vm/vcpu.cc vm::Vcpu::make_request_and_wait")

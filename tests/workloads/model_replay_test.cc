@@ -16,10 +16,9 @@
 
 #include <atomic>
 #include <fstream>
-#include <map>
 #include <regex>
-#include <set>
 #include <thread>
+#include <vector>
 
 #include "vm/protocol_variant.h"
 #include "vmx/entry_checks.h"
@@ -148,17 +147,44 @@ class TrailReplay {
 // SEED: a software refresh of a vCPU-bound cache leaves vmcs02 on the old pfn.
 bool replay_seed(std::string_view variant) {
   TrailReplay r(variant);
-  EXPECT_TRUE(r.vmlaunch());  // 1-11: vmcs02 holds frame 0 of hva A
-  EXPECT_TRUE(r.enter_l2());  // 12-14
-  // 2, 9, 15-18: the host discards hva A: the notifier marks the cache
+  EXPECT_TRUE(r.vmlaunch());  // 1-10: vmcs02 holds frame 0 of hva A
+  EXPECT_TRUE(r.enter_l2());  // 11-13
+  // 2, 9, 14-17: the host discards hva A: the notifier marks the cache
   // invalid, requests kOutsideGuestMode, sees the vCPU in guest mode, kicks.
   r.host([&] { r.discard_page(); });
   r.until([&] { return r.vcpu().mode() == vm::VcpuMode::exiting; });
-  r.leave_l2();     // 19-20: L2 exits at the next boundary
-  r.join_hosts();   // 22-23: hva A unmapped, the notifier returns, frame 0 freed
-  EXPECT_TRUE(r.software_access());  // 21, 24-30: refreshed (a new frame), then read
-  EXPECT_TRUE(r.enter_l2());         // 31-33: ours rewrites vmcs02 first
-  bool live = r.cpu_access();        // 34
+  r.leave_l2();     // 18-19: L2 exits at the next boundary
+  r.join_hosts();   // 21-22: hva A unmapped, the notifier returns, frame 0 freed
+  EXPECT_TRUE(r.software_access());  // 20, 23-29: refreshed (a new frame), then read
+  EXPECT_TRUE(r.enter_l2());         // 30-32: ours rewrites vmcs02 first
+  bool live = r.cpu_access();        // 33
+  r.leave_l2();
+  return live;
+}
+
+// SEED again, through a memslot move (check.sh's second SEED trail, host
+// changes only after a memslot change): the software refresh follows the page
+// to its new hva and files the cache there, while vmcs02 keeps the old hva's
+// frame; a discard of the old hva then finds no cache to mark, no vCPU to kick.
+bool replay_seed_memslot_move(std::string_view variant) {
+  TrailReplay r(variant);
+  EXPECT_TRUE(r.vmlaunch());  // 1-8: vmcs02 holds frame 0 of hva A
+  // 9-10: the VMM moves the page's memslot to hva B (another region).
+  Result<Hva> b = r.env->mm->create_region(kPageSize, r.env->config.memory);
+  EXPECT_TRUE(b);
+  EXPECT_TRUE(r.env->vm->set_memory_region({kVapicSlot, 0, kVapicGpa, 0, r.vapic_hva}));
+  EXPECT_TRUE(r.env->vm->set_memory_region({kVapicSlot, 0, kVapicGpa, kPageSize, *b}));
+  EXPECT_TRUE(r.enter_l2());  // 13-15: frame 0 still backs hva A; the last check passes
+  r.leave_l2();               // 16-17
+  // 18-21, 24-28: the generation moved: the refresh files the cache at hva
+  // B and installs B's frame; ours requests the vmcs02 rewrite.
+  EXPECT_TRUE(r.software_access());
+  // 11-12, 22-23: the discard of hva A finds no cache filed there; frame 0
+  // is freed.
+  r.host([&] { r.discard_page(); });
+  r.join_hosts();
+  EXPECT_TRUE(r.enter_l2());   // 29-31: ours rewrites vmcs02 first
+  bool live = r.cpu_access();  // 32
   r.leave_l2();
   return live;
 }
@@ -182,17 +208,17 @@ bool replay_no_wait(std::string_view variant) {
 // NO_RETRY: refresh installs a frame an invalidation freed after the resolve.
 bool replay_no_retry(std::string_view variant) {
   TrailReplay r(variant);
-  // 1-8: VMLAUNCH activates the cache; its refresh maps frame 0 of hva A. The
-  // discard (2-3, 9) runs whole between that map and the install.
+  // 1, 5-9: VMLAUNCH activates the cache; its refresh maps frame 0 of hva A.
+  // The discard (2-4, 10) runs whole between that map and the install.
   int tries = 0;
   r.cache().set_refresh_hook([&] {
     if (tries++ == 0) std::thread([&] { r.discard_page(); }).join();
   });
-  EXPECT_TRUE(r.vmlaunch());  // 10-11: install (ours: retry first), vmcs02
+  EXPECT_TRUE(r.vmlaunch());  // 11-12: install (ours: retry first), vmcs02
   r.cache().set_refresh_hook(nullptr);
-  // 12-14 (the discard's kOutsideGuestMode goes with the other requests).
+  // 13-15 (the discard's kOutsideGuestMode goes with the other requests).
   EXPECT_TRUE(r.enter_l2());
-  bool live = r.cpu_access();  // 15
+  bool live = r.cpu_access();  // 16
   r.leave_l2();
   return live;
 }
@@ -215,8 +241,8 @@ bool replay_no_last_check(std::string_view variant) {
 // invalid and does not wait for the vCPU still using its pfn.
 bool replay_flipped_only(std::string_view variant) {
   TrailReplay r(variant);
-  EXPECT_TRUE(r.vmlaunch());  // 1-13
-  EXPECT_TRUE(r.enter_l2());  // 14-15
+  EXPECT_TRUE(r.vmlaunch());  // 1-12
+  EXPECT_TRUE(r.enter_l2());  // 13-15
   // 3, 11, 16: host0's discard marks the cache invalid (and waits for the vCPU).
   r.host([&] { r.discard_page(); });
   r.until([&] { return r.waits() == 1; });
@@ -242,12 +268,12 @@ bool replay_sw_deactivate(std::string_view variant) {
   // 17-21: the software access refreshes: no memslot (EFAULT). Ours leaves
   // the cache active and invalid; SW_DEACTIVATE deactivates it.
   EXPECT_FALSE(r.software_access());
-  // 2, 9, 22: the discard of hva A finds the cache (ours) or nothing, and
+  // 2, 9, 22-23: the discard of hva A finds the cache (ours) or nothing, and
   // unmaps hva A.
   r.host([&] { r.discard_page(); });
   r.join_hosts();
-  if (!r.enter_l2()) return true;  // 23-25: ours: the last check cancels the entry
-  bool live = r.cpu_access();      // 26
+  if (!r.enter_l2()) return true;  // 24-26: ours: the last check cancels the entry
+  bool live = r.cpu_access();      // 27
   r.leave_l2();
   return live;
 }
@@ -258,20 +284,20 @@ bool replay_sw_deactivate(std::string_view variant) {
 // trail's cycle, which repeats forever.
 bool replay_no_deactivate(std::string_view variant) {
   TrailReplay r(variant);
-  // 2-5: no memslot holds the page when L1 launches (6-10 migrate a frame the
+  // 2-5: no memslot holds the page when L1 launches (6-11 migrate a frame the
   // cache never mapped: nothing to replay).
   EXPECT_TRUE(r.env->vm->set_memory_region({kVapicSlot, 0, kVapicGpa, 0, r.vapic_hva}));
-  EXPECT_TRUE(r.vmlaunch());  // 11-15: activation fails; vmcs02 without the page
+  EXPECT_TRUE(r.vmlaunch());  // 1, 12-16: activation fails; vmcs02 without the page
   auto state = [&] {
     return std::tuple{r.cache().active(), r.cache().invalid(), r.n().vmcs02().vapic.valid()};
   };
   for (int round = 0; round < 3; round++) {
     auto before = state();
-    if (r.enter_l2()) {  // 16-17: L2 runs
+    if (r.enter_l2()) {  // 17-18: L2 runs
       r.leave_l2();
       return true;
     }
-    // 18-27: the last check cancelled; the next round's request rewrites
+    // 19-28: the last check cancelled; the next round's request rewrites
     // vmcs02 and fails to activate again.
     EXPECT_EQ(state(), before) << "a round of the cycle changes nothing";
   }
@@ -288,9 +314,9 @@ bool replay_stale_snapshot(std::string_view variant) {
   int tries = 0;
   bool cycle = false;
   r.cache().set_refresh_hook([&] {
-    // 6-8, 13-14: a migration of hva A ends after the snapshot (12).
+    // 6-9, 14-15: a migration of hva A ends after the snapshot (13).
     if (++tries == 1) std::thread([&] { r.migrate_page(); }).join();
-    // 15-18: tries 2 and 3 map the same frame against the same snapshot.
+    // 16-19: tries 2 and 3 map the same frame against the same snapshot.
     if (tries == 3) {
       cycle = true;
       vm::ProtocolVariant p = r.env->vm->protocol();
@@ -298,57 +324,58 @@ bool replay_stale_snapshot(std::string_view variant) {
       r.env->vm->set_protocol_for_replay(p);
     }
   });
-  EXPECT_TRUE(r.vmlaunch());  // 9-12: activation and its refresh
+  EXPECT_TRUE(r.vmlaunch());  // 1, 10-13: activation and its refresh
   r.cache().set_refresh_hook(nullptr);
   return !cycle;
 }
 
-using Replay = bool (*)(std::string_view);
-const std::map<std::string, Replay>& replays() {
-  static const std::map<std::string, Replay> m = {
-      {"SEED", replay_seed},
-      {"NO_WAIT", replay_no_wait},
-      {"NO_RETRY", replay_no_retry},
-      {"NO_LAST_CHECK", replay_no_last_check},
-      {"FLIPPED_ONLY", replay_flipped_only},
-      {"SW_DEACTIVATE", replay_sw_deactivate},
-      {"NO_DEACTIVATE", replay_no_deactivate},
-      {"STALE_SNAPSHOT", replay_stale_snapshot},
-  };
-  return m;
-}
+// One replay per trail check.sh prints, in its order: the variant's macro
+// name and the replay.
+struct TrailCase {
+  const char* variant;
+  const char* trail;  // the test's name
+  bool (*replay)(std::string_view variant);
+};
+constexpr TrailCase kTrails[] = {
+    {"SEED", "SEED", replay_seed},
+    {"SEED", "SEED_ThroughAMemslotMove", replay_seed_memslot_move},
+    {"NO_WAIT", "NO_WAIT", replay_no_wait},
+    {"NO_RETRY", "NO_RETRY", replay_no_retry},
+    {"NO_LAST_CHECK", "NO_LAST_CHECK", replay_no_last_check},
+    {"FLIPPED_ONLY", "FLIPPED_ONLY", replay_flipped_only},
+    {"SW_DEACTIVATE", "SW_DEACTIVATE", replay_sw_deactivate},
+    {"NO_DEACTIVATE", "NO_DEACTIVATE", replay_no_deactivate},
+    {"STALE_SNAPSHOT", "STALE_SNAPSHOT", replay_stale_snapshot},
+};
 
-class ModelTrailReplay : public ::testing::TestWithParam<std::string> {};
+class ModelTrailReplay : public ::testing::TestWithParam<TrailCase> {};
 
 TEST_P(ModelTrailReplay, HoldsOnOursAndBreaksOnTheVariant) {
-  Replay replay = replays().at(GetParam());
-  EXPECT_TRUE(replay("OURS")) << "nestcache's protocol on the schedule of the " << GetParam() << " trail";
-  EXPECT_FALSE(replay(GetParam())) << "the " << GetParam() << " variant of the code does not fail as the model does";
+  const TrailCase& t = GetParam();
+  EXPECT_TRUE(t.replay("OURS")) << "nestcache's protocol on the schedule of the " << t.trail << " trail";
+  EXPECT_FALSE(t.replay(t.variant)) << "the " << t.variant << " variant of the code does not fail as the model does";
 }
 
-INSTANTIATE_TEST_SUITE_P(Variants, ModelTrailReplay,
-                         ::testing::Values("SEED", "NO_WAIT", "NO_RETRY", "NO_LAST_CHECK", "FLIPPED_ONLY",
-                                           "SW_DEACTIVATE", "NO_DEACTIVATE", "STALE_SNAPSHOT"),
-                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Trails, ModelTrailReplay, ::testing::ValuesIn(kTrails),
+                         [](const auto& info) { return std::string(info.param.trail); });
 
-// The model's variants (the list model/check.sh checks) and the code's
-// switches and replays are the same set: a variant added to the model needs
-// its switch and its replay here.
-TEST(ModelTrailReplay, EveryVariantTheModelChecksHasASwitchAndAReplay) {
+// The trails model/check.sh prints and the replays here are the same list,
+// and every variant has its switch: a variant or trail added to the model
+// cannot go without its replay.
+TEST(ModelTrailReplay, EveryTrailTheModelPrintsHasASwitchAndAReplay) {
   std::ifstream f(std::string(NESTCACHE_MODEL_DIR) + "/check.sh");
   ASSERT_TRUE(f) << NESTCACHE_MODEL_DIR "/check.sh";
-  std::set<std::string> model;
+  std::vector<std::string> model;
   std::regex entry(R"(^\s*"([A-Z_]+)\|(safety|progress)\|)");
   for (std::string line; std::getline(f, line);) {
     std::smatch m;
-    if (std::regex_search(line, m, entry)) model.insert(m[1]);
+    if (std::regex_search(line, m, entry)) model.push_back(m[1]);
   }
-  EXPECT_EQ(model.size(), 8u);
-  for (const std::string& name : model) {
+  std::vector<std::string> replayed;
+  for (const TrailCase& t : kTrails) replayed.push_back(t.variant);
+  EXPECT_EQ(model, replayed) << "check.sh's variant list and kTrails, in order";
+  for (const std::string& name : model)
     EXPECT_TRUE(vm::ProtocolVariant::from_model(name)) << name << " has no ProtocolVariant";
-    EXPECT_TRUE(replays().count(name)) << name << " has no replay";
-  }
-  for (const auto& [name, fn] : replays()) EXPECT_TRUE(model.count(name)) << name << " is not a variant of the model";
   EXPECT_FALSE(vm::ProtocolVariant::from_model("NO_SUCH_STEP"));
 }
 
