@@ -348,6 +348,8 @@ constexpr TrailCase kTrails[] = {
     {"STALE_SNAPSHOT", "STALE_SNAPSHOT", replay_stale_snapshot},
 };
 
+void PrintTo(const TrailCase& t, std::ostream* os) { *os << t.trail; }
+
 class ModelTrailReplay : public ::testing::TestWithParam<TrailCase> {};
 
 TEST_P(ModelTrailReplay, HoldsOnOursAndBreaksOnTheVariant) {
