@@ -68,7 +68,7 @@ ours_job() {  # <n> <config> <safety|progress> [cc flags]
   local n=$1 cfg=$2 prop=$3 t0 t1
   t0=$(now)
   if [ "$prop" = safety ]; then
-    verify "$work/$n" "$cfg" "-O0 -DSAFETY -DNOCLAIM" "-m100000"
+    verify "$work/$n" "$cfg ENTRY_INVARIANT" "-O0 -DSAFETY -DNOCLAIM" "-m100000"
   else  # the larger configurations store states compressed (several GB otherwise)
     verify "$work/$n" "$cfg" "-O1 ${4:-}" "-m100000 -a -f -N progress"
   fi
@@ -167,7 +167,8 @@ if [ -n "$only" ] && ((!found)); then echo "check.sh: no variant $only" >&2; exi
 if [ -z "$only" ]; then
   echo "== nestcache's protocol"
   echo "safety: every access L2 makes through vmcs02's pfn, and every access L0 software makes"
-  echo "  through the cache, hits a frame that is not free and still backs its hva"
+  echo "  through the cache, hits a frame that is not free and still backs its hva; at every entry"
+  echo "  into L2, vmcs02's frame is the one its valid cache holds, filed at that frame's hva"
   echo "progress (weak fairness): vCPU 0 runs L2 again and again (no entry is cancelled forever,"
   echo "  every refresh ends once invalidations stop) and every host change returns"
 fi

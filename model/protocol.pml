@@ -26,6 +26,8 @@
  *                   (no patch-4 deactivation)
  *   STALE_SNAPSHOT  refresh snapshots mmu_invalidate_seq once, not per try
  *
+ * ENTRY_INVARIANT adds the invariant behind the safety property as an
+ * assertion at every entry into L2 (check.sh checks it for ours).
  * HOST_AFTER_SLOT_CHANGE restricts the runs, not the protocol: host changes
  * start only once the first memslot change is committed (check.sh uses it to
  * print the seed's counterexample through a memslot move).
@@ -331,7 +333,15 @@ proctype vcpu(byte v) {
              (c_active[v] && !c_valid[v]) ->
              printf("@@ last_check_fail %d\n", v); exit_guest(v); req_refresh[v] = true
            }
-        :: atomic { !(c_active[v] && !c_valid[v]) -> in_l2[v] = true; printf("@@ l2 %d\n", v) }
+        :: atomic {
+             !(c_active[v] && !c_valid[v]) -> in_l2[v] = true; printf("@@ l2 %d\n", v);
+#ifdef ENTRY_INVARIANT
+             /* What makes the accesses safe (model/README.md): at entry,
+              * vmcs02's frame is the valid cache's, filed at its hva. */
+             assert(!v02_used[v] || (c_active[v] && c_valid[v] && c_frame[v] == v02_frame[v] &&
+                                     c_hva[v] == v02_hva[v] && c_idx[v] == v02_hva[v]))
+#endif
+           }
 #else
         :: atomic { true -> in_l2[v] = true; printf("@@ l2 %d\n", v) }
 #endif
