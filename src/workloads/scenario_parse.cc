@@ -343,13 +343,16 @@ Result<StateSpec> Parser::state_spec(const json& s) {
 
 Result<HeaderField> Parser::blob_location(const std::string& what) {
   if (auto h = nested_state_header_field(what)) return *h;
+  // The vmcs12 region's header words (vmcs12.h), then its fields.
+  if (what == "vmcs12.revision") return HeaderField{vmx::nested_state_offset::kVmcs12, 4};
+  if (what == "vmcs12.abort_indicator") return HeaderField{vmx::nested_state_offset::kVmcs12 + 4, 4};
+  if (what == "vmcs12.launch_state") return HeaderField{vmx::nested_state_offset::kVmcs12 + 8, 4};
   if (what.rfind("vmcs12.", 0) == 0) {
     auto f = parse_field(what.substr(7));
     const vmx::FieldInfo* info = f ? vmx::find_vmcs12_field(*f) : nullptr;
     if (!info) return fail("'{}': not a vmcs12 field", what);
     return HeaderField{vmx::nested_state_offset::kVmcs12 + info->page_offset, info->size};
   }
-  if (what == "vmcs12.revision") return HeaderField{vmx::nested_state_offset::kVmcs12, 4};
   return fail("unknown blob field '{}' (known: {})", what, nested_state_header_field_names());
 }
 
@@ -563,8 +566,10 @@ Result<ScenarioFile> Parser::file(const json& root) {
     if (!file_vm.is_object()) return fail("'vm' must be an object");
     family = root.value("family", "");
     cases = root["cases"];
-  } else {
+  } else if (root.contains("steps") || root.contains("name")) {
     cases = json::array({root});  // a file holding one case
+  } else {
+    return fail("the file has no 'cases' and is not one case (with 'name', 'follows' and 'steps')");
   }
   std::set<std::string> names;
   for (size_t i = 0; i < cases.size(); i++) {
