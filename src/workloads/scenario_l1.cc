@@ -150,15 +150,19 @@ GuestTask file_seen_exit(L1Mailbox& mb) {
 }  // namespace
 
 GuestTask l1_server(L1Mailbox& mb) {
+  // Every command comes with one wake IPI, and L1 takes a command only after
+  // a halt has consumed an IPI: no wake vector is ever left pending in L1's
+  // APIC, where it would exit an L2 that has external-interrupt exiting.
   for (;;) {
-    std::optional<L1Command> cmd = mb.take();
-    if (!cmd) {
-      OpResult woke = co_await ops::exec(GuestOp{GuestOp::Hlt{}});
-      // A halt ends with the vector that woke it; with none, an L2 exit
-      // reflected to L1 completed it (L1 was in guest mode by a restore).
-      if (woke.ok() && woke.value == 0) co_await file_seen_exit(mb);
+    OpResult woke = co_await ops::exec(GuestOp{GuestOp::Hlt{}});
+    // A halt ends with the vector that woke it; with none, an L2 exit
+    // reflected to L1 completed it (L1 was in guest mode by a restore).
+    if (woke.ok() && woke.value == 0) {
+      co_await file_seen_exit(mb);
       continue;
     }
+    std::optional<L1Command> cmd = mb.take();
+    if (!cmd) continue;  // the wake-up of a command the runner gave up on
     if (cmd->kind == L1Command::Kind::quit) co_return;
     L1Reply reply = co_await execute(*cmd);
     mb.reply(std::move(reply));

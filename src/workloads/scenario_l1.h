@@ -2,7 +2,8 @@
 // the program every L2 runs.
 //
 // Each L1 vCPU runs l1_server(): it waits in HLT, and when the runner posts
-// a command into its mailbox and sends it an IPI it executes the command as
+// a command into its mailbox and sends it an IPI (one per command, which the
+// halt consumes, so no wake vector stays pending) it executes the command as
 // guest code (VMX instructions, loads and stores, MSRs, VMWRITEs of a whole
 // vmcs12), reads back what L1 would read (the VM-instruction error after a
 // VMfailValid, the exit reason after a VMLAUNCH), replies and halts again.

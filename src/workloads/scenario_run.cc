@@ -44,10 +44,14 @@ Result<std::unique_ptr<Session>> Session::start(const Case& c, const RunConfig& 
   Session* raw = s.get();
   s->machine_thread_ = std::thread([raw] {
     Status st = raw->machine_->run(kMachineTimeout);
+    {
+      // Done before the mailboxes are abandoned: a runner woken by the
+      // abandonment must find the reason.
+      MutexLock l(raw->done_mu_);
+      raw->done_ = true;
+      raw->status_ = std::move(st);
+    }
     for (auto& mb : raw->mailboxes_) mb->abandon();
-    MutexLock l(raw->done_mu_);
-    raw->done_ = true;
-    raw->status_ = std::move(st);
   });
   return s;
 }
