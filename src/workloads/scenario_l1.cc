@@ -140,11 +140,18 @@ GuestFn<L1Reply> execute(const L1Command& c) {
   co_return L1Reply{};
 }
 
-// A reflected exit completed L1's HLT: file what L1 reads about it.
-GuestTask file_seen_exit(L1Mailbox& mb) {
+// A reflected exit completed L1's HLT: file what L1 reads about it. Returns
+// true when the exit was the runner's wake IPI itself, taken by an L2 with
+// external-interrupt exiting (acknowledged on exit): that is a wake-up.
+GuestFn<bool> file_seen_exit(L1Mailbox& mb) {
   std::optional<uint64_t> reason = co_await read_field(vmx::field::kExitReason);
   std::optional<uint64_t> qual = co_await read_field(vmx::field::kExitQualification);
+  std::optional<uint64_t> info = co_await read_field(vmx::field::kExitInterruptionInfo);
+  if (reason == static_cast<uint64_t>(vmx::ExitReason::kExternalInterrupt) && info &&
+      (*info & vmx::intr_info::kValid) && (*info & vmx::intr_info::kVectorMask) == kWakeVector)
+    co_return true;
   mb.file_exit(SeenExit{static_cast<uint32_t>(reason.value_or(~uint64_t{0})), qual.value_or(0)});
+  co_return false;
 }
 
 }  // namespace
@@ -158,8 +165,8 @@ GuestTask l1_server(L1Mailbox& mb) {
     // A halt ends with the vector that woke it; with none, an L2 exit
     // reflected to L1 completed it (L1 was in guest mode by a restore).
     if (woke.ok() && woke.value == 0) {
-      co_await file_seen_exit(mb);
-      continue;
+      const bool wake = co_await file_seen_exit(mb);
+      if (!wake) continue;
     }
     std::optional<L1Command> cmd = mb.take();
     if (!cmd) continue;  // the wake-up of a command the runner gave up on

@@ -14,7 +14,9 @@ namespace {
 
 // Longer than any case; only a case whose step hung runs into it, and then
 // the L2 abort flag ends it much sooner.
-constexpr std::chrono::minutes kMachineTimeout{10};
+constexpr std::chrono::minutes kMachineTimeout{2};
+// How long stop_machine() keeps re-sending the quit's wake-up.
+constexpr std::chrono::seconds kQuitPatience{5};
 
 vmx::StrategyKind strategy_of(const std::string& s) {
   if (s == "map") return vmx::StrategyKind::map;
@@ -110,8 +112,16 @@ void Session::stop_machine() {
     quit.kind = L1Command::Kind::quit;
     mailboxes_[i]->take();  // drop an unanswered command, if any
     mailboxes_[i]->post(quit);
-    machine_->send_ipi(static_cast<int>(i), static_cast<uint32_t>(i), kWakeVector);
   }
+  // The wake-up again until the machine ends: a vCPU that a restore put in
+  // guest mode may take one as an L2 exit before L1 halts for it.
+  const auto give_up = std::chrono::steady_clock::now() + kQuitPatience;
+  while (!machine_done() && std::chrono::steady_clock::now() < give_up) {
+    for (size_t i = 0; i < mailboxes_.size(); i++)
+      machine_->send_ipi(static_cast<int>(i), static_cast<uint32_t>(i), kWakeVector);
+    for (int n = 0; n < 40 && !machine_done(); n++) std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
+  l2_faults_.abort.store(true);
   machine_thread_.join();
 }
 
@@ -339,6 +349,8 @@ StepResult judge(const Step& s, const Observation& o, const std::map<std::string
   }
   for (const auto& [name, want] : e.counters) {
     const uint64_t got = counter_deltas.at(name);
+    r.expected += fmt::format(", {} +{}", name, want);
+    r.observed += fmt::format(", {} +{}", name, got);
     if (got != want) wrong.push_back(fmt::format("{} went up by {}, expected {}", name, got, want));
   }
   if (!o.problem.empty()) wrong.push_back(o.problem);
