@@ -15,24 +15,21 @@
 #include <variant>
 
 #include "base/types.h"
+#include "vmx/op_result.h"
+#include "vmx/vmx_defs.h"
 
 namespace nestcache::cpu {
 
-// Exception vectors the CPU model injects most often (SDM Vol. 3 §6.15).
-inline constexpr uint8_t kVectorDE = 0;   // divide error
-inline constexpr uint8_t kVectorUD = 6;   // invalid opcode
-inline constexpr uint8_t kVectorGP = 13;  // general protection
-inline constexpr uint8_t kVectorPF = 14;  // page fault
-
-// INVEPT types (SDM Vol. 3 §30.3, "INVEPT").
-enum class InveptType : uint32_t { single_context = 1, global = 2 };
-// INVVPID types (SDM Vol. 3 §30.3, "INVVPID").
-enum class InvvpidType : uint32_t {
-  individual_address = 0,
-  single_context = 1,
-  all_context = 2,
-  single_context_retaining_globals = 3,
-};
+// How an operation ends is the VMX layer's OpResult (vmx/op_result.h): VMX
+// instructions emulated by L0 and operations the CPU model executes end the
+// same ways.
+using vmx::kVectorDE;
+using vmx::kVectorGP;
+using vmx::kVectorPF;
+using vmx::kVectorUD;
+using vmx::OpResult;
+using vmx::Outcome;
+using vmx::to_string;
 
 namespace detail {
 template <class T, class V>
@@ -173,12 +170,12 @@ struct GuestOp {
   };
   struct Invept {
     static constexpr const char* kName = "invept";
-    InveptType type = InveptType::single_context;
+    vmx::InveptType type = vmx::InveptType::single_context;
     uint64_t eptp = 0;
   };
   struct Invvpid {
     static constexpr const char* kName = "invvpid";
-    InvvpidType type = InvvpidType::single_context;
+    vmx::InvvpidType type = vmx::InvvpidType::single_context;
     uint16_t vpid = 0;
     uint64_t gla = 0;  // for individual_address only
   };
@@ -228,42 +225,6 @@ struct GuestOp {
 
 // "read(gpa=0x1000, size=8)", for logs and test failures.
 std::string to_string(const GuestOp& op);
-
-// How an operation ended.
-enum class Outcome : uint8_t {
-  ok,            // it completed; value holds its result
-  fail_invalid,  // VMX instruction: VMfailInvalid (CF=1), no current VMCS to hold an error
-  fail_valid,    // VMX instruction: VMfailValid (ZF=1), vm_instruction_error says why
-  fault,         // an exception was raised in the guest: vector, error_code
-};
-
-// The CPU model's answer to one GuestOp.
-struct OpResult {
-  uint64_t value = 0;
-  Outcome outcome = Outcome::ok;
-  uint8_t vector = 0;               // fault: the exception vector (< 32)
-  uint32_t error_code = 0;          // fault: the exception's error code, if it has one
-  uint32_t vm_instruction_error = 0;  // fail_valid: the SDM VM-instruction error number
-
-  // Completed, producing `value`.
-  static OpResult success(uint64_t value = 0) { return OpResult{.value = value}; }
-  // VMfailInvalid.
-  static OpResult fail_invalid() { return OpResult{.outcome = Outcome::fail_invalid}; }
-  // VMfailValid with VM-instruction error `error` (SDM Vol. 3 §31.4).
-  static OpResult fail_valid(uint32_t error) {
-    return OpResult{.outcome = Outcome::fail_valid, .vm_instruction_error = error};
-  }
-  // Exception `vector` (e.g. kVectorGP) with `error_code`, injected into the guest.
-  static OpResult exception(uint8_t vector, uint32_t error_code = 0) {
-    return OpResult{.outcome = Outcome::fault, .vector = vector, .error_code = error_code};
-  }
-
-  bool ok() const { return outcome == Outcome::ok; }
-  friend bool operator==(const OpResult&, const OpResult&) = default;
-};
-
-// "ok(0x2a)", "VMfailValid(7)", "#GP(0)", for logs and test failures.
-std::string to_string(const OpResult& result);
 
 // Thrown inside guest code when an operation whose awaitable returns a plain
 // value (read64, rdmsr, ...) does not end `ok`: the guest's exception handler

@@ -33,7 +33,7 @@
 #include "cpu/guest_task.h"
 #include "vm/vm.h"
 #include "vmx/nested.h"
-#include "vmx/nested_contexts.h"
+#include "vmx/vmx_nested_contexts.h"
 
 namespace nestcache::cpu {
 
@@ -245,7 +245,7 @@ class Machine {
 
   // The VM's nested-context table (seed patches 8-9): made for the cache and
   // oracle strategies, nullptr for map (the kernel today has none).
-  vmx::NestedContexts* nested_contexts() { return contexts_.get(); }
+  vmx::VmxNestedContexts* nested_contexts() { return contexts_.get(); }
 
  private:
   friend class Vcpu;
@@ -259,7 +259,7 @@ class Machine {
   host::HardwareView hw_;
   // Declared before vcpus_: every vCPU's NestedVmx refers to it, so it is
   // destroyed after them (its contexts are freed earlier, in ~Machine).
-  std::unique_ptr<vmx::NestedContexts> contexts_;
+  std::unique_ptr<vmx::VmxNestedContexts> contexts_;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
 
   Mutex l2_mu_{LockRank::kLeaf};

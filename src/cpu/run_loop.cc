@@ -15,21 +15,6 @@ namespace nestcache::cpu {
 
 using vmx::ExitReason;
 using vmx::ExitTarget;
-using vmx::InstrResult;
-
-namespace {
-
-OpResult to_op_result(const InstrResult& r) {
-  switch (r.kind) {
-    case InstrResult::Kind::ok: return OpResult::success(r.value);
-    case InstrResult::Kind::fail_invalid: return OpResult::fail_invalid();
-    case InstrResult::Kind::fail_valid: return OpResult::fail_valid(static_cast<uint32_t>(r.error));
-    case InstrResult::Kind::ud: return OpResult::exception(kVectorUD);
-  }
-  return OpResult::exception(kVectorUD);
-}
-
-}  // namespace
 
 Vcpu::Vcpu(Machine& m, int id) : vm::Vcpu(id), m_(m) {
   nested_ = std::make_unique<vmx::NestedVmx>(m.vm(), *this, m.config().strategy, &m.hw_, counters(),
@@ -168,15 +153,10 @@ void Vcpu::run_loop() {
     }
     if (!enter_guest_mode()) continue;  // a request came in: go round
     if (before_last_check_ && nested().guest_mode()) before_last_check_();  // tests only
-    if (nested().last_check_fails()) {
-      // Seed patch 3: a page the hardware would use was invalidated after
-      // vmcs02 was built. Cancel the entry; the request refreshes it.
-      exit_guest_mode();
-      make_request(vm::Request::kRefreshGuestPages);
-      counters().add(Counter::entry_cancels);
+    if (!nested().check_before_hardware_entry()) {
+      exit_guest_mode();  // cancelled: the request it raised rewrites vmcs02
       continue;
     }
-    if (nested().guest_mode()) nested().set_run_pending(false);  // L2 is on the hardware now
     Exit e = run_guest();
     exit_guest_mode();
     if (e.kind != Exit::Kind::none) burn_transition();
@@ -290,7 +270,7 @@ void Vcpu::handle_exit(const Exit& e) {
 
 void Vcpu::handle_l1_op(const GuestOp& op) {
   vmx::NestedVmx& n = nested();
-  auto done = [&](const InstrResult& r) { l1_.resume_with(to_op_result(r)); };
+  auto done = [&](const OpResult& r) { l1_.resume_with(r); };
   if (auto* o = op.get_if<GuestOp::Vmxon>()) return done(n.vmxon(o->gpa));
   if (op.is<GuestOp::Vmxoff>()) {
     l2_ = nullptr;
@@ -312,7 +292,7 @@ void Vcpu::handle_l1_op(const GuestOp& op) {
     return l1_.resume_with(OpResult::success());
   }
   if (auto* o = op.get_if<GuestOp::Wrmsr>()) {
-    if (o->msr == 0x830) m_.send_ipi(id(), static_cast<uint32_t>(o->value >> 32), static_cast<uint8_t>(o->value));
+    if (o->msr == vmx::x2apic::kIcr) m_.send_ipi(id(), vmx::x2apic::icr_destination(o->value), vmx::x2apic::icr_vector(o->value));
     // Hyper-V's VP-assist page: where an enlightened L1 names its eVMCS.
     if (o->msr == vmx::kHvX64MsrVpAssistPage && !n.set_vp_assist_msr(o->value))
       return l1_.resume_with(OpResult::exception(kVectorGP));
@@ -339,17 +319,16 @@ void Vcpu::handle_l1_op(const GuestOp& op) {
 void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
   using K = vmx::EntryResult::Kind;
   switch (r.kind) {
-    case K::failed: return l1_.resume_with(to_op_result(r.instr));
+    case K::failed: return l1_.resume_with(r.result);
     case K::exit_to_l1: return l1_.resume_with(OpResult::success());
     case K::internal_error:
       counters().add(Counter::internal_errors);
       if (m_.config().retry_internal_errors) return;  // the VMLAUNCH/VMRESUME runs again
-      m_.fail(fmt::format("vCPU {}: KVM internal error on nested entry: {}", id(), r.message));
+      m_.fail(fmt::format("vCPU {}: KVM internal error on nested entry: {}", id(), r.result.why));
       stop_ = true;
       return;
     case K::entered: break;
   }
-  nested().set_run_pending(true);  // until L2 is on the hardware (nested state)
   // L1's VMLAUNCH/VMRESUME stays pending while L2 runs; it completes at the
   // next reflected exit.
   if (reflected_since_entry_ && l1_.pending()->is<GuestOp::Vmresume>()) counters().add(Counter::nested_round_trips);
@@ -382,21 +361,21 @@ void Vcpu::complete_posted_interrupts_in_software() {
   Status st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, no_op);
   if (st) {
     st = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
-      on = view.fetch_and8(off + kPiOnByte, static_cast<uint8_t>(~1u)) & 1;
+      on = view.fetch_and8(off + vmx::pi_desc::kControl, static_cast<uint8_t>(~vmx::pi_desc::kOn)) & vmx::pi_desc::kOn;
       if (on)
-        for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + 8 * w, 0);
+        for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + vmx::pi_desc::pir_word(64 * w), 0);
     });
   }
   if (st && on) {
     st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, [&](const vmx::PageView& view) {
       for (int vec = 0; vec < 256; vec++)
-        if ((pir[vec / 64] >> (vec % 64)) & 1) view.fetch_or32(kVapicIrr + 0x10 * (vec / 32), 1u << (vec % 32));
+        if ((pir[vec / 64] >> (vec % 64)) & 1) view.fetch_or32(vmx::vapic::word_of(vmx::vapic::kIrr, vec), 1u << (vec % 32));
     });
     if (!st) {
       Status back = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
         for (int w = 0; w < 4; w++)
-          if (pir[w]) view.fetch_or64(off + 8 * w, pir[w]);
-        view.fetch_or64(off + kPiOnByte, 1);  // ON: bit 0 of the descriptor's fifth qword
+          if (pir[w]) view.fetch_or64(off + vmx::pi_desc::pir_word(64 * w), pir[w]);
+        view.fetch_or64(off + vmx::pi_desc::kControl, vmx::pi_desc::kOn);
       });
       if (!back) counters().add(Counter::lost_posted_interrupts);
     }
@@ -420,7 +399,7 @@ void Vcpu::handle_l2_exit(const Exit& e) {
   vmx::NestedVmx& n = nested();
   if (n.route_exit(e.info, e.msr) == ExitTarget::l0) {
     counters().add(Counter::l0_exits);
-    auto reason = static_cast<ExitReason>(e.info.exit_reason & 0xffff);
+    ExitReason reason = vmx::basic_exit_reason(e.info.exit_reason);
     if (reason == ExitReason::kMsrRead)
       l2_->task.resume_with(OpResult::success(l2_msrs_[e.msr]));
     else if (reason == ExitReason::kMsrWrite)

@@ -14,7 +14,7 @@
 // vCPU. The row checks the seed's sched-mode formulas on the counters it
 // reports: reuse = min(N, 8)·(rounds − 1), recycle = 0.
 #include "vmx/entry_checks.h"
-#include "vmx/nested_context.h"
+#include "vmx/nested_context_table.h"
 #include "workloads/nested_env.h"
 #include "workloads/selftests.h"
 

@@ -10,7 +10,7 @@
 #include <thread>
 
 #include "vmx/entry_checks.h"
-#include "vmx/nested_contexts.h"
+#include "vmx/vmx_nested_contexts.h"
 #include "workloads/nested_env.h"
 #include "workloads/registry.h"
 
