@@ -217,10 +217,10 @@ Observation Session::l1_step(const Step& s) {
     case Verb::vmlaunch: c.op = GuestOp::Vmlaunch{}; break;
     case Verb::vmresume: c.op = GuestOp::Vmresume{}; break;
     case Verb::invept:
-      c.op = GuestOp::Invept{static_cast<cpu::InveptType>(eval(s.operand("type"))), operand(s, "eptp", 0)};
+      c.op = GuestOp::Invept{static_cast<vmx::InveptType>(eval(s.operand("type"))), operand(s, "eptp", 0)};
       break;
     case Verb::invvpid:
-      c.op = GuestOp::Invvpid{static_cast<cpu::InvvpidType>(eval(s.operand("type"))),
+      c.op = GuestOp::Invvpid{static_cast<vmx::InvvpidType>(eval(s.operand("type"))),
                               static_cast<uint16_t>(operand(s, "vpid", 0)), operand(s, "gla", 0)};
       break;
     case Verb::write:
