@@ -237,10 +237,11 @@ void Vcpu::handle_exit(const Exit& e) {
       return;
     case Exit::Kind::ept01_miss: {
       counters().add(l2 ? Counter::l0_exits : Counter::l1_exits);
-      auto r = m_.vm().ept01_fault(e.gfn, true);
+      auto r = m_.vm().ept01_fault(e.gfn, e.write);
       if (r) return;  // the operation retries and finds the entry
-      // No memslot: an MMIO exit to the VMM, which completes the access
-      // (reads see all ones, writes are dropped) and resumes the guest.
+      // No memslot, or a store to a read-only one: an MMIO exit to the VMM,
+      // which completes the access (reads see all ones, writes are dropped)
+      // and resumes the guest.
       counters().add(Counter::mmio_exits);
       current_task()->resume_with(OpResult::success(~uint64_t{0}));
       return;
@@ -282,7 +283,7 @@ void Vcpu::handle_l1_op(const GuestOp& op) {
   if (auto* o = op.get_if<GuestOp::Vmread>()) return done(n.vmread(o->field));
   if (auto* o = op.get_if<GuestOp::Vmwrite>()) return done(n.vmwrite(o->field, o->value));
   if (auto* o = op.get_if<GuestOp::Invept>()) return done(n.invept(static_cast<uint64_t>(o->type), o->eptp));
-  if (auto* o = op.get_if<GuestOp::Invvpid>()) return done(n.invvpid(static_cast<uint64_t>(o->type), o->vpid));
+  if (auto* o = op.get_if<GuestOp::Invvpid>()) return done(n.invvpid(static_cast<uint64_t>(o->type), o->vpid, o->gla));
   if (op.is<GuestOp::Vmlaunch>() || op.is<GuestOp::Vmresume>()) {
     bool launch = op.is<GuestOp::Vmlaunch>();
     return complete_nested_entry(n.enter(launch));
