@@ -61,9 +61,8 @@ struct GuestOp {
     uint64_t value = 0;
   };
   // LOCK CMPXCHG of 8 bytes at `gpa` (8-aligned): if the qword equals
-  // `expected` it becomes `desired`. value = the old qword either way. Used to
-  // spin on sync pages: it never exits by itself (no PAUSE), as upstream's
-  // guest loop.
+  // `expected` it becomes `desired`. value = the old qword either way. It
+  // never exits by itself.
   struct CmpXchg {
     static constexpr const char* kName = "cmpxchg";
     Gpa gpa = 0;
@@ -106,6 +105,28 @@ struct GuestOp {
   struct Pause {
     static constexpr const char* kName = "pause";
   };
+  // MONITOR the 64-byte line of `gpa`, then MWAIT unless the qword at `gpa`
+  // (8-aligned) differs from `expected`: the vCPU sleeps until another agent
+  // writes the line, an interrupt arrives for it, or it is kicked; value =
+  // the qword when it wakes (guest code loops until it changed). This is how
+  // guest code waits for another vCPU: its thread parks instead of spinning,
+  // and in modelled time it wakes at the writer's clock. `timeout_ns` > 0
+  // bounds the sleep in real time, for a condition outside guest memory (a
+  // host thread's progress); gpa == kInvalidGpa monitors nothing (a timed
+  // sleep). Never exits (no MWAIT exiting in the model's vmcs12s).
+  struct Mwait {
+    static constexpr const char* kName = "mwait";
+    Gpa gpa = 0;
+    uint64_t expected = 0;
+    uint64_t timeout_ns = 0;
+  };
+  // TPAUSE until the clock reads `deadline_ns` (as Now reports it), or an
+  // interrupt or kick comes first: a delay that parks the thread. In modelled
+  // time the clock moves on to the deadline.
+  struct Tpause {
+    static constexpr const char* kName = "tpause";
+    uint64_t deadline_ns = 0;
+  };
   // WRMSR to the x2APIC ICR: a fixed interrupt `vector` to `dest_apic_id`.
   struct SendIpi {
     static constexpr const char* kName = "send_ipi";
@@ -116,7 +137,8 @@ struct GuestOp {
   struct Eoi {
     static constexpr const char* kName = "eoi";
   };
-  // A monotonic clock read (RDTSC scaled to ns): value = nanoseconds.
+  // A clock read (RDTSC scaled to ns): value = nanoseconds of modelled time,
+  // or of wall time when the machine runs on the wall clock.
   struct Now {
     static constexpr const char* kName = "now";
   };
@@ -181,8 +203,8 @@ struct GuestOp {
   };
 
   using Variant =
-      std::variant<Read, Write, CmpXchg, Rdmsr, Wrmsr, WriteCr8, ReadCr8, Vmcall, Hlt, Pause,
-                   SendIpi, Eoi, Now, Yield, Vmxon, Vmxoff, Vmclear, Vmptrld, Vmptrst, Vmread,
+      std::variant<Read, Write, CmpXchg, Rdmsr, Wrmsr, WriteCr8, ReadCr8, Vmcall, Hlt, Pause, Mwait,
+                   Tpause, SendIpi, Eoi, Now, Yield, Vmxon, Vmxoff, Vmclear, Vmptrld, Vmptrst, Vmread,
                    Vmwrite, Vmlaunch, Vmresume, Invept, Invvpid>;
 
   // Whether T is one of the alternatives above.

@@ -61,6 +61,10 @@ std::string to_string(const GuestOp& op) {
         return fmt::format("vmcall(nr={:#x}, args={:#x}, {:#x}, {:#x})", o.nr, o.args[0], o.args[1],
                            o.args[2]);
       },
+      [](const G::Mwait& o) {
+        return fmt::format("mwait(gpa={:#x}, expected={:#x}, timeout_ns={})", o.gpa, o.expected, o.timeout_ns);
+      },
+      [](const G::Tpause& o) { return fmt::format("tpause(deadline_ns={})", o.deadline_ns); },
       [](const G::SendIpi& o) {
         return fmt::format("send_ipi(dest={}, vector={:#x})", o.dest_apic_id, unsigned{o.vector});
       },

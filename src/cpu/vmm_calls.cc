@@ -12,6 +12,8 @@
 #include "base/check.h"
 #include "cpu/machine.h"
 
+#include <thread>
+
 namespace nestcache::cpu {
 
 void Vcpu::call_on_vcpu(const std::function<void()>& fn) {
@@ -60,15 +62,8 @@ void Vcpu::get_nested_state_pages() {
   if (auto st = n.get_nested_state_pages(); !st) {
     // KVM: vmx_get_nested_state_pages fails -> the vCPU exits to the VMM
     // with an internal error; the entry into L2 does not happen.
-    counters().add(Counter::internal_errors);
-    if (m_.config().retry_internal_errors) {
-      make_request(vm::Request::kGetNestedStatePages);  // the VMM runs the vCPU again
-      std::this_thread::yield();
-      return;
-    }
-    m_.fail(fmt::format("vCPU {}: KVM internal error on the first entry after a nested-state restore: {}", id(),
-                        st.error().message));
-    stop_ = true;
+    make_request(vm::Request::kGetNestedStatePages);  // still to do if the VMM runs the vCPU again
+    internal_error(fmt::format("on the first entry after a nested-state restore: {}", st.error().message));
     return;
   }
   tlb02_.clear();
@@ -76,8 +71,7 @@ void Vcpu::get_nested_state_pages() {
   // The L2 program of the restored vmcs12 runs from here; it rebuilds what
   // it needs from guest memory (a coroutine's stack is not in the blob, as a
   // real L2's registers are restored by the VMM, not by nested state).
-  l2_ = m_.l2_program(n.nested_vmptr());  // the vmcs12's, or the restored eVMCS's
-  if (l2_ && !l2_->task.started()) l2_->task.start();
+  l2_ = m_.l2_program(n.nested_vmptr());  // the vmcs12's, or the restored eVMCS's (run_guest starts it)
 }
 
 Result<std::vector<std::byte>> Machine::get_nested_state(int i) {
