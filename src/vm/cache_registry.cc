@@ -17,13 +17,14 @@ std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
     const PfnCache::Hit hit = c->notifier_invalidate(first, end);
     if (!hit.affected) return;
     if (hit.flipped) vm_.counters().add(Counter::cache_invalidations);
-    // Wait for the bound vCPU and the readers even when the cache was
+    // Wait for the readers and the bound vCPU even when the cache was
     // already invalid: an earlier, overlapping invalidation may have marked
     // it and still be waiting for them, with the old pfn in use. (The seed
     // collects only the vCPUs of caches it flips from valid, which leaves
     // that window open.)
-    if (hit.vcpu && std::find(vcpus.begin(), vcpus.end(), hit.vcpu) == vcpus.end()) vcpus.push_back(hit.vcpu);
     if (c->read_side() == CacheReadSide::lockfree) lockfree.push_back(c);
+    if (!hit.flipped && !vm_.protocol().wait_for_already_invalid) return;  // model replays of FLIPPED_ONLY
+    if (hit.vcpu && std::find(vcpus.begin(), vcpus.end(), hit.vcpu) == vcpus.end()) vcpus.push_back(hit.vcpu);
   };
   {
     MutexLock l(mu_);

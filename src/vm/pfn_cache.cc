@@ -209,10 +209,14 @@ Status PfnCache::refresh_locked(size_t len) {
 }
 
 Status PfnCache::map_and_install(Hva hva, uint64_t generation) {
+  // A new snapshot on every try (model replays of STALE_SNAPSHOT keep the
+  // first, and retry forever once an invalidation has found the cache).
+  const uint64_t first_seen = invalidations_.load();
   for (;;) {
+    const ProtocolVariant& variant = vm_.protocol();
     // Read before waiting: an invalidation that found the cache before this
     // load began before the wait below, which then outlasts it.
-    const uint64_t seen = invalidations_.load();
+    const uint64_t seen = variant.snapshot_seq_per_try ? invalidations_.load() : first_seen;
     if (const uint64_t ns = vm_.wait_for_invalidation(hva)) {
       vm_.counters().add(Counter::cache_refresh_waits);
       vm_.counters().add(Counter::cache_refresh_wait_ns, ns);
@@ -227,7 +231,8 @@ Status PfnCache::map_and_install(Hva hva, uint64_t generation) {
       // An invalidation of this hva that found the cache since `seen`, or one
       // still running, may have freed the frame we just mapped: installing it
       // would make a stale mapping look valid. Drop it and resolve again.
-      if (invalidations_.load() == seen && !vm_.invalidation_in_progress(hva)) {
+      // (Model replays of NO_RETRY don't.)
+      if (!variant.refresh_retries || (invalidations_.load() == seen && !vm_.invalidation_in_progress(hva))) {
         old_window = std::move(window_);  // released after the new one is in
         window_ = std::move(m->window);
         publish_locked(m->tag, m->khva, generation);

@@ -72,7 +72,7 @@ std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good_span) {
                EINVAL, "run-pending flag without guest mode"});
   v.push_back({"guest-mode-without-vmxon", with([](S& s) { s.vmxon_gpa = kInvalidGpa; }), EINVAL,
                "guest-mode flag is set but VMX is off"});
-  // Without the eVMCS flag, whose own VMX-off rule is evmcs-without-vmxon.
+  // Without the eVMCS flag, whose own VMX-off case is evmcs-without-vmxon.
   v.push_back({"vmcs12-without-vmxon",
                with([](S& s) { s.vmxon_gpa = kInvalidGpa; s.guest_mode = false; s.evmcs = false; }), EINVAL,
                "given but VMX is off"});
@@ -120,17 +120,19 @@ std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good_span) {
     // the entry checks, but one eVMCS v1 cannot express.
     v.push_back({"evmcs-unsupported-controls",
                  vmcs12_with([](V& x) { x.secondary_proc_controls |= vmx::proc2::kPauseLoopExiting; }), EINVAL,
-                 "with eVMCS, the vmcs12 fails evmcs-unsupported-control: secondary controls"});
+                 "fails evmcs-unsupported-control: secondary controls"});
+    // VMX off with the flag alone is accepted (as KVM does); with the
+    // eVMCS address it is not.
     v.push_back({"evmcs-without-vmxon",
-                 with([](S& s) { s.vmxon_gpa = kInvalidGpa; s.guest_mode = false; s.current_vmcs_gpa = kInvalidGpa; s.vmcs12.reset(); }),
-                 EINVAL, "eVMCS flag is set but VMX is off"});
+                 with([](S& s) { s.vmxon_gpa = kInvalidGpa; s.guest_mode = false; s.vmcs12.reset(); }),
+                 EINVAL, fmt::format("eVMCS address {:#x} given but VMX is off", g.current_vmcs_gpa)});
     v.push_back({"evmcs-on-vcpu-without-evmcs", good, EINVAL,
                  fmt::format("eVMCS flag is set but vCPU 0 has not enabled the enlightened VMCS "
                              "(KVM_CAP_HYPERV_ENLIGHTENED_VMCS); eVMCS {:#x} not restored", g.current_vmcs_gpa),
                  /*needs_plain_vcpu=*/true});
   } else {
     v.push_back({"evmcs-unsupported-controls", with([](S& s) { s.evmcs = true; }), EINVAL,
-                 "with eVMCS, the vmcs12 fails evmcs-unsupported-control"});
+                 "fails evmcs-unsupported-control"});
     // Every vCPU of this variant is plain: the flag alone is refused.
     v.push_back({"evmcs-on-vcpu-without-evmcs", with([](S& s) { s.evmcs = true; s.guest_mode = false; }), EINVAL,
                  "eVMCS flag is set but vCPU 0 has not enabled the enlightened VMCS"});

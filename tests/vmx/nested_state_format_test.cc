@@ -169,13 +169,10 @@ std::vector<Malformed> malformed_blobs() {
       {"GuestModeWithVmxOff", [] { return image_blob([](S& s) { s.guest_mode = true; }, vmx_off()); },
        "guest-mode flag is set but VMX is off"},
       {"EvmcsWithVmxOff", [] { return image_blob([](S& s) { s.evmcs = true; }, vmx_off()); },
-       "eVMCS flag is set but VMX is off"},
+       "eVMCS flag is set, VMX is off and the vCPU has not enabled the enlightened VMCS"},
       {"CurrentVmcsWithVmxOff",
        [] { return image_blob([](S& s) { s.current_vmcs_gpa = kVmcs; }, vmx_off()); },
-       "current VMCS address 0x11000 given but VMX is off"},
-      {"ImageWithVmxOff",
-       [] { return image_blob([](S& s) { s.vmcs12 = minimal_vmcs12(); }, vmx_off()); },
-       "vmcs12 image given but VMX is off"},
+       "current vmcs12 address 0x11000 given but VMX is off"},
       {"VmxonUnaligned", [] { return image_blob([](S& s) { s.vmxon_gpa = kVmxon + 8; }); },
        "VMXON address 0x10008 is not 4 KiB aligned"},
       {"VmxonBeyondWidth",
@@ -231,7 +228,7 @@ std::vector<Malformed> malformed_blobs() {
            v.apic_access_addr = 0x30000;
          }, with_evmcs());
        },
-       "with eVMCS, the vmcs12 fails evmcs-unsupported-control"},
+       "in guest mode the vmcs12 must pass VM-entry checks; it fails evmcs-unsupported-control"},
   };
 }
 
@@ -266,6 +263,44 @@ TEST(NestedStateValidate, WorksOnInMemoryImagesToo) {
   s.current_vmcs_gpa = kInvalidGpa;
   s.vmcs12.reset();
   EXPECT_FALSE(validate_nested_state(s));
+}
+
+TEST(NestedStateValidate, VmxOffIgnoresAnImageAndAcceptsTheEvmcsFlagWhenEnabled) {
+  // KVM's vmx_set_nested_state with vmxon_pa == -1 never looks at the data
+  // (VMMs pass a buffer of the full size), and keeps accepting the eVMCS
+  // flag on a vCPU with the enlightened VMCS enabled.
+  NestedStateImage s = vmx_off();
+  s.vmcs12 = minimal_vmcs12();
+  EXPECT_TRUE(decode(encode(s)));
+  s.evmcs = true;
+  EXPECT_FALSE(validate_nested_state(s));
+  EntryCheckEnv enabled;
+  enabled.evmcs_enabled = true;
+  EXPECT_TRUE(validate_nested_state(s, enabled));
+  s.guest_mode = true;
+  EXPECT_FALSE(validate_nested_state(s, enabled));
+}
+
+TEST(NestedStateValidate, GuestModeChecksUseTheVcpusEnvironment) {
+  // The eVMCS filter applies to a plain vmcs12 on a vCPU with the
+  // enlightened VMCS enabled; a link pointer is checked through L1 memory.
+  NestedStateImage s = in_guest_mode();
+  s.vmcs12->primary_proc_controls |= proc::kActivateSecondaryControls;
+  s.vmcs12->secondary_proc_controls |= proc2::kVirtualizeApicAccesses;
+  s.vmcs12->apic_access_addr = 0x30000;
+  EXPECT_TRUE(validate_nested_state(s));
+  EntryCheckEnv evmcs;
+  evmcs.evmcs_enabled = true;
+  EXPECT_NE(validate_nested_state(s, evmcs).error().message.find("evmcs-unsupported-control"), std::string::npos);
+  s = in_guest_mode();
+  s.vmcs12->vmcs_link_pointer = 0x20000;
+  EXPECT_FALSE(validate_nested_state(s));
+  EntryCheckEnv memory;
+  memory.read_guest32 = [](Gpa g) -> std::optional<uint32_t> {
+    if (g == 0x20000) return kVmcs12Revision;
+    return std::nullopt;
+  };
+  EXPECT_TRUE(validate_nested_state(s, memory));
 }
 
 TEST(NestedStateValidate, PagesNamedByTheVmcs12AreNotResolvedHere) {
