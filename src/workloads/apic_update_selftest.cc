@@ -20,8 +20,6 @@
 // back each period (the descriptor stays: see run_once); an entry that meets a
 // page away is retried by L1 (VMfail) or by the VMM (internal error), and
 // reported.
-#include <CLI/CLI.hpp>
-
 #include <atomic>
 #include <thread>
 
@@ -357,7 +355,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
             "{}: {} APIC-access and {} MMIO exits, expected 1 and {} (the slot moves away after the first write)", tag,
             t.apic_access_exits, k[Counter::mmio_exits], kWrites - 1);
   }
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     // The kernel before the seed: nothing invalidates the maps. This run
     // passes by reporting what the detectors saw.
     if (c.discard && o.memory == MemoryKind::unmanaged) {
@@ -423,14 +421,10 @@ void register_apic_update_selftest() {
           "descriptor (lost interrupts); in move mode those pages move away and back. Asserts: every entry "
           "succeeds, the last exit is VMCALL; with cache and oracle zero stale accesses, lost TPR writes and lost "
           "interrupts. With map under discard on unmanaged memory the stale accesses are detected and reported.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--mode", "discard, move or both", "both")->check(CLI::IsMember({"discard", "move", "both"}));
-            o.add(app, "--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5")
-                ->check(CLI::Range(1, 10000));
-            o.add(app, "--page", "apic-access, vapic, pi or all", "apic-access")
-                ->check(CLI::IsMember({"apic-access", "vapic", "pi", "all"}));
-          },
+      .options = {choice_option("--mode", "discard, move or both", "both", {"discard", "move", "both"}),
+                  int_option("--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5", 1, 10000),
+                  choice_option("--page", "apic-access, vapic, pi or all", "apic-access",
+                                {"apic-access", "vapic", "pi", "all"})},
       .run = run_apic_update,
   });
 }

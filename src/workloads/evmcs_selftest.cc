@@ -24,8 +24,6 @@
 //                  kept map, and the stale-access detector reports it (and, on
 //                  unmanaged memory, every access after a migration). The test
 //                  passes by reporting, like migrate-under-l2.
-#include <CLI/CLI.hpp>
-
 #include <atomic>
 #include <thread>
 
@@ -202,7 +200,7 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
   r.check(open_windows == 0 && held_pins == 0 && active_caches == 0 && attached == 0,
           "leaked at teardown: {} remap windows, {} pins, {} active caches, {} attached contexts", open_windows,
           held_pins, active_caches, attached);
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     r.check(t.entered_while_away == c.rounds, "map: {} entries with the memslot away went ahead, expected {}",
             t.entered_while_away, c.rounds);
     r.check(stale > 0, "map: the kept eVMCS map was used after its memslot moved, yet no stale access was seen");
@@ -249,12 +247,8 @@ void register_evmcs_selftest() {
           "away for one entry and back, and a host thread migrates the page all along. cache and oracle: zero "
           "stale accesses and #UD for the entry with the memslot away. map keeps its HostMap while the eVMCS is "
           "current: the stale accesses are detected and reported (the test passes by reporting them).",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--rounds", "rounds (each ends with a memslot move away and back)", "20")
-                ->check(CLI::Range(1, 10000));
-            o.add(app, "--entries", "nested round trips per round", "8")->check(CLI::Range(1, 10000));
-          },
+      .options = {int_option("--rounds", "rounds (each ends with a memslot move away and back)", "20", 1, 10000),
+                  int_option("--entries", "nested round trips per round", "8", 1, 10000)},
       .run = run,
   });
 }

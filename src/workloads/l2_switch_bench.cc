@@ -100,7 +100,7 @@ struct SwitchRun {
   }
 };
 
-Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Strategy s) {
+Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, StrategyKind s) {
   NestedEnvConfig ec{s, o.memory};
   ec.vcpus = 1;
   ec.l1_bytes = kL1Bytes;
@@ -126,7 +126,7 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   return run;
 }
 
-Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, Strategy s) {
+Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind s) {
   SwitchConfig c{n, o.seconds, o.iterations};
   std::optional<SwitchRun> best;
   for (uint32_t r = 0; r < o.runs; r++) {
@@ -148,13 +148,13 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, Strategy s) {
   row.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   row.counters = run.counters;
   row.failures = run.failures;
-  if (s != Strategy::map && run.counters[Counter::stale_accesses])
+  if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
     row.failures.push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
                                        strategy_name(s)));
   uint64_t warm_switches = static_cast<uint64_t>(n) * (row.iterations - 1);
   // The seed's formulas for sched mode, with capacity 8 for one L1 vCPU.
   uint64_t cap = vmx::kNestedOversubRatio, rounds = row.iterations;
-  uint64_t want_reuse = s == Strategy::map ? 0 : std::min<uint64_t>(n, cap) * (rounds - 1);
+  uint64_t want_reuse = s == StrategyKind::map ? 0 : std::min<uint64_t>(n, cap) * (rounds - 1);
   uint64_t reuse = run.counters[Counter::nested_context_reuse];
   uint64_t recycle = run.counters[Counter::nested_context_recycle];
   if (reuse != want_reuse || recycle != 0)
@@ -177,12 +177,6 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, Strategy s) {
   return row;
 }
 
-const BenchRow* row_of(std::span<const BenchRow> rows, Strategy s) {
-  for (const BenchRow& r : rows)
-    if (r.strategy == s) return &r;
-  return nullptr;
-}
-
 std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
   std::vector<std::string> out;
   std::string per;
@@ -192,8 +186,8 @@ std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
                        r.extra.value("nested_context_recycle", uint64_t{0}));
   out.push_back(fmt::format("Per warm L2 switch (VMPTRLD + VMRESUME + VMCALL exit) with {} L2s on one L1 vCPU: {}.",
                             n, per));
-  const BenchRow* map = row_of(rows, Strategy::map);
-  const BenchRow* cache = row_of(rows, Strategy::cache);
+  const BenchRow* map = row_of(rows, StrategyKind::map);
+  const BenchRow* cache = row_of(rows, StrategyKind::cache);
   if (map && cache && cache->seconds_per_round_trip > 0)
     out.push_back(fmt::format("map/cache per switch: {:.1f}x. {}", map->seconds_per_round_trip / cache->seconds_per_round_trip,
                               n <= static_cast<int>(vmx::kNestedOversubRatio)
@@ -215,7 +209,7 @@ void register_l2_switch_bench() {
                        "VMPTRLD and VMRESUME each; the per-round-trip view is the time per warm switch. "
                        "--slots, --scale and --l1-hz do not apply.",
         .in_default_job = false,
-        .run = [n](const BenchOptions& o, Strategy s) { return run_bench_l2_switch(n, o, s); },
+        .run = [n](const BenchOptions& o, StrategyKind s) { return run_bench_l2_switch(n, o, s); },
         .commentary = [n](std::span<const BenchRow> rows) { return commentary(n, rows); },
     });
   }

@@ -29,8 +29,6 @@
 // in rounds after the first (the contexts keep the caches mapped); after
 // teardown no window, pin, context or active cache is left. With map there is
 // no table: reuse and recycle are 0, and the windows per switch are reported.
-#include <CLI/CLI.hpp>
-
 #include "vmx/entry_checks.h"
 #include "workloads/nested_env.h"
 #include "workloads/selftests.h"
@@ -234,7 +232,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   r.check(open_windows == 0 && held_pins == 0 && active_caches == 0 && attached == 0,
           "{}: leaked at teardown: {} remap windows, {} pins, {} active caches, {} attached contexts", tag, open_windows,
           held_pins, active_caches, attached);
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     r.check(reuse == 0 && recycle == 0 && contexts == 0, "{}: map uses no nested contexts", tag);
     r.details["runs"].push_back(d);
     return;
@@ -247,7 +245,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
           reuse, recycle, e.reuse, e.recycle);
   r.check(contexts <= static_cast<size_t>(c.capacity()), "{}: {} contexts above capacity {}", tag, contexts,
           c.capacity());
-  if (o.strategy == Strategy::cache && o.memory == MemoryKind::unmanaged && c.l2 <= c.capacity())
+  if (o.strategy == StrategyKind::cache && o.memory == MemoryKind::unmanaged && c.l2 <= c.capacity())
     r.check(later_windows == 0, "{}: {} remap windows in switch rounds after the first (contexts should keep them)",
             tag, later_windows);
 }
@@ -290,7 +288,7 @@ SelftestResult run_l2_switch(const RunOptions& o) {
     }
   }
   uint64_t reuse = r.counters[Counter::nested_context_reuse], recycle = r.counters[Counter::nested_context_recycle];
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     double worst = 0;
     for (auto& d : r.details["runs"]) worst = std::max(worst, d["remap_windows_per_switch"].get<double>());
     r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} remap windows per L2 switch on {} "
@@ -318,14 +316,10 @@ void register_l2_switch_selftest() {
           "and --l1-vcpus M spreading the L2s over M L1 vCPUs (capacity 8·M; migrate and sched only). evmcs mode "
           "runs an enlightened L1 (one eVMCS per L2, named in the VP-assist page; contexts keyed by the eVMCS "
           "address, switched when that address changes). Default: N = 2..16 in migrate, sched and evmcs.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep");
-            o.add(app, "--switches", "rounds over every L2", "4")->check(CLI::Range(1, 1000));
-            o.add(app, "--mode", "migrate, sched, evmcs or all", "all")
-                ->check(CLI::IsMember({"migrate", "sched", "evmcs", "all"}));
-            o.add(app, "--l1-vcpus", "L1 vCPUs sharing the L2s", "1")->check(CLI::Range(1, 8));
-          },
+      .options = {value_option("--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep"),
+                  int_option("--switches", "rounds over every L2", "4", 1, 1000),
+                  choice_option("--mode", "migrate, sched, evmcs or all", "all", {"migrate", "sched", "evmcs", "all"}),
+                  int_option("--l1-vcpus", "L1 vCPUs sharing the L2s", "1", 1, 8)},
       .run = run_l2_switch,
   });
 }

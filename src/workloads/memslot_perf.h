@@ -43,7 +43,7 @@ std::string_view memslot_test_name(MemslotTest t);
 
 struct MemslotPerfConfig {
   MemslotTest test = MemslotTest::unmap;
-  Strategy strategy = Strategy::cache;
+  StrategyKind strategy = StrategyKind::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   uint32_t slots = kDefaultBenchSlots;  // upstream -s: slot 0 + slots-1 data slots
   double seconds = kDefaultBenchSeconds;  // iterate while elapsed < this (upstream -l)

@@ -2,15 +2,6 @@
 
 namespace nestcache::workloads {
 
-vmx::StrategyKind to_strategy_kind(Strategy s) {
-  switch (s) {
-    case Strategy::map: return vmx::StrategyKind::map;
-    case Strategy::cache: return vmx::StrategyKind::cache;
-    case Strategy::oracle: return vmx::StrategyKind::oracle;
-  }
-  return vmx::StrategyKind::cache;
-}
-
 Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   auto env = std::make_unique<NestedEnv>();
   env->config = c;
@@ -23,7 +14,7 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   env->l1_base = NC_TRY(env->mm->create_region(c.l1_bytes, c.memory));
   NC_TRY(env->vm->set_memory_region({0, 0, 0, c.l1_bytes, env->l1_base}));
   env->machine = std::make_unique<cpu::Machine>(
-      *env->vm, cpu::MachineConfig{c.vcpus, to_strategy_kind(c.strategy), c.exit_cost_ns, c.retry_internal_errors});
+      *env->vm, cpu::MachineConfig{c.vcpus, c.strategy, c.exit_cost_ns, c.retry_internal_errors});
   return env;
 }
 

@@ -13,10 +13,8 @@
 
 namespace nestcache::workloads {
 
-vmx::StrategyKind to_strategy_kind(Strategy s);
-
 struct NestedEnvConfig {
-  Strategy strategy = Strategy::cache;
+  StrategyKind strategy = StrategyKind::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   int vcpus = 1;
   size_t l1_bytes = 32 << 20;       // L1's memory, memslot 0 at gpa 0

@@ -56,7 +56,7 @@ inline constexpr Gpa kVpAssistGpa = 0x88000;  // L1 memory (eVMCS variant)
 inline constexpr uint32_t kApicSlot = 1, kVapicSlot = 2, kPiSlot = 3, kEvmcsSlot = 4;
 
 struct MigrationConfig {
-  Strategy strategy = Strategy::cache;
+  StrategyKind strategy = StrategyKind::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   int steps = 16;  // 4..256
   // L1 uses the enlightened VMCS (the file comment's variant).

@@ -24,8 +24,6 @@
 // KVM's own selftest for this ioctl pair (vmx_set_nested_state_test) checks
 // that invalid states are refused; this one also moves a running L2 to
 // another VM under each page strategy.
-#include <CLI/CLI.hpp>
-
 #include <set>
 
 #include "vmx/evmcs.h"
@@ -267,11 +265,8 @@ void register_nested_state_selftest() {
           "strategy before its first entry, and the eVMCS blobs (flag on a vCPU without eVMCS, misaligned, "
           "no memslot, ...) are refused too. KVM's vmx_set_nested_state_test checks the refusals; the "
           "migration across VMs is ours.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--steps", "L2 steps (the migration is half way)", "16")->check(CLI::Range(4, 256));
-            o.add_flag(app, "--evmcs", "L1 uses the Hyper-V enlightened VMCS (the blob carries the eVMCS)");
-          },
+      .options = {int_option("--steps", "L2 steps (the migration is half way)", "16", 4, 256),
+                  flag_option("--evmcs", "L1 uses the Hyper-V enlightened VMCS (the blob carries the eVMCS)")},
       .run = run_nested_state,
   });
 }

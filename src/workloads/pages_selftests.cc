@@ -1,7 +1,5 @@
 // Selftests `nested-pages` and `migrate-under-l2`: the pages workload
 // (pages_workload.h) without and with the host changing the pages under L2.
-#include <CLI/CLI.hpp>
-
 #include "workloads/pages_workload.h"
 #include "workloads/selftests.h"
 
@@ -9,9 +7,9 @@ namespace nestcache::workloads {
 
 namespace {
 
-void add_common_options(CLI::App& app, SelftestOptions& o, const char* rounds) {
-  o.add(app, "--rounds", "rounds of the workload (memory, CR8, APIC access, MSR, interrupts)", rounds);
-  o.add(app, "--interrupts", "interrupts posted to L2 per round", "4");
+std::vector<OptionSpec> common_options(const char* rounds) {
+  return {value_option("--rounds", "rounds of the workload (memory, CR8, APIC access, MSR, interrupts)", rounds),
+          value_option("--interrupts", "interrupts posted to L2 per round", "4")};
 }
 
 Result<PagesWorkloadConfig> config_of(const RunOptions& o) {
@@ -78,7 +76,7 @@ SelftestResult run_migrate_under_l2(const RunOptions& o) {
   r.check(t.churn_operations > 0, "the host changed nothing while L2 ran");
   r.details["migrations"] = (*env)->mm->counters().get(Counter::migrations);
   r.details["migrate_ebusy"] = (*env)->mm->counters().get(Counter::migrate_ebusy);
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     // The kernel before the seed: nothing invalidates the maps. The scenario
     // passes by reporting what the detectors saw.
     if (o.memory == MemoryKind::unmanaged)
@@ -110,7 +108,7 @@ void register_nested_pages_selftest() {
       "the virtual-APIC page), touches the APIC-access page, reads an MSR that L1 intercepts on even "
       "rounds only (L1 changes its bitmap between entries), and receives interrupts L1's second vCPU "
       "posts. The guest-visible results are the same for every strategy.",
-      [](CLI::App& app, SelftestOptions& o) { add_common_options(app, o, "8"); },
+      common_options("8"),
       run_nested_pages,
   });
 }
@@ -124,7 +122,7 @@ void register_migrate_under_l2_selftest() {
       "over and over. With cache and oracle: zero stale accesses, zero lost TPR writes, zero lost "
       "posted interrupts. With map on unmanaged memory the stale accesses are detected and reported "
       "(that is the bug the seed fixes; the test passes by reporting them).",
-      [](CLI::App& app, SelftestOptions& o) { add_common_options(app, o, "40"); },
+      common_options("40"),
       run_migrate_under_l2,
   });
 }

@@ -174,7 +174,7 @@ void register_vmx_instructions_selftest() {
       "VMRESUME, INVEPT and INVVPID with good and bad operands, in and out of VMX operation, with and "
       "without a current VMCS, and checks each outcome (VMsucceed, VMfailInvalid, VMfailValid with the "
       "SDM's error number read back from the VM-instruction error field, #UD).",
-      nullptr,
+      {},
       run,
   });
 }
