@@ -9,6 +9,9 @@
 #include <functional>
 #include <thread>
 
+#include "support/nested_env.h"
+#include "support/params.h"
+#include "support/selftests.h"
 #include "vmx/entry_checks.h"
 #include "vmx/nested_contexts.h"
 #include "workloads/nested_env.h"
@@ -27,18 +30,17 @@ constexpr Gpa kVpAssist = 0x90000;
 constexpr Gpa kMsrBitmap = 0x91000;
 constexpr uint32_t kMsr = 0x10;  // IA32_TIME_STAMP_COUNTER: a low MSR L1 may intercept
 
-std::unique_ptr<NestedEnv> make_env(Strategy s, MemoryKind m = MemoryKind::unmanaged, bool evmcs_slot = true) {
+std::unique_ptr<NestedEnv> make_env(StrategyKind s, MemoryKind m = MemoryKind::unmanaged, bool evmcs_slot = true) {
   NestedEnvConfig ec{s, m};
   ec.vcpus = 1;
   ec.l1_bytes = 8 << 20;
-  auto env = NestedEnv::create(ec);
-  EXPECT_TRUE(env) << env.error().to_string();
+  auto env = test_support::make_nested_env(ec);
   if (!env) return nullptr;
   if (evmcs_slot) {
-    EXPECT_TRUE((*env)->add_page_slot(1, kEvmcs));
+    EXPECT_TRUE(env->add_page_slot(1, kEvmcs));
   }
-  (*env)->machine->vcpu(0).nested().enable_evmcs();
-  return std::move(*env);
+  env->machine->vcpu(0).nested().enable_evmcs();
+  return env;
 }
 
 GuestTask l2_vmcall_rdmsr_vmcall() {
@@ -71,7 +73,7 @@ uint64_t reason_of(uint64_t r) { return r & 0xffff; }
 Status run(NestedEnv& env) { return env.machine->run(std::chrono::seconds(30)); }
 
 TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
-  auto env = make_env(Strategy::cache);
+  auto env = make_env(StrategyKind::cache);
   ASSERT_TRUE(env);
   cpu::Vcpu& vcpu = env->machine->vcpu(0);
   env->machine->bind_l2_program(kEvmcs, l2_vmcall_rdmsr_vmcall());
@@ -143,7 +145,7 @@ TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
   EXPECT_EQ(env->counters()[Counter::stale_accesses], 0u);
 }
 
-class EvmcsEntryStrategies : public ::testing::TestWithParam<Strategy> {};
+class EvmcsEntryStrategies : public ::testing::TestWithParam<StrategyKind> {};
 
 TEST_P(EvmcsEntryStrategies, EvmcsWithNoMemslotIsUndefinedOpcode) {
   auto env = make_env(GetParam(), MemoryKind::unmanaged, /*evmcs_slot=*/false);
@@ -249,7 +251,7 @@ TEST_P(EvmcsEntryStrategies, MemslotMoveUnderACurrentEvmcs) {
   ASSERT_TRUE(st) << st.error().to_string();
   uint64_t stale = env->counters()[Counter::stale_accesses];
   stale = std::max(stale, env->phys->counters().get(Counter::stale_accesses));
-  if (GetParam() == Strategy::map) {
+  if (GetParam() == StrategyKind::map) {
     EXPECT_TRUE(resume.ok()) << cpu::to_string(resume);
     EXPECT_GT(stale, 0u) << "the detector sees the kept map's gfn resolve nowhere";
   } else {
@@ -288,31 +290,18 @@ TEST_P(EvmcsEntryStrategies, VmxoffAndTeardownFreeEverything) {
   EXPECT_EQ(env->vm->caches().active_count(), 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(All, EvmcsEntryStrategies, ::testing::Values(Strategy::map, Strategy::cache, Strategy::oracle),
-                         [](const ::testing::TestParamInfo<Strategy>& i) { return std::string(strategy_name(i.param)); });
+INSTANTIATE_TEST_SUITE_P(All, EvmcsEntryStrategies, ::testing::ValuesIn(kAllStrategies), test_support::strategy_case_name);
 
 // The `evmcs` selftest through the registry, as the CLI runs it.
-struct SelftestCase {
-  Strategy strategy;
-  MemoryKind memory;
-};
-
-class EvmcsSelftest : public ::testing::TestWithParam<SelftestCase> {};
+class EvmcsSelftest : public ::testing::TestWithParam<test_support::StrategyAndMemory> {};
 
 TEST_P(EvmcsSelftest, MovesAndMigrationsUnderAnEnlightenedL1) {
-  register_all();
-  const SelftestInfo* info = find_selftest("evmcs");
-  ASSERT_NE(info, nullptr);
-  RunOptions o;
-  o.strategy = GetParam().strategy;
-  o.memory = GetParam().memory;
-  o.extra = default_extra(*info);
-  o.extra["rounds"] = "10";
-  SelftestResult r = run_selftest(*info, o);
+  SelftestResult r =
+      test_support::run_named_selftest("evmcs", GetParam().strategy, GetParam().memory, {{"rounds", "10"}});
   for (auto& f : r.failures) ADD_FAILURE() << f;
   EXPECT_TRUE(r.passed);
   uint64_t stale = r.counters[Counter::stale_accesses];
-  if (o.strategy == Strategy::map) {
+  if (GetParam().strategy == StrategyKind::map) {
     EXPECT_GT(stale, 0u);
     EXPECT_EQ(r.details["transcript"]["entered_while_away"], 10);
   } else {
@@ -322,17 +311,8 @@ TEST_P(EvmcsSelftest, MovesAndMigrationsUnderAnEnlightenedL1) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(All, EvmcsSelftest,
-                         ::testing::Values(SelftestCase{Strategy::map, MemoryKind::managed},
-                                           SelftestCase{Strategy::map, MemoryKind::unmanaged},
-                                           SelftestCase{Strategy::cache, MemoryKind::managed},
-                                           SelftestCase{Strategy::cache, MemoryKind::unmanaged},
-                                           SelftestCase{Strategy::oracle, MemoryKind::managed},
-                                           SelftestCase{Strategy::oracle, MemoryKind::unmanaged}),
-                         [](const ::testing::TestParamInfo<SelftestCase>& i) {
-                           return std::string(strategy_name(i.param.strategy)) + "_" +
-                                  std::string(memory_kind_name(i.param.memory));
-                         });
+INSTANTIATE_TEST_SUITE_P(All, EvmcsSelftest, ::testing::ValuesIn(test_support::every_strategy_and_memory()),
+                         test_support::case_name);
 
 }  // namespace
 }  // namespace nestcache::workloads

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <thread>
 
+#include "support/nested_env.h"
 #include "vmx/entry_checks.h"
 #include "workloads/nested_env.h"
 
@@ -60,13 +61,11 @@ GuestTask l1_program(cpu::Machine& m, vmx::Vmcs12 v, GuestTask l2, int vmcalls, 
 }
 
 std::unique_ptr<NestedEnv> make_env() {
-  NestedEnvConfig ec{Strategy::cache, MemoryKind::unmanaged};
+  NestedEnvConfig ec{StrategyKind::cache, MemoryKind::unmanaged};
   ec.vcpus = 1;
   ec.l1_bytes = 8 << 20;
   ec.stale_fatal = false;
-  auto env = NestedEnv::create(ec);
-  EXPECT_TRUE(env) << env.error().to_string();
-  return env ? std::move(*env) : nullptr;
+  return test_support::make_nested_env(ec);
 }
 
 TEST(LastCheck, InvalidationBetweenVmcs02BuildAndEntryCancelsTheEntryAndRefreshes) {
