@@ -53,8 +53,8 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
   Gfn l2_gfn = gpa_to_gfn(l2_gpa);
   if (auto it = v.tlb02_.find(l2_gfn); it != v.tlb02_.end()) return {Xlate::Kind::ok, it->second.tag, it->second.l1_gfn};
   Gpa table = vmcs02.eptp12;
-  for (int level = 4; level >= 1; level--) {
-    Gpa entry_gpa = table + ((l2_gpa >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
+  for (int level = vmx::ept::kLevels; level >= 1; level--) {
+    Gpa entry_gpa = table + vmx::ept::index(l2_gpa, level) * 8;
     Xlate t = translate_l1(v, gpa_to_gfn(entry_gpa));
     if (t.kind != Xlate::Kind::ok) return t;
     // L1 may rewrite this entry from another vCPU while the walk reads it
@@ -62,8 +62,8 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
     // real CPU): an atomic load, like every other access to guest memory.
     auto* entry_ptr = reinterpret_cast<uint64_t*>(frame(v, t.tag, "EPT12 walk") + page_offset(entry_gpa));
     uint64_t entry = std::atomic_ref<uint64_t>(*entry_ptr).load(std::memory_order_relaxed);
-    if (!(entry & (kEptRead | kEptWrite | kEptExec))) return {Xlate::Kind::ept12_violation, {}, 0};
-    table = entry & kEptAddrMask;
+    if (!vmx::ept::present(entry)) return {Xlate::Kind::ept12_violation, {}, 0};
+    table = entry & vmx::ept::kAddressMask;
   }
   Xlate leaf = translate_l1(v, gpa_to_gfn(table));
   if (leaf.kind != Xlate::Kind::ok) return leaf;
@@ -177,14 +177,11 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
     return access(v, op, x.tag, gpa);
   }
   if (auto* r = op.get_if<GuestOp::Rdmsr>()) {
-    bool intercept = !vmcs02.use_msr_bitmap || r->msr > 0x1fff || (vmcs02.msr_bitmap[r->msr / 8] >> (r->msr % 8)) & 1;
-    if (intercept) return l2_exit(ExitReason::kMsrRead, 0, true, r->msr);
+    if (!vmcs02.use_msr_bitmap || vmx::msr_bitmap::intercepts(vmcs02.msr_bitmap, r->msr, false)) return l2_exit(ExitReason::kMsrRead, 0, true, r->msr);
     return OpResult::success(v.l2_msrs_[r->msr]);
   }
   if (auto* w = op.get_if<GuestOp::Wrmsr>()) {
-    bool intercept =
-        !vmcs02.use_msr_bitmap || w->msr > 0x1fff || (vmcs02.msr_bitmap[2048 + w->msr / 8] >> (w->msr % 8)) & 1;
-    if (intercept) {
+    if (!vmcs02.use_msr_bitmap || vmx::msr_bitmap::intercepts(vmcs02.msr_bitmap, w->msr, true)) {
       Exit e = l2_exit(ExitReason::kMsrWrite, 0, true, w->msr);
       v.l2_msrs_[w->msr] = w->value;  // what L0 stores if the exit stays with L0
       return e;
@@ -197,7 +194,7 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
       // The TPR shadow: the processor writes VTPR into the virtual-APIC page
       // through the pfn L0 put in vmcs02 (SDM 30.3).
       std::byte* page = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
-      page[kVapicTpr] = static_cast<std::byte>((c->value & 0xf) << 4);
+      page[vmx::vapic::kTpr] = static_cast<std::byte>(vmx::vapic::vtpr_of_cr8(c->value));
       if (!(vmcs02.proc2 & vmx::proc2::kVirtualInterruptDelivery) && (c->value & 0xf) < (vmcs02.tpr_threshold & 0xf))
         return l2_exit(ExitReason::kTprBelowThreshold, 0, true);
       return OpResult::success();
@@ -208,13 +205,13 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
   }
   if (op.is<GuestOp::ReadCr8>()) {
     if (vmcs02.proc & vmx::proc::kUseTprShadow)
-      return OpResult::success(static_cast<uint64_t>(frame(v, vmcs02.vapic.tag, "virtual-APIC page")[kVapicTpr]) >> 4);
+      return OpResult::success(static_cast<uint64_t>(frame(v, vmcs02.vapic.tag, "virtual-APIC page")[vmx::vapic::kTpr]) >> 4);
     if (vmcs02.proc & vmx::proc::kCr8StoreExiting) return l2_exit(ExitReason::kCrAccess, 8 | (1 << 4), true);
     return OpResult::success(v.l2_cr8_);
   }
   if (auto* s = op.get_if<GuestOp::SendIpi>()) {
     // x2APIC ICR write: goes through the MSR bitmap like any WRMSR.
-    GuestOp icr{GuestOp::Wrmsr{0x830, (uint64_t{s->dest_apic_id} << 32) | s->vector}};
+    GuestOp icr{GuestOp::Wrmsr{vmx::x2apic::kIcr, vmx::x2apic::icr(s->dest_apic_id, s->vector)}};
     return execute_l2(v, icr);
   }
   if (op.is<GuestOp::Vmcall>()) return l2_exit(ExitReason::kVmcall, 0, true);
@@ -237,16 +234,16 @@ void CpuModel::process_posted_interrupts(Vcpu& v) {
   const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
   if (!(vmcs02.pin & vmx::pin::kPostedInterrupts) || !vmcs02.pi_desc.valid() || !vmcs02.vapic.valid()) return;
   std::byte* desc = frame(v, vmcs02.pi_desc.tag, "posted-interrupt descriptor") + vmcs02.pi_desc.offset;
-  std::atomic_ref<uint8_t> on(*reinterpret_cast<uint8_t*>(desc + kPiOnByte));
+  std::atomic_ref<uint8_t> on(*reinterpret_cast<uint8_t*>(desc + vmx::pi_desc::kControl));
   if (!(on.fetch_and(~uint8_t{1}) & 1)) return;
   std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
   for (int w = 0; w < 4; w++) {
-    std::atomic_ref<uint64_t> pir(*reinterpret_cast<uint64_t*>(desc + 8 * w));
+    std::atomic_ref<uint64_t> pir(*reinterpret_cast<uint64_t*>(desc + vmx::pi_desc::pir_word(64 * w)));
     uint64_t bits = pir.exchange(0);
     for (int b = 0; b < 64; b++) {
       if (!((bits >> b) & 1)) continue;
       int vec = w * 64 + b;
-      std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * (vec / 32)));
+      std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + vmx::vapic::word_of(vmx::vapic::kIrr, vec)));
       irr.fetch_or(1u << (vec % 32));
     }
   }
@@ -257,7 +254,7 @@ std::optional<uint8_t> CpuModel::take_virtual_interrupt(Vcpu& v) {
   if (!vmcs02.vapic.valid() || !(vmcs02.proc2 & vmx::proc2::kVirtualInterruptDelivery)) return std::nullopt;
   std::byte* vapic = frame(v, vmcs02.vapic.tag, "virtual-APIC page");
   for (int reg = 7; reg >= 0; reg--) {
-    std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + kVapicIrr + 0x10 * reg));
+    std::atomic_ref<uint32_t> irr(*reinterpret_cast<uint32_t*>(vapic + vmx::vapic::word_of(vmx::vapic::kIrr, 32 * reg)));
     uint32_t bits = irr.load();
     if (!bits) continue;
     int bit = 31 - __builtin_clz(bits);

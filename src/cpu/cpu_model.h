@@ -16,15 +16,6 @@
 
 namespace nestcache::cpu {
 
-// EPT entry bits of the model's EPT12 (SDM 29.3.2, 4 KiB pages only).
-inline constexpr uint64_t kEptRead = 1, kEptWrite = 2, kEptExec = 4;
-inline constexpr uint64_t kEptAddrMask = 0x000ffffffffff000ull;
-// Virtual-APIC page offsets (SDM 30.1).
-inline constexpr size_t kVapicTpr = 0x80;
-inline constexpr size_t kVapicIrr = 0x200;
-// Posted-interrupt descriptor: PIR in bytes 0-31, ON is bit 0 of byte 32.
-inline constexpr size_t kPiOnByte = 32;
-
 class CpuModel {
  public:
   using Outcome = std::variant<OpResult, Vcpu::Exit>;

@@ -15,6 +15,7 @@
 #include <variant>
 
 #include "base/types.h"
+#include "vmx/vmx_defs.h"
 
 namespace nestcache::cpu {
 
@@ -23,16 +24,6 @@ inline constexpr uint8_t kVectorDE = 0;   // divide error
 inline constexpr uint8_t kVectorUD = 6;   // invalid opcode
 inline constexpr uint8_t kVectorGP = 13;  // general protection
 inline constexpr uint8_t kVectorPF = 14;  // page fault
-
-// INVEPT types (SDM Vol. 3 §30.3, "INVEPT").
-enum class InveptType : uint32_t { single_context = 1, global = 2 };
-// INVVPID types (SDM Vol. 3 §30.3, "INVVPID").
-enum class InvvpidType : uint32_t {
-  individual_address = 0,
-  single_context = 1,
-  all_context = 2,
-  single_context_retaining_globals = 3,
-};
 
 namespace detail {
 template <class T, class V>
@@ -173,12 +164,12 @@ struct GuestOp {
   };
   struct Invept {
     static constexpr const char* kName = "invept";
-    InveptType type = InveptType::single_context;
+    vmx::InveptType type = vmx::InveptType::single_context;
     uint64_t eptp = 0;
   };
   struct Invvpid {
     static constexpr const char* kName = "invvpid";
-    InvvpidType type = InvvpidType::single_context;
+    vmx::InvvpidType type = vmx::InvvpidType::single_context;
     uint16_t vpid = 0;
     uint64_t gla = 0;  // for individual_address only
   };

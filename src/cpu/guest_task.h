@@ -462,10 +462,10 @@ inline Awaitable<OpResult> vmwrite(uint32_t field, uint64_t value) {
 }
 inline Awaitable<OpResult> vmlaunch() { return Awaitable<OpResult>(GuestOp::Vmlaunch{}); }
 inline Awaitable<OpResult> vmresume() { return Awaitable<OpResult>(GuestOp::Vmresume{}); }
-inline Awaitable<OpResult> invept(InveptType type, uint64_t eptp) {
+inline Awaitable<OpResult> invept(vmx::InveptType type, uint64_t eptp) {
   return Awaitable<OpResult>(GuestOp::Invept{type, eptp});
 }
-inline Awaitable<OpResult> invvpid(InvvpidType type, uint16_t vpid, uint64_t gla = 0) {
+inline Awaitable<OpResult> invvpid(vmx::InvvpidType type, uint16_t vpid, uint64_t gla = 0) {
   return Awaitable<OpResult>(GuestOp::Invvpid{type, vpid, gla});
 }
 

@@ -312,7 +312,7 @@ void Vcpu::handle_l1_op(const GuestOp& op) {
     return l1_.resume_with(OpResult::success());
   }
   if (auto* o = op.get_if<GuestOp::Wrmsr>()) {
-    if (o->msr == 0x830) m_.send_ipi(id(), static_cast<uint32_t>(o->value >> 32), static_cast<uint8_t>(o->value));
+    if (o->msr == vmx::x2apic::kIcr) m_.send_ipi(id(), vmx::x2apic::icr_destination(o->value), vmx::x2apic::icr_vector(o->value));
     // Hyper-V's VP-assist page: where an enlightened L1 names its eVMCS.
     if (o->msr == vmx::kHvX64MsrVpAssistPage && !n.set_vp_assist_msr(o->value))
       return l1_.resume_with(OpResult::exception(kVectorGP));
@@ -382,21 +382,21 @@ void Vcpu::complete_posted_interrupts_in_software() {
   Status st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, no_op);
   if (st) {
     st = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
-      on = view.fetch_and8(off + kPiOnByte, static_cast<uint8_t>(~1u)) & 1;
+      on = view.fetch_and8(off + vmx::pi_desc::kControl, static_cast<uint8_t>(~vmx::pi_desc::kOn)) & vmx::pi_desc::kOn;
       if (on)
-        for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + 8 * w, 0);
+        for (int w = 0; w < 4; w++) pir[w] = view.exchange64(off + vmx::pi_desc::pir_word(64 * w), 0);
     });
   }
   if (st && on) {
     st = nested().access_page(vmx::L1Page::vapic, v.virtual_apic_page_addr, [&](const vmx::PageView& view) {
       for (int vec = 0; vec < 256; vec++)
-        if ((pir[vec / 64] >> (vec % 64)) & 1) view.fetch_or32(kVapicIrr + 0x10 * (vec / 32), 1u << (vec % 32));
+        if ((pir[vec / 64] >> (vec % 64)) & 1) view.fetch_or32(vmx::vapic::word_of(vmx::vapic::kIrr, vec), 1u << (vec % 32));
     });
     if (!st) {
       Status back = nested().access_page(vmx::L1Page::pi_desc, desc, [&](const vmx::PageView& view) {
         for (int w = 0; w < 4; w++)
-          if (pir[w]) view.fetch_or64(off + 8 * w, pir[w]);
-        view.fetch_or64(off + kPiOnByte, 1);  // ON: bit 0 of the descriptor's fifth qword
+          if (pir[w]) view.fetch_or64(off + vmx::pi_desc::pir_word(64 * w), pir[w]);
+        view.fetch_or64(off + vmx::pi_desc::kControl, vmx::pi_desc::kOn);
       });
       if (!back) counters().add(Counter::lost_posted_interrupts);
     }
@@ -420,7 +420,7 @@ void Vcpu::handle_l2_exit(const Exit& e) {
   vmx::NestedVmx& n = nested();
   if (n.route_exit(e.info, e.msr) == ExitTarget::l0) {
     counters().add(Counter::l0_exits);
-    auto reason = static_cast<ExitReason>(e.info.exit_reason & 0xffff);
+    ExitReason reason = vmx::basic_exit_reason(e.info.exit_reason);
     if (reason == ExitReason::kMsrRead)
       l2_->task.resume_with(OpResult::success(l2_msrs_[e.msr]));
     else if (reason == ExitReason::kMsrWrite)

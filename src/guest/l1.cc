@@ -56,20 +56,20 @@ GuestFn<uint64_t> Ept12::leaf_entry(Gpa l2_gpa, bool create) {
   for (int level = 4; level > 1; level--) {
     Gpa entry_gpa = table + ((l2_gpa >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
     uint64_t entry = co_await ops::read64(entry_gpa);
-    if (!(entry & cpu::kEptRead)) {
+    if (!vmx::ept::present(entry)) {
       if (!create) co_return 0;
       Gpa next = pages_.alloc();
-      entry = next | cpu::kEptRead | cpu::kEptWrite | cpu::kEptExec;
+      entry = next | vmx::ept::kReadWriteExecute;
       co_await ops::write64(entry_gpa, entry);
     }
-    table = entry & cpu::kEptAddrMask;
+    table = entry & vmx::ept::kAddressMask;
   }
   co_return table + ((l2_gpa >> 12) & 0x1ff) * 8;
 }
 
 GuestTask Ept12::map(Gpa l2_gpa, Gpa l1_gpa) {
   Gpa e = co_await leaf_entry(l2_gpa, true);
-  co_await ops::write64(e, (l1_gpa & kPageMask) | cpu::kEptRead | cpu::kEptWrite | cpu::kEptExec);
+  co_await ops::write64(e, (l1_gpa & kPageMask) | vmx::ept::kReadWriteExecute);
 }
 
 GuestTask Ept12::unmap(Gpa l2_gpa) {
@@ -81,7 +81,7 @@ GuestFn<uint64_t> Ept12::lookup(Gpa l2_gpa) {
   Gpa e = co_await leaf_entry(l2_gpa, false);
   if (!e) co_return 0;
   uint64_t entry = co_await ops::read64(e);
-  co_return (entry & cpu::kEptRead) ? (entry & cpu::kEptAddrMask) : 0;
+  co_return vmx::ept::present(entry) ? (entry & vmx::ept::kAddressMask) : 0;
 }
 
 GuestFn<uint64_t> exit_reason() { co_return co_await vmread(vmx::field::kExitReason); }

@@ -360,22 +360,17 @@ Status NestedVmx::refresh_guest_pages() {
 
 ExitTarget NestedVmx::route_exit(const ExitInfo& exit, uint32_t msr) const {
   const Vmcs12& v = vmcs12_;
-  switch (static_cast<ExitReason>(exit.exit_reason & 0xffff)) {
+  switch (basic_exit_reason(exit.exit_reason)) {
     case ExitReason::kMsrRead:
     case ExitReason::kMsrWrite: {
       if (!(v.primary_proc_controls & proc::kUseMsrBitmaps)) return ExitTarget::l1;
-      uint32_t base;
-      if (msr <= 0x1fff)
-        base = 0;
-      else if (msr >= 0xc0000000 && msr <= 0xc0001fff)
-        base = 1024;
-      else
-        return ExitTarget::l1;
-      if (static_cast<ExitReason>(exit.exit_reason & 0xffff) == ExitReason::kMsrWrite) base += 2048;
+      bool write = basic_exit_reason(exit.exit_reason) == ExitReason::kMsrWrite;
+      int64_t byte_offset = msr_bitmap::byte_of(msr, write);
+      if (byte_offset < 0) return ExitTarget::l1;
       // As KVM: L1's bitmap is read with a guest-memory read, not a map.
       uint8_t byte = 0;
-      if (!vm_.read_guest((v.msr_bitmap & kPageMask) + base + (msr & 0x1fff) / 8, &byte, 1)) return ExitTarget::l1;
-      return (byte >> (msr % 8)) & 1 ? ExitTarget::l1 : ExitTarget::l0;
+      if (!vm_.read_guest((v.msr_bitmap & kPageMask) + static_cast<uint64_t>(byte_offset), &byte, 1)) return ExitTarget::l1;
+      return (byte >> msr_bitmap::bit_of(msr)) & 1 ? ExitTarget::l1 : ExitTarget::l0;
     }
     case ExitReason::kHlt:
       return (v.primary_proc_controls & proc::kHltExiting) ? ExitTarget::l1 : ExitTarget::l0;

@@ -1,6 +1,8 @@
 // Architectural VMX vocabulary, named once: VMCS field encodings, control bits,
-// exit reasons, VM-instruction error numbers and MSR numbers, with the values
-// the Intel SDM (Vol. 3C, chapters 24-30 and appendices A-C) gives them. Also the
+// exit reasons, VM-instruction error numbers and MSR numbers, EPT entries, MSR
+// bitmaps, the virtual-APIC page, the posted-interrupt descriptor and x2APIC
+// registers, with the values the Intel SDM (Vol. 3A chapter 10, Vol. 3C
+// chapters 24-30 and appendices A-C) gives them. Also the
 // outcome type every VMX-emulation function returns (VmxFail).
 //
 // Only what nestcache models is here; adding a field or a bit is one line.
@@ -11,6 +13,7 @@
 // number each of these chapters one higher.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -280,6 +283,113 @@ inline constexpr uint64_t kCr4Vmxe = 1ull << 13;
 inline constexpr uint64_t kRflagsFixed1 = 1ull << 1;
 // Bits 63:22, 15, 5 and 3 of RFLAGS are reserved and must be 0.
 inline constexpr uint64_t kRflagsReserved = ~((1ull << 22) - 1) | (1ull << 15) | (1ull << 5) | (1ull << 3);
+
+// EPT paging-structure entries (SDM 28.2.2; 4 KiB pages only in nestcache).
+namespace ept {
+inline constexpr uint64_t kRead = 1ull << 0;
+inline constexpr uint64_t kWrite = 1ull << 1;
+inline constexpr uint64_t kExecute = 1ull << 2;
+inline constexpr uint64_t kReadWriteExecute = kRead | kWrite | kExecute;
+// Bits 51:12: the physical address of the next table or of the page.
+inline constexpr uint64_t kAddressMask = 0x000ffffffffff000ull;
+inline constexpr int kLevels = 4;
+inline constexpr uint64_t kEntriesPerTable = 512;
+// True if the entry maps something (any of read, write, execute).
+constexpr bool present(uint64_t entry) { return (entry & kReadWriteExecute) != 0; }
+// The index of `gpa`'s entry in the table of `level` (4 = PML4 ... 1 = PT).
+constexpr uint64_t index(uint64_t gpa, int level) { return (gpa >> (12 + 9 * (level - 1))) & (kEntriesPerTable - 1); }
+}  // namespace ept
+
+// INVEPT and INVVPID types (SDM 30.3, "INVEPT" / "INVVPID"): the value in
+// the register operand.
+enum class InveptType : uint32_t { single_context = 1, global = 2 };
+enum class InvvpidType : uint32_t {
+  individual_address = 0,
+  single_context = 1,
+  all_context = 2,
+  single_context_retaining_globals = 3,
+};
+
+// MSR bitmaps (SDM 24.6.9): one 4 KiB page, four 1 KiB bitmaps — reads of
+// the low MSRs 0x0-0x1fff, reads of the high MSRs 0xc0000000-0xc0001fff,
+// then writes of each. A set bit makes the access exit; an MSR outside both
+// ranges always exits.
+namespace msr_bitmap {
+inline constexpr uint32_t kLowLast = 0x00001fff;
+inline constexpr uint32_t kHighFirst = 0xc0000000;
+inline constexpr uint32_t kHighLast = 0xc0001fff;
+inline constexpr size_t kReadLow = 0, kReadHigh = 1024, kWriteLow = 2048, kWriteHigh = 3072;
+// The byte of the bitmap page that holds `msr`'s bit for a read or a
+// write, or -1 for an MSR no bitmap covers (the access always exits).
+constexpr int64_t byte_of(uint32_t msr, bool write) {
+  if (msr <= kLowLast) return static_cast<int64_t>((write ? kWriteLow : kReadLow) + msr / 8);
+  if (msr >= kHighFirst && msr <= kHighLast)
+    return static_cast<int64_t>((write ? kWriteHigh : kReadHigh) + (msr - kHighFirst) / 8);
+  return -1;
+}
+// `msr`'s bit within its byte.
+constexpr unsigned bit_of(uint32_t msr) { return msr % 8; }
+// What the processor and KVM's exit routing both decide (SDM 25.1.3): true
+// if an RDMSR (`write` false) or WRMSR of `msr` exits, given the bitmap
+// page (4,096 bytes, indexable by byte_of()).
+template <class Page>
+constexpr bool intercepts(const Page& page, uint32_t msr, bool write) {
+  int64_t byte = byte_of(msr, write);
+  if (byte < 0) return true;
+  return (static_cast<uint8_t>(page[static_cast<size_t>(byte)]) >> bit_of(msr)) & 1;
+}
+}  // namespace msr_bitmap
+
+// The virtual-APIC page (SDM 29.1): register offsets of the APIC's MMIO
+// layout. Interrupt-request, in-service and trigger-mode registers are eight
+// 32-bit words, 16 bytes apart.
+namespace vapic {
+inline constexpr size_t kTpr = 0x80;   // VTPR: priority class in bits 7:4
+inline constexpr size_t kPpr = 0xa0;
+inline constexpr size_t kEoi = 0xb0;
+inline constexpr size_t kIsr = 0x100;
+inline constexpr size_t kTmr = 0x180;
+inline constexpr size_t kIrr = 0x200;
+inline constexpr size_t kRegisterStride = 0x10;
+// The offset of the 32-bit word of the 256-bit register at `base` that holds
+// `vector`'s bit (bit `vector % 32`).
+constexpr size_t word_of(size_t base, unsigned vector) { return base + kRegisterStride * (vector / 32); }
+// The VTPR byte for priority class `tpr` (CR8's bits 3:0).
+constexpr uint8_t vtpr_of_cr8(uint64_t cr8) { return static_cast<uint8_t>((cr8 & 0xf) << 4); }
+}  // namespace vapic
+
+// The posted-interrupt descriptor (SDM 29.6): 64 bytes, 64-byte aligned. PIR
+// is the 256-bit request bitmap; the control qword holds ON (outstanding
+// notification), SN (suppress notification), the notification vector and the
+// destination.
+namespace pi_desc {
+inline constexpr size_t kPir = 0;          // 4 qwords, vector v in qword v/64, bit v%64
+inline constexpr size_t kControl = 32;     // bit 0 ON, bit 1 SN
+inline constexpr uint64_t kOn = 1ull << 0;
+inline constexpr uint64_t kSn = 1ull << 1;
+inline constexpr size_t kNotificationVector = 34;  // byte
+inline constexpr size_t kDestination = 36;         // 32 bits
+inline constexpr size_t kSize = 64;
+inline constexpr uint64_t kAlignment = 64;
+// The offset of the PIR qword that holds `vector`'s bit (bit `vector % 64`).
+constexpr size_t pir_word(unsigned vector) { return kPir + 8 * (vector / 64); }
+}  // namespace pi_desc
+
+// x2APIC registers as MSRs (SDM Vol. 3A 10.12.1.2): MSR 0x800 + MMIO offset / 16.
+namespace x2apic {
+inline constexpr uint32_t kTpr = 0x808;
+inline constexpr uint32_t kPpr = 0x80a;
+inline constexpr uint32_t kEoi = 0x80b;
+inline constexpr uint32_t kIcr = 0x830;  // 64 bits: destination in 63:32, vector in 7:0
+inline constexpr uint32_t kLvtTimer = 0x832;
+inline constexpr uint32_t kTimerInitialCount = 0x838;
+inline constexpr uint32_t kTimerCurrentCount = 0x839;
+inline constexpr uint32_t kTimerDivide = 0x83e;
+// An ICR value: a fixed interrupt `vector` to the APIC with id `dest`.
+constexpr uint64_t icr(uint32_t dest, uint8_t vector) { return (uint64_t{dest} << 32) | vector; }
+constexpr uint32_t icr_destination(uint64_t icr) { return static_cast<uint32_t>(icr >> 32); }
+constexpr uint8_t icr_vector(uint64_t icr) { return static_cast<uint8_t>(icr); }
+}  // namespace x2apic
 
 // ---------------------------------------------------------------------------
 // Exit reasons (SDM Appendix C). The exit-reason field holds the basic reason

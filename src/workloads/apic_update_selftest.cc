@@ -102,7 +102,7 @@ cpu::GuestFn<uint64_t> read_settled(Gpa gpa) {
 GuestTask l2_program(Config c, Transcript& t) {
   for (int i = 0; i < kWrites; i++) {
     uint32_t value = i < kWrites - 1 ? 1u << i : 0;
-    if (c.pages & kPageApic) co_await ops::write32(kApicGpa + cpu::kVapicTpr, value);  // APIC-access exit
+    if (c.pages & kPageApic) co_await ops::write32(kApicGpa + vmx::vapic::kTpr, value);  // APIC-access exit
     if (c.pages & kPageVapic) {
       uint64_t tpr = 1 + i % 15;
       // The test reads the VMM's sequence (an oracle, not a guest action).
@@ -199,7 +199,7 @@ GuestTask l1_program(cpu::Machine& m, Config c, Transcript& t) {
       if (call == kCallDone) break;
       if (call == kCallTpr) {
         uint64_t word = co_await ops::read64(data + kTprValue);
-        uint64_t vtpr = (co_await read_settled(kVapicGpa + cpu::kVapicTpr)) & 0xff;
+        uint64_t vtpr = (co_await read_settled(kVapicGpa + vmx::vapic::kTpr)) & 0xff;
         uint64_t seq0 = word >> 8;
         t.tpr_checks++;
         if (vtpr != (word & 0xf) << 4) {

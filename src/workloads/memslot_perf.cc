@@ -211,7 +211,7 @@ GuestTask NestedMemslotPerf::wait_ack(Gpa ack, uint64_t req) {
 // After EPT12 entries were zapped: INVEPT here, and a waiting flush kick to
 // the vCPU running L2 (KVM's kvm_flush_remote_tlbs), whose L1 runs INVEPT.
 GuestTask NestedMemslotPerf::zap_flush() {
-  co_await guest::vmx_ok(GuestOp{GuestOp::Invept{cpu::InveptType::single_context, eptp_}}, "INVEPT");
+  co_await guest::vmx_ok(GuestOp{GuestOp::Invept{vmx::InveptType::single_context, eptp_}}, "INVEPT");
   uint64_t req = co_await ops::read64(kFlushReq) + 1;
   co_await ops::write64(kFlushReq, req);
   flush_kicks_++;
@@ -345,7 +345,7 @@ GuestTask NestedMemslotPerf::vcpu_program() {
         uint64_t req = co_await ops::read64(kShootReq);
         co_await ops::write64(kShootAck, req);
       } else if (vector == kFlushVector) {
-        co_await guest::vmx_ok(GuestOp{GuestOp::Invept{cpu::InveptType::single_context, eptp_}}, "INVEPT");
+        co_await guest::vmx_ok(GuestOp{GuestOp::Invept{vmx::InveptType::single_context, eptp_}}, "INVEPT");
         uint64_t req = co_await ops::read64(kFlushReq);
         co_await ops::write64(kFlushAck, req);
       } else if (vector != kTimerVector) {

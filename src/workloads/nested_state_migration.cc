@@ -69,7 +69,7 @@ GuestTask l2_program(int steps, int park_step, bool evmcs) {
         if (evmcs)
           (void)co_await ops::exec(GuestOp{GuestOp::Hlt{}});  // HLT exiting: to L1
         else
-          co_await ops::write32(kApicGpa + cpu::kVapicTpr, static_cast<uint32_t>(i));  // APIC-access exit
+          co_await ops::write32(kApicGpa + vmx::vapic::kTpr, static_cast<uint32_t>(i));  // APIC-access exit
         break;
       case 2:
         (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
@@ -115,7 +115,7 @@ GuestTask l1_exit_loop(bool evmcs) {
     e.step = co_await ops::read64(data + kReq);
     uint64_t steps = co_await ops::read64(kStateSteps);
     if (e.step >= 1 && e.step <= steps) e.value = co_await ops::read64(data + kResults + 8 * e.step);
-    e.vtpr = (co_await ops::read32(kVapicGpa + cpu::kVapicTpr)) & 0xff;
+    e.vtpr = (co_await ops::read32(kVapicGpa + vmx::vapic::kTpr)) & 0xff;
     bool ack = true, done = false;
     switch (reason) {
       case vmx::ExitReason::kApicAccess:

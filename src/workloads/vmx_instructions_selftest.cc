@@ -105,14 +105,14 @@ GuestTask l1_program(Checker& c) {
   // The current VMCS is empty: its controls fail the entry checks.
   co_await c.run("VMLAUNCH with invalid control fields", GuestOp{GuestOp::Vmlaunch{}},
                  valid(VmInstructionError::kEntryInvalidControlFields));
-  co_await c.run("INVEPT of an unsupported type", GuestOp{GuestOp::Invept{static_cast<cpu::InveptType>(7), 0}},
+  co_await c.run("INVEPT of an unsupported type", GuestOp{GuestOp::Invept{static_cast<vmx::InveptType>(7), 0}},
                  valid(VmInstructionError::kInvalidInveptInvvpidOperand));
-  co_await c.run("INVEPT all-context", GuestOp{GuestOp::Invept{cpu::InveptType::global, 0}}, kOk);
-  co_await c.run("INVVPID of an unsupported type", GuestOp{GuestOp::Invvpid{static_cast<cpu::InvvpidType>(9), 1, 0}},
+  co_await c.run("INVEPT all-context", GuestOp{GuestOp::Invept{vmx::InveptType::global, 0}}, kOk);
+  co_await c.run("INVVPID of an unsupported type", GuestOp{GuestOp::Invvpid{static_cast<vmx::InvvpidType>(9), 1, 0}},
                  valid(VmInstructionError::kInvalidInveptInvvpidOperand));
-  co_await c.run("INVVPID single-context of VPID 0", GuestOp{GuestOp::Invvpid{cpu::InvvpidType::single_context, 0, 0}},
+  co_await c.run("INVVPID single-context of VPID 0", GuestOp{GuestOp::Invvpid{vmx::InvvpidType::single_context, 0, 0}},
                  valid(VmInstructionError::kInvalidInveptInvvpidOperand));
-  co_await c.run("INVVPID all-context", GuestOp{GuestOp::Invvpid{cpu::InvvpidType::all_context, 0, 0}}, kOk);
+  co_await c.run("INVVPID all-context", GuestOp{GuestOp::Invvpid{vmx::InvvpidType::all_context, 0, 0}}, kOk);
   // A launched VMCS refuses VMLAUNCH. Run a real L2 to launch it.
   co_await guest::write_vmcs(vmx::minimal_vmcs12());
   co_await c.run("VMLAUNCH of a valid VMCS (L2 exits with VMCALL)", GuestOp{GuestOp::Vmlaunch{}}, kOk);

@@ -146,7 +146,7 @@ class FakeCpu {
           return OpResult::success();
         },
         [&](const G::Invept& o) {
-          bool known = o.type == InveptType::single_context || o.type == InveptType::global;
+          bool known = o.type == vmx::InveptType::single_context || o.type == vmx::InveptType::global;
           return known ? OpResult::success() : OpResult::fail_valid(28);
         },
         // Hlt, Pause, Yield, SendIpi, Eoi, Invvpid: nothing to model.
@@ -248,8 +248,8 @@ GuestTask every_operation() {
   co_await ops::vmread(0x6800);
   co_await ops::vmlaunch();
   co_await ops::vmresume();
-  co_await ops::invept(InveptType::global, 0x5000);
-  co_await ops::invvpid(InvvpidType::individual_address, 3, 0x7000);
+  co_await ops::invept(vmx::InveptType::global, 0x5000);
+  co_await ops::invvpid(vmx::InvvpidType::individual_address, 3, 0x7000);
   co_await ops::vmxoff();
   co_await ops::exec(GuestOp::Pause{});
 }
@@ -461,7 +461,7 @@ GuestTask l1_vmx_sequence(VmxSeen* s) {
   s->vmlaunch_again = co_await ops::vmlaunch();
   s->vmread_exit = co_await ops::vmread(kFieldExitReason);
   s->vmptrst = co_await ops::vmptrst();
-  s->invept_bad = co_await ops::invept(static_cast<InveptType>(7), 0);
+  s->invept_bad = co_await ops::invept(static_cast<vmx::InveptType>(7), 0);
   co_await ops::vmxoff();
   s->ud_after_vmxoff = co_await ops::vmptrst();
 }

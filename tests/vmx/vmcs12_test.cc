@@ -226,5 +226,23 @@ TEST(VmxFailText, NamesTheErrorNumber) {
   EXPECT_EQ(exit_reason_name(ExitReason::kEptViolation), "EPT_VIOLATION");
 }
 
+// The MSR-bitmap rule the processor and the exit routing share (SDM 24.6.9).
+TEST(MsrBitmap, CoversTheLowAndHighRangesForReadsAndWrites) {
+  std::array<uint8_t, kPageSize> page{};
+  const uint32_t low = 0x10, high = 0xc0000080, outside = 0x4b564d00;
+  EXPECT_FALSE(msr_bitmap::intercepts(page, low, false));
+  EXPECT_FALSE(msr_bitmap::intercepts(page, high, true));
+  EXPECT_TRUE(msr_bitmap::intercepts(page, outside, false)) << "no bitmap covers it: always exits";
+  EXPECT_EQ(msr_bitmap::byte_of(low, false), 2);
+  EXPECT_EQ(msr_bitmap::byte_of(low, true), 2048 + 2);
+  EXPECT_EQ(msr_bitmap::byte_of(high, false), 1024 + 0x10);
+  EXPECT_EQ(msr_bitmap::byte_of(high, true), 3072 + 0x10);
+  EXPECT_EQ(msr_bitmap::byte_of(outside, true), -1);
+  page[3072 + 0x10] = 1;  // write of 0xc0000080 (EFER)
+  EXPECT_TRUE(msr_bitmap::intercepts(page, high, true));
+  EXPECT_FALSE(msr_bitmap::intercepts(page, high, false)) << "the read bitmap is separate";
+  EXPECT_FALSE(msr_bitmap::intercepts(page, high + 1, true)) << "one bit per MSR";
+}
+
 }  // namespace
 }  // namespace nestcache::vmx
