@@ -597,6 +597,8 @@ inline constexpr size_t kVmcsRegionSize = kPageSize;  // IA32_VMX_BASIC bits 44:
 // ---------------------------------------------------------------------------
 
 namespace msr {
+inline constexpr uint32_t kIa32TimeStampCounter = 0x10;
+inline constexpr uint32_t kIa32PlatformId = 0x17;
 inline constexpr uint32_t kIa32ApicBase = 0x1b;
 inline constexpr uint32_t kIa32FeatureControl = 0x3a;
 inline constexpr uint32_t kIa32Pat = 0x277;
