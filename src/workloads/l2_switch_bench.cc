@@ -13,7 +13,10 @@
 // oracle the nested contexts keep each vmcs12's caches mapped, up to 8 per L1
 // vCPU. The row checks the seed's sched-mode formulas on the counters it
 // reports: reuse = min(N, 8)·(rounds − 1), recycle = 0.
-#include "vmx/entry_checks.h"
+#include "guest/l1_pages.h"
+#include "guest/l2_switch.h"
+#include "guest/mailbox.h"
+#include "guest/vmx.h"
 #include "vmx/nested_context.h"
 #include "workloads/nested_env.h"
 #include "workloads/selftests.h"
@@ -23,16 +26,12 @@ namespace nestcache::workloads {
 namespace {
 
 namespace ops = cpu::ops;
-using cpu::GuestOp;
 using cpu::GuestTask;
+using guest::SwitchedL2;
 
 constexpr int kSwitchBenchL2[] = {2, 8, 16};
 constexpr size_t kL1Bytes = 8 << 20;
 constexpr Gpa kL2PagesStart = 0x400000;
-
-struct L2Pages {
-  Gpa vmcs, msr_bitmap, apic_access, vapic;
-};
 
 struct SwitchConfig {
   int l2 = 2;
@@ -46,48 +45,22 @@ struct SwitchTimes {
   uint64_t loop_ns = 0;
 };
 
-GuestTask l2_program() {
-  for (;;) co_await ops::vmcall(0);
-}
-
-GuestTask l1_switcher(SwitchConfig c, const std::vector<L2Pages>& l2, SwitchTimes& out) {
+GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchTimes& out) {
   guest::L1Pages pages(kL1PagesStart, kL2PagesStart);
   co_await guest::enter_vmx(pages);
-  auto expect_vmcall = [&]() -> GuestTask {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
-    if (reason != vmx::ExitReason::kVmcall)
-      throw guest::VmxError(fmt::format("L2 exited with {}, expected VMCALL", vmx::exit_reason_name(reason)));
-  };
   const uint64_t limit_ns = static_cast<uint64_t>(c.seconds * 1e9);
   const uint64_t start = co_await ops::now();
   for (uint64_t round = 0;; round++) {
     uint64_t t0 = co_await ops::now();
-    for (const L2Pages& p : l2) {
-      if (round == 0) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{p.vmcs}}, "VMPTRLD");
-      if (round == 0) {
-        vmx::Vmcs12 v = vmx::minimal_vmcs12();
-        v.primary_proc_controls |=
-            vmx::proc::kUseMsrBitmaps | vmx::proc::kUseTprShadow | vmx::proc::kActivateSecondaryControls;
-        v.secondary_proc_controls |= vmx::proc2::kVirtualizeApicAccesses;
-        v.msr_bitmap = p.msr_bitmap;
-        v.apic_access_addr = p.apic_access;
-        v.virtual_apic_page_addr = p.vapic;
-        co_await guest::write_vmcs(v);
-        co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-      } else {
-        co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-      }
-      co_await expect_vmcall();
-    }
+    for (const SwitchedL2& p : l2) co_await guest::switch_to(p, guest::SwitchMode::sched, round == 0);
     uint64_t t1 = co_await ops::now();
     out.round_ns.push_back(t1 - t0);
     out.loop_ns = t1 - start;
     bool done = c.iterations ? round + 1 >= c.iterations : t1 - start >= limit_ns;
     if (done) break;
   }
-  for (const L2Pages& p : l2) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+  for (const SwitchedL2& p : l2) co_await guest::vmclear(p.vmcs);
+  co_await guest::vmxoff();
 }
 
 struct SwitchRun {
@@ -106,14 +79,14 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   ec.l1_bytes = kL1Bytes;
   ec.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   auto env = NC_TRY(NestedEnv::create(ec));
-  std::vector<L2Pages> l2;
+  std::vector<SwitchedL2> l2;
   for (int j = 0; j < c.l2; j++) {
     Gpa base = kL2PagesStart + static_cast<Gpa>(j) * 4 * kPageSize;
-    L2Pages p{base, base + kPageSize, base + 2 * kPageSize, base + 3 * kPageSize};
+    SwitchedL2 p{base, base + kPageSize, base + 2 * kPageSize, base + 3 * kPageSize};
     uint32_t rev = vmx::kVmcs12Revision;
     NC_TRY(env->vm->write_guest(p.vmcs, &rev, sizeof rev));
     l2.push_back(p);
-    env->machine->bind_l2_program(p.vmcs, l2_program());
+    env->machine->bind_l2_program(p.vmcs, guest::vmcall_forever());
   }
   SwitchRun run;
   env->machine->set_l1_program(0, l1_switcher(c, l2, run.times));

@@ -24,6 +24,22 @@ Result<Hva> NestedEnv::add_page_slot(uint32_t slot, Gpa gpa) {
   return h;
 }
 
+std::string Leaks::to_string() const {
+  return fmt::format("{} remap windows, {} pins, {} active caches, {} attached contexts", open_windows, held_pins,
+                     active_caches, attached_contexts);
+}
+
+Leaks NestedEnv::tear_down() {
+  Leaks l;
+  if (auto* table = machine->nested_contexts()) l.attached_contexts = table->table().attached_count();
+  machine.reset();
+  const CounterSet& pc = phys->counters();
+  l.open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
+  l.held_pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
+  l.active_caches = vm->caches().active_count();
+  return l;
+}
+
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 
 nlohmann::json NestedEnv::counters_by_vcpu() const {

@@ -4,17 +4,26 @@
 #include <algorithm>
 #include <chrono>
 
-#include "cpu/cpu_model.h"
-#include "vmx/entry_checks.h"
+#include "guest/enlightened.h"
+#include "guest/ept12.h"
+#include "guest/l2_run.h"
+#include "guest/mailbox.h"
+#include "guest/posted_interrupts.h"
+#include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
+#include "guest/wait.h"
+#include "vmx/evmcs.h"
+#include "workloads/host_wait.h"
 
 namespace nestcache::workloads::nested_state {
 
 namespace {
 
 namespace ops = cpu::ops;
-using cpu::GuestOp;
+using cpu::GuestFn;
 using cpu::GuestTask;
-using cpu::OpResult;
+using guest::Call;
+using guest::Mailbox;
 
 constexpr size_t kL1Bytes = 8 << 20;
 constexpr auto kRunTimeout = std::chrono::seconds(60);
@@ -28,20 +37,52 @@ constexpr Gpa kTranscript = 0x90000;  // TranscriptEntry as 5 qwords each
 constexpr size_t kEntryBytes = 5 * 8;
 constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / kEntryBytes;
 
-// L2's data page (an L2 address, mapped by EPT12 onto an L1 page).
+// L2's data page is its mailbox (an L2 address, mapped by EPT12 onto an L1
+// page): L2's progress word is the step it is on, L1's acknowledgement the
+// last step L1 saw through, and its data qwords L2's result of each step.
 constexpr Gpa kL2Data = 0x200000;
-constexpr uint64_t kAck = 0x00, kReq = 0x08, kCallWord = 0x10, kParked = 0x18, kGo = 0x20, kReceived = 0x28,
-                   kResults = 0x100;
-enum Call : uint64_t { kCallStep = 1, kCallIrq, kCallIrqDone, kCallDone };
+constexpr Gpa kParked = Mailbox::user(0);  // L2 -> VMM: parked at the migration point
+constexpr Gpa kGo = Mailbox::user(1);      // VMM -> L2: go on
 
-constexpr uint32_t kMsrIntercepted = 0x10;  // read-intercepted in L1's bitmap
-constexpr uint32_t kMsrPassthrough = 0x11;
+constexpr uint32_t kMsrIntercepted = vmx::msr::kIa32TimeStampCounter;  // read- and write-intercepted
+constexpr uint32_t kMsrPassthrough = vmx::msr::kIa32PlatformId;        // not intercepted
 constexpr uint8_t kNotificationVector = 0xf2;
 constexpr uint8_t kFirstVector = 0x80;
+constexpr uint64_t kInterruptWaitNs = 2'000'000'000;
 
 uint64_t mix(uint64_t prev, uint64_t step) {
   uint64_t x = (prev ^ (step * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
   return x ^ (x >> 31);
+}
+
+// L2's step `i` after its result and CR8 are in place: the exit that ends it.
+GuestTask l2_step_exit(uint64_t i, bool evmcs, Mailbox mb) {
+  switch (i % 4) {
+    case 0:
+      co_await mb.call(Call::step);
+      break;
+    case 1:
+      if (evmcs)
+        (void)co_await ops::exec(cpu::GuestOp::Hlt{});  // HLT exiting: to L1
+      else
+        co_await ops::write32(kApicGpa + vmx::vapic::kTpr, static_cast<uint32_t>(i));  // APIC-access exit
+      break;
+    case 2:
+      (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
+      (void)co_await ops::rdmsr(kMsrIntercepted);  // exits to L1
+      break;
+    case 3: {
+      if (evmcs) {
+        co_await ops::wrmsr(kMsrIntercepted, i);  // exits to L1
+        break;
+      }
+      co_await mb.call(Call::irq);  // L1 posts one interrupt while L2 is out
+      uint64_t got = co_await guest::wait_interrupt(co_await guest::deadline_in(kInterruptWaitNs));
+      if (got) co_await ops::eoi();
+      co_await mb.call(Call::irq_done, got);
+      break;
+    }
+  }
 }
 
 // L2: restartable from its memory. It resumes after the last step L1
@@ -49,198 +90,147 @@ uint64_t mix(uint64_t prev, uint64_t step) {
 // With `evmcs` (no APIC-access page, no posted interrupts) steps 1 and 3 of
 // each four end with a HLT and an intercepted WRMSR instead.
 GuestTask l2_program(int steps, int park_step, bool evmcs) {
-  uint64_t first = (co_await ops::read64(kL2Data + kAck)) + 1;
+  const Mailbox mb(kL2Data, kInvalidGpa);
+  uint64_t first = (co_await ops::read64(mb.l2_address(Mailbox::kAck))) + 1;
   for (uint64_t i = first; i <= static_cast<uint64_t>(steps); i++) {
     if (i == static_cast<uint64_t>(park_step)) {
       // The migration point: spin without exits until the VMM says go.
-      co_await ops::write64(kL2Data + kParked, 1);
-      while (!(co_await ops::read64(kL2Data + kGo))) co_await ops::pause();
+      co_await ops::write64(mb.l2_address(kParked), 1);
+      co_await guest::wait_while_eq(mb.l2_address(kGo), 0);
     }
-    uint64_t prev = i > 1 ? co_await ops::read64(kL2Data + kResults + 8 * (i - 1)) : 0x5eed;
-    co_await ops::write64(kL2Data + kResults + 8 * i, mix(prev, i));
+    uint64_t prev = i > 1 ? co_await ops::read64(mb.l2_address(Mailbox::data(i - 1))) : 0x5eed;
+    co_await ops::write64(mb.l2_address(Mailbox::data(i)), mix(prev, i));
     co_await ops::write_cr8(i & 0xf);  // TPR shadow: VTPR in the virtual-APIC page
-    co_await ops::write64(kL2Data + kReq, i);
-    switch (i % 4) {
-      case 0:
-        co_await ops::write64(kL2Data + kCallWord, kCallStep);
-        co_await ops::vmcall(kCallStep);
-        break;
-      case 1:
-        if (evmcs)
-          (void)co_await ops::exec(GuestOp{GuestOp::Hlt{}});  // HLT exiting: to L1
-        else
-          co_await ops::write32(kApicGpa + vmx::vapic::kTpr, static_cast<uint32_t>(i));  // APIC-access exit
-        break;
-      case 2:
-        (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
-        (void)co_await ops::rdmsr(kMsrIntercepted);  // exits to L1
-        break;
-      case 3: {
-        if (evmcs) {
-          co_await ops::wrmsr(kMsrIntercepted, i);  // exits to L1
-          break;
-        }
-        co_await ops::write64(kL2Data + kCallWord, kCallIrq);
-        co_await ops::vmcall(kCallIrq);  // L1 posts one interrupt while L2 is out
-        uint64_t got = 0;
-        uint64_t deadline = co_await ops::now() + 2'000'000'000;
-        while (!got && co_await ops::now() < deadline) got = (co_await ops::exec(GuestOp{GuestOp::Hlt{}})).value;
-        if (got) co_await ops::eoi();
-        co_await ops::write64(kL2Data + kReceived, got);
-        co_await ops::write64(kL2Data + kCallWord, kCallIrqDone);
-        co_await ops::vmcall(kCallIrqDone);
-        break;
-      }
-    }
+    co_await mb.report_progress(i);
+    co_await l2_step_exit(i, evmcs, mb);
   }
-  co_await ops::write64(kL2Data + kReq, steps + 1);
-  co_await ops::write64(kL2Data + kCallWord, kCallDone);
-  for (;;) co_await ops::vmcall(kCallDone);
+  co_await mb.report_progress(steps + 1);
+  co_await mb.finish();
 }
 
-// The exit reason as L1 reads it: VMREAD, or a load from its eVMCS.
-cpu::GuestFn<uint64_t> l1_exit_reason(bool evmcs) {
-  if (evmcs) co_return co_await guest::evmcs_read(kEvmcsGpa, vmx::field::kExitReason);
-  co_return co_await guest::exit_reason();
-}
+// L1's exit handling, run again by a restored L1: its state is in kL1State
+// and its transcript in L1 memory. `data` (L2's data page, L1 address) is
+// read at the first exit: a restored L1's first operation must be the
+// VMRESUME the restored guest mode has in flight.
+struct ExitLoop {
+  // What follows an exit: L2 resumes with its step acknowledged, or resumes
+  // in the middle of its step, or is done.
+  enum class Next { ack, resume, stop };
 
-// L1's exit loop, entered right after a VMLAUNCH/VMRESUME returned (L2 has
-// exited). Its state is in kL1State, so a restored L1 runs the same loop.
-GuestTask l1_exit_loop(bool evmcs) {
-  const Gpa data = co_await ops::read64(kStateData);
-  for (;;) {
-    auto reason = static_cast<vmx::ExitReason>(co_await l1_exit_reason(evmcs) & vmx::kExitReasonBasicMask);
-    TranscriptEntry e;
-    e.reason = static_cast<uint64_t>(reason);
-    e.step = co_await ops::read64(data + kReq);
-    uint64_t steps = co_await ops::read64(kStateSteps);
-    if (e.step >= 1 && e.step <= steps) e.value = co_await ops::read64(data + kResults + 8 * e.step);
-    e.vtpr = (co_await ops::read32(kVapicGpa + vmx::vapic::kTpr)) & 0xff;
-    bool ack = true, done = false;
-    switch (reason) {
-      case vmx::ExitReason::kApicAccess:
-        e.info = co_await guest::vmread(vmx::field::kExitQualification);
-        break;
-      case vmx::ExitReason::kMsrRead:
-      case vmx::ExitReason::kMsrWrite:
-        e.info = kMsrIntercepted;
-        break;
-      case vmx::ExitReason::kHlt:
-        break;
-      case vmx::ExitReason::kVmcall: {
-        uint64_t call = co_await ops::read64(data + kCallWord);
-        if (call == kCallDone) {
-          done = true;
-        } else if (call == kCallIrq) {
-          // Post one interrupt: PIR bit, ON, then the notification IPI to
-          // ourselves; L0 completes it in software at the next entry.
-          auto vec = static_cast<uint8_t>(kFirstVector + e.step % 32);
-          Gpa pir = kPiDesc + 8 * (vec / 64);
-          co_await ops::write64(pir, (co_await ops::read64(pir)) | (uint64_t{1} << (vec % 64)));
-          co_await ops::write64(kPiDesc + 32, (co_await ops::read64(kPiDesc + 32)) | 1);
-          co_await ops::send_ipi(0, kNotificationVector);
-          e.info = vec;
-          ack = false;  // the step goes on: L2 still has to receive it
-        } else if (call == kCallIrqDone) {
-          e.info = co_await ops::read64(data + kReceived);
-        }
-        break;
-      }
-      default:
-        throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
-    }
-    uint64_t n = co_await ops::read64(kStateCount);
-    if (n >= kMaxEntries) throw guest::VmxError("transcript full");
-    const Gpa at = kTranscript + n * kEntryBytes;
-    co_await ops::write64(at + 0, e.step);
-    co_await ops::write64(at + 8, e.reason);
-    co_await ops::write64(at + 16, e.info);
-    co_await ops::write64(at + 24, e.value);
-    co_await ops::write64(at + 32, e.vtpr);
-    co_await ops::write64(kStateCount, n + 1);
-    // An enlightened L1 changes a field of a clean-field group between
-    // entries (the group's clean bit goes down): the next entry must copy
-    // it, and after a restore the first one must copy every group.
-    if (evmcs) co_await guest::evmcs_write(kEvmcsGpa, vmx::field::kTscOffset, e.step * 0x1000 + n);
-    if (done) co_return;
-    if (ack) co_await ops::write64(data + kAck, e.step);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+  bool evmcs;
+  Gpa data = 0;
+
+  GuestFn<bool> handle(vmx::ExitReason reason);
+  GuestFn<Next> handle_vmcall(const Mailbox& mb, TranscriptEntry& e);
+  GuestTask append(const TranscriptEntry& e);
+};
+
+GuestFn<ExitLoop::Next> ExitLoop::handle_vmcall(const Mailbox& mb, TranscriptEntry& e) {
+  Call call = co_await mb.read_call();
+  if (call == Call::done) co_return Next::stop;
+  if (call == Call::irq) {
+    // One interrupt to ourselves: L0 completes it in software at the next
+    // entry. The step goes on: L2 still has to receive it. The descriptor's
+    // memslot never moves here; one a test leaves out must reach L0, whose
+    // completion then fails, rather than keep L1 waiting.
+    auto vec = static_cast<uint8_t>(kFirstVector + e.step % 32);
+    co_await guest::post_interrupt(kPiDesc, vec, 0, kNotificationVector, guest::IfUnbacked::proceed);
+    e.info = vec;
+    co_return Next::resume;
   }
+  if (call == Call::irq_done) e.info = co_await mb.read_arg();
+  co_return Next::ack;
 }
 
-// The plain L1's vmcs12: every page L0 gets for a nested guest.
-GuestTask write_full_vmcs12(const guest::Ept12& ept, Gpa bitmap) {
-  vmx::Vmcs12 v = vmx::minimal_vmcs12();
-  v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow | vmx::proc::kUseMsrBitmaps;
-  v.secondary_proc_controls |=
-      vmx::proc2::kEnableEpt | vmx::proc2::kVirtualizeApicAccesses | vmx::proc2::kVirtualInterruptDelivery;
-  v.pin_based_controls |= vmx::pin::kPostedInterrupts | vmx::pin::kExternalInterruptExiting;
-  v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
-  v.ept_pointer = ept.eptp();
-  v.msr_bitmap = bitmap;
-  v.apic_access_addr = kApicGpa;
-  v.virtual_apic_page_addr = kVapicGpa;
-  v.posted_intr_desc_addr = kPiDesc;
-  v.posted_intr_notification_vector = kNotificationVector;
-  co_await guest::write_vmcs(v);
+GuestFn<bool> ExitLoop::handle(vmx::ExitReason reason) {
+  if (!data) data = co_await ops::read64(kStateData);
+  const Mailbox mb(kL2Data, data);
+  TranscriptEntry e;
+  e.reason = static_cast<uint64_t>(reason);
+  e.step = co_await mb.read_progress();
+  uint64_t steps = co_await ops::read64(kStateSteps);
+  if (e.step >= 1 && e.step <= steps) e.value = co_await ops::read64(mb.l1_address(Mailbox::data(e.step)));
+  e.vtpr = static_cast<uint8_t>(co_await ops::read32(kVapicGpa + vmx::vapic::kTpr));
+  Next next = Next::ack;
+  switch (reason) {
+    case vmx::ExitReason::kApicAccess: e.info = co_await guest::vmread(vmx::field::kExitQualification); break;
+    case vmx::ExitReason::kMsrRead:
+    case vmx::ExitReason::kMsrWrite: e.info = kMsrIntercepted; break;
+    case vmx::ExitReason::kHlt: break;
+    case vmx::ExitReason::kVmcall: next = co_await handle_vmcall(mb, e); break;
+    default: throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
+  }
+  co_await append(e);
+  if (next == Next::stop) co_return false;
+  if (next == Next::ack) co_await mb.acknowledge(e.step);
+  co_return true;
+}
+
+GuestTask ExitLoop::append(const TranscriptEntry& e) {
+  uint64_t n = co_await ops::read64(kStateCount);
+  if (n >= kMaxEntries) throw guest::VmxError("transcript full");
+  const Gpa at = kTranscript + n * kEntryBytes;
+  co_await ops::write64(at + 0, e.step);
+  co_await ops::write64(at + 8, e.reason);
+  co_await ops::write64(at + 16, e.info);
+  co_await ops::write64(at + 24, e.value);
+  co_await ops::write64(at + 32, e.vtpr);
+  co_await ops::write64(kStateCount, n + 1);
+  // An enlightened L1 changes a field of a clean-field group between
+  // entries (the group's clean bit goes down): the next entry must copy
+  // it, and after a restore the first one must copy every group.
+  if (evmcs) co_await guest::evmcs_write(kEvmcsGpa, vmx::field::kTscOffset, e.step * 0x1000 + n);
+}
+
+// Runs L2 from its first entry (VMLAUNCH, or the VMRESUME a restored guest
+// mode has in flight) until its final VMCALL.
+GuestTask l1_exit_loop(bool evmcs, bool launch) {
+  ExitLoop loop{evmcs};
+  auto handle = [&loop](vmx::ExitReason reason) -> GuestFn<bool> { co_return co_await loop.handle(reason); };
+  guest::L2RunOptions o{.launch = launch};
+  if (evmcs) o.exits = guest::ExitInfo::from_evmcs(kEvmcsGpa);
+  co_await guest::run_l2(handle, o);
 }
 
 // The source's L1: sets everything up and launches L2.
 GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
   guest::L1Pages pages(kL1PagesStart, 4 << 20);
-  co_await guest::enter_vmx(pages);
   Gpa vmcs = kEvmcsGpa;
   if (c.evmcs) {
     // Hyper-V: the VP-assist page names the eVMCS; no VMCLEAR or VMPTRLD.
+    co_await guest::enter_vmx(pages);
     co_await guest::enable_vp_assist(kVpAssistGpa);
     co_await guest::init_evmcs(kEvmcsGpa);
     co_await guest::load_evmcs(kVpAssistGpa, kEvmcsGpa);
   } else {
-    vmcs = pages.alloc();
-    co_await guest::init_region(vmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+    vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
   }
   guest::Ept12 ept(pages);
   Gpa data = pages.alloc();
   co_await ept.map(kL2Data, data);
   if (!c.evmcs) co_await ept.map(kApicGpa, kApicGpa);
   Gpa bitmap = pages.alloc();
-  // Read- and write-intercept kMsrIntercepted (low MSRs: read bitmap at 0,
-  // write bitmap at 2048).
-  co_await ops::write8(bitmap + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));
-  co_await ops::write8(bitmap + 2048 + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));
-
+  co_await guest::set_msr_intercept(bitmap, kMsrIntercepted, false, true);
+  co_await guest::set_msr_intercept(bitmap, kMsrIntercepted, true, true);
   if (c.evmcs) {
     // What eVMCS v1 can express: TPR shadow, MSR bitmap, EPT, HLT exiting.
-    vmx::Vmcs12 v = vmx::minimal_vmcs12();
-    v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow |
-                               vmx::proc::kUseMsrBitmaps | vmx::proc::kHltExiting;
-    v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
-    v.ept_pointer = ept.eptp();
-    v.msr_bitmap = bitmap;
-    v.virtual_apic_page_addr = kVapicGpa;
+    vmx::Vmcs12 v = guest::vmcs12_for({.eptp = ept.eptp(), .msr_bitmap = bitmap, .virtual_apic = kVapicGpa});
+    v.primary_proc_controls |= vmx::proc::kHltExiting;
     co_await guest::write_evmcs(kEvmcsGpa, v, vmx::evmcs_enlightenment::kMsrBitmap);
   } else {
-    co_await write_full_vmcs12(ept, bitmap);
+    // Every page L0 gets for a nested guest.
+    co_await guest::write_vmcs(guest::vmcs12_for({.eptp = ept.eptp(),
+                                                  .msr_bitmap = bitmap,
+                                                  .apic_access = kApicGpa,
+                                                  .virtual_apic = kVapicGpa,
+                                                  .pi_desc = kPiDesc,
+                                                  .notification_vector = kNotificationVector}));
   }
-
   co_await ops::write64(kStateVmcs12, vmcs);
   co_await ops::write64(kStateData, data);
   co_await ops::write64(kStateSteps, static_cast<uint64_t>(c.steps));
   m.bind_l2_program(vmcs, l2_program(c.steps, c.park_step(), c.evmcs));
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-  co_await l1_exit_loop(c.evmcs);
-}
-
-
-// The destination's L1. Its first operation must be the VMRESUME that the
-// restored guest mode has in flight: the vCPU runs L2 first, and L2's first
-// reflected exit completes whatever L1 operation is pending.
-GuestTask l1_restored(bool evmcs) {
-  OpResult r = co_await ops::vmresume();
-  if (!r.ok()) throw guest::VmxError("the restored VMRESUME failed: " + cpu::to_string(r));
-  co_await l1_exit_loop(evmcs);
+  co_await l1_exit_loop(c.evmcs, true);
 }
 
 uint64_t read_u64(NestedEnv& env, Gpa gpa) {
@@ -304,16 +294,15 @@ Result<std::unique_ptr<ParkedRun>> ParkedRun::start(NestedEnv& env, const Migrat
   });
   // The VMM polls L2's data page (its L1 address is in L1's state block once
   // L1 has set up) until L2 parks or the run ends.
-  for (;;) {
+  auto parked = [&env] {
     Gpa data = read_u64(env, kStateData);
-    if (data && read_u64(env, data + kParked)) return p;
-    if (p->finished_.load()) {
-      p->runner_.join();
-      if (!p->status_) return tl::unexpected(p->status_.error());
-      return errorf(EPROTO, "the run ended before L2 reached the migration point");
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
+    return data && read_u64(env, data + kParked);
+  };
+  host_wait_until([&] { return parked() || p->finished_.load(); }, std::chrono::microseconds(200));
+  if (parked()) return p;
+  p->runner_.join();
+  if (!p->status_) return tl::unexpected(p->status_.error());
+  return errorf(EPROTO, "the run ended before L2 reached the migration point");
 }
 
 Status ParkedRun::release() {
@@ -380,7 +369,7 @@ Status restore_memory(NestedEnv& env, const MemoryImage& image) {
 Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs12) {
   if (vmcs12 == kInvalidGpa) return errorf(EINVAL, "the restored state has no current vmcs12");
   env.machine->bind_l2_program(vmcs12, l2_program(c.steps, c.park_step(), c.evmcs));
-  env.machine->set_l1_program(0, l1_restored(c.evmcs));
+  env.machine->set_l1_program(0, l1_exit_loop(c.evmcs, false));
   return ok();
 }
 

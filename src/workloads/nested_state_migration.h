@@ -149,27 +149,9 @@ class ParkedRun {
   std::atomic<bool> finished_{false};
 };
 
-// One malformed blob and how a restore must refuse it.
-struct BadBlob {
-  std::string name;             // kebab-case, for reports
-  std::vector<std::byte> blob;
-  int code = EINVAL;            // the errno set must return
-  std::string expect;           // a part of the message that names the rule
-  // Refused by a vCPU that has not enabled the enlightened VMCS; set it on
-  // such a vCPU (make_vm with evmcs = false).
-  bool needs_plain_vcpu = false;
-};
-// At least 20 malformed variants of `good` (a guest-mode blob taken by
-// run_source), each breaking a different rule: framing (truncated, trailing
-// bytes, oversized, magic, version, sizes, reserved bytes, flags), state
-// (flags that do not go together, VMX off with state, misaligned or too wide
-// addresses), the vmcs12 image (revision, shadow indicator, launch state,
-// each kind of entry check), the VM (addresses with no memslot in a VM made
-// by make_vm) and eVMCS (the flag on a vCPU without the enlightened VMCS,
-// without an address, with controls eVMCS v1 cannot express). A `good` with
-// the eVMCS flag gets the eVMCS variants of the address rules (misaligned,
-// too wide, the VMXON region, no memslot, the flag with VMX off). Empty if
-// `good` does not decode.
-std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good);
+// An address aligned and within the physical-address width, like the page
+// after it in no memslot of a VM made by make_vm: what the malformed blobs
+// (vmx::malformed_nested_states) point at to break the memslot rules.
+inline constexpr Gpa kUnbacked = 0x40000000;
 
 }  // namespace nestcache::workloads::nested_state

@@ -5,7 +5,7 @@
 //                  while L2 runs (the vCPU is kicked out of L2 for it) and
 //                  copies the memory; the source then runs to the end too;
 //   3. destination a fresh VM with the copied memory: the blob is restored,
-//                  then every malformed variant (malformed_blobs) is refused
+//                  then every malformed variant (vmx::malformed_nested_states) is refused
 //                  with its own error and leaves the restored state as it
 //                  was; then L2 continues from the migration point and
 //                  finishes.
@@ -28,6 +28,7 @@
 
 #include "vmx/evmcs.h"
 #include "vmx/nested_state_format.h"
+#include "vmx/nested_state_malformed.h"
 #include "workloads/nested_state_migration.h"
 #include "workloads/selftests.h"
 
@@ -87,9 +88,9 @@ void check_transcript(const Transcript& t, int steps, bool evmcs, std::string_vi
 nlohmann::json reject_all(cpu::Machine& m, cpu::Machine* plain, std::span<const std::byte> good, SelftestResult& r) {
   nlohmann::json out = nlohmann::json::array();
   std::set<std::string> messages;
-  const std::vector<BadBlob> bad = malformed_blobs(good);
+  const std::vector<vmx::MalformedBlob> bad = vmx::malformed_nested_states(good, kUnbacked);
   r.check(bad.size() >= 20, "only {} malformed blobs", bad.size());
-  for (const BadBlob& b : bad) {
+  for (const vmx::MalformedBlob& b : bad) {
     cpu::Machine& target = b.needs_plain_vcpu && plain ? *plain : m;
     auto before = target.get_nested_state(0);
     Status st = target.set_nested_state(0, b.blob);

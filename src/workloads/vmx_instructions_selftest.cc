@@ -3,6 +3,9 @@
 // (VMsucceed, VMfailInvalid, VMfailValid with its error number, #UD).
 #include "workloads/selftests.h"
 
+#include "guest/l1_pages.h"
+#include "guest/mailbox.h"
+#include "guest/vmx.h"
 #include "vmx/entry_checks.h"
 #include "workloads/nested_env.h"
 
@@ -16,6 +19,13 @@ using cpu::GuestTask;
 using cpu::OpResult;
 using cpu::Outcome;
 using vmx::VmInstructionError;
+
+// Operands no VMX implementation accepts: a revision that is not the
+// model's, a field encoding no VMCS has, an address past the
+// physical-address width.
+constexpr uint32_t kBadRevision = 0x1234;
+constexpr uint32_t kUnsupportedField = 0x7ffe;
+constexpr Gpa kBeyondWidth = uint64_t{1} << 50;
 
 struct Expect {
   Outcome outcome;
@@ -57,7 +67,7 @@ GuestTask l1_program(Checker& c) {
   co_await guest::init_region(vmxon);
   co_await guest::init_region(vmcs_a);
   co_await guest::init_region(vmcs_b);
-  co_await ops::write32(bad_rev, 0x1234);
+  co_await ops::write32(bad_rev, kBadRevision);
 
   // Outside VMX operation every VMX instruction but VMXON is #UD.
   co_await c.run("VMPTRLD outside VMX operation", GuestOp{GuestOp::Vmptrld{vmcs_a}}, kUd);
@@ -66,7 +76,7 @@ GuestTask l1_program(Checker& c) {
   // VMXON.
   co_await c.run("VMXON with a misaligned region", GuestOp{GuestOp::Vmxon{vmxon + 8}}, kInvalid);
   co_await c.run("VMXON with a bad revision", GuestOp{GuestOp::Vmxon{bad_rev}}, kInvalid);
-  co_await c.run("VMXON beyond the physical-address width", GuestOp{GuestOp::Vmxon{uint64_t{1} << 50}}, kInvalid);
+  co_await c.run("VMXON beyond the physical-address width", GuestOp{GuestOp::Vmxon{kBeyondWidth}}, kInvalid);
   co_await c.run("VMXON", GuestOp{GuestOp::Vmxon{vmxon}}, kOk);
   co_await c.run("VMXON in VMX root without a current VMCS", GuestOp{GuestOp::Vmxon{vmxon}}, kInvalid);
   // No current VMCS yet.
@@ -91,9 +101,9 @@ GuestTask l1_program(Checker& c) {
                  valid(VmInstructionError::kVmptrldVmxonPointer));
   co_await c.run("VMPTRLD of a bad revision", GuestOp{GuestOp::Vmptrld{bad_rev}},
                  valid(VmInstructionError::kVmptrldIncorrectRevision));
-  co_await c.run("VMREAD of an unsupported field", GuestOp{GuestOp::Vmread{0x7ffe}},
+  co_await c.run("VMREAD of an unsupported field", GuestOp{GuestOp::Vmread{kUnsupportedField}},
                  valid(VmInstructionError::kUnsupportedVmcsComponent));
-  co_await c.run("VMWRITE of an unsupported field", GuestOp{GuestOp::Vmwrite{0x7ffe, 0}},
+  co_await c.run("VMWRITE of an unsupported field", GuestOp{GuestOp::Vmwrite{kUnsupportedField, 0}},
                  valid(VmInstructionError::kUnsupportedVmcsComponent));
   co_await c.run("VMWRITE of a read-only field", GuestOp{GuestOp::Vmwrite{vmx::field::kExitReason, 1}},
                  valid(VmInstructionError::kVmwriteReadOnlyComponent));
@@ -150,9 +160,7 @@ SelftestResult run(const RunOptions& o) {
   Checker c{result};
   // The L2 that makes VMLAUNCH succeed: one VMCALL per entry, forever. Its
   // vmcs12 is the first page L1 allocates after the VMXON region.
-  e.machine->bind_l2_program(kL1PagesStart + kPageSize, []() -> GuestTask {
-    for (;;) co_await ops::vmcall(0);
-  }());
+  e.machine->bind_l2_program(kL1PagesStart + kPageSize, guest::vmcall_forever());
   e.machine->set_l1_program(0, l1_program(c));
   if (auto st = e.machine->run(std::chrono::seconds(60)); !st) result.fail(st.error().to_string());
   result.counters = e.counters();
