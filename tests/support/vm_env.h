@@ -24,24 +24,15 @@ struct VmEnvConfig {
 };
 
 struct VmEnv {
+  // Builds the environment; aborts if it cannot (a test set-up).
+  explicit VmEnv(const VmEnvConfig& c) { NC_CHECK(init(c)); }
+  explicit VmEnv(host::FrameKind kind, size_t pages = 64, size_t spare = 4096)
+      : VmEnv(VmEnvConfig{.kind = kind, .pages = pages, .spare = spare}) {}
+  // The same, as an error value.
   static Result<std::unique_ptr<VmEnv>> create(const VmEnvConfig& c) {
-    auto env = std::make_unique<VmEnv>();
-    const bool managed = c.kind == host::FrameKind::managed;
-    const size_t frames = c.pages + c.spare;
-    env->kind = c.kind;
-    env->phys = NC_TRY(host::PhysMem::create({managed ? frames : c.other_kind, managed ? c.other_kind : frames}));
-    env->phys->set_stale_access_fatal(c.stale_fatal);
-    env->mm = std::make_unique<host::HostMm>(*env->phys);
-    env->vm = std::make_unique<vm::Vm>(*env->mm, 1);
-    env->base = NC_TRY(env->mm->create_region(c.pages * kPageSize, c.kind));
-    NC_TRY(env->vm->set_memory_region({0, 0, 0, c.pages * kPageSize, env->base}));
+    std::unique_ptr<VmEnv> env(new VmEnv());
+    NC_TRY(env->init(c));
     return env;
-  }
-  // The same, for tests: aborts if the environment cannot be built.
-  static std::unique_ptr<VmEnv> make(const VmEnvConfig& c) {
-    auto env = create(c);
-    NC_CHECK(env);
-    return std::move(*env);
   }
   Hva hva_of(Gpa gpa) const { return base + gpa; }
 
@@ -52,6 +43,20 @@ struct VmEnv {
   std::unique_ptr<host::HostMm> mm;
   std::unique_ptr<vm::Vm> vm;
   Hva base = 0;
+
+ private:
+  VmEnv() = default;
+  Status init(const VmEnvConfig& c) {
+    const bool managed = c.kind == host::FrameKind::managed;
+    const size_t frames = c.pages + c.spare;
+    kind = c.kind;
+    phys = NC_TRY(host::PhysMem::create({managed ? frames : c.other_kind, managed ? c.other_kind : frames}));
+    phys->set_stale_access_fatal(c.stale_fatal);
+    mm = std::make_unique<host::HostMm>(*phys);
+    vm = std::make_unique<vm::Vm>(*mm, 1);
+    base = NC_TRY(mm->create_region(c.pages * kPageSize, c.kind));
+    return vm->set_memory_region({0, 0, 0, c.pages * kPageSize, base});
+  }
 };
 
 }  // namespace nestcache::test_support

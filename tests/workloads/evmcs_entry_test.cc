@@ -12,6 +12,9 @@
 #include "support/nested_env.h"
 #include "support/params.h"
 #include "support/selftests.h"
+#include "guest/enlightened.h"
+#include "guest/ept12.h"
+#include "guest/vmx.h"
 #include "vmx/entry_checks.h"
 #include "vmx/nested_contexts.h"
 #include "workloads/nested_env.h"
@@ -67,8 +70,6 @@ GuestTask enlightened_setup(Gpa evmcs, uint32_t revision = vmx::kEvmcsRevision) 
   co_await guest::write_evmcs(evmcs, v, vmx::evmcs_enlightenment::kMsrBitmap);
 }
 
-uint64_t reason_of(uint64_t r) { return r & 0xffff; }
-
 // Runs the machine and returns its status.
 Status run(NestedEnv& env) { return env.machine->run(std::chrono::seconds(30)); }
 
@@ -117,15 +118,15 @@ TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
   uint64_t second_exit = 0;
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    co_await guest::vmlaunch();
     // L1 now intercepts RDMSR of kMsr and says so: MSR_BITMAP group dirty.
     co_await ops::write8(kMsrBitmap + kMsr / 8, 1u << (kMsr % 8));
     co_await guest::evmcs_write(kEvmcs, vmx::field::kMsrBitmap, kMsrBitmap);
     co_await guest::evmcs_write(kEvmcs, vmx::field::kGuestRip, 0x1234);
     armed = true;
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+    co_await guest::vmresume();
     second_exit = co_await guest::evmcs_read(kEvmcs, vmx::field::kExitReason);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -140,7 +141,7 @@ TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
   EXPECT_EQ(pin_controls & vmx::pin::kPostedInterrupts, 0u) << "the entry checks saw the copy, not the page";
   EXPECT_TRUE(use_bitmap);
   EXPECT_TRUE(intercepted) << "the MSR_BITMAP group was dirty in the snapshot: L0 merged L1's new bitmap";
-  EXPECT_EQ(reason_of(second_exit), static_cast<uint64_t>(vmx::ExitReason::kMsrRead))
+  EXPECT_EQ(vmx::basic_exit_reason(static_cast<uint32_t>(second_exit)), vmx::ExitReason::kMsrRead)
       << "L2's RDMSR reached L1 through the merged bitmap";
   EXPECT_EQ(env->counters()[Counter::stale_accesses], 0u);
 }
@@ -176,7 +177,7 @@ TEST_P(EvmcsEntryStrategies, BadRevisionIsVmfailInvalidAndAFixedPageEnters) {
     bad = co_await ops::vmlaunch();
     co_await guest::init_evmcs(kEvmcs);
     good = co_await ops::vmlaunch();
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -196,7 +197,7 @@ TEST_P(EvmcsEntryStrategies, VmxInstructionsWhileAnEvmcsIsInUse) {
   uint32_t clean_after_clear = 0;
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    co_await guest::vmlaunch();
     read_reason = co_await ops::vmread(vmx::field::kExitReason);
     read_uncarried = co_await ops::vmread(vmx::field::kPostedIntrDescAddr);
     write = co_await ops::vmwrite(vmx::field::kGuestRip, 0x42);
@@ -209,7 +210,7 @@ TEST_P(EvmcsEntryStrategies, VmxInstructionsWhileAnEvmcsIsInUse) {
     in_use_after_clear = vcpu.nested().evmcs_gpa();
     clean_after_clear = co_await ops::read32(kEvmcs + vmx::kEvmcsCleanFieldsOffset);
     resume = co_await ops::vmresume();  // the VP-assist page still names it
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -239,12 +240,12 @@ TEST_P(EvmcsEntryStrategies, MemslotMoveUnderACurrentEvmcs) {
   OpResult resume;
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    co_await guest::vmlaunch();
     // The VMM moves the eVMCS memslot (the hva stays, the gpa changes).
     Hva hva = *env->vm->gfn_to_hva(gpa_to_gfn(kEvmcs));
     EXPECT_TRUE(env->vm->set_memory_region({1, 0, kEvmcs + 0x10000, kPageSize, hva}));
     resume = co_await ops::vmresume();
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -268,9 +269,9 @@ TEST_P(EvmcsEntryStrategies, VmxoffAndTeardownFreeEverything) {
   env->machine->bind_l2_program(kEvmcs, l2_vmcalls());
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmlaunch();
+    co_await guest::vmresume();
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
