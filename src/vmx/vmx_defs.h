@@ -501,6 +501,18 @@ constexpr std::string_view exit_reason_name(ExitReason r) {
   return "UNKNOWN";
 }
 
+// Exit qualification of an APIC-access exit (SDM 27.2.1, "Exit Qualification
+// for APIC-Access VM Exits"): the offset in the APIC-access page in bits 11:0,
+// the access type in bits 15:12.
+namespace apic_access_qual {
+inline constexpr uint64_t kOffsetMask = 0xfff;
+inline constexpr unsigned kTypeShift = 12;
+inline constexpr uint64_t kLinearRead = 0;   // linear access for a data read
+inline constexpr uint64_t kLinearWrite = 1;  // linear access for a data write
+// The qualification of an access of `type` at `offset`.
+constexpr uint64_t make(uint64_t offset, uint64_t type) { return (offset & kOffsetMask) | (type << kTypeShift); }
+}  // namespace apic_access_qual
+
 // Exit qualifications of a VM-entry failure due to invalid guest state (SDM 26.8).
 namespace entry_fail_qual {
 inline constexpr uint64_t kDefault = 0;
