@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "guest/l2_run.h"
+#include "guest/posted_interrupts.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
 
@@ -271,7 +272,7 @@ GuestTask L1Vmm::run_vcpu(cpu::Machine& m, GuestTask l2) {
                                   .apic_access = apic_access,
                                   .virtual_apic = vapic,
                                   .pi_desc = pi_desc,
-                                  .notification_vector = kPiVector}));
+                                  .notification_vector = kNotificationVector}));
   m.bind_l2_program(vmcs, std::move(l2));
   // Published with a locked instruction: the host thread reads ept_, eptp_
   // and sink_ after it sees the word.

@@ -72,8 +72,8 @@ struct L1VmmCounts {
 class L1Vmm {
  public:
   // Vectors as Linux x86 numbers them: local timer, call-function (the TLB
-  // shootdown), reschedule (KVM's kick), posted-interrupt notification.
-  static constexpr uint8_t kTimerVector = 0xec, kShootdownVector = 0xfb, kFlushVector = 0xfd, kPiVector = 0xf2;
+  // shootdown), reschedule (KVM's kick).
+  static constexpr uint8_t kTimerVector = 0xec, kShootdownVector = 0xfb, kFlushVector = 0xfd;
 
   explicit L1Vmm(const L1VmmLayout& layout);
 

@@ -15,6 +15,15 @@ namespace {
 constexpr uint64_t kVmcallLength = 3;
 }  // namespace
 
+std::vector<SwitchedL2> lay_out_switched_l2s(Gpa start, int n) {
+  std::vector<SwitchedL2> l2;
+  for (int j = 0; j < n; j++) {
+    Gpa base = start + static_cast<Gpa>(j) * 4 * kPageSize;
+    l2.push_back({base, base + kPageSize, base + 2 * kPageSize, base + 3 * kPageSize});
+  }
+  return l2;
+}
+
 cpu::GuestTask switch_to(const SwitchedL2& l2, SwitchMode mode, bool first) {
   if (first) co_await vmclear(l2.vmcs);
   co_await vmptrld(l2.vmcs);

@@ -4,6 +4,8 @@
 // switch.
 #pragma once
 
+#include <vector>
+
 #include "cpu/guest_task.h"
 
 namespace nestcache::guest {
@@ -17,6 +19,10 @@ struct SwitchedL2 {
   Gpa apic_access = kInvalidGpa;
   Gpa virtual_apic = kInvalidGpa;
 };
+
+// `n` L2s laid out from L1 address `start`, four pages each: the vmcs12
+// region, the MSR bitmap, the APIC-access page and the virtual-APIC page.
+std::vector<SwitchedL2> lay_out_switched_l2s(Gpa start, int n);
 
 // How L1 leaves an L2 after its turn.
 enum class SwitchMode : uint8_t {
