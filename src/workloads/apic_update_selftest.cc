@@ -31,7 +31,6 @@
 #include "guest/wait.h"
 #include "workloads/host_wait.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
@@ -49,8 +48,7 @@ constexpr Gpa kPiPage = 0xe0000000;    // descriptor page, slot 3
 constexpr Gpa kPiDesc = kPiPage + 0x40;
 constexpr Gpa kMoveStep = 0x10000;     // the seed's memslot move
 constexpr Gpa kL2Data = 0x200000;      // L2 mailbox page
-constexpr uint8_t kNotificationVector = 0xf2;
-constexpr uint8_t kFirstVector = 0x80;
+using guest::kNotificationVector;
 constexpr uint64_t kInterruptWaitNs = 10'000'000;
 constexpr int kWrites = 8;
 
@@ -154,7 +152,7 @@ struct CallHandler {
       }
     } else if (call == Call::irq) {
       pi_seq = t.seq.load();
-      uint8_t vec = static_cast<uint8_t>(kFirstVector + vector++ % 32);
+      uint8_t vec = static_cast<uint8_t>(guest::kFirstPostedVector + vector++ % 32);
       // To ourselves: L0 completes the post at the next entry.
       co_await guest::post_interrupt(kPiDesc, vec, 0, kNotificationVector, guest::IfUnbacked::wait);
       t.posted++;
@@ -249,6 +247,10 @@ void churn(NestedEnv& env, const Config& c, std::vector<ChurnPage>& pages, Trans
 }
 
 const char* mode_name(bool discard) { return discard ? "discard" : "move"; }
+
+OptionSpec delay_option() {
+  return int_option("--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5", 1, 10000);
+}
 
 // The pages the run uses, each in its own memslot; returns those the VMM
 // thread churns.
@@ -366,9 +368,8 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
 SelftestResult run_apic_update(const RunOptions& o) {
   SelftestResult r;
   Config c;
-  auto delay = o.int_option("delay-ms", 5);
+  auto delay = o.int_value(delay_option());
   if (!delay) return r.fail(delay.error().to_string()), r;
-  if (*delay < 1 || *delay > 10000) return r.fail(fmt::format("--delay-ms {} is out of range (1..10000)", *delay)), r;
   c.delay_ns = static_cast<uint64_t>(*delay) * 1'000'000;
   std::string page = o.string_option("page", "apic-access");
   if (page == "apic-access")
@@ -408,7 +409,7 @@ void register_apic_update_selftest() {
           "succeeds, the last exit is VMCALL; with cache and oracle zero stale accesses, lost TPR writes and lost "
           "interrupts. With map under discard on unmanaged memory the stale accesses are detected and reported.",
       .options = {choice_option("--mode", "discard, move or both", "both", {"discard", "move", "both"}),
-                  int_option("--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5", 1, 10000),
+                  delay_option(),
                   choice_option("--page", "apic-access, vapic, pi or all", "apic-access",
                                 {"apic-access", "vapic", "pi", "all"})},
       .run = run_apic_update,

@@ -37,7 +37,6 @@
 #include "vmx/evmcs.h"
 #include "workloads/host_wait.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
@@ -74,14 +73,9 @@ struct Transcript {
   int lost_evmcs_writes = 0;  // VMREAD of guest RIP != what L1 wrote
   int ud_while_away = 0;      // VMRESUME with the memslot away: #UD
   int entered_while_away = 0; // ... or entered on a kept (stale) map
-  nlohmann::json to_json() const {
-    return {{"round_trips", round_trips},
-            {"lost_exit_info", lost_exit_info},
-            {"lost_evmcs_writes", lost_evmcs_writes},
-            {"ud_while_away", ud_while_away},
-            {"entered_while_away", entered_while_away}};
-  }
 };
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Transcript, round_trips, lost_exit_info, lost_evmcs_writes, ud_while_away,
+                                   entered_while_away)
 
 // One round trip: a new guest RIP into the page, VMRESUME, then what L1
 // finds after the exit — the reason in the page, the RIP through VMREAD.
@@ -139,24 +133,19 @@ struct Vmm {
   uint64_t done = 0;  // the last request served
   std::chrono::steady_clock::time_point next_migration = std::chrono::steady_clock::now();
 
-  uint64_t load_word(Gpa gpa) const {
-    uint64_t v = 0;
-    (void)env.vm->read_guest(gpa, &v, sizeof v);
-    return v;
-  }
   void serve_once() {
-    uint64_t req = load_word(kRequest);
+    uint64_t req = env.read_u64(kRequest);
     if (req != done) {
       Gpa at = (req % 2) ? kEvmcs + kMoveStep : kEvmcs;
       Status st = env.vm->set_memory_region({kEvmcsSlot, 0, at, kPageSize, evmcs_hva});
       if (st) moves++;
       done = req;
-      (void)env.vm->write_guest(kAck, &done, sizeof done);
+      (void)env.write_u64(kAck, done);
     }
-    if (attempts < kMaxMigrations && load_word(kStarted) && std::chrono::steady_clock::now() >= next_migration) {
+    if (attempts < kMaxMigrations && env.read_u64(kStarted) && std::chrono::steady_clock::now() >= next_migration) {
       (void)env.mm->migrate(evmcs_hva);  // EBUSY on managed memory while map pins it
       attempts++;
-      (void)env.vm->write_guest(kAttempts, &attempts, sizeof attempts);
+      (void)env.write_u64(kAttempts, attempts);
       next_migration = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
     }
   }
@@ -220,7 +209,7 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
   Leaks leaks = env.tear_down();
   CounterSnapshot others[] = {k, CounterSnapshot::of(env.mm->counters())};
   r.counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), others);
-  r.details["transcript"] = t.to_json();
+  r.details["transcript"] = t;
   r.details["migrations"] = env.mm->counters().get(Counter::migrations);
   r.details["migrate_ebusy"] = env.mm->counters().get(Counter::migrate_ebusy);
   r.details["migration_attempts"] = vmm.attempts;
@@ -235,14 +224,17 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
   check_strategy(o, c, t, vmm, r);
 }
 
+OptionSpec rounds_option() {
+  return int_option("--rounds", "rounds (each ends with a memslot move away and back)", "20", 1, 10000);
+}
+OptionSpec entries_option() { return int_option("--entries", "nested round trips per round", "8", 1, 10000); }
+
 SelftestResult run(const RunOptions& o) {
   SelftestResult r;
-  auto rounds = o.int_option("rounds", 20);
-  auto entries = o.int_option("entries", 8);
-  if (!rounds || !entries) return r.fail("--rounds and --entries take integers"), r;
-  if (*rounds < 1 || *rounds > 10000) return r.fail(fmt::format("--rounds {} is out of range (1..10000)", *rounds)), r;
-  if (*entries < 1 || *entries > 10000)
-    return r.fail(fmt::format("--entries {} is out of range (1..10000)", *entries)), r;
+  auto rounds = o.int_value(rounds_option());
+  auto entries = o.int_value(entries_option());
+  if (!rounds) return r.fail(rounds.error().to_string()), r;
+  if (!entries) return r.fail(entries.error().to_string()), r;
   run_evmcs(o, Config{static_cast<int>(*rounds), static_cast<int>(*entries)}, r);
   return r;
 }
@@ -260,8 +252,7 @@ void register_evmcs_selftest() {
           "away for one entry and back, and a host thread migrates the page all along. cache and oracle: zero "
           "stale accesses and #UD for the entry with the memslot away. map keeps its HostMap while the eVMCS is "
           "current: the stale accesses are detected and reported (the test passes by reporting them).",
-      .options = {int_option("--rounds", "rounds (each ends with a memslot move away and back)", "20", 1, 10000),
-                  int_option("--entries", "nested round trips per round", "8", 1, 10000)},
+      .options = {rounds_option(), entries_option()},
       .run = run,
   });
 }

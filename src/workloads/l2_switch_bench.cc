@@ -19,7 +19,6 @@
 #include "guest/vmx.h"
 #include "vmx/nested_context.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
@@ -79,13 +78,10 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   ec.l1_bytes = kL1Bytes;
   ec.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   auto env = NC_TRY(NestedEnv::create(ec));
-  std::vector<SwitchedL2> l2;
-  for (int j = 0; j < c.l2; j++) {
-    Gpa base = kL2PagesStart + static_cast<Gpa>(j) * 4 * kPageSize;
-    SwitchedL2 p{base, base + kPageSize, base + 2 * kPageSize, base + 3 * kPageSize};
+  std::vector<SwitchedL2> l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
+  for (const SwitchedL2& p : l2) {
     uint32_t rev = vmx::kVmcs12Revision;
     NC_TRY(env->vm->write_guest(p.vmcs, &rev, sizeof rev));
-    l2.push_back(p);
     env->machine->bind_l2_program(p.vmcs, guest::vmcall_forever());
   }
   SwitchRun run;

@@ -37,7 +37,6 @@
 #include "guest/wait.h"
 #include "vmx/evmcs.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
@@ -140,13 +139,11 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   Shared s;
   s.phys = env.phys.get();
   s.windows_at_round.assign(c.switches, 0);
-  for (int j = 0; j < c.l2; j++) {
-    Gpa base = kL2PagesStart + static_cast<Gpa>(j) * 4 * kPageSize;
-    SwitchedL2 p{base, base + kPageSize, base + 2 * kPageSize, base + 3 * kPageSize};
+  s.l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
+  for (const SwitchedL2& p : s.l2) {
     // A fresh vmcs12 region carries the VMCS revision; a fresh eVMCS its version.
     uint32_t rev = c.mode == Mode::evmcs ? vmx::kEvmcsRevision : vmx::kVmcs12Revision;
     if (auto st = env.vm->write_guest(p.vmcs, &rev, sizeof rev); !st) return r.fail(st.error().to_string());
-    s.l2.push_back(p);
     env.machine->bind_l2_program(p.vmcs, guest::vmcall_forever());
   }
   if (c.mode == Mode::evmcs) {
@@ -194,13 +191,15 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
             tag, later_windows);
 }
 
+OptionSpec switches_option() { return int_option("--switches", "rounds over every L2", "4", 1, 1000); }
+OptionSpec l1_vcpus_option() { return int_option("--l1-vcpus", "L1 vCPUs sharing the L2s", "1", 1, 8); }
+
 SelftestResult run_l2_switch(const RunOptions& o) {
   SelftestResult r;
-  auto switches = o.int_option("switches", 4);
-  auto l1_vcpus = o.int_option("l1-vcpus", 1);
-  if (!switches || !l1_vcpus) return r.fail("--switches and --l1-vcpus take integers"), r;
-  if (*switches < 1 || *switches > 1000) return r.fail(fmt::format("--switches {} is out of range (1..1000)", *switches)), r;
-  if (*l1_vcpus < 1 || *l1_vcpus > 8) return r.fail(fmt::format("--l1-vcpus {} is out of range (1..8)", *l1_vcpus)), r;
+  auto switches = o.int_value(switches_option());
+  auto l1_vcpus = o.int_value(l1_vcpus_option());
+  if (!switches) return r.fail(switches.error().to_string()), r;
+  if (!l1_vcpus) return r.fail(l1_vcpus.error().to_string()), r;
   std::vector<Mode> modes;
   std::string mode = o.string_option("mode", "all");
   if (mode == "migrate") modes = {Mode::migrate};
@@ -261,9 +260,9 @@ void register_l2_switch_selftest() {
           "runs an enlightened L1 (one eVMCS per L2, named in the VP-assist page; contexts keyed by the eVMCS "
           "address, switched when that address changes). Default: N = 2..16 in migrate, sched and evmcs.",
       .options = {value_option("--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep"),
-                  int_option("--switches", "rounds over every L2", "4", 1, 1000),
+                  switches_option(),
                   choice_option("--mode", "migrate, sched, evmcs or all", "all", {"migrate", "sched", "evmcs", "all"}),
-                  int_option("--l1-vcpus", "L1 vCPUs sharing the L2s", "1", 1, 8)},
+                  l1_vcpus_option()},
       .run = run_l2_switch,
   });
 }

@@ -6,8 +6,6 @@
 #include <memory>
 
 #include "guest/l1_vmm.h"
-#include "guest/mailbox.h"
-#include "guest/wait.h"
 #include "workloads/nested_env.h"
 
 namespace nestcache::workloads {
@@ -15,7 +13,6 @@ namespace nestcache::workloads {
 namespace {
 
 namespace ops = cpu::ops;
-using cpu::GuestFn;
 using cpu::GuestTask;
 
 // Upstream's sizes (tools/testing/selftests/kvm/memslot_perf_test.c), in pages.
@@ -26,11 +23,7 @@ constexpr uint64_t kUnmapTestPages = 32768;     // MEM_TEST_UNMAP_SIZE: 128 MiB
 constexpr uint64_t kUnmapChunkPages = 512;      // MEM_TEST_UNMAP_CHUNK_SIZE: 2 MiB
 constexpr uint64_t kDefaultTestPages = 131072;  // MEM_SIZE - MEM_EXTRA_SIZE: 512 MiB
 constexpr uint64_t kMovePages = 48;             // MEM_TEST_MOVE_SIZE: 3 x 64 KiB
-constexpr uint64_t kValue1 = 0x1122334455667788;  // MEM_TEST_VAL_1
-constexpr uint64_t kValue2 = 0x99aabbccddeeff00;  // MEM_TEST_VAL_2
-
-// Words of the sync page (the first L2 page), as upstream's struct sync_area.
-constexpr Gpa kStartFlag = 0, kExitFlag = 8, kSyncFlag = 16;
+constexpr uint64_t kValue1 = guest::kMemslotValue1, kValue2 = guest::kMemslotValue2;
 
 // L1 physical layout: the VMM's mailbox page and the host thread's VMXON
 // region below L1's page allocator, the allocator (VMCS, vmcs12 pages,
@@ -74,13 +67,9 @@ class MemslotPerfDriver {
   GuestTask rw_iteration();
   CounterSnapshot snapshot() const;
 
-  // --- L2: upstream's guest code ---
+  // L2: upstream's guest code, on this test's area.
   GuestTask l2_program();
-  GuestTask l2_move_writes();
-  GuestTask l2_rw();
-  GuestFn<bool> guest_sync();
 
-  Gpa test_page_l2(uint64_t p) const { return kMemGpa + (kExtraPages + p) * kPageSize; }
   Gpa test_page_backing(uint64_t p) const { return vmm_.backing(kExtraPages + p); }
 
   const MemslotPerfConfig& c_;
@@ -94,7 +83,7 @@ class MemslotPerfDriver {
 // Upstream's host_perform_sync: raise the sync flag and wait until the
 // guest takes it.
 GuestTask MemslotPerfDriver::host_sync() {
-  Gpa flag = vmm_.backing(0) + kSyncFlag;
+  Gpa flag = vmm_.backing(0) + guest::kSyncFlag;
   co_await ops::write64(flag, 1);
   co_await vmm_.wait_zero_ticking(flag);
 }
@@ -194,7 +183,7 @@ GuestTask MemslotPerfDriver::host_program() {
   vmm_.start_ticks(t0);
   CounterSnapshot start = snapshot();
   uint64_t calls0 = vmm_.counts().discard_calls;
-  co_await ops::write64(vmm_.backing(0) + kStartFlag, 1);
+  co_await ops::write64(vmm_.backing(0) + guest::kSyncStartFlag, 1);
   for (uint64_t done = 0;; done++) {
     uint64_t now = co_await ops::now();
     if (c_.iterations ? done >= c_.iterations : now - t0 >= limit_ns) {
@@ -216,68 +205,21 @@ GuestTask MemslotPerfDriver::host_program() {
   run_.fault_retries = k.fault_retries;
   run_.flush_kicks = k.flush_kicks;
   run_.timer_ticks = k.timer_ticks;
-  co_await ops::write64(vmm_.backing(0) + kExitFlag, 1);
-}
-
-// guest_perform_sync: a locked compare-exchange loop, no PAUSE: no exits.
-GuestFn<bool> MemslotPerfDriver::guest_sync() {
-  co_return co_await guest::wait_exchange(kMemGpa + kSyncFlag, 1, 0, kMemGpa + kExitFlag);
-}
-
-// The move tests: the guest writes its 192 KiB area, which does (active)
-// or does not (inactive) overlap the moved last slot, until told to stop.
-GuestTask MemslotPerfDriver::l2_move_writes() {
-  const guest::L2Slot& last = vmm_.slots().back();
-  uint64_t back = c_.test == MemslotTest::move_active ? kMovePages / 2 : kMovePages;
-  Gpa area = kMemGpa + last.first_page * kPageSize - back * kPageSize;
-  for (;;) {
-    uint64_t exit = co_await ops::read64(kMemGpa + kExitFlag);
-    if (exit) break;
-    for (uint64_t p = 0; p < kMovePages; p++) co_await ops::write64(area + p * kPageSize, kValue1);
-  }
-}
-
-GuestTask MemslotPerfDriver::l2_rw() {
-  const uint64_t n = l_.test_pages;
-  for (;;) {
-    for (uint64_t p = 0; p < n; p++) co_await ops::write64(test_page_l2(p), kValue1);
-    if (bool go = co_await guest_sync(); !go) break;
-    for (uint64_t p = 0; p < n; p++) {
-      Gpa w = test_page_l2(p) + kPageSize / 2;
-      uint64_t got = co_await ops::read64(w);
-      if (got != kValue2) l2_failures_++;
-      co_await ops::write64(w, 0);
-    }
-    if (bool go = co_await guest_sync(); !go) break;
-  }
+  co_await ops::write64(vmm_.backing(0) + guest::kSyncExitFlag, 1);
 }
 
 GuestTask MemslotPerfDriver::l2_program() {
-  const uint64_t n = l_.test_pages, half = n / 2;
-  co_await guest::wait_while_eq(kMemGpa + kStartFlag, 0, guest::Poll::tight);
-  switch (c_.test) {
-    case MemslotTest::map:
-      for (;;) {
-        for (uint64_t p = 0; p < half; p++) co_await ops::write64(test_page_l2(p), kValue1);
-        if (bool go = co_await guest_sync(); !go) break;
-        for (uint64_t p = half; p < n; p++) co_await ops::write64(test_page_l2(p), kValue2);
-        if (bool go = co_await guest_sync(); !go) break;
-      }
-      break;
-    case MemslotTest::unmap:
-    case MemslotTest::unmap_chunked:
-      for (;;) {
-        co_await ops::write64(test_page_l2(0), kValue1);
-        if (bool go = co_await guest_sync(); !go) break;
-        co_await ops::write64(test_page_l2(half), kValue2);
-        if (bool go = co_await guest_sync(); !go) break;
-      }
-      break;
-    case MemslotTest::move_active:
-    case MemslotTest::move_inactive: co_await l2_move_writes(); break;
-    case MemslotTest::rw: co_await l2_rw(); break;
-  }
-  co_await guest::vmcall_forever(guest::Call::done);
+  // The move tests' area: 192 KiB ending where the last slot starts
+  // (inactive) or half way into it (active).
+  const guest::L2Slot& last = vmm_.slots().back();
+  uint64_t back = c_.test == MemslotTest::move_active ? kMovePages / 2 : kMovePages;
+  return guest::memslot_perf_guest({.test = c_.test,
+                                    .sync_area = kMemGpa,
+                                    .test_area = kMemGpa + kExtraPages * kPageSize,
+                                    .test_pages = l_.test_pages,
+                                    .move_area = kMemGpa + last.first_page * kPageSize - back * kPageSize,
+                                    .move_pages = kMovePages},
+                                   l2_failures_);
 }
 
 }  // namespace

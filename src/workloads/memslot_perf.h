@@ -31,12 +31,14 @@
 
 #include "base/counters.h"
 #include "base/error.h"
+#include "guest/memslot_perf_guest.h"
 #include "workloads/registry.h"
 
 namespace nestcache::workloads {
 
-// Upstream's tests, in upstream's order.
-enum class MemslotTest : uint8_t { map, unmap, unmap_chunked, move_active, move_inactive, rw };
+// Upstream's tests, in upstream's order (the guest code of each is the L2
+// program, guest/memslot_perf_guest.h).
+using guest::MemslotTest;
 
 // "map", "unmap", "unmap-chunked", "move-active", "move-inactive", "rw".
 std::string_view memslot_test_name(MemslotTest t);

@@ -40,6 +40,14 @@ Leaks NestedEnv::tear_down() {
   return l;
 }
 
+uint64_t NestedEnv::read_u64(Gpa gpa) const {
+  uint64_t v = 0;
+  (void)vm->read_guest(gpa, &v, sizeof v);
+  return v;
+}
+
+Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return vm->write_guest(gpa, &value, sizeof value); }
+
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 
 nlohmann::json NestedEnv::counters_by_vcpu() const {

@@ -46,6 +46,10 @@ class NestedEnv {
   // the windows, pins and active caches just after. The pool, HostMm and Vm
   // stay for reading their counters.
   Leaks tear_down();
+  // The VMM's reads and writes of one qword of L1 memory (a word its
+  // threads and the guest hand-shake through). A failed read gives 0.
+  uint64_t read_u64(Gpa gpa) const;
+  Status write_u64(Gpa gpa, uint64_t value);
   // Everything counted during the run: the machine's vCPUs and the VM.
   CounterSnapshot counters() const;
   // The same per vCPU ({"vcpu0": {...}, ...}; the VM's own events under "vm").

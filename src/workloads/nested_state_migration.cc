@@ -9,6 +9,7 @@
 #include "guest/l2_run.h"
 #include "guest/mailbox.h"
 #include "guest/posted_interrupts.h"
+#include "guest/stepping_l2.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
 #include "guest/wait.h"
@@ -41,71 +42,24 @@ constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / kEntryBytes;
 // page): L2's progress word is the step it is on, L1's acknowledgement the
 // last step L1 saw through, and its data qwords L2's result of each step.
 constexpr Gpa kL2Data = 0x200000;
-constexpr Gpa kParked = Mailbox::user(0);  // L2 -> VMM: parked at the migration point
-constexpr Gpa kGo = Mailbox::user(1);      // VMM -> L2: go on
+constexpr Gpa kParked = Mailbox::user(guest::kParkedWord);  // L2 -> VMM: parked at the migration point
+constexpr Gpa kGo = Mailbox::user(guest::kGoWord);          // VMM -> L2: go on
 
 constexpr uint32_t kMsrIntercepted = vmx::msr::kIa32TimeStampCounter;  // read- and write-intercepted
 constexpr uint32_t kMsrPassthrough = vmx::msr::kIa32PlatformId;        // not intercepted
-constexpr uint8_t kNotificationVector = 0xf2;
-constexpr uint8_t kFirstVector = 0x80;
+using guest::kNotificationVector;
 constexpr uint64_t kInterruptWaitNs = 2'000'000'000;
 
-uint64_t mix(uint64_t prev, uint64_t step) {
-  uint64_t x = (prev ^ (step * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
-  return x ^ (x >> 31);
-}
-
-// L2's step `i` after its result and CR8 are in place: the exit that ends it.
-GuestTask l2_step_exit(uint64_t i, bool evmcs, Mailbox mb) {
-  switch (i % 4) {
-    case 0:
-      co_await mb.call(Call::step);
-      break;
-    case 1:
-      if (evmcs)
-        (void)co_await ops::exec(cpu::GuestOp::Hlt{});  // HLT exiting: to L1
-      else
-        co_await ops::write32(kApicGpa + vmx::vapic::kTpr, static_cast<uint32_t>(i));  // APIC-access exit
-      break;
-    case 2:
-      (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
-      (void)co_await ops::rdmsr(kMsrIntercepted);  // exits to L1
-      break;
-    case 3: {
-      if (evmcs) {
-        co_await ops::wrmsr(kMsrIntercepted, i);  // exits to L1
-        break;
-      }
-      co_await mb.call(Call::irq);  // L1 posts one interrupt while L2 is out
-      uint64_t got = co_await guest::wait_interrupt(co_await guest::deadline_in(kInterruptWaitNs));
-      if (got) co_await ops::eoi();
-      co_await mb.call(Call::irq_done, got);
-      break;
-    }
-  }
-}
-
-// L2: restartable from its memory. It resumes after the last step L1
-// acknowledged; a step redone after a restore repeats exactly what it did.
-// With `evmcs` (no APIC-access page, no posted interrupts) steps 1 and 3 of
-// each four end with a HLT and an intercepted WRMSR instead.
-GuestTask l2_program(int steps, int park_step, bool evmcs) {
-  const Mailbox mb(kL2Data, kInvalidGpa);
-  uint64_t first = (co_await ops::read64(mb.l2_address(Mailbox::kAck))) + 1;
-  for (uint64_t i = first; i <= static_cast<uint64_t>(steps); i++) {
-    if (i == static_cast<uint64_t>(park_step)) {
-      // The migration point: spin without exits until the VMM says go.
-      co_await ops::write64(mb.l2_address(kParked), 1);
-      co_await guest::wait_while_eq(mb.l2_address(kGo), 0);
-    }
-    uint64_t prev = i > 1 ? co_await ops::read64(mb.l2_address(Mailbox::data(i - 1))) : 0x5eed;
-    co_await ops::write64(mb.l2_address(Mailbox::data(i)), mix(prev, i));
-    co_await ops::write_cr8(i & 0xf);  // TPR shadow: VTPR in the virtual-APIC page
-    co_await mb.report_progress(i);
-    co_await l2_step_exit(i, evmcs, mb);
-  }
-  co_await mb.report_progress(steps + 1);
-  co_await mb.finish();
+// L2: the stepping program, parked half way for the migration.
+GuestTask l2_program(const MigrationConfig& c) {
+  return guest::stepping_l2({.mailbox = kL2Data,
+                             .steps = c.steps,
+                             .park_step = c.park_step(),
+                             .hlt_and_wrmsr = c.evmcs,
+                             .apic_access = kApicGpa,
+                             .msr_passthrough = kMsrPassthrough,
+                             .msr_intercepted = kMsrIntercepted,
+                             .interrupt_wait_ns = kInterruptWaitNs});
 }
 
 // L1's exit handling, run again by a restored L1: its state is in kL1State
@@ -133,7 +87,7 @@ GuestFn<ExitLoop::Next> ExitLoop::handle_vmcall(const Mailbox& mb, TranscriptEnt
     // entry. The step goes on: L2 still has to receive it. The descriptor's
     // memslot never moves here; one a test leaves out must reach L0, whose
     // completion then fails, rather than keep L1 waiting.
-    auto vec = static_cast<uint8_t>(kFirstVector + e.step % 32);
+    auto vec = static_cast<uint8_t>(guest::kFirstPostedVector + e.step % 32);
     co_await guest::post_interrupt(kPiDesc, vec, 0, kNotificationVector, guest::IfUnbacked::proceed);
     e.info = vec;
     co_return Next::resume;
@@ -229,17 +183,9 @@ GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
   co_await ops::write64(kStateVmcs12, vmcs);
   co_await ops::write64(kStateData, data);
   co_await ops::write64(kStateSteps, static_cast<uint64_t>(c.steps));
-  m.bind_l2_program(vmcs, l2_program(c.steps, c.park_step(), c.evmcs));
+  m.bind_l2_program(vmcs, l2_program(c));
   co_await l1_exit_loop(c.evmcs, true);
 }
-
-uint64_t read_u64(NestedEnv& env, Gpa gpa) {
-  uint64_t x = 0;
-  (void)env.vm->read_guest(gpa, &x, sizeof x);
-  return x;
-}
-
-Status write_u64(NestedEnv& env, Gpa gpa, uint64_t x) { return env.vm->write_guest(gpa, &x, sizeof x); }
 
 struct SlotLayout {
   uint32_t slot;
@@ -275,7 +221,7 @@ Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector
 
 Transcript read_transcript(NestedEnv& env) {
   Transcript t;
-  uint64_t n = std::min<uint64_t>(read_u64(env, kStateCount), kMaxEntries);
+  uint64_t n = std::min<uint64_t>(env.read_u64(kStateCount), kMaxEntries);
   for (uint64_t k = 0; k < n; k++) {
     uint64_t q[5] = {};
     (void)env.vm->read_guest(kTranscript + k * kEntryBytes, q, sizeof q);
@@ -295,8 +241,8 @@ Result<std::unique_ptr<ParkedRun>> ParkedRun::start(NestedEnv& env, const Migrat
   // The VMM polls L2's data page (its L1 address is in L1's state block once
   // L1 has set up) until L2 parks or the run ends.
   auto parked = [&env] {
-    Gpa data = read_u64(env, kStateData);
-    return data && read_u64(env, data + kParked);
+    Gpa data = env.read_u64(kStateData);
+    return data && env.read_u64(data + kParked);
   };
   host_wait_until([&] { return parked() || p->finished_.load(); }, std::chrono::microseconds(200));
   if (parked()) return p;
@@ -307,8 +253,8 @@ Result<std::unique_ptr<ParkedRun>> ParkedRun::start(NestedEnv& env, const Migrat
 
 Status ParkedRun::release() {
   if (!runner_.joinable()) return status_;
-  Gpa data = read_u64(env_, kStateData);
-  Status st = write_u64(env_, data + kGo, 1);
+  Gpa data = env_.read_u64(kStateData);
+  Status st = env_.write_u64(data + kGo, 1);
   runner_.join();
   if (!st) return st;
   return status_;
@@ -361,14 +307,14 @@ Status restore_memory(NestedEnv& env, const MemoryImage& image) {
     if (!env.vm->gfn_to_hva(gpa_to_gfn(s.gpa))) continue;  // a slot the destination does not have
     NC_TRY(env.vm->write_guest(s.gpa, s.bytes.data(), s.bytes.size()));
   }
-  Gpa data = read_u64(env, kStateData);
+  Gpa data = env.read_u64(kStateData);
   if (!data) return errorf(EINVAL, "the memory image has no L1 state block");
-  return write_u64(env, data + kGo, 1);
+  return env.write_u64(data + kGo, 1);
 }
 
 Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs12) {
   if (vmcs12 == kInvalidGpa) return errorf(EINVAL, "the restored state has no current vmcs12");
-  env.machine->bind_l2_program(vmcs12, l2_program(c.steps, c.park_step(), c.evmcs));
+  env.machine->bind_l2_program(vmcs12, l2_program(c));
   env.machine->set_l1_program(0, l1_exit_loop(c.evmcs, false));
   return ok();
 }

@@ -139,6 +139,15 @@ bool RunOptions::flag_option(const std::string& name) const {
   return it != extra.end() && (it->second == "true" || it->second == "1");
 }
 
+Result<int64_t> RunOptions::int_value(const OptionSpec& spec) const {
+  const std::string name = spec.name();
+  auto it = extra.find(name);
+  int64_t v = NC_TRY(parse_number<int64_t>(name, it == extra.end() ? spec.default_value : it->second));
+  if (spec.range && (v < spec.range->first || v > spec.range->second))
+    return errorf(EINVAL, "--{} {} is out of range ({}..{})", name, v, spec.range->first, spec.range->second);
+  return v;
+}
+
 void RunOptions::report_progress(uint64_t done, uint64_t total, std::string_view label) const {
   if (progress) progress->update(done, total, label);
 }

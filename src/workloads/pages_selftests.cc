@@ -1,24 +1,22 @@
 // Selftests `nested-pages` and `migrate-under-l2`: the pages workload
 // (pages_workload.h) without and with the host changing the pages under L2.
 #include "workloads/pages_workload.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-std::vector<OptionSpec> common_options(const char* rounds) {
-  return {value_option("--rounds", "rounds of the workload (memory, CR8, APIC access, MSR, interrupts)", rounds),
-          value_option("--interrupts", "interrupts posted to L2 per round", "4")};
+OptionSpec rounds_option(const char* rounds) {
+  return int_option("--rounds", "rounds of the workload (memory, CR8, APIC access, MSR, interrupts)", rounds, 1,
+                    100000);
 }
+OptionSpec interrupts_option() { return int_option("--interrupts", "interrupts posted to L2 per round", "4", 0, 64); }
+std::vector<OptionSpec> common_options(const char* rounds) { return {rounds_option(rounds), interrupts_option()}; }
 
-Result<PagesWorkloadConfig> config_of(const RunOptions& o) {
+Result<PagesWorkloadConfig> config_of(const RunOptions& o, const char* default_rounds) {
   PagesWorkloadConfig c;
-  c.rounds = static_cast<int>(NC_TRY(o.int_option("rounds", c.rounds)));
-  c.interrupts_per_round = static_cast<int>(NC_TRY(o.int_option("interrupts", c.interrupts_per_round)));
-  if (c.rounds < 1 || c.rounds > 100000) return errorf(EINVAL, "--rounds {} is out of range (1..100000)", c.rounds);
-  if (c.interrupts_per_round < 0 || c.interrupts_per_round > 64)
-    return errorf(EINVAL, "--interrupts {} is out of range (0..64)", c.interrupts_per_round);
+  c.rounds = static_cast<int>(NC_TRY(o.int_value(rounds_option(default_rounds))));
+  c.interrupts_per_round = static_cast<int>(NC_TRY(o.int_value(interrupts_option())));
   return c;
 }
 
@@ -30,7 +28,7 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
 
 SelftestResult run_nested_pages(const RunOptions& o) {
   SelftestResult r;
-  auto c = config_of(o);
+  auto c = config_of(o, "8");
   if (!c) return r.fail(c.error().to_string()), r;
   NestedEnvConfig ec{o.strategy, o.memory};
   ec.vcpus = 2;
@@ -58,7 +56,7 @@ SelftestResult run_nested_pages(const RunOptions& o) {
 
 SelftestResult run_migrate_under_l2(const RunOptions& o) {
   SelftestResult r;
-  auto c = config_of(o);
+  auto c = config_of(o, "40");
   if (!c) return r.fail(c.error().to_string()), r;
   c->churn = true;
   NestedEnvConfig ec{o.strategy, o.memory};

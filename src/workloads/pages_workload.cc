@@ -6,6 +6,7 @@
 #include "guest/ept12.h"
 #include "guest/l2_run.h"
 #include "guest/mailbox.h"
+#include "guest/pages_l2.h"
 #include "guest/posted_interrupts.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/wait.h"
@@ -28,72 +29,26 @@ constexpr int kNumSlotPages = 4;  // msr bitmap, APIC-access, virtual APIC, PI d
 constexpr Gpa slot_gpa(int i) { return kPageSlotsBase + i * kPageSlotStride; }
 constexpr Gpa kMsrBitmap = slot_gpa(0), kApicAccess = slot_gpa(1), kVapic = slot_gpa(2);
 constexpr Gpa kPiDesc = slot_gpa(3) + 0x40;  // need not be page aligned
-constexpr Gpa kIrqRequest = 0x80000;  // L1 word, below its page allocator: round+1 to post, ~0 to stop
+// Below L1's page allocator: the word L1 asks its poster with (round+1 to
+// post, ~0 to stop) and the page that backs L2's data page.
+constexpr Gpa kIrqRequest = 0x80000;
+constexpr Gpa kL2DataBacking = 0x81000;
 
-// L2 physical layout: its data page is the mailbox; the patterns L2 writes
-// are its data qwords.
+// L2 physical layout (guest/pages_l2.h): its data page is the mailbox.
 constexpr Gpa kL2Data = 0x200000;
 constexpr Gpa kL2Apic = 0xfee00000;
-constexpr int kPatternSlots = 32;
 
-constexpr uint8_t kNotificationVector = 0xf2;
+using guest::kNotificationVector;
 constexpr uint32_t kInterceptedMsr = vmx::msr::kIa32TimeStampCounter;  // a low MSR L1 may intercept
 constexpr uint64_t kWaitNs = 20'000'000;
-constexpr uint64_t kStopPosting = ~uint64_t{0};
 
-uint64_t pattern(int round) { return 0x5157000000000000ull | (uint64_t(round) << 8) | 0xa5; }
-Gpa pattern_slot(int round) { return Mailbox::data(round % kPatternSlots); }
-
-// Shared between the two L1 programs and the host thread.
+// Shared between L2 and the host thread: the host thread's changes so far
+// (a test oracle, not guest state). With churn, L2 starts each round only
+// after at least one more change, so every round runs under churn however
+// the threads are scheduled.
 struct L1Shared {
-  Gpa l2_data = 0;  // L1 address of L2's data page, set before the first post
-  // The host thread's changes so far (a test oracle, not guest state): with
-  // churn, L2 starts each round only after at least one more change, so
-  // every round runs under churn however the threads are scheduled.
   std::atomic<uint64_t> churn_operations{0};
 };
-
-GuestTask l2_program(PagesWorkloadConfig c, Mailbox mb, const std::atomic<uint64_t>& churn_operations) {
-  // Interrupts are counted over the whole run: one that arrives after its
-  // round's deadline (delayed, e.g. while a memslot was away) still counts;
-  // one that never arrives by the final drain is lost.
-  uint64_t got = 0, sum = 0;
-  auto receive = [&](uint64_t until_count, uint64_t wait_ns) -> GuestTask {
-    uint64_t deadline = co_await guest::deadline_in(wait_ns);
-    while (got < until_count) {
-      uint64_t vec = co_await guest::wait_interrupt(deadline);
-      if (!vec) break;
-      got++;
-      sum += vec;
-      co_await mb.report_progress(got);
-      co_await ops::eoi();
-    }
-  };
-  const uint64_t per_round = c.interrupts_per_round;
-  uint64_t changes = 0;
-  for (int r = 0; r < c.rounds; r++) {
-    if (c.churn) {
-      co_await guest::wait_until_host([&] { return churn_operations.load() != changes; });
-      changes = churn_operations.load();
-    }
-    co_await ops::write64(mb.l2_address(pattern_slot(r)), pattern(r));
-    co_await mb.call(Call::memory);
-    for (uint64_t t = 1; t <= 15; t += 7) {
-      co_await ops::write_cr8(t);
-      co_await mb.call(Call::tpr, t);
-    }
-    co_await ops::write32(kL2Apic + vmx::vapic::kTpr, static_cast<uint32_t>(r));  // APIC-access exit
-    co_await ops::rdmsr(kInterceptedMsr);
-    // Interrupts: announce, then collect this round's before the deadline.
-    co_await mb.call(Call::irq);
-    co_await receive(per_round * (r + 1), kWaitNs * per_round);
-    co_await mb.call(Call::irq_done);
-  }
-  // The final drain: generous, since a loaded or sanitizer build can take a while to
-  // deliver the last notifications; it only costs time when interrupts are really lost.
-  co_await receive(per_round * c.rounds, 100 * kWaitNs);
-  co_await mb.finish(sum);
-}
 
 // L1's handling of one VMCALL of L2's; false when L2 is done.
 GuestFn<bool> handle_call(Mailbox mb, int& round, PagesTranscript& t) {
@@ -104,8 +59,8 @@ GuestFn<bool> handle_call(Mailbox mb, int& round, PagesTranscript& t) {
     co_return false;
   }
   if (call == Call::memory) {
-    uint64_t got = co_await ops::read64(mb.l1_address(pattern_slot(round)));
-    if (got != pattern(round)) t.memory_mismatches++;
+    uint64_t got = co_await ops::read64(mb.l1_address(guest::pages_pattern_slot(round)));
+    if (got != guest::pages_pattern(round)) t.memory_mismatches++;
   } else if (call == Call::tpr) {
     uint64_t want = vmx::vapic::vtpr_of_cr8(co_await mb.read_arg());
     uint8_t vtpr = static_cast<uint8_t>(co_await guest::read_backed(kVapic + vmx::vapic::kTpr));
@@ -127,9 +82,8 @@ GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1
   guest::L1Pages pages(kL1PagesStart, 16 << 20);
   Gpa vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
   guest::Ept12 ept(pages);
-  const Mailbox mb(kL2Data, pages.alloc());
-  shared.l2_data = mb.l1_address(0);
-  co_await ept.map(kL2Data, mb.l1_address(0));
+  const Mailbox mb(kL2Data, kL2DataBacking);
+  co_await ept.map(kL2Data, kL2DataBacking);
   co_await ept.map(kL2Apic, kApicAccess);
   co_await guest::write_vmcs(guest::vmcs12_for({.eptp = ept.eptp(),
                                                 .msr_bitmap = kMsrBitmap,
@@ -137,7 +91,13 @@ GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1
                                                 .virtual_apic = kVapic,
                                                 .pi_desc = kPiDesc,
                                                 .notification_vector = kNotificationVector}));
-  m.bind_l2_program(vmcs, l2_program(c, mb, shared.churn_operations));
+  m.bind_l2_program(vmcs, guest::pages_l2({.mailbox = kL2Data,
+                                           .rounds = c.rounds,
+                                           .interrupts_per_round = c.interrupts_per_round,
+                                           .apic_access = kL2Apic,
+                                           .intercepted_msr = kInterceptedMsr,
+                                           .wait_ns = kWaitNs,
+                                           .churn = c.churn ? &shared.churn_operations : nullptr}));
   co_await guest::set_msr_intercept(kMsrBitmap, kInterceptedMsr, false, true);
 
   int round = 0;
@@ -153,23 +113,7 @@ GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1
   // it and the entry fails with VMfailValid(7) (KVM's invalid-address
   // fallback). Under churn that is expected: L1 tries again.
   co_await guest::run_l2(handle, {.retry_while_page_away = c.churn, .retries = &t.entry_retries});
-  co_await ops::write64(kIrqRequest, kStopPosting);
-}
-
-// L1's second vCPU: posts interrupts to L2 through the descriptor.
-GuestTask l1_poster(PagesWorkloadConfig c, PagesTranscript& t, const L1Shared& shared) {
-  for (;;) {
-    uint64_t req = co_await guest::wait_while_eq(kIrqRequest, 0);
-    if (req == kStopPosting) co_return;
-    const Gpa received = shared.l2_data + Mailbox::kProgress;
-    for (int k = 0; k < c.interrupts_per_round; k++) {
-      uint8_t vec = posted_vector(t.interrupts_posted);
-      t.interrupts_posted++;
-      co_await guest::post_interrupt(kPiDesc, vec, 0, kNotificationVector, guest::IfUnbacked::wait);
-      co_await guest::wait_until_at_least(received, uint64_t(t.interrupts_posted), kWaitNs);
-    }
-    co_await ops::write64(kIrqRequest, 0);
-  }
+  co_await ops::write64(kIrqRequest, guest::kStopPosting);
 }
 
 // The host thread: migrates the four pages and moves their memslots away
@@ -209,20 +153,6 @@ void report_missing_interrupts(NestedEnv& env, const PagesTranscript& t, Selftes
 
 }  // namespace
 
-nlohmann::json PagesTranscript::to_json() const {
-  return {{"rounds", rounds},
-          {"memory_mismatches", memory_mismatches},
-          {"tpr_checks", tpr_checks},
-          {"lost_tpr_writes", lost_tpr_writes},
-          {"apic_access_exits", apic_access_exits},
-          {"msr_exits", msr_exits},
-          {"interrupts_posted", interrupts_posted},
-          {"interrupts_received", interrupts_received},
-          {"vector_sum", vector_sum},
-          {"churn_operations", churn_operations},
-          {"entry_retries", entry_retries}};
-}
-
 PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c, SelftestResult& result) {
   PagesTranscript t;
   std::vector<Hva> hvas;
@@ -236,7 +166,16 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
   }
   L1Shared shared;
   env.machine->set_l1_program(0, l1_main(*env.machine, c, t, shared));
-  env.machine->set_l1_program(1, l1_poster(c, t, shared));
+  env.machine->set_l1_program(1, guest::interrupt_poster({.request = kIrqRequest,
+                                                          .desc = kPiDesc,
+                                                          .dest_apic_id = 0,
+                                                          .notification_vector = kNotificationVector,
+                                                          .unbacked = guest::IfUnbacked::wait,
+                                                          .per_request = c.interrupts_per_round,
+                                                          .received = kL2DataBacking + Mailbox::kProgress,
+                                                          .ack_timeout_ns = kWaitNs,
+                                                          .vector_of = posted_vector},
+                                                         t.interrupts_posted));
 
   std::atomic<bool> stop{false};
   std::thread host;
@@ -248,7 +187,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
   result.counters = env.counters();
   result.counters[Counter::lost_tpr_writes] += t.lost_tpr_writes;
   result.counters[Counter::lost_posted_interrupts] += t.interrupts_posted - t.interrupts_received;
-  result.details["transcript"] = t.to_json();
+  result.details["transcript"] = t;
   if (t.interrupts_posted != t.interrupts_received) report_missing_interrupts(env, t, result);
   result.details["counters_by_vcpu"] = env.counters_by_vcpu();
   return t;
