@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "base/check.h"
+#include "cpu/machine.h"
 
 namespace nestcache::cpu {
 
@@ -21,10 +22,6 @@ Exit l2_exit(ExitReason r, uint64_t qual, bool complete, uint32_t msr = 0) {
   e.msr = msr;
   e.complete_op = complete;
   return e;
-}
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
@@ -94,13 +91,25 @@ CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::Frame
       default: std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).store(x, std::memory_order_relaxed); break;
     }
   };
+  // Every access goes through the machine's monitor table: a store wakes the
+  // vCPUs that MWAIT on its line, and on a watched line the clocks of reader
+  // and writer meet (cpu/monitor.h).
+  MonitorTable& monitors = v.m_.monitors();
   if (auto* r = op.get_if<GuestOp::Read>()) {
     if (gpa % r->size) return OpResult::exception(kVectorGP);  // the model needs natural alignment
-    return OpResult::success(load(r->size));
+    uint64_t value = 0;
+    monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] {
+      value = load(r->size);
+      return false;
+    });
+    return OpResult::success(value);
   }
   if (auto* w = op.get_if<GuestOp::Write>()) {
     if (gpa % w->size) return OpResult::exception(kVectorGP);
-    store(w->size, w->value);
+    monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] {
+      store(w->size, w->value);
+      return true;
+    });
     return OpResult::success();
   }
   auto* c = op.get_if<GuestOp::CmpXchg>();
@@ -110,17 +119,68 @@ CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::Frame
   // a locked compare-exchange on the frame itself.
   std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
   uint64_t expected = c->expected;
-  word.compare_exchange_strong(expected, c->desired);
+  monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] { return word.compare_exchange_strong(expected, c->desired); });
   return OpResult::success(expected);
+}
+
+CpuModel::Outcome CpuModel::mwait(Vcpu& v, const GuestOp::Mwait& op, const host::FrameTag& tag) {
+  if (op.gpa % 8) return OpResult::exception(kVectorGP);
+  std::byte* p = frame(v, tag, "monitored line") + page_offset(op.gpa);
+  std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
+  MonitorTable& monitors = v.m_.monitors();
+  const uint64_t offset = page_offset(op.gpa);
+  if (!monitors.arm(tag.pfn, offset, &v, v.clock_, [&] { return word.load() == op.expected; }))
+    return OpResult::success();  // it already changed: no sleep
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  if (op.timeout_ns) deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(op.timeout_ns);
+  // Nothing may touch the monitored frame while the thread sleeps: a
+  // migration zaps EPT01 and kicks this vCPU awake first.
+  v.park(false, deadline);
+  monitors.disarm(tag.pfn, offset, &v, v.clock_);
+  return OpResult::success();
+}
+
+CpuModel::Outcome CpuModel::sleep(Vcpu& v, uint64_t timeout_ns) {
+  if (timeout_ns) v.park(false, std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns));
+  return OpResult::success();
+}
+
+CpuModel::Outcome CpuModel::tpause(Vcpu& v, uint64_t deadline_ns) {
+  if (v.m_.config().clock == ClockKind::modelled) {
+    v.clock_.advance_to(deadline_ns, TimePart::idle);  // the delay is modelled time, not a wait
+    return OpResult::success();
+  }
+  uint64_t now = v.now_ns();
+  if (deadline_ns > now) v.park(false, std::chrono::steady_clock::now() + std::chrono::nanoseconds(deadline_ns - now));
+  return OpResult::success();
+}
+
+std::optional<CpuModel::Outcome> CpuModel::execute_common(Vcpu& v, const GuestOp& op) {
+  if (op.is<GuestOp::Now>()) return OpResult::success(v.now_ns());
+  if (op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
+  if (auto* t = op.get_if<GuestOp::Tpause>()) return tpause(v, t->deadline_ns);
+  if (auto* m = op.get_if<GuestOp::Mwait>(); m && m->gpa == kInvalidGpa) return sleep(v, m->timeout_ns);
+  return std::nullopt;
+}
+
+uint64_t CpuModel::cost(const GuestCosts& costs, const GuestOp& op) {
+  if (op.is<GuestOp::CmpXchg>()) return costs.locked_op_ns;
+  if (op.is<GuestOp::Pause>()) return costs.pause_ns;
+  if (op.is<GuestOp::Yield>()) return 0;  // not an instruction: an operation boundary
+  return costs.op_ns;
 }
 
 static Gpa op_gpa(const GuestOp& op) {
   if (auto* r = op.get_if<GuestOp::Read>()) return r->gpa;
   if (auto* w = op.get_if<GuestOp::Write>()) return w->gpa;
+  if (auto* m = op.get_if<GuestOp::Mwait>()) return m->gpa;
   return op.get_if<GuestOp::CmpXchg>()->gpa;
 }
 
+// Operations that reach memory through the guest's translation: loads,
+// stores, locked RMWs and a MONITOR of a real address.
 static bool is_memory_op(const GuestOp& op) {
+  if (auto* m = op.get_if<GuestOp::Mwait>()) return m->gpa != kInvalidGpa;
   return op.is<GuestOp::Read>() || op.is<GuestOp::Write>() || op.is<GuestOp::CmpXchg>();
 }
 
@@ -136,10 +196,10 @@ CpuModel::Outcome CpuModel::execute_l1(Vcpu& v, const GuestOp& op) {
       e.gfn = x.gfn;
       return e;
     }
+    if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
     return access(v, op, x.tag, gpa);
   }
-  if (op.is<GuestOp::Now>()) return OpResult::success(now_ns());
-  if (op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
+  if (auto done = execute_common(v, op)) return *done;
   Exit e;  // everything else is L0's to emulate
   e.kind = Exit::Kind::l1_op;
   return e;
@@ -174,6 +234,7 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
       uint64_t type = op.is<GuestOp::Read>() ? 0 : 1;
       return l2_exit(ExitReason::kApicAccess, page_offset(gpa) | (type << 12), true);
     }
+    if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
     return access(v, op, x.tag, gpa);
   }
   if (auto* r = op.get_if<GuestOp::Rdmsr>()) {
@@ -222,8 +283,8 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
     e.kind = Exit::Kind::halt;
     return e;
   }
-  if (op.is<GuestOp::Eoi>() || op.is<GuestOp::Pause>() || op.is<GuestOp::Yield>()) return OpResult::success();
-  if (op.is<GuestOp::Now>()) return OpResult::success(now_ns());
+  if (op.is<GuestOp::Eoi>()) return OpResult::success();
+  if (auto done = execute_common(v, op)) return *done;
   // VMX instructions in L2: nestcache runs no third level.
   return OpResult::exception(kVectorUD);
 }

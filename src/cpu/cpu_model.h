@@ -7,7 +7,9 @@
 // the frame tag it was translated with; a mismatch is a stale access.
 // vmcs02 decides the rest: MSR-bitmap interception, the TPR shadow written
 // into the virtual-APIC pfn, APIC-access detection by pfn, posted-interrupt
-// processing from the descriptor's pfn.
+// processing from the descriptor's pfn. MWAIT parks the vCPU thread on a
+// monitored line (MonitorTable); guest accesses to watched lines hand clocks
+// over.
 #pragma once
 
 #include <variant>
@@ -21,6 +23,8 @@ class CpuModel {
   using Outcome = std::variant<OpResult, Vcpu::Exit>;
   static Outcome execute_l1(Vcpu& v, const GuestOp& op);
   static Outcome execute_l2(Vcpu& v, const GuestOp& op);
+  // What `op`, completed without an exit, costs in modelled time.
+  static uint64_t cost(const GuestCosts& costs, const GuestOp& op);
   // Posted-interrupt processing by the "hardware" (vmcs02's descriptor pfn).
   static void process_posted_interrupts(Vcpu& v);
   // Delivers the highest pending virtual interrupt to L2, if any.
@@ -35,6 +39,14 @@ class CpuModel {
   static Xlate translate_l1(Vcpu& v, Gfn gfn);
   static Xlate translate_l2(Vcpu& v, Gpa l2_gpa);
   static Outcome access(Vcpu& v, const GuestOp& op, const host::FrameTag& tag, Gpa gpa);
+  // MONITOR + MWAIT on the word at `gpa`, already translated to `tag`.
+  static Outcome mwait(Vcpu& v, const GuestOp::Mwait& op, const host::FrameTag& tag);
+  // A sleep with nothing monitored (Mwait on kInvalidGpa), and TPAUSE.
+  static Outcome sleep(Vcpu& v, uint64_t timeout_ns);
+  static Outcome tpause(Vcpu& v, uint64_t deadline_ns);
+  // The operations L1 and L2 execute alike without an exit (Now, Pause,
+  // Yield, Tpause, an unmonitored Mwait); nullopt for the others.
+  static std::optional<Outcome> execute_common(Vcpu& v, const GuestOp& op);
   static std::byte* frame(Vcpu& v, const host::FrameTag& tag, const char* what);
 };
 

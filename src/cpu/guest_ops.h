@@ -15,15 +15,21 @@
 #include <variant>
 
 #include "base/types.h"
+#include "vmx/op_result.h"
 #include "vmx/vmx_defs.h"
 
 namespace nestcache::cpu {
 
-// Exception vectors the CPU model injects most often (SDM Vol. 3 §6.15).
-inline constexpr uint8_t kVectorDE = 0;   // divide error
-inline constexpr uint8_t kVectorUD = 6;   // invalid opcode
-inline constexpr uint8_t kVectorGP = 13;  // general protection
-inline constexpr uint8_t kVectorPF = 14;  // page fault
+// How an operation ends is the VMX layer's OpResult (vmx/op_result.h): VMX
+// instructions emulated by L0 and operations the CPU model executes end the
+// same ways.
+using vmx::kVectorDE;
+using vmx::kVectorGP;
+using vmx::kVectorPF;
+using vmx::kVectorUD;
+using vmx::OpResult;
+using vmx::Outcome;
+using vmx::to_string;
 
 namespace detail {
 template <class T, class V>
@@ -55,9 +61,8 @@ struct GuestOp {
     uint64_t value = 0;
   };
   // LOCK CMPXCHG of 8 bytes at `gpa` (8-aligned): if the qword equals
-  // `expected` it becomes `desired`. value = the old qword either way. Used to
-  // spin on sync pages: it never exits by itself (no PAUSE), as upstream's
-  // guest loop.
+  // `expected` it becomes `desired`. value = the old qword either way. It
+  // never exits by itself.
   struct CmpXchg {
     static constexpr const char* kName = "cmpxchg";
     Gpa gpa = 0;
@@ -100,6 +105,28 @@ struct GuestOp {
   struct Pause {
     static constexpr const char* kName = "pause";
   };
+  // MONITOR the 64-byte line of `gpa`, then MWAIT unless the qword at `gpa`
+  // (8-aligned) differs from `expected`: the vCPU sleeps until another agent
+  // writes the line, an interrupt arrives for it, or it is kicked; value =
+  // the qword when it wakes (guest code loops until it changed). This is how
+  // guest code waits for another vCPU: its thread parks instead of spinning,
+  // and in modelled time it wakes at the writer's clock. `timeout_ns` > 0
+  // bounds the sleep in real time, for a condition outside guest memory (a
+  // host thread's progress); gpa == kInvalidGpa monitors nothing (a timed
+  // sleep). Never exits (no MWAIT exiting in the model's vmcs12s).
+  struct Mwait {
+    static constexpr const char* kName = "mwait";
+    Gpa gpa = 0;
+    uint64_t expected = 0;
+    uint64_t timeout_ns = 0;
+  };
+  // TPAUSE until the clock reads `deadline_ns` (as Now reports it), or an
+  // interrupt or kick comes first: a delay that parks the thread. In modelled
+  // time the clock moves on to the deadline.
+  struct Tpause {
+    static constexpr const char* kName = "tpause";
+    uint64_t deadline_ns = 0;
+  };
   // WRMSR to the x2APIC ICR: a fixed interrupt `vector` to `dest_apic_id`.
   struct SendIpi {
     static constexpr const char* kName = "send_ipi";
@@ -110,7 +137,8 @@ struct GuestOp {
   struct Eoi {
     static constexpr const char* kName = "eoi";
   };
-  // A monotonic clock read (RDTSC scaled to ns): value = nanoseconds.
+  // A clock read (RDTSC scaled to ns): value = nanoseconds of modelled time,
+  // or of wall time when the machine runs on the wall clock.
   struct Now {
     static constexpr const char* kName = "now";
   };
@@ -175,8 +203,8 @@ struct GuestOp {
   };
 
   using Variant =
-      std::variant<Read, Write, CmpXchg, Rdmsr, Wrmsr, WriteCr8, ReadCr8, Vmcall, Hlt, Pause,
-                   SendIpi, Eoi, Now, Yield, Vmxon, Vmxoff, Vmclear, Vmptrld, Vmptrst, Vmread,
+      std::variant<Read, Write, CmpXchg, Rdmsr, Wrmsr, WriteCr8, ReadCr8, Vmcall, Hlt, Pause, Mwait,
+                   Tpause, SendIpi, Eoi, Now, Yield, Vmxon, Vmxoff, Vmclear, Vmptrld, Vmptrst, Vmread,
                    Vmwrite, Vmlaunch, Vmresume, Invept, Invvpid>;
 
   // Whether T is one of the alternatives above.
@@ -219,42 +247,6 @@ struct GuestOp {
 
 // "read(gpa=0x1000, size=8)", for logs and test failures.
 std::string to_string(const GuestOp& op);
-
-// How an operation ended.
-enum class Outcome : uint8_t {
-  ok,            // it completed; value holds its result
-  fail_invalid,  // VMX instruction: VMfailInvalid (CF=1), no current VMCS to hold an error
-  fail_valid,    // VMX instruction: VMfailValid (ZF=1), vm_instruction_error says why
-  fault,         // an exception was raised in the guest: vector, error_code
-};
-
-// The CPU model's answer to one GuestOp.
-struct OpResult {
-  uint64_t value = 0;
-  Outcome outcome = Outcome::ok;
-  uint8_t vector = 0;               // fault: the exception vector (< 32)
-  uint32_t error_code = 0;          // fault: the exception's error code, if it has one
-  uint32_t vm_instruction_error = 0;  // fail_valid: the SDM VM-instruction error number
-
-  // Completed, producing `value`.
-  static OpResult success(uint64_t value = 0) { return OpResult{.value = value}; }
-  // VMfailInvalid.
-  static OpResult fail_invalid() { return OpResult{.outcome = Outcome::fail_invalid}; }
-  // VMfailValid with VM-instruction error `error` (SDM Vol. 3 §31.4).
-  static OpResult fail_valid(uint32_t error) {
-    return OpResult{.outcome = Outcome::fail_valid, .vm_instruction_error = error};
-  }
-  // Exception `vector` (e.g. kVectorGP) with `error_code`, injected into the guest.
-  static OpResult exception(uint8_t vector, uint32_t error_code = 0) {
-    return OpResult{.outcome = Outcome::fault, .vector = vector, .error_code = error_code};
-  }
-
-  bool ok() const { return outcome == Outcome::ok; }
-  friend bool operator==(const OpResult&, const OpResult&) = default;
-};
-
-// "ok(0x2a)", "VMfailValid(7)", "#GP(0)", for logs and test failures.
-std::string to_string(const OpResult& result);
 
 // Thrown inside guest code when an operation whose awaitable returns a plain
 // value (read64, rdmsr, ...) does not end `ok`: the guest's exception handler

@@ -19,17 +19,6 @@ Overloaded(Fs...) -> Overloaded<Fs...>;
 template <class T, class... Ts>
 constexpr bool kIsOneOf = (std::is_same_v<T, Ts> || ...);
 
-// Exception mnemonics by vector (SDM Vol. 3 Table 6-1); 9, 15 and 22-31 are reserved.
-constexpr const char* kVectorNames[32] = {
-    "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS",
-    "NP", "SS", "GP",  "PF", "15", "MF", "AC", "MC", "XM", "VE", "CP",
-    "22", "23", "24",  "25", "26", "27", "28", "29", "30", "31"};
-
-// Vectors that push an error code.
-bool has_error_code(uint8_t vector) {
-  return vector == 8 || (vector >= 10 && vector <= 14) || vector == 17 || vector == 21;
-}
-
 std::string describe(const std::exception_ptr& e) {
   try {
     std::rethrow_exception(e);
@@ -72,6 +61,10 @@ std::string to_string(const GuestOp& op) {
         return fmt::format("vmcall(nr={:#x}, args={:#x}, {:#x}, {:#x})", o.nr, o.args[0], o.args[1],
                            o.args[2]);
       },
+      [](const G::Mwait& o) {
+        return fmt::format("mwait(gpa={:#x}, expected={:#x}, timeout_ns={})", o.gpa, o.expected, o.timeout_ns);
+      },
+      [](const G::Tpause& o) { return fmt::format("tpause(deadline_ns={})", o.deadline_ns); },
       [](const G::SendIpi& o) {
         return fmt::format("send_ipi(dest={}, vector={:#x})", o.dest_apic_id, unsigned{o.vector});
       },
@@ -92,24 +85,6 @@ std::string to_string(const GuestOp& op) {
       // The operations without operands.
       [](const auto& o) { return fmt::format("{}()", o.kName); },
   });
-}
-
-std::string to_string(const OpResult& result) {
-  switch (result.outcome) {
-    case Outcome::ok:
-      return fmt::format("ok({:#x})", result.value);
-    case Outcome::fail_invalid:
-      return "VMfailInvalid";
-    case Outcome::fail_valid:
-      return fmt::format("VMfailValid({})", result.vm_instruction_error);
-    case Outcome::fault:
-      if (result.vector >= 32) return fmt::format("fault(vector={})", unsigned{result.vector});
-      if (has_error_code(result.vector)) {
-        return fmt::format("#{}({:#x})", kVectorNames[result.vector], result.error_code);
-      }
-      return fmt::format("#{}", kVectorNames[result.vector]);
-  }
-  return "outcome?";
 }
 
 GuestFault::GuestFault(const GuestOp& op, const OpResult& result)

@@ -437,6 +437,14 @@ inline Awaitable<uint64_t> vmcall(uint64_t nr, uint64_t a0 = 0, uint64_t a1 = 0,
 // Execution control and the local APIC.
 inline Awaitable<void> hlt() { return Awaitable<void>(GuestOp::Hlt{}); }
 inline Awaitable<void> pause() { return Awaitable<void>(GuestOp::Pause{}); }
+// MONITOR + MWAIT on the qword at `gpa` while it holds `expected` (see
+// GuestOp::Mwait); returns the qword when the vCPU wakes, which may still be
+// `expected` (an interrupt, a kick, the timeout): callers loop.
+inline Awaitable<uint64_t> mwait(Gpa gpa, uint64_t expected, uint64_t timeout_ns = 0) {
+  return Awaitable<uint64_t>(GuestOp::Mwait{gpa, expected, timeout_ns});
+}
+// TPAUSE until now() reads `deadline_ns`, or an event comes first.
+inline Awaitable<void> tpause(uint64_t deadline_ns) { return Awaitable<void>(GuestOp::Tpause{deadline_ns}); }
 inline Awaitable<void> yield() { return Awaitable<void>(GuestOp::Yield{}); }
 // Returns a monotonic clock in nanoseconds.
 inline Awaitable<uint64_t> now() { return Awaitable<uint64_t>(GuestOp::Now{}); }

@@ -5,10 +5,10 @@
 namespace nestcache::cpu {
 
 Machine::Machine(vm::Vm& vm, const MachineConfig& config)
-    : vm_(vm), config_(config), hw_(HardwareKeys::view(vm.phys())) {
+    : vm_(vm), config_(config), hw_(HardwareKeys::view(vm.phys())), monitors_(vm.phys().num_frames()) {
   NC_CHECK(config.vcpus >= 1);
   if (config.strategy != vmx::StrategyKind::map)
-    contexts_ = std::make_unique<vmx::NestedContexts>(vm, config.strategy == vmx::StrategyKind::oracle ? &hw_ : nullptr);
+    contexts_ = std::make_unique<vmx::VmxNestedContexts>(vm, config.strategy == vmx::StrategyKind::oracle ? &hw_ : nullptr);
   for (int i = 0; i < config.vcpus; i++) vcpus_.push_back(std::make_unique<Vcpu>(*this, i));
 }
 

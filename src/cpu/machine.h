@@ -4,13 +4,14 @@
 //
 //   Machine   one per VM: the vCPUs, the L2 programs (each belongs to its
 //             vmcs12 address, so an L2 can move between L1 vCPUs), the
-//             hardware view, the page strategy and the exit-cost model.
-//   Vcpu      one OS thread: process requests -> enter L1 or L2 -> run
-//             operations until a VM exit -> handle it (run_loop.cc). The CPU
-//             model (execute.cc) translates addresses (EPT12 in L1 memory,
-//             then EPT01, with a per-vCPU translation cache), checks MSR
-//             bitmaps, writes the TPR shadow and processes posted interrupts
-//             through the pfns in vmcs02, checking every frame tag.
+//             hardware view, the page strategy, the time model and the
+//             MONITOR/MWAIT table.
+//   Vcpu      one OS thread (cpu/vcpu.h): process requests -> enter L1 or L2
+//             -> run operations until a VM exit -> handle it. The CPU model
+//             (cpu_model.h) translates addresses (EPT12 in L1 memory, then
+//             EPT01, with a per-vCPU translation cache), checks MSR bitmaps,
+//             writes the TPR shadow and processes posted interrupts through
+//             the pfns in vmcs02, checking every frame tag.
 //
 // Guest code drives it through GuestTask coroutines (guest_task.h): one L1
 // program per vCPU (set_l1_program) and one L2 program per vmcs12 address
@@ -31,9 +32,11 @@
 #include "base/counters.h"
 #include "base/mutex.h"
 #include "cpu/guest_task.h"
+#include "cpu/monitor.h"
+#include "cpu/vcpu.h"
 #include "vm/vm.h"
 #include "vmx/nested.h"
-#include "vmx/nested_contexts.h"
+#include "vmx/vmx_nested_contexts.h"
 
 namespace nestcache::cpu {
 
@@ -41,6 +44,29 @@ namespace nestcache::cpu {
 // cycles measured for a single-level VMCALL round trip on a Skylake-SP
 // server (KVM vmexit micro-benchmark, 2020), at 2.5 GHz = 612 ns.
 inline constexpr uint64_t kDefaultExitCostNs = 612;
+
+// What a guest instruction costs in modelled time (DESIGN.md §5): what it
+// would cost on the hardware the exit cost comes from (Skylake-SP, 2.5 GHz),
+// not what interpreting it costs here.
+struct GuestCosts {
+  // Any operation not listed below: 5 cycles, the load-to-use latency of an
+  // L1 data-cache hit on Skylake (Intel 64 and IA-32 Architectures
+  // Optimization Reference Manual, "Cache parameters").
+  uint64_t op_ns = 2;
+  // A locked read-modify-write (LOCK CMPXCHG): about 20 cycles on Skylake
+  // (Agner Fog's instruction tables list 18-20).
+  uint64_t locked_op_ns = 8;
+  // PAUSE: up to 140 cycles since Skylake (the optimization manual's "Pause
+  // latency in Skylake microarchitecture").
+  uint64_t pause_ns = 56;
+};
+
+// Which clock guest code reads (Now, Tpause, the APIC timer) and a run is
+// timed by. Both clocks always run; see DESIGN.md §5.
+enum class ClockKind : uint8_t {
+  modelled,  // each vCPU's ModelClock: results measure the design
+  wall,      // the steady clock; each exit also burns its cost on the CPU
+};
 
 // Issues the hardware-view capability (host::HardwareKey): only the CPU, and
 // the oracle strategy it hands the view to, may reach frames without mappings.
@@ -58,128 +84,8 @@ struct MachineConfig {
   // vCPU again (true), which re-executes L1's VMLAUNCH/VMRESUME — as a VMM
   // that calls KVM_RUN again after KVM_EXIT_INTERNAL_ERROR does.
   bool retry_internal_errors = false;
-};
-
-class Machine;
-
-// An L2 program and what the CPU owes it: after a reflected exit of an
-// instruction L1 emulates (VMCALL, an MSR access, an APIC access...), the
-// operation completes when L1 resumes this L2. Touched only by the vCPU that
-// has the L2's vmcs12 current.
-struct L2Program {
-  GuestTask task;
-  bool complete_pending = false;
-  uint64_t complete_value = 0;
-};
-
-class Vcpu final : public vm::Vcpu {
- public:
-  Vcpu(Machine& m, int id);
-  ~Vcpu() override;
-
-  vmx::NestedVmx& nested() { return *nested_; }
-
-  // What stopped the operations of one guest-mode episode.
-  struct Exit {
-    enum class Kind {
-      none,          // the guest is done
-      kick,          // a request or kick: L0 business only
-      ept01_miss,    // L0 fills EPT01 and retries the operation
-      l1_op,         // an L1 operation L0 emulates (VMX instruction, MSR, HLT...)
-      l2,            // an L2 exit: reflected to L1 or handled by L0
-      halt,          // the guest waits for an interrupt
-      pi_software,   // a posted-interrupt notification L0 completes in software
-    };
-    Kind kind = Kind::none;
-    Gfn gfn = 0;             // ept01_miss
-    vmx::ExitInfo info;      // l2
-    uint32_t msr = 0;        // l2 MSR exits
-    bool complete_op = false;  // l2: the exiting operation is done once L2 resumes
-  };
-  CounterSet& counters() { return vm::Vcpu::counters(); }
-  // Delivers an interrupt vector to this vCPU's local APIC (x2APIC IPI).
-  void deliver_interrupt(uint8_t vector);
-  // Test hook: runs on the vCPU thread before each entry into L2, after vmcs02
-  // is built and the vCPU is in guest mode, just before the last check (seed
-  // patch 3). A test lands an invalidation there (from another thread: the
-  // notifier waits for this vCPU to leave guest mode). Set before run().
-  void set_before_last_check_hook(std::function<void()> hook) { before_last_check_ = std::move(hook); }
-
- protected:
-  void wake() override;
-
- private:
-  friend class Machine;
-  friend class CpuModel;
-  void run_loop();
-
-  void process_requests();
-  Exit run_guest();
-  void handle_exit(const Exit& e);
-  void handle_l1_op(const GuestOp& op);
-  void handle_l2_exit(const Exit& e);
-  void complete_nested_entry(const vmx::EntryResult& r);
-  void complete_posted_interrupts_in_software();
-  // VMM calls (vcpu_nested_state.cc): runs `fn` on this vCPU's thread
-  // between two entries, out of guest mode, and waits for it; if the thread
-  // is not running, runs it on the caller's thread (the vCPU cannot run
-  // meanwhile). One call at a time.
-  void call_on_vcpu(const std::function<void()>& fn) NC_EXCLUDES(call_mu_);
-  // The vCPU thread's side: runs the pending call, if any.
-  void serve_vmm_call() NC_EXCLUDES(call_mu_);
-  // The vCPU thread leaves its loop: later calls run on their caller's thread.
-  void stop_serving_vmm_calls() NC_EXCLUDES(call_mu_);
-  // The kGetNestedStatePages request: resolve the restored vmcs12's pages
-  // and bind its L2 program, or fail the entry with an internal error.
-  void get_nested_state_pages();
-  // Takes the posted-interrupt notification vector out of the APIC, if it
-  // arrived; true if it did.
-  bool take_notification();
-  // The highest pending L1 interrupt other than `except` (-1: none).
-  std::optional<uint8_t> take_l1_interrupt(int except = -1);
-  // Blocks until an interrupt, request or kick arrives; with a timeout,
-  // returns false if it passed first.
-  bool block_until_event(std::chrono::microseconds timeout = std::chrono::microseconds::max());
-  void fail_op(GuestTask& t);
-  void burn_transition();
-  GuestTask* current_task();
-
-  Machine& m_;
-  std::unique_ptr<vmx::NestedVmx> nested_;
-  std::thread thread_;
-  GuestTask l1_;
-  bool l1_done_ = false;
-  bool stop_ = false;
-  bool reflected_since_entry_ = false;
-  L2Program* l2_ = nullptr;  // the program of the current vmcs12, in guest mode
-  std::function<void()> before_last_check_;
-
-  // Translation caches (the vCPU's TLB): EPT01 and EPT02 (= EPT12 + EPT01).
-  struct Tlb02Entry {
-    host::FrameTag tag;
-    Gfn l1_gfn;
-  };
-  std::unordered_map<Gfn, host::FrameTag> tlb01_;
-  std::unordered_map<Gfn, Tlb02Entry> tlb02_;
-  Gpa tlb02_eptp_ = kInvalidGpa;
-  std::unordered_map<uint32_t, uint64_t> l2_msrs_;  // MSRs L2 reaches without L1
-  uint64_t l2_cr8_ = 0;
-
-  // Local APIC and wake-up.
-  Mutex apic_mu_{LockRank::kLeaf};
-  CondVar apic_cv_;
-  uint64_t l1_irr_[4] NC_GUARDED_BY(apic_mu_) = {};
-  bool woken_ NC_GUARDED_BY(apic_mu_) = false;
-  std::atomic<bool> irq_arrived_{false};  // an interrupt reached l1_irr_ since last looked
-
-  // VMM calls (call_on_vcpu). `call_` points at the caller's function while
-  // it waits; the vCPU thread runs it without the lock and then bumps
-  // `calls_done_`.
-  Mutex call_mu_{LockRank::kVcpuRun};
-  CondVar call_cv_;
-  bool thread_running_ NC_GUARDED_BY(call_mu_) = false;
-  const std::function<void()>* call_ NC_GUARDED_BY(call_mu_) = nullptr;
-  uint64_t calls_done_ NC_GUARDED_BY(call_mu_) = 0;
+  GuestCosts costs = {};
+  ClockKind clock = ClockKind::wall;
 };
 
 class Machine {
@@ -214,6 +120,8 @@ class Machine {
   // nested_context_reuse and nested_context_recycle).
   CounterSnapshot counters() const;
 
+  MonitorTable& monitors() { return monitors_; }
+
   // --- nested state (KVM_GET/SET_NESTED_STATE; vcpu_nested_state.cc) -----------
   // Both work at any time. While run() is active the vCPU thread is asked
   // (kVmmCall + kick) to leave guest mode and do the work between two
@@ -245,7 +153,7 @@ class Machine {
 
   // The VM's nested-context table (seed patches 8-9): made for the cache and
   // oracle strategies, nullptr for map (the kernel today has none).
-  vmx::NestedContexts* nested_contexts() { return contexts_.get(); }
+  vmx::VmxNestedContexts* nested_contexts() { return contexts_.get(); }
 
  private:
   friend class Vcpu;
@@ -259,7 +167,8 @@ class Machine {
   host::HardwareView hw_;
   // Declared before vcpus_: every vCPU's NestedVmx refers to it, so it is
   // destroyed after them (its contexts are freed earlier, in ~Machine).
-  std::unique_ptr<vmx::NestedContexts> contexts_;
+  std::unique_ptr<vmx::VmxNestedContexts> contexts_;
+  MonitorTable monitors_;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
 
   Mutex l2_mu_{LockRank::kLeaf};

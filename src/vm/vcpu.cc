@@ -6,7 +6,25 @@
 
 namespace nestcache::vm {
 
+void Vcpu::carry_time(const TimeStamp& t) {
+  MutexLock l(carried_mu_);
+  carried_ = TimeStamp::later(carried_, t);
+  has_carried_.store(true, std::memory_order_release);
+}
+
+void Vcpu::carry_current_time() {
+  if (ModelClock* c = ModelClock::current()) carry_time(c->stamp());
+}
+
+void Vcpu::merge_carried_time(ModelClock& clock) {
+  if (!has_carried_.load(std::memory_order_acquire)) return;
+  MutexLock l(carried_mu_);
+  has_carried_.store(false, std::memory_order_relaxed);
+  clock.merge(carried_);
+}
+
 void Vcpu::kick() {
+  carry_current_time();
   counters_.add(Counter::kicks);
   uint64_t s = state_.load(std::memory_order_seq_cst);
   while ((s & kModeMask) == static_cast<uint64_t>(VcpuMode::in_guest)) {
@@ -47,13 +65,22 @@ void Vcpu::wait_for_exit(uint64_t seen) {
   }
 }
 
+namespace {
+thread_local Vcpu* tls_vcpu = nullptr;
+}  // namespace
+
+Vcpu* Vcpu::on_this_thread() { return tls_vcpu; }
+Vcpu::ThreadBinding::ThreadBinding(Vcpu& v) { tls_vcpu = &v; }
+Vcpu::ThreadBinding::~ThreadBinding() { tls_vcpu = nullptr; }
+
 void Vcpu::make_request_and_wait(std::span<Vcpu* const> vcpus, Request r) {
   std::vector<std::pair<Vcpu*, uint64_t>> waits;
   for (Vcpu* v : vcpus) {
     v->make_request(r);
     // Read the mode only after the request is visible (seq_cst both sides).
     uint64_t s = v->state_.load(std::memory_order_seq_cst);
-    v->kick();
+    v->kick();  // on our own vCPU: marks it exiting, so it leaves at its next boundary
+    if (v == tls_vcpu) continue;
     if ((s & kModeMask) != static_cast<uint64_t>(VcpuMode::outside)) waits.push_back({v, s});
   }
   for (auto& [v, s] : waits) v->wait_for_exit(s);

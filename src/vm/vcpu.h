@@ -12,6 +12,11 @@
 // vCPU that was in guest mode has left it (the analogue of the IPI ack), so
 // afterwards no vCPU can still be using what the request invalidates.
 //
+// Modelled time (base/model_time.h): a requester or kicker whose thread has a
+// clock hands its time to the vCPU (carry_time), and the vCPU thread merges
+// it when it notices the event (merge_carried_time): a vCPU woken by another
+// starts at the waker's clock.
+//
 // The cpu layer derives its vCPU from this class and implements wake() to
 // unblock a halted vCPU thread.
 #pragma once
@@ -21,6 +26,8 @@
 #include <span>
 
 #include "base/counters.h"
+#include "base/model_time.h"
+#include "base/mutex.h"
 
 namespace nestcache::vm {
 
@@ -49,15 +56,29 @@ class Vcpu {
 
   // --- requester side (any thread) ----------------------------------------
   void make_request(Request r) {
+    carry_current_time();
     requests_.fetch_or(bit(r), std::memory_order_seq_cst);
     counters_.add(Counter::requests);
   }
   // Forces the vCPU out of guest mode if it is in it, and wakes it if halted.
   void kick();
   // Sets `r` on every vCPU in `vcpus`, kicks them, and waits until each one
-  // that was in guest mode has left it. Must not be called from a vCPU
-  // thread on itself while it is in guest mode.
+  // that was in guest mode has left it. The vCPU whose thread makes the call
+  // (VMM code run from its guest program, as tests do) is not waited for: it
+  // runs this very code and leaves guest mode at its next operation boundary,
+  // before it can use what the request invalidates.
   static void make_request_and_wait(std::span<Vcpu* const> vcpus, Request r);
+
+  // The vCPU whose thread this is (set by the cpu layer for its run loop), or
+  // nullptr on any other thread.
+  static Vcpu* on_this_thread();
+  class ThreadBinding {
+   public:
+    explicit ThreadBinding(Vcpu& v);
+    ~ThreadBinding();
+    ThreadBinding(const ThreadBinding&) = delete;
+    ThreadBinding& operator=(const ThreadBinding&) = delete;
+  };
 
   // --- vCPU thread side ---------------------------------------------------
   bool has_requests() const { return requests_.load(std::memory_order_seq_cst) != 0; }
@@ -78,6 +99,15 @@ class Vcpu {
   // requests, kicks.
   CounterSet& counters() { return counters_; }
 
+  // --- modelled time ------------------------------------------------------
+  // Any thread: an event for this vCPU happened at `t` (the later of all
+  // such times is kept until the vCPU thread merges it).
+  void carry_time(const TimeStamp& t) NC_EXCLUDES(carried_mu_);
+  // carry_time() of the calling thread's clock, if it has one.
+  void carry_current_time() NC_EXCLUDES(carried_mu_);
+  // vCPU thread: merges every time carried since the last call into `clock`.
+  void merge_carried_time(ModelClock& clock) NC_EXCLUDES(carried_mu_);
+
  protected:
   // Unblocks the vCPU thread if it is halted or idle; the cpu layer's job.
   virtual void wake() {}
@@ -93,6 +123,9 @@ class Vcpu {
   std::atomic<uint32_t> requests_{0};
   std::atomic<uint64_t> state_{0};
   CounterSet counters_;
+  Mutex carried_mu_{LockRank::kLeaf};
+  TimeStamp carried_ NC_GUARDED_BY(carried_mu_);
+  std::atomic<bool> has_carried_{false};  // carried_ holds a time not merged yet
 };
 
 }  // namespace nestcache::vm

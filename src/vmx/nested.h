@@ -19,6 +19,7 @@
 #include "vm/vm.h"
 #include "vmx/evmcs.h"
 #include "vmx/nested_state_format.h"
+#include "vmx/op_result.h"
 #include "vmx/page_strategy.h"
 #include "vmx/vmcs12.h"
 
@@ -40,36 +41,29 @@ struct Vmcs02 {
   uint64_t generation = 0;  // bumped whenever L0 rewrites the pfns
 };
 
-// The outcome of one emulated VMX instruction, as L1 observes it.
-struct InstrResult {
-  enum class Kind { ok, fail_invalid, fail_valid, ud };
-  Kind kind = Kind::ok;
-  uint64_t value = 0;
-  VmInstructionError error = VmInstructionError::kNone;
-  std::string message;
-
-  static InstrResult success(uint64_t v = 0) { return {Kind::ok, v, VmInstructionError::kNone, {}}; }
-  static InstrResult undefined(std::string m) { return {Kind::ud, 0, VmInstructionError::kNone, std::move(m)}; }
-  bool ok() const { return kind == Kind::ok; }
-};
-
 // The outcome of VMLAUNCH/VMRESUME.
 struct EntryResult {
   enum class Kind {
     entered,         // vmcs02 built, vCPU in guest mode: run L2
-    failed,          // VMfail / #UD: `instr` says which; L1 continues
+    failed,          // VMfail / #UD: `result` says which; L1 continues
     exit_to_l1,      // entry failed like a VM exit (exit reason 33...): L1 continues
     internal_error,  // L0 could not build vmcs02 (no APIC-access page): to the VMM
   };
   Kind kind = Kind::entered;
-  InstrResult instr;
-  std::string message;
+  // What L1's VMLAUNCH/VMRESUME ends with; `result.why` explains a failure,
+  // an exit_to_l1 or an internal error.
+  OpResult result;
+
+  static EntryResult entered() { return {Kind::entered, OpResult::success()}; }
+  static EntryResult failed(OpResult r) { return {Kind::failed, std::move(r)}; }
+  static EntryResult exit_to_l1(std::string why) { return {Kind::exit_to_l1, {.why = std::move(why)}}; }
+  static EntryResult internal_error(std::string why) { return {Kind::internal_error, {.why = std::move(why)}}; }
 };
 
 // Where an L2 exit goes.
 enum class ExitTarget { l0, l1 };
 
-class NestedContexts;
+class VmxNestedContexts;
 class VmxNestedContext;
 
 class NestedVmx {
@@ -78,29 +72,35 @@ class NestedVmx {
   // (map, or a vCPU without one): the vCPU then keeps one cache set for every
   // vmcs12. It must outlive this object.
   NestedVmx(vm::Vm& vm, vm::Vcpu& vcpu, StrategyKind strategy, const host::HardwareView* hw, CounterSet& counters,
-            NestedContexts* contexts = nullptr);
+            VmxNestedContexts* contexts = nullptr);
   ~NestedVmx();
 
-  // --- VMX instructions (SDM Vol. 3C ch. 31) -------------------------------
-  InstrResult vmxon(Gpa region);
-  InstrResult vmxoff();
-  InstrResult vmclear(Gpa vmcs);
-  InstrResult vmptrld(Gpa vmcs);
-  InstrResult vmptrst();
-  InstrResult vmread(uint32_t field);
-  InstrResult vmwrite(uint32_t field, uint64_t value);
-  InstrResult invept(uint64_t type, uint64_t eptp);
-  InstrResult invvpid(uint64_t type, uint16_t vpid);
+  // --- VMX instructions (SDM Vol. 3C ch. 30; vmx_instructions.cc) ------------
+  OpResult vmxon(Gpa region);
+  OpResult vmxoff();
+  OpResult vmclear(Gpa vmcs);
+  OpResult vmptrld(Gpa vmcs);
+  OpResult vmptrst();
+  OpResult vmread(uint32_t field);
+  OpResult vmwrite(uint32_t field, uint64_t value);
+  OpResult invept(uint64_t type, uint64_t eptp);
+  OpResult invvpid(uint64_t type, uint16_t vpid);
 
-  // --- nested entry -----------------------------------------------------------
+  // --- nested entry (nested_entry.cc) -----------------------------------------
   // VMLAUNCH (launch) / VMRESUME: instruction checks, entry consistency
   // checks, get vmcs12 pages through the strategy, build vmcs02, switch to
-  // guest mode.
+  // guest mode with run pending.
   EntryResult enter(bool launch);
-  // The last check before the hardware entry (seed patch 3), called with
-  // the vCPU already in guest mode: true if a page the hardware uses was
-  // invalidated. The caller then cancels the entry and requests
-  // kRefreshGuestPages.
+  // Step 4, on every hardware entry: called with the vCPU already in guest
+  // mode (vm::Vcpu::enter_guest_mode() succeeded). In guest mode, runs the
+  // last check (seed patch 3): if a page the hardware uses was invalidated
+  // after vmcs02 was built, raises kRefreshGuestPages, counts entry_cancels
+  // and returns false — the caller leaves guest mode and comes round, and the
+  // request rewrites vmcs02. Otherwise ends run pending (L2 is on the
+  // hardware) and returns true. Out of guest mode (L1 runs) it returns true.
+  bool check_before_hardware_entry();
+  // The last check alone: in guest mode, a vCPU-bound cache is active but
+  // invalid.
   bool last_check_fails() const;
   // kRefreshGuestPages: re-gets the hardware pages and rewrites vmcs02.
   // Returns the KVM internal error if the APIC-access page is gone for good.
@@ -144,9 +144,10 @@ class NestedVmx {
   // so the request can be retried.
   Status get_nested_state_pages();
   // nested_run_pending: L1's VMLAUNCH/VMRESUME was emulated (enter()
-  // succeeded) but L2 has not run yet. The cpu layer sets it when enter()
-  // succeeds and clears it at the hardware entry into L2.
+  // succeeded) but L2 has not run yet: set by enter(), cleared by
+  // check_before_hardware_entry().
   bool run_pending() const { return guest_mode_ && run_pending_; }
+  // Test hook for nested-state tests that stand in for the cpu layer.
   void set_run_pending(bool pending) { run_pending_ = pending; }
 
   // --- L0 software access to L1 pages (posted-interrupt completion etc.) -------
@@ -193,8 +194,8 @@ class NestedVmx {
   void set_evmcs_snapshot_hook(std::function<void()> hook) { evmcs_snapshot_hook_ = std::move(hook); }
 
  private:
-  InstrResult fail_valid(VmInstructionError e, std::string message);
-  InstrResult fail(const VmxFail& f);
+  OpResult fail_valid(VmInstructionError e, std::string message);
+  OpResult fail(const VmxFail& f);
   Status load_vmcs12(Gpa gpa);
   Status flush_vmcs12();
   // nested_get_vmcs12_pages: the pages and KVM's fallbacks. Returns an
@@ -202,7 +203,7 @@ class NestedVmx {
   Status get_vmcs12_pages();
   void merge_msr_bitmap(Vmcs02& o);
   void release_nested();
-  // Nested contexts (nested_contexts.h): VMPTRLD of a new address loads,
+  // Nested contexts (vmx_nested_contexts.h): VMPTRLD of a new address loads,
   // VMCLEAR / VMXOFF / teardown clear.
   void load_context(Gpa vmptr);
   void clear_context(Gpa vmptr);
@@ -245,7 +246,7 @@ class NestedVmx {
   vm::Vcpu& vcpu_;
   CounterSet& counters_;
   std::unique_ptr<PageSet> pages_;
-  NestedContexts* contexts_;
+  VmxNestedContexts* contexts_;
   VmxNestedContext* ctx_ = nullptr;  // attached to this vCPU while set
   bool vmxon_ = false;
   Gpa vmxon_ptr_ = kInvalidGpa;

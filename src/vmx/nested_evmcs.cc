@@ -23,7 +23,7 @@
 #include "base/check.h"
 #include "vmx/entry_checks.h"
 #include "vmx/nested.h"
-#include "vmx/nested_contexts.h"
+#include "vmx/vmx_nested_contexts.h"
 
 namespace nestcache::vmx {
 

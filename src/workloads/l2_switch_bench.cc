@@ -17,7 +17,7 @@
 #include "guest/l2_switch.h"
 #include "guest/mailbox.h"
 #include "guest/vmx.h"
-#include "vmx/nested_context.h"
+#include "vmx/nested_context_table.h"
 #include "workloads/nested_env.h"
 
 namespace nestcache::workloads {

@@ -308,10 +308,11 @@ void check_nothing_leaked(Env& env, SelftestResult& r) {
 }
 
 OptionSpec slots_option() {
-  OptionSpec o = int_option("--slots", "memslots to fill, one page each", std::to_string(kMemslotsDefaultSlots), 1,
-                            vm::kMaxUserMemslots);
-  o.type_name = "N";
-  return o;
+  return {.flag = "--slots",
+          .help = "memslots to fill, one page each",
+          .default_value = std::to_string(kMemslotsDefaultSlots),
+          .range = std::pair<int64_t, int64_t>{1, vm::kMaxUserMemslots},
+          .type_name = "N"};
 }
 
 }  // namespace

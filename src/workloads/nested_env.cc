@@ -14,7 +14,10 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   env->l1_base = NC_TRY(env->mm->create_region(c.l1_bytes, c.memory));
   NC_TRY(env->vm->set_memory_region({0, 0, 0, c.l1_bytes, env->l1_base}));
   env->machine = std::make_unique<cpu::Machine>(
-      *env->vm, cpu::MachineConfig{c.vcpus, c.strategy, c.exit_cost_ns, c.retry_internal_errors});
+      *env->vm, cpu::MachineConfig{.vcpus = c.vcpus,
+                                   .strategy = c.strategy,
+                                   .exit_cost_ns = c.exit_cost_ns,
+                                   .retry_internal_errors = c.retry_internal_errors});
   return env;
 }
 

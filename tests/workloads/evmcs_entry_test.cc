@@ -16,7 +16,7 @@
 #include "guest/ept12.h"
 #include "guest/vmx.h"
 #include "vmx/entry_checks.h"
-#include "vmx/nested_contexts.h"
+#include "vmx/vmx_nested_contexts.h"
 #include "workloads/nested_env.h"
 #include "workloads/registry.h"
 

@@ -173,7 +173,7 @@ TEST(LastCheck, SoftwareRefreshOfAHardwareUsedPageRewritesVmcs02BeforeTheNextEnt
   ASSERT_TRUE(n.vmxon(kVmxon).ok());
   ASSERT_TRUE(n.vmptrld(kVmcs).ok());
   vmx::EntryResult e = n.enter(true);
-  ASSERT_EQ(e.kind, vmx::EntryResult::Kind::entered) << e.message << e.instr.message;
+  ASSERT_EQ(e.kind, vmx::EntryResult::Kind::entered) << to_string(e.result);
   host::FrameTag before = n.vmcs02().vapic.tag;
   while (vcpu.check_request(vm::Request::kRefreshGuestPages)) {
   }

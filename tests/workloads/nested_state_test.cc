@@ -15,7 +15,7 @@
 #include "support/params.h"
 #include "support/selftests.h"
 #include "vmx/evmcs.h"
-#include "vmx/nested_contexts.h"
+#include "vmx/vmx_nested_contexts.h"
 #include "vmx/nested_state_format.h"
 #include "workloads/nested_state_migration.h"
 #include "workloads/registry.h"
@@ -228,7 +228,7 @@ TEST(NestedStateEvmcsMigration, TheRestoredContextIsKeyedByTheEvmcsAddress) {
   ASSERT_TRUE(env);
   ASSERT_TRUE(restore_memory(**env, src.memory));
   ASSERT_TRUE((*env)->machine->set_nested_state(0, src.blob));
-  vmx::NestedContexts* contexts = (*env)->machine->nested_contexts();
+  vmx::VmxNestedContexts* contexts = (*env)->machine->nested_contexts();
   ASSERT_NE(contexts, nullptr);
   const vmx::NestedContext* ctx = contexts->table().find(kEvmcsGpa);
   ASSERT_NE(ctx, nullptr) << "set loads the eVMCS's context, as an eVMCS address change does";

@@ -12,6 +12,8 @@
 #include "base/check.h"
 #include "cpu/machine.h"
 
+#include <thread>
+
 namespace nestcache::cpu {
 
 void Vcpu::call_on_vcpu(const std::function<void()>& fn) {
@@ -76,8 +78,7 @@ void Vcpu::get_nested_state_pages() {
   // The L2 program of the restored vmcs12 runs from here; it rebuilds what
   // it needs from guest memory (a coroutine's stack is not in the blob, as a
   // real L2's registers are restored by the VMM, not by nested state).
-  l2_ = m_.l2_program(n.nested_vmptr());  // the vmcs12's, or the restored eVMCS's
-  if (l2_ && !l2_->task.started()) l2_->task.start();
+  l2_ = m_.l2_program(n.nested_vmptr());  // the vmcs12's, or the restored eVMCS's (run_guest starts it)
 }
 
 Result<std::vector<std::byte>> Machine::get_nested_state(int i) {

@@ -1,6 +1,6 @@
 // The nested-context table: load/clear/recycle under one lock, vendor hooks
-// outside it (see nested_context.h for the rules).
-#include "vmx/nested_context.h"
+// outside it (see nested_context_table.h for the rules).
+#include "vmx/nested_context_table.h"
 
 #include <utility>
 

@@ -3,7 +3,7 @@
 // caches of an L2 stay mapped while L1 switches to another L2 or moves this
 // one to another L1 vCPU (DESIGN.md §4 "Nested contexts").
 //
-//   NestedContexts     one per VM, made by the cpu layer when the strategy is
+//   VmxNestedContexts     one per VM, made by the cpu layer when the strategy is
 //                      cache or oracle (with map there is no table: that is
 //                      the kernel today). Owns the NestedContextTable and is
 //                      its NestedContextOps.
@@ -17,14 +17,14 @@
 // re-binds each one to the loading vCPU when it locks it (patch 9, v4).
 //
 // Thread-safe: the table has its own lock; a context's caches are used only
-// by the vCPU it is attached to (nested_context.h says when that holds).
+// by the vCPU it is attached to (nested_context_table.h says when that holds).
 #pragma once
 
 #include <memory>
 
 #include "host/phys_mem.h"
 #include "vm/vm.h"
-#include "vmx/nested_context.h"
+#include "vmx/nested_context_table.h"
 #include "vmx/page_strategy.h"
 
 namespace nestcache::vmx {
@@ -39,13 +39,13 @@ class VmxNestedContext final : public NestedContext {
   CacheBundle bundle;
 };
 
-class NestedContexts final : public NestedContextOps {
+class VmxNestedContexts final : public NestedContextOps {
  public:
   // `hw` non-null makes oracle caches (hardware-view mappings). Counts
   // nested_context_reuse / nested_context_recycle into vm.counters(), which
   // Machine::counters() includes. Capacity: 8 × vm.online_vcpus().
-  NestedContexts(vm::Vm& vm, const host::HardwareView* hw);
-  ~NestedContexts() override;
+  VmxNestedContexts(vm::Vm& vm, const host::HardwareView* hw);
+  ~VmxNestedContexts() override;
 
   // VMPTRLD of `vmptr` on `vcpu`: the context now attached to it for that
   // address, or nullptr when every context is attached (the vCPU then keeps

@@ -1,7 +1,7 @@
 // NestedContextTable: the load/clear/recycle rules of seed patch 8, the
 // l2-switch counter formulas of patch 10 on the table alone, and a threaded
 // run that ThreadSanitizer checks.
-#include "vmx/nested_context.h"
+#include "vmx/nested_context_table.h"
 
 #include <gtest/gtest.h>
 

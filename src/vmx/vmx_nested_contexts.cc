@@ -1,6 +1,6 @@
 // VMX nested contexts: the vendor half of the context table (see
-// nested_contexts.h and, for the table's rules, nested_context.h).
-#include "vmx/nested_contexts.h"
+// vmx_nested_contexts.h and, for the table's rules, nested_context_table.h).
+#include "vmx/vmx_nested_contexts.h"
 
 #include "base/check.h"
 
@@ -10,21 +10,21 @@ VmxNestedContext::~VmxNestedContext() {
   for (auto& c : bundle.caches) c->deactivate();
 }
 
-NestedContexts::NestedContexts(vm::Vm& vm, const host::HardwareView* hw)
+VmxNestedContexts::VmxNestedContexts(vm::Vm& vm, const host::HardwareView* hw)
     : vm_(vm), hw_(hw), table_(*this, vm.counters(), [&vm] { return static_cast<int>(vm.online_vcpus()); }) {}
 
-NestedContexts::~NestedContexts() { table_.destroy(); }
+VmxNestedContexts::~VmxNestedContexts() { table_.destroy(); }
 
-VmxNestedContext* NestedContexts::load(vm::Vcpu& vcpu, Gpa vmptr) {
+VmxNestedContext* VmxNestedContexts::load(vm::Vcpu& vcpu, Gpa vmptr) {
   // Every context this table holds was made by alloc() below.
   return static_cast<VmxNestedContext*>(table_.load(vcpu.id(), vmptr));
 }
 
-void NestedContexts::clear(vm::Vcpu& vcpu, Gpa vmptr) {
+void VmxNestedContexts::clear(vm::Vcpu& vcpu, Gpa vmptr) {
   if (vmptr != kInvalidGpa) table_.clear(vcpu.id(), vmptr);
 }
 
-std::unique_ptr<NestedContext> NestedContexts::alloc(int vcpu_id) {
+std::unique_ptr<NestedContext> VmxNestedContexts::alloc(int vcpu_id) {
   vm::Vcpu* owner = nullptr;
   for (vm::Vcpu* v : vm_.vcpus())
     if (v->id() == vcpu_id) owner = v;
@@ -35,6 +35,6 @@ std::unique_ptr<NestedContext> NestedContexts::alloc(int vcpu_id) {
 // Patch 9: nothing to do. A recycled context keeps its caches mapped at the
 // old L2's addresses; the next lock sees the gpa differ and re-activates,
 // and re-binds the hardware caches to the loading vCPU.
-void NestedContexts::reset(NestedContext&) {}
+void VmxNestedContexts::reset(NestedContext&) {}
 
 }  // namespace nestcache::vmx

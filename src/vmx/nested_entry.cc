@@ -1,0 +1,169 @@
+// The nested VM entry, top to bottom (DESIGN.md §4): L1's VMLAUNCH or
+// VMRESUME is checked like the instruction (VMX operation, a current VMCS,
+// launch state), then
+//   1. the consistency checks on vmcs12's controls, host and guest state;
+//   2. get vmcs12 pages: each L1 page the entry needs, through the VM's page
+//      strategy, with KVM's fallback when one cannot be had;
+//   3. vmcs02: the controls, the pfns of those pages, L1's MSR bitmap merged;
+//      the vCPU switches to guest mode;
+//   4. on every hardware entry into L2 afterwards, the last check with the
+//      vCPU already in guest mode (seed patch 3): an invalidated page cancels
+//      the entry, and kRefreshGuestPages rewrites vmcs02 before the next one.
+#include "vmx/nested.h"
+
+#include <cstring>
+
+#include "vmx/entry_checks.h"
+
+namespace nestcache::vmx {
+
+EntryResult NestedVmx::enter(bool launch) {
+  const char* insn = launch ? "VMLAUNCH" : "VMRESUME";
+  if (!vmxon_) return EntryResult::failed(OpResult::undefined(fmt::format("{} outside VMX operation", insn)));
+  // 0. The enlightened VMPTRLD (patches 6-7): with an eVMCS in use, vmcs12
+  // now holds its dirty groups and the snapshot decides the rest.
+  std::string why;
+  switch (handle_enlightened_vmptrld(launch, why)) {
+    case Evmptrld::error:
+      return EntryResult::failed(OpResult::undefined(fmt::format("{}: {}", insn, why)));
+    case Evmptrld::vmfail:
+      return EntryResult::failed(OpResult::fail_invalid(fmt::format("{}: {}", insn, why)));
+    case Evmptrld::disabled:
+    case Evmptrld::succeeded:
+      break;
+  }
+  if (current_ == kInvalidGpa && !evmcs_in_use())
+    return EntryResult::failed(OpResult::fail_invalid(fmt::format("{} without a current VMCS", insn)));
+  if (launch && vmcs12_.launched())
+    return EntryResult::failed(fail_valid(VmInstructionError::kVmlaunchNonClearVmcs, "VMLAUNCH of a launched VMCS"));
+  if (!launch && !vmcs12_.launched())
+    return EntryResult::failed(fail_valid(VmInstructionError::kVmresumeNonLaunchedVmcs, "VMRESUME of a VMCS that was never launched"));
+
+  // 1. Consistency checks on controls, host state and guest state (and the
+  // controls an eVMCS cannot express).
+  VmxStatus checked = check_vm_entry(vmcs12_);
+  if (checked && evmcs_in_use()) checked = check_evmcs_controls(vmcs12_);
+  if (auto& st = checked; !st) {
+    if (st.error().kind == VmxFailKind::kEntryFailure) {
+      ExitInfo e = ExitInfo::of(st.error().exit_reason, st.error().qualification);
+      e.exit_reason |= kExitReasonEntryFailure;
+      vmcs12_.set_exit_info(e);
+      if (evmcs_in_use()) sync_vmcs12_to_evmcs();
+      return EntryResult::exit_to_l1(st.error().to_string());
+    }
+    return EntryResult::failed(fail(st.error()));
+  }
+
+  // 2-3. Get vmcs12 pages through the strategy, build vmcs02.
+  if (auto st = get_vmcs12_pages(); !st) {
+    pages_->put();
+    return EntryResult::internal_error(st.error().to_string());
+  }
+  if (vmcs02_.vapic_bad_address) {
+    // KVM writes an invalid address into vmcs02, and the hardware entry
+    // fails on it: L1 sees VMfailValid(7).
+    pages_->put();
+    return EntryResult::failed(fail_valid(VmInstructionError::kEntryInvalidControlFields, "virtual-APIC page has no backing"));
+  }
+  guest_mode_ = true;
+  if (launch) vmcs12_.launch_state = kLaunchStateLaunched;
+  if (evmcs_in_use()) mark_evmcs_clean();
+  counters_.add(Counter::nested_entries);
+  run_pending_ = true;  // until L2 is on the hardware: see check_before_hardware_entry()
+  return EntryResult::entered();
+}
+
+Status NestedVmx::get_vmcs12_pages() {
+  // Build into a copy and install it only whole: a failure half-way must not
+  // leave vmcs02 with the controls of one build and the pfns of another.
+  const Vmcs12& v = vmcs12_;
+  Vmcs02 o = vmcs02_;
+  o.pin = v.pin_based_controls;
+  o.proc = v.primary_proc_controls;
+  o.proc2 = (v.primary_proc_controls & proc::kActivateSecondaryControls) ? v.secondary_proc_controls : 0;
+  o.tpr_threshold = v.tpr_threshold;
+  o.pi_notification_vector = v.posted_intr_notification_vector;
+  o.eptp12 = v.ept_pointer & kPageMask;
+  o.vpid = v.virtual_processor_id;
+  o.apic_access = {};
+  o.vapic = {};
+  o.vapic_bad_address = false;
+  o.pi_desc = {};
+
+  if (o.proc2 & proc2::kVirtualizeApicAccesses) {
+    auto hw = pages_->get_hw(L1Page::apic_access, v.apic_access_addr);
+    if (!hw) return errorf(EFAULT, "no backing for APIC-access address {:#x}: {}", v.apic_access_addr, hw.error().message);
+    o.apic_access = *hw;
+  }
+  if (o.proc & proc::kUseTprShadow) {
+    auto hw = pages_->get_hw(L1Page::vapic, v.virtual_apic_page_addr);
+    if (hw) {
+      o.vapic = *hw;
+    } else if ((o.proc & proc::kCr8LoadExiting) && (o.proc & proc::kCr8StoreExiting) &&
+               !(o.proc2 & proc2::kVirtualizeApicAccesses)) {
+      o.proc &= ~proc::kUseTprShadow;  // every CR8 access exits instead
+    } else {
+      o.vapic_bad_address = true;
+    }
+  }
+  if (o.pin & pin::kPostedInterrupts) {
+    auto hw = pages_->get_hw(L1Page::pi_desc, v.posted_intr_desc_addr);
+    if (hw)
+      o.pi_desc = *hw;
+    else
+      o.pin &= ~pin::kPostedInterrupts;  // the internal error waits until L0 needs the descriptor
+  }
+  merge_msr_bitmap(o);
+  o.generation++;
+  vmcs02_ = o;
+  return ok();
+}
+
+void NestedVmx::merge_msr_bitmap(Vmcs02& o) {
+  if (!(vmcs12_.primary_proc_controls & proc::kUseMsrBitmaps)) {
+    o.use_msr_bitmap = false;
+    return;
+  }
+  // eVMCS: L1 promised (MSR-bitmap enlightenment) to clear the MSR_BITMAP
+  // clean bit whenever it changes its bitmap; clean in this entry's
+  // snapshot, the merged bitmap L0 already has still holds.
+  if (evmcs_in_use() && !force_msr_bitmap_recalc_ && evmcs_snap_.msr_bitmap_unchanged()) {
+    o.use_msr_bitmap = true;
+    return;
+  }
+  // L0 intercepts nothing of its own, so the merge is L1's bitmap as is.
+  Status st = pages_->access(L1Page::msr_bitmap, vmcs12_.msr_bitmap & kPageMask, [&](const PageView& view) {
+    std::memcpy(o.msr_bitmap.data(), view.bytes(), kPageSize);
+  });
+  // KVM's fallback: an unusable bitmap means vmcs02 uses none (all MSRs exit).
+  o.use_msr_bitmap = static_cast<bool>(st);
+  if (st) force_msr_bitmap_recalc_ = false;
+}
+
+bool NestedVmx::last_check_fails() const { return guest_mode_ && pages_->any_invalid(); }
+
+bool NestedVmx::check_before_hardware_entry() {
+  if (!guest_mode_) return true;
+  // The vCPU is already in guest mode: an invalidation that marks a cache
+  // after this check kicks the vCPU out (the notifier waits for it), and one
+  // that marked it before is seen here. Either way L2 never runs on a pfn
+  // that no longer backs its page.
+  if (last_check_fails()) {
+    vcpu_.make_request(vm::Request::kRefreshGuestPages);
+    counters_.add(Counter::entry_cancels);
+    return false;
+  }
+  run_pending_ = false;  // L2 is on the hardware now
+  return true;
+}
+
+Status NestedVmx::refresh_guest_pages() {
+  if (!guest_mode_) return ok();
+  NC_TRY(get_vmcs12_pages());
+  // KVM's invalid-address fallback for the virtual-APIC page makes the
+  // hardware entry fail; L2 cannot run on this vmcs02.
+  if (vmcs02_.vapic_bad_address) return errorf(EFAULT, "virtual-APIC page {:#x} has no backing", vmcs12_.virtual_apic_page_addr);
+  return ok();
+}
+
+}  // namespace nestcache::vmx
