@@ -34,9 +34,8 @@ constexpr auto kRunTimeout = std::chrono::seconds(60);
 constexpr Gpa kL1State = 0x80000;
 constexpr Gpa kStateVmcs12 = kL1State + 0x00, kStateData = kL1State + 0x08, kStateCount = kL1State + 0x10,
               kStateSteps = kL1State + 0x18;
-constexpr Gpa kTranscript = 0x90000;  // TranscriptEntry as 5 qwords each
-constexpr size_t kEntryBytes = 5 * 8;
-constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / kEntryBytes;
+constexpr Gpa kTranscript = 0x90000;
+constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / guest::kTranscriptEntryBytes;
 
 // L2's data page is its mailbox (an L2 address, mapped by EPT12 onto an L1
 // page): L2's progress word is the step it is on, L1's acknowledgement the
@@ -62,88 +61,20 @@ GuestTask l2_program(const MigrationConfig& c) {
                              .interrupt_wait_ns = kInterruptWaitNs});
 }
 
-// L1's exit handling, run again by a restored L1: its state is in kL1State
-// and its transcript in L1 memory. `data` (L2's data page, L1 address) is
-// read at the first exit: a restored L1's first operation must be the
-// VMRESUME the restored guest mode has in flight.
-struct ExitLoop {
-  // What follows an exit: L2 resumes with its step acknowledged, or resumes
-  // in the middle of its step, or is done.
-  enum class Next { ack, resume, stop };
-
-  bool evmcs;
-  Gpa data = 0;
-
-  GuestFn<bool> handle(vmx::ExitReason reason);
-  GuestFn<Next> handle_vmcall(const Mailbox& mb, TranscriptEntry& e);
-  GuestTask append(const TranscriptEntry& e);
-};
-
-GuestFn<ExitLoop::Next> ExitLoop::handle_vmcall(const Mailbox& mb, TranscriptEntry& e) {
-  Call call = co_await mb.read_call();
-  if (call == Call::done) co_return Next::stop;
-  if (call == Call::irq) {
-    // One interrupt to ourselves: L0 completes it in software at the next
-    // entry. The step goes on: L2 still has to receive it. The descriptor's
-    // memslot never moves here; one a test leaves out must reach L0, whose
-    // completion then fails, rather than keep L1 waiting.
-    auto vec = static_cast<uint8_t>(guest::kFirstPostedVector + e.step % 32);
-    co_await guest::post_interrupt(kPiDesc, vec, 0, kNotificationVector, guest::IfUnbacked::proceed);
-    e.info = vec;
-    co_return Next::resume;
-  }
-  if (call == Call::irq_done) e.info = co_await mb.read_arg();
-  co_return Next::ack;
-}
-
-GuestFn<bool> ExitLoop::handle(vmx::ExitReason reason) {
-  if (!data) data = co_await ops::read64(kStateData);
-  const Mailbox mb(kL2Data, data);
-  TranscriptEntry e;
-  e.reason = static_cast<uint64_t>(reason);
-  e.step = co_await mb.read_progress();
-  uint64_t steps = co_await ops::read64(kStateSteps);
-  if (e.step >= 1 && e.step <= steps) e.value = co_await ops::read64(mb.l1_address(Mailbox::data(e.step)));
-  e.vtpr = static_cast<uint8_t>(co_await ops::read32(kVapicGpa + vmx::vapic::kTpr));
-  Next next = Next::ack;
-  switch (reason) {
-    case vmx::ExitReason::kApicAccess: e.info = co_await guest::vmread(vmx::field::kExitQualification); break;
-    case vmx::ExitReason::kMsrRead:
-    case vmx::ExitReason::kMsrWrite: e.info = kMsrIntercepted; break;
-    case vmx::ExitReason::kHlt: break;
-    case vmx::ExitReason::kVmcall: next = co_await handle_vmcall(mb, e); break;
-    default: throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
-  }
-  co_await append(e);
-  if (next == Next::stop) co_return false;
-  if (next == Next::ack) co_await mb.acknowledge(e.step);
-  co_return true;
-}
-
-GuestTask ExitLoop::append(const TranscriptEntry& e) {
-  uint64_t n = co_await ops::read64(kStateCount);
-  if (n >= kMaxEntries) throw guest::VmxError("transcript full");
-  const Gpa at = kTranscript + n * kEntryBytes;
-  co_await ops::write64(at + 0, e.step);
-  co_await ops::write64(at + 8, e.reason);
-  co_await ops::write64(at + 16, e.info);
-  co_await ops::write64(at + 24, e.value);
-  co_await ops::write64(at + 32, e.vtpr);
-  co_await ops::write64(kStateCount, n + 1);
-  // An enlightened L1 changes a field of a clean-field group between
-  // entries (the group's clean bit goes down): the next entry must copy
-  // it, and after a restore the first one must copy every group.
-  if (evmcs) co_await guest::evmcs_write(kEvmcsGpa, vmx::field::kTscOffset, e.step * 0x1000 + n);
-}
-
-// Runs L2 from its first entry (VMLAUNCH, or the VMRESUME a restored guest
-// mode has in flight) until its final VMCALL.
+// L1's side of the stepping L2, with its state in kL1State and its
+// transcript at kTranscript.
 GuestTask l1_exit_loop(bool evmcs, bool launch) {
-  ExitLoop loop{evmcs};
-  auto handle = [&loop](vmx::ExitReason reason) -> GuestFn<bool> { co_return co_await loop.handle(reason); };
-  guest::L2RunOptions o{.launch = launch};
-  if (evmcs) o.exits = guest::ExitInfo::from_evmcs(kEvmcsGpa);
-  co_await guest::run_l2(handle, o);
+  return guest::stepping_l1({.mailbox_l2 = kL2Data,
+                             .mailbox_word = kStateData,
+                             .steps_word = kStateSteps,
+                             .count_word = kStateCount,
+                             .transcript = kTranscript,
+                             .max_entries = kMaxEntries,
+                             .virtual_apic = kVapicGpa,
+                             .pi_desc = kPiDesc,
+                             .msr_intercepted = kMsrIntercepted,
+                             .evmcs = evmcs ? kEvmcsGpa : kInvalidGpa},
+                            launch);
 }
 
 // The source's L1: sets everything up and launches L2.
@@ -224,7 +155,7 @@ Transcript read_transcript(NestedEnv& env) {
   uint64_t n = std::min<uint64_t>(env.read_u64(kStateCount), kMaxEntries);
   for (uint64_t k = 0; k < n; k++) {
     uint64_t q[5] = {};
-    (void)env.vm->read_guest(kTranscript + k * kEntryBytes, q, sizeof q);
+    (void)env.vm->read_guest(kTranscript + k * guest::kTranscriptEntryBytes, q, sizeof q);
     t.push_back({q[0], q[1], q[2], q[3], q[4]});
   }
   return t;

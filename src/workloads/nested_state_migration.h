@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "guest/stepping_l2.h"
 #include "workloads/nested_env.h"
 
 namespace nestcache::workloads::nested_state {
@@ -65,15 +66,8 @@ struct MigrationConfig {
   int park_step() const { return steps / 2 + 1; }
 };
 
-// One transcript line: what L1 saw at one exit.
-struct TranscriptEntry {
-  uint64_t step = 0;    // the step L2 was on
-  uint64_t reason = 0;  // basic exit reason
-  uint64_t info = 0;    // exit qualification, or the posted / received vector
-  uint64_t value = 0;   // L2's value of that step, read by L1
-  uint64_t vtpr = 0;    // the VTPR byte of the virtual-APIC page
-  bool operator==(const TranscriptEntry&) const = default;
-};
+// One transcript line: what L1 saw at one exit (guest/stepping_l2.h).
+using guest::TranscriptEntry;
 using Transcript = std::vector<TranscriptEntry>;
 
 // The guest memory of a VM, memslot by memslot, as a VMM copies it.
