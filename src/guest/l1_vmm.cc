@@ -267,12 +267,7 @@ GuestTask L1Vmm::run_vcpu(cpu::Machine& m, GuestTask l2) {
   // The vmcs12 L1 KVM gives an L2 vCPU: every page L0 gets on every nested
   // entry through its page strategy.
   Gpa msr_bitmap = pages.alloc(), apic_access = pages.alloc(), vapic = pages.alloc(), pi_desc = pages.alloc();
-  co_await write_vmcs(vmcs12_for({.eptp = eptp_,
-                                  .msr_bitmap = msr_bitmap,
-                                  .apic_access = apic_access,
-                                  .virtual_apic = vapic,
-                                  .pi_desc = pi_desc,
-                                  .notification_vector = kNotificationVector}));
+  co_await write_vmcs(all_pages_vmcs12(eptp_, msr_bitmap, apic_access, vapic, pi_desc));
   m.bind_l2_program(vmcs, std::move(l2));
   // Published with a locked instruction: the host thread reads ept_, eptp_
   // and sink_ after it sees the word.

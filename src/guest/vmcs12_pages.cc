@@ -1,6 +1,7 @@
 #include "guest/vmcs12_pages.h"
 
 #include "guest/locked_update.h"
+#include "guest/posted_interrupts.h"
 #include "vmx/entry_checks.h"
 #include "vmx/vmx_defs.h"
 
@@ -39,6 +40,15 @@ vmx::Vmcs12 vmcs12_for(const Vmcs12Pages& p) {
     v.posted_intr_notification_vector = p.notification_vector;
   }
   return v;
+}
+
+vmx::Vmcs12 all_pages_vmcs12(uint64_t eptp, Gpa msr_bitmap, Gpa apic_access, Gpa virtual_apic, Gpa pi_desc) {
+  return vmcs12_for({.eptp = eptp,
+                     .msr_bitmap = msr_bitmap,
+                     .apic_access = apic_access,
+                     .virtual_apic = virtual_apic,
+                     .pi_desc = pi_desc,
+                     .notification_vector = kNotificationVector});
 }
 
 cpu::GuestTask set_msr_intercept(Gpa bitmap, uint32_t msr, bool write, bool on) {

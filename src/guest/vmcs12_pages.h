@@ -30,6 +30,11 @@ struct Vmcs12Pages {
 // vmx::minimal_vmcs12() with the controls and addresses of `p`.
 vmx::Vmcs12 vmcs12_for(const Vmcs12Pages& p);
 
+// The profile of an L2 that uses every page L0 reaches on each entry: EPT
+// (`eptp`), the MSR bitmap, APIC-access virtualization, the TPR shadow, and
+// posted interrupts notified with kNotificationVector.
+vmx::Vmcs12 all_pages_vmcs12(uint64_t eptp, Gpa msr_bitmap, Gpa apic_access, Gpa virtual_apic, Gpa pi_desc);
+
 // Makes L2's RDMSR (`write` false) or WRMSR of `msr` exit to L1 (`on`) or
 // not, in the MSR bitmap at `bitmap`, with a locked update: L0 may be
 // reading the bitmap for an entry at the same time, and the VMM may be

@@ -27,6 +27,7 @@
 #include "guest/l2_run.h"
 #include "guest/mailbox.h"
 #include "guest/posted_interrupts.h"
+#include "guest/program.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/wait.h"
 #include "workloads/host_wait.h"
@@ -36,11 +37,7 @@ namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestFn;
-using cpu::GuestTask;
-using guest::Call;
-using guest::Mailbox;
+using namespace guest::program;
 
 constexpr Gpa kApicGpa = 0xc0000000;   // the seed's VAPIC_GPA (its slot 1)
 constexpr Gpa kVapicGpa = 0xd0000000;  // virtual-APIC page, slot 2
@@ -48,7 +45,7 @@ constexpr Gpa kPiPage = 0xe0000000;    // descriptor page, slot 3
 constexpr Gpa kPiDesc = kPiPage + 0x40;
 constexpr Gpa kMoveStep = 0x10000;     // the seed's memslot move
 constexpr Gpa kL2Data = 0x200000;      // L2 mailbox page
-using guest::kNotificationVector;
+
 constexpr uint64_t kInterruptWaitNs = 10'000'000;
 constexpr int kWrites = 8;
 
@@ -154,7 +151,7 @@ struct CallHandler {
       pi_seq = t.seq.load();
       uint8_t vec = static_cast<uint8_t>(guest::kFirstPostedVector + vector++ % 32);
       // To ourselves: L0 completes the post at the next entry.
-      co_await guest::post_interrupt(kPiDesc, vec, 0, kNotificationVector, guest::IfUnbacked::wait);
+      co_await guest::post_interrupt(kPiDesc, vec, 0, guest::kNotificationVector, guest::IfUnbacked::wait);
       t.posted++;
     } else if (call == Call::irq_done) {
       if (co_await mb.read_arg())
@@ -180,7 +177,7 @@ GuestTask l1_program(cpu::Machine& m, Config c, Transcript& t) {
   if (c.pages & (kPageVapic | kPagePi)) p.virtual_apic = kVapicGpa;
   if (c.pages & kPagePi) {
     p.pi_desc = kPiDesc;
-    p.notification_vector = kNotificationVector;
+    p.notification_vector = guest::kNotificationVector;
   }
   co_await guest::write_vmcs(guest::vmcs12_for(p));
   m.bind_l2_program(vmcs, l2_program(c, mb, t));

@@ -31,6 +31,7 @@
 #include "guest/l1_pages.h"
 #include "guest/l2_run.h"
 #include "guest/mailbox.h"
+#include "guest/program.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
 #include "guest/wait.h"
@@ -42,8 +43,7 @@ namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestTask;
+using namespace guest::program;
 
 constexpr Gpa kEvmcs = 0xc0000000;      // memslot 1, one page
 constexpr uint32_t kEvmcsSlot = 1;

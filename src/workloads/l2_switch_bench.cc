@@ -16,6 +16,7 @@
 #include "guest/l1_pages.h"
 #include "guest/l2_switch.h"
 #include "guest/mailbox.h"
+#include "guest/program.h"
 #include "guest/vmx.h"
 #include "vmx/nested_context_table.h"
 #include "workloads/nested_env.h"
@@ -24,8 +25,7 @@ namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestTask;
+using namespace guest::program;
 using guest::SwitchedL2;
 
 constexpr int kSwitchBenchL2[] = {2, 8, 16};

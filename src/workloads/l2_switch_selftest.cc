@@ -29,10 +29,11 @@
 // in rounds after the first (the contexts keep the caches mapped); after
 // teardown no window, pin, context or active cache is left. With map there is
 // no table: reuse and recycle are 0, and the windows per switch are reported.
-#include "guest/l1_pages.h"
 #include "guest/enlightened.h"
+#include "guest/l1_pages.h"
 #include "guest/l2_switch.h"
 #include "guest/mailbox.h"
+#include "guest/program.h"
 #include "guest/vmx.h"
 #include "guest/wait.h"
 #include "vmx/evmcs.h"
@@ -42,7 +43,7 @@ namespace nestcache::workloads {
 
 namespace {
 
-using cpu::GuestTask;
+using namespace guest::program;
 using guest::SwitchedL2;
 
 constexpr int kMaxL2 = 16;

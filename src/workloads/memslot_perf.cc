@@ -6,14 +6,14 @@
 #include <memory>
 
 #include "guest/l1_vmm.h"
+#include "guest/program.h"
 #include "workloads/nested_env.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestTask;
+using namespace guest::program;
 
 // Upstream's sizes (tools/testing/selftests/kvm/memslot_perf_test.c), in pages.
 constexpr Gpa kMemGpa = 0x10000000;             // MEM_GPA: 256 MiB

@@ -1,4 +1,5 @@
 // The mid-L2 migration scenario (see nested_state_migration.h).
+#include "guest/program.h"
 #include "workloads/nested_state_migration.h"
 
 #include <algorithm>
@@ -6,13 +7,11 @@
 
 #include "guest/enlightened.h"
 #include "guest/ept12.h"
-#include "guest/l2_run.h"
 #include "guest/mailbox.h"
 #include "guest/posted_interrupts.h"
 #include "guest/stepping_l2.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
-#include "guest/wait.h"
 #include "vmx/evmcs.h"
 #include "workloads/host_wait.h"
 
@@ -20,11 +19,7 @@ namespace nestcache::workloads::nested_state {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestFn;
-using cpu::GuestTask;
-using guest::Call;
-using guest::Mailbox;
+using namespace guest::program;
 
 constexpr size_t kL1Bytes = 8 << 20;
 constexpr auto kRunTimeout = std::chrono::seconds(60);
@@ -46,7 +41,6 @@ constexpr Gpa kGo = Mailbox::user(guest::kGoWord);          // VMM -> L2: go on
 
 constexpr uint32_t kMsrIntercepted = vmx::msr::kIa32TimeStampCounter;  // read- and write-intercepted
 constexpr uint32_t kMsrPassthrough = vmx::msr::kIa32PlatformId;        // not intercepted
-using guest::kNotificationVector;
 constexpr uint64_t kInterruptWaitNs = 2'000'000'000;
 
 // L2: the stepping program, parked half way for the migration.
@@ -103,13 +97,7 @@ GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
     v.primary_proc_controls |= vmx::proc::kHltExiting;
     co_await guest::write_evmcs(kEvmcsGpa, v, vmx::evmcs_enlightenment::kMsrBitmap);
   } else {
-    // Every page L0 gets for a nested guest.
-    co_await guest::write_vmcs(guest::vmcs12_for({.eptp = ept.eptp(),
-                                                  .msr_bitmap = bitmap,
-                                                  .apic_access = kApicGpa,
-                                                  .virtual_apic = kVapicGpa,
-                                                  .pi_desc = kPiDesc,
-                                                  .notification_vector = kNotificationVector}));
+    co_await guest::write_vmcs(guest::all_pages_vmcs12(ept.eptp(), bitmap, kApicGpa, kVapicGpa, kPiDesc));
   }
   co_await ops::write64(kStateVmcs12, vmcs);
   co_await ops::write64(kStateData, data);

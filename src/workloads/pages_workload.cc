@@ -1,3 +1,4 @@
+#include "guest/program.h"
 #include "workloads/pages_workload.h"
 
 #include <atomic>
@@ -15,11 +16,7 @@ namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestFn;
-using cpu::GuestTask;
-using guest::Call;
-using guest::Mailbox;
+using namespace guest::program;
 
 // L1 physical layout: the four pages vmcs02 points to, each in a memslot.
 constexpr Gpa kPageSlotsBase = 0x4000000;
@@ -38,7 +35,6 @@ constexpr Gpa kL2DataBacking = 0x81000;
 constexpr Gpa kL2Data = 0x200000;
 constexpr Gpa kL2Apic = 0xfee00000;
 
-using guest::kNotificationVector;
 constexpr uint32_t kInterceptedMsr = vmx::msr::kIa32TimeStampCounter;  // a low MSR L1 may intercept
 constexpr uint64_t kWaitNs = 20'000'000;
 
@@ -85,12 +81,7 @@ GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1
   const Mailbox mb(kL2Data, kL2DataBacking);
   co_await ept.map(kL2Data, kL2DataBacking);
   co_await ept.map(kL2Apic, kApicAccess);
-  co_await guest::write_vmcs(guest::vmcs12_for({.eptp = ept.eptp(),
-                                                .msr_bitmap = kMsrBitmap,
-                                                .apic_access = kApicAccess,
-                                                .virtual_apic = kVapic,
-                                                .pi_desc = kPiDesc,
-                                                .notification_vector = kNotificationVector}));
+  co_await guest::write_vmcs(guest::all_pages_vmcs12(ept.eptp(), kMsrBitmap, kApicAccess, kVapic, kPiDesc));
   m.bind_l2_program(vmcs, guest::pages_l2({.mailbox = kL2Data,
                                            .rounds = c.rounds,
                                            .interrupts_per_round = c.interrupts_per_round,
@@ -169,7 +160,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
   env.machine->set_l1_program(1, guest::interrupt_poster({.request = kIrqRequest,
                                                           .desc = kPiDesc,
                                                           .dest_apic_id = 0,
-                                                          .notification_vector = kNotificationVector,
+                                                          .notification_vector = guest::kNotificationVector,
                                                           .unbacked = guest::IfUnbacked::wait,
                                                           .per_request = c.interrupts_per_round,
                                                           .received = kL2DataBacking + Mailbox::kProgress,

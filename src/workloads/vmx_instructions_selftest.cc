@@ -4,6 +4,7 @@
 
 #include "guest/l1_pages.h"
 #include "guest/mailbox.h"
+#include "guest/program.h"
 #include "guest/vmx.h"
 #include "vmx/entry_checks.h"
 #include "workloads/nested_env.h"
@@ -12,11 +13,7 @@ namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
-using cpu::OpResult;
-using cpu::Outcome;
+using namespace guest::program;
 using vmx::VmInstructionError;
 
 // Operands no VMX implementation accepts: a revision that is not the
