@@ -5,23 +5,10 @@
 namespace nestcache {
 
 const char* Error::code_name() const {
-  switch (code) {
-    case EINVAL: return "EINVAL";
-    case ENOMEM: return "ENOMEM";
-    case EBUSY: return "EBUSY";
-    case EEXIST: return "EEXIST";
-    case ENOENT: return "ENOENT";
-    case EFAULT: return "EFAULT";
-    case E2BIG: return "E2BIG";
-    case EAGAIN: return "EAGAIN";
-    case EPERM: return "EPERM";
-    case ENOSPC: return "ENOSPC";
-    case ERANGE: return "ERANGE";
-    case EIO: return "EIO";
-    case ENXIO: return "ENXIO";
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-    default: return "E?";
-  }
+  // glibc names every errno it knows (ETIMEDOUT, EMFILE, ...); a number it
+  // does not know is a bug in the caller, named as such.
+  if (const char* name = strerrorname_np(code)) return name;
+  return "EUNKNOWN";
 }
 
 std::string Error::to_string() const { return fmt::format("{}: {}", code_name(), message); }

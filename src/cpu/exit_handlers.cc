@@ -141,13 +141,11 @@ void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
     case K::failed: return answer_l1(r.result);
     case K::exit_to_l1: return answer_l1(OpResult::success());
     case K::internal_error:
-      counters().add(Counter::internal_errors);
-      if (m_.config().retry_internal_errors) return;  // the VMLAUNCH/VMRESUME runs again
-      m_.fail(fmt::format("vCPU {}: KVM internal error on nested entry: {}", id(), r.result.why));
-      stop_ = true;
-      return;
+      // A VMM that runs the vCPU again re-executes the VMLAUNCH/VMRESUME.
+      return internal_error(fmt::format("on nested entry: {}", r.result.why));
     case K::entered: break;
   }
+  internal_error_streak_ = 0;
   // L1's VMLAUNCH/VMRESUME stays pending while L2 runs; it completes at the
   // next reflected exit.
   if (reflected_since_entry_ && l1_.pending()->is<GuestOp::Vmresume>()) counters().add(Counter::nested_round_trips);
@@ -203,15 +201,8 @@ void Vcpu::complete_posted_interrupts_in_software() {
   if (!st) {
     // KVM's mmio_needed: an internal error for the VMM. A VMM that runs the
     // vCPU again gets the completion retried.
-    counters().add(Counter::internal_errors);
-    if (m_.config().retry_internal_errors) {
-      deliver_interrupt(static_cast<uint8_t>(v.posted_intr_notification_vector));
-      std::this_thread::yield();
-      return;
-    }
-    m_.fail(fmt::format("vCPU {}: KVM internal error: posted-interrupt descriptor unreachable: {}", id(),
-                        st.error().message));
-    stop_ = true;
+    if (m_.config().retry_internal_errors) apic_.deliver(static_cast<uint8_t>(v.posted_intr_notification_vector));
+    internal_error(fmt::format("completing posted interrupts: posted-interrupt descriptor unreachable: {}", st.error().to_string()));
   }
 }
 

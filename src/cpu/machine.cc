@@ -68,7 +68,21 @@ Status Machine::run(std::chrono::milliseconds timeout) {
       MutexLock l(raw->call_mu_);  // VMM calls go to the thread from now on
       raw->thread_running_ = true;
     }
-    v->thread_ = std::thread([raw] { raw->run_loop(); });
+    try {
+      v->thread_ = std::thread([raw] { raw->run_loop(); });
+    } catch (const std::system_error& e) {
+      // No thread for this vCPU (a thread or memory limit): the run ends
+      // here; the vCPUs already started are stopped and joined below.
+      {
+        MutexLock l(raw->call_mu_);
+        raw->thread_running_ = false;
+      }
+      fail(fmt::format("vCPU {}: cannot start its thread: {} ({})", raw->id(),
+                       Error{e.code().value(), ""}.code_name(), e.code().message()));
+      MutexLock l(done_mu_);
+      running_ -= static_cast<int>(vcpus_.size()) - raw->id();  // this one and the ones never started
+      break;
+    }
   }
   bool timed_out;
   {
@@ -93,6 +107,15 @@ Status Machine::run(std::chrono::milliseconds timeout) {
 void Machine::send_ipi(int from, uint32_t dest, uint8_t vector) {
   if (dest >= vcpus_.size()) return;  // no such APIC: the IPI goes nowhere
   vcpus_[dest]->deliver_interrupt(vector);
+}
+
+Status Machine::watch(Gpa gpa, uint64_t bytes) {
+  for (Gfn gfn = gpa_to_gfn(gpa); gfn <= gpa_to_gfn(gpa + bytes - 1); gfn++) {
+    auto entry = vm_.ept01_fault(gfn, true);
+    if (!entry) return errorf(EFAULT, "watch: L1 page {:#x} is not guest memory: {}", gfn_to_gpa(gfn), entry.error().message);
+    monitors_.watch(entry->tag.pfn);
+  }
+  return ok();
 }
 
 CounterSnapshot Machine::counters() const {

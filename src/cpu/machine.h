@@ -121,6 +121,11 @@ class Machine {
   CounterSnapshot counters() const;
 
   MonitorTable& monitors() { return monitors_; }
+  // Declares [gpa, gpa + bytes) of L1 memory as memory guest programs
+  // synchronize through (MonitorTable): every access to it hands clocks
+  // over, so a vCPU that finds a word another wrote continues at the
+  // writer's time. Call before run(). EFAULT for a page in no memslot.
+  Status watch(Gpa gpa, uint64_t bytes);
 
   // --- nested state (KVM_GET/SET_NESTED_STATE; vcpu_nested_state.cc) -----------
   // Both work at any time. While run() is active the vCPU thread is asked

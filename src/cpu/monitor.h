@@ -11,6 +11,11 @@
 // for a word, or finds it already changed, continues at the writer's time.
 // Frames nobody waits on are accessed directly, at no cost.
 //
+// A reader that finds a word already changed, on a frame no monitor watched
+// yet, cannot know when it was written: so the memory guest programs
+// synchronize through is declared before they run (Machine::watch), and only
+// then do clocks carry across every hand-over, whatever the scheduler does.
+//
 // Races: a store to an unwatched frame rechecks the watched flag after the
 // store (seq_cst on both sides), so a monitor armed concurrently either sees
 // the new value when it looks under the lock or is woken by the recheck.
@@ -37,6 +42,10 @@ class MonitorTable {
   explicit MonitorTable(uint64_t frames);
 
   bool watched(Pfn pfn) const { return pfn < frames_ && watched_[pfn].load(std::memory_order_seq_cst); }
+  // Every guest access to `pfn` goes through the table from now on.
+  void watch(Pfn pfn) {
+    if (pfn < frames_) watched_[pfn].store(true, std::memory_order_seq_cst);
+  }
 
   // A guest access to (pfn, offset) by a vCPU with `clock`: runs `access` (a
   // load, store or locked RMW of that word; it returns whether it wrote) with

@@ -115,15 +115,8 @@ void Vcpu::process_requests() {
     // The caches the hardware uses were invalidated: refresh them and
     // rewrite the vmcs02 pfns before the next entry.
     if (auto st = nested().refresh_guest_pages(); !st) {
-      counters().add(Counter::internal_errors);
-      if (m_.config().retry_internal_errors) {
-        // The VMM runs the vCPU again; the pages are still to be refreshed.
-        make_request(vm::Request::kRefreshGuestPages);
-        std::this_thread::yield();
-      } else {
-        m_.fail(fmt::format("vCPU {}: KVM internal error refreshing nested pages: {}", id(), st.error().message));
-        stop_ = true;
-      }
+      make_request(vm::Request::kRefreshGuestPages);  // still to do if the VMM runs the vCPU again
+      internal_error(fmt::format("refreshing nested pages: {}", st.error().to_string()));
     }
     tlb02_.clear();
   }
@@ -133,6 +126,54 @@ void Vcpu::run_loop() {
   ModelClock::Binding bind_clock(clock_);
   vm::Vcpu::ThreadBinding bind_vcpu(*this);
   clock_.begin_measured();
+  // Nothing escapes the thread: a failure (an allocation, a thread the
+  // simulator could not start) ends the run with its cause, and the thread
+  // still says it finished, so Machine::run returns and joins it.
+  try {
+    loop();
+  } catch (const std::exception& e) {
+    m_.fail(fmt::format("vCPU {}: {}", id(), e.what()));
+  } catch (...) {
+    m_.fail(fmt::format("vCPU {}: an exception not derived from std::exception", id()));
+  }
+  clock_.end_measured();
+  stop_serving_vmm_calls();
+  m_.vcpu_finished();
+}
+
+bool Vcpu::retry_internal_error(const std::string& cause) {
+  using std::chrono::steady_clock;
+  if (!m_.config().retry_internal_errors) return false;
+  // The VMM runs the vCPU again, as one that calls KVM_RUN after
+  // KVM_EXIT_INTERNAL_ERROR. The cause may pass (a memslot moved back) or
+  // not (no memory left): back off, and give up after kRetryLimit of
+  // failures in a row, reporting the cause.
+  auto now = steady_clock::now();
+  if (internal_error_streak_++ == 0) internal_error_since_ = now;
+  if (now - internal_error_since_ > kRetryLimit) {
+    m_.fail(fmt::format("vCPU {}: KVM internal error, still failing after {} attempts in {} ms, {}", id(),
+                        internal_error_streak_, std::chrono::duration_cast<std::chrono::milliseconds>(kRetryLimit).count(),
+                        cause));
+    stop_ = true;
+    return true;  // handled: the run ends
+  }
+  if (internal_error_streak_ > 16) {
+    auto pause = std::chrono::microseconds(std::min<uint64_t>(1000, uint64_t{10} << std::min<uint64_t>(internal_error_streak_ - 16, 7)));
+    std::this_thread::sleep_for(pause);
+  } else {
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+void Vcpu::internal_error(const std::string& cause) {
+  counters().add(Counter::internal_errors);
+  if (retry_internal_error(cause)) return;
+  m_.fail(fmt::format("vCPU {}: KVM internal error {}", id(), cause));
+  stop_ = true;
+}
+
+void Vcpu::loop() {
   while (!stop_) {
     absorb_carried_time();
     process_requests();
@@ -158,9 +199,6 @@ void Vcpu::run_loop() {
     clock_.begin_measured();
     handle_exit(e);
   }
-  clock_.end_measured();
-  stop_serving_vmm_calls();
-  m_.vcpu_finished();
 }
 
 void Vcpu::deliver_answer(GuestTask& t) {

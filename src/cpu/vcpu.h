@@ -95,7 +95,17 @@ class Vcpu final : public vm::Vcpu {
   friend class CpuModel;
 
   // --- the loop (vcpu.cc) ---------------------------------------------------------
+  // The thread's body: loop() with every failure turned into the run's.
   void run_loop();
+  void loop();
+  // A KVM internal error (an L1 page L0 cannot reach, memory L0 cannot get):
+  // counted; retried with backoff when the machine retries internal errors
+  // (for at most kRetryLimit of failures in a row), else the end of the run
+  // with `cause`.
+  void internal_error(const std::string& cause);
+  // The retry part of internal_error(): false when the machine does not retry.
+  bool retry_internal_error(const std::string& cause);
+  static constexpr std::chrono::seconds kRetryLimit{5};
   void process_requests();
   Exit run_guest();
   // The program of the current guest: L1's, or the current L2's (null if no
@@ -156,6 +166,8 @@ class Vcpu final : public vm::Vcpu {
   std::optional<OpResult> l1_answer_;
   bool stop_ = false;
   bool reflected_since_entry_ = false;
+  uint64_t internal_error_streak_ = 0;  // internal errors since the last nested entry
+  std::chrono::steady_clock::time_point internal_error_since_;
   L2Program* l2_ = nullptr;  // the program of the current vmcs12, in guest mode
   std::function<void()> before_last_check_;
   ModelClock clock_;

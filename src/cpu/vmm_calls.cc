@@ -62,15 +62,8 @@ void Vcpu::get_nested_state_pages() {
   if (auto st = n.get_nested_state_pages(); !st) {
     // KVM: vmx_get_nested_state_pages fails -> the vCPU exits to the VMM
     // with an internal error; the entry into L2 does not happen.
-    counters().add(Counter::internal_errors);
-    if (m_.config().retry_internal_errors) {
-      make_request(vm::Request::kGetNestedStatePages);  // the VMM runs the vCPU again
-      std::this_thread::yield();
-      return;
-    }
-    m_.fail(fmt::format("vCPU {}: KVM internal error on the first entry after a nested-state restore: {}", id(),
-                        st.error().message));
-    stop_ = true;
+    make_request(vm::Request::kGetNestedStatePages);  // still to do if the VMM runs the vCPU again
+    internal_error(fmt::format("on the first entry after a nested-state restore: {}", st.error().message));
     return;
   }
   tlb02_.clear();
