@@ -1,4 +1,3 @@
-#include "guest/program.h"
 #include "workloads/pages_workload.h"
 
 #include <atomic>
@@ -9,7 +8,9 @@
 #include "guest/mailbox.h"
 #include "guest/pages_l2.h"
 #include "guest/posted_interrupts.h"
+#include "guest/program.h"
 #include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
 #include "guest/wait.h"
 
 namespace nestcache::workloads {
