@@ -165,7 +165,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
                                                           .unbacked = guest::IfUnbacked::wait,
                                                           .per_request = c.interrupts_per_round,
                                                           .received = kL2DataBacking + Mailbox::kProgress,
-                                                          .ack_timeout_ns = kWaitNs,
+                                                          .ack_timeout_ns = 0,  // back to back
                                                           .vector_of = posted_vector},
                                                          t.interrupts_posted));
 
