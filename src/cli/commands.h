@@ -105,7 +105,7 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& args);
 int run_bench_command(const BenchArgs& args, bool json);
 
 // Runs every (test, strategy) pair with a progress display, prints the
-// table (or issue 8's JSON object), returns the exit status.
+// table (or the JSON report, BenchReport::to_json), returns the exit status.
 int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions opts);
 
 // ---------------------------------------------------------------------------
