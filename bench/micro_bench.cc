@@ -35,8 +35,8 @@ constexpr uint64_t kSeed = 20241125;
 
 // Creates the one-page environment the access benchmarks use, with the page
 // written once so that every later read finds it resident.
-std::unique_ptr<GuestEnv> one_page_env(benchmark::State& state, FrameKind kind) {
-  auto env = GuestEnv::create(kind, 1);
+std::unique_ptr<test_support::VmEnv> one_page_env(benchmark::State& state, FrameKind kind) {
+  auto env = bench_env(kind, 1);
   if (!env) {
     state.SkipWithError(env.error().to_string().c_str());
     return nullptr;
@@ -59,7 +59,7 @@ void check_value(benchmark::State& state, uint64_t last) {
 // guest page (the "before"): managed = pin + direct map; unmanaged = mmap,
 // first-touch fault, munmap with its TLB shootdown.
 void BM_HostMapAccess(benchmark::State& state, FrameKind kind) {
-  std::unique_ptr<GuestEnv> env = one_page_env(state, kind);
+  std::unique_ptr<test_support::VmEnv> env = one_page_env(state, kind);
   if (!env) return;
   const CounterSnapshot before = CounterSnapshot::of(env->phys->counters());
   const std::optional<uint64_t> tlb_before = tlb_shootdown_interrupts();
@@ -97,7 +97,7 @@ std::optional<uint64_t> read_through(const vm::PfnCache& cache) {
 // BM_PfnCacheAccess/<kind>: check + 8-byte read through an activated PfnCache
 // (the "after"): the mapping persists, so neither kind makes a system call.
 void BM_PfnCacheAccess(benchmark::State& state, FrameKind kind) {
-  std::unique_ptr<GuestEnv> env = one_page_env(state, kind);
+  std::unique_ptr<test_support::VmEnv> env = one_page_env(state, kind);
   if (!env) return;
   vm::PfnCache cache(*env->vm);  // declared after env: deactivated before the Vm goes
   if (auto st = cache.activate(0, sizeof(uint64_t)); !st) {
@@ -137,7 +137,7 @@ BENCHMARK_CAPTURE(BM_PfnCacheAccess, unmanaged, FrameKind::unmanaged)->Unit(benc
 // pseudo-random stream of gfns, each inside some slot.
 struct SlotsFixture {
   explicit SlotsFixture(size_t slots) {
-    auto e = GuestEnv::create(FrameKind::managed, 1);  // slot 0
+    auto e = bench_env(FrameKind::managed, 1);  // slot 0
     NC_CHECK(e);
     env = std::move(*e);
     std::vector<vm::MemoryRegion> regions;
@@ -151,7 +151,7 @@ struct SlotsFixture {
     NC_CHECK(set->size() == slots);
     for (Gfn g : gfns) NC_CHECK(set->find(g) != nullptr);
   }
-  std::unique_ptr<GuestEnv> env;
+  std::unique_ptr<test_support::VmEnv> env;
   std::vector<Gfn> gfns;
 };
 
@@ -206,7 +206,7 @@ BENCHMARK(BM_MemslotLookupHint4)->Arg(8)->Arg(512)->Arg(8192)->Arg(32764)->Unit(
 // change what is measured: the notifier's search is the same for both kinds.
 struct CachesFixture {
   explicit CachesFixture(size_t caches) {
-    auto e = GuestEnv::create(FrameKind::managed, 2 * caches);
+    auto e = bench_env(FrameKind::managed, 2 * caches);
     NC_CHECK(e);
     env = std::move(*e);
     for (size_t page = 0; page < 2 * caches; page++) NC_CHECK(env->mm->fault_in(env->base + page * kPageSize, true));
@@ -221,7 +221,7 @@ struct CachesFixture {
   }
   Hva cache_hva(size_t i) const { return env->base + 2 * i * kPageSize; }
 
-  std::unique_ptr<GuestEnv> env;
+  std::unique_ptr<test_support::VmEnv> env;
   std::deque<vm::PfnCache> pool;  // after env: destroyed (deactivated) before the Vm
   std::vector<size_t> targets;    // pseudo-random cache indices
 };

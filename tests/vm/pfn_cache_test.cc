@@ -2,6 +2,7 @@
 // generation, the refresh retry protocol, guest-uses-pfn.
 #include <gtest/gtest.h>
 
+#include "support/params.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -231,7 +232,7 @@ TEST_P(PfnCacheTest, InvalidationFindsOnlyTheAffectedCachesAmongMany) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Memory, PfnCacheTest, ::testing::Values(host::FrameKind::managed, host::FrameKind::unmanaged),
-                         testing::kind_name);
+                         test_support::memory_case_name);
 
 }  // namespace
 }  // namespace nestcache::vm

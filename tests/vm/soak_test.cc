@@ -7,6 +7,7 @@
 #include <chrono>
 #include <random>
 
+#include "support/params.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -150,7 +151,7 @@ TEST_P(SoakTest, CachesStayCorrectUnderMigrationDiscardAndMemslotChurn) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Memory, SoakTest, ::testing::Values(host::FrameKind::managed, host::FrameKind::unmanaged),
-                         testing::kind_name);
+                         test_support::memory_case_name);
 
 }  // namespace
 }  // namespace nestcache::vm

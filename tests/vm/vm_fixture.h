@@ -1,5 +1,6 @@
-// Shared set-up for vm-layer tests: a PhysMem, a HostMm and a Vm with one
-// region of guest memory mapped by memslot 0 at gpa 0.
+// Shared set-up for vm-layer tests: the guest-memory environment of
+// tests/support (a PhysMem, a HostMm and a Vm with one region of guest
+// memory mapped by memslot 0 at gpa 0) and a vCPU thread harness.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,35 +9,14 @@
 #include <thread>
 
 #include "base/check.h"
+#include "support/vm_env.h"
 #include "vm/host_map.h"
 #include "vm/pfn_cache.h"
 #include "vm/vm.h"
 
 namespace nestcache::vm::testing {
 
-struct VmEnv {
-  explicit VmEnv(host::FrameKind kind, size_t pages = 64, size_t spare = 4096) : kind(kind) {
-    auto m = host::PhysMem::create({kind == host::FrameKind::managed ? pages + spare : 16,
-                                    kind == host::FrameKind::unmanaged ? pages + spare : 16});
-    NC_CHECK(m);
-    phys = std::move(*m);
-    mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<Vm>(*mm, 1);
-    base = *mm->create_region(pages * kPageSize, kind);
-    NC_CHECK(vm->set_memory_region({0, 0, 0, pages * kPageSize, base}));
-  }
-  Hva hva_of(Gpa gpa) const { return base + gpa; }
-
-  host::FrameKind kind;
-  std::unique_ptr<host::PhysMem> phys;
-  std::unique_ptr<host::HostMm> mm;
-  std::unique_ptr<Vm> vm;
-  Hva base = 0;
-};
-
-inline const char* kind_name(const ::testing::TestParamInfo<host::FrameKind>& info) {
-  return host::frame_kind_name(info.param);
-}
+using test_support::VmEnv;
 
 // A vCPU thread for tests: loops entering guest mode and, while "in the
 // guest", repeatedly calls `guest` (one operation per call) until kicked;
