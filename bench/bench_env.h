@@ -1,4 +1,4 @@
-// Set-up shared by the micro-benchmarks (bench/micro_bench.cc): a guest
+// Set-up shared by the micro-benchmarks (bench/micro_bench.cc): the guest
 // memory environment built before the timed loop, helpers that turn counter
 // deltas into per-iteration benchmark counters, and the machine-wide count of
 // TLB-shootdown interrupts read from /proc/interrupts.
@@ -15,37 +15,18 @@
 
 #include "base/counters.h"
 #include "base/error.h"
-#include "host/host_mm.h"
-#include "host/phys_mem.h"
-#include "vm/vm.h"
+#include "support/vm_env.h"
 
 namespace nestcache::bench {
 
-// A PhysMem, a HostMm and a Vm with one region of `pages` guest pages of one
-// frame kind, mapped by memslot 0 at gpa 0. Stale accesses abort: a benchmark
-// that made one would be timing a bug, not a cost.
-struct GuestEnv {
-  // `spare` extra frames of the region's kind stay free (for faults after a
-  // discard or a migration's new frame; the benchmarks here need none).
-  static Result<std::unique_ptr<GuestEnv>> create(host::FrameKind kind, size_t pages, size_t spare = 16) {
-    auto env = std::make_unique<GuestEnv>();
-    const bool managed = kind == host::FrameKind::managed;
-    env->phys = NC_TRY(host::PhysMem::create({managed ? pages + spare : 0, managed ? 0 : pages + spare}));
-    env->phys->set_stale_access_fatal(true);
-    env->mm = std::make_unique<host::HostMm>(*env->phys);
-    env->vm = std::make_unique<vm::Vm>(*env->mm, 1);
-    env->base = NC_TRY(env->mm->create_region(pages * kPageSize, kind));
-    NC_TRY(env->vm->set_memory_region({0, 0, 0, pages * kPageSize, env->base}));
-    return env;
-  }
-
-  // Declared in construction order, so the Vm goes before the HostMm it
-  // subscribes to, and the HostMm before the frames it maps.
-  std::unique_ptr<host::PhysMem> phys;
-  std::unique_ptr<host::HostMm> mm;
-  std::unique_ptr<vm::Vm> vm;
-  Hva base = 0;
-};
+// The guest-memory environment of tests/support (a PhysMem, a HostMm and a
+// Vm with `pages` guest pages of one kind in memslot 0), with 16 spare
+// frames of that kind for faults after a discard or a migration's new frame
+// (the benchmarks here need none). Stale accesses abort: a benchmark that
+// made one would be timing a bug, not a cost.
+inline Result<std::unique_ptr<test_support::VmEnv>> bench_env(host::FrameKind kind, size_t pages) {
+  return test_support::VmEnv::create({.kind = kind, .pages = pages, .spare = 16, .other_kind = 0, .stale_fatal = true});
+}
 
 // Reports `n` events spread over the run's iterations as a per-iteration
 // counter named `name` (JSON and console show the average).

@@ -42,8 +42,8 @@ constexpr uint64_t kSeed = 20241125;
 
 // Creates the one-page environment the access benchmarks use, with the page
 // written once so that every later read finds it resident.
-std::unique_ptr<GuestEnv> one_page_env(benchmark::State& state, FrameKind kind) {
-  auto env = GuestEnv::create(kind, 1);
+std::unique_ptr<test_support::VmEnv> one_page_env(benchmark::State& state, FrameKind kind) {
+  auto env = bench_env(kind, 1);
   if (!env) {
     state.SkipWithError(env.error().to_string().c_str());
     return nullptr;
@@ -66,7 +66,7 @@ void check_value(benchmark::State& state, uint64_t last) {
 // guest page (the "before"): managed = pin + direct map; unmanaged = mmap,
 // first-touch fault, munmap with its TLB shootdown.
 void BM_HostMapAccess(benchmark::State& state, FrameKind kind) {
-  std::unique_ptr<GuestEnv> env = one_page_env(state, kind);
+  std::unique_ptr<test_support::VmEnv> env = one_page_env(state, kind);
   if (!env) return;
   const CounterSnapshot before = CounterSnapshot::of(env->phys->counters());
   const std::optional<uint64_t> tlb_before = tlb_shootdown_interrupts();
@@ -94,7 +94,7 @@ BENCHMARK_CAPTURE(BM_HostMapAccess, unmanaged, FrameKind::unmanaged)->Unit(bench
 // BM_PlainRead: an 8-byte read through a plain pointer to the guest page (the
 // VMM's own mapping of it): the floor a cached access is compared with.
 void BM_PlainRead(benchmark::State& state) {
-  std::unique_ptr<GuestEnv> env = one_page_env(state, FrameKind::managed);
+  std::unique_ptr<test_support::VmEnv> env = one_page_env(state, FrameKind::managed);
   if (!env) return;
   // volatile: one real load per iteration, which the compiler may neither
   // hoist out of the loop nor drop.
@@ -122,7 +122,7 @@ BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
 // makes a system call. rwlock: KVM's reader-writer lock taken shared;
 // lockfree: a per-thread reader slot and a sequence count.
 void BM_PfnCacheAccess(benchmark::State& state, vm::CacheReadSide side, FrameKind kind) {
-  std::unique_ptr<GuestEnv> env = one_page_env(state, kind);
+  std::unique_ptr<test_support::VmEnv> env = one_page_env(state, kind);
   if (!env) return;
   vm::PfnCache cache(*env->vm, side);  // declared after env: deactivated before the Vm goes
   if (auto st = cache.activate(0, sizeof(uint64_t)); !st) {
@@ -182,7 +182,7 @@ const char* pattern_name(Pattern p) { return p == Pattern::random ? "random" : "
 //           region), each run in a slot picked at random.
 struct SlotsFixture {
   explicit SlotsFixture(size_t slots) {
-    auto e = GuestEnv::create(FrameKind::managed, kPagesPerSlot);  // slot 0
+    auto e = bench_env(FrameKind::managed, kPagesPerSlot);  // slot 0
     NC_CHECK(e);
     env = std::move(*e);
     std::vector<vm::MemoryRegion> regions;
@@ -206,7 +206,7 @@ struct SlotsFixture {
   }
   const std::vector<Gfn>& stream(Pattern p) const { return gfns[p == Pattern::random ? 0 : 1]; }
 
-  std::unique_ptr<GuestEnv> env;
+  std::unique_ptr<test_support::VmEnv> env;
   std::vector<Gfn> gfns[2];
 };
 
@@ -264,7 +264,7 @@ const bool kLookupRegistered = [] {
 // change what is measured: the notifier's search is the same for both kinds.
 struct CachesFixture {
   CachesFixture(size_t caches, vm::CacheReadSide side) {
-    auto e = GuestEnv::create(FrameKind::managed, 2 * caches);
+    auto e = bench_env(FrameKind::managed, 2 * caches);
     NC_CHECK(e);
     env = std::move(*e);
     for (size_t page = 0; page < 2 * caches; page++) NC_CHECK(env->mm->fault_in(env->base + page * kPageSize, true));
@@ -279,7 +279,7 @@ struct CachesFixture {
   }
   Hva cache_hva(size_t i) const { return env->base + 2 * i * kPageSize; }
 
-  std::unique_ptr<GuestEnv> env;
+  std::unique_ptr<test_support::VmEnv> env;
   std::deque<vm::PfnCache> pool;  // after env: destroyed (deactivated) before the Vm
   std::vector<size_t> targets;    // pseudo-random cache indices
 };
@@ -380,12 +380,12 @@ class Invalidator {
 // finishes). Reports retries, waits and time waited per refresh.
 void BM_PfnCacheRefresh(benchmark::State& state, bool invalidations) {
   constexpr size_t kPages = 64;
-  auto e = GuestEnv::create(FrameKind::managed, kPages);
+  auto e = bench_env(FrameKind::managed, kPages);
   if (!e) {
     state.SkipWithError(e.error().to_string().c_str());
     return;
   }
-  std::unique_ptr<GuestEnv> env = std::move(*e);
+  std::unique_ptr<test_support::VmEnv> env = std::move(*e);
   vm::Vm& v = *env->vm;
   for (size_t page = 0; page < kPages; page++) NC_CHECK(env->mm->fault_in(env->base + page * kPageSize, true));
   vm::PfnCache cache(v);

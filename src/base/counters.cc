@@ -10,15 +10,9 @@ constexpr std::string_view kNames[] = {
     NC_COUNTERS(NC_COUNTER_NAME)
 #undef NC_COUNTER_NAME
 };
-constexpr std::string_view kDescriptions[] = {
-#define NC_COUNTER_DESC(name, desc) desc,
-    NC_COUNTERS(NC_COUNTER_DESC)
-#undef NC_COUNTER_DESC
-};
 }  // namespace
 
 std::string_view counter_name(Counter c) { return kNames[static_cast<int>(c)]; }
-std::string_view counter_description(Counter c) { return kDescriptions[static_cast<int>(c)]; }
 
 std::optional<Counter> counter_from_name(std::string_view name) {
   for (int i = 0; i < kNumCounters; i++)

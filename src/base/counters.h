@@ -14,7 +14,8 @@
 
 namespace nestcache {
 
-// X(name, description)
+// X(name, description): the description documents the counter here (the
+// README points at this list); code and output use the name.
 #define NC_COUNTERS(X)                                                                      \
   X(remap_windows, "remap windows opened (mmap of an unmanaged frame)")                   \
   X(remap_windows_closed, "remap windows closed (munmap)")                                \
@@ -65,7 +66,6 @@ enum class Counter : int {
 inline constexpr int kNumCounters = static_cast<int>(Counter::kCount);
 
 std::string_view counter_name(Counter c);
-std::string_view counter_description(Counter c);
 std::optional<Counter> counter_from_name(std::string_view name);
 
 class CounterSet {

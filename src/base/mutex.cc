@@ -63,14 +63,6 @@ void release(LockRank rank, const void* lock) {
   std::abort();
 }
 
-void assert_none_held_from(LockRank rank) {
-  for (int i = 0; i < nheld; i++) {
-    if (held[i].rank >= rank) {
-      std::fprintf(stderr, "nestcache: blocking while holding %s\n", lock_rank_name(held[i].rank));
-      std::abort();
-    }
-  }
-}
 void assert_held(LockRank rank, const void* lock) {
   if (rank == LockRank::kNone) return;
   for (int i = 0; i < nheld; i++)
@@ -82,7 +74,6 @@ void assert_held(LockRank rank, const void* lock) {
 void assert_held(LockRank, const void*) {}
 void acquire(LockRank, const void*) {}
 void release(LockRank, const void*) {}
-void assert_none_held_from(LockRank) {}
 #endif
 
 }  // namespace lock_checks

@@ -21,9 +21,6 @@ namespace lock_checks {
 // NESTCACHE_LOCK_CHECKS is defined.
 void acquire(LockRank rank, const void* lock);
 void release(LockRank rank, const void* lock);
-// Aborts unless the calling thread holds no ranked lock at or above `rank`;
-// used before blocking on something a lock holder might wait for.
-void assert_none_held_from(LockRank rank);
 // Aborts unless the calling thread holds `lock` (any mode). Unranked locks are
 // not tracked, so the check passes for them. No-op without NESTCACHE_LOCK_CHECKS.
 void assert_held(LockRank rank, const void* lock);

@@ -1,6 +1,6 @@
 // `nestcache bench`: the seed's benchmark (memslot_perf in nested mode) for
 // each page strategy, side by side: option parsing and validation, dispatch
-// to the registered bench tests, the comparison table and issue 8's JSON.
+// to the registered bench tests, the comparison table and the JSON report.
 #include <algorithm>
 #include <optional>
 
@@ -17,8 +17,7 @@ namespace {
 // name or when nothing is registered.
 std::optional<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string& list) {
   std::vector<std::string> valid = workloads::bench_names();
-  std::string known = valid.empty() ? "no benchmark test is registered in this build yet"
-                                   : fmt::format("valid tests: {}", workloads::join_names(valid));
+  std::string known = fmt::format("valid tests: {}", workloads::join_names(valid));
   std::vector<const workloads::BenchInfo*> tests;
   if (list.empty()) {
     for (const auto& b : workloads::benches()) tests.push_back(&b);
@@ -38,31 +37,25 @@ std::optional<std::vector<const workloads::BenchInfo*>> resolve_tests(const std:
   return tests;
 }
 
-const workloads::BenchRow* find_row(std::span<const workloads::BenchRow> rows, workloads::Strategy s) {
-  for (const auto& r : rows)
-    if (r.strategy == s) return &r;
-  return nullptr;
-}
-
 // The table of one test: one line per strategy, then the ratios of each view.
 void print_test_table(const workloads::BenchInfo& info, std::span<const workloads::BenchRow> rows, bool verbose) {
-  using workloads::Strategy;
+  using vmx::StrategyKind;
   fmt::print("\n{} — {}\n", info.name, info.summary);
   fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n", "strategy",
              "per iteration", "iterations", "cold iteration", "per round trip", "round trips", "shootdowns",
              "ept12", "maps", "unmaps", "windows", "stale");
   for (const auto& r : rows) {
     fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
-               workloads::strategy_name(r.strategy), format_seconds(r.seconds_per_iteration), r.iterations,
+               vmx::strategy_name(r.strategy), format_seconds(r.seconds_per_iteration), r.iterations,
                format_seconds(r.cold_iteration_seconds), format_seconds(r.seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::shootdowns],
                r.counters[Counter::ept12_faults], r.counters[Counter::maps], r.counters[Counter::unmaps],
                r.counters[Counter::remap_windows], r.counters[Counter::stale_accesses]);
     if (verbose) fmt::print("           {}\n", r.to_json().dump());
   }
-  const auto* map = find_row(rows, Strategy::map);
-  const auto* cache = find_row(rows, Strategy::cache);
-  const auto* oracle = find_row(rows, Strategy::oracle);
+  const auto* map = workloads::row_of(rows, StrategyKind::map);
+  const auto* cache = workloads::row_of(rows, StrategyKind::cache);
+  const auto* oracle = workloads::row_of(rows, StrategyKind::oracle);
   if (cache && (map || oracle)) {
     fmt::print("  ratios:  {:<16} {:>10} {:>13}\n", "view", "map/cache", "cache/oracle");
     struct View {
@@ -77,7 +70,7 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
     }
   }
   for (const auto& r : rows)
-    for (const auto& f : r.failures) fmt::print("  FAILED {}/{}: {}\n", r.test, workloads::strategy_name(r.strategy), f);
+    for (const auto& f : r.failures) fmt::print("  FAILED {}/{}: {}\n", r.test, vmx::strategy_name(r.strategy), f);
   if (info.commentary)
     for (const std::string& sentence : info.commentary(rows)) fmt::print("  {}\n", sentence);
 }
@@ -104,7 +97,7 @@ void print_bench_list(bool json) {
     for (const auto* t : workloads::find_bench_group(g)) members.push_back(t->name);
     fmt::print("  {:<{}}   = {}\n", g, width, workloads::join_names(members));
   }
-  if (tests.empty()) fmt::print("  (none registered in this build yet)\n");
+  if (tests.empty()) fmt::print("  (none registered)\n");
 }
 
 }  // namespace
@@ -191,12 +184,12 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
   bool ok = true;
   size_t total = tests.size() * o.strategies.size(), done = 0;
   for (const workloads::BenchInfo* t : tests) {
-    for (workloads::Strategy s : o.strategies) {
-      progress.update(done++, total, fmt::format("{} / {}", t->name, workloads::strategy_name(s)));
+    for (vmx::StrategyKind s : o.strategies) {
+      progress.update(done++, total, fmt::format("{} / {}", t->name, vmx::strategy_name(s)));
       auto row = t->run(o, s);
       if (!row) {
         progress.finish();
-        fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", t->name, workloads::strategy_name(s),
+        fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", t->name, vmx::strategy_name(s),
                    row.error().to_string());
         ok = false;
         continue;

@@ -10,6 +10,7 @@
 // 2 a usage error (bad option value, unknown test name).
 #pragma once
 
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -28,6 +29,30 @@ inline constexpr int kExitUsage = 2;
 // ---------------------------------------------------------------------------
 // nestcache selftest [NAME | --all] [options]
 
+// A selftest's own options on the command line: one CLI11 option per
+// workloads::OptionSpec, bound to a string; after parsing, values() becomes
+// RunOptions::extra. Ranges and choices are CLI11 checks, so a bad value is
+// refused before the test runs.
+class TestOptions {
+ public:
+  // Adds each of `specs` to `app` ("--delay-ms" taking a value, or a flag),
+  // with its default shown in --help and its range or choices checked.
+  void add(CLI::App& app, std::span<const workloads::OptionSpec> specs);
+  // Every option given or defaulted, by name without dashes; a flag is
+  // "true" or "false" when given, absent otherwise.
+  std::map<std::string, std::string> values() const;
+
+ private:
+  // Heap-allocated so the addresses CLI11 writes to stay put.
+  struct Entry {
+    workloads::OptionSpec spec;
+    std::string value;  // written by CLI11
+    bool flag = false;  // written by CLI11
+    CLI::Option* option = nullptr;
+  };
+  std::vector<std::unique_ptr<Entry>> entries_;
+};
+
 struct SelftestArgs {
   std::string name;  // a NAME that is no registered test (the known ones are sub-commands)
   bool all = false;
@@ -40,7 +65,7 @@ struct SelftestArgs {
   // registry order; filled by add_selftest_command.
   CLI::App* command = nullptr;
   std::vector<CLI::App*> test_commands;
-  std::vector<std::unique_ptr<workloads::SelftestOptions>> test_options;
+  std::vector<std::unique_ptr<TestOptions>> test_options;
 };
 
 // Adds `selftest` to `app`, with one sub-command per registered selftest
@@ -80,7 +105,7 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& args);
 int run_bench_command(const BenchArgs& args, bool json);
 
 // Runs every (test, strategy) pair with a progress display, prints the
-// table (or issue 8's JSON object), returns the exit status.
+// table (or the JSON report, BenchReport::to_json), returns the exit status.
 int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions opts);
 
 // ---------------------------------------------------------------------------
@@ -103,8 +128,8 @@ int run_run_command(const RunArgs& args, bool json);
 // ---------------------------------------------------------------------------
 // nestcache (no command)
 
-// The main job (DESIGN.md §8): the benchmarks registered for it, or, while
-// none is, every selftest. One small function in default_job.cc.
+// The main job (DESIGN.md §8): the benchmarks registered for it
+// (BenchInfo::in_default_job). One small function in default_job.cc.
 int run_default_job(bool json);
 
 // ---------------------------------------------------------------------------

@@ -1,10 +1,8 @@
 // What `nestcache` runs with no command (DESIGN.md §8): the seed's table.
 //
-// Kept to one small function so the main job is easy to change: it runs
-// the bench tests registered with in_default_job (issue 8: map, unmap and
-// unmap-chunked at a size that finishes in about a minute), and while none
-// is registered it runs every selftest instead, so a fresh build still
-// exercises the whole stack.
+// Kept to one small function so the main job is easy to change: it runs the
+// bench tests registered with in_default_job (map, unmap and unmap-chunked)
+// at a size that finishes in about a minute.
 #include "cli/commands.h"
 
 namespace nestcache::cli {
@@ -18,35 +16,25 @@ int run_default_job(bool json) {
   std::vector<const workloads::BenchInfo*> tests;
   for (const workloads::BenchInfo& b : workloads::benches())
     if (b.in_default_job) tests.push_back(&b);
-  if (!tests.empty()) {
-    // The seed's three tests at 8192 slots on unmanaged memory, every
-    // strategy; the areas and the time limit shrunk so that the nine runs
-    // finish in about a minute on a 2-core machine.
-    workloads::BenchOptions opts;
-    opts.scale = kDefaultJobScale;
-    opts.seconds = kDefaultJobSeconds;
-    opts.json = json;
-    int status = run_bench(tests, opts);
-    if (!json)
-      fmt::print("\n{}\n", wrap_text(
-          "How to read this: each test ran once per strategy in one process, so the ratios compare like with like. "
-          "\"per iteration\" is upstream memslot_perf's figure (all iterations averaged, the first one included); "
-          "\"cold iteration\" is the first one, when every page is still populated and every discard costs a "
-          "shootdown round trip; \"per round trip\" divides the time by the nested round trips, the cost the seed "
-          "attacks (map pays remap windows on every one). The seed's \"before\" figures are single cold "
-          "iterations and its \"after\" figures warm averages, so its 17x / 2353x / 2014x mix two views; compare "
-          "them with the line \"measured the seed's way\", and read the per-round-trip ratio for the real gain. "
-          "Areas here are scaled down (--scale); `nestcache bench --scale 1` runs upstream's sizes."));
-    return status;
-  }
-  if (!json)
-    fmt::print("The main job (the seed's benchmark table) is not registered in this build yet;\n"
-               "running every selftest instead. `nestcache --help` lists the commands.\n\n");
-  std::vector<const workloads::SelftestInfo*> all;
-  for (const workloads::SelftestInfo& t : workloads::selftests()) all.push_back(&t);
-  workloads::RunOptions opts;
+  // The seed's three tests at 8192 slots on unmanaged memory, every
+  // strategy; the areas and the time limit shrunk so that the nine runs
+  // finish in about a minute on a 2-core machine.
+  workloads::BenchOptions opts;
+  opts.scale = kDefaultJobScale;
+  opts.seconds = kDefaultJobSeconds;
   opts.json = json;
-  return run_selftests(all, opts);
+  int status = run_bench(tests, opts);
+  if (!json)
+    fmt::print("\n{}\n", wrap_text(
+        "How to read this: each test ran once per strategy in one process, so the ratios compare like with like. "
+        "\"per iteration\" is upstream memslot_perf's figure (all iterations averaged, the first one included); "
+        "\"cold iteration\" is the first one, when every page is still populated and every discard costs a "
+        "shootdown round trip; \"per round trip\" divides the time by the nested round trips, the cost the seed "
+        "attacks (map pays remap windows on every one). The seed's \"before\" figures are single cold "
+        "iterations and its \"after\" figures warm averages, so its 17x / 2353x / 2014x mix two views; compare "
+        "them with the line \"measured the seed's way\", and read the per-round-trip ratio for the real gain. "
+        "Areas here are scaled down (--scale); `nestcache bench --scale 1` runs upstream's sizes."));
+  return status;
 }
 
 }  // namespace nestcache::cli

@@ -72,7 +72,7 @@ void print_selftest_summary(std::string_view test, const workloads::RunOptions& 
                             const workloads::SelftestResult& r) {
   double seconds = r.details.value("seconds", 0.0);
   fmt::print("{}: {}  (strategy {}, memory {}, {})\n", test, r.passed ? "PASS" : "FAIL",
-             workloads::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory),
+             vmx::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory),
              format_seconds(seconds));
   for (const std::string& f : r.failures) fmt::print("  failed: {}\n", f);
   for (const std::string& n : r.notes) fmt::print("  note: {}\n", n);

@@ -63,6 +63,33 @@ void print_unknown(std::string_view name) {
 
 }  // namespace
 
+void TestOptions::add(CLI::App& app, std::span<const workloads::OptionSpec> specs) {
+  for (const workloads::OptionSpec& spec : specs) {
+    auto e = std::make_unique<Entry>();
+    e->spec = spec;
+    if (spec.is_flag) {
+      e->option = app.add_flag(spec.flag, e->flag, spec.help);
+    } else {
+      e->option = app.add_option(spec.flag, e->value, spec.help)->type_name(spec.type_name.empty() ? "VALUE" : spec.type_name);
+      if (!spec.default_value.empty()) e->option->default_str(spec.default_value);
+      if (spec.range) e->option->check(CLI::Range(spec.range->first, spec.range->second));
+      if (!spec.choices.empty()) e->option->check(CLI::IsMember(spec.choices));
+    }
+    entries_.push_back(std::move(e));
+  }
+}
+
+std::map<std::string, std::string> TestOptions::values() const {
+  std::map<std::string, std::string> out;
+  for (const auto& e : entries_) {
+    if (e->option->count() > 0)
+      out[e->spec.name()] = e->spec.is_flag ? (e->flag ? "true" : "false") : e->value;
+    else if (!e->spec.is_flag && !e->spec.default_value.empty())
+      out[e->spec.name()] = e->spec.default_value;
+  }
+  return out;
+}
+
 CLI::App* add_selftest_command(CLI::App& app, SelftestArgs& args) {
   CLI::App* cmd = app.add_subcommand("selftest", "List and run the correctness scenarios");
   args.command = cmd;
@@ -80,8 +107,8 @@ CLI::App* add_selftest_command(CLI::App& app, SelftestArgs& args) {
     CLI::App* sub = cmd->add_subcommand(t.name, t.summary);
     sub->footer(wrap_text(t.description));
     add_common_options(*sub, args);
-    auto opts = std::make_unique<workloads::SelftestOptions>();
-    if (t.add_options) t.add_options(*sub, *opts);
+    auto opts = std::make_unique<TestOptions>();
+    opts->add(*sub, t.options);
     args.test_commands.push_back(sub);
     args.test_options.push_back(std::move(opts));
   }
@@ -154,7 +181,7 @@ int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloa
     print_json({{"passed", all_passed}, {"results", results}});
   else
     fmt::print("\n{} of {} selftests passed (strategy {}, memory {}).\n", passed, tests.size(),
-               workloads::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory));
+               vmx::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory));
   return all_passed ? kExitOk : kExitFailed;
 }
 

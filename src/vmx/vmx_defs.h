@@ -501,6 +501,18 @@ constexpr std::string_view exit_reason_name(ExitReason r) {
   return "UNKNOWN";
 }
 
+// Exit qualification of an APIC-access exit (SDM 27.2.1, "Exit Qualification
+// for APIC-Access VM Exits"): the offset in the APIC-access page in bits 11:0,
+// the access type in bits 15:12.
+namespace apic_access_qual {
+inline constexpr uint64_t kOffsetMask = 0xfff;
+inline constexpr unsigned kTypeShift = 12;
+inline constexpr uint64_t kLinearRead = 0;   // linear access for a data read
+inline constexpr uint64_t kLinearWrite = 1;  // linear access for a data write
+// The qualification of an access of `type` at `offset`.
+constexpr uint64_t make(uint64_t offset, uint64_t type) { return (offset & kOffsetMask) | (type << kTypeShift); }
+}  // namespace apic_access_qual
+
 // Exit qualifications of a VM-entry failure due to invalid guest state (SDM 26.8).
 namespace entry_fail_qual {
 inline constexpr uint64_t kDefault = 0;
@@ -597,6 +609,8 @@ inline constexpr size_t kVmcsRegionSize = kPageSize;  // IA32_VMX_BASIC bits 44:
 // ---------------------------------------------------------------------------
 
 namespace msr {
+inline constexpr uint32_t kIa32TimeStampCounter = 0x10;
+inline constexpr uint32_t kIa32PlatformId = 0x17;
 inline constexpr uint32_t kIa32ApicBase = 0x1b;
 inline constexpr uint32_t kIa32FeatureControl = 0x3a;
 inline constexpr uint32_t kIa32Pat = 0x277;
@@ -619,6 +633,7 @@ inline constexpr uint32_t kIa32VmxTrueProcbasedCtls = 0x48e;
 inline constexpr uint32_t kIa32VmxTrueExitCtls = 0x48f;
 inline constexpr uint32_t kIa32VmxTrueEntryCtls = 0x490;
 inline constexpr uint32_t kIa32Efer = 0xc0000080;
+inline constexpr uint32_t kIa32FsBase = 0xc0000100;
 // x2APIC registers: MSR 0x800 + (xAPIC MMIO offset >> 4).
 inline constexpr uint32_t kX2apicFirst = 0x800;
 inline constexpr uint32_t kX2apicLast = 0x8ff;

@@ -20,23 +20,25 @@
 // back each period (the descriptor stays: see run_once); an entry that meets a
 // page away is retried by L1 (VMfail) or by the VMM (internal error), and
 // reported.
-#include <CLI/CLI.hpp>
-
 #include <atomic>
 #include <thread>
 
-#include "cpu/cpu_model.h"
-#include "vmx/entry_checks.h"
+#include "guest/ept12.h"
+#include "guest/l2_run.h"
+#include "guest/mailbox.h"
+#include "guest/posted_interrupts.h"
+#include "guest/program.h"
+#include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
+#include "guest/wait.h"
+#include "workloads/host_wait.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
+using namespace guest::program;
 
 constexpr Gpa kApicGpa = 0xc0000000;   // the seed's VAPIC_GPA (its slot 1)
 constexpr Gpa kVapicGpa = 0xd0000000;  // virtual-APIC page, slot 2
@@ -44,11 +46,8 @@ constexpr Gpa kPiPage = 0xe0000000;    // descriptor page, slot 3
 constexpr Gpa kPiDesc = kPiPage + 0x40;
 constexpr Gpa kMoveStep = 0x10000;     // the seed's memslot move
 constexpr Gpa kL2Data = 0x200000;      // L2 mailbox page
-constexpr Gpa kCall = 0x0, kTprValue = 0x8, kReceived = 0x10;
-enum Call : uint64_t { kCallTpr = 1, kCallIrq, kCallIrqDone, kCallDone };
-constexpr uint8_t kNotificationVector = 0xf2;
-constexpr uint8_t kFirstVector = 0x80;
-constexpr uint64_t kMmio = ~uint64_t{0};
+
+constexpr uint64_t kInterruptWaitNs = 10'000'000;
 constexpr int kWrites = 8;
 
 enum PageBits : unsigned { kPageApic = 1, kPageVapic = 2, kPagePi = 4 };
@@ -93,151 +92,114 @@ struct Transcript {
   std::atomic<int> gate{kL2Busy};
 };
 
-cpu::GuestFn<uint64_t> read_settled(Gpa gpa) {
-  for (;;) {
-    uint64_t v = co_await ops::read64(gpa);
-    if (v != kMmio) co_return v;
-    co_await ops::pause();
-  }
+// The seed's udelay, then the handshake with the VMM thread (see Gate).
+GuestTask l2_delay(const Config& c, Transcript& t) {
+  uint64_t changes = t.churn_operations.load();
+  t.gate.store(kL2Delaying);
+  co_await guest::delay(c.delay_ns);
+  co_await guest::wait_until_host([&] { return t.churn_operations.load() != changes; });
+  co_await guest::wait_until_host([&] {
+    int open = kL2Delaying;
+    return t.gate.compare_exchange_weak(open, kL2Busy);
+  });
 }
 
-GuestTask l2_program(Config c, Transcript& t) {
+GuestTask l2_program(Config c, Mailbox mb, Transcript& t) {
   for (int i = 0; i < kWrites; i++) {
     uint32_t value = i < kWrites - 1 ? 1u << i : 0;
     if (c.pages & kPageApic) co_await ops::write32(kApicGpa + vmx::vapic::kTpr, value);  // APIC-access exit
     if (c.pages & kPageVapic) {
       uint64_t tpr = 1 + i % 15;
       // The test reads the VMM's sequence (an oracle, not a guest action).
-      co_await ops::write64(kL2Data + kTprValue, tpr | (t.seq.load() << 8));
+      uint64_t arg = tpr | (t.seq.load() << 8);
       co_await ops::write_cr8(tpr);
-      co_await ops::write64(kL2Data + kCall, kCallTpr);
-      co_await ops::vmcall(kCallTpr);
+      co_await mb.call(Call::tpr, arg);
     }
     if (c.pages & kPagePi) {
-      co_await ops::write64(kL2Data + kCall, kCallIrq);
-      co_await ops::vmcall(kCallIrq);  // L1 posts while L2 is out
-      uint64_t got = 0;
-      uint64_t deadline = co_await ops::now() + 10'000'000;
-      while (!got && co_await ops::now() < deadline) got = (co_await ops::exec(GuestOp{GuestOp::Hlt{}})).value;
+      co_await mb.call(Call::irq);  // L1 posts while L2 is out
+      uint64_t got = co_await guest::wait_interrupt(co_await guest::deadline_in(kInterruptWaitNs));
       if (got) co_await ops::eoi();
-      co_await ops::write64(kL2Data + kReceived, got);
-      co_await ops::write64(kL2Data + kCall, kCallIrqDone);
-      co_await ops::vmcall(kCallIrqDone);
+      co_await mb.call(Call::irq_done, got);
     }
-    // The seed's udelay, then the handshake with the VMM thread (see Gate).
-    uint64_t changes = t.churn_operations.load();
-    t.gate.store(kL2Delaying);
-    uint64_t until = co_await ops::now() + c.delay_ns;
-    while (co_await ops::now() < until || t.churn_operations.load() == changes) co_await ops::pause();
-    for (int open = kL2Delaying; !t.gate.compare_exchange_weak(open, kL2Busy); open = kL2Delaying)
-      co_await ops::pause();
+    co_await l2_delay(c, t);
   }
-  co_await ops::write64(kL2Data + kCall, kCallDone);
-  for (;;) co_await ops::vmcall(kCallDone);
+  co_await mb.finish();
 }
+
+// L1's side of L2's calls; false once L2 is done.
+struct CallHandler {
+  Mailbox mb;
+  Transcript& t;
+  uint64_t pi_seq = 0;
+  int vector = 0;
+
+  GuestFn<bool> handle() {
+    t.vmcalls++;
+    Call call = co_await mb.read_call();
+    if (call == Call::done) co_return false;
+    if (call == Call::tpr) {
+      uint64_t word = co_await mb.read_arg();
+      uint8_t vtpr = static_cast<uint8_t>(co_await guest::read_backed(kVapicGpa + vmx::vapic::kTpr));
+      uint64_t seq0 = word >> 8;
+      t.tpr_checks++;
+      if (vtpr != vmx::vapic::vtpr_of_cr8(word)) {
+        if (seq0 % 2 == 0 && t.seq.load() == seq0)
+          t.lost_tpr_writes++;
+        else
+          t.tpr_raced++;
+      }
+    } else if (call == Call::irq) {
+      pi_seq = t.seq.load();
+      uint8_t vec = static_cast<uint8_t>(guest::kFirstPostedVector + vector++ % 32);
+      // To ourselves: L0 completes the post at the next entry.
+      co_await guest::post_interrupt(kPiDesc, vec, 0, guest::kNotificationVector, guest::IfUnbacked::wait);
+      t.posted++;
+    } else if (call == Call::irq_done) {
+      if (co_await mb.read_arg())
+        t.received++;
+      else if (pi_seq % 2 == 0 && t.seq.load() == pi_seq)
+        t.lost_interrupts++;
+      else
+        t.pi_raced++;
+    }
+    co_return true;
+  }
+};
 
 GuestTask l1_program(cpu::Machine& m, Config c, Transcript& t) {
   guest::L1Pages pages(kL1PagesStart, 16 << 20);
-  co_await guest::enter_vmx(pages);
-  Gpa vmcs = pages.alloc();
-  co_await guest::init_region(vmcs);
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+  Gpa vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
   guest::Ept12 ept(pages);
-  Gpa data = pages.alloc();
-  co_await ept.map(kL2Data, data);
+  const Mailbox mb(kL2Data, pages.alloc());
+  co_await ept.map(kL2Data, mb.l1_address(0));
   co_await ept.map(kApicGpa, kApicGpa);  // identity, as the seed's nested_map
-
-  vmx::Vmcs12 v = vmx::minimal_vmcs12();
-  v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls;
-  v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
-  v.ept_pointer = ept.eptp();
-  if (c.pages & kPageApic) {
-    v.secondary_proc_controls |= vmx::proc2::kVirtualizeApicAccesses;
-    v.apic_access_addr = kApicGpa;
-  }
-  if (c.pages & (kPageVapic | kPagePi)) {
-    v.primary_proc_controls |= vmx::proc::kUseTprShadow;
-    v.virtual_apic_page_addr = kVapicGpa;
-  }
+  guest::Vmcs12Pages p{.eptp = ept.eptp()};
+  if (c.pages & kPageApic) p.apic_access = kApicGpa;
+  if (c.pages & (kPageVapic | kPagePi)) p.virtual_apic = kVapicGpa;
   if (c.pages & kPagePi) {
-    v.pin_based_controls |= vmx::pin::kPostedInterrupts | vmx::pin::kExternalInterruptExiting;
-    v.secondary_proc_controls |= vmx::proc2::kVirtualInterruptDelivery;
-    v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
-    v.posted_intr_desc_addr = kPiDesc;
-    v.posted_intr_notification_vector = kNotificationVector;
+    p.pi_desc = kPiDesc;
+    p.notification_vector = guest::kNotificationVector;
   }
-  co_await guest::write_vmcs(v);
-  m.bind_l2_program(vmcs, l2_program(c, t));
+  co_await guest::write_vmcs(guest::vmcs12_for(p));
+  m.bind_l2_program(vmcs, l2_program(c, mb, t));
 
-  auto enter = [&](bool launch) -> cpu::GuestFn<cpu::OpResult> {
-    for (;;) {
-      cpu::OpResult r = co_await (launch ? ops::vmlaunch() : ops::vmresume());
-      // KVM's invalid-address fallback while the virtual-APIC page is away.
-      if (c.move_and_back() && r.outcome == cpu::Outcome::fail_valid &&
-          r.vm_instruction_error == static_cast<uint32_t>(vmx::VmInstructionError::kEntryInvalidControlFields)) {
-        t.entry_retries++;
-        co_await ops::pause();
-        continue;
-      }
-      if (!r.ok()) throw guest::VmxError("nested entry failed: " + cpu::to_string(r));
-      t.entries++;
-      co_return r;
-    }
-  };
-
-  t.started.store(true);  // the seed's GUEST_SYNC(0): the VMM thread starts
-  co_await enter(true);
-  uint64_t pi_seq = 0;
-  int vector = 0;
-  for (;;) {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
+  CallHandler calls{mb, t};
+  auto handle = [&](vmx::ExitReason reason) -> GuestFn<bool> {
     t.last_exit = static_cast<uint64_t>(reason);
     if (reason == vmx::ExitReason::kApicAccess) {
       t.apic_access_exits++;
-    } else if (reason == vmx::ExitReason::kVmcall) {
-      t.vmcalls++;
-      uint64_t call = co_await ops::read64(data + kCall);
-      if (call == kCallDone) break;
-      if (call == kCallTpr) {
-        uint64_t word = co_await ops::read64(data + kTprValue);
-        uint64_t vtpr = (co_await read_settled(kVapicGpa + vmx::vapic::kTpr)) & 0xff;
-        uint64_t seq0 = word >> 8;
-        t.tpr_checks++;
-        if (vtpr != (word & 0xf) << 4) {
-          if (seq0 % 2 == 0 && t.seq.load() == seq0)
-            t.lost_tpr_writes++;
-          else
-            t.tpr_raced++;
-        }
-      } else if (call == kCallIrq) {
-        pi_seq = t.seq.load();
-        uint8_t vec = static_cast<uint8_t>(kFirstVector + vector++ % 32);
-        Gpa pir = kPiDesc + 8 * (vec / 64);
-        for (;;) {  // PIR bit, then ON (the page may be away: MMIO reads retry)
-          uint64_t old = co_await read_settled(pir);
-          if (co_await ops::cmpxchg64(pir, old, old | (uint64_t{1} << (vec % 64))) == old) break;
-        }
-        for (;;) {
-          uint64_t old = co_await read_settled(kPiDesc + 32);
-          if (co_await ops::cmpxchg64(kPiDesc + 32, old, old | 1) == old) break;
-        }
-        t.posted++;
-        co_await ops::send_ipi(0, kNotificationVector);  // self: completed by L0 at the entry
-      } else if (call == kCallIrqDone) {
-        if (co_await ops::read64(data + kReceived)) {
-          t.received++;
-        } else if (pi_seq % 2 == 0 && t.seq.load() == pi_seq) {
-          t.lost_interrupts++;
-        } else {
-          t.pi_raced++;
-        }
-      }
-    } else {
-      throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
+      co_return true;
     }
-    co_await enter(false);
-  }
+    if (reason != vmx::ExitReason::kVmcall)
+      throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
+    co_return co_await calls.handle();
+  };
+  t.started.store(true);  // the seed's GUEST_SYNC(0): the VMM thread starts
+  // KVM's invalid-address fallback while the virtual-APIC page is away: L1
+  // enters again.
+  co_await guest::run_l2(handle, {.retry_while_page_away = c.move_and_back(),
+                                  .retries = &t.entry_retries,
+                                  .entries = &t.entries});
 }
 
 struct ChurnPage {
@@ -248,17 +210,20 @@ struct ChurnPage {
 
 // The VMM thread (the seed's host pthread): one change per page per period.
 void churn(NestedEnv& env, const Config& c, std::vector<ChurnPage>& pages, Transcript& t, std::atomic<bool>& stop) {
-  while (!t.started.load() && !stop.load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  constexpr auto kRetry = std::chrono::microseconds(100);
+  host_wait_until([&] { return t.started.load() || stop.load(); }, kRetry);
   auto period = std::chrono::nanoseconds(c.delay_ns / 4);
   while (!stop.load()) {
     std::this_thread::sleep_for(period);
     if (stop.load()) break;
     // The seed's move variant moves only inside L2's delay; if L2 is not in
     // it, try again shortly rather than a whole period later.
-    for (int open = kL2Delaying; c.move_away() && !t.gate.compare_exchange_strong(open, kVmmChanging);
-         open = kL2Delaying) {
+    if (c.move_away()) {
+      host_wait_until([&] {
+        int open = kL2Delaying;
+        return stop.load() || t.gate.compare_exchange_strong(open, kVmmChanging);
+      }, kRetry);
       if (stop.load()) return;
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
     for (ChurnPage& p : pages) {
       t.seq.fetch_add(1);
@@ -281,16 +246,13 @@ void churn(NestedEnv& env, const Config& c, std::vector<ChurnPage>& pages, Trans
 
 const char* mode_name(bool discard) { return discard ? "discard" : "move"; }
 
-// One run: one mode, one strategy.
-void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
-  const char* mode = mode_name(c.discard);
-  NestedEnvConfig ec{o.strategy, o.memory};
-  ec.vcpus = 1;
-  ec.retry_internal_errors = c.move_and_back();
-  auto env_r = NestedEnv::create(ec);
-  if (!env_r) return r.fail(fmt::format("{}: {}", mode, env_r.error().to_string()));
-  NestedEnv& env = **env_r;
+OptionSpec delay_option() {
+  return int_option("--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5", 1, 10000);
+}
 
+// The pages the run uses, each in its own memslot; returns those the VMM
+// thread churns.
+Result<std::vector<ChurnPage>> add_pages(NestedEnv& env, const Config& c) {
   std::vector<ChurnPage> churned;
   struct {
     unsigned bit;
@@ -300,11 +262,10 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   for (auto& l : layout) {
     bool used = (c.pages & l.bit) || (l.bit == kPageVapic && (c.pages & kPagePi));
     if (!used) continue;
-    auto h = env.add_page_slot(l.slot, l.gpa);
-    if (!h) return r.fail(fmt::format("{}: {}", mode, h.error().to_string()));
+    Hva h = NC_TRY(env.add_page_slot(l.slot, l.gpa));
     if (l.bit == kPageApic) {  // the seed fills the page with 0x45 first
       std::vector<uint8_t> fill(kPageSize, 0x45);
-      (void)env.mm->copy_to(*h, fill.data(), fill.size());
+      (void)env.mm->copy_to(h, fill.data(), fill.size());
     }
     // Move mode leaves the descriptor in place and moves the virtual-APIC
     // page it delivers into: a descriptor away at an entry makes KVM clear
@@ -312,37 +273,27 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
     // internal error until L1 enters again (mmio_needed) — KVM's behaviour,
     // which would stall this L2 for good.
     bool churn_it = c.discard ? (c.pages & l.bit) != 0 : (l.bit != kPagePi && used);
-    if (churn_it) churned.push_back({l.slot, l.gpa, *h});
+    if (churn_it) churned.push_back({l.slot, l.gpa, h});
   }
+  return churned;
+}
 
-  Transcript t;
-  env.machine->set_l1_program(0, l1_program(*env.machine, c, t));
-  std::atomic<bool> stop{false};
-  std::thread vmm([&] { churn(env, c, churned, t, stop); });
-  Status st = env.machine->run(std::chrono::milliseconds(60000));
-  stop.store(true);
-  vmm.join();
-  CounterSnapshot k = env.counters();
-  r.counters += k;
+nlohmann::json run_json(const Transcript& t, const CounterSnapshot& k) {
+  return {{"apic_access_exits", t.apic_access_exits}, {"mmio_exits", k[Counter::mmio_exits]},
+          {"vmm_updates", t.churn_operations.load()},    {"entries", t.entries},
+          {"entry_retries", t.entry_retries},     {"internal_errors", k[Counter::internal_errors]},
+          {"stale_accesses", k[Counter::stale_accesses]}, {"tpr_checks", t.tpr_checks},
+          {"lost_tpr_writes", t.lost_tpr_writes}, {"tpr_checks_raced_a_change", t.tpr_raced},
+          {"interrupts_posted", t.posted},        {"interrupts_received", t.received},
+          {"lost_posted_interrupts", t.lost_interrupts}, {"interrupts_raced_a_change", t.pi_raced},
+          {"entry_cancels", k[Counter::entry_cancels]},  {"cache_invalidations", k[Counter::cache_invalidations]},
+          {"remap_windows", k[Counter::remap_windows]}};
+}
 
-  std::string tag = fmt::format("{} {}", mode, strategy_name(o.strategy));
-  r.check(static_cast<bool>(st), "{}: the run failed (every entry must succeed): {}", tag,
-          st ? std::string() : st.error().to_string());
-  r.check(t.last_exit == static_cast<uint64_t>(vmx::ExitReason::kVmcall), "{}: last exit reason {} is not VMCALL", tag,
-          t.last_exit);
+// The checks of one run whose VMM thread changed its pages.
+void check_run(const RunOptions& o, const Config& c, const Transcript& t, const CounterSnapshot& k,
+               const std::string& tag, SelftestResult& r) {
   uint64_t stale = k[Counter::stale_accesses];
-  nlohmann::json d = {{"apic_access_exits", t.apic_access_exits}, {"mmio_exits", k[Counter::mmio_exits]},
-                      {"vmm_updates", t.churn_operations.load()},    {"entries", t.entries},
-                      {"entry_retries", t.entry_retries},     {"internal_errors", k[Counter::internal_errors]},
-                      {"stale_accesses", stale},              {"tpr_checks", t.tpr_checks},
-                      {"lost_tpr_writes", t.lost_tpr_writes}, {"tpr_checks_raced_a_change", t.tpr_raced},
-                      {"interrupts_posted", t.posted},        {"interrupts_received", t.received},
-                      {"lost_posted_interrupts", t.lost_interrupts}, {"interrupts_raced_a_change", t.pi_raced},
-                      {"entry_cancels", k[Counter::entry_cancels]},  {"cache_invalidations", k[Counter::cache_invalidations]},
-                      {"remap_windows", k[Counter::remap_windows]}};
-  r.details["runs"][mode] = d;
-  r.counters[Counter::lost_tpr_writes] += t.lost_tpr_writes;
-  r.counters[Counter::lost_posted_interrupts] += t.lost_interrupts;
   r.check(t.churn_operations > 0, "{}: the VMM thread changed nothing while L2 ran", tag);
   if ((c.pages & kPageVapic)) r.check(t.tpr_checks == kWrites, "{}: {} TPR checks of {}", tag, t.tpr_checks, kWrites);
   if ((c.pages & kPagePi)) r.check(t.posted == kWrites, "{}: {} interrupts posted of {}", tag, t.posted, kWrites);
@@ -357,7 +308,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
             "{}: {} APIC-access and {} MMIO exits, expected 1 and {} (the slot moves away after the first write)", tag,
             t.apic_access_exits, k[Counter::mmio_exits], kWrites - 1);
   }
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     // The kernel before the seed: nothing invalidates the maps. This run
     // passes by reporting what the detectors saw.
     if (c.discard && o.memory == MemoryKind::unmanaged) {
@@ -379,12 +330,44 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   r.note(fmt::format("{}: {}, {} cancelled entries", tag, counts, k[Counter::entry_cancels]));
 }
 
+// One run: one mode, one strategy.
+void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
+  const char* mode = mode_name(c.discard);
+  NestedEnvConfig ec{o.strategy, o.memory};
+  ec.vcpus = 1;
+  ec.retry_internal_errors = c.move_and_back();
+  auto env_r = NestedEnv::create(ec);
+  if (!env_r) return r.fail(fmt::format("{}: {}", mode, env_r.error().to_string()));
+  NestedEnv& env = **env_r;
+  auto churned = add_pages(env, c);
+  if (!churned) return r.fail(fmt::format("{}: {}", mode, churned.error().to_string()));
+
+  Transcript t;
+  env.machine->set_l1_program(0, l1_program(*env.machine, c, t));
+  std::atomic<bool> stop{false};
+  std::thread vmm([&] { churn(env, c, *churned, t, stop); });
+  Status st = env.machine->run(std::chrono::milliseconds(60000));
+  stop.store(true);
+  vmm.join();
+  CounterSnapshot k = env.counters();
+  r.counters += k;
+
+  std::string tag = fmt::format("{} {}", mode, strategy_name(o.strategy));
+  r.check(static_cast<bool>(st), "{}: the run failed (every entry must succeed): {}", tag,
+          st ? std::string() : st.error().to_string());
+  r.check(t.last_exit == static_cast<uint64_t>(vmx::ExitReason::kVmcall), "{}: last exit reason {} is not VMCALL", tag,
+          t.last_exit);
+  r.details["runs"][mode] = run_json(t, k);
+  r.counters[Counter::lost_tpr_writes] += t.lost_tpr_writes;
+  r.counters[Counter::lost_posted_interrupts] += t.lost_interrupts;
+  check_run(o, c, t, k, tag, r);
+}
+
 SelftestResult run_apic_update(const RunOptions& o) {
   SelftestResult r;
   Config c;
-  auto delay = o.int_option("delay-ms", 5);
+  auto delay = o.int_value(delay_option());
   if (!delay) return r.fail(delay.error().to_string()), r;
-  if (*delay < 1 || *delay > 10000) return r.fail(fmt::format("--delay-ms {} is out of range (1..10000)", *delay)), r;
   c.delay_ns = static_cast<uint64_t>(*delay) * 1'000'000;
   std::string page = o.string_option("page", "apic-access");
   if (page == "apic-access")
@@ -423,14 +406,10 @@ void register_apic_update_selftest() {
           "descriptor (lost interrupts); in move mode those pages move away and back. Asserts: every entry "
           "succeeds, the last exit is VMCALL; with cache and oracle zero stale accesses, lost TPR writes and lost "
           "interrupts. With map under discard on unmanaged memory the stale accesses are detected and reported.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--mode", "discard, move or both", "both")->check(CLI::IsMember({"discard", "move", "both"}));
-            o.add(app, "--delay-ms", "milliseconds between L2's writes (the seed: 100)", "5")
-                ->check(CLI::Range(1, 10000));
-            o.add(app, "--page", "apic-access, vapic, pi or all", "apic-access")
-                ->check(CLI::IsMember({"apic-access", "vapic", "pi", "all"}));
-          },
+      .options = {choice_option("--mode", "discard, move or both", "both", {"discard", "move", "both"}),
+                  delay_option(),
+                  choice_option("--page", "apic-access, vapic, pi or all", "apic-access",
+                                {"apic-access", "vapic", "pi", "all"})},
       .run = run_apic_update,
   });
 }

@@ -24,22 +24,26 @@
 //                  kept map, and the stale-access detector reports it (and, on
 //                  unmanaged memory, every access after a migration). The test
 //                  passes by reporting, like migrate-under-l2.
-#include <CLI/CLI.hpp>
-
 #include <atomic>
 #include <thread>
 
-#include "vmx/entry_checks.h"
+#include "guest/enlightened.h"
+#include "guest/l1_pages.h"
+#include "guest/l2_run.h"
+#include "guest/mailbox.h"
+#include "guest/program.h"
+#include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
+#include "guest/wait.h"
+#include "vmx/evmcs.h"
+#include "workloads/host_wait.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
+using namespace guest::program;
 
 constexpr Gpa kEvmcs = 0xc0000000;      // memslot 1, one page
 constexpr uint32_t kEvmcsSlot = 1;
@@ -69,17 +73,35 @@ struct Transcript {
   int lost_evmcs_writes = 0;  // VMREAD of guest RIP != what L1 wrote
   int ud_while_away = 0;      // VMRESUME with the memslot away: #UD
   int entered_while_away = 0; // ... or entered on a kept (stale) map
-  nlohmann::json to_json() const {
-    return {{"round_trips", round_trips},
-            {"lost_exit_info", lost_exit_info},
-            {"lost_evmcs_writes", lost_evmcs_writes},
-            {"ud_while_away", ud_while_away},
-            {"entered_while_away", entered_while_away}};
-  }
 };
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Transcript, round_trips, lost_exit_info, lost_evmcs_writes, ud_while_away,
+                                   entered_while_away)
 
-GuestTask l2_program() {
-  for (;;) co_await ops::vmcall(0);
+// One round trip: a new guest RIP into the page, VMRESUME, then what L1
+// finds after the exit — the reason in the page, the RIP through VMREAD.
+GuestTask round_trip(uint64_t rip, Transcript& t) {
+  co_await guest::evmcs_write(kEvmcs, vmx::field::kGuestRip, rip);
+  co_await guest::vmresume();
+  t.round_trips++;
+  vmx::ExitReason reason = co_await guest::ExitInfo::from_evmcs(kEvmcs).reason();
+  if (reason != vmx::ExitReason::kVmcall) t.lost_exit_info++;
+  if (co_await guest::vmread(vmx::field::kGuestRip) != rip) t.lost_evmcs_writes++;
+}
+
+// The VMM moves the eVMCS memslot away; one entry; and back.
+GuestTask entry_while_away(int round, Transcript& t) {
+  uint64_t away = 2 * round + 1;
+  co_await ops::write64(kRequest, away);
+  co_await guest::wait_until_eq(kAck, away);
+  cpu::OpResult r = co_await ops::vmresume();
+  if (r.outcome == cpu::Outcome::fault && r.vector == cpu::kVectorUD)
+    t.ud_while_away++;
+  else if (r.ok())
+    t.entered_while_away++;
+  else
+    throw guest::VmxError("VMRESUME with the eVMCS memslot away: " + cpu::to_string(r));
+  co_await ops::write64(kRequest, away + 1);
+  co_await guest::wait_until_eq(kAck, away + 1);
 }
 
 GuestTask l1_program(Config c, Transcript& t) {
@@ -88,49 +110,78 @@ GuestTask l1_program(Config c, Transcript& t) {
   co_await guest::enable_vp_assist(kVpAssist);
   co_await guest::init_evmcs(kEvmcs);
   co_await guest::load_evmcs(kVpAssist, kEvmcs);
-  vmx::Vmcs12 v = vmx::minimal_vmcs12();
-  v.primary_proc_controls |= vmx::proc::kUseMsrBitmaps;
-  v.msr_bitmap = kMsrBitmap;
-  co_await guest::write_evmcs(kEvmcs, v, vmx::evmcs_enlightenment::kMsrBitmap);
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+  co_await guest::write_evmcs(kEvmcs, guest::vmcs12_for({.msr_bitmap = kMsrBitmap}),
+                              vmx::evmcs_enlightenment::kMsrBitmap);
+  co_await guest::vmlaunch();
   co_await ops::write64(kStarted, 1);
   // The first migration attempt before any check: from here on a kept map
   // is stale on unmanaged memory.
-  while (co_await ops::read64(kAttempts) == 0) co_await ops::pause();
-
+  co_await guest::wait_while_eq(kAttempts, 0);
   for (int round = 0; round < c.rounds; round++) {
-    for (int k = 0; k < c.entries; k++) {
-      uint64_t rip = 0x100000 + static_cast<uint64_t>(round) * 0x1000 + static_cast<uint64_t>(k) * 3;
-      co_await guest::evmcs_write(kEvmcs, vmx::field::kGuestRip, rip);
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-      t.round_trips++;
-      auto reason = static_cast<vmx::ExitReason>(co_await guest::evmcs_read(kEvmcs, vmx::field::kExitReason) & 0xffff);
-      if (reason != vmx::ExitReason::kVmcall) t.lost_exit_info++;
-      cpu::OpResult seen = co_await ops::vmread(vmx::field::kGuestRip);
-      if (!seen.ok()) throw guest::VmxError("VMREAD of the guest RIP failed: " + cpu::to_string(seen));
-      if (seen.value != rip) t.lost_evmcs_writes++;
-    }
-    // The VMM moves the eVMCS memslot away; one entry; and back.
-    uint64_t away = 2 * round + 1;
-    co_await ops::write64(kRequest, away);
-    while (co_await ops::read64(kAck) != away) co_await ops::pause();
-    cpu::OpResult r = co_await ops::vmresume();
-    if (r.outcome == cpu::Outcome::fault && r.vector == cpu::kVectorUD)
-      t.ud_while_away++;
-    else if (r.ok())
-      t.entered_while_away++;
-    else
-      throw guest::VmxError("VMRESUME with the eVMCS memslot away: " + cpu::to_string(r));
-    co_await ops::write64(kRequest, away + 1);
-    while (co_await ops::read64(kAck) != away + 1) co_await ops::pause();
+    for (int k = 0; k < c.entries; k++)
+      co_await round_trip(0x100000 + static_cast<uint64_t>(round) * 0x1000 + static_cast<uint64_t>(k) * 3, t);
+    co_await entry_while_away(round, t);
   }
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+  co_await guest::vmxoff();
 }
 
-uint64_t load_word(vm::Vm& vm, Gpa gpa) {
-  uint64_t v = 0;
-  (void)vm.read_guest(gpa, &v, sizeof v);
-  return v;
+// The VMM thread: memslot moves when L1 asks, migrations all along.
+struct Vmm {
+  NestedEnv& env;
+  Hva evmcs_hva;
+  uint64_t attempts = 0, moves = 0;
+  uint64_t done = 0;  // the last request served
+  std::chrono::steady_clock::time_point next_migration = std::chrono::steady_clock::now();
+
+  void serve_once() {
+    uint64_t req = env.read_u64(kRequest);
+    if (req != done) {
+      Gpa at = (req % 2) ? kEvmcs + kMoveStep : kEvmcs;
+      Status st = env.vm->set_memory_region({kEvmcsSlot, 0, at, kPageSize, evmcs_hva});
+      if (st) moves++;
+      done = req;
+      (void)env.write_u64(kAck, done);
+    }
+    if (attempts < kMaxMigrations && env.read_u64(kStarted) && std::chrono::steady_clock::now() >= next_migration) {
+      (void)env.mm->migrate(evmcs_hva);  // EBUSY on managed memory while map pins it
+      attempts++;
+      (void)env.write_u64(kAttempts, attempts);
+      next_migration = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+    }
+  }
+  // Serves until `stop`, polling L1's request every 20 µs.
+  void run(const std::atomic<bool>& stop) {
+    host_wait_until([&] {
+      if (stop.load()) return true;
+      serve_once();
+      return false;
+    }, std::chrono::microseconds(20));
+  }
+};
+
+void check_strategy(const RunOptions& o, const Config& c, const Transcript& t, const Vmm& vmm, SelftestResult& r) {
+  uint64_t stale = r.counters[Counter::stale_accesses];
+  uint64_t migrations = vmm.env.mm->counters().get(Counter::migrations);
+  if (o.strategy == StrategyKind::map) {
+    r.check(t.entered_while_away == c.rounds, "map: {} entries with the memslot away went ahead, expected {}",
+            t.entered_while_away, c.rounds);
+    r.check(stale > 0, "map: the kept eVMCS map was used after its memslot moved, yet no stale access was seen");
+    r.note(fmt::format("map on {} memory: {} stale accesses through the kept eVMCS map ({} entries made with its "
+                       "memslot away, {} VMREADs of a guest RIP L1 had changed, {} migrations, {} refused with EBUSY) "
+                       "— the bug the seed fixes",
+                       memory_kind_name(o.memory), stale, t.entered_while_away, t.lost_evmcs_writes, migrations,
+                       vmm.env.mm->counters().get(Counter::migrate_ebusy)));
+    return;
+  }
+  r.check(stale == 0, "{} stale accesses", stale);
+  r.check(t.ud_while_away == c.rounds, "{} of {} entries with the eVMCS memslot away were #UD", t.ud_while_away,
+          c.rounds);
+  r.check(t.lost_exit_info == 0, "{} exits whose reason L1 did not find in its eVMCS", t.lost_exit_info);
+  r.check(t.lost_evmcs_writes == 0, "{} guest RIPs L1 wrote that L0 did not see", t.lost_evmcs_writes);
+  r.note(fmt::format("{}: {} round trips, {} migrations, {} memslot moves, {} cache refreshes, {} #UD with the "
+                     "memslot away, 0 stale accesses",
+                     strategy_name(o.strategy), t.round_trips, migrations, vmm.moves,
+                     r.counters[Counter::cache_refreshes], t.ud_while_away));
 }
 
 void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
@@ -145,93 +196,45 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
 
   Transcript t;
   env.machine->vcpu(0).nested().enable_evmcs();  // the VMM's KVM_CAP_HYPERV_ENLIGHTENED_VMCS
-  env.machine->bind_l2_program(kEvmcs, l2_program());
+  env.machine->bind_l2_program(kEvmcs, guest::vmcall_forever());
   env.machine->set_l1_program(0, l1_program(c, t));
-
-  // The VMM thread: memslot moves when L1 asks, migrations all along.
   std::atomic<bool> stop{false};
-  uint64_t attempts = 0, moves = 0;
-  std::thread vmm([&] {
-    uint64_t done = 0;
-    auto next_migration = std::chrono::steady_clock::now();
-    while (!stop.load()) {
-      uint64_t req = load_word(*env.vm, kRequest);
-      if (req != done) {
-        Gpa at = (req % 2) ? kEvmcs + kMoveStep : kEvmcs;
-        Status st = env.vm->set_memory_region({kEvmcsSlot, 0, at, kPageSize, *evmcs_hva});
-        if (st) moves++;
-        done = req;
-        (void)env.vm->write_guest(kAck, &done, sizeof done);
-      }
-      if (attempts < kMaxMigrations && load_word(*env.vm, kStarted) &&
-          std::chrono::steady_clock::now() >= next_migration) {
-        (void)env.mm->migrate(*evmcs_hva);  // EBUSY on managed memory while map pins it
-        attempts++;
-        (void)env.vm->write_guest(kAttempts, &attempts, sizeof attempts);
-        next_migration = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
-    }
-  });
+  Vmm vmm{env, *evmcs_hva};
+  std::thread vmm_thread([&] { vmm.run(stop); });
   Status st = env.machine->run(std::chrono::milliseconds(120000));
   stop.store(true);
-  vmm.join();
+  vmm_thread.join();
 
   CounterSnapshot k = env.counters();
-  size_t attached = 0;
-  if (auto* table = env.machine->nested_contexts()) attached = table->table().attached_count();
-  env.machine.reset();  // VM teardown, then the leak checks
-  const CounterSet& pc = env.phys->counters();
-  uint64_t open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
-  uint64_t held_pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
-  size_t active_caches = env.vm->caches().active_count();
+  Leaks leaks = env.tear_down();
   CounterSnapshot others[] = {k, CounterSnapshot::of(env.mm->counters())};
   r.counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), others);
-  r.details["transcript"] = t.to_json();
+  r.details["transcript"] = t;
   r.details["migrations"] = env.mm->counters().get(Counter::migrations);
   r.details["migrate_ebusy"] = env.mm->counters().get(Counter::migrate_ebusy);
-  r.details["migration_attempts"] = attempts;
-  r.details["memslot_moves"] = moves;
+  r.details["migration_attempts"] = vmm.attempts;
+  r.details["memslot_moves"] = vmm.moves;
 
   if (!r.check(static_cast<bool>(st), "{}", st ? std::string() : st.error().to_string())) return;
-  uint64_t stale = r.counters[Counter::stale_accesses];
   r.check(t.round_trips == c.rounds * c.entries, "{} round trips, expected {}", t.round_trips, c.rounds * c.entries);
-  r.check(moves == static_cast<uint64_t>(2 * c.rounds), "the VMM moved the eVMCS memslot {} times, expected {}", moves,
-          2 * c.rounds);
-  r.check(attempts > 0, "the host tried no migration while L2 ran");
-  r.check(open_windows == 0 && held_pins == 0 && active_caches == 0 && attached == 0,
-          "leaked at teardown: {} remap windows, {} pins, {} active caches, {} attached contexts", open_windows,
-          held_pins, active_caches, attached);
-  if (o.strategy == Strategy::map) {
-    r.check(t.entered_while_away == c.rounds, "map: {} entries with the memslot away went ahead, expected {}",
-            t.entered_while_away, c.rounds);
-    r.check(stale > 0, "map: the kept eVMCS map was used after its memslot moved, yet no stale access was seen");
-    r.note(fmt::format("map on {} memory: {} stale accesses through the kept eVMCS map ({} entries made with its "
-                       "memslot away, {} VMREADs of a guest RIP L1 had changed, {} migrations, {} refused with EBUSY) "
-                       "— the bug the seed fixes",
-                       memory_kind_name(o.memory), stale, t.entered_while_away, t.lost_evmcs_writes,
-                       env.mm->counters().get(Counter::migrations), env.mm->counters().get(Counter::migrate_ebusy)));
-    return;
-  }
-  r.check(stale == 0, "{} stale accesses", stale);
-  r.check(t.ud_while_away == c.rounds, "{} of {} entries with the eVMCS memslot away were #UD", t.ud_while_away,
-          c.rounds);
-  r.check(t.lost_exit_info == 0, "{} exits whose reason L1 did not find in its eVMCS", t.lost_exit_info);
-  r.check(t.lost_evmcs_writes == 0, "{} guest RIPs L1 wrote that L0 did not see", t.lost_evmcs_writes);
-  r.note(fmt::format("{}: {} round trips, {} migrations, {} memslot moves, {} cache refreshes, {} #UD with the "
-                     "memslot away, 0 stale accesses",
-                     strategy_name(o.strategy), t.round_trips, env.mm->counters().get(Counter::migrations), moves,
-                     r.counters[Counter::cache_refreshes], t.ud_while_away));
+  r.check(vmm.moves == static_cast<uint64_t>(2 * c.rounds), "the VMM moved the eVMCS memslot {} times, expected {}",
+          vmm.moves, 2 * c.rounds);
+  r.check(vmm.attempts > 0, "the host tried no migration while L2 ran");
+  r.check(leaks.none(), "leaked at teardown: {}", leaks.to_string());
+  check_strategy(o, c, t, vmm, r);
 }
+
+OptionSpec rounds_option() {
+  return int_option("--rounds", "rounds (each ends with a memslot move away and back)", "20", 1, 10000);
+}
+OptionSpec entries_option() { return int_option("--entries", "nested round trips per round", "8", 1, 10000); }
 
 SelftestResult run(const RunOptions& o) {
   SelftestResult r;
-  auto rounds = o.int_option("rounds", 20);
-  auto entries = o.int_option("entries", 8);
-  if (!rounds || !entries) return r.fail("--rounds and --entries take integers"), r;
-  if (*rounds < 1 || *rounds > 10000) return r.fail(fmt::format("--rounds {} is out of range (1..10000)", *rounds)), r;
-  if (*entries < 1 || *entries > 10000)
-    return r.fail(fmt::format("--entries {} is out of range (1..10000)", *entries)), r;
+  auto rounds = o.int_value(rounds_option());
+  auto entries = o.int_value(entries_option());
+  if (!rounds) return r.fail(rounds.error().to_string()), r;
+  if (!entries) return r.fail(entries.error().to_string()), r;
   run_evmcs(o, Config{static_cast<int>(*rounds), static_cast<int>(*entries)}, r);
   return r;
 }
@@ -249,12 +252,7 @@ void register_evmcs_selftest() {
           "away for one entry and back, and a host thread migrates the page all along. cache and oracle: zero "
           "stale accesses and #UD for the entry with the memslot away. map keeps its HostMap while the eVMCS is "
           "current: the stale accesses are detected and reported (the test passes by reporting them).",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--rounds", "rounds (each ends with a memslot move away and back)", "20")
-                ->check(CLI::Range(1, 10000));
-            o.add(app, "--entries", "nested round trips per round", "8")->check(CLI::Range(1, 10000));
-          },
+      .options = {rounds_option(), entries_option()},
       .run = run,
   });
 }

@@ -1,5 +1,5 @@
 // `nestcache bench --tests l2-switch`: what an L2 switch costs with each page
-// strategy, at N = 2, 8 and 16 L2 vCPUs on one L1 vCPU (issue 7, "Cost").
+// strategy, at N = 2, 8 and 16 L2 vCPUs on one L1 vCPU.
 //
 // L1 multiplexes N L2s as the selftest's sched mode does: round 0 VMCLEARs,
 // VMPTRLDs, writes and VMLAUNCHes each L2 (the cold iteration: every page is
@@ -13,26 +13,24 @@
 // oracle the nested contexts keep each vmcs12's caches mapped, up to 8 per L1
 // vCPU. The row checks the seed's sched-mode formulas on the counters it
 // reports: reuse = min(N, 8)·(rounds − 1), recycle = 0.
-#include "vmx/entry_checks.h"
+#include "guest/l1_pages.h"
+#include "guest/l2_switch.h"
+#include "guest/mailbox.h"
+#include "guest/program.h"
+#include "guest/vmx.h"
 #include "vmx/nested_context_table.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
+using namespace guest::program;
+using guest::SwitchedL2;
 
 constexpr int kSwitchBenchL2[] = {2, 8, 16};
 constexpr size_t kL1Bytes = 8 << 20;
 constexpr Gpa kL2PagesStart = 0x400000;
-
-struct L2Pages {
-  Gpa vmcs, msr_bitmap, apic_access, vapic;
-};
 
 struct SwitchConfig {
   int l2 = 2;
@@ -46,48 +44,22 @@ struct SwitchTimes {
   uint64_t loop_ns = 0;
 };
 
-GuestTask l2_program() {
-  for (;;) co_await ops::vmcall(0);
-}
-
-GuestTask l1_switcher(SwitchConfig c, const std::vector<L2Pages>& l2, SwitchTimes& out) {
+GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchTimes& out) {
   guest::L1Pages pages(kL1PagesStart, kL2PagesStart);
   co_await guest::enter_vmx(pages);
-  auto expect_vmcall = [&]() -> GuestTask {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
-    if (reason != vmx::ExitReason::kVmcall)
-      throw guest::VmxError(fmt::format("L2 exited with {}, expected VMCALL", vmx::exit_reason_name(reason)));
-  };
   const uint64_t limit_ns = static_cast<uint64_t>(c.seconds * 1e9);
   const uint64_t start = co_await ops::now();
   for (uint64_t round = 0;; round++) {
     uint64_t t0 = co_await ops::now();
-    for (const L2Pages& p : l2) {
-      if (round == 0) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{p.vmcs}}, "VMPTRLD");
-      if (round == 0) {
-        vmx::Vmcs12 v = vmx::minimal_vmcs12();
-        v.primary_proc_controls |=
-            vmx::proc::kUseMsrBitmaps | vmx::proc::kUseTprShadow | vmx::proc::kActivateSecondaryControls;
-        v.secondary_proc_controls |= vmx::proc2::kVirtualizeApicAccesses;
-        v.msr_bitmap = p.msr_bitmap;
-        v.apic_access_addr = p.apic_access;
-        v.virtual_apic_page_addr = p.vapic;
-        co_await guest::write_vmcs(v);
-        co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-      } else {
-        co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-      }
-      co_await expect_vmcall();
-    }
+    for (const SwitchedL2& p : l2) co_await guest::switch_to(p, guest::SwitchMode::sched, round == 0);
     uint64_t t1 = co_await ops::now();
     out.round_ns.push_back(t1 - t0);
     out.loop_ns = t1 - start;
     bool done = c.iterations ? round + 1 >= c.iterations : t1 - start >= limit_ns;
     if (done) break;
   }
-  for (const L2Pages& p : l2) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+  for (const SwitchedL2& p : l2) co_await guest::vmclear(p.vmcs);
+  co_await guest::vmxoff();
 }
 
 struct SwitchRun {
@@ -100,20 +72,17 @@ struct SwitchRun {
   }
 };
 
-Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Strategy s) {
+Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, StrategyKind s) {
   NestedEnvConfig ec{s, o.memory};
   ec.vcpus = 1;
   ec.l1_bytes = kL1Bytes;
   ec.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   auto env = NC_TRY(NestedEnv::create(ec));
-  std::vector<L2Pages> l2;
-  for (int j = 0; j < c.l2; j++) {
-    Gpa base = kL2PagesStart + static_cast<Gpa>(j) * 4 * kPageSize;
-    L2Pages p{base, base + kPageSize, base + 2 * kPageSize, base + 3 * kPageSize};
+  std::vector<SwitchedL2> l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
+  for (const SwitchedL2& p : l2) {
     uint32_t rev = vmx::kVmcs12Revision;
     NC_TRY(env->vm->write_guest(p.vmcs, &rev, sizeof rev));
-    l2.push_back(p);
-    env->machine->bind_l2_program(p.vmcs, l2_program());
+    env->machine->bind_l2_program(p.vmcs, guest::vmcall_forever());
   }
   SwitchRun run;
   env->machine->set_l1_program(0, l1_switcher(c, l2, run.times));
@@ -126,7 +95,7 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   return run;
 }
 
-Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, Strategy s) {
+Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind s) {
   SwitchConfig c{n, o.seconds, o.iterations};
   std::optional<SwitchRun> best;
   for (uint32_t r = 0; r < o.runs; r++) {
@@ -148,13 +117,13 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, Strategy s) {
   row.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   row.counters = run.counters;
   row.failures = run.failures;
-  if (s != Strategy::map && run.counters[Counter::stale_accesses])
+  if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
     row.failures.push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
                                        strategy_name(s)));
   uint64_t warm_switches = static_cast<uint64_t>(n) * (row.iterations - 1);
   // The seed's formulas for sched mode, with capacity 8 for one L1 vCPU.
   uint64_t cap = vmx::kNestedOversubRatio, rounds = row.iterations;
-  uint64_t want_reuse = s == Strategy::map ? 0 : std::min<uint64_t>(n, cap) * (rounds - 1);
+  uint64_t want_reuse = s == StrategyKind::map ? 0 : std::min<uint64_t>(n, cap) * (rounds - 1);
   uint64_t reuse = run.counters[Counter::nested_context_reuse];
   uint64_t recycle = run.counters[Counter::nested_context_recycle];
   if (reuse != want_reuse || recycle != 0)
@@ -177,12 +146,6 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, Strategy s) {
   return row;
 }
 
-const BenchRow* row_of(std::span<const BenchRow> rows, Strategy s) {
-  for (const BenchRow& r : rows)
-    if (r.strategy == s) return &r;
-  return nullptr;
-}
-
 std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
   std::vector<std::string> out;
   std::string per;
@@ -192,8 +155,8 @@ std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
                        r.extra.value("nested_context_recycle", uint64_t{0}));
   out.push_back(fmt::format("Per warm L2 switch (VMPTRLD + VMRESUME + VMCALL exit) with {} L2s on one L1 vCPU: {}.",
                             n, per));
-  const BenchRow* map = row_of(rows, Strategy::map);
-  const BenchRow* cache = row_of(rows, Strategy::cache);
+  const BenchRow* map = row_of(rows, StrategyKind::map);
+  const BenchRow* cache = row_of(rows, StrategyKind::cache);
   if (map && cache && cache->seconds_per_round_trip > 0)
     out.push_back(fmt::format("map/cache per switch: {:.1f}x. {}", map->seconds_per_round_trip / cache->seconds_per_round_trip,
                               n <= static_cast<int>(vmx::kNestedOversubRatio)
@@ -215,7 +178,7 @@ void register_l2_switch_bench() {
                        "VMPTRLD and VMRESUME each; the per-round-trip view is the time per warm switch. "
                        "--slots, --scale and --l1-hz do not apply.",
         .in_default_job = false,
-        .run = [n](const BenchOptions& o, Strategy s) { return run_bench_l2_switch(n, o, s); },
+        .run = [n](const BenchOptions& o, StrategyKind s) { return run_bench_l2_switch(n, o, s); },
         .commentary = [n](std::span<const BenchRow> rows) { return commentary(n, rows); },
     });
   }

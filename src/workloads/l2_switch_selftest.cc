@@ -29,22 +29,28 @@
 // in rounds after the first (the contexts keep the caches mapped); after
 // teardown no window, pin, context or active cache is left. With map there is
 // no table: reuse and recycle are 0, and the windows per switch are reported.
-#include <CLI/CLI.hpp>
-
-#include "vmx/entry_checks.h"
+#include "guest/enlightened.h"
+#include "guest/l1_pages.h"
+#include "guest/l2_switch.h"
+#include "guest/mailbox.h"
+#include "guest/program.h"
+#include "guest/vmx.h"
+#include "guest/wait.h"
+#include "vmx/evmcs.h"
 #include "workloads/nested_env.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
+using namespace guest::program;
+using guest::SwitchedL2;
 
 constexpr int kMaxL2 = 16;
 constexpr Gpa kToken = 0x80000;  // L1 word: the next step to run
+constexpr Gpa kVpAssist = 0x90000;  // evmcs mode: the L1 vCPU's VP-assist page
+constexpr Gpa kL2PagesStart = 0x400000;  // above the L1 vCPUs' allocators
+constexpr Gpa kL1VcpuPages = 0x20000;    // each L1 vCPU's allocator: its VMXON region
 constexpr size_t kL1Bytes = 8 << 20;
 
 enum class Mode { migrate, sched, evmcs };
@@ -62,103 +68,50 @@ struct Config {
   Mode mode = Mode::migrate;
   int capacity() const { return vmx::kNestedOversubRatio * l1_vcpus; }
   int l1_vcpu_of(int j, int round) const { return mode == Mode::migrate ? (j + round) % l1_vcpus : j % l1_vcpus; }
-  // An L2 is found by its vmcs12 address, or by its eVMCS address in evmcs mode.
+  guest::SwitchMode switch_mode() const { return mode == Mode::migrate ? guest::SwitchMode::migrate : guest::SwitchMode::sched; }
 };
-
-struct L2Pages {
-  Gpa vmcs, msr_bitmap, apic_access, vapic;  // evmcs mode: `vmcs` is the eVMCS page
-};
-
-constexpr Gpa kVpAssist = 0x90000;  // evmcs mode: the L1 vCPU's VP-assist page
 
 // Host-side bookkeeping the L1 programs fill in as they go (test oracles).
 struct Shared {
-  std::vector<L2Pages> l2;
+  std::vector<SwitchedL2> l2;
   std::vector<uint64_t> windows_at_round;  // remap windows when each round began
   host::PhysMem* phys = nullptr;
+  void round_begins(int round) { windows_at_round[round] = phys->counters().get(Counter::remap_windows); }
 };
 
-GuestTask l2_program() {
-  for (;;) co_await ops::vmcall(0);
-}
-
-// The seed's eVMCS mode: for each round and L2, load_evmcs, prepare the
-// eVMCS (MSR-bitmap enlightenment on), VMLAUNCH -> VMCALL, RIP += 3,
-// VMRESUME -> VMCALL. L1 reads the exit reason from the page.
+// The seed's eVMCS mode: each round, each L2's turn (guest::switch_to_enlightened).
 GuestTask l1_evmcs_program(Config c, Shared& s) {
-  guest::L1Pages pages(kL1PagesStart, kL1PagesStart + 0x20000);
+  guest::L1Pages pages(kL1PagesStart, kL1PagesStart + kL1VcpuPages);
   co_await guest::enter_vmx(pages);
   co_await guest::enable_vp_assist(kVpAssist);
-  auto expect_vmcall = [&](Gpa evmcs) -> GuestTask {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::evmcs_read(evmcs, vmx::field::kExitReason) & 0xffff);
-    if (reason != vmx::ExitReason::kVmcall)
-      throw guest::VmxError(fmt::format("L2 exited with {}, expected VMCALL", vmx::exit_reason_name(reason)));
-  };
   for (int round = 0; round < c.switches; round++) {
     for (int j = 0; j < c.l2; j++) {
-      if (j == 0) s.windows_at_round[round] = s.phys->counters().get(Counter::remap_windows);
-      const L2Pages& p = s.l2[j];
-      co_await guest::load_evmcs(kVpAssist, p.vmcs);
-      vmx::Vmcs12 v = vmx::minimal_vmcs12();
-      // No APIC-access virtualization: eVMCS v1 cannot express it.
-      v.primary_proc_controls |= vmx::proc::kUseMsrBitmaps | vmx::proc::kUseTprShadow;
-      v.msr_bitmap = p.msr_bitmap;
-      v.virtual_apic_page_addr = p.vapic;
-      co_await guest::write_evmcs(p.vmcs, v, vmx::evmcs_enlightenment::kMsrBitmap);
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-      co_await expect_vmcall(p.vmcs);
-      uint64_t rip = co_await guest::evmcs_read(p.vmcs, vmx::field::kGuestRip);
-      co_await guest::evmcs_write(p.vmcs, vmx::field::kGuestRip, rip + 3);
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-      co_await expect_vmcall(p.vmcs);
+      if (j == 0) s.round_begins(round);
+      co_await guest::switch_to_enlightened(kVpAssist, s.l2[j]);
     }
   }
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+  co_await guest::vmxoff();
 }
 
-GuestTask l1_program(cpu::Machine& m, Config c, Shared& s, int me) {
-  // Each L1 vCPU needs only its VMXON region.
-  guest::L1Pages pages(kL1PagesStart + static_cast<Gpa>(me) * 0x20000, kL1PagesStart + static_cast<Gpa>(me + 1) * 0x20000);
+// L1 vCPU `me`: the steps (round, L2) it owns, in the order a token in L1
+// memory hands them out.
+GuestTask l1_program(Config c, Shared& s, int me) {
+  guest::L1Pages pages(kL1PagesStart + static_cast<Gpa>(me) * kL1VcpuPages,
+                       kL1PagesStart + static_cast<Gpa>(me + 1) * kL1VcpuPages);
   co_await guest::enter_vmx(pages);
-  auto expect_vmcall = [&]() -> GuestTask {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
-    if (reason != vmx::ExitReason::kVmcall)
-      throw guest::VmxError(fmt::format("L2 exited with {}, expected VMCALL", vmx::exit_reason_name(reason)));
-  };
   const int steps = c.l2 * c.switches;
   for (int k = 0; k < steps; k++) {
     int round = k / c.l2, j = k % c.l2;
     if (c.l1_vcpu_of(j, round) != me) continue;
-    while (co_await ops::read64(kToken) != static_cast<uint64_t>(k)) co_await ops::pause();
-    if (j == 0) s.windows_at_round[round] = s.phys->counters().get(Counter::remap_windows);
-    const L2Pages& p = s.l2[j];
-    if (round == 0) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{p.vmcs}}, "VMPTRLD");
-    if (c.mode == Mode::migrate || round == 0) {
-      vmx::Vmcs12 v = vmx::minimal_vmcs12();
-      v.primary_proc_controls |= vmx::proc::kUseMsrBitmaps | vmx::proc::kUseTprShadow |
-                                 vmx::proc::kActivateSecondaryControls;
-      v.secondary_proc_controls |= vmx::proc2::kVirtualizeApicAccesses;
-      v.msr_bitmap = p.msr_bitmap;
-      v.apic_access_addr = p.apic_access;
-      v.virtual_apic_page_addr = p.vapic;
-      co_await guest::write_vmcs(v);
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-    } else {
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-    }
-    co_await expect_vmcall();
-    if (c.mode == Mode::migrate) {
-      uint64_t cur = co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrst{}}, "VMPTRST");
-      if (cur != p.vmcs) throw guest::VmxError(fmt::format("VMPTRST {:#x}, expected {:#x}", cur, p.vmcs));
-      co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{p.vmcs}}, "VMCLEAR");
-    }
-    co_await ops::write64(kToken, k + 1);
+    co_await guest::wait_until_eq(kToken, static_cast<uint64_t>(k));
+    if (j == 0) s.round_begins(round);
+    co_await guest::switch_to(s.l2[j], c.switch_mode(), round == 0);
+    co_await cpu::ops::write64(kToken, k + 1);
   }
-  while (co_await ops::read64(kToken) != static_cast<uint64_t>(steps)) co_await ops::pause();
+  co_await guest::wait_until_eq(kToken, static_cast<uint64_t>(steps));
   if (c.mode == Mode::sched)
-    for (int j = me; j < c.l2; j += c.l1_vcpus) co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{s.l2[j].vmcs}}, "VMCLEAR");
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    for (int j = me; j < c.l2; j += c.l1_vcpus) co_await guest::vmclear(s.l2[j].vmcs);
+  co_await guest::vmxoff();
 }
 
 struct Expected {
@@ -187,37 +140,26 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   Shared s;
   s.phys = env.phys.get();
   s.windows_at_round.assign(c.switches, 0);
-  Gpa next = 0x400000;
-  for (int j = 0; j < c.l2; j++) {
-    L2Pages p{next, next + kPageSize, next + 2 * kPageSize, next + 3 * kPageSize};
-    next += 4 * kPageSize;
+  s.l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
+  for (const SwitchedL2& p : s.l2) {
     // A fresh vmcs12 region carries the VMCS revision; a fresh eVMCS its version.
     uint32_t rev = c.mode == Mode::evmcs ? vmx::kEvmcsRevision : vmx::kVmcs12Revision;
     if (auto st = env.vm->write_guest(p.vmcs, &rev, sizeof rev); !st) return r.fail(st.error().to_string());
-    s.l2.push_back(p);
-    env.machine->bind_l2_program(p.vmcs, l2_program());
+    env.machine->bind_l2_program(p.vmcs, guest::vmcall_forever());
   }
   if (c.mode == Mode::evmcs) {
     // The VMM enables the capability (the seed's vcpu_enable_evmcs).
     env.machine->vcpu(0).nested().enable_evmcs();
     env.machine->set_l1_program(0, l1_evmcs_program(c, s));
   } else {
-    for (int i = 0; i < c.l1_vcpus; i++) env.machine->set_l1_program(i, l1_program(*env.machine, c, s, i));
+    for (int i = 0; i < c.l1_vcpus; i++) env.machine->set_l1_program(i, l1_program(c, s, i));
   }
   Status st = env.machine->run(std::chrono::milliseconds(60000));
   CounterSnapshot k = env.counters();
   uint64_t windows_end = env.phys->counters().get(Counter::remap_windows);
-  size_t contexts = 0, attached = 0;
-  if (auto* t = env.machine->nested_contexts()) {
-    contexts = t->table().size();
-    attached = t->table().attached_count();
-  }
-  // VM teardown, then the leak checks.
-  env.machine.reset();
-  const CounterSet& pc = env.phys->counters();
-  uint64_t open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
-  uint64_t held_pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
-  size_t active_caches = env.vm->caches().active_count();
+  size_t contexts = 0;
+  if (auto* t = env.machine->nested_contexts()) contexts = t->table().size();
+  Leaks leaks = env.tear_down();
   r.counters += k;
 
   if (!r.check(static_cast<bool>(st), "{}: {}", tag, st ? std::string() : st.error().to_string())) return;
@@ -231,10 +173,8 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
                       {"contexts", contexts},            {"remap_windows", windows_end},
                       {"remap_windows_after_round_0", later_windows},
                       {"remap_windows_per_switch", per_switch}};
-  r.check(open_windows == 0 && held_pins == 0 && active_caches == 0 && attached == 0,
-          "{}: leaked at teardown: {} remap windows, {} pins, {} active caches, {} attached contexts", tag, open_windows,
-          held_pins, active_caches, attached);
-  if (o.strategy == Strategy::map) {
+  r.check(leaks.none(), "{}: leaked at teardown: {}", tag, leaks.to_string());
+  if (o.strategy == StrategyKind::map) {
     r.check(reuse == 0 && recycle == 0 && contexts == 0, "{}: map uses no nested contexts", tag);
     r.details["runs"].push_back(d);
     return;
@@ -247,18 +187,20 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
           reuse, recycle, e.reuse, e.recycle);
   r.check(contexts <= static_cast<size_t>(c.capacity()), "{}: {} contexts above capacity {}", tag, contexts,
           c.capacity());
-  if (o.strategy == Strategy::cache && o.memory == MemoryKind::unmanaged && c.l2 <= c.capacity())
+  if (o.strategy == StrategyKind::cache && o.memory == MemoryKind::unmanaged && c.l2 <= c.capacity())
     r.check(later_windows == 0, "{}: {} remap windows in switch rounds after the first (contexts should keep them)",
             tag, later_windows);
 }
 
+OptionSpec switches_option() { return int_option("--switches", "rounds over every L2", "4", 1, 1000); }
+OptionSpec l1_vcpus_option() { return int_option("--l1-vcpus", "L1 vCPUs sharing the L2s", "1", 1, 8); }
+
 SelftestResult run_l2_switch(const RunOptions& o) {
   SelftestResult r;
-  auto switches = o.int_option("switches", 4);
-  auto l1_vcpus = o.int_option("l1-vcpus", 1);
-  if (!switches || !l1_vcpus) return r.fail("--switches and --l1-vcpus take integers"), r;
-  if (*switches < 1 || *switches > 1000) return r.fail(fmt::format("--switches {} is out of range (1..1000)", *switches)), r;
-  if (*l1_vcpus < 1 || *l1_vcpus > 8) return r.fail(fmt::format("--l1-vcpus {} is out of range (1..8)", *l1_vcpus)), r;
+  auto switches = o.int_value(switches_option());
+  auto l1_vcpus = o.int_value(l1_vcpus_option());
+  if (!switches) return r.fail(switches.error().to_string()), r;
+  if (!l1_vcpus) return r.fail(l1_vcpus.error().to_string()), r;
   std::vector<Mode> modes;
   std::string mode = o.string_option("mode", "all");
   if (mode == "migrate") modes = {Mode::migrate};
@@ -290,7 +232,7 @@ SelftestResult run_l2_switch(const RunOptions& o) {
     }
   }
   uint64_t reuse = r.counters[Counter::nested_context_reuse], recycle = r.counters[Counter::nested_context_recycle];
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     double worst = 0;
     for (auto& d : r.details["runs"]) worst = std::max(worst, d["remap_windows_per_switch"].get<double>());
     r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} remap windows per L2 switch on {} "
@@ -318,14 +260,10 @@ void register_l2_switch_selftest() {
           "and --l1-vcpus M spreading the L2s over M L1 vCPUs (capacity 8·M; migrate and sched only). evmcs mode "
           "runs an enlightened L1 (one eVMCS per L2, named in the VP-assist page; contexts keyed by the eVMCS "
           "address, switched when that address changes). Default: N = 2..16 in migrate, sched and evmcs.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep");
-            o.add(app, "--switches", "rounds over every L2", "4")->check(CLI::Range(1, 1000));
-            o.add(app, "--mode", "migrate, sched, evmcs or all", "all")
-                ->check(CLI::IsMember({"migrate", "sched", "evmcs", "all"}));
-            o.add(app, "--l1-vcpus", "L1 vCPUs sharing the L2s", "1")->check(CLI::Range(1, 8));
-          },
+      .options = {value_option("--l2", "L2 vCPUs, 2..16, or 'sweep' for all of them", "sweep"),
+                  switches_option(),
+                  choice_option("--mode", "migrate, sched, evmcs or all", "all", {"migrate", "sched", "evmcs", "all"}),
+                  l1_vcpus_option()},
       .run = run_l2_switch,
   });
 }

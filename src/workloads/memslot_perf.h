@@ -1,4 +1,4 @@
-// memslot_perf in nested mode (DESIGN.md §6, issue 8): upstream KVM's
+// memslot_perf in nested mode (DESIGN.md §6): upstream KVM's
 // memslot_perf_test run by an L1 "VMM" against one L2 vCPU, on the nested
 // stack, so every discard, shootdown and EPT12 fault is a real nested round
 // trip through L0's page strategy.
@@ -31,19 +31,21 @@
 
 #include "base/counters.h"
 #include "base/error.h"
+#include "guest/memslot_perf_guest.h"
 #include "workloads/registry.h"
 
 namespace nestcache::workloads {
 
-// Upstream's tests, in upstream's order.
-enum class MemslotTest : uint8_t { map, unmap, unmap_chunked, move_active, move_inactive, rw };
+// Upstream's tests, in upstream's order (the guest code of each is the L2
+// program, guest/memslot_perf_guest.h).
+using guest::MemslotTest;
 
 // "map", "unmap", "unmap-chunked", "move-active", "move-inactive", "rw".
 std::string_view memslot_test_name(MemslotTest t);
 
 struct MemslotPerfConfig {
   MemslotTest test = MemslotTest::unmap;
-  Strategy strategy = Strategy::cache;
+  StrategyKind strategy = StrategyKind::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   uint32_t slots = kDefaultBenchSlots;  // upstream -s: slot 0 + slots-1 data slots
   double seconds = kDefaultBenchSeconds;  // iterate while elapsed < this (upstream -l)

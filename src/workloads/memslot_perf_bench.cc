@@ -35,7 +35,7 @@ nlohmann::json phase_json(const CounterSnapshot& c, uint64_t discard_calls, doub
           {"discard_calls", per(discard_calls)}};
 }
 
-Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strategy s) {
+Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, StrategyKind s) {
   MemslotPerfConfig c;
   c.test = test;
   c.strategy = s;
@@ -71,7 +71,7 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   row.exit_cost_ns = c.exit_cost_ns;
   row.counters = run.counters;
   row.failures = run.failures;
-  if (s != Strategy::map && run.counters[Counter::stale_accesses])
+  if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
     row.failures.push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
                                        strategy_name(s)));
   const MemslotLayout& l = run.layout;
@@ -93,12 +93,6 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   return row;
 }
 
-const BenchRow* row_of(std::span<const BenchRow> rows, Strategy s) {
-  for (const BenchRow& r : rows)
-    if (r.strategy == s) return &r;
-  return nullptr;
-}
-
 std::string ratio(double num, double den) {
   if (!(den > 0)) return "-";
   return fmt::format("{:.{}f}x", num / den, num / den >= 100 ? 0 : 1);
@@ -106,8 +100,8 @@ std::string ratio(double num, double den) {
 
 std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> rows) {
   std::vector<std::string> out;
-  const BenchRow* map = row_of(rows, Strategy::map);
-  const BenchRow* cache = row_of(rows, Strategy::cache);
+  const BenchRow* map = row_of(rows, StrategyKind::map);
+  const BenchRow* cache = row_of(rows, StrategyKind::cache);
   if (auto seed = seed_figures(test)) {
     out.push_back(fmt::format("seed ({} memslots, EC2 Nitro): before {:.2f} s, after {} s, {} faster.", 8192,
                               seed->before_s, seed->after_s, seed->ratio));
@@ -137,7 +131,7 @@ void add(MemslotTest t, const char* summary, const char* description, bool in_de
       .summary = summary,
       .description = description,
       .in_default_job = in_default_job,
-      .run = [t](const BenchOptions& o, Strategy s) { return run_bench_test(t, o, s); },
+      .run = [t](const BenchOptions& o, StrategyKind s) { return run_bench_test(t, o, s); },
       .commentary = [t](std::span<const BenchRow> rows) { return commentary(t, rows); },
   });
 }

@@ -5,8 +5,6 @@
 #include <chrono>
 #include <memory>
 
-#include <CLI/CLI.hpp>
-
 #include "base/rcu.h"
 #include "host/host_mm.h"
 #include "vm/host_map.h"
@@ -304,6 +302,14 @@ void check_nothing_leaked(Env& env, SelftestResult& r) {
   r.check(active == 0, "{} pfn caches still active at the end", active);
 }
 
+OptionSpec slots_option() {
+  return {.flag = "--slots",
+          .help = "memslots to fill, one page each",
+          .default_value = std::to_string(kMemslotsDefaultSlots),
+          .range = std::pair<int64_t, int64_t>{1, vm::kMaxUserMemslots},
+          .type_name = "N"};
+}
+
 }  // namespace
 
 SelftestResult run_memslots_selftest(const RunOptions& o) {
@@ -344,12 +350,7 @@ void register_memslots_selftest() {
           "new frames with the data intact; moves a memslot under a cache; keeps a HostMap across a migration "
           "(unmanaged memory: the stale access must be detected; managed: the map's pin makes the migration "
           "fail with EBUSY); checks nothing leaked. Drives the vm layer directly: --strategy does not apply.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& opts) {
-            opts.add(app, "--slots", "memslots to fill, one page each", std::to_string(kMemslotsDefaultSlots))
-                ->type_name("N")
-                ->check(CLI::Range(int64_t{1}, int64_t{vm::kMaxUserMemslots}));
-          },
+      .options = {slots_option()},
       .run = run_memslots_selftest,
   });
 }

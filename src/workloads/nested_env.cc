@@ -2,15 +2,6 @@
 
 namespace nestcache::workloads {
 
-vmx::StrategyKind to_strategy_kind(Strategy s) {
-  switch (s) {
-    case Strategy::map: return vmx::StrategyKind::map;
-    case Strategy::cache: return vmx::StrategyKind::cache;
-    case Strategy::oracle: return vmx::StrategyKind::oracle;
-  }
-  return vmx::StrategyKind::cache;
-}
-
 Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   auto env = std::make_unique<NestedEnv>();
   env->config = c;
@@ -24,9 +15,9 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   NC_TRY(env->vm->set_memory_region({0, 0, 0, c.l1_bytes, env->l1_base}));
   env->machine = std::make_unique<cpu::Machine>(
       *env->vm, cpu::MachineConfig{.vcpus = c.vcpus,
-                                         .strategy = to_strategy_kind(c.strategy),
-                                         .exit_cost_ns = c.exit_cost_ns,
-                                         .retry_internal_errors = c.retry_internal_errors});
+                                   .strategy = c.strategy,
+                                   .exit_cost_ns = c.exit_cost_ns,
+                                   .retry_internal_errors = c.retry_internal_errors});
   return env;
 }
 
@@ -35,6 +26,30 @@ Result<Hva> NestedEnv::add_page_slot(uint32_t slot, Gpa gpa) {
   NC_TRY(vm->set_memory_region({slot, 0, gpa, kPageSize, h}));
   return h;
 }
+
+std::string Leaks::to_string() const {
+  return fmt::format("{} remap windows, {} pins, {} active caches, {} attached contexts", open_windows, held_pins,
+                     active_caches, attached_contexts);
+}
+
+Leaks NestedEnv::tear_down() {
+  Leaks l;
+  if (auto* table = machine->nested_contexts()) l.attached_contexts = table->table().attached_count();
+  machine.reset();
+  const CounterSet& pc = phys->counters();
+  l.open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
+  l.held_pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
+  l.active_caches = vm->caches().active_count();
+  return l;
+}
+
+uint64_t NestedEnv::read_u64(Gpa gpa) const {
+  uint64_t v = 0;
+  (void)vm->read_guest(gpa, &v, sizeof v);
+  return v;
+}
+
+Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return vm->write_guest(gpa, &value, sizeof value); }
 
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 

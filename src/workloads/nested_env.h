@@ -8,15 +8,12 @@
 
 #include "base/check.h"
 #include "cpu/machine.h"
-#include "guest/l1.h"
 #include "workloads/registry.h"
 
 namespace nestcache::workloads {
 
-vmx::StrategyKind to_strategy_kind(Strategy s);
-
 struct NestedEnvConfig {
-  Strategy strategy = Strategy::cache;
+  StrategyKind strategy = StrategyKind::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   int vcpus = 1;
   size_t l1_bytes = 32 << 20;       // L1's memory, memslot 0 at gpa 0
@@ -26,6 +23,17 @@ struct NestedEnvConfig {
   bool retry_internal_errors = false;  // see cpu::MachineConfig
 };
 
+// What a torn-down VM left behind (all zero when nothing leaked).
+struct Leaks {
+  uint64_t open_windows = 0;        // remap windows never closed
+  uint64_t held_pins = 0;           // frame pins never dropped
+  size_t active_caches = 0;         // pfn caches still active
+  size_t attached_contexts = 0;     // nested contexts still attached when the machine went
+  bool none() const { return !open_windows && !held_pins && !active_caches && !attached_contexts; }
+  // "0 remap windows, 0 pins, 0 active caches, 0 attached contexts".
+  std::string to_string() const;
+};
+
 class NestedEnv {
  public:
   static Result<std::unique_ptr<NestedEnv>> create(const NestedEnvConfig& c);
@@ -33,6 +41,15 @@ class NestedEnv {
   // Adds a one-page region of the configured kind as memslot `slot` at `gpa`
   // (scenarios give the pages they churn their own slots).
   Result<Hva> add_page_slot(uint32_t slot, Gpa gpa);
+  // Destroys the machine (VM teardown frees the nested contexts and their
+  // caches) and reports what was left: the attached contexts just before,
+  // the windows, pins and active caches just after. The pool, HostMm and Vm
+  // stay for reading their counters.
+  Leaks tear_down();
+  // The VMM's reads and writes of one qword of L1 memory (a word its
+  // threads and the guest hand-shake through). A failed read gives 0.
+  uint64_t read_u64(Gpa gpa) const;
+  Status write_u64(Gpa gpa, uint64_t value);
   // Everything counted during the run: the machine's vCPUs and the VM.
   CounterSnapshot counters() const;
   // The same per vCPU ({"vcpu0": {...}, ...}; the VM's own events under "vm").

@@ -4,17 +4,21 @@
 #include <algorithm>
 #include <chrono>
 
-#include "cpu/cpu_model.h"
-#include "vmx/entry_checks.h"
+#include "guest/enlightened.h"
+#include "guest/ept12.h"
+#include "guest/mailbox.h"
+#include "guest/program.h"
+#include "guest/stepping_l2.h"
+#include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
+#include "vmx/evmcs.h"
+#include "workloads/host_wait.h"
 
 namespace nestcache::workloads::nested_state {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
-using cpu::OpResult;
+using namespace guest::program;
 
 constexpr size_t kL1Bytes = 8 << 20;
 constexpr auto kRunTimeout = std::chrono::seconds(60);
@@ -24,232 +28,82 @@ constexpr auto kRunTimeout = std::chrono::seconds(60);
 constexpr Gpa kL1State = 0x80000;
 constexpr Gpa kStateVmcs12 = kL1State + 0x00, kStateData = kL1State + 0x08, kStateCount = kL1State + 0x10,
               kStateSteps = kL1State + 0x18;
-constexpr Gpa kTranscript = 0x90000;  // TranscriptEntry as 5 qwords each
-constexpr size_t kEntryBytes = 5 * 8;
-constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / kEntryBytes;
+constexpr Gpa kTranscript = 0x90000;
+constexpr size_t kMaxEntries = (kL1PagesStart - kTranscript) / guest::kTranscriptEntryBytes;
 
-// L2's data page (an L2 address, mapped by EPT12 onto an L1 page).
+// L2's data page is its mailbox (an L2 address, mapped by EPT12 onto an L1
+// page): L2's progress word is the step it is on, L1's acknowledgement the
+// last step L1 saw through, and its data qwords L2's result of each step.
 constexpr Gpa kL2Data = 0x200000;
-constexpr uint64_t kAck = 0x00, kReq = 0x08, kCallWord = 0x10, kParked = 0x18, kGo = 0x20, kReceived = 0x28,
-                   kResults = 0x100;
-enum Call : uint64_t { kCallStep = 1, kCallIrq, kCallIrqDone, kCallDone };
+constexpr Gpa kParked = Mailbox::user(guest::kParkedWord);  // L2 -> VMM: parked at the migration point
+constexpr Gpa kGo = Mailbox::user(guest::kGoWord);          // VMM -> L2: go on
 
-constexpr uint32_t kMsrIntercepted = 0x10;  // read-intercepted in L1's bitmap
-constexpr uint32_t kMsrPassthrough = 0x11;
-constexpr uint8_t kNotificationVector = 0xf2;
-constexpr uint8_t kFirstVector = 0x80;
+constexpr uint32_t kMsrIntercepted = vmx::msr::kIa32TimeStampCounter;  // read- and write-intercepted
+constexpr uint32_t kMsrPassthrough = vmx::msr::kIa32PlatformId;        // not intercepted
+constexpr uint64_t kInterruptWaitNs = 2'000'000'000;
 
-uint64_t mix(uint64_t prev, uint64_t step) {
-  uint64_t x = (prev ^ (step * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
-  return x ^ (x >> 31);
+// L2: the stepping program, parked half way for the migration.
+GuestTask l2_program(const MigrationConfig& c) {
+  return guest::stepping_l2({.mailbox = kL2Data,
+                             .steps = c.steps,
+                             .park_step = c.park_step(),
+                             .hlt_and_wrmsr = c.evmcs,
+                             .apic_access = kApicGpa,
+                             .msr_passthrough = kMsrPassthrough,
+                             .msr_intercepted = kMsrIntercepted,
+                             .interrupt_wait_ns = kInterruptWaitNs});
 }
 
-// L2: restartable from its memory. It resumes after the last step L1
-// acknowledged; a step redone after a restore repeats exactly what it did.
-// With `evmcs` (no APIC-access page, no posted interrupts) steps 1 and 3 of
-// each four end with a HLT and an intercepted WRMSR instead.
-GuestTask l2_program(int steps, int park_step, bool evmcs) {
-  uint64_t first = (co_await ops::read64(kL2Data + kAck)) + 1;
-  for (uint64_t i = first; i <= static_cast<uint64_t>(steps); i++) {
-    if (i == static_cast<uint64_t>(park_step)) {
-      // The migration point: spin without exits until the VMM says go.
-      co_await ops::write64(kL2Data + kParked, 1);
-      while (!(co_await ops::read64(kL2Data + kGo))) co_await ops::pause();
-    }
-    uint64_t prev = i > 1 ? co_await ops::read64(kL2Data + kResults + 8 * (i - 1)) : 0x5eed;
-    co_await ops::write64(kL2Data + kResults + 8 * i, mix(prev, i));
-    co_await ops::write_cr8(i & 0xf);  // TPR shadow: VTPR in the virtual-APIC page
-    co_await ops::write64(kL2Data + kReq, i);
-    switch (i % 4) {
-      case 0:
-        co_await ops::write64(kL2Data + kCallWord, kCallStep);
-        co_await ops::vmcall(kCallStep);
-        break;
-      case 1:
-        if (evmcs)
-          (void)co_await ops::exec(GuestOp{GuestOp::Hlt{}});  // HLT exiting: to L1
-        else
-          co_await ops::write32(kApicGpa + vmx::vapic::kTpr, static_cast<uint32_t>(i));  // APIC-access exit
-        break;
-      case 2:
-        (void)co_await ops::rdmsr(kMsrPassthrough);  // no exit: L1's bitmap lets it through
-        (void)co_await ops::rdmsr(kMsrIntercepted);  // exits to L1
-        break;
-      case 3: {
-        if (evmcs) {
-          co_await ops::wrmsr(kMsrIntercepted, i);  // exits to L1
-          break;
-        }
-        co_await ops::write64(kL2Data + kCallWord, kCallIrq);
-        co_await ops::vmcall(kCallIrq);  // L1 posts one interrupt while L2 is out
-        uint64_t got = 0;
-        uint64_t deadline = co_await ops::now() + 2'000'000'000;
-        while (!got && co_await ops::now() < deadline) got = (co_await ops::exec(GuestOp{GuestOp::Hlt{}})).value;
-        if (got) co_await ops::eoi();
-        co_await ops::write64(kL2Data + kReceived, got);
-        co_await ops::write64(kL2Data + kCallWord, kCallIrqDone);
-        co_await ops::vmcall(kCallIrqDone);
-        break;
-      }
-    }
-  }
-  co_await ops::write64(kL2Data + kReq, steps + 1);
-  co_await ops::write64(kL2Data + kCallWord, kCallDone);
-  for (;;) co_await ops::vmcall(kCallDone);
-}
-
-// The exit reason as L1 reads it: VMREAD, or a load from its eVMCS.
-cpu::GuestFn<uint64_t> l1_exit_reason(bool evmcs) {
-  if (evmcs) co_return co_await guest::evmcs_read(kEvmcsGpa, vmx::field::kExitReason);
-  co_return co_await guest::exit_reason();
-}
-
-// L1's exit loop, entered right after a VMLAUNCH/VMRESUME returned (L2 has
-// exited). Its state is in kL1State, so a restored L1 runs the same loop.
-GuestTask l1_exit_loop(bool evmcs) {
-  const Gpa data = co_await ops::read64(kStateData);
-  for (;;) {
-    auto reason = static_cast<vmx::ExitReason>(co_await l1_exit_reason(evmcs) & vmx::kExitReasonBasicMask);
-    TranscriptEntry e;
-    e.reason = static_cast<uint64_t>(reason);
-    e.step = co_await ops::read64(data + kReq);
-    uint64_t steps = co_await ops::read64(kStateSteps);
-    if (e.step >= 1 && e.step <= steps) e.value = co_await ops::read64(data + kResults + 8 * e.step);
-    e.vtpr = (co_await ops::read32(kVapicGpa + vmx::vapic::kTpr)) & 0xff;
-    bool ack = true, done = false;
-    switch (reason) {
-      case vmx::ExitReason::kApicAccess:
-        e.info = co_await guest::vmread(vmx::field::kExitQualification);
-        break;
-      case vmx::ExitReason::kMsrRead:
-      case vmx::ExitReason::kMsrWrite:
-        e.info = kMsrIntercepted;
-        break;
-      case vmx::ExitReason::kHlt:
-        break;
-      case vmx::ExitReason::kVmcall: {
-        uint64_t call = co_await ops::read64(data + kCallWord);
-        if (call == kCallDone) {
-          done = true;
-        } else if (call == kCallIrq) {
-          // Post one interrupt: PIR bit, ON, then the notification IPI to
-          // ourselves; L0 completes it in software at the next entry.
-          auto vec = static_cast<uint8_t>(kFirstVector + e.step % 32);
-          Gpa pir = kPiDesc + 8 * (vec / 64);
-          co_await ops::write64(pir, (co_await ops::read64(pir)) | (uint64_t{1} << (vec % 64)));
-          co_await ops::write64(kPiDesc + 32, (co_await ops::read64(kPiDesc + 32)) | 1);
-          co_await ops::send_ipi(0, kNotificationVector);
-          e.info = vec;
-          ack = false;  // the step goes on: L2 still has to receive it
-        } else if (call == kCallIrqDone) {
-          e.info = co_await ops::read64(data + kReceived);
-        }
-        break;
-      }
-      default:
-        throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
-    }
-    uint64_t n = co_await ops::read64(kStateCount);
-    if (n >= kMaxEntries) throw guest::VmxError("transcript full");
-    const Gpa at = kTranscript + n * kEntryBytes;
-    co_await ops::write64(at + 0, e.step);
-    co_await ops::write64(at + 8, e.reason);
-    co_await ops::write64(at + 16, e.info);
-    co_await ops::write64(at + 24, e.value);
-    co_await ops::write64(at + 32, e.vtpr);
-    co_await ops::write64(kStateCount, n + 1);
-    // An enlightened L1 changes a field of a clean-field group between
-    // entries (the group's clean bit goes down): the next entry must copy
-    // it, and after a restore the first one must copy every group.
-    if (evmcs) co_await guest::evmcs_write(kEvmcsGpa, vmx::field::kTscOffset, e.step * 0x1000 + n);
-    if (done) co_return;
-    if (ack) co_await ops::write64(data + kAck, e.step);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-  }
-}
-
-// The plain L1's vmcs12: every page L0 gets for a nested guest.
-GuestTask write_full_vmcs12(const guest::Ept12& ept, Gpa bitmap) {
-  vmx::Vmcs12 v = vmx::minimal_vmcs12();
-  v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow | vmx::proc::kUseMsrBitmaps;
-  v.secondary_proc_controls |=
-      vmx::proc2::kEnableEpt | vmx::proc2::kVirtualizeApicAccesses | vmx::proc2::kVirtualInterruptDelivery;
-  v.pin_based_controls |= vmx::pin::kPostedInterrupts | vmx::pin::kExternalInterruptExiting;
-  v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
-  v.ept_pointer = ept.eptp();
-  v.msr_bitmap = bitmap;
-  v.apic_access_addr = kApicGpa;
-  v.virtual_apic_page_addr = kVapicGpa;
-  v.posted_intr_desc_addr = kPiDesc;
-  v.posted_intr_notification_vector = kNotificationVector;
-  co_await guest::write_vmcs(v);
+// L1's side of the stepping L2, with its state in kL1State and its
+// transcript at kTranscript.
+GuestTask l1_exit_loop(bool evmcs, bool launch) {
+  return guest::stepping_l1({.mailbox_l2 = kL2Data,
+                             .mailbox_word = kStateData,
+                             .steps_word = kStateSteps,
+                             .count_word = kStateCount,
+                             .transcript = kTranscript,
+                             .max_entries = kMaxEntries,
+                             .virtual_apic = kVapicGpa,
+                             .pi_desc = kPiDesc,
+                             .msr_intercepted = kMsrIntercepted,
+                             .evmcs = evmcs ? kEvmcsGpa : kInvalidGpa},
+                            launch);
 }
 
 // The source's L1: sets everything up and launches L2.
 GuestTask l1_fresh(cpu::Machine& m, MigrationConfig c) {
   guest::L1Pages pages(kL1PagesStart, 4 << 20);
-  co_await guest::enter_vmx(pages);
   Gpa vmcs = kEvmcsGpa;
   if (c.evmcs) {
     // Hyper-V: the VP-assist page names the eVMCS; no VMCLEAR or VMPTRLD.
+    co_await guest::enter_vmx(pages);
     co_await guest::enable_vp_assist(kVpAssistGpa);
     co_await guest::init_evmcs(kEvmcsGpa);
     co_await guest::load_evmcs(kVpAssistGpa, kEvmcsGpa);
   } else {
-    vmcs = pages.alloc();
-    co_await guest::init_region(vmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+    vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
   }
   guest::Ept12 ept(pages);
   Gpa data = pages.alloc();
   co_await ept.map(kL2Data, data);
   if (!c.evmcs) co_await ept.map(kApicGpa, kApicGpa);
   Gpa bitmap = pages.alloc();
-  // Read- and write-intercept kMsrIntercepted (low MSRs: read bitmap at 0,
-  // write bitmap at 2048).
-  co_await ops::write8(bitmap + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));
-  co_await ops::write8(bitmap + 2048 + kMsrIntercepted / 8, static_cast<uint8_t>(1u << (kMsrIntercepted % 8)));
-
+  co_await guest::set_msr_intercept(bitmap, kMsrIntercepted, false, true);
+  co_await guest::set_msr_intercept(bitmap, kMsrIntercepted, true, true);
   if (c.evmcs) {
     // What eVMCS v1 can express: TPR shadow, MSR bitmap, EPT, HLT exiting.
-    vmx::Vmcs12 v = vmx::minimal_vmcs12();
-    v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls | vmx::proc::kUseTprShadow |
-                               vmx::proc::kUseMsrBitmaps | vmx::proc::kHltExiting;
-    v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
-    v.ept_pointer = ept.eptp();
-    v.msr_bitmap = bitmap;
-    v.virtual_apic_page_addr = kVapicGpa;
+    vmx::Vmcs12 v = guest::vmcs12_for({.eptp = ept.eptp(), .msr_bitmap = bitmap, .virtual_apic = kVapicGpa});
+    v.primary_proc_controls |= vmx::proc::kHltExiting;
     co_await guest::write_evmcs(kEvmcsGpa, v, vmx::evmcs_enlightenment::kMsrBitmap);
   } else {
-    co_await write_full_vmcs12(ept, bitmap);
+    co_await guest::write_vmcs(guest::all_pages_vmcs12(ept.eptp(), bitmap, kApicGpa, kVapicGpa, kPiDesc));
   }
-
   co_await ops::write64(kStateVmcs12, vmcs);
   co_await ops::write64(kStateData, data);
   co_await ops::write64(kStateSteps, static_cast<uint64_t>(c.steps));
-  m.bind_l2_program(vmcs, l2_program(c.steps, c.park_step(), c.evmcs));
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-  co_await l1_exit_loop(c.evmcs);
+  m.bind_l2_program(vmcs, l2_program(c));
+  co_await l1_exit_loop(c.evmcs, true);
 }
-
-
-// The destination's L1. Its first operation must be the VMRESUME that the
-// restored guest mode has in flight: the vCPU runs L2 first, and L2's first
-// reflected exit completes whatever L1 operation is pending.
-GuestTask l1_restored(bool evmcs) {
-  OpResult r = co_await ops::vmresume();
-  if (!r.ok()) throw guest::VmxError("the restored VMRESUME failed: " + cpu::to_string(r));
-  co_await l1_exit_loop(evmcs);
-}
-
-uint64_t read_u64(NestedEnv& env, Gpa gpa) {
-  uint64_t x = 0;
-  (void)env.vm->read_guest(gpa, &x, sizeof x);
-  return x;
-}
-
-Status write_u64(NestedEnv& env, Gpa gpa, uint64_t x) { return env.vm->write_guest(gpa, &x, sizeof x); }
 
 struct SlotLayout {
   uint32_t slot;
@@ -285,10 +139,10 @@ Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector
 
 Transcript read_transcript(NestedEnv& env) {
   Transcript t;
-  uint64_t n = std::min<uint64_t>(read_u64(env, kStateCount), kMaxEntries);
+  uint64_t n = std::min<uint64_t>(env.read_u64(kStateCount), kMaxEntries);
   for (uint64_t k = 0; k < n; k++) {
     uint64_t q[5] = {};
-    (void)env.vm->read_guest(kTranscript + k * kEntryBytes, q, sizeof q);
+    (void)env.vm->read_guest(kTranscript + k * guest::kTranscriptEntryBytes, q, sizeof q);
     t.push_back({q[0], q[1], q[2], q[3], q[4]});
   }
   return t;
@@ -304,22 +158,21 @@ Result<std::unique_ptr<ParkedRun>> ParkedRun::start(NestedEnv& env, const Migrat
   });
   // The VMM polls L2's data page (its L1 address is in L1's state block once
   // L1 has set up) until L2 parks or the run ends.
-  for (;;) {
-    Gpa data = read_u64(env, kStateData);
-    if (data && read_u64(env, data + kParked)) return p;
-    if (p->finished_.load()) {
-      p->runner_.join();
-      if (!p->status_) return tl::unexpected(p->status_.error());
-      return errorf(EPROTO, "the run ended before L2 reached the migration point");
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
+  auto parked = [&env] {
+    Gpa data = env.read_u64(kStateData);
+    return data && env.read_u64(data + kParked);
+  };
+  host_wait_until([&] { return parked() || p->finished_.load(); }, std::chrono::microseconds(200));
+  if (parked()) return p;
+  p->runner_.join();
+  if (!p->status_) return tl::unexpected(p->status_.error());
+  return errorf(EPROTO, "the run ended before L2 reached the migration point");
 }
 
 Status ParkedRun::release() {
   if (!runner_.joinable()) return status_;
-  Gpa data = read_u64(env_, kStateData);
-  Status st = write_u64(env_, data + kGo, 1);
+  Gpa data = env_.read_u64(kStateData);
+  Status st = env_.write_u64(data + kGo, 1);
   runner_.join();
   if (!st) return st;
   return status_;
@@ -372,15 +225,15 @@ Status restore_memory(NestedEnv& env, const MemoryImage& image) {
     if (!env.vm->gfn_to_hva(gpa_to_gfn(s.gpa))) continue;  // a slot the destination does not have
     NC_TRY(env.vm->write_guest(s.gpa, s.bytes.data(), s.bytes.size()));
   }
-  Gpa data = read_u64(env, kStateData);
+  Gpa data = env.read_u64(kStateData);
   if (!data) return errorf(EINVAL, "the memory image has no L1 state block");
-  return write_u64(env, data + kGo, 1);
+  return env.write_u64(data + kGo, 1);
 }
 
 Status bind_restored_programs(NestedEnv& env, const MigrationConfig& c, Gpa vmcs12) {
   if (vmcs12 == kInvalidGpa) return errorf(EINVAL, "the restored state has no current vmcs12");
-  env.machine->bind_l2_program(vmcs12, l2_program(c.steps, c.park_step(), c.evmcs));
-  env.machine->set_l1_program(0, l1_restored(c.evmcs));
+  env.machine->bind_l2_program(vmcs12, l2_program(c));
+  env.machine->set_l1_program(0, l1_exit_loop(c.evmcs, false));
   return ok();
 }
 

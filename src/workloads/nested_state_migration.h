@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "guest/stepping_l2.h"
 #include "workloads/nested_env.h"
 
 namespace nestcache::workloads::nested_state {
@@ -56,7 +57,7 @@ inline constexpr Gpa kVpAssistGpa = 0x88000;  // L1 memory (eVMCS variant)
 inline constexpr uint32_t kApicSlot = 1, kVapicSlot = 2, kPiSlot = 3, kEvmcsSlot = 4;
 
 struct MigrationConfig {
-  Strategy strategy = Strategy::cache;
+  StrategyKind strategy = StrategyKind::cache;
   MemoryKind memory = MemoryKind::unmanaged;
   int steps = 16;  // 4..256
   // L1 uses the enlightened VMCS (the file comment's variant).
@@ -65,15 +66,8 @@ struct MigrationConfig {
   int park_step() const { return steps / 2 + 1; }
 };
 
-// One transcript line: what L1 saw at one exit.
-struct TranscriptEntry {
-  uint64_t step = 0;    // the step L2 was on
-  uint64_t reason = 0;  // basic exit reason
-  uint64_t info = 0;    // exit qualification, or the posted / received vector
-  uint64_t value = 0;   // L2's value of that step, read by L1
-  uint64_t vtpr = 0;    // the VTPR byte of the virtual-APIC page
-  bool operator==(const TranscriptEntry&) const = default;
-};
+// One transcript line: what L1 saw at one exit (guest/stepping_l2.h).
+using guest::TranscriptEntry;
 using Transcript = std::vector<TranscriptEntry>;
 
 // The guest memory of a VM, memslot by memslot, as a VMM copies it.
@@ -149,27 +143,9 @@ class ParkedRun {
   std::atomic<bool> finished_{false};
 };
 
-// One malformed blob and how a restore must refuse it.
-struct BadBlob {
-  std::string name;             // kebab-case, for reports
-  std::vector<std::byte> blob;
-  int code = EINVAL;            // the errno set must return
-  std::string expect;           // a part of the message that names the rule
-  // Refused by a vCPU that has not enabled the enlightened VMCS; set it on
-  // such a vCPU (make_vm with evmcs = false).
-  bool needs_plain_vcpu = false;
-};
-// At least 20 malformed variants of `good` (a guest-mode blob taken by
-// run_source), each breaking a different rule: framing (truncated, trailing
-// bytes, oversized, magic, version, sizes, reserved bytes, flags), state
-// (flags that do not go together, VMX off with state, misaligned or too wide
-// addresses), the vmcs12 image (revision, shadow indicator, launch state,
-// each kind of entry check), the VM (addresses with no memslot in a VM made
-// by make_vm) and eVMCS (the flag on a vCPU without the enlightened VMCS,
-// without an address, with controls eVMCS v1 cannot express). A `good` with
-// the eVMCS flag gets the eVMCS variants of the address rules (misaligned,
-// too wide, the VMXON region, no memslot, the flag with VMX off). Empty if
-// `good` does not decode.
-std::vector<BadBlob> malformed_blobs(std::span<const std::byte> good);
+// An address aligned and within the physical-address width, like the page
+// after it in no memslot of a VM made by make_vm: what the malformed blobs
+// (vmx::malformed_nested_states) point at to break the memslot rules.
+inline constexpr Gpa kUnbacked = 0x40000000;
 
 }  // namespace nestcache::workloads::nested_state

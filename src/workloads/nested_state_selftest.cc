@@ -5,7 +5,7 @@
 //                  while L2 runs (the vCPU is kicked out of L2 for it) and
 //                  copies the memory; the source then runs to the end too;
 //   3. destination a fresh VM with the copied memory: the blob is restored,
-//                  then every malformed variant (malformed_blobs) is refused
+//                  then every malformed variant (vmx::malformed_nested_states) is refused
 //                  with its own error and leaves the restored state as it
 //                  was; then L2 continues from the migration point and
 //                  finishes.
@@ -24,14 +24,13 @@
 // KVM's own selftest for this ioctl pair (vmx_set_nested_state_test) checks
 // that invalid states are refused; this one also moves a running L2 to
 // another VM under each page strategy.
-#include <CLI/CLI.hpp>
-
 #include <set>
 
 #include "vmx/evmcs.h"
 #include "vmx/nested_state_format.h"
+#include "vmx/nested_state_malformed.h"
 #include "workloads/nested_state_migration.h"
-#include "workloads/selftests.h"
+#include "workloads/registry.h"
 
 namespace nestcache::workloads {
 
@@ -42,6 +41,9 @@ using namespace nested_state;
 nlohmann::json entry_json(const TranscriptEntry& e) {
   return {{"step", e.step}, {"reason", e.reason}, {"info", e.info}, {"value", e.value}, {"vtpr", e.vtpr}};
 }
+
+// What L1 sees when L2 writes the TPR's offset of the APIC-access page.
+constexpr uint64_t kApicWriteAtTpr = vmx::apic_access_qual::make(vmx::vapic::kTpr, vmx::apic_access_qual::kLinearWrite);
 
 // What a correct transcript of `steps` steps looks like, whoever ran it.
 void check_transcript(const Transcript& t, int steps, bool evmcs, std::string_view who, SelftestResult& r) {
@@ -56,16 +58,16 @@ void check_transcript(const Transcript& t, int steps, bool evmcs, std::string_vi
     if (!r.check(k + entries <= t.size(), "{}: transcript ends at step {} of {}", who, i, steps)) return;
     const TranscriptEntry& e = t[k];
     r.check(e.step == i, "{}: entry {} is for step {}, expected {}", who, k, e.step, i);
-    r.check(e.vtpr == (i & 0xf) << 4, "{}: step {}: VTPR {:#x}, expected {:#x} (the TPR shadow)", who, i, e.vtpr,
-            (i & 0xf) << 4);
+    r.check(e.vtpr == vmx::vapic::vtpr_of_cr8(i), "{}: step {}: VTPR {:#x}, expected {:#x} (the TPR shadow)", who, i,
+            e.vtpr, vmx::vapic::vtpr_of_cr8(i));
     switch (i % 4) {
       case 0: r.check(e.reason == vmcall, "{}: step {}: exit {} is not VMCALL", who, i, e.reason); break;
       case 1:
         if (evmcs)
           r.check(e.reason == hlt, "{}: step {}: exit {} is not HLT", who, i, e.reason);
         else
-          r.check(e.reason == apic && e.info == (0x80 | 1u << 12), "{}: step {}: exit {} qualification {:#x}, "
-                  "expected an APIC-access write at 0x80", who, i, e.reason, e.info);
+          r.check(e.reason == apic && e.info == kApicWriteAtTpr, "{}: step {}: exit {} qualification {:#x}, "
+                  "expected an APIC-access write at {:#x}", who, i, e.reason, e.info, vmx::vapic::kTpr);
         break;
       case 2: r.check(e.reason == msr, "{}: step {}: exit {} is not RDMSR", who, i, e.reason); break;
       case 3:
@@ -89,9 +91,9 @@ void check_transcript(const Transcript& t, int steps, bool evmcs, std::string_vi
 nlohmann::json reject_all(cpu::Machine& m, cpu::Machine* plain, std::span<const std::byte> good, SelftestResult& r) {
   nlohmann::json out = nlohmann::json::array();
   std::set<std::string> messages;
-  const std::vector<BadBlob> bad = malformed_blobs(good);
+  const std::vector<vmx::MalformedBlob> bad = vmx::malformed_nested_states(good, kUnbacked);
   r.check(bad.size() >= 20, "only {} malformed blobs", bad.size());
-  for (const BadBlob& b : bad) {
+  for (const vmx::MalformedBlob& b : bad) {
     cpu::Machine& target = b.needs_plain_vcpu && plain ? *plain : m;
     auto before = target.get_nested_state(0);
     Status st = target.set_nested_state(0, b.blob);
@@ -137,12 +139,90 @@ void check_evmcs_blob(const vmx::NestedStateImage& image, const SourceRun& src, 
   r.fail("the memory image has no eVMCS page");
 }
 
+// Phase 2's blob: taken while L2 ran, so in guest mode with no entry pending.
+std::optional<vmx::NestedStateImage> check_saved_blob(const MigrationConfig& c, const SourceRun& src,
+                                                      SelftestResult& r) {
+  auto image = vmx::decode(src.blob);
+  if (!r.check(static_cast<bool>(image), "the saved blob does not decode: {}",
+               image ? "" : image.error().to_string()))
+    return std::nullopt;
+  r.check(image->guest_mode, "the state was taken while L2 ran, but the blob is not in guest mode");
+  r.check(!image->run_pending, "L2 had run: no entry can be pending");
+  r.check(image->vmcs12 && image->vmcs12->launched(), "the saved vmcs12 is not launched");
+  r.details["blob"] = {{"bytes", src.blob.size()},
+                       {"flags", image->flags()},
+                       {"guest_mode", image->guest_mode},
+                       {"run_pending", image->run_pending},
+                       {"evmcs", image->evmcs},
+                       {"vmxon_gpa", image->vmxon_gpa},
+                       {image->evmcs ? "evmcs_gpa" : "vmcs12_gpa", image->current_vmcs_gpa}};
+  if (c.evmcs) check_evmcs_blob(*image, src, r);
+  return *image;
+}
+
+// Phase 3 between the restore and the run, on the fresh VM `dst`: the state
+// is the blob that was set, and every malformed blob is refused.
+Status check_restored_then_refuse(const MigrationConfig& c, const SourceRun& src, NestedEnv& dst,
+                                  SelftestResult& r) {
+  if (c.evmcs)
+    r.check(dst.machine->vcpu(0).nested().evmcs_map_pending(), "the restored eVMCS was mapped before the request");
+  auto got = dst.machine->get_nested_state(0);
+  r.check(got && *got == src.blob, "get after set does not return the blob that was set");
+  // eVMCS: the flag on a vCPU that never enabled the enlightened VMCS is
+  // refused by such a vCPU, in a VM of its own.
+  std::unique_ptr<NestedEnv> plain;
+  if (c.evmcs) {
+    MigrationConfig pc = c;
+    pc.evmcs = false;
+    plain = NC_TRY(make_vm(pc));
+  }
+  r.details["malformed"] = reject_all(*dst.machine, plain ? plain->machine.get() : nullptr, src.blob, r);
+  return ok();
+}
+
+// The restored run against the uninterrupted one, and the summary.
+void report_restored(const MigrationConfig& c, const SourceRun& ref, const RestoredRun& dst, const std::string& tag,
+                     SelftestResult& r) {
+  const Transcript& restored = dst.transcript;
+  check_transcript(restored, c.steps, c.evmcs, "restored", r);
+  r.check(restored == ref.transcript, "the restored run's transcript differs from the uninterrupted run's");
+  // The vCPU ends where the uninterrupted one did: same VMCS, same vmcs12
+  // (for an enlightened L1 a full copy of its eVMCS, which L1 changed after
+  // every exit).
+  r.check(!dst.final_state.empty() && dst.final_state == ref.final_state,
+          "the restored vCPU's final nested state differs from the uninterrupted run's");
+  for (size_t i = 0; i < std::min(restored.size(), ref.transcript.size()); i++) {
+    if (restored[i] == ref.transcript[i]) continue;
+    r.details["first_difference"] = {{"entry", i}, {"restored", entry_json(restored[i])},
+                                     {"reference", entry_json(ref.transcript[i])}};
+    break;
+  }
+  r.check(r.counters[Counter::stale_accesses] == 0, "{} stale accesses", r.counters[Counter::stale_accesses]);
+  size_t before = 0;
+  for (const TranscriptEntry& e : restored)
+    if (e.step < static_cast<uint64_t>(c.park_step())) before++;
+  r.details["transcript_entries"] = restored.size();
+  r.details["entries_before_migration"] = before;
+  r.details["entries_after_migration"] = restored.size() - before;
+  r.details["steps"] = c.steps;
+  r.details["park_step"] = c.park_step();
+  size_t rejected = 0;
+  for (const auto& j : r.details["malformed"])
+    if (j["rejected"].get<bool>() && j["state_unchanged"].get<bool>() && j.value("expected_rule", false)) rejected++;
+  r.note(fmt::format("{}: L2 saved at step {} of {} while running, restored into a fresh VM, finished with the same "
+                     "{}-entry transcript as the uninterrupted run ({} after the migration)",
+                     tag, c.park_step(), c.steps, restored.size(), restored.size() - before));
+  r.note(fmt::format("{} of {} malformed blobs refused, each with its own error, the restored state untouched", rejected,
+                     r.details["malformed"].size()));
+}
+
+OptionSpec steps_option() { return int_option("--steps", "L2 steps (the migration is half way)", "16", 4, 256); }
+
 SelftestResult run_nested_state(const RunOptions& o) {
   SelftestResult r;
   MigrationConfig c{o.strategy, o.memory};
-  auto steps = o.int_option("steps", c.steps);
+  auto steps = o.int_value(steps_option());
   if (!steps) return r.fail(steps.error().to_string()), r;
-  if (*steps < 4 || *steps > 256) return r.fail(fmt::format("--steps {} is out of range (4..256)", *steps)), r;
   c.steps = static_cast<int>(*steps);
   c.evmcs = o.flag_option("evmcs");
   const std::string tag = std::string(strategy_name(o.strategy)) + (c.evmcs ? " with eVMCS" : "");
@@ -159,87 +239,21 @@ SelftestResult run_nested_state(const RunOptions& o) {
   r.counters += src.counters;
   r.check(static_cast<bool>(src.run), "source run failed: {}", src.run ? "" : src.run.error().to_string());
   r.check(src.transcript == ref.transcript, "source: taking the nested state changed what L2 did");
-  auto image = vmx::decode(src.blob);
-  if (!r.check(static_cast<bool>(image), "the saved blob does not decode: {}",
-               image ? "" : image.error().to_string()))
-    return r;
-  r.check(image->guest_mode, "the state was taken while L2 ran, but the blob is not in guest mode");
-  r.check(!image->run_pending, "L2 had run: no entry can be pending");
-  r.check(image->vmcs12 && image->vmcs12->launched(), "the saved vmcs12 is not launched");
-  r.details["blob"] = {{"bytes", src.blob.size()},
-                       {"flags", image->flags()},
-                       {"guest_mode", image->guest_mode},
-                       {"run_pending", image->run_pending},
-                       {"evmcs", image->evmcs},
-                       {"vmxon_gpa", image->vmxon_gpa},
-                       {image->evmcs ? "evmcs_gpa" : "vmcs12_gpa", image->current_vmcs_gpa}};
-  if (c.evmcs) check_evmcs_blob(*image, src, r);
+  std::optional<vmx::NestedStateImage> image = check_saved_blob(c, src, r);
+  if (!image) return r;
 
   // 3. Destination: restore into a fresh VM, refuse the malformed blobs,
   // then let L2 finish there.
-  auto dst_r = make_vm(c);
-  if (!dst_r) return r.fail(dst_r.error().to_string()), r;
-  NestedEnv& dst = **dst_r;
-  if (auto st = restore_memory(dst, src.memory); !st) return r.fail("memory copy: " + st.error().to_string()), r;
-  if (auto st = dst.machine->set_nested_state(0, src.blob); !st)
-    return r.fail("restoring the saved state failed: " + st.error().to_string()), r;
-  if (c.evmcs) {
-    if (auto st = dst.machine->set_vp_assist_msr(0, src.vp_assist_msr); !st)
-      return r.fail("restoring the VP-assist MSR failed: " + st.error().to_string()), r;
-    r.check(dst.machine->vcpu(0).nested().evmcs_map_pending(), "the restored eVMCS was mapped before the request");
-  }
-  auto got = dst.machine->get_nested_state(0);
-  r.check(got && *got == src.blob, "get after set does not return the blob that was set");
-  // eVMCS: the flag on a vCPU that never enabled the enlightened VMCS is
-  // refused by such a vCPU, in a VM of its own.
-  std::unique_ptr<NestedEnv> plain;
-  if (c.evmcs) {
-    MigrationConfig pc = c;
-    pc.evmcs = false;
-    auto p = make_vm(pc);
-    if (!p) return r.fail(p.error().to_string()), r;
-    plain = std::move(*p);
-  }
-  r.details["malformed"] = reject_all(*dst.machine, plain ? plain->machine.get() : nullptr, src.blob, r);
-  if (auto st = bind_restored_programs(dst, c, image->current_vmcs_gpa); !st) return r.fail(st.error().to_string()), r;
-  Status run = dst.machine->run(std::chrono::seconds(60));
-  CounterSnapshot k = dst.counters();
+  RestoredRun dst = run_restored(c, src.memory, src.blob, {}, src.vp_assist_msr,
+                                 [&](NestedEnv& env) { return check_restored_then_refuse(c, src, env, r); });
+  if (!r.check(static_cast<bool>(dst.set), "restoring the saved state failed: {}",
+               dst.set ? "" : dst.set.error().to_string()))
+    return r;
+  const CounterSnapshot& k = dst.counters;
   r.counters += k;
-  r.check(static_cast<bool>(run), "the restored L2 did not finish: {}", run ? "" : run.error().to_string());
-  Transcript restored = read_transcript(dst);
-  check_transcript(restored, c.steps, c.evmcs, "restored", r);
-  r.check(restored == ref.transcript, "the restored run's transcript differs from the uninterrupted run's");
-  // The vCPU ends where the uninterrupted one did: same VMCS, same vmcs12
-  // (for an enlightened L1 a full copy of its eVMCS, which L1 changed after
-  // every exit).
-  auto end = dst.machine->get_nested_state(0);
-  r.check(end && !ref.final_state.empty() && *end == ref.final_state,
-          "the restored vCPU's final nested state differs from the uninterrupted run's");
-  for (size_t i = 0; i < std::min(restored.size(), ref.transcript.size()); i++) {
-    if (restored[i] == ref.transcript[i]) continue;
-    r.details["first_difference"] = {{"entry", i}, {"restored", entry_json(restored[i])},
-                                     {"reference", entry_json(ref.transcript[i])}};
-    break;
-  }
-  r.check(r.counters[Counter::stale_accesses] == 0, "{} stale accesses", r.counters[Counter::stale_accesses]);
-
-  size_t before = 0;
-  for (const TranscriptEntry& e : restored)
-    if (e.step < static_cast<uint64_t>(c.park_step())) before++;
-  r.details["transcript_entries"] = restored.size();
-  r.details["entries_before_migration"] = before;
-  r.details["entries_after_migration"] = restored.size() - before;
-  r.details["steps"] = c.steps;
-  r.details["park_step"] = c.park_step();
+  r.check(static_cast<bool>(dst.run), "the restored L2 did not finish: {}", dst.run ? "" : dst.run.error().to_string());
+  report_restored(c, ref, dst, tag, r);
   r.details["destination_counters"] = k.to_json();
-  size_t rejected = 0;
-  for (const auto& j : r.details["malformed"])
-    if (j["rejected"].get<bool>() && j["state_unchanged"].get<bool>() && j.value("expected_rule", false)) rejected++;
-  r.note(fmt::format("{}: L2 saved at step {} of {} while running, restored into a fresh VM, finished with the same "
-                     "{}-entry transcript as the uninterrupted run ({} after the migration)",
-                     tag, c.park_step(), c.steps, restored.size(), restored.size() - before));
-  r.note(fmt::format("{} of {} malformed blobs refused, each with its own error, the restored state untouched", rejected,
-                     r.details["malformed"].size()));
   if (c.evmcs)
     r.note(fmt::format("eVMCS {:#x}: flag and address in the blob, the image a full copy of the page, mapped by the "
                        "request before the first entry ({} eVMCS map failures)",
@@ -267,11 +281,8 @@ void register_nested_state_selftest() {
           "strategy before its first entry, and the eVMCS blobs (flag on a vCPU without eVMCS, misaligned, "
           "no memslot, ...) are refused too. KVM's vmx_set_nested_state_test checks the refusals; the "
           "migration across VMs is ours.",
-      .add_options =
-          [](CLI::App& app, SelftestOptions& o) {
-            o.add(app, "--steps", "L2 steps (the migration is half way)", "16")->check(CLI::Range(4, 256));
-            o.add_flag(app, "--evmcs", "L1 uses the Hyper-V enlightened VMCS (the blob carries the eVMCS)");
-          },
+      .options = {steps_option(),
+                  flag_option("--evmcs", "L1 uses the Hyper-V enlightened VMCS (the blob carries the eVMCS)")},
       .run = run_nested_state,
   });
 }

@@ -1,26 +1,22 @@
 // Selftests `nested-pages` and `migrate-under-l2`: the pages workload
 // (pages_workload.h) without and with the host changing the pages under L2.
-#include <CLI/CLI.hpp>
-
 #include "workloads/pages_workload.h"
-#include "workloads/selftests.h"
 
 namespace nestcache::workloads {
 
 namespace {
 
-void add_common_options(CLI::App& app, SelftestOptions& o, const char* rounds) {
-  o.add(app, "--rounds", "rounds of the workload (memory, CR8, APIC access, MSR, interrupts)", rounds);
-  o.add(app, "--interrupts", "interrupts posted to L2 per round", "4");
+OptionSpec rounds_option(const char* rounds) {
+  return int_option("--rounds", "rounds of the workload (memory, CR8, APIC access, MSR, interrupts)", rounds, 1,
+                    100000);
 }
+OptionSpec interrupts_option() { return int_option("--interrupts", "interrupts posted to L2 per round", "4", 0, 64); }
+std::vector<OptionSpec> common_options(const char* rounds) { return {rounds_option(rounds), interrupts_option()}; }
 
-Result<PagesWorkloadConfig> config_of(const RunOptions& o) {
+Result<PagesWorkloadConfig> config_of(const RunOptions& o, const char* default_rounds) {
   PagesWorkloadConfig c;
-  c.rounds = static_cast<int>(NC_TRY(o.int_option("rounds", c.rounds)));
-  c.interrupts_per_round = static_cast<int>(NC_TRY(o.int_option("interrupts", c.interrupts_per_round)));
-  if (c.rounds < 1 || c.rounds > 100000) return errorf(EINVAL, "--rounds {} is out of range (1..100000)", c.rounds);
-  if (c.interrupts_per_round < 0 || c.interrupts_per_round > 64)
-    return errorf(EINVAL, "--interrupts {} is out of range (0..64)", c.interrupts_per_round);
+  c.rounds = static_cast<int>(NC_TRY(o.int_value(rounds_option(default_rounds))));
+  c.interrupts_per_round = static_cast<int>(NC_TRY(o.int_value(interrupts_option())));
   return c;
 }
 
@@ -32,7 +28,7 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
 
 SelftestResult run_nested_pages(const RunOptions& o) {
   SelftestResult r;
-  auto c = config_of(o);
+  auto c = config_of(o, "8");
   if (!c) return r.fail(c.error().to_string()), r;
   NestedEnvConfig ec{o.strategy, o.memory};
   ec.vcpus = 2;
@@ -60,7 +56,7 @@ SelftestResult run_nested_pages(const RunOptions& o) {
 
 SelftestResult run_migrate_under_l2(const RunOptions& o) {
   SelftestResult r;
-  auto c = config_of(o);
+  auto c = config_of(o, "40");
   if (!c) return r.fail(c.error().to_string()), r;
   c->churn = true;
   NestedEnvConfig ec{o.strategy, o.memory};
@@ -78,7 +74,7 @@ SelftestResult run_migrate_under_l2(const RunOptions& o) {
   r.check(t.churn_operations > 0, "the host changed nothing while L2 ran");
   r.details["migrations"] = (*env)->mm->counters().get(Counter::migrations);
   r.details["migrate_ebusy"] = (*env)->mm->counters().get(Counter::migrate_ebusy);
-  if (o.strategy == Strategy::map) {
+  if (o.strategy == StrategyKind::map) {
     // The kernel before the seed: nothing invalidates the maps. The scenario
     // passes by reporting what the detectors saw.
     if (o.memory == MemoryKind::unmanaged)
@@ -110,7 +106,7 @@ void register_nested_pages_selftest() {
       "the virtual-APIC page), touches the APIC-access page, reads an MSR that L1 intercepts on even "
       "rounds only (L1 changes its bitmap between entries), and receives interrupts L1's second vCPU "
       "posts. The guest-visible results are the same for every strategy.",
-      [](CLI::App& app, SelftestOptions& o) { add_common_options(app, o, "8"); },
+      common_options("8"),
       run_nested_pages,
   });
 }
@@ -124,7 +120,7 @@ void register_migrate_under_l2_selftest() {
       "over and over. With cache and oracle: zero stale accesses, zero lost TPR writes, zero lost "
       "posted interrupts. With map on unmanaged memory the stale accesses are detected and reported "
       "(that is the bug the seed fixes; the test passes by reporting them).",
-      [](CLI::App& app, SelftestOptions& o) { add_common_options(app, o, "40"); },
+      common_options("40"),
       run_migrate_under_l2,
   });
 }

@@ -21,6 +21,7 @@
 
 #include <atomic>
 
+#include "guest/posted_interrupts.h"
 #include "workloads/nested_env.h"
 
 namespace nestcache::workloads {
@@ -35,12 +36,12 @@ struct PagesWorkloadConfig {
 };
 
 // What L2 and L1 observed: identical for every strategy when nothing is lost.
-// The vector of the i-th interrupt L1 posts in a run (0-based). Vectors
-// cycle through 64 values so that an interrupt still pending when the poster
-// moves on (its ack deadline passed on a loaded machine) is not merged with a
-// later one of the same vector: a pending vector is one IRR bit, and two
-// posts of it while pending deliver once, architecturally.
-inline uint8_t posted_vector(int i) { return static_cast<uint8_t>(0x80 + i % 64); }
+// The vector of the i-th interrupt L1 posts in a run (0-based). The poster
+// posts a round's interrupts back to back, without waiting for L2 to take
+// each one, so vectors cycle through 64 values: an interrupt still pending
+// when the next is posted is never merged with it (a pending vector is one
+// IRR bit, and two posts of it while pending deliver once, architecturally).
+inline uint8_t posted_vector(int i) { return static_cast<uint8_t>(guest::kFirstPostedVector + i % 64); }
 
 struct PagesTranscript {
   int rounds = 0;
@@ -54,8 +55,11 @@ struct PagesTranscript {
   uint64_t vector_sum = 0;
   uint64_t churn_operations = 0;  // migrations and memslot moves done
   int entry_retries = 0;          // entries L1 repeated after VMfail(7) under churn
-  nlohmann::json to_json() const;
 };
+// {"rounds": ..., "memory_mismatches": ...}: every field by its name.
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PagesTranscript, rounds, memory_mismatches, tpr_checks, lost_tpr_writes,
+                                   apic_access_exits, msr_exits, interrupts_posted, interrupts_received, vector_sum,
+                                   churn_operations, entry_retries)
 
 // Runs the workload on `env` (2 L1 vCPUs). Fills `result` (counters,
 // failures for a run that could not complete) and returns the transcript.

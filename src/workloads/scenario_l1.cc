@@ -3,16 +3,13 @@
 
 #include <stdexcept>
 
-#include "guest/l1.h"
+#include "guest/enlightened.h"
+#include "guest/program.h"
 #include "vmx/vmx_defs.h"
 
 namespace nestcache::workloads::scenario {
 
-namespace ops = cpu::ops;
-using cpu::GuestFn;
-using cpu::GuestOp;
-using cpu::GuestTask;
-using cpu::OpResult;
+using namespace guest::program;
 
 // --- mailbox ----------------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ constexpr NamedValue kControlBits[] = {
     {"msr.vp_assist_page", vmx::kHvX64MsrVpAssistPage},
     {"msr.efer", vmx::msr::kIa32Efer},
     {"msr.pat", vmx::msr::kIa32Pat},
-    {"msr.fs_base", 0xc0000100},
+    {"msr.fs_base", vmx::msr::kIa32FsBase},
     {"msr.x2apic_tpr", vmx::msr::kX2apicTpr},
     {"ns.guest_mode", vmx::nested_state_flag::kGuestMode},
     {"ns.run_pending", vmx::nested_state_flag::kRunPending},

@@ -1,8 +1,11 @@
 // Selftest `vmx-instructions`: every emulated VMX instruction's success and
 // failure paths, as L1 observes them, checked against the SDM's outcomes
 // (VMsucceed, VMfailInvalid, VMfailValid with its error number, #UD).
-#include "workloads/selftests.h"
 
+#include "guest/l1_pages.h"
+#include "guest/mailbox.h"
+#include "guest/program.h"
+#include "guest/vmx.h"
 #include "vmx/entry_checks.h"
 #include "workloads/nested_env.h"
 
@@ -10,12 +13,15 @@ namespace nestcache::workloads {
 
 namespace {
 
-namespace ops = cpu::ops;
-using cpu::GuestOp;
-using cpu::GuestTask;
-using cpu::OpResult;
-using cpu::Outcome;
+using namespace guest::program;
 using vmx::VmInstructionError;
+
+// Operands no VMX implementation accepts: a revision that is not the
+// model's, a field encoding no VMCS has, an address past the
+// physical-address width.
+constexpr uint32_t kBadRevision = 0x1234;
+constexpr uint32_t kUnsupportedField = 0x7ffe;
+constexpr Gpa kBeyondWidth = uint64_t{1} << 50;
 
 struct Expect {
   Outcome outcome;
@@ -51,14 +57,14 @@ struct Checker {
   }
 };
 
-GuestTask l1_program(Checker& c) {
-  guest::L1Pages pages(kL1PagesStart, 16 << 20);
-  Gpa vmxon = pages.alloc(), vmcs_a = pages.alloc(), vmcs_b = pages.alloc(), bad_rev = pages.alloc();
-  co_await guest::init_region(vmxon);
-  co_await guest::init_region(vmcs_a);
-  co_await guest::init_region(vmcs_b);
-  co_await ops::write32(bad_rev, 0x1234);
+// The regions the checks use: VMXON, two VMCSs and one with a bad revision.
+struct Regions {
+  Gpa vmxon, vmcs_a, vmcs_b, bad_rev;
+};
 
+// Out of VMX operation, VMXON, and VMX operation without a current VMCS.
+GuestTask check_before_a_current_vmcs(Checker& c, Regions r) {
+  auto [vmxon, vmcs_a, vmcs_b, bad_rev] = r;
   // Outside VMX operation every VMX instruction but VMXON is #UD.
   co_await c.run("VMPTRLD outside VMX operation", GuestOp{GuestOp::Vmptrld{vmcs_a}}, kUd);
   co_await c.run("VMXOFF outside VMX operation", GuestOp{GuestOp::Vmxoff{}}, kUd);
@@ -66,7 +72,7 @@ GuestTask l1_program(Checker& c) {
   // VMXON.
   co_await c.run("VMXON with a misaligned region", GuestOp{GuestOp::Vmxon{vmxon + 8}}, kInvalid);
   co_await c.run("VMXON with a bad revision", GuestOp{GuestOp::Vmxon{bad_rev}}, kInvalid);
-  co_await c.run("VMXON beyond the physical-address width", GuestOp{GuestOp::Vmxon{uint64_t{1} << 50}}, kInvalid);
+  co_await c.run("VMXON beyond the physical-address width", GuestOp{GuestOp::Vmxon{kBeyondWidth}}, kInvalid);
   co_await c.run("VMXON", GuestOp{GuestOp::Vmxon{vmxon}}, kOk);
   co_await c.run("VMXON in VMX root without a current VMCS", GuestOp{GuestOp::Vmxon{vmxon}}, kInvalid);
   // No current VMCS yet.
@@ -75,7 +81,11 @@ GuestTask l1_program(Checker& c) {
   co_await c.run("VMWRITE without a current VMCS", GuestOp{GuestOp::Vmwrite{vmx::field::kGuestRip, 1}}, kInvalid);
   co_await c.run("VMLAUNCH without a current VMCS", GuestOp{GuestOp::Vmlaunch{}}, kInvalid);
   co_await c.run("VMPTRLD of a misaligned address (no current VMCS)", GuestOp{GuestOp::Vmptrld{vmcs_a + 1}}, kInvalid);
-  // Make A current; from now on VMfail is VMfailValid with an error number.
+}
+
+// With A current: every VMfail is VMfailValid with an error number.
+GuestTask check_with_a_current_vmcs(Checker& c, Regions r) {
+  auto [vmxon, vmcs_a, vmcs_b, bad_rev] = r;
   co_await c.run("VMCLEAR A", GuestOp{GuestOp::Vmclear{vmcs_a}}, kOk);
   co_await c.run("VMPTRLD A", GuestOp{GuestOp::Vmptrld{vmcs_a}}, kOk);
   OpResult st = co_await ops::vmptrst();
@@ -91,9 +101,9 @@ GuestTask l1_program(Checker& c) {
                  valid(VmInstructionError::kVmptrldVmxonPointer));
   co_await c.run("VMPTRLD of a bad revision", GuestOp{GuestOp::Vmptrld{bad_rev}},
                  valid(VmInstructionError::kVmptrldIncorrectRevision));
-  co_await c.run("VMREAD of an unsupported field", GuestOp{GuestOp::Vmread{0x7ffe}},
+  co_await c.run("VMREAD of an unsupported field", GuestOp{GuestOp::Vmread{kUnsupportedField}},
                  valid(VmInstructionError::kUnsupportedVmcsComponent));
-  co_await c.run("VMWRITE of an unsupported field", GuestOp{GuestOp::Vmwrite{0x7ffe, 0}},
+  co_await c.run("VMWRITE of an unsupported field", GuestOp{GuestOp::Vmwrite{kUnsupportedField, 0}},
                  valid(VmInstructionError::kUnsupportedVmcsComponent));
   // The model's CPU offers "VMWRITE to any supported field" (IA32_VMX_MISC
   // bit 29), as KVM does: the exit-information fields are writable.
@@ -116,6 +126,10 @@ GuestTask l1_program(Checker& c) {
   co_await c.run("INVVPID single-context of VPID 0", GuestOp{GuestOp::Invvpid{vmx::InvvpidType::single_context, 0, 0}},
                  valid(VmInstructionError::kInvalidInveptInvvpidOperand));
   co_await c.run("INVVPID all-context", GuestOp{GuestOp::Invvpid{vmx::InvvpidType::all_context, 0, 0}}, kOk);
+}
+
+// Launch state, VMCLEAR of the current VMCS, switching VMCSs, VMXOFF.
+GuestTask check_launch_clear_and_switch(Checker& c, Regions r) {
   // A launched VMCS refuses VMLAUNCH. Run a real L2 to launch it.
   co_await guest::write_vmcs(vmx::minimal_vmcs12());
   co_await c.run("VMLAUNCH of a valid VMCS (L2 exits with VMCALL)", GuestOp{GuestOp::Vmlaunch{}}, kOk);
@@ -124,22 +138,34 @@ GuestTask l1_program(Checker& c) {
   co_await c.run("VMRESUME of the launched VMCS", GuestOp{GuestOp::Vmresume{}}, kOk);
   // VMCLEAR of the current VMCS: no current VMCS afterwards; VMPTRLD again
   // and VMRESUME sees it cleared.
-  co_await c.run("VMCLEAR A (current)", GuestOp{GuestOp::Vmclear{vmcs_a}}, kOk);
-  st = co_await ops::vmptrst();
+  co_await c.run("VMCLEAR A (current)", GuestOp{GuestOp::Vmclear{r.vmcs_a}}, kOk);
+  OpResult st = co_await ops::vmptrst();
   c.result.check(st.value == ~uint64_t{0}, "VMPTRST after VMCLEAR returned {:#x}", st.value);
-  co_await c.run("VMPTRLD A again", GuestOp{GuestOp::Vmptrld{vmcs_a}}, kOk);
+  co_await c.run("VMPTRLD A again", GuestOp{GuestOp::Vmptrld{r.vmcs_a}}, kOk);
   co_await c.run("VMRESUME of a cleared VMCS", GuestOp{GuestOp::Vmresume{}},
                  valid(VmInstructionError::kVmresumeNonLaunchedVmcs));
   // Switching between two VMCSs keeps each one's fields.
-  co_await c.run("VMCLEAR B", GuestOp{GuestOp::Vmclear{vmcs_b}}, kOk);
-  co_await c.run("VMPTRLD B", GuestOp{GuestOp::Vmptrld{vmcs_b}}, kOk);
+  co_await c.run("VMCLEAR B", GuestOp{GuestOp::Vmclear{r.vmcs_b}}, kOk);
+  co_await c.run("VMPTRLD B", GuestOp{GuestOp::Vmptrld{r.vmcs_b}}, kOk);
   co_await c.run("VMWRITE guest RIP of B", GuestOp{GuestOp::Vmwrite{vmx::field::kGuestRip, 0xb}}, kOk);
-  co_await c.run("VMPTRLD A back", GuestOp{GuestOp::Vmptrld{vmcs_a}}, kOk);
-  rip = co_await ops::vmread(vmx::field::kGuestRip);
+  co_await c.run("VMPTRLD A back", GuestOp{GuestOp::Vmptrld{r.vmcs_a}}, kOk);
+  OpResult rip = co_await ops::vmread(vmx::field::kGuestRip);
   c.result.check(rip.value == 0x1234, "A's guest RIP after switching is {:#x}, expected 0x1234", rip.value);
   // VMXOFF leaves VMX operation.
   co_await c.run("VMXOFF", GuestOp{GuestOp::Vmxoff{}}, kOk);
   co_await c.run("VMREAD after VMXOFF", GuestOp{GuestOp::Vmread{vmx::field::kGuestRip}}, kUd);
+}
+
+GuestTask l1_program(Checker& c) {
+  guest::L1Pages pages(kL1PagesStart, 16 << 20);
+  Regions r{pages.alloc(), pages.alloc(), pages.alloc(), pages.alloc()};
+  co_await guest::init_region(r.vmxon);
+  co_await guest::init_region(r.vmcs_a);
+  co_await guest::init_region(r.vmcs_b);
+  co_await ops::write32(r.bad_rev, kBadRevision);
+  co_await check_before_a_current_vmcs(c, r);
+  co_await check_with_a_current_vmcs(c, r);
+  co_await check_launch_clear_and_switch(c, r);
 }
 
 SelftestResult run(const RunOptions& o) {
@@ -153,9 +179,7 @@ SelftestResult run(const RunOptions& o) {
   Checker c{result};
   // The L2 that makes VMLAUNCH succeed: one VMCALL per entry, forever. Its
   // vmcs12 is the first page L1 allocates after the VMXON region.
-  e.machine->bind_l2_program(kL1PagesStart + kPageSize, []() -> GuestTask {
-    for (;;) co_await ops::vmcall(0);
-  }());
+  e.machine->bind_l2_program(kL1PagesStart + kPageSize, guest::vmcall_forever());
   e.machine->set_l1_program(0, l1_program(c));
   if (auto st = e.machine->run(std::chrono::seconds(60)); !st) result.fail(st.error().to_string());
   result.counters = e.counters();
@@ -177,7 +201,7 @@ void register_vmx_instructions_selftest() {
       "VMRESUME, INVEPT and INVVPID with good and bad operands, in and out of VMX operation, with and "
       "without a current VMCS, and checks each outcome (VMsucceed, VMfailInvalid, VMfailValid with the "
       "SDM's error number read back from the VM-instruction error field, #UD).",
-      nullptr,
+      {},
       run,
   });
 }

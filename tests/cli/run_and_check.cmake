@@ -1,6 +1,6 @@
-# Runs the nestcache binary and checks its exit status and output.
+# Runs a program (the nestcache binary, a check script) and checks its exit status and output.
 #
-#   cmake -DEXE=<nestcache> "-DARGS=selftest memslots --json" -DEXIT=0
+#   cmake -DEXE=<program> "-DARGS=selftest memslots --json" -DEXIT=0
 #         [-DMATCH1=<regex>] [-DMATCH2=<regex>] [-DMATCH3=<regex>] -P run_and_check.cmake
 #
 # EXIT is the exact expected status, or "nonzero". Each MATCHn must match the
@@ -27,6 +27,6 @@ foreach(n 1 2 3)
   endif()
 endforeach()
 if(problems)
-  message(FATAL_ERROR "nestcache ${ARGS}\n${problems}--- output ---\n${all}")
+  message(FATAL_ERROR "${EXE} ${ARGS}\n${problems}--- output ---\n${all}")
 endif()
-message(STATUS "nestcache ${ARGS}: exit ${status}, output as expected")
+message(STATUS "${EXE} ${ARGS}: exit ${status}, output as expected")

@@ -3,10 +3,12 @@
 // page strategy and memory kind.
 #include <gtest/gtest.h>
 
-#include "base/check.h"
-#include "cpu/machine.h"
-#include "guest/l1.h"
-#include "vmx/entry_checks.h"
+#include "guest/ept12.h"
+#include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
+#include "guest/wait.h"
+#include "support/nested_env.h"
+#include "support/params.h"
 
 namespace nestcache::cpu {
 namespace {
@@ -19,31 +21,21 @@ using vmx::StrategyKind;
 constexpr size_t kL1Bytes = 16 << 20;
 constexpr Gpa kL2DataGpa = 0x200000;  // where L2 sees its data page
 
-struct Param {
-  StrategyKind strategy;
-  host::FrameKind memory;
-};
-
-std::string name(const ::testing::TestParamInfo<Param>& p) {
-  return std::string(vmx::strategy_name(p.param.strategy)) + "_" + host::frame_kind_name(p.param.memory);
-}
-
-class MachineTest : public ::testing::TestWithParam<Param> {
+class MachineTest : public ::testing::TestWithParam<test_support::StrategyAndMemory> {
  protected:
   void SetUp() override {
-    size_t frames = kL1Bytes / kPageSize + 64;
-    phys = std::move(*host::PhysMem::create({frames, frames}));
-    phys->set_stale_access_fatal(true);
-    mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<vm::Vm>(*mm, 1);
-    Hva base = *mm->create_region(kL1Bytes, GetParam().memory);
-    NC_CHECK(vm->set_memory_region({0, 0, 0, kL1Bytes, base}));
-    machine = std::make_unique<Machine>(*vm, MachineConfig{1, GetParam().strategy, 0});
+    workloads::NestedEnvConfig c{GetParam().strategy, GetParam().memory};
+    c.l1_bytes = kL1Bytes;
+    c.extra_frames = 64;
+    c.stale_fatal = true;
+    env = test_support::make_nested_env(c);
+    ASSERT_TRUE(env);
+    vm = env->vm.get();
+    machine = env->machine.get();
   }
-  std::unique_ptr<host::PhysMem> phys;
-  std::unique_ptr<host::HostMm> mm;
-  std::unique_ptr<vm::Vm> vm;
-  std::unique_ptr<Machine> machine;
+  std::unique_ptr<workloads::NestedEnv> env;
+  vm::Vm* vm = nullptr;
+  Machine* machine = nullptr;
 };
 
 TEST_P(MachineTest, L1RunsAnL2ThatWritesMemoryAndExitsWithVmcall) {
@@ -51,19 +43,11 @@ TEST_P(MachineTest, L1RunsAnL2ThatWritesMemoryAndExitsWithVmcall) {
   int vmcalls = 0;
   auto l1 = [&](Machine& m) -> GuestTask {
     L1Pages pages(0x100000, kL1Bytes);
-    co_await guest::enter_vmx(pages);
-    Gpa vmcs = pages.alloc();
-    co_await guest::init_region(vmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+    Gpa vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
     Ept12 ept(pages);
     Gpa data = pages.alloc();
     co_await ept.map(kL2DataGpa, data);
-    vmx::Vmcs12 v = vmx::minimal_vmcs12();
-    v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls;
-    v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
-    v.ept_pointer = ept.eptp();
-    co_await guest::write_vmcs(v);
+    co_await guest::write_vmcs(guest::vmcs12_for({.eptp = ept.eptp()}));
     m.bind_l2_program(vmcs, [](uint64_t* unused) -> GuestTask {
       co_await ops::write64(kL2DataGpa + 8, 0xfeed);
       for (int i = 0; i < 3; i++) co_await ops::vmcall(i);
@@ -92,28 +76,20 @@ TEST_P(MachineTest, L1RunsAnL2ThatWritesMemoryAndExitsWithVmcall) {
 }
 
 TEST_P(MachineTest, AnInterruptForL1ExitsL2WhenL1AsksForExternalInterruptExiting) {
+  env->machine.reset();
   auto machine2 = std::make_unique<Machine>(*vm, MachineConfig{2, GetParam().strategy, 0});
-  machine.reset();
   constexpr Gpa kFlag = 0x80000;  // L1 word: L2 is running
   uint64_t info = 0, reason = 0;
   auto l1 = [&](Machine& m) -> GuestTask {
     L1Pages pages(0x100000, kL1Bytes);
-    co_await guest::enter_vmx(pages);
-    Gpa vmcs = pages.alloc();
-    co_await guest::init_region(vmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+    Gpa vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
     Ept12 ept(pages);
     co_await ept.map(kL2DataGpa, pages.alloc());
-    vmx::Vmcs12 v = vmx::minimal_vmcs12();
-    v.pin_based_controls |= vmx::pin::kExternalInterruptExiting;
-    v.exit_controls |= vmx::exit_ctl::kAckInterruptOnExit;
-    v.primary_proc_controls |= vmx::proc::kActivateSecondaryControls;
-    v.secondary_proc_controls |= vmx::proc2::kEnableEpt;
-    v.ept_pointer = ept.eptp();
-    co_await guest::write_vmcs(v);
+    co_await guest::write_vmcs(guest::vmcs12_for({.eptp = ept.eptp(), .exit_on_interrupts = true}));
     m.bind_l2_program(vmcs, []() -> GuestTask {
-      co_await ops::write64(0x80000 - 0x80000 + kL2DataGpa, 1);
-      for (;;) co_await ops::pause();  // spins without exiting until interrupted
+      co_await ops::write64(kL2DataGpa, 1);
+      // Spins without exiting until interrupted.
+      co_await guest::wait_while_eq(kL2DataGpa, 1);
     }());
     co_await ops::write64(kFlag, 1);
     OpResult r = co_await ops::vmlaunch();
@@ -122,7 +98,7 @@ TEST_P(MachineTest, AnInterruptForL1ExitsL2WhenL1AsksForExternalInterruptExiting
     info = co_await guest::vmread(vmx::field::kExitInterruptionInfo);
   };
   auto sender = []() -> GuestTask {
-    while (co_await ops::read64(kFlag) == 0) co_await ops::pause();
+    co_await guest::wait_while_eq(kFlag, 0);
     co_await ops::send_ipi(0, 0x31);
   };
   machine2->set_l1_program(0, l1(*machine2));
@@ -135,12 +111,8 @@ TEST_P(MachineTest, AnInterruptForL1ExitsL2WhenL1AsksForExternalInterruptExiting
 }
 
 INSTANTIATE_TEST_SUITE_P(All, MachineTest,
-                         ::testing::Values(Param{StrategyKind::map, host::FrameKind::managed},
-                                           Param{StrategyKind::map, host::FrameKind::unmanaged},
-                                           Param{StrategyKind::cache, host::FrameKind::managed},
-                                           Param{StrategyKind::cache, host::FrameKind::unmanaged},
-                                           Param{StrategyKind::oracle, host::FrameKind::unmanaged}),
-                         name);
+                         ::testing::ValuesIn(test_support::strategies_and_memory_without_managed_oracle()),
+                         test_support::case_name);
 
 }  // namespace
 }  // namespace nestcache::cpu

@@ -30,7 +30,7 @@ size_t counter_offset(int reader) { return 8 * (reader + 1); }
 class CacheRaceTest : public ::testing::TestWithParam<KindAndSide> {};
 
 TEST_P(CacheRaceTest, ReadersSeeNoStaleFrameAndLoseNoWriteWhilePagesMigrate) {
-  VmEnv env(std::get<0>(GetParam()), kPages, 8192, VmOptions{std::get<1>(GetParam())});
+  VmEnv env(testing::env_config(GetParam(), kPages, 8192));
   env.phys->set_stale_access_fatal(true);
   for (Gpa g = 0; g < kPages * kPageSize; g += kPageSize) {
     uint64_t v = stamp(g);

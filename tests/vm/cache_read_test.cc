@@ -25,7 +25,7 @@ class CacheReadTest : public ::testing::TestWithParam<KindAndSide> {
   static uint64_t stamp(Gpa g) { return 0x5eed000000000000ull | g; }
   static host::FrameKind kind() { return std::get<0>(GetParam()); }
   static CacheReadSide side() { return std::get<1>(GetParam()); }
-  VmEnv env{kind(), 64, 4096, VmOptions{side()}};
+  VmEnv env{testing::env_config(GetParam())};
 };
 
 TEST_P(CacheReadTest, TheCacheTakesTheVmsReadSideUnlessGivenOne) {

@@ -12,6 +12,7 @@ namespace nestcache::vm {
 namespace {
 
 using testing::VmEnv;
+using testing::VmEnvConfig;
 
 // Every value stored under `page`, as a sorted list.
 std::vector<const void*> values_at(const PageIndex& idx, Hva page) {
@@ -56,7 +57,7 @@ TEST(PageIndex, RandomInsertsAndErasesMatchAMultimap) {
 
 class RegistryTest : public ::testing::TestWithParam<CacheReadSide> {
  protected:
-  RegistryTest() : env(host::FrameKind::managed, 256, 64, VmOptions{GetParam()}) {
+  RegistryTest() : env(VmEnvConfig{.kind = host::FrameKind::managed, .pages = 256, .spare = 64, .vm_options = {GetParam()}}) {
     env.phys->set_stale_access_fatal(true);
   }
   VmEnv env;

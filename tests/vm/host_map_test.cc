@@ -2,6 +2,7 @@
 // when kept across host or memslot changes (the bug the seed fixes).
 #include <gtest/gtest.h>
 
+#include "support/params.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -99,7 +100,7 @@ TEST(HostMapManaged, AMapKeptAcrossADiscardIsStaleEvenThoughThePinKeepsTheFrame)
 }
 
 INSTANTIATE_TEST_SUITE_P(Memory, HostMapTest, ::testing::Values(host::FrameKind::managed, host::FrameKind::unmanaged),
-                         testing::kind_name);
+                         test_support::memory_case_name);
 
 }  // namespace
 }  // namespace nestcache::vm

@@ -2,6 +2,7 @@
 // generation, the refresh retry protocol, guest-uses-pfn.
 #include <gtest/gtest.h>
 
+#include "support/params.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -31,7 +32,7 @@ class PfnCacheTest : public ::testing::TestWithParam<KindAndSide> {
     EXPECT_TRUE(p);
     return p ? p->read<uint64_t>(0) : 0;
   }
-  VmEnv env{kind(), 64, 4096, VmOptions{side()}};
+  VmEnv env{testing::env_config(GetParam())};
   Gpa c_gpa = 0x3000;
 };
 

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <random>
 
+#include "support/params.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -32,7 +33,7 @@ class SoakTest : public ::testing::TestWithParam<KindAndSide> {};
 
 TEST_P(SoakTest, CachesStayCorrectUnderMigrationDiscardAndMemslotChurn) {
   const host::FrameKind kind = std::get<0>(GetParam());
-  VmEnv env(kind, kPages, 4096, VmOptions{std::get<1>(GetParam())});
+  VmEnv env(testing::env_config(GetParam(), kPages));
   env.phys->set_stale_access_fatal(true);
   for (Gpa g = 0; g < kPages * kPageSize; g += kPageSize) {
     uint64_t v = stamp(g);

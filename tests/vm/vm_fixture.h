@@ -1,5 +1,6 @@
-// Shared set-up for vm-layer tests: a PhysMem, a HostMm and a Vm with one
-// region of guest memory mapped by memslot 0 at gpa 0.
+// Shared set-up for vm-layer tests: the guest-memory environment of
+// tests/support (a PhysMem, a HostMm and a Vm with one region of guest
+// memory mapped by memslot 0 at gpa 0) and a vCPU thread harness.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -10,37 +11,18 @@
 #include <tuple>
 
 #include "base/check.h"
+#include "support/vm_env.h"
 #include "vm/host_map.h"
 #include "vm/pfn_cache.h"
 #include "vm/vm.h"
 
 namespace nestcache::vm::testing {
 
-struct VmEnv {
-  explicit VmEnv(host::FrameKind kind, size_t pages = 64, size_t spare = 4096, VmOptions options = {}) : kind(kind) {
-    auto m = host::PhysMem::create({kind == host::FrameKind::managed ? pages + spare : 16,
-                                    kind == host::FrameKind::unmanaged ? pages + spare : 16});
-    NC_CHECK(m);
-    phys = std::move(*m);
-    mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<Vm>(*mm, 1, options);
-    base = *mm->create_region(pages * kPageSize, kind);
-    NC_CHECK(vm->set_memory_region({0, 0, 0, pages * kPageSize, base}));
-  }
-  Hva hva_of(Gpa gpa) const { return base + gpa; }
+using test_support::VmEnv;
+using test_support::VmEnvConfig;
 
-  host::FrameKind kind;
-  std::unique_ptr<host::PhysMem> phys;
-  std::unique_ptr<host::HostMm> mm;
-  std::unique_ptr<Vm> vm;
-  Hva base = 0;
-};
-
-inline const char* kind_name(const ::testing::TestParamInfo<host::FrameKind>& info) {
-  return host::frame_kind_name(info.param);
-}
-
-// Tests that run for both frame kinds and both pfn-cache read sides.
+// Tests that run for both frame kinds and both pfn-cache read sides, and
+// the environment for one of them.
 using KindAndSide = std::tuple<host::FrameKind, CacheReadSide>;
 inline const auto kKindsAndSides =
     ::testing::Combine(::testing::Values(host::FrameKind::managed, host::FrameKind::unmanaged),
@@ -48,6 +30,9 @@ inline const auto kKindsAndSides =
 inline std::string kind_and_side_name(const ::testing::TestParamInfo<KindAndSide>& info) {
   return std::string(host::frame_kind_name(std::get<0>(info.param))) + "_" +
          cache_read_side_name(std::get<1>(info.param));
+}
+inline VmEnvConfig env_config(const KindAndSide& p, size_t pages = 64, size_t spare = 4096) {
+  return {.kind = std::get<0>(p), .pages = pages, .spare = spare, .vm_options = {std::get<1>(p)}};
 }
 
 // A vCPU thread for tests: loops entering guest mode and, while "in the

@@ -7,6 +7,7 @@
 #include <functional>
 
 #include "base/check.h"
+#include "support/vm_env.h"
 #include "vmx/entry_checks.h"
 #include "vmx/nested.h"
 
@@ -19,13 +20,9 @@ constexpr Gpa kEvmcs = 0x100000;  // memslot 1, one page
 constexpr Gpa kOtherEvmcs = 0x24000;
 constexpr Gpa kNoSlot = 0x800000;
 
-struct Fixture {
-  explicit Fixture(StrategyKind strategy = StrategyKind::cache, bool enable = true) {
-    phys = std::move(*host::PhysMem::create({kPages + 256, 16}));
-    mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<vm::Vm>(*mm, 1);
-    Hva base = *mm->create_region(kPages * kPageSize, host::FrameKind::managed);
-    NC_CHECK(vm->set_memory_region({0, 0, 0, kPages * kPageSize, base}));
+struct Fixture : test_support::VmEnv {
+  explicit Fixture(StrategyKind strategy = StrategyKind::cache, bool enable = true)
+      : VmEnv({.kind = host::FrameKind::managed, .pages = kPages, .spare = 256}) {
     evmcs_hva = *mm->create_region(kPageSize, host::FrameKind::managed);
     NC_CHECK(vm->set_memory_region({1, 0, kEvmcs, kPageSize, evmcs_hva}));
     vcpu = std::make_unique<vm::Vcpu>(0);
@@ -66,9 +63,6 @@ struct Fixture {
     NC_CHECK(vm->write_guest(evmcs, buf.data(), buf.size()));
   }
 
-  std::unique_ptr<host::PhysMem> phys;
-  std::unique_ptr<host::HostMm> mm;
-  std::unique_ptr<vm::Vm> vm;
   Hva evmcs_hva = 0;
   std::unique_ptr<vm::Vcpu> vcpu;
   CounterSet counters;

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "base/check.h"
+#include "support/vm_env.h"
 #include "vmx/entry_checks.h"
 
 namespace nestcache::vmx {
@@ -15,21 +16,14 @@ constexpr size_t kPages = 64;  // memslot 0: [0, 256 KiB)
 constexpr Gpa kVmxon = 0x10000, kVmcs = 0x11000, kApicPage = 0x20000, kVapicPage = 0x21000;
 constexpr Gpa kNoSlot = 0x800000;
 
-struct Fixture {
-  Fixture(StrategyKind strategy = StrategyKind::cache) {
-    phys = std::move(*host::PhysMem::create({kPages + 256, 16}));
-    mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<vm::Vm>(*mm, 1);
-    Hva base = *mm->create_region(kPages * kPageSize, host::FrameKind::managed);
-    NC_CHECK(vm->set_memory_region({0, 0, 0, kPages * kPageSize, base}));
+struct Fixture : test_support::VmEnv {
+  Fixture(StrategyKind strategy = StrategyKind::cache)
+      : VmEnv({.kind = host::FrameKind::managed, .pages = kPages, .spare = 256}) {
     vcpu = std::make_unique<vm::Vcpu>(0);
     nested = std::make_unique<NestedVmx>(*vm, *vcpu, strategy, nullptr, counters);
   }
   ~Fixture() { nested.reset(); }
 
-  std::unique_ptr<host::PhysMem> phys;
-  std::unique_ptr<host::HostMm> mm;
-  std::unique_ptr<vm::Vm> vm;
   std::unique_ptr<vm::Vcpu> vcpu;
   CounterSet counters;
   std::unique_ptr<NestedVmx> nested;

@@ -9,6 +9,12 @@
 #include <functional>
 #include <thread>
 
+#include "support/nested_env.h"
+#include "support/params.h"
+#include "support/selftests.h"
+#include "guest/enlightened.h"
+#include "guest/ept12.h"
+#include "guest/vmx.h"
 #include "vmx/entry_checks.h"
 #include "vmx/vmx_nested_contexts.h"
 #include "workloads/nested_env.h"
@@ -27,18 +33,17 @@ constexpr Gpa kVpAssist = 0x90000;
 constexpr Gpa kMsrBitmap = 0x91000;
 constexpr uint32_t kMsr = 0x10;  // IA32_TIME_STAMP_COUNTER: a low MSR L1 may intercept
 
-std::unique_ptr<NestedEnv> make_env(Strategy s, MemoryKind m = MemoryKind::unmanaged, bool evmcs_slot = true) {
+std::unique_ptr<NestedEnv> make_env(StrategyKind s, MemoryKind m = MemoryKind::unmanaged, bool evmcs_slot = true) {
   NestedEnvConfig ec{s, m};
   ec.vcpus = 1;
   ec.l1_bytes = 8 << 20;
-  auto env = NestedEnv::create(ec);
-  EXPECT_TRUE(env) << env.error().to_string();
+  auto env = test_support::make_nested_env(ec);
   if (!env) return nullptr;
   if (evmcs_slot) {
-    EXPECT_TRUE((*env)->add_page_slot(1, kEvmcs));
+    EXPECT_TRUE(env->add_page_slot(1, kEvmcs));
   }
-  (*env)->machine->vcpu(0).nested().enable_evmcs();
-  return std::move(*env);
+  env->machine->vcpu(0).nested().enable_evmcs();
+  return env;
 }
 
 GuestTask l2_vmcall_rdmsr_vmcall() {
@@ -65,13 +70,11 @@ GuestTask enlightened_setup(Gpa evmcs, uint32_t revision = vmx::kEvmcsRevision) 
   co_await guest::write_evmcs(evmcs, v, vmx::evmcs_enlightenment::kMsrBitmap);
 }
 
-uint64_t reason_of(uint64_t r) { return r & 0xffff; }
-
 // Runs the machine and returns its status.
 Status run(NestedEnv& env) { return env.machine->run(std::chrono::seconds(30)); }
 
 TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
-  auto env = make_env(Strategy::cache);
+  auto env = make_env(StrategyKind::cache);
   ASSERT_TRUE(env);
   cpu::Vcpu& vcpu = env->machine->vcpu(0);
   env->machine->bind_l2_program(kEvmcs, l2_vmcall_rdmsr_vmcall());
@@ -115,15 +118,15 @@ TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
   uint64_t second_exit = 0;
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    co_await guest::vmlaunch();
     // L1 now intercepts RDMSR of kMsr and says so: MSR_BITMAP group dirty.
     co_await ops::write8(kMsrBitmap + kMsr / 8, 1u << (kMsr % 8));
     co_await guest::evmcs_write(kEvmcs, vmx::field::kMsrBitmap, kMsrBitmap);
     co_await guest::evmcs_write(kEvmcs, vmx::field::kGuestRip, 0x1234);
     armed = true;
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+    co_await guest::vmresume();
     second_exit = co_await guest::evmcs_read(kEvmcs, vmx::field::kExitReason);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -138,12 +141,12 @@ TEST(EvmcsEntry, EntryUsesOneSnapshotEvenIfThePageChangesMidEntry) {
   EXPECT_EQ(pin_controls & vmx::pin::kPostedInterrupts, 0u) << "the entry checks saw the copy, not the page";
   EXPECT_TRUE(use_bitmap);
   EXPECT_TRUE(intercepted) << "the MSR_BITMAP group was dirty in the snapshot: L0 merged L1's new bitmap";
-  EXPECT_EQ(reason_of(second_exit), static_cast<uint64_t>(vmx::ExitReason::kMsrRead))
+  EXPECT_EQ(vmx::basic_exit_reason(static_cast<uint32_t>(second_exit)), vmx::ExitReason::kMsrRead)
       << "L2's RDMSR reached L1 through the merged bitmap";
   EXPECT_EQ(env->counters()[Counter::stale_accesses], 0u);
 }
 
-class EvmcsEntryStrategies : public ::testing::TestWithParam<Strategy> {};
+class EvmcsEntryStrategies : public ::testing::TestWithParam<StrategyKind> {};
 
 TEST_P(EvmcsEntryStrategies, EvmcsWithNoMemslotIsUndefinedOpcode) {
   auto env = make_env(GetParam(), MemoryKind::unmanaged, /*evmcs_slot=*/false);
@@ -174,7 +177,7 @@ TEST_P(EvmcsEntryStrategies, BadRevisionIsVmfailInvalidAndAFixedPageEnters) {
     bad = co_await ops::vmlaunch();
     co_await guest::init_evmcs(kEvmcs);
     good = co_await ops::vmlaunch();
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -194,7 +197,7 @@ TEST_P(EvmcsEntryStrategies, VmxInstructionsWhileAnEvmcsIsInUse) {
   uint32_t clean_after_clear = 0;
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    co_await guest::vmlaunch();
     read_reason = co_await ops::vmread(vmx::field::kExitReason);
     read_uncarried = co_await ops::vmread(vmx::field::kPostedIntrDescAddr);
     write = co_await ops::vmwrite(vmx::field::kGuestRip, 0x42);
@@ -207,7 +210,7 @@ TEST_P(EvmcsEntryStrategies, VmxInstructionsWhileAnEvmcsIsInUse) {
     in_use_after_clear = vcpu.nested().evmcs_gpa();
     clean_after_clear = co_await ops::read32(kEvmcs + vmx::kEvmcsCleanFieldsOffset);
     resume = co_await ops::vmresume();  // the VP-assist page still names it
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -237,19 +240,19 @@ TEST_P(EvmcsEntryStrategies, MemslotMoveUnderACurrentEvmcs) {
   OpResult resume;
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+    co_await guest::vmlaunch();
     // The VMM moves the eVMCS memslot (the hva stays, the gpa changes).
     Hva hva = *env->vm->gfn_to_hva(gpa_to_gfn(kEvmcs));
     EXPECT_TRUE(env->vm->set_memory_region({1, 0, kEvmcs + 0x10000, kPageSize, hva}));
     resume = co_await ops::vmresume();
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
   ASSERT_TRUE(st) << st.error().to_string();
   uint64_t stale = env->counters()[Counter::stale_accesses];
   stale = std::max(stale, env->phys->counters().get(Counter::stale_accesses));
-  if (GetParam() == Strategy::map) {
+  if (GetParam() == StrategyKind::map) {
     EXPECT_TRUE(resume.ok()) << cpu::to_string(resume);
     EXPECT_GT(stale, 0u) << "the detector sees the kept map's gfn resolve nowhere";
   } else {
@@ -266,9 +269,9 @@ TEST_P(EvmcsEntryStrategies, VmxoffAndTeardownFreeEverything) {
   env->machine->bind_l2_program(kEvmcs, l2_vmcalls());
   auto l1 = [&]() -> GuestTask {
     co_await enlightened_setup(kEvmcs);
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmxoff{}}, "VMXOFF");
+    co_await guest::vmlaunch();
+    co_await guest::vmresume();
+    co_await guest::vmxoff();
   };
   env->machine->set_l1_program(0, l1());
   Status st = run(*env);
@@ -288,31 +291,18 @@ TEST_P(EvmcsEntryStrategies, VmxoffAndTeardownFreeEverything) {
   EXPECT_EQ(env->vm->caches().active_count(), 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(All, EvmcsEntryStrategies, ::testing::Values(Strategy::map, Strategy::cache, Strategy::oracle),
-                         [](const ::testing::TestParamInfo<Strategy>& i) { return std::string(strategy_name(i.param)); });
+INSTANTIATE_TEST_SUITE_P(All, EvmcsEntryStrategies, ::testing::ValuesIn(kAllStrategies), test_support::strategy_case_name);
 
 // The `evmcs` selftest through the registry, as the CLI runs it.
-struct SelftestCase {
-  Strategy strategy;
-  MemoryKind memory;
-};
-
-class EvmcsSelftest : public ::testing::TestWithParam<SelftestCase> {};
+class EvmcsSelftest : public ::testing::TestWithParam<test_support::StrategyAndMemory> {};
 
 TEST_P(EvmcsSelftest, MovesAndMigrationsUnderAnEnlightenedL1) {
-  register_all();
-  const SelftestInfo* info = find_selftest("evmcs");
-  ASSERT_NE(info, nullptr);
-  RunOptions o;
-  o.strategy = GetParam().strategy;
-  o.memory = GetParam().memory;
-  o.extra = default_extra(*info);
-  o.extra["rounds"] = "10";
-  SelftestResult r = run_selftest(*info, o);
+  SelftestResult r =
+      test_support::run_named_selftest("evmcs", GetParam().strategy, GetParam().memory, {{"rounds", "10"}});
   for (auto& f : r.failures) ADD_FAILURE() << f;
   EXPECT_TRUE(r.passed);
   uint64_t stale = r.counters[Counter::stale_accesses];
-  if (o.strategy == Strategy::map) {
+  if (GetParam().strategy == StrategyKind::map) {
     EXPECT_GT(stale, 0u);
     EXPECT_EQ(r.details["transcript"]["entered_while_away"], 10);
   } else {
@@ -322,17 +312,8 @@ TEST_P(EvmcsSelftest, MovesAndMigrationsUnderAnEnlightenedL1) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(All, EvmcsSelftest,
-                         ::testing::Values(SelftestCase{Strategy::map, MemoryKind::managed},
-                                           SelftestCase{Strategy::map, MemoryKind::unmanaged},
-                                           SelftestCase{Strategy::cache, MemoryKind::managed},
-                                           SelftestCase{Strategy::cache, MemoryKind::unmanaged},
-                                           SelftestCase{Strategy::oracle, MemoryKind::managed},
-                                           SelftestCase{Strategy::oracle, MemoryKind::unmanaged}),
-                         [](const ::testing::TestParamInfo<SelftestCase>& i) {
-                           return std::string(strategy_name(i.param.strategy)) + "_" +
-                                  std::string(memory_kind_name(i.param.memory));
-                         });
+INSTANTIATE_TEST_SUITE_P(All, EvmcsSelftest, ::testing::ValuesIn(test_support::every_strategy_and_memory()),
+                         test_support::case_name);
 
 }  // namespace
 }  // namespace nestcache::workloads

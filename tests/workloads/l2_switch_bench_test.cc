@@ -1,4 +1,4 @@
-// `nestcache bench --tests l2-switch` (issue 7, "Cost"): the rows for N = 2,
+// `nestcache bench --tests l2-switch`, the cost of an L2 switch: the rows for N = 2,
 // 8 and 16 carry the context counters, follow the seed's sched formulas, and
 // show what the contexts save: no remap window after the cold round with
 // cache while every L2 has a context, one set of windows per switch with map.
@@ -11,7 +11,7 @@ namespace {
 
 constexpr uint64_t kRounds = 3;
 
-BenchRow run(const std::string& name, Strategy s) {
+BenchRow run(const std::string& name, StrategyKind s) {
   register_all();
   const BenchInfo* b = find_bench(name);
   EXPECT_NE(b, nullptr) << name;
@@ -32,7 +32,7 @@ TEST(L2SwitchBench, TheGroupNamesTheThreeSizes) {
 }
 
 TEST(L2SwitchBench, CacheKeepsEveryL2sPagesWhenEachHasAContext) {
-  BenchRow r = run("l2-switch-8", Strategy::cache);
+  BenchRow r = run("l2-switch-8", StrategyKind::cache);
   EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();
   EXPECT_EQ(r.iterations, kRounds);
   EXPECT_EQ(r.extra["nested_context_reuse"].get<uint64_t>(), 8 * (kRounds - 1));
@@ -45,7 +45,7 @@ TEST(L2SwitchBench, CacheKeepsEveryL2sPagesWhenEachHasAContext) {
 }
 
 TEST(L2SwitchBench, MapRemapsOnEverySwitchAndUsesNoContexts) {
-  BenchRow r = run("l2-switch-2", Strategy::map);
+  BenchRow r = run("l2-switch-2", StrategyKind::map);
   EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();
   EXPECT_EQ(r.extra["nested_context_reuse"].get<uint64_t>(), 0u);
   EXPECT_EQ(r.extra["contexts"].get<uint64_t>(), 0u);
@@ -55,7 +55,7 @@ TEST(L2SwitchBench, MapRemapsOnEverySwitchAndUsesNoContexts) {
 }
 
 TEST(L2SwitchBench, SixteenL2sShareTheEightContexts) {
-  BenchRow r = run("l2-switch-16", Strategy::oracle);
+  BenchRow r = run("l2-switch-16", StrategyKind::oracle);
   EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();
   EXPECT_EQ(r.extra["nested_context_reuse"].get<uint64_t>(), 8 * (kRounds - 1));
   EXPECT_EQ(r.extra["l2"].get<int>(), 16);

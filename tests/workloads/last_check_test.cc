@@ -6,6 +6,10 @@
 #include <atomic>
 #include <thread>
 
+#include "support/nested_env.h"
+#include "guest/enlightened.h"
+#include "guest/ept12.h"
+#include "guest/vmx.h"
 #include "vmx/entry_checks.h"
 #include "workloads/nested_env.h"
 
@@ -25,7 +29,7 @@ struct Seen {
 };
 
 GuestTask l2_apic_then_vmcall() {
-  co_await ops::write32(kApicGpa + 0x80, 1);
+  co_await ops::write32(kApicGpa + vmx::vapic::kTpr, 1);
   for (;;) co_await ops::vmcall(0);
 }
 
@@ -39,34 +43,28 @@ GuestTask l2_vmcalls() {
 GuestTask l1_program(cpu::Machine& m, vmx::Vmcs12 v, GuestTask l2, int vmcalls, Seen& seen,
                      std::function<void()> between) {
   guest::L1Pages pages(kL1PagesStart, 16 << 20);
-  co_await guest::enter_vmx(pages);
-  Gpa vmcs = pages.alloc();
-  co_await guest::init_region(vmcs);
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmclear{vmcs}}, "VMCLEAR");
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmptrld{vmcs}}, "VMPTRLD");
+  Gpa vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
   guest::Ept12 ept(pages);
   co_await ept.map(kApicGpa, kApicGpa);
   v.ept_pointer = ept.eptp();
   co_await guest::write_vmcs(v);
   m.bind_l2_program(vmcs, std::move(l2));
-  co_await guest::vmx_ok(GuestOp{GuestOp::Vmlaunch{}}, "VMLAUNCH");
+  co_await guest::vmlaunch();
   for (bool first = true;; first = false) {
-    auto reason = static_cast<vmx::ExitReason>(co_await guest::exit_reason() & 0xffff);
+    vmx::ExitReason reason = co_await guest::basic_exit_reason();
     if (reason == vmx::ExitReason::kApicAccess) seen.apic_access_exits++;
     if (reason == vmx::ExitReason::kVmcall && ++seen.vmcalls == vmcalls) break;
     if (first && between) between();
-    co_await guest::vmx_ok(GuestOp{GuestOp::Vmresume{}}, "VMRESUME");
+    co_await guest::vmresume();
   }
 }
 
 std::unique_ptr<NestedEnv> make_env() {
-  NestedEnvConfig ec{Strategy::cache, MemoryKind::unmanaged};
+  NestedEnvConfig ec{StrategyKind::cache, MemoryKind::unmanaged};
   ec.vcpus = 1;
   ec.l1_bytes = 8 << 20;
   ec.stale_fatal = false;
-  auto env = NestedEnv::create(ec);
-  EXPECT_TRUE(env) << env.error().to_string();
-  return env ? std::move(*env) : nullptr;
+  return test_support::make_nested_env(ec);
 }
 
 TEST(LastCheck, InvalidationBetweenVmcs02BuildAndEntryCancelsTheEntryAndRefreshes) {

@@ -1,30 +1,22 @@
-// memslot_perf in nested mode (issue 8): every test completes under every
+// memslot_perf in nested mode: every test completes under every
 // strategy and memory kind with upstream's value checks, and the counts
 // follow the mechanics of DESIGN.md §6. Small areas, few iterations, no
 // timer ticks and no modelled exit cost, so the counts are exact and the
 // file stays fast.
 #include <gtest/gtest.h>
 
+#include "support/params.h"
 #include "workloads/memslot_perf.h"
 
 namespace nestcache::workloads {
 namespace {
-
-struct Case {
-  Strategy strategy;
-  MemoryKind memory;
-};
-
-std::string case_name(const ::testing::TestParamInfo<Case>& c) {
-  return std::string(strategy_name(c.param.strategy)) + "_" + std::string(memory_kind_name(c.param.memory));
-}
 
 // 1/64 of upstream's unmap area (512 pages) over 132 data slots: 4 pages per
 // slot, as upstream's 128 MiB over 8191 slots.
 constexpr uint32_t kSlots = 133;
 constexpr double kScale = 1.0 / 64;
 
-MemslotPerfConfig config(MemslotTest t, Strategy s, MemoryKind m) {
+MemslotPerfConfig config(MemslotTest t, StrategyKind s, MemoryKind m) {
   MemslotPerfConfig c;
   c.test = t;
   c.strategy = s;
@@ -40,7 +32,7 @@ MemslotPerfConfig config(MemslotTest t, Strategy s, MemoryKind m) {
   return c;
 }
 
-class MemslotPerf : public ::testing::TestWithParam<Case> {
+class MemslotPerf : public ::testing::TestWithParam<test_support::StrategyAndMemory> {
  protected:
   MemslotPerfRun run(MemslotTest t) { return run(config(t, GetParam().strategy, GetParam().memory)); }
   MemslotPerfRun run(const MemslotPerfConfig& c) {
@@ -49,7 +41,7 @@ class MemslotPerf : public ::testing::TestWithParam<Case> {
     if (!r) return {};
     for (const auto& f : r->failures) ADD_FAILURE() << memslot_test_name(c.test) << ": " << f;
     EXPECT_EQ(r->iteration_seconds.size(), c.iterations);
-    if (c.strategy != Strategy::map) {
+    if (c.strategy != StrategyKind::map) {
       EXPECT_EQ(r->counters[Counter::stale_accesses], 0u);
     }
     return *r;
@@ -90,7 +82,7 @@ TEST_P(MemslotPerf, MapFaultsEveryPageAndShootsDownEveryDiscard) {
   EXPECT_EQ(r.counters[Counter::shootdowns], 2 * n);
   EXPECT_GE(r.counters[Counter::ept12_faults], 2 * n);
   EXPECT_GE(r.flush_kicks, n);
-  if (GetParam().strategy == Strategy::map)
+  if (GetParam().strategy == StrategyKind::map)
     EXPECT_GE(r.counters[Counter::maps], r.counters[Counter::nested_round_trips]);
   else
     EXPECT_EQ(r.counters[Counter::maps], 0u);
@@ -107,14 +99,8 @@ TEST_P(MemslotPerf, RwAndMovesComplete) {
   EXPECT_EQ(r.discard_calls, 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(All, MemslotPerf,
-                         ::testing::Values(Case{Strategy::map, MemoryKind::managed},
-                                           Case{Strategy::map, MemoryKind::unmanaged},
-                                           Case{Strategy::cache, MemoryKind::managed},
-                                           Case{Strategy::cache, MemoryKind::unmanaged},
-                                           Case{Strategy::oracle, MemoryKind::managed},
-                                           Case{Strategy::oracle, MemoryKind::unmanaged}),
-                         case_name);
+INSTANTIATE_TEST_SUITE_P(All, MemslotPerf, ::testing::ValuesIn(test_support::every_strategy_and_memory()),
+                         test_support::case_name);
 
 TEST(MemslotPerfLayout, SplitsAsUpstream) {
   MemslotPerfConfig c;
@@ -138,7 +124,7 @@ TEST(MemslotPerfLayout, SplitsAsUpstream) {
 }
 
 TEST(MemslotPerfLayout, RunsAtTheMaximumSlotCount) {
-  MemslotPerfConfig c = config(MemslotTest::move_inactive, Strategy::cache, MemoryKind::unmanaged);
+  MemslotPerfConfig c = config(MemslotTest::move_inactive, StrategyKind::cache, MemoryKind::unmanaged);
   c.slots = kMaxBenchSlots;
   c.scale = 0.25;  // 32,784 pages: one page per slot over 32,763 slots, the rest in the last
   auto r = run_memslot_perf(c);

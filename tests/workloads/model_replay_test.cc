@@ -43,7 +43,7 @@ constexpr uint32_t kVapicSlot = 2;
 class TrailReplay {
  public:
   explicit TrailReplay(std::string_view variant) {
-    NestedEnvConfig ec{Strategy::cache, MemoryKind::unmanaged};
+    NestedEnvConfig ec{StrategyKind::cache, MemoryKind::unmanaged};
     ec.vcpus = 1;
     ec.l1_bytes = 8 << 20;
     ec.stale_fatal = false;

@@ -12,6 +12,8 @@
 #include <set>
 #include <thread>
 
+#include "support/params.h"
+#include "support/selftests.h"
 #include "vmx/evmcs.h"
 #include "vmx/vmx_nested_contexts.h"
 #include "vmx/nested_state_format.h"
@@ -23,7 +25,7 @@ namespace {
 
 using namespace nested_state;
 
-MigrationConfig config(Strategy s = Strategy::cache, MemoryKind m = MemoryKind::unmanaged) {
+MigrationConfig config(StrategyKind s = StrategyKind::cache, MemoryKind m = MemoryKind::unmanaged) {
   MigrationConfig c;
   c.strategy = s;
   c.memory = m;
@@ -101,7 +103,7 @@ TEST(NestedStateMachine, BadVcpuIndexIsAnError) {
 }
 
 TEST(NestedStateMachine, SetOnARunningVcpuRefusesAMalformedBlobAndL2GoesOn) {
-  const MigrationConfig c = config(Strategy::map);
+  const MigrationConfig c = config(StrategyKind::map);
   auto env = make_vm(c);
   ASSERT_TRUE(env);
   cpu::Machine& m = *(*env)->machine;
@@ -119,7 +121,7 @@ TEST(NestedStateMachine, SetOnARunningVcpuRefusesAMalformedBlobAndL2GoesOn) {
 }
 
 TEST(NestedStateMigration, L2ContinuesInAFreshVmWithTheSameTranscript) {
-  for (Strategy s : kAllStrategies) {
+  for (StrategyKind s : kAllStrategies) {
     const MigrationConfig c = config(s);
     SourceRun src = run_source(c, true);
     ASSERT_TRUE(src.run) << src.run.error().to_string();
@@ -189,14 +191,14 @@ TEST_F(UnresolvablePage, DescriptorClearsPostedInterruptsAndFailsOnlyWhenL0Needs
 
 // --- an enlightened L1 (eVMCS) -------------------------------------------------
 
-MigrationConfig evmcs_config(Strategy s = Strategy::cache) {
+MigrationConfig evmcs_config(StrategyKind s = StrategyKind::cache) {
   MigrationConfig c = config(s);
   c.evmcs = true;
   return c;
 }
 
 TEST(NestedStateEvmcsMigration, L2ContinuesInAFreshVmWithTheSameTranscriptAndFinalState) {
-  for (Strategy s : kAllStrategies) {
+  for (StrategyKind s : kAllStrategies) {
     SCOPED_TRACE(strategy_name(s));
     const MigrationConfig c = evmcs_config(s);
     SourceRun src = run_source(c, true);
@@ -219,7 +221,7 @@ TEST(NestedStateEvmcsMigration, L2ContinuesInAFreshVmWithTheSameTranscriptAndFin
 }
 
 TEST(NestedStateEvmcsMigration, TheRestoredContextIsKeyedByTheEvmcsAddress) {
-  const MigrationConfig c = evmcs_config(Strategy::cache);
+  const MigrationConfig c = evmcs_config(StrategyKind::cache);
   SourceRun src = run_source(c, true);
   ASSERT_TRUE(src.run) << src.run.error().to_string();
   auto env = make_vm(c);
@@ -246,7 +248,7 @@ TEST(NestedStateEvmcsMigration, AVcpuWithoutTheEnlightenedVmcsRefusesTheBlob) {
 
 // The eVMCS is resolved by the request before the first entry: each way it
 // cannot be fails that entry with a KVM internal error, and L2 never runs.
-class UnresolvableEvmcs : public ::testing::TestWithParam<Strategy> {
+class UnresolvableEvmcs : public ::testing::TestWithParam<StrategyKind> {
  protected:
   static void SetUpTestSuite() {
     src_ = new SourceRun(run_source(evmcs_config(), true));
@@ -308,23 +310,16 @@ TEST_P(UnresolvableEvmcs, EvmcsRevisionOverwritten) {
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryStrategy, UnresolvableEvmcs, ::testing::ValuesIn(kAllStrategies),
-                         [](const auto& info) { return std::string(strategy_name(info.param)); });
+                         test_support::strategy_case_name);
 
-SelftestResult run_selftest_named(Strategy s, MemoryKind m, bool evmcs = false) {
-  register_all();
-  const SelftestInfo* info = find_selftest("nested-state");
-  EXPECT_NE(info, nullptr);
-  if (!info) return {};
-  RunOptions o;
-  o.strategy = s;
-  o.memory = m;
-  o.extra = default_extra(*info);
-  if (evmcs) o.extra["evmcs"] = "true";
-  return run_selftest(*info, o);
+SelftestResult run_selftest_named(StrategyKind s, MemoryKind m, bool evmcs = false) {
+  std::map<std::string, std::string> extra;
+  if (evmcs) extra["evmcs"] = "true";
+  return test_support::run_named_selftest("nested-state", s, m, extra);
 }
 
 TEST(NestedStateSelftest, PassesUnderEveryStrategyAndMemoryKind) {
-  for (Strategy s : kAllStrategies) {
+  for (StrategyKind s : kAllStrategies) {
     for (MemoryKind m : {MemoryKind::managed, MemoryKind::unmanaged}) {
       SelftestResult r = run_selftest_named(s, m);
       for (const std::string& f : r.failures) ADD_FAILURE() << strategy_name(s) << "/" << memory_kind_name(m) << ": " << f;
@@ -334,7 +329,7 @@ TEST(NestedStateSelftest, PassesUnderEveryStrategyAndMemoryKind) {
 }
 
 TEST(NestedStateSelftest, JsonCarriesEachMalformedBlobsOutcome) {
-  SelftestResult r = run_selftest_named(Strategy::cache, MemoryKind::unmanaged);
+  SelftestResult r = run_selftest_named(StrategyKind::cache, MemoryKind::unmanaged);
   ASSERT_TRUE(r.passed);
   const auto& bad = r.details["malformed"];
   ASSERT_GE(bad.size(), 20u);
@@ -351,7 +346,7 @@ TEST(NestedStateSelftest, JsonCarriesEachMalformedBlobsOutcome) {
 }
 
 TEST(NestedStateSelftest, EvmcsPassesUnderEveryStrategy) {
-  for (Strategy s : kAllStrategies) {
+  for (StrategyKind s : kAllStrategies) {
     SelftestResult r = run_selftest_named(s, MemoryKind::unmanaged, /*evmcs=*/true);
     for (const std::string& f : r.failures) ADD_FAILURE() << strategy_name(s) << ": " << f;
     EXPECT_TRUE(r.passed);
@@ -360,7 +355,7 @@ TEST(NestedStateSelftest, EvmcsPassesUnderEveryStrategy) {
 }
 
 TEST(NestedStateSelftest, EvmcsMalformedBlobsEachHaveTheirOwnError) {
-  SelftestResult r = run_selftest_named(Strategy::cache, MemoryKind::managed, /*evmcs=*/true);
+  SelftestResult r = run_selftest_named(StrategyKind::cache, MemoryKind::managed, /*evmcs=*/true);
   ASSERT_TRUE(r.passed);
   std::set<std::string> names, messages;
   for (const auto& b : r.details["malformed"]) {

@@ -6,8 +6,6 @@
 #include <set>
 #include <stdexcept>
 
-#include <CLI/CLI.hpp>
-
 #include "workloads/progress.h"
 #include "workloads/registry.h"
 
@@ -17,7 +15,7 @@ namespace {
 // --- parsers ----------------------------------------------------------------
 
 TEST(RegistryParse, EveryStrategyNameParsesAndRoundTrips) {
-  for (Strategy s : kAllStrategies) {
+  for (StrategyKind s : kAllStrategies) {
     auto r = parse_strategy(strategy_name(s));
     ASSERT_TRUE(r);
     EXPECT_EQ(*r, s);
@@ -34,7 +32,7 @@ TEST(RegistryParse, AnUnknownStrategyIsEinvalNamingTheChoices) {
 TEST(RegistryParse, AStrategyListKeepsTheOrderGiven) {
   auto r = parse_strategy_list("oracle, map");
   ASSERT_TRUE(r);
-  EXPECT_EQ(*r, (std::vector<Strategy>{Strategy::oracle, Strategy::map}));
+  EXPECT_EQ(*r, (std::vector<StrategyKind>{StrategyKind::oracle, StrategyKind::map}));
 }
 
 TEST(RegistryParse, AllMeansEveryStrategy) {
@@ -70,7 +68,7 @@ TEST(RegistryParse, JoinNamesReadsAsAList) {
   EXPECT_EQ(join_names(std::span(v).first(1)), "a");
 }
 
-// --- RunOptions and SelftestOptions --------------------------------------------
+// --- RunOptions and OptionSpec -------------------------------------------------
 
 TEST(RegistryOptions, TypedViewsOfExtraUseTheFallbackWhenAbsent) {
   RunOptions o;
@@ -86,36 +84,14 @@ TEST(RegistryOptions, TypedViewsOfExtraUseTheFallbackWhenAbsent) {
   EXPECT_FALSE(o.flag_option("missing"));
 }
 
-struct ParsedOptions {
-  CLI::App app;
-  SelftestOptions opts;
-  ParsedOptions() {
-    opts.add(app, "--delay-ms", "delay", "10")->check(CLI::Range(0, 100));
-    opts.add(app, "--mode", "mode");
-    opts.add_flag(app, "--fast", "flag");
-  }
-  std::map<std::string, std::string> parse(std::vector<std::string> args) {
-    std::reverse(args.begin(), args.end());  // CLI11 takes them back to front
-    app.parse(args);
-    return opts.values();
-  }
-};
-
-TEST(RegistryOptions, DeclaredOptionsLandInExtraWithDefaults) {
-  ParsedOptions p;
-  auto v = p.parse({"--delay-ms", "25", "--fast"});
-  EXPECT_EQ(v, (std::map<std::string, std::string>{{"delay-ms", "25"}, {"fast", "true"}}));
-}
-
-TEST(RegistryOptions, AnOptionNotGivenTakesItsDefaultOrIsLeftOut) {
-  ParsedOptions p;
-  auto v = p.parse({});
-  EXPECT_EQ(v, (std::map<std::string, std::string>{{"delay-ms", "10"}}));
-}
-
-TEST(RegistryOptions, ValidatorsOnDeclaredOptionsRefuseBadValues) {
-  ParsedOptions p;
-  EXPECT_THROW(p.parse({"--delay-ms", "1000"}), CLI::ValidationError);
+TEST(RegistryOptions, OptionSpecsNameTheirValuesAndDefaults) {
+  const OptionSpec specs[] = {int_option("--delay-ms", "delay", "10", 0, 100), value_option("-m,--mode", "mode"),
+                              flag_option("--fast", "flag")};
+  EXPECT_EQ(specs[0].name(), "delay-ms");
+  EXPECT_EQ(specs[1].name(), "mode");
+  EXPECT_EQ(specs[2].name(), "fast");
+  EXPECT_EQ(specs[0].range, (std::pair<int64_t, int64_t>{0, 100}));
+  EXPECT_EQ(default_values(specs), (std::map<std::string, std::string>{{"delay-ms", "10"}}));
 }
 
 // --- the selftest registry and runner --------------------------------------------
@@ -184,7 +160,7 @@ TEST(RegistrySelftests, CheckFormatsOnlyFailures) {
 
 TEST(RegistrySelftests, TheJsonObjectHasTheDocumentedFields) {
   RunOptions o;
-  o.strategy = Strategy::map;
+  o.strategy = StrategyKind::map;
   o.memory = MemoryKind::managed;
   o.extra = {{"slots", "4"}};
   SelftestResult r;
@@ -227,10 +203,10 @@ TEST(RegistryBench, DefaultOptionsAreValidAndRangesAreEnforced) {
   EXPECT_TRUE(bad([](BenchOptions& b) { b.exit_cost_ns = kMaxExitCostNs + 1; }));
 }
 
-TEST(RegistryBench, ARowCarriesIssue8sFieldsAndItsExtras) {
+TEST(RegistryBench, ARowCarriesTheStandardFieldsAndItsExtras) {
   BenchRow row;
   row.test = "unmap";
-  row.strategy = Strategy::cache;
+  row.strategy = StrategyKind::cache;
   row.seconds_per_iteration = 0.5;
   row.iterations = 10;
   row.cold_iteration_seconds = 2;
@@ -251,7 +227,7 @@ TEST(RegistryBench, ARowCarriesIssue8sFieldsAndItsExtras) {
   EXPECT_EQ(j["nested_context_reuse_per_switch"], 1.0);
 }
 
-TEST(RegistryBench, TheReportHasIssue8sTopLevelFields) {
+TEST(RegistryBench, TheReportHasTheDocumentedTopLevelFields) {
   BenchReport rep;
   rep.options.slots = 512;
   BenchRow row;

@@ -2,31 +2,21 @@
 // the CLI runs them, plus the nested-context wiring they rely on.
 #include <gtest/gtest.h>
 
-#include "workloads/registry.h"
-#include "workloads/selftests.h"
+#include "support/selftests.h"
 
 namespace nestcache::workloads {
 namespace {
 
-SelftestResult run(const std::string& name, Strategy s, MemoryKind m, std::map<std::string, std::string> extra,
+SelftestResult run(const std::string& name, StrategyKind s, MemoryKind m, std::map<std::string, std::string> extra,
                    bool expect_pass = true) {
-  register_all();
-  const SelftestInfo* info = find_selftest(name);
-  EXPECT_NE(info, nullptr) << name;
-  if (!info) return {};
-  RunOptions o;
-  o.strategy = s;
-  o.memory = m;
-  o.extra = default_extra(*info);
-  for (auto& [k, v] : extra) o.extra[k] = v;
-  SelftestResult r = run_selftest(*info, o);
+  SelftestResult r = test_support::run_named_selftest(name, s, m, extra);
   if (expect_pass)
     for (auto& f : r.failures) ADD_FAILURE() << name << ": " << f;
   return r;
 }
 
 TEST(ApicUpdate, CacheAndOraclePassBothModesWithEveryPage) {
-  for (Strategy s : {Strategy::cache, Strategy::oracle}) {
+  for (StrategyKind s : {StrategyKind::cache, StrategyKind::oracle}) {
     SelftestResult r = run("apic-update", s, MemoryKind::unmanaged, {{"page", "all"}});
     EXPECT_TRUE(r.passed) << strategy_name(s);
     EXPECT_EQ(r.counters[Counter::stale_accesses], 0u);
@@ -41,7 +31,7 @@ TEST(ApicUpdate, SeedVariantMoveModeToleratesMmioExits) {
   // The seed's move variant moves the slot away for good, only while L2 is in its delay:
   // the first write is an APIC-access exit, the seven after it MMIO exits, and no entry
   // ever meets the address without a memslot.
-  for (Strategy s : {Strategy::map, Strategy::cache, Strategy::oracle}) {
+  for (StrategyKind s : {StrategyKind::map, StrategyKind::cache, StrategyKind::oracle}) {
     SelftestResult r = run("apic-update", s, MemoryKind::unmanaged, {{"mode", "move"}});
     EXPECT_TRUE(r.passed) << strategy_name(s);
     auto& d = r.details["runs"]["move"];
@@ -53,7 +43,7 @@ TEST(ApicUpdate, SeedVariantMoveModeToleratesMmioExits) {
 
 TEST(ApicUpdate, MapOnUnmanagedMemoryUnderDiscardReportsStaleAccesses) {
   // A longer delay gives the VMM thread many discards inside the run even on a loaded machine.
-  SelftestResult r = run("apic-update", Strategy::map, MemoryKind::unmanaged, {{"mode", "discard"}, {"delay-ms", "20"}});
+  SelftestResult r = run("apic-update", StrategyKind::map, MemoryKind::unmanaged, {{"mode", "discard"}, {"delay-ms", "20"}});
   EXPECT_TRUE(r.passed) << "the map run passes by reporting";
   EXPECT_GT(r.counters[Counter::stale_accesses], 0u);
   ASSERT_FALSE(r.notes.empty());
@@ -61,7 +51,7 @@ TEST(ApicUpdate, MapOnUnmanagedMemoryUnderDiscardReportsStaleAccesses) {
 }
 
 TEST(ApicUpdate, JsonCarriesTheCounters) {
-  SelftestResult r = run("apic-update", Strategy::cache, MemoryKind::managed, {{"mode", "discard"}});
+  SelftestResult r = run("apic-update", StrategyKind::cache, MemoryKind::managed, {{"mode", "discard"}});
   RunOptions o;
   nlohmann::json j = selftest_json("apic-update", o, r);
   EXPECT_TRUE(j["passed"].get<bool>());
@@ -80,7 +70,7 @@ TEST(L2Switch, SeedFormulasWithCacheAndOracle) {
   for (const SwitchCase& c : {SwitchCase{"migrate", 5, 15, 0}, SwitchCase{"sched", 8, 24, 0},
                               SwitchCase{"sched", 12, 24, 0}, SwitchCase{"migrate", 12, 0, 40},
                               SwitchCase{"migrate", 16, 0, 56}}) {
-    for (Strategy s : {Strategy::cache, Strategy::oracle}) {
+    for (StrategyKind s : {StrategyKind::cache, StrategyKind::oracle}) {
       SelftestResult r = run("l2-switch", s, MemoryKind::unmanaged, {{"mode", c.mode}, {"l2", std::to_string(c.l2)}});
       EXPECT_TRUE(r.passed) << c.mode << " " << c.l2;
       EXPECT_EQ(r.counters[Counter::nested_context_reuse], c.reuse) << c.mode << " N=" << c.l2;
@@ -90,14 +80,14 @@ TEST(L2Switch, SeedFormulasWithCacheAndOracle) {
 }
 
 TEST(L2Switch, CacheOpensNoWindowAfterTheFirstRound) {
-  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged, {{"mode", "sched"}, {"l2", "8"}});
+  SelftestResult r = run("l2-switch", StrategyKind::cache, MemoryKind::unmanaged, {{"mode", "sched"}, {"l2", "8"}});
   EXPECT_TRUE(r.passed);
   EXPECT_EQ(r.details["runs"][0]["remap_windows_after_round_0"], 0);
   EXPECT_GT(r.details["runs"][0]["remap_windows"].get<int>(), 0);
 }
 
 TEST(L2Switch, MapUsesNoContextsAndRemapsEverySwitch) {
-  SelftestResult r = run("l2-switch", Strategy::map, MemoryKind::unmanaged, {{"mode", "migrate"}, {"l2", "4"}});
+  SelftestResult r = run("l2-switch", StrategyKind::map, MemoryKind::unmanaged, {{"mode", "migrate"}, {"l2", "4"}});
   EXPECT_TRUE(r.passed);
   EXPECT_EQ(r.counters[Counter::nested_context_reuse], 0u);
   EXPECT_EQ(r.counters[Counter::nested_context_recycle], 0u);
@@ -106,7 +96,7 @@ TEST(L2Switch, MapUsesNoContextsAndRemapsEverySwitch) {
 
 TEST(L2Switch, SeveralL1VcpusMoveL2sBetweenThem) {
   // Capacity 16 with two L1 vCPUs: N = 12 fits, N = 16 + migrate fits too.
-  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged,
+  SelftestResult r = run("l2-switch", StrategyKind::cache, MemoryKind::unmanaged,
                          {{"mode", "migrate"}, {"l2", "12"}, {"l1-vcpus", "2"}});
   EXPECT_TRUE(r.passed);
   EXPECT_EQ(r.counters[Counter::nested_context_reuse], 36u);
@@ -118,7 +108,7 @@ TEST(L2Switch, EvmcsModeFollowsTheSeedsFormulas) {
   // changes (no VMCLEAR), so evmcs counts like migrate.
   for (const SwitchCase& c : {SwitchCase{"evmcs", 5, 15, 0}, SwitchCase{"evmcs", 8, 24, 0},
                               SwitchCase{"evmcs", 12, 0, 40}, SwitchCase{"evmcs", 16, 0, 56}}) {
-    for (Strategy s : {Strategy::cache, Strategy::oracle}) {
+    for (StrategyKind s : {StrategyKind::cache, StrategyKind::oracle}) {
       SelftestResult r = run("l2-switch", s, MemoryKind::unmanaged, {{"mode", c.mode}, {"l2", std::to_string(c.l2)}});
       EXPECT_TRUE(r.passed) << c.mode << " " << c.l2;
       EXPECT_EQ(r.counters[Counter::nested_context_reuse], c.reuse) << c.mode << " N=" << c.l2;
@@ -129,16 +119,16 @@ TEST(L2Switch, EvmcsModeFollowsTheSeedsFormulas) {
 }
 
 TEST(L2Switch, EvmcsModeKeepsTheCachesMappedAcrossSwitches) {
-  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged, {{"mode", "evmcs"}, {"l2", "8"}});
+  SelftestResult r = run("l2-switch", StrategyKind::cache, MemoryKind::unmanaged, {{"mode", "evmcs"}, {"l2", "8"}});
   EXPECT_TRUE(r.passed);
   EXPECT_EQ(r.details["runs"][0]["remap_windows_after_round_0"], 0);
-  SelftestResult m = run("l2-switch", Strategy::map, MemoryKind::unmanaged, {{"mode", "evmcs"}, {"l2", "4"}});
+  SelftestResult m = run("l2-switch", StrategyKind::map, MemoryKind::unmanaged, {{"mode", "evmcs"}, {"l2", "4"}});
   EXPECT_TRUE(m.passed);
   EXPECT_GT(m.details["runs"][0]["remap_windows_per_switch"].get<double>(), 0.0);
 }
 
 TEST(L2Switch, EvmcsModeWithSeveralL1VcpusIsRefusedClearly) {
-  SelftestResult r = run("l2-switch", Strategy::cache, MemoryKind::unmanaged,
+  SelftestResult r = run("l2-switch", StrategyKind::cache, MemoryKind::unmanaged,
                          {{"mode", "evmcs"}, {"l1-vcpus", "2"}}, false);
   EXPECT_FALSE(r.passed);
   ASSERT_FALSE(r.failures.empty());

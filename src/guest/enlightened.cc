@@ -1,90 +1,16 @@
-#include "guest/l1.h"
+#include "guest/enlightened.h"
+
+#include <cstddef>
 
 #include <fmt/format.h>
 
-#include "cpu/cpu_model.h"
+#include "guest/vmx.h"
 #include "vmx/evmcs.h"
 #include "vmx/vmx_defs.h"
 
 namespace nestcache::guest {
 
 namespace ops = cpu::ops;
-
-Gpa L1Pages::alloc() { return alloc(1); }
-
-Gpa L1Pages::alloc(size_t pages) {
-  if (next_ + pages * kPageSize > end_) throw std::runtime_error("L1 is out of memory for its own pages");
-  Gpa g = next_;
-  next_ += pages * kPageSize;
-  return g;
-}
-
-GuestFn<uint64_t> vmx_ok(cpu::GuestOp op, const char* what) {
-  OpResult r = co_await ops::exec(op);
-  if (!r.ok()) throw VmxError(fmt::format("{} failed: {}", what, cpu::to_string(r)));
-  co_return r.value;
-}
-
-GuestTask vmwrite(uint32_t field, uint64_t value) {
-  co_await vmx_ok(cpu::GuestOp{cpu::GuestOp::Vmwrite{field, value}}, "VMWRITE");
-}
-
-GuestFn<uint64_t> vmread(uint32_t field) {
-  co_return co_await vmx_ok(cpu::GuestOp{cpu::GuestOp::Vmread{field}}, "VMREAD");
-}
-
-GuestTask init_region(Gpa region) { co_await ops::write32(region, vmx::kVmcs12Revision); }
-
-GuestTask enter_vmx(L1Pages& pages) {
-  Gpa region = pages.alloc();
-  co_await init_region(region);
-  co_await vmx_ok(cpu::GuestOp{cpu::GuestOp::Vmxon{region}}, "VMXON");
-}
-
-GuestTask write_vmcs(const vmx::Vmcs12& v) {
-  for (const vmx::FieldInfo& f : vmx::vmcs12_fields()) {
-    if (f.read_only()) continue;
-    uint64_t value = v.read(f.encoding).value();
-    if (value) co_await vmwrite(f.encoding, value);
-  }
-}
-
-uint64_t Ept12::eptp() const { return root_ | vmx::eptp::kMemTypeWb | vmx::eptp::kWalkLength4; }
-
-GuestFn<uint64_t> Ept12::leaf_entry(Gpa l2_gpa, bool create) {
-  Gpa table = root_;
-  for (int level = 4; level > 1; level--) {
-    Gpa entry_gpa = table + ((l2_gpa >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
-    uint64_t entry = co_await ops::read64(entry_gpa);
-    if (!vmx::ept::present(entry)) {
-      if (!create) co_return 0;
-      Gpa next = pages_.alloc();
-      entry = next | vmx::ept::kReadWriteExecute;
-      co_await ops::write64(entry_gpa, entry);
-    }
-    table = entry & vmx::ept::kAddressMask;
-  }
-  co_return table + ((l2_gpa >> 12) & 0x1ff) * 8;
-}
-
-GuestTask Ept12::map(Gpa l2_gpa, Gpa l1_gpa) {
-  Gpa e = co_await leaf_entry(l2_gpa, true);
-  co_await ops::write64(e, (l1_gpa & kPageMask) | vmx::ept::kReadWriteExecute);
-}
-
-GuestTask Ept12::unmap(Gpa l2_gpa) {
-  Gpa e = co_await leaf_entry(l2_gpa, false);
-  if (e) co_await ops::write64(e, 0);
-}
-
-GuestFn<uint64_t> Ept12::lookup(Gpa l2_gpa) {
-  Gpa e = co_await leaf_entry(l2_gpa, false);
-  if (!e) co_return 0;
-  uint64_t entry = co_await ops::read64(e);
-  co_return vmx::ept::present(entry) ? (entry & vmx::ept::kAddressMask) : 0;
-}
-
-GuestFn<uint64_t> exit_reason() { co_return co_await vmread(vmx::field::kExitReason); }
 
 GuestTask enable_vp_assist(Gpa page) {
   co_await ops::wrmsr(vmx::kHvX64MsrVpAssistPage, (page & kPageMask) | vmx::kVpAssistPageEnable);

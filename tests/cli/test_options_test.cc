@@ -1,0 +1,68 @@
+// A selftest's own options on the command line (cli::TestOptions): the
+// declarations of workloads::OptionSpec become CLI11 options whose values,
+// given or defaulted, land in RunOptions::extra, and whose ranges and choices
+// refuse bad values before the test runs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.h"
+
+namespace nestcache::cli {
+namespace {
+
+using workloads::OptionSpec;
+
+struct ParsedOptions {
+  CLI::App app;
+  TestOptions opts;
+  ParsedOptions() {
+    const OptionSpec specs[] = {workloads::int_option("--delay-ms", "delay", "10", 0, 100),
+                                workloads::value_option("--mode", "mode"),
+                                workloads::choice_option("--page", "page", "", {"vapic", "pi"}),
+                                workloads::flag_option("--fast", "flag")};
+    opts.add(app, specs);
+  }
+  std::map<std::string, std::string> parse(std::vector<std::string> args) {
+    std::reverse(args.begin(), args.end());  // CLI11 takes them back to front
+    app.parse(args);
+    return opts.values();
+  }
+};
+
+TEST(TestOptions, DeclaredOptionsLandInExtraWithDefaults) {
+  ParsedOptions p;
+  auto v = p.parse({"--delay-ms", "25", "--fast"});
+  EXPECT_EQ(v, (std::map<std::string, std::string>{{"delay-ms", "25"}, {"fast", "true"}}));
+}
+
+TEST(TestOptions, AnOptionNotGivenTakesItsDefaultOrIsLeftOut) {
+  ParsedOptions p;
+  auto v = p.parse({});
+  EXPECT_EQ(v, (std::map<std::string, std::string>{{"delay-ms", "10"}}));
+}
+
+TEST(TestOptions, ValidatorsOnDeclaredOptionsRefuseBadValues) {
+  ParsedOptions p;
+  EXPECT_THROW(p.parse({"--delay-ms", "1000"}), CLI::ValidationError);
+  ParsedOptions q;
+  EXPECT_THROW(q.parse({"--page", "apic"}), CLI::ValidationError);
+  ParsedOptions r;
+  EXPECT_EQ(r.parse({"--page", "pi"})["page"], "pi");
+}
+
+TEST(TestOptions, EveryRegisteredSelftestsOptionsBuildACommandLine) {
+  workloads::register_all();
+  for (const workloads::SelftestInfo& t : workloads::selftests()) {
+    CLI::App app;
+    TestOptions opts;
+    opts.add(app, t.options);
+    app.parse(std::vector<std::string>{});
+    EXPECT_EQ(opts.values(), workloads::default_extra(t)) << t.name;
+  }
+}
+
+}  // namespace
+}  // namespace nestcache::cli

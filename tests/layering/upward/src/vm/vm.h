@@ -1,0 +1,4 @@
+// Fixture for the layering check: vm may include base.
+#pragma once
+
+#include "base/types.h"
