@@ -21,7 +21,7 @@ struct VmEnvConfig {
   size_t spare = 4096;      // free frames of `kind` (faults after a discard, migrations)
   size_t other_kind = 16;   // frames of the other kind, for regions tests add
   bool stale_fatal = false;  // abort on a stale access
-  vm::VmOptions vm_options;  // the Vm's (its pfn caches' read side)
+  vm::CacheReadSide cache_read_side = vm::VmOptions{}.cache_read_side;  // the Vm's pfn caches' read side
 };
 
 struct VmEnv {
@@ -54,7 +54,7 @@ struct VmEnv {
     phys = NC_TRY(host::PhysMem::create({managed ? frames : c.other_kind, managed ? c.other_kind : frames}));
     phys->set_stale_access_fatal(c.stale_fatal);
     mm = std::make_unique<host::HostMm>(*phys);
-    vm = std::make_unique<vm::Vm>(*mm, 1, c.vm_options);
+    vm = std::make_unique<vm::Vm>(*mm, 1, vm::VmOptions{c.cache_read_side});
     base = NC_TRY(mm->create_region(c.pages * kPageSize, c.kind));
     return vm->set_memory_region({0, 0, 0, c.pages * kPageSize, base});
   }

@@ -57,7 +57,7 @@ TEST(PageIndex, RandomInsertsAndErasesMatchAMultimap) {
 
 class RegistryTest : public ::testing::TestWithParam<CacheReadSide> {
  protected:
-  RegistryTest() : env(VmEnvConfig{.kind = host::FrameKind::managed, .pages = 256, .spare = 64, .vm_options = {GetParam()}}) {
+  RegistryTest() : env(VmEnvConfig{.kind = host::FrameKind::managed, .pages = 256, .spare = 64, .cache_read_side = GetParam()}) {
     env.phys->set_stale_access_fatal(true);
   }
   VmEnv env;

@@ -32,7 +32,7 @@ inline std::string kind_and_side_name(const ::testing::TestParamInfo<KindAndSide
          cache_read_side_name(std::get<1>(info.param));
 }
 inline VmEnvConfig env_config(const KindAndSide& p, size_t pages = 64, size_t spare = 4096) {
-  return {.kind = std::get<0>(p), .pages = pages, .spare = spare, .vm_options = {std::get<1>(p)}};
+  return {.kind = std::get<0>(p), .pages = pages, .spare = spare, .cache_read_side = std::get<1>(p)};
 }
 
 // A vCPU thread for tests: loops entering guest mode and, while "in the
