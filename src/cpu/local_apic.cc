@@ -44,13 +44,14 @@ std::optional<uint8_t> ApicTimer::expire(uint64_t now_ns) {
 // --- interrupts and parking ---------------------------------------------------------
 
 void LocalApic::deliver(uint8_t vector) {
-  {
-    MutexLock l(mu_);
-    irr_[vector / 64] |= uint64_t{1} << (vector % 64);
-    woken_ = true;
-    cv_.notify_all();
-  }
+  MutexLock l(mu_);
+  irr_[vector / 64] |= uint64_t{1} << (vector % 64);
+  // The arrival is visible before the wake: a thread woken by this delivery
+  // sees it at its next operation boundary. Published after the wake, a
+  // guest that only parks again (MWAIT) could miss it for good.
   arrived_.store(true);
+  woken_ = true;
+  cv_.notify_all();
 }
 
 void LocalApic::wake() {

@@ -17,7 +17,9 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
       *env->vm, cpu::MachineConfig{.vcpus = c.vcpus,
                                    .strategy = c.strategy,
                                    .exit_cost_ns = c.exit_cost_ns,
-                                   .retry_internal_errors = c.retry_internal_errors});
+                                   .retry_internal_errors = c.retry_internal_errors,
+                                   .costs = c.costs,
+                                   .clock = c.clock});
   return env;
 }
 
