@@ -5,6 +5,8 @@
 // progress, a memslot the VMM moves back) sleep a short while between looks.
 #include "guest/wait.h"
 
+#include <algorithm>
+
 #include "base/check.h"
 
 namespace nestcache::guest {
@@ -18,6 +20,10 @@ namespace {
 // How long a guest waiting for something outside guest memory sleeps
 // between two looks (real time).
 constexpr uint64_t kOutsideLookNs = 20'000;
+// The longest a wait for a word sleeps before it looks again (real time). A
+// store wakes it at once; the bound only covers a store no monitor could see
+// (a frame migrating under the waiter) with a late look instead of a hang.
+constexpr uint64_t kMonitorBoundNs = 1'000'000;
 
 // One look at the word at `gpa` in the manner `poll` names.
 GuestFn<uint64_t> poll_word(Gpa gpa, Poll poll) {
@@ -31,7 +37,7 @@ GuestFn<uint64_t> wait_while_eq(Gpa gpa, uint64_t value, Poll poll) {
   for (;;) {
     uint64_t word = co_await poll_word(gpa, poll);
     if (word != value) co_return word;
-    co_await ops::mwait(gpa, value);
+    co_await ops::mwait(gpa, value, kMonitorBoundNs);
   }
 }
 
@@ -39,7 +45,7 @@ GuestTask wait_until_eq(Gpa gpa, uint64_t value, Poll poll) {
   for (;;) {
     uint64_t word = co_await poll_word(gpa, poll);
     if (word == value) co_return;
-    co_await ops::mwait(gpa, word);
+    co_await ops::mwait(gpa, word, kMonitorBoundNs);
   }
 }
 
@@ -48,7 +54,7 @@ GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns) 
     for (;;) {
       uint64_t word = co_await ops::read64(gpa);
       if (word >= value) co_return true;
-      co_await ops::mwait(gpa, word);
+      co_await ops::mwait(gpa, word, kMonitorBoundNs);
     }
   }
   uint64_t deadline = co_await ops::now() + timeout_ns;
@@ -57,7 +63,7 @@ GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns) 
     if (word >= value) co_return true;
     uint64_t now = co_await ops::now();
     if (now >= deadline) co_return false;
-    co_await ops::mwait(gpa, word, deadline - now);
+    co_await ops::mwait(gpa, word, std::min(deadline - now, kMonitorBoundNs));
   }
 }
 
@@ -69,7 +75,7 @@ GuestFn<bool> wait_exchange(Gpa gpa, uint64_t expected, uint64_t desired, Gpa st
     if (stopped) co_return false;
     uint64_t old = co_await ops::cmpxchg64(gpa, expected, desired);
     if (old == expected) co_return true;
-    co_await ops::mwait(gpa, old);
+    co_await ops::mwait(gpa, old, kMonitorBoundNs);
   }
 }
 
@@ -102,7 +108,7 @@ GuestTask GuestLock::lock() const {
   for (;;) {
     uint64_t old = co_await ops::cmpxchg64(word_, 0, 1);
     if (old == 0) co_return;
-    co_await ops::mwait(word_, old);  // until unlock() writes it
+    co_await ops::mwait(word_, old, kMonitorBoundNs);  // until unlock() writes it
   }
 }
 

@@ -51,7 +51,7 @@ uint64_t NestedEnv::read_u64(Gpa gpa) const {
   return v;
 }
 
-Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return vm->write_guest(gpa, &value, sizeof value); }
+Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return machine->store_qword(gpa, value); }
 
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 
