@@ -35,6 +35,7 @@ namespace nestcache {
   X(cache_invalidations, "pfn caches marked invalid by the notifier")                     \
   X(requests, "vCPU requests made")                                                       \
   X(kicks, "vCPU kicks")                                                                  \
+  X(guest_mode_waits, "times a requester waited for a vCPU to leave guest mode")         \
   X(nested_entries, "nested VM entries (VMLAUNCH/VMRESUME reaching L2)")                  \
   X(entry_cancels, "entries cancelled by the last check before hardware entry")           \
   X(reflected_exits, "L2 exits reflected to L1")                                          \

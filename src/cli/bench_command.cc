@@ -1,6 +1,6 @@
 // `nestcache bench`: the seed's benchmark (memslot_perf in nested mode) for
 // each page strategy, side by side: option parsing and validation, dispatch
-// to the registered bench tests, the comparison table and issue 8's JSON.
+// to the registered bench tests, the comparison table and the JSON report.
 #include <algorithm>
 #include <optional>
 

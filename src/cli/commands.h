@@ -110,8 +110,25 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& args);
 int run_bench_command(const BenchArgs& args, bool json);
 
 // Runs every (test, strategy) pair with a progress display, prints the
-// table (or issue 8's JSON object), returns the exit status.
+// table (or the JSON report, BenchReport::to_json), returns the exit status.
 int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions opts);
+
+// ---------------------------------------------------------------------------
+// nestcache run FILE|DIR... [options]   (run_command.cc)
+
+struct RunArgs {
+  std::vector<std::string> paths;
+  bool json = false;
+  bool quiet = false;
+  std::string case_filter;
+  CLI::App* command = nullptr;
+};
+
+// Adds `run`: scenario files (docs/scenarios.md) with their expected outcomes.
+CLI::App* add_run_command(CLI::App& app, RunArgs& args);
+// Parses every file, runs every case, prints each step's outcome; returns
+// 0 (all held), 1 (a step differed) or 2 (usage, bad file, VM not built).
+int run_run_command(const RunArgs& args, bool json);
 
 // ---------------------------------------------------------------------------
 // nestcache (no command)

@@ -18,6 +18,7 @@ const std::string kAbout =
     "memslots.\n\n"
     "  nestcache selftest   list and run the correctness scenarios\n"
     "  nestcache bench      time the seed's benchmark for each strategy, side by side\n"
+    "  nestcache run FILE   run scenario files: steps with the outcome KVM gives for each\n"
     "  nestcache            the main job: the seed's benchmark table, every strategy\n";
 
 }  // namespace
@@ -40,6 +41,8 @@ int main(int argc, char** argv) {
   cli::BenchArgs bench;
   CLI::App* selftest_cmd = cli::add_selftest_command(app, selftest);
   CLI::App* bench_cmd = cli::add_bench_command(app, bench);
+  cli::RunArgs run;
+  CLI::App* run_cmd = cli::add_run_command(app, run);
 
   try {
     app.parse(argc, argv);
@@ -53,6 +56,8 @@ int main(int argc, char** argv) {
     status = cli::run_selftest_command(selftest, json || selftest.json);
   else if (bench_cmd->parsed())
     status = cli::run_bench_command(bench, json || bench.json);
+  else if (run_cmd->parsed())
+    status = cli::run_run_command(run, json || run.json);
   else
     status = cli::run_default_job(json);
   std::fflush(stdout);

@@ -1,6 +1,7 @@
 #include "cpu/cpu_model.h"
 
 #include <atomic>
+#include <optional>
 #include <chrono>
 #include <cstring>
 
@@ -33,22 +34,28 @@ std::byte* CpuModel::frame(Vcpu& v, const host::FrameTag& tag, const char* what)
 
 // --- translation ----------------------------------------------------------------------
 
-CpuModel::Xlate CpuModel::translate_l1(Vcpu& v, Gfn gfn) {
-  if (auto it = v.tlb01_.find(gfn); it != v.tlb01_.end()) return {Xlate::Kind::ok, it->second, gfn};
+CpuModel::Xlate CpuModel::translate_l1(Vcpu& v, Gfn gfn, bool write) {
+  if (auto it = v.tlb01_.find(gfn); it != v.tlb01_.end()) {
+    if (write && !it->second.writable) return {Xlate::Kind::ept01_miss, {}, gfn, true};
+    return {Xlate::Kind::ok, it->second.tag, gfn};
+  }
   auto e = v.m_.vm().ept01_lookup(gfn);
-  if (!e) return {Xlate::Kind::ept01_miss, {}, gfn};
-  v.tlb01_.emplace(gfn, e->tag);
+  if (!e || (write && !e->writable)) return {Xlate::Kind::ept01_miss, {}, gfn, write};
+  v.tlb01_.emplace(gfn, Vcpu::Tlb01Entry{e->tag, e->writable});
   return {Xlate::Kind::ok, e->tag, gfn};
 }
 
-CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
+CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa, bool write) {
   const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
   if (v.tlb02_eptp_ != vmcs02.eptp12) {
     v.tlb02_.clear();
     v.tlb02_eptp_ = vmcs02.eptp12;
   }
   Gfn l2_gfn = gpa_to_gfn(l2_gpa);
-  if (auto it = v.tlb02_.find(l2_gfn); it != v.tlb02_.end()) return {Xlate::Kind::ok, it->second.tag, it->second.l1_gfn};
+  if (auto it = v.tlb02_.find(l2_gfn); it != v.tlb02_.end()) {
+    if (!write) return {Xlate::Kind::ok, it->second.tag, it->second.l1_gfn};
+    return translate_l1(v, it->second.l1_gfn, true);  // a store also needs the L1 page writable
+  }
   Gpa table = vmcs02.eptp12;
   for (int level = vmx::ept::kLevels; level >= 1; level--) {
     Gpa entry_gpa = table + vmx::ept::index(l2_gpa, level) * 8;
@@ -62,7 +69,7 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa) {
     if (!vmx::ept::present(entry)) return {Xlate::Kind::ept12_violation, {}, 0};
     table = entry & vmx::ept::kAddressMask;
   }
-  Xlate leaf = translate_l1(v, gpa_to_gfn(table));
+  Xlate leaf = translate_l1(v, gpa_to_gfn(table), write);
   if (leaf.kind != Xlate::Kind::ok) return leaf;
   v.tlb02_.emplace(l2_gfn, Vcpu::Tlb02Entry{leaf.tag, gpa_to_gfn(table)});
   return leaf;
@@ -184,16 +191,38 @@ static bool is_memory_op(const GuestOp& op) {
   return op.is<GuestOp::Read>() || op.is<GuestOp::Write>() || op.is<GuestOp::CmpXchg>();
 }
 
+// A locked compare-exchange writes as far as paging is concerned, whether or
+// not the comparison succeeds.
+static bool is_store(const GuestOp& op) { return op.is<GuestOp::Write>() || op.is<GuestOp::CmpXchg>(); }
+
+// The exit reason of a VMX instruction L2 executes: every one exits to L1
+// (nestcache's L2 has no VMCS of its own, and no VMCS shadowing).
+static std::optional<ExitReason> vmx_instruction_exit(const GuestOp& op) {
+  if (op.is<GuestOp::Vmxon>()) return ExitReason::kVmxon;
+  if (op.is<GuestOp::Vmxoff>()) return ExitReason::kVmxoff;
+  if (op.is<GuestOp::Vmclear>()) return ExitReason::kVmclear;
+  if (op.is<GuestOp::Vmptrld>()) return ExitReason::kVmptrld;
+  if (op.is<GuestOp::Vmptrst>()) return ExitReason::kVmptrst;
+  if (op.is<GuestOp::Vmread>()) return ExitReason::kVmread;
+  if (op.is<GuestOp::Vmwrite>()) return ExitReason::kVmwrite;
+  if (op.is<GuestOp::Vmlaunch>()) return ExitReason::kVmlaunch;
+  if (op.is<GuestOp::Vmresume>()) return ExitReason::kVmresume;
+  if (op.is<GuestOp::Invept>()) return ExitReason::kInvept;
+  if (op.is<GuestOp::Invvpid>()) return ExitReason::kInvvpid;
+  return std::nullopt;
+}
+
 // --- L1 ---------------------------------------------------------------------------------------
 
 CpuModel::Outcome CpuModel::execute_l1(Vcpu& v, const GuestOp& op) {
   if (is_memory_op(op)) {
     Gpa gpa = op_gpa(op);
-    Xlate x = translate_l1(v, gpa_to_gfn(gpa));
+    Xlate x = translate_l1(v, gpa_to_gfn(gpa), is_store(op));
     if (x.kind == Xlate::Kind::ept01_miss) {
       Exit e;
       e.kind = Exit::Kind::ept01_miss;
       e.gfn = x.gfn;
+      e.write = x.write;
       return e;
     }
     if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
@@ -211,7 +240,7 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
   const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
   if (is_memory_op(op)) {
     Gpa gpa = op_gpa(op);
-    Xlate x = translate_l2(v, gpa);
+    Xlate x = translate_l2(v, gpa, is_store(op));
     if (x.kind == Xlate::Kind::ept12_violation) {
       Exit e = l2_exit(ExitReason::kEptViolation, op.is<GuestOp::Read>() ? 1 : 2, false);
       e.info.guest_physical_address = gpa;
@@ -221,6 +250,7 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
       Exit e;
       e.kind = Exit::Kind::ept01_miss;
       e.gfn = x.gfn;
+      e.write = x.write;
       return e;
     }
     // The hardware compares every access with the APIC-access address it
@@ -285,7 +315,9 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
   }
   if (op.is<GuestOp::Eoi>()) return OpResult::success();
   if (auto done = execute_common(v, op)) return *done;
-  // VMX instructions in L2: nestcache runs no third level.
+  // VMX instructions in L2 exit to L1, which emulates them for its guest
+  // (SDM 25.1.3: they cause VM exits unconditionally in VMX non-root).
+  if (auto reason = vmx_instruction_exit(op)) return l2_exit(*reason, 0, true);
   return OpResult::exception(kVectorUD);
 }
 

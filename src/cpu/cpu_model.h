@@ -35,9 +35,12 @@ class CpuModel {
     enum class Kind { ok, ept01_miss, ept12_violation } kind = Kind::ok;
     host::FrameTag tag;
     Gfn gfn = 0;  // ept01_miss: the L1 gfn to fill
+    bool write = false;  // ept01_miss: for a store
   };
-  static Xlate translate_l1(Vcpu& v, Gfn gfn);
-  static Xlate translate_l2(Vcpu& v, Gpa l2_gpa);
+  // `write`: the access stores; an EPT01 entry of a read-only memslot does
+  // not allow it, and the access exits to L0 (which makes it an MMIO exit).
+  static Xlate translate_l1(Vcpu& v, Gfn gfn, bool write = false);
+  static Xlate translate_l2(Vcpu& v, Gpa l2_gpa, bool write);
   static Outcome access(Vcpu& v, const GuestOp& op, const host::FrameTag& tag, Gpa gpa);
   // MONITOR + MWAIT on the word at `gpa`, already translated to `tag`.
   static Outcome mwait(Vcpu& v, const GuestOp::Mwait& op, const host::FrameTag& tag);

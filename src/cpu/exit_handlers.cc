@@ -21,9 +21,10 @@ void Vcpu::handle_exit(const Exit& e) {
       return;
     case Exit::Kind::ept01_miss: {
       counters().add(l2 ? Counter::l0_exits : Counter::l1_exits);
-      if (m_.vm().ept01_fault(e.gfn, true)) return;  // the operation retries and finds the entry
-      // No memslot: an MMIO exit to the VMM, which completes the access
-      // (reads see all ones, writes are dropped) and resumes the guest.
+      if (m_.vm().ept01_fault(e.gfn, e.write)) return;  // the operation retries and finds the entry
+      // No memslot, or a store to a read-only one: an MMIO exit to the VMM,
+      // which completes the access (reads see all ones, writes are dropped)
+      // and resumes the guest.
       counters().add(Counter::mmio_exits);
       OpResult all_ones = OpResult::success(~uint64_t{0});
       if (l2)
@@ -70,7 +71,7 @@ void Vcpu::handle_l1_op(const GuestOp& op) {
   if (auto* o = op.get_if<GuestOp::Vmread>()) return answer_l1(n.vmread(o->field));
   if (auto* o = op.get_if<GuestOp::Vmwrite>()) return answer_l1(n.vmwrite(o->field, o->value));
   if (auto* o = op.get_if<GuestOp::Invept>()) return answer_l1(n.invept(static_cast<uint64_t>(o->type), o->eptp));
-  if (auto* o = op.get_if<GuestOp::Invvpid>()) return answer_l1(n.invvpid(static_cast<uint64_t>(o->type), o->vpid));
+  if (auto* o = op.get_if<GuestOp::Invvpid>()) return answer_l1(n.invvpid(static_cast<uint64_t>(o->type), o->vpid, o->gla));
   if (op.is<GuestOp::Vmlaunch>() || op.is<GuestOp::Vmresume>())
     return complete_nested_entry(n.enter(op.is<GuestOp::Vmlaunch>()));
   if (auto* o = op.get_if<GuestOp::SendIpi>()) return answer_l1(l1_wrmsr(vmx::x2apic::kIcr, vmx::x2apic::icr(o->dest_apic_id, o->vector)));

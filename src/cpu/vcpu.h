@@ -66,6 +66,7 @@ class Vcpu final : public vm::Vcpu {
     };
     Kind kind = Kind::none;
     Gfn gfn = 0;             // ept01_miss
+    bool write = false;      // ept01_miss: the access writes (a read-only slot refuses it)
     vmx::ExitInfo info;      // l2
     uint32_t msr = 0;        // l2 MSR exits
     bool complete_op = false;  // l2: the exiting operation is done once L2 resumes
@@ -178,7 +179,11 @@ class Vcpu final : public vm::Vcpu {
     host::FrameTag tag;
     Gfn l1_gfn;
   };
-  std::unordered_map<Gfn, host::FrameTag> tlb01_;
+  struct Tlb01Entry {
+    host::FrameTag tag;
+    bool writable = true;  // false for a read-only memslot: writes fault to L0
+  };
+  std::unordered_map<Gfn, Tlb01Entry> tlb01_;
   std::unordered_map<Gfn, Tlb02Entry> tlb02_;
   Gpa tlb02_eptp_ = kInvalidGpa;
   std::unordered_map<uint32_t, uint64_t> l2_msrs_;  // MSRs L2 reaches without L1

@@ -1,5 +1,9 @@
 #include "guest/l2_run.h"
 
+#include "guest/enlightened.h"
+#include "guest/vmx.h"
+#include "guest/wait.h"
+
 namespace nestcache::guest {
 
 namespace ops = cpu::ops;

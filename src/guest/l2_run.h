@@ -2,12 +2,8 @@
 // KVM's vcpu_run for a nested guest, with the exit handler the caller's.
 #pragma once
 
-#include <fmt/format.h>
-
 #include "cpu/guest_task.h"
-#include "guest/enlightened.h"
-#include "guest/vmx.h"
-#include "guest/wait.h"
+#include "vmx/vmx_defs.h"
 
 namespace nestcache::guest {
 

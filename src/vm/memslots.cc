@@ -85,6 +85,10 @@ Result<MemslotUpdate> Memslots::validate(const MemoryRegion& r) const {
     return errorf(EINVAL, "guest range {:#x}+{:#x} wraps around", r.guest_phys_addr, r.memory_size);
   if (r.userspace_addr + r.memory_size < r.userspace_addr)
     return errorf(EINVAL, "userspace range {:#x}+{:#x} wraps around", r.userspace_addr, r.memory_size);
+  // KVM's access_ok(): the whole range must be user space.
+  if (r.userspace_addr + r.memory_size >= kUserSpaceEnd)
+    return errorf(EINVAL, "userspace range {:#x}+{:#x} is not below the end of user space {:#x}", r.userspace_addr,
+                  r.memory_size, kUserSpaceEnd);
   uint64_t npages = r.memory_size / kPageSize;
   if (npages > kMaxSlotPages) return errorf(EINVAL, "{} pages exceed the per-slot maximum of {}", npages, kMaxSlotPages);
 

@@ -33,6 +33,9 @@ namespace nestcache::vm {
 
 inline constexpr uint32_t kMaxUserMemslots = 32764;  // KVM_USER_MEM_SLOTS on x86
 inline constexpr uint64_t kMaxSlotPages = (uint64_t{1} << 31) - 1;  // KVM_MEM_MAX_NR_PAGES
+// x86-64 with 4-level paging: TASK_SIZE_MAX, where user space ends. A
+// memslot's userspace range must end below it (access_ok).
+inline constexpr Hva kUserSpaceEnd = (Hva{1} << 47) - 4096;
 inline constexpr uint32_t kMemLogDirtyPages = 1u << 0;
 inline constexpr uint32_t kMemReadonly = 1u << 1;
 
@@ -124,9 +127,10 @@ class Memslots {
   uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
 
   // Checks `r` against KVM's rules and the current slots; says what it would
-  // do. EINVAL: bad flags, misaligned address or size, bad slot id, size
-  // change of an existing slot, delete of a missing slot, range beyond the
-  // physical-address width; EEXIST: overlap with another slot.
+  // do. EINVAL: bad flags, misaligned address or size, a userspace range
+  // that is not all user space, bad slot id, size change of an existing
+  // slot, delete of a missing slot, range beyond the physical-address width;
+  // EEXIST: overlap with another slot.
   // Requires the caller to serialise updates.
   Result<MemslotUpdate> validate(const MemoryRegion& r) const;
   // Publishes the set with update.old_slot marked invalid (remove/move only).

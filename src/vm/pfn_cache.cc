@@ -16,11 +16,13 @@ std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
     PfnCache* c = it->second;
     WriterLock w(c->rw_);
     if (!c->active_ || c->hva_ < (start & kPageMask) || c->hva_ >= end) continue;
-    if (c->valid_) {
+    bool flipped = c->valid_;
+    if (flipped) {
       c->valid_ = false;
       c->valid_flag_.store(false);
       vm_.counters().add(Counter::cache_invalidations);
     }
+    if (!flipped && !vm_.protocol().wait_for_already_invalid) continue;  // model replays of FLIPPED_ONLY
     // Wait for the bound vCPU even when the cache was already invalid: an
     // earlier, overlapping invalidation may have marked it and still be
     // waiting for that vCPU to leave guest mode, with the old pfn in use.
@@ -185,8 +187,12 @@ Status PfnCache::refresh_locked(size_t len) {
     }
   }
 
+  // A new snapshot on every try (model replays of STALE_SNAPSHOT keep the
+  // first, and retry forever once an invalidation has ended).
+  const ProtocolVariant& variant = vm_.protocol();
+  const uint64_t first_seq = vm_.mmu_invalidate_seq();
   for (;;) {
-    uint64_t seq = vm_.mmu_invalidate_seq();
+    uint64_t seq = variant.snapshot_seq_per_try ? vm_.mmu_invalidate_seq() : first_seq;
     Result<Mapping> m = map_frame(*hva);
     if (!m) return tl::unexpected(m.error());
     if (refresh_hook_) refresh_hook_();
@@ -195,8 +201,8 @@ Status PfnCache::refresh_locked(size_t len) {
       WriterLock w(rw_);
       // An invalidation that started after our snapshot may have freed the
       // frame we just mapped: installing it would make a stale mapping look
-      // valid. Drop it and resolve again.
-      if (!vm_.mmu_invalidate_retry(*hva, seq)) {
+      // valid. Drop it and resolve again. (Model replays of NO_RETRY don't.)
+      if (!variant.refresh_retries || !vm_.mmu_invalidate_retry(*hva, seq)) {
         tag_ = m->tag;
         khva_ = m->khva;
         old_window = std::move(window_);  // released after the new one is in

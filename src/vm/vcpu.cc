@@ -83,7 +83,10 @@ void Vcpu::make_request_and_wait(std::span<Vcpu* const> vcpus, Request r) {
     if (v == tls_vcpu) continue;
     if ((s & kModeMask) != static_cast<uint64_t>(VcpuMode::outside)) waits.push_back({v, s});
   }
-  for (auto& [v, s] : waits) v->wait_for_exit(s);
+  for (auto& [v, s] : waits) {
+    v->counters_.add(Counter::guest_mode_waits);
+    v->wait_for_exit(s);
+  }
 }
 
 }  // namespace nestcache::vm

@@ -63,7 +63,8 @@ class Vcpu {
   // Forces the vCPU out of guest mode if it is in it, and wakes it if halted.
   void kick();
   // Sets `r` on every vCPU in `vcpus`, kicks them, and waits until each one
-  // that was in guest mode has left it. The vCPU whose thread makes the call
+  // that was in guest mode has left it, counting guest_mode_waits on each
+  // such vCPU before waiting. The vCPU whose thread makes the call
   // (VMM code run from its guest program, as tests do) is not waited for: it
   // runs this very code and leaves guest mode at its next operation boundary,
   // before it can use what the request invalidates.

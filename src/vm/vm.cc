@@ -174,7 +174,15 @@ void Vm::invalidate_range_start(Hva start, Hva end) {
   // their way out of guest mode.
   if (zapped) flush_all_tlbs();
   std::vector<Vcpu*> users = caches_->invalidate(start, end);
-  if (!users.empty()) Vcpu::make_request_and_wait(users, Request::kOutsideGuestMode);
+  if (users.empty()) return;
+  if (protocol_.notifier_waits_for_vcpus) {
+    Vcpu::make_request_and_wait(users, Request::kOutsideGuestMode);
+  } else {  // the NO_WAIT variant, for model replays only
+    for (Vcpu* v : users) {
+      v->make_request(Request::kOutsideGuestMode);
+      v->kick();
+    }
+  }
 }
 
 void Vm::invalidate_range_end(Hva start, Hva end) {

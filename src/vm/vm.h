@@ -29,6 +29,7 @@
 #include "base/mutex.h"
 #include "host/host_mm.h"
 #include "vm/memslots.h"
+#include "vm/protocol_variant.h"
 #include "vm/vcpu.h"
 
 namespace nestcache::vm {
@@ -100,6 +101,13 @@ class Vm : public host::MmuNotifier {
   void invalidate_range_start(Hva start, Hva end) override;
   void invalidate_range_end(Hva start, Hva end) override;
 
+  // --- protocol variants (tests only) -------------------------------------------
+  // The protocol this VM's notifier, caches and page strategies follow:
+  // nestcache's unless a test replaying a model counterexample set another
+  // (vm/protocol_variant.h). Set it before any vCPU or host thread runs.
+  const ProtocolVariant& protocol() const { return protocol_; }
+  void set_protocol_for_replay(const ProtocolVariant& p) { protocol_ = p; }
+
  private:
   // Zaps EPT01 entries for gfns in [first, last]; returns how many went.
   size_t zap_gfn_range_locked(Gfn first, Gfn end) NC_REQUIRES(mmu_lock_);
@@ -125,6 +133,8 @@ class Vm : public host::MmuNotifier {
   std::atomic<uint64_t> invalidate_in_progress_{0};
   std::atomic<Hva> invalidate_range_start_{0};
   std::atomic<Hva> invalidate_range_end_{0};
+
+  ProtocolVariant protocol_;
 
   mutable Mutex vcpus_mu_{LockRank::kLeaf};
   std::vector<Vcpu*> vcpus_ NC_GUARDED_BY(vcpus_mu_);

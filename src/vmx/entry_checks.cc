@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "vmx/evmcs.h"
+
 namespace nestcache::vmx {
 
 namespace {
@@ -56,7 +58,23 @@ bool canonical48(uint64_t addr) {
   return static_cast<uint64_t>(s) == addr;
 }
 
-VmxStatus check_eptp(uint64_t eptp, const EntryCheckEnv& env) {
+// IA32_PAT: each of the eight entries is a memory type 0, 1, 4, 5, 6 or 7
+// (KVM's kvm_pat_valid).
+bool pat_valid(uint64_t pat) {
+  for (int i = 0; i < 8; i++) {
+    const uint64_t type = (pat >> (8 * i)) & 0xff;
+    if (type > 7 || type == 2 || type == 3) return false;
+  }
+  return true;
+}
+
+// IA32_EFER bits the modelled CPU has: SCE, LME, LMA, NXE.
+constexpr uint64_t kEferSce = 1ull << 0, kEferLme = 1ull << 8, kEferLma = 1ull << 10, kEferNxe = 1ull << 11;
+constexpr uint64_t kEferKnown = kEferSce | kEferLme | kEferLma | kEferNxe;
+
+}  // namespace
+
+VmxStatus check_ept_pointer(uint64_t eptp, const EntryCheckEnv& env) {
   constexpr std::string_view kRule = "ept-pointer";
   const uint64_t type = eptp & eptp::kMemTypeMask;
   const bool type_ok = (type == eptp::kMemTypeUc && env.caps.ept_uc) ||
@@ -81,6 +99,8 @@ VmxStatus check_eptp(uint64_t eptp, const EntryCheckEnv& env) {
                                           eptp, env.phys_addr_bits));
   return {};
 }
+
+namespace {
 
 // 26.2.1.3: the VM-entry interruption-information field (event injection).
 VmxStatus check_event_injection(const Vmcs12& v) {
@@ -244,7 +264,7 @@ VmxStatus check_entry_controls(const Vmcs12& v, const EntryCheckEnv& env) {
   if (proc2_on(proc2::kEnableVpid) && v.virtual_processor_id == 0)
     return bad_control("vpid-zero", "enable VPID is set but the VPID is 0");
 
-  if (proc2_on(proc2::kEnableEpt)) NC_TRY(check_eptp(v.ept_pointer, env));
+  if (proc2_on(proc2::kEnableEpt)) NC_TRY(check_ept_pointer(v.ept_pointer, env));
 
   // Unrestricted guest runs real-mode code through EPT only.
   if (proc2_on(proc2::kUnrestrictedGuest) && !proc2_on(proc2::kEnableEpt))
@@ -256,6 +276,9 @@ VmxStatus check_entry_controls(const Vmcs12& v, const EntryCheckEnv& env) {
   NC_TRY(check_allowed("entry-reserved", "VM-entry controls", v.entry_controls, caps.entry_must1,
                        caps.entry_may1));
   NC_TRY(check_event_injection(v));
+  // KVM runs the eVMCS filter as part of the control checks whenever the
+  // vCPU has the enlightened VMCS enabled, in use or not.
+  if (env.evmcs_enabled) NC_TRY(check_evmcs_controls(v));
   return {};
 }
 
@@ -287,8 +310,19 @@ VmxStatus check_entry_host_state(const Vmcs12& v, const EntryCheckEnv& env) {
                     fmt::format("host CR3 {:#x} exceeds the {}-bit physical-address width",
                                 v.host_cr3, env.phys_addr_bits));
 
-  // 26.2.4: address-space size. L1 in IA-32e mode must return to IA-32e mode.
+  // 26.2.2: IA32_PAT and IA32_EFER when the exit loads them.
   const bool host64 = (v.exit_controls & exit_ctl::kHostAddressSpaceSize) != 0;
+  if ((v.exit_controls & exit_ctl::kLoadPat) && !pat_valid(v.host_ia32_pat))
+    return bad_host("host-pat", fmt::format("host IA32_PAT {:#x} holds a reserved memory type", v.host_ia32_pat));
+  if (v.exit_controls & exit_ctl::kLoadEfer) {
+    const uint64_t efer = v.host_ia32_efer;
+    if ((efer & ~kEferKnown) || ((efer & kEferLma) != 0) != host64 || ((efer & kEferLme) != 0) != host64)
+      return bad_host("host-efer", fmt::format("host IA32_EFER {:#x}: reserved bits must be 0 and LMA and LME must "
+                                               "equal \"host address-space size\" ({})",
+                                               efer, host64 ? 1 : 0));
+  }
+
+  // 26.2.4: address-space size. L1 in IA-32e mode must return to IA-32e mode.
   if (env.l1_long_mode && !host64)
     return bad_host("host-address-space-size",
                     "L1 runs in IA-32e mode but the VM-exit control \"host address-space size\" "
@@ -301,27 +335,99 @@ VmxStatus check_entry_host_state(const Vmcs12& v, const EntryCheckEnv& env) {
       return bad_host("host-rip",
                       fmt::format("host RIP {:#x}: bits 63:32 must be 0 for a 32-bit host",
                                   v.host_rip));
-    return {};
-  }
-  if (!(v.host_cr4 & kCr4Pae))
+  } else if (!(v.host_cr4 & kCr4Pae))
     return bad_host("host-cr4-pae",
                     fmt::format("host CR4 {:#x}: PAE must be 1 for a 64-bit host", v.host_cr4));
   if (!canonical48(v.host_rip))
     return bad_host("host-rip", fmt::format("host RIP {:#x} is not canonical", v.host_rip));
+  // 26.2.3: the host CS selector has RPL and TI 0 and is not null (the
+  // other host selectors are not in the model's vmcs12).
+  if ((v.host_cs_selector & 7) || v.host_cs_selector == 0)
+    return bad_host("host-cs-selector",
+                    fmt::format("host CS selector {:#x} must be non-null with RPL and TI 0", v.host_cs_selector));
   return {};
 }
 
+namespace {
+
+// 26.3.1.5: the VMCS link pointer. Without VMCS shadowing it must be all
+// ones or name a page holding an ordinary VMCS (KVM's
+// nested_vmx_check_vmcs_link_ptr reads the header from L1 memory).
+VmxStatus check_link_pointer(const Vmcs12& v, const EntryCheckEnv& env) {
+  const uint64_t link = v.vmcs_link_pointer;
+  if (link == ~uint64_t{0}) return {};
+  std::string why;
+  std::optional<uint32_t> header;
+  if (!page_aligned(link))
+    why = "is not 4 KiB aligned";
+  else if (!page_address_valid(link, env.phys_addr_bits))
+    why = fmt::format("exceeds the {}-bit physical-address width", env.phys_addr_bits);
+  else if (!env.read_guest32 || !(header = env.read_guest32(link)))
+    why = "names no memory holding a VMCS";
+  else if (*header != kVmcs12Revision)
+    why = fmt::format("names a region with revision {:#x}, not {:#x} with the shadow-VMCS indicator clear", *header,
+                      kVmcs12Revision);
+  else
+    return {};
+  return bad_guest("vmcs-link-pointer", entry_fail_qual::kVmcsLinkPointer, fmt::format("VMCS link pointer {:#x} {}", link, why));
+}
+
+// 26.3.1.1: control registers, debug controls, IA32_PAT and IA32_EFER, in
+// KVM's order (nested_vmx_check_guest_state), with the link pointer where
+// KVM checks it.
+VmxStatus check_guest_registers(const Vmcs12& v, const EntryCheckEnv& env) {
+  const bool ia32e = (v.entry_controls & entry_ctl::kIa32eModeGuest) != 0;
+  const bool unrestricted = (v.primary_proc_controls & proc::kActivateSecondaryControls) &&
+                            (v.secondary_proc_controls & proc2::kUnrestrictedGuest);
+  // IA32_VMX_CR0_FIXED0 = PE|NE|PG; unrestricted guest frees PE and PG.
+  const uint64_t cr0_fixed0 = unrestricted ? kCr0Ne : kCr0Pe | kCr0Ne | kCr0Pg;
+  if ((v.guest_cr0 & cr0_fixed0) != cr0_fixed0 || (v.guest_cr0 >> 32) != 0)
+    return bad_guest("guest-cr0-fixed", entry_fail_qual::kDefault,
+                     fmt::format("guest CR0 {:#x}: {} must be 1 and bits 63:32 0", v.guest_cr0,
+                                 unrestricted ? "NE" : "PE, NE and PG"));
+  if (!(v.guest_cr4 & kCr4Vmxe))
+    return bad_guest("guest-cr4-fixed", entry_fail_qual::kDefault,
+                     fmt::format("guest CR4 {:#x}: VMXE must be 1 in VMX operation", v.guest_cr4));
+  if ((v.entry_controls & entry_ctl::kLoadDebugControls) && (v.guest_dr7 >> 32))
+    return bad_guest("guest-dr7", entry_fail_qual::kDefault,
+                     fmt::format("guest DR7 {:#x}: bits 63:32 must be 0", v.guest_dr7));
+  if ((v.entry_controls & entry_ctl::kLoadPat) && !pat_valid(v.guest_ia32_pat))
+    return bad_guest("guest-pat", entry_fail_qual::kDefault,
+                     fmt::format("guest IA32_PAT {:#x} holds a reserved memory type", v.guest_ia32_pat));
+  NC_TRY(check_link_pointer(v, env));
+  if ((v.guest_cr0 & (kCr0Pg | kCr0Pe)) == kCr0Pg)
+    return bad_guest("guest-cr0-pg-without-pe", entry_fail_qual::kDefault,
+                     fmt::format("guest CR0 {:#x}: paging without protected mode", v.guest_cr0));
+  if (ia32e && (!(v.guest_cr4 & kCr4Pae) || !(v.guest_cr0 & kCr0Pg)))
+    return bad_guest("guest-ia32e-mode", entry_fail_qual::kDefault,
+                     fmt::format("an IA-32e mode guest needs CR0.PG and CR4.PAE (CR0 {:#x}, CR4 {:#x})", v.guest_cr0,
+                                 v.guest_cr4));
+  if (env.run_pending && (v.entry_controls & entry_ctl::kLoadEfer)) {
+    const uint64_t efer = v.guest_ia32_efer;
+    const bool lme_wrong = (v.guest_cr0 & kCr0Pg) && ((efer & kEferLme) != 0) != ia32e;
+    if ((efer & ~kEferKnown) || ((efer & kEferLma) != 0) != ia32e || lme_wrong)
+      return bad_guest("guest-efer", entry_fail_qual::kDefault,
+                       fmt::format("guest IA32_EFER {:#x}: reserved bits must be 0, LMA must equal \"IA-32e mode "
+                                   "guest\" ({}) and, with paging, so must LME",
+                                   efer, ia32e ? 1 : 0));
+  }
+  return {};
+}
+
+}  // namespace
+
 VmxStatus check_entry_guest_state(const Vmcs12& v, const EntryCheckEnv& env) {
-  // 26.3.1.4: RFLAGS reserved bits 0 and bit 1 set.
-  if ((v.guest_rflags & kRflagsReserved) || !(v.guest_rflags & kRflagsFixed1))
-    return bad_guest("guest-rflags", entry_fail_qual::kDefault,
-                     fmt::format("guest RFLAGS {:#x}: reserved bits must be 0 and bit 1 must be 1",
-                                 v.guest_rflags));
+  NC_TRY(check_guest_registers(v, env));
   // 26.3.1.5: activity state. The model supports active and HLT.
   if (v.guest_activity_state > activity::kHlt)
     return bad_guest("guest-activity-state", entry_fail_qual::kDefault,
                      fmt::format("guest activity state {} is not supported (0 active, 1 HLT)",
                                  v.guest_activity_state));
+  // 26.3.1.4: RFLAGS reserved bits 0 and bit 1 set.
+  if ((v.guest_rflags & kRflagsReserved) || !(v.guest_rflags & kRflagsFixed1))
+    return bad_guest("guest-rflags", entry_fail_qual::kDefault,
+                     fmt::format("guest RFLAGS {:#x}: reserved bits must be 0 and bit 1 must be 1",
+                                 v.guest_rflags));
   // 26.3.1.5: interruptibility: bits 31:5 reserved; STI and MOV-SS
   // blocking not both.
   if ((v.guest_interruptibility & ~0x1fu) || (v.guest_interruptibility & 3) == 3)
@@ -329,18 +435,6 @@ VmxStatus check_entry_guest_state(const Vmcs12& v, const EntryCheckEnv& env) {
                      fmt::format("guest interruptibility {:#x}: bits 31:5 must be 0 and "
                                  "blocking by STI and by MOV SS exclude each other",
                                  v.guest_interruptibility));
-  // 26.3.1.5: the VMCS link pointer.
-  if (v.vmcs_link_pointer != ~uint64_t{0}) {
-    std::string why;
-    if (!page_aligned(v.vmcs_link_pointer))
-      why = "is not 4 KiB aligned";
-    else if (!page_address_valid(v.vmcs_link_pointer, env.phys_addr_bits))
-      why = fmt::format("exceeds the {}-bit physical-address width", env.phys_addr_bits);
-    else
-      why = "is not all ones, and nestcache models no VMCS shadowing";
-    return bad_guest("vmcs-link-pointer", entry_fail_qual::kVmcsLinkPointer,
-                     fmt::format("VMCS link pointer {:#x} {}", v.vmcs_link_pointer, why));
-  }
   return {};
 }
 
@@ -360,6 +454,9 @@ Vmcs12 minimal_vmcs12() {
   v.entry_controls = entry_ctl::kAlwaysOn | entry_ctl::kIa32eModeGuest;
   v.host_cr0 = kCr0Pe | kCr0Ne | kCr0Pg;
   v.host_cr4 = kCr4Pae | kCr4Vmxe;
+  v.host_cs_selector = 8;
+  v.guest_cr0 = kCr0Pe | kCr0Ne | kCr0Pg;
+  v.guest_cr4 = kCr4Pae | kCr4Vmxe;
   v.guest_rflags = kRflagsFixed1;
   v.vmcs_link_pointer = ~uint64_t{0};
   return v;

@@ -20,10 +20,12 @@
 //
 // The check that needs the virtual-APIC page (TPR threshold against VTPR) is
 // separate: L0 can only run it once it has reached that page (KVM does it in
-// nested_vmx_check_controls_late after getting the vmcs12 pages).
+// nested_vmx_check_controls_late after getting the vmcs12 pages). The VMCS
+// link pointer's header is read through EntryCheckEnv::read_guest32.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 
 #include "base/types.h"
@@ -83,6 +85,9 @@ inline constexpr VmxControlCaps kModelVmxCaps = {
                   entry_ctl::kIa32eModeGuest | entry_ctl::kLoadPat | entry_ctl::kLoadEfer,
 };
 
+// Reads the 4 bytes of L1 memory at `gpa`; nullopt when no memslot backs it.
+using GuestRead32 = std::function<std::optional<uint32_t>(Gpa gpa)>;
+
 // Facts about the entering vCPU that the checks need besides the vmcs12.
 struct EntryCheckEnv {
   VmxControlCaps caps = kModelVmxCaps;
@@ -93,6 +98,16 @@ struct EntryCheckEnv {
   // L1 runs in IA-32e mode (always, for nestcache's L1 hypervisor); decides
   // the address-space-size rules of 26.2.4.
   bool l1_long_mode = true;
+  // The vCPU has the enlightened VMCS enabled: its controls must be ones
+  // eVMCS v1 can express, whether or not an eVMCS is in use (KVM's
+  // nested_vmx_check_controls with guest_cpu_cap_has_evmcs).
+  bool evmcs_enabled = false;
+  // An entry is pending (VMLAUNCH/VMRESUME, or a restored run-pending
+  // state): the guest IA32_EFER rules apply (KVM checks them only then).
+  bool run_pending = true;
+  // L1 memory, for the header of the VMCS a link pointer names. Without it
+  // a link pointer other than all ones fails (nothing can be checked).
+  GuestRead32 read_guest32;
 };
 
 // True when `addr` is 4 KiB aligned and has no bit at or above `bits` set
@@ -101,7 +116,8 @@ constexpr bool page_address_valid(uint64_t addr, unsigned bits = kMaxPhysAddrBit
   return page_aligned(addr) && (bits >= 64 || (addr >> bits) == 0);
 }
 
-// 26.2.1: control fields. VMfailValid(7) with one of these rules:
+// 26.2.1: control fields. VMfailValid(7) with one of these rules (and
+// evmcs-unsupported-control when env.evmcs_enabled):
 //   pin-reserved proc-reserved proc2-reserved exit-reserved entry-reserved
 //   msr-bitmap-address virtual-apic-address tpr-threshold-reserved
 //   tpr-threshold-vtpr tpr-shadow-required virtual-nmis-need-nmi-exiting
@@ -122,17 +138,28 @@ VmxStatus check_entry_controls(const Vmcs12& v, const EntryCheckEnv& env = {});
 // virtual-APIC page. VMfailValid(7), rule "tpr-threshold-vtpr".
 VmxStatus check_entry_controls_late(const Vmcs12& v, uint8_t vtpr);
 
+// The EPT pointer rules of 26.2.1.1 (also INVEPT's single-context operand,
+// KVM's nested_vmx_check_eptp): memory type, page-walk length, A/D flags,
+// reserved bits 11:7, physical-address width. VMfailValid(7), rule
+// "ept-pointer".
+VmxStatus check_ept_pointer(uint64_t eptp, const EntryCheckEnv& env = {});
+
 // 26.2.2-26.2.4: host-state fields. VMfailValid(8) with rule
-//   host-cr0-fixed host-cr4-fixed host-cr3-width host-address-space-size
-//   host-ia32e-guest host-cr4-pae host-rip
+//   host-cr0-fixed host-cr4-fixed host-cr3-width host-pat host-efer
+//   host-address-space-size host-ia32e-guest host-cr4-pae host-rip
+//   host-cs-selector
+// nestcache models only the host CS selector of the host segment state.
 VmxStatus check_entry_host_state(const Vmcs12& v, const EntryCheckEnv& env = {});
 
 // 26.3, the guest-state checks on fields nestcache models. An entry failure
 // (exit reason 33) with rule
-//   guest-rflags guest-activity-state guest-interruptibility vmcs-link-pointer
-// nestcache does not model VMCS shadowing, so the VMCS link pointer must be
-// all ones (FFFFFFFF_FFFFFFFFH); any other value fails with qualification 4,
-// where real hardware would go on to check the VMCS it points to.
+//   guest-cr0-fixed guest-cr4-fixed guest-cr0-pg-without-pe guest-ia32e-mode
+//   guest-dr7 guest-pat guest-efer guest-rflags guest-activity-state
+//   guest-interruptibility vmcs-link-pointer
+// A VMCS link pointer other than all ones must name a 4 KiB-aligned page
+// within the address width whose revision identifier is kVmcs12Revision
+// with the shadow-VMCS indicator clear (nestcache offers no VMCS shadowing);
+// otherwise the qualification is 4.
 VmxStatus check_entry_guest_state(const Vmcs12& v, const EntryCheckEnv& env = {});
 
 // All of the above in the SDM's order: controls, host state, guest state.
@@ -140,6 +167,7 @@ VmxStatus check_vm_entry(const Vmcs12& v, const EntryCheckEnv& env = {});
 
 // The smallest vmcs12 that passes check_vm_entry: kVmcs12Revision, the
 // always-on control bits, a 64-bit host (host address-space size, CR0
+// PE|NE|PG, CR4 PAE|VMXE, CS selector 8) running a 64-bit guest (CR0
 // PE|NE|PG, CR4 PAE|VMXE), RFLAGS 0x2, link pointer all ones. A starting
 // point for tests and for L1 programs; every page-using control is off.
 Vmcs12 minimal_vmcs12();

@@ -157,9 +157,9 @@ VmxStatus check_evmcs_controls(const Vmcs12& v) {
       proc2::kVirtualizeApicAccesses | proc2::kApicRegisterVirtualization |
       proc2::kVirtualInterruptDelivery | proc2::kPauseLoopExiting | proc2::kEnableVmFunctions |
       proc2::kVmcsShadowing | proc2::kEnablePml | proc2::kEptViolationVe;
-  const uint32_t proc2c = (v.primary_proc_controls & proc::kActivateSecondaryControls)
-                              ? v.secondary_proc_controls
-                              : 0;
+  // The secondary controls as written, whether or not they are active (KVM's
+  // nested_evmcs_check_controls filters the field itself).
+  const uint32_t proc2c = v.secondary_proc_controls;
   if (uint32_t bad = v.pin_based_controls & kPinUnsupported)
     return tl::unexpected(VmxFail::valid(
         VmInstructionError::kEntryInvalidControlFields, "evmcs-unsupported-control",

@@ -14,8 +14,8 @@
 //      the page mid-entry must not change what L0 does;
 //   4. copy_evmcs_to_vmcs12(page, vmcs12, snapshot.clean_fields): only the
 //      dirty groups are copied into the cached vmcs12, from which the entry
-//      proceeds exactly as without eVMCS (entry checks plus
-//      check_evmcs_controls, pages, vmcs02). An eVMCS has no launch state of
+//      proceeds exactly as without eVMCS (entry checks, with
+//      check_evmcs_controls as on every entry of such a vCPU; pages, vmcs02). An eVMCS has no launch state of
 //      its own: L0 sets the cached vmcs12's to "launched" for VMRESUME and
 //      "clear" for VMLAUNCH before the launch-state check;
 //   5. after a successful entry marks every group clean in the page.
@@ -248,9 +248,12 @@ VmxStatus evmcs_vmwrite(uint32_t encoding);
 // eVMCS v1 cannot express posted interrupts, APIC-access virtualization,
 // APIC-register virtualization, virtual-interrupt delivery, PAUSE-loop
 // exiting, VM functions, VMCS shadowing, PML, #VE or the preemption timer:
-// with an eVMCS in use, a vmcs12 that enables one fails the entry with
+// on a vCPU with the enlightened VMCS enabled -- an eVMCS in use or a plain
+// vmcs12 alike -- a vmcs12 that enables one fails the entry with
 // VMfailValid(7), rule "evmcs-unsupported-control" (KVM's
-// nested_evmcs_check_controls). Run it with check_entry_controls.
+// nested_evmcs_check_controls, which reads the secondary controls as written
+// even when they are not active). check_entry_controls runs it when
+// EntryCheckEnv::evmcs_enabled.
 VmxStatus check_evmcs_controls(const Vmcs12& v);
 
 // The Hyper-V VP-assist page, first 56 bytes (TLFS layout and offsets).

@@ -21,7 +21,10 @@ NestedVmx::~NestedVmx() { release_nested(); }
 
 void NestedVmx::release_nested() {
   release_evmcs();  // its context is cleared like the vmcs12's below
-  if (current_ != kInvalidGpa) (void)flush_vmcs12();
+  // The cached vmcs12 is dropped, not written back: L1's region keeps what
+  // the last VMCLEAR or VMPTRLD flushed (VMXOFF does not flush, SDM 31.3),
+  // and a nested-state restore never writes guest memory, which the VMM
+  // may have restored already.
   // Patch 9 (v4): free_nested clears the current context; its caches stay
   // mapped in the table for whichever vCPU loads it next.
   clear_context(current_);
@@ -84,6 +87,20 @@ ExitTarget NestedVmx::route_exit(const ExitInfo& exit, uint32_t msr) const {
     case ExitReason::kApicAccess:
     case ExitReason::kCrAccess:
     case ExitReason::kTprBelowThreshold:
+      return ExitTarget::l1;
+    // VMX instructions of L2 are L1's to emulate (KVM's
+    // nested_vmx_l1_wants_exit; VMREAD/VMWRITE too, without VMCS shadowing).
+    case ExitReason::kVmclear:
+    case ExitReason::kVmlaunch:
+    case ExitReason::kVmptrld:
+    case ExitReason::kVmptrst:
+    case ExitReason::kVmread:
+    case ExitReason::kVmresume:
+    case ExitReason::kVmwrite:
+    case ExitReason::kVmxoff:
+    case ExitReason::kVmxon:
+    case ExitReason::kInvept:
+    case ExitReason::kInvvpid:
       return ExitTarget::l1;
     default:
       return ExitTarget::l0;

@@ -17,6 +17,7 @@
 
 #include "vm/vcpu.h"
 #include "vm/vm.h"
+#include "vmx/entry_checks.h"
 #include "vmx/evmcs.h"
 #include "vmx/nested_state_format.h"
 #include "vmx/op_result.h"
@@ -84,7 +85,8 @@ class NestedVmx {
   OpResult vmread(uint32_t field);
   OpResult vmwrite(uint32_t field, uint64_t value);
   OpResult invept(uint64_t type, uint64_t eptp);
-  OpResult invvpid(uint64_t type, uint16_t vpid);
+  // `gla` is the linear address of an individual-address invalidation.
+  OpResult invvpid(uint64_t type, uint16_t vpid, uint64_t gla = 0);
 
   // --- nested entry (nested_entry.cc) -----------------------------------------
   // VMLAUNCH (launch) / VMRESUME: instruction checks, entry consistency
@@ -202,6 +204,16 @@ class NestedVmx {
   // error only for the internal-error cases.
   Status get_vmcs12_pages();
   void merge_msr_bitmap(Vmcs02& o);
+  // What the entry checks need to know of this vCPU: its eVMCS capability
+  // (KVM filters controls whenever it is enabled) and L1 memory (the VMCS a
+  // link pointer names). `run_pending` as for EntryCheckEnv.
+  EntryCheckEnv entry_check_env(bool run_pending = true) const;
+  // The late control check (nested_vmx_check_controls_late): TPR threshold
+  // against VTPR, read from the virtual-APIC page vmcs02 now holds.
+  VmxStatus check_vtpr();
+  // KVM's free_nested: leaves nested operation without writing the cached
+  // vmcs12 back to L1 memory (only VMCLEAR and the VMPTRLD of another VMCS
+  // do that), releases the eVMCS, clears the contexts and puts the pages.
   void release_nested();
   // Nested contexts (vmx_nested_contexts.h): VMPTRLD of a new address loads,
   // VMCLEAR / VMXOFF / teardown clear.

@@ -1,19 +1,19 @@
 // The nested VM entry, top to bottom (DESIGN.md §4): L1's VMLAUNCH or
 // VMRESUME is checked like the instruction (VMX operation, a current VMCS,
 // launch state), then
-//   1. the consistency checks on vmcs12's controls, host and guest state;
+//   1. the consistency checks on vmcs12's controls and host state (VMfail);
 //   2. get vmcs12 pages: each L1 page the entry needs, through the VM's page
 //      strategy, with KVM's fallback when one cannot be had;
 //   3. vmcs02: the controls, the pfns of those pages, L1's MSR bitmap merged;
-//      the vCPU switches to guest mode;
+//      the checks that need those pages (TPR threshold against VTPR) and
+//      the guest-state checks (an entry failure), in KVM's order; the vCPU
+//      switches to guest mode;
 //   4. on every hardware entry into L2 afterwards, the last check with the
 //      vCPU already in guest mode (seed patch 3): an invalidated page cancels
 //      the entry, and kRefreshGuestPages rewrites vmcs02 before the next one.
 #include "vmx/nested.h"
 
 #include <cstring>
-
-#include "vmx/entry_checks.h"
 
 namespace nestcache::vmx {
 
@@ -34,25 +34,19 @@ EntryResult NestedVmx::enter(bool launch) {
   }
   if (current_ == kInvalidGpa && !evmcs_in_use())
     return EntryResult::failed(OpResult::fail_invalid(fmt::format("{} without a current VMCS", insn)));
-  if (launch && vmcs12_.launched())
+  // KVM compares the launch-state word with the instruction: VMLAUNCH
+  // needs it not launched (1), VMRESUME not clear (0).
+  if (launch && vmcs12_.launch_state == kLaunchStateLaunched)
     return EntryResult::failed(fail_valid(VmInstructionError::kVmlaunchNonClearVmcs, "VMLAUNCH of a launched VMCS"));
-  if (!launch && !vmcs12_.launched())
+  if (!launch && vmcs12_.launch_state == kLaunchStateClear)
     return EntryResult::failed(fail_valid(VmInstructionError::kVmresumeNonLaunchedVmcs, "VMRESUME of a VMCS that was never launched"));
 
-  // 1. Consistency checks on controls, host state and guest state (and the
-  // controls an eVMCS cannot express).
-  VmxStatus checked = check_vm_entry(vmcs12_);
-  if (checked && evmcs_in_use()) checked = check_evmcs_controls(vmcs12_);
-  if (auto& st = checked; !st) {
-    if (st.error().kind == VmxFailKind::kEntryFailure) {
-      ExitInfo e = ExitInfo::of(st.error().exit_reason, st.error().qualification);
-      e.exit_reason |= kExitReasonEntryFailure;
-      vmcs12_.set_exit_info(e);
-      if (evmcs_in_use()) sync_vmcs12_to_evmcs();
-      return EntryResult::exit_to_l1(st.error().to_string());
-    }
-    return EntryResult::failed(fail(st.error()));
-  }
+  // 1. Consistency checks on controls (with the eVMCS filter when the vCPU
+  // has the enlightened VMCS enabled) and host state: VMfailValid.
+  const EntryCheckEnv env = entry_check_env();
+  VmxStatus checked = check_entry_controls(vmcs12_, env);
+  if (checked) checked = check_entry_host_state(vmcs12_, env);
+  if (!checked) return EntryResult::failed(fail(checked.error()));
 
   // 2-3. Get vmcs12 pages through the strategy, build vmcs02.
   if (auto st = get_vmcs12_pages(); !st) {
@@ -65,12 +59,49 @@ EntryResult NestedVmx::enter(bool launch) {
     pages_->put();
     return EntryResult::failed(fail_valid(VmInstructionError::kEntryInvalidControlFields, "virtual-APIC page has no backing"));
   }
+  // The checks that need the pages (VTPR), then the guest state, as KVM
+  // orders them after nested_get_vmcs12_pages: a failure puts the pages.
+  if (VmxStatus late = check_vtpr(); !late) {
+    pages_->put();
+    return EntryResult::failed(fail(late.error()));
+  }
+  if (VmxStatus guest = check_entry_guest_state(vmcs12_, env); !guest) {
+    pages_->put();
+    ExitInfo e = ExitInfo::of(guest.error().exit_reason, guest.error().qualification);
+    e.exit_reason |= kExitReasonEntryFailure;
+    vmcs12_.set_exit_info(e);
+    if (evmcs_in_use()) sync_vmcs12_to_evmcs();
+    return EntryResult::exit_to_l1(guest.error().to_string());
+  }
   guest_mode_ = true;
   if (launch) vmcs12_.launch_state = kLaunchStateLaunched;
   if (evmcs_in_use()) mark_evmcs_clean();
   counters_.add(Counter::nested_entries);
   run_pending_ = true;  // until L2 is on the hardware: see check_before_hardware_entry()
   return EntryResult::entered();
+}
+
+EntryCheckEnv NestedVmx::entry_check_env(bool run_pending) const {
+  EntryCheckEnv env;
+  env.evmcs_enabled = evmcs_enabled_;
+  env.run_pending = run_pending;
+  env.read_guest32 = [this](Gpa gpa) -> std::optional<uint32_t> {
+    uint32_t x = 0;
+    if (!vm_.read_guest(gpa, &x, sizeof x)) return std::nullopt;
+    return x;
+  };
+  return env;
+}
+
+VmxStatus NestedVmx::check_vtpr() {
+  if (!vmcs02_.vapic.valid()) return {};  // no TPR shadow in use
+  uint8_t vtpr = 0;
+  // Through the strategy's hold on the page vmcs02 uses (map keeps it
+  // mapped until the exit, the caches are active): no extra mapping.
+  Status st = pages_->access(L1Page::vapic, vmcs12_.virtual_apic_page_addr,
+                             [&](const PageView& view) { vtpr = view.read<uint8_t>(kApicTprOffset); });
+  if (!st) return {};  // unreadable now: the hardware entry decides
+  return check_entry_controls_late(vmcs12_, vtpr);
 }
 
 Status NestedVmx::get_vmcs12_pages() {

@@ -72,10 +72,11 @@ NestedVmx::Evmptrld NestedVmx::handle_enlightened_vmptrld(bool launch, std::stri
   bool changed = false;
   if (*gpa != evmcs_gpa_) {
     // Another eVMCS (or the first): the old one and any VMPTRLD'd vmcs12 stop
-    // being current, and the new address's context serves its caches.
+    // being current, and the new address's context serves its caches. The
+    // vmcs12 is dropped without a write-back, as KVM only forgets
+    // current_vmptr here.
     release_evmcs();
     if (current_ != kInvalidGpa) {
-      (void)flush_vmcs12();
       clear_context(current_);
       current_ = kInvalidGpa;
     }

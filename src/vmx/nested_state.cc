@@ -65,12 +65,15 @@ Status NestedVmx::set_nested_state(std::span<const std::byte> blob) {
   if (blob.size() > kNestedStateMaxSize)
     return errorf(E2BIG, "nested state: blob of {} bytes exceeds the largest version-{} state ({} bytes)",
                   blob.size(), kNestedStateVersion, kNestedStateMaxSize);
-  const NestedStateImage s = NC_TRY(decode(blob));
+  // The entry checks of a guest-mode vmcs12 as on this vCPU: its eVMCS
+  // filter, and L1 memory for a VMCS link pointer.
+  const NestedStateImage s = NC_TRY(decode(blob, entry_check_env()));
   NC_TRY(check_nested_state_addresses(s, [this](Gpa gpa, uint64_t len) { return gpa_backed(gpa, len); }));
   if (s.evmcs) NC_TRY(check_evmcs_nested_state(s));
 
   // 2. Leave whatever nested state the vCPU had (KVM's vmx_leave_nested):
-  // the current vmcs12 is written back, its context cleared, the pages put.
+  // the cached vmcs12 is dropped (never written to L1 memory, which the VMM
+  // may have restored already), its context cleared, the pages put.
   release_nested();
   vmxon_ = false;
   vmxon_ptr_ = kInvalidGpa;

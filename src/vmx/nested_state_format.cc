@@ -67,7 +67,7 @@ std::vector<std::byte> encode(const NestedStateImage& s) {
   return b;
 }
 
-Result<NestedStateImage> decode(std::span<const std::byte> blob) {
+Result<NestedStateImage> decode(std::span<const std::byte> blob, const EntryCheckEnv& env) {
   // Framing: everything needed to know where the parts are, before reading them.
   if (blob.size() < kNestedStateHeaderSize)
     return bad("blob of {} bytes is shorter than the {}-byte header", blob.size(),
@@ -109,11 +109,11 @@ Result<NestedStateImage> decode(std::span<const std::byte> blob) {
   if (image_size)
     s.vmcs12 = Vmcs12::deserialize(
         std::span<const std::byte, kPageSize>(blob.data() + off::kVmcs12, kPageSize));
-  NC_TRY(validate_nested_state(s));
+  NC_TRY(validate_nested_state(s, env));
   return s;
 }
 
-Status validate_nested_state(const NestedStateImage& s) {
+Status validate_nested_state(const NestedStateImage& s, const EntryCheckEnv& env) {
   const bool has_current = s.current_vmcs_gpa != kInvalidGpa;
   const std::string_view current_name = s.evmcs ? "eVMCS address" : "current vmcs12 address";
 
@@ -121,12 +121,14 @@ Status validate_nested_state(const NestedStateImage& s) {
     return bad("run-pending flag without guest mode (a pending VM entry is an entry into L2)");
 
   if (!s.vmx_on()) {
-    // Outside VMX operation there is nothing else to restore.
+    // Outside VMX operation there is nothing else to restore. As in KVM, a
+    // vmcs12 image is ignored (VMMs pass a buffer of the full size), and
+    // the eVMCS flag, which once meant "enable the enlightened VMCS", is
+    // accepted on a vCPU that has it enabled.
     if (s.guest_mode) return bad("guest-mode flag is set but VMX is off (VMXON address is invalid)");
-    if (s.evmcs) return bad("eVMCS flag is set but VMX is off (VMXON address is invalid)");
-    if (has_current)
-      return bad("current VMCS address {:#x} given but VMX is off", s.current_vmcs_gpa);
-    if (s.vmcs12) return bad("vmcs12 image given but VMX is off");
+    if (s.evmcs && !env.evmcs_enabled)
+      return bad("eVMCS flag is set, VMX is off and the vCPU has not enabled the enlightened VMCS");
+    if (has_current) return bad("{} {:#x} given but VMX is off", current_name, s.current_vmcs_gpa);
     return {};
   }
 
@@ -155,14 +157,12 @@ Status validate_nested_state(const NestedStateImage& s) {
   if (s.guest_mode) {
     // L2 is running (or about to): the vmcs12 must be one a VM entry accepts,
     // or restoring it would run L2 on state hardware would have refused.
-    if (auto r = check_vm_entry(v); !r)
+    EntryCheckEnv e = env;
+    e.evmcs_enabled = env.evmcs_enabled || s.evmcs;
+    e.run_pending = s.run_pending;
+    if (auto r = check_vm_entry(v, e); !r)
       return bad("in guest mode the vmcs12 must pass VM-entry checks; it fails {}: {}",
                  r.error().rule, r.error().message);
-    if (s.evmcs) {
-      if (auto r = check_evmcs_controls(v); !r)
-        return bad("in guest mode with eVMCS, the vmcs12 fails {}: {}", r.error().rule,
-                   r.error().message);
-    }
   }
   return {};
 }

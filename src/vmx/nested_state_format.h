@@ -43,6 +43,7 @@
 
 #include "base/error.h"
 #include "base/types.h"
+#include "vmx/entry_checks.h"
 #include "vmx/vmcs12.h"
 
 namespace nestcache::vmx {
@@ -99,13 +100,16 @@ struct NestedStateImage {
 // validate_nested_state() rejects gives a blob that decode() rejects.
 std::vector<std::byte> encode(const NestedStateImage& s);
 
-// Parses and validates a blob (format checks, then validate_nested_state).
-// Fails with EINVAL and a message naming the one rule the blob breaks.
-Result<NestedStateImage> decode(std::span<const std::byte> blob);
+// Parses and validates a blob (format checks, then validate_nested_state
+// with `env`). Fails with EINVAL and a message naming the one rule the blob
+// breaks.
+Result<NestedStateImage> decode(std::span<const std::byte> blob, const EntryCheckEnv& env = {});
 
 // The semantic checks of a state, whether decoded or built in memory
 // (EINVAL, one message per rule; docs/nested-state.md lists them):
-//   VMX off -> no flags, no current VMCS, no image;
+//   VMX off -> no guest mode and no current VMCS; an image is ignored, and
+//   the eVMCS flag is allowed (and ignored) when env.evmcs_enabled, as KVM
+//   keeps accepting both;
 //   VMXON and current-VMCS addresses 4 KiB aligned, within the
 //   physical-address width, and not the same page;
 //   run pending needs guest mode; guest mode needs a current VMCS; the eVMCS
@@ -113,9 +117,11 @@ Result<NestedStateImage> decode(std::span<const std::byte> blob);
 //   current VMCS;
 //   the image: revision kVmcs12Revision, no shadow-VMCS indicator, launch
 //   state 0 or 1;
-//   guest mode: the vmcs12 passes check_vm_entry (and, with eVMCS,
-//   check_evmcs_controls).
-Status validate_nested_state(const NestedStateImage& s);
+//   guest mode: the vmcs12 passes check_vm_entry with `env` (the eVMCS
+//   filter when env.evmcs_enabled or the eVMCS flag is set; the guest EFER
+//   rules when run pending; the link pointer's VMCS read through
+//   env.read_guest32).
+Status validate_nested_state(const NestedStateImage& s, const EntryCheckEnv& env = {});
 
 // `backed(gpa, len)` is true when [gpa, gpa + len) lies in the VM's memslots.
 using GpaBackedFn = std::function<bool(Gpa gpa, uint64_t len)>;

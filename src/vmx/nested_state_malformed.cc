@@ -110,19 +110,27 @@ void Catalogue::flags_and_addresses() {
       "run-pending flag without guest mode");
   add("guest-mode-without-vmxon", with([](S& s) { s.vmxon_gpa = kInvalidGpa; }),
       "guest-mode flag is set but VMX is off");
-  add("evmcs-without-vmxon", with([](S& s) {
-        vmx_off(s);
-        s.evmcs = true;
-        s.current_vmcs_gpa = kInvalidGpa;
-        s.vmcs12.reset();
-      }),
-      "eVMCS flag is set but VMX is off");
+  if (g_.evmcs) {
+    // A vCPU with the enlightened VMCS accepts the flag with VMX off (as
+    // KVM does), but not with an eVMCS address.
+    add("evmcs-without-vmxon", with([](S& s) {
+          leave_guest_mode(s);
+          s.vmxon_gpa = kInvalidGpa;
+          s.vmcs12.reset();
+        }),
+        fmt::format("eVMCS address {:#x} given but VMX is off", g_.current_vmcs_gpa));
+  } else {
+    add("evmcs-without-vmxon", with([](S& s) {
+          vmx_off(s);
+          s.evmcs = true;
+          s.current_vmcs_gpa = kInvalidGpa;
+          s.vmcs12.reset();
+        }),
+        "eVMCS flag is set, VMX is off and the vCPU has not enabled the enlightened VMCS");
+  }
+  // With VMX off an image is ignored (VMMs pass a buffer of the full size);
+  // a current-VMCS address is not.
   add("vmcs12-without-vmxon", with(vmx_off), "given but VMX is off");
-  add("image-without-vmxon", with([](S& s) {
-        vmx_off(s);
-        s.current_vmcs_gpa = kInvalidGpa;
-      }),
-      "vmcs12 image given but VMX is off");
   add("misaligned-vmxon", with([](S& s) { s.vmxon_gpa += 0x10; }),
       fmt::format("VMXON address {:#x} is not 4 KiB aligned", g_.vmxon_gpa + 0x10));
   add("vmxon-beyond-width", with([](S& s) { s.vmxon_gpa = uint64_t{1} << 47; }), "physical-address width");
@@ -178,7 +186,7 @@ void Catalogue::vmcs12_image() {
     // the entry checks, but one eVMCS v1 cannot express.
     add("evmcs-unsupported-controls",
         vmcs12_with([](V& x) { x.secondary_proc_controls |= proc2::kPauseLoopExiting; }),
-        "with eVMCS, the vmcs12 fails evmcs-unsupported-control: secondary controls");
+        "fails evmcs-unsupported-control: secondary controls");
   } else {
     // APIC-access virtualization, which eVMCS v1 cannot express.
     add("evmcs-unsupported-controls", with([&](S& s) {
@@ -187,7 +195,7 @@ void Catalogue::vmcs12_image() {
           s.vmcs12->secondary_proc_controls |= proc2::kVirtualizeApicAccesses;
           if (!s.vmcs12->apic_access_addr) s.vmcs12->apic_access_addr = unbacked_;
         }),
-        "with eVMCS, the vmcs12 fails evmcs-unsupported-control");
+        "fails evmcs-unsupported-control");
   }
 }
 

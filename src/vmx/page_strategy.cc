@@ -102,7 +102,7 @@ class MapPageSet final : public PageSet {
 class CachePageSet final : public PageSet {
  public:
   CachePageSet(StrategyKind kind, vm::Vm& vm, vm::Vcpu& vcpu, const host::HardwareView* hw)
-      : kind_(kind), vcpu_(vcpu), own_(vm, &vcpu, hw), bundle_(&own_) {}
+      : kind_(kind), vm_(vm), vcpu_(vcpu), own_(vm, &vcpu, hw), bundle_(&own_) {}
   StrategyKind kind() const override { return kind_; }
 
   Result<HwPage> get_hw(L1Page p, Gpa gpa) override {
@@ -136,19 +136,24 @@ class CachePageSet final : public PageSet {
           return ok();
         }
       }
-      NC_TRY(c.refresh(kPageSize));
+      const vm::ProtocolVariant& variant = vm_.protocol();
+      if (Status st = c.refresh(kPageSize); !st) {
+        if (variant.software_refresh_failure_deactivates) c.deactivate();  // model replays of SW_DEACTIVATE
+        return st;
+      }
       // The refresh may have moved the cache to a new pfn while vmcs02
       // still holds the old one, and the cache is valid again, so the last
       // check before entry would let the hardware use the old pfn. Rewrite
       // vmcs02 before the next entry. (The seed's software paths refresh
-      // without this; frame tags showed the stale pfn here.)
-      vcpu_.make_request(vm::Request::kRefreshGuestPages);
+      // without this: model replays of SEED.)
+      if (variant.software_refresh_requests_rewrite) vcpu_.make_request(vm::Request::kRefreshGuestPages);
     }
   }
 
   void put() override {}  // the caches stay mapped: the seed's speed-up
 
   bool any_invalid() const override {
+    if (!vm_.protocol().last_check) return false;  // model replays of NO_LAST_CHECK
     for (L1Page p : {L1Page::apic_access, L1Page::vapic, L1Page::pi_desc})
       if ((*bundle_)[p].invalid()) return true;
     return false;
@@ -188,7 +193,7 @@ class CachePageSet final : public PageSet {
     if (c.vcpu() && c.vcpu() != &vcpu_) c.set_vcpu(&vcpu_);
     Gpa page = gpa & kPageMask;
     Status st = c.with_read_lock(page, kPageSize, [&]() NC_NO_THREAD_SAFETY_ANALYSIS { fn(c); });
-    if (!st && c.vcpu()) {
+    if (!st && c.vcpu() && vm_.protocol().deactivate_failed_activation /* model replays of NO_DEACTIVATE */) {
       // Patch 4: a vCPU-bound cache that cannot be activated is deactivated,
       // or invalid() would cancel every entry forever.
       c.deactivate();
@@ -197,6 +202,7 @@ class CachePageSet final : public PageSet {
   }
 
   StrategyKind kind_;
+  vm::Vm& vm_;
   vm::Vcpu& vcpu_;
   CacheBundle own_;
   CacheBundle* bundle_;

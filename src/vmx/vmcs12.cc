@@ -126,6 +126,10 @@ VmxResult<uint64_t> Vmcs12::read(uint32_t encoding) const {
 }
 
 VmxStatus Vmcs12::write(uint32_t encoding, uint64_t value, VmcsAccessOptions opts) {
+  // Guest ES..TR access rights (0x4814-0x4822): only bits 16:12 and 7:0 are
+  // defined; the CPU drops the others on VMWRITE.
+  constexpr uint32_t kGuestEsArBytes = 0x4814, kGuestTrArBytes = 0x4822;
+  if (encoding >= kGuestEsArBytes && encoding <= kGuestTrArBytes) value &= 0x1f0ff;
   return write_field(*this, encoding, value, opts.vmwrite_any_field);
 }
 

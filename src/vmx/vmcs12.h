@@ -26,10 +26,14 @@
 //     is the "high" access of a field that is not 64 bits wide
 //     -> VMfailValid(12, unsupported VMCS component);
 //   - VMWRITE to a read-only (exit-information) field -> VMfailValid(13),
-//     unless the model reports "VMWRITE to any supported field"
-//     (IA32_VMX_MISC bit 29; off by default);
+//     unless the CPU reports "VMWRITE to any supported field" (IA32_VMX_MISC
+//     bit 29), which the model's CPU does for L1 as KVM's does
+//     (kModelVmcsAccess);
 //   - values are truncated to the field width on write and zero-extended on
-//     read; the high access of a 64-bit field reads/writes bits 63:32.
+//     read; the high access of a 64-bit field reads/writes bits 63:32;
+//   - a VMWRITE of a guest segment's access-rights field keeps only bits
+//     16:12 and 7:0 (Intel CPUs drop the reserved bits, and KVM does so for
+//     L1 so VMREAD returns what hardware would).
 // Whether there is a current VMCS at all (VMfailInvalid otherwise) and
 // whether eVMCS is in use is the instruction emulator's business (evmcs.h
 // says what VMREAD/VMWRITE do then).
@@ -123,10 +127,14 @@ inline constexpr uint32_t kLaunchStateLaunched = 1;
 // Model options for VMREAD/VMWRITE.
 struct VmcsAccessOptions {
   // IA32_VMX_MISC bit 29: VMWRITE may write the read-only (exit-information)
-  // fields. Real KVM offers it to L1; nestcache leaves it off by default so
-  // that error 13 is reachable.
+  // fields. Off here, so that a bare Vmcs12::write keeps the SDM's error 13.
   bool vmwrite_any_field = false;
 };
+
+// What the model's CPU offers L1: VMWRITE to any supported field, as KVM
+// always advertises in IA32_VMX_MISC (nested_vmx_setup_misc_data), and L1
+// hypervisors rely on (they restore exit information that way).
+inline constexpr VmcsAccessOptions kModelVmcsAccess{.vmwrite_any_field = true};
 
 // What a VM exit records in the exit-information fields. L0 fills one per
 // reflected exit and applies it with Vmcs12::set_exit_info().

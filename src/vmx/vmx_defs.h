@@ -633,6 +633,7 @@ inline constexpr uint32_t kIa32VmxTrueProcbasedCtls = 0x48e;
 inline constexpr uint32_t kIa32VmxTrueExitCtls = 0x48f;
 inline constexpr uint32_t kIa32VmxTrueEntryCtls = 0x490;
 inline constexpr uint32_t kIa32Efer = 0xc0000080;
+inline constexpr uint32_t kIa32FsBase = 0xc0000100;
 // x2APIC registers: MSR 0x800 + (xAPIC MMIO offset >> 4).
 inline constexpr uint32_t kX2apicFirst = 0x800;
 inline constexpr uint32_t kX2apicLast = 0x8ff;

@@ -10,9 +10,8 @@
 namespace nestcache::vmx {
 
 namespace {
-// VMXON and VMCS regions start with the revision identifier in bits 30:0;
-// bit 31 marks a shadow VMCS.
-constexpr uint32_t kRevisionMask = 0x7fffffff;
+// Bits 63:47 of a canonical linear address (4-level paging) are all equal.
+bool canonical48(uint64_t la) { return static_cast<uint64_t>(static_cast<int64_t>(la << 16) >> 16) == la; }
 }  // namespace
 
 OpResult NestedVmx::fail_valid(VmInstructionError e, std::string message) {
@@ -49,7 +48,9 @@ OpResult NestedVmx::vmxon(Gpa region) {
   uint32_t rev = 0;
   if (!vm_.read_guest(region, &rev, sizeof rev))
     return OpResult::fail_invalid(fmt::format("VMXON region {:#x} is not guest memory", region));
-  if ((rev & kRevisionMask) != kVmcs12Revision)
+  // All 32 bits: the revision in 30:0, and bit 31 must be 0 (SDM 31.3
+  // VMXON; KVM's handle_vmxon compares the whole word).
+  if (rev != kVmcs12Revision)
     return OpResult::fail_invalid(fmt::format("VMXON region revision {:#x} is not {:#x}", rev, kVmcs12Revision));
   vmxon_ = true;
   vmxon_ptr_ = region;
@@ -96,27 +97,29 @@ OpResult NestedVmx::vmptrld(Gpa gpa) {
   // unexecuted and L1 loops on it); nestcache fails it so L1 sees why.
   if (evmcs_in_use())
     return OpResult::fail_invalid(fmt::format("VMPTRLD of {:#x} while the enlightened VMCS {:#x} is in use", gpa, evmcs_gpa_));
-  uint32_t rev = 0;
-  if (!vm_.read_guest(gpa, &rev, sizeof rev))
-    return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of {:#x}: not guest memory", gpa));
+  // The current VMCS again: nothing is read or checked (KVM's handle_vmptrld).
+  if (gpa == current_) return OpResult::success();
+  // A region without memory reads as all ones, which is no revision
+  // identifier: error 11, as KVM answers when no memslot backs it.
+  uint32_t rev = ~uint32_t{0};
+  (void)vm_.read_guest(gpa, &rev, sizeof rev);
   if (rev != kVmcs12Revision)  // bit 31 (shadow VMCS) is not supported either
     return fail_valid(VmInstructionError::kVmptrldIncorrectRevision,
-                      fmt::format("VMCS revision {:#x} is not {:#x}", rev, kVmcs12Revision));
-  if (gpa != current_) {
-    if (current_ != kInvalidGpa) (void)flush_vmcs12();
-    current_ = kInvalidGpa;
-    if (!load_vmcs12(gpa))
-      return fail_valid(VmInstructionError::kVmptrldInvalidAddress, fmt::format("VMPTRLD of {:#x}: unreadable", gpa));
-    current_ = gpa;
-    load_context(gpa);  // patch 9: set_current_vmptr loads the context
-  }
+                      fmt::format("VMCS revision {:#x} at {:#x} is not {:#x}", rev, gpa, kVmcs12Revision));
+  if (current_ != kInvalidGpa) (void)flush_vmcs12();
+  current_ = kInvalidGpa;
+  if (!load_vmcs12(gpa))
+    return fail_valid(VmInstructionError::kVmptrldIncorrectRevision, fmt::format("VMPTRLD of {:#x}: unreadable", gpa));
+  current_ = gpa;
+  load_context(gpa);  // patch 9: set_current_vmptr loads the context
   return OpResult::success();
 }
 
 OpResult NestedVmx::vmptrst() {
   if (!vmxon_) return OpResult::undefined("VMPTRST outside VMX operation");
-  // With an eVMCS in use there is no current VMCS pointer: all ones (KVM
-  // WARNs; the TLFS does not support VMPTRST then).
+  // With an eVMCS in use there is no current VMCS pointer: all ones. KVM
+  // leaves the instruction unexecuted instead (the TLFS does not support
+  // VMPTRST then); docs/kvm-differences.md.
   return OpResult::success(current_ == kInvalidGpa ? ~uint64_t{0} : current_);
 }
 
@@ -143,7 +146,7 @@ OpResult NestedVmx::vmwrite(uint32_t f, uint64_t value) {
   if (!vmxon_) return OpResult::undefined("VMWRITE outside VMX operation");
   if (evmcs_in_use()) return fail(evmcs_vmwrite(f).error());
   if (current_ == kInvalidGpa) return OpResult::fail_invalid("VMWRITE without a current VMCS");
-  auto st = vmcs12_.write(f, value);
+  auto st = vmcs12_.write(f, value, kModelVmcsAccess);
   if (!st) return fail(st.error());
   return OpResult::success();
 }
@@ -152,15 +155,24 @@ OpResult NestedVmx::invept(uint64_t type, uint64_t eptp) {
   if (!vmxon_) return OpResult::undefined("INVEPT outside VMX operation");
   if (type != 1 && type != 2)  // single-context, all-context
     return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand, fmt::format("INVEPT type {} unsupported", type));
+  // Single-context names an EPTP, which must be one an entry would accept.
+  if (type == 1) {
+    if (VmxStatus st = check_ept_pointer(eptp); !st)
+      return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand,
+                        fmt::format("INVEPT single-context: {}", st.error().message));
+  }
   vcpu_.make_request(vm::Request::kTlbFlushGuest);
   return OpResult::success();
 }
 
-OpResult NestedVmx::invvpid(uint64_t type, uint16_t vpid) {
+OpResult NestedVmx::invvpid(uint64_t type, uint16_t vpid, uint64_t gla) {
   if (!vmxon_) return OpResult::undefined("INVVPID outside VMX operation");
   if (type > 3) return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand, fmt::format("INVVPID type {} unsupported", type));
   if ((type == 0 || type == 1 || type == 3) && vpid == 0)
     return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand, "INVVPID of VPID 0");
+  if (type == 0 && !canonical48(gla))
+    return fail_valid(VmInstructionError::kInvalidInveptInvvpidOperand,
+                      fmt::format("INVVPID individual-address of {:#x}, which is not canonical", gla));
   vcpu_.make_request(vm::Request::kTlbFlushGuest);
   return OpResult::success();
 }

@@ -29,6 +29,7 @@
 #include "guest/posted_interrupts.h"
 #include "guest/program.h"
 #include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
 #include "guest/wait.h"
 #include "workloads/host_wait.h"
 #include "workloads/nested_env.h"

@@ -1,5 +1,5 @@
 // `nestcache bench --tests l2-switch`: what an L2 switch costs with each page
-// strategy, at N = 2, 8 and 16 L2 vCPUs on one L1 vCPU (issue 7, "Cost").
+// strategy, at N = 2, 8 and 16 L2 vCPUs on one L1 vCPU.
 //
 // L1 multiplexes N L2s as the selftest's sched mode does: round 0 VMCLEARs,
 // VMPTRLDs, writes and VMLAUNCHes each L2 (the cold iteration: every page is

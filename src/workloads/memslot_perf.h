@@ -1,4 +1,4 @@
-// memslot_perf in nested mode (DESIGN.md §6, issue 8): upstream KVM's
+// memslot_perf in nested mode (DESIGN.md §6): upstream KVM's
 // memslot_perf_test run by an L1 "VMM" against one L2 vCPU, on the nested
 // stack, so every discard, shootdown and EPT12 fault is a real nested round
 // trip through L0's page strategy.

@@ -1,5 +1,4 @@
 // The mid-L2 migration scenario (see nested_state_migration.h).
-#include "guest/program.h"
 #include "workloads/nested_state_migration.h"
 
 #include <algorithm>
@@ -8,7 +7,7 @@
 #include "guest/enlightened.h"
 #include "guest/ept12.h"
 #include "guest/mailbox.h"
-#include "guest/posted_interrupts.h"
+#include "guest/program.h"
 #include "guest/stepping_l2.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"

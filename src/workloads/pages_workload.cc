@@ -1,4 +1,3 @@
-#include "guest/program.h"
 #include "workloads/pages_workload.h"
 
 #include <atomic>
@@ -9,7 +8,9 @@
 #include "guest/mailbox.h"
 #include "guest/pages_l2.h"
 #include "guest/posted_interrupts.h"
+#include "guest/program.h"
 #include "guest/vmcs12_pages.h"
+#include "guest/vmx.h"
 #include "guest/wait.h"
 
 namespace nestcache::workloads {
@@ -164,7 +165,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
                                                           .unbacked = guest::IfUnbacked::wait,
                                                           .per_request = c.interrupts_per_round,
                                                           .received = kL2DataBacking + Mailbox::kProgress,
-                                                          .ack_timeout_ns = kWaitNs,
+                                                          .ack_timeout_ns = 0,  // back to back
                                                           .vector_of = posted_vector},
                                                          t.interrupts_posted));
 

@@ -36,11 +36,11 @@ struct PagesWorkloadConfig {
 };
 
 // What L2 and L1 observed: identical for every strategy when nothing is lost.
-// The vector of the i-th interrupt L1 posts in a run (0-based). Vectors
-// cycle through 64 values so that an interrupt still pending when the poster
-// moves on (its ack deadline passed on a loaded machine) is not merged with a
-// later one of the same vector: a pending vector is one IRR bit, and two
-// posts of it while pending deliver once, architecturally.
+// The vector of the i-th interrupt L1 posts in a run (0-based). The poster
+// posts a round's interrupts back to back, without waiting for L2 to take
+// each one, so vectors cycle through 64 values: an interrupt still pending
+// when the next is posted is never merged with it (a pending vector is one
+// IRR bit, and two posts of it while pending deliver once, architecturally).
 inline uint8_t posted_vector(int i) { return static_cast<uint8_t>(guest::kFirstPostedVector + i % 64); }
 
 struct PagesTranscript {

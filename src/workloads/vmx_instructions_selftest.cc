@@ -105,8 +105,11 @@ GuestTask check_with_a_current_vmcs(Checker& c, Regions r) {
                  valid(VmInstructionError::kUnsupportedVmcsComponent));
   co_await c.run("VMWRITE of an unsupported field", GuestOp{GuestOp::Vmwrite{kUnsupportedField, 0}},
                  valid(VmInstructionError::kUnsupportedVmcsComponent));
-  co_await c.run("VMWRITE of a read-only field", GuestOp{GuestOp::Vmwrite{vmx::field::kExitReason, 1}},
-                 valid(VmInstructionError::kVmwriteReadOnlyComponent));
+  // The model's CPU offers "VMWRITE to any supported field" (IA32_VMX_MISC
+  // bit 29), as KVM does: the exit-information fields are writable.
+  co_await c.run("VMWRITE of a read-only field", GuestOp{GuestOp::Vmwrite{vmx::field::kExitReason, 0x12}}, kOk);
+  OpResult reason = co_await ops::vmread(vmx::field::kExitReason);
+  c.result.check(reason.ok() && reason.value == 0x12, "VMREAD of the written exit reason returned {:#x}", reason.value);
   co_await c.run("VMWRITE guest RIP", GuestOp{GuestOp::Vmwrite{vmx::field::kGuestRip, 0x1234}}, kOk);
   OpResult rip = co_await ops::vmread(vmx::field::kGuestRip);
   c.result.check(rip.ok() && rip.value == 0x1234, "VMREAD guest RIP returned {:#x}", rip.value);

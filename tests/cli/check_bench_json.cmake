@@ -1,5 +1,5 @@
 # Runs `nestcache bench ... --json` and checks that stdout is one JSON object
-# with issue 8's parameters and, in every result row, issue 8's fields.
+# with the report's parameters and, in every result row, the row's fields.
 #
 #   cmake -DEXE=<nestcache> "-DARGS=bench --tests unmap --json" -P check_bench_json.cmake
 separate_arguments(args UNIX_COMMAND "${ARGS}")

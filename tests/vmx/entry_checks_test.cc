@@ -135,7 +135,8 @@ std::vector<RuleCase> rule_cases() {
       {"UnrestrictedGuestNeedsEpt", "unrestricted-guest-needs-ept", Cls::kControl,
        M(ept(v); secondary(v, proc2::kUnrestrictedGuest)), M(secondary(v, proc2::kUnrestrictedGuest))},
       // 26.2.1.2 / 26.2.1.3 exit and entry controls
-      {"ExitUnsupportedBit", "exit-reserved", Cls::kControl, M(v.exit_controls |= exit_ctl::kLoadEfer),
+      {"ExitUnsupportedBit", "exit-reserved", Cls::kControl,
+       M(v.exit_controls |= exit_ctl::kLoadEfer; v.host_ia32_efer = 0x500),
        M(v.exit_controls |= exit_ctl::kSavePreemptionTimer)},
       {"ExitMissingAlwaysOn", "exit-reserved", Cls::kControl,
        M(v.exit_controls |= exit_ctl::kSaveDebugControls), M(v.exit_controls &= ~1u)},

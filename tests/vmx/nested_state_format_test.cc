@@ -172,7 +172,7 @@ TEST(NestedStateMalformed, TheCatalogueCoversEveryRule) {
   for (const char* n : {"truncated-header", "bad-magic", "wrong-version", "wrong-header-size", "trailing-bytes",
                         "odd-image-size", "image-size-disagrees", "reserved-byte", "unknown-flag",
                         "run-pending-without-guest-mode", "guest-mode-without-vmxon", "evmcs-without-vmxon",
-                        "vmcs12-without-vmxon", "image-without-vmxon", "misaligned-vmxon", "vmxon-beyond-width",
+                        "vmcs12-without-vmxon", "misaligned-vmxon", "vmxon-beyond-width",
                         "misaligned-vmcs12", "vmcs12-beyond-width", "misaligned-evmcs", "vmcs12-is-vmxon",
                         "evmcs-without-address", "guest-mode-without-vmcs12", "vmcs12-address-without-image",
                         "image-without-address", "shadow-vmcs-indicator", "wrong-revision", "bad-launch-state",
@@ -196,6 +196,44 @@ TEST(NestedStateValidate, WorksOnInMemoryImagesToo) {
   s.current_vmcs_gpa = kInvalidGpa;
   s.vmcs12.reset();
   EXPECT_FALSE(validate_nested_state(s));
+}
+
+TEST(NestedStateValidate, VmxOffIgnoresAnImageAndAcceptsTheEvmcsFlagWhenEnabled) {
+  // KVM's vmx_set_nested_state with vmxon_pa == -1 never looks at the data
+  // (VMMs pass a buffer of the full size), and keeps accepting the eVMCS
+  // flag on a vCPU with the enlightened VMCS enabled.
+  NestedStateImage s = vmx_off();
+  s.vmcs12 = minimal_vmcs12();
+  EXPECT_TRUE(decode(encode(s)));
+  s.evmcs = true;
+  EXPECT_FALSE(validate_nested_state(s));
+  EntryCheckEnv enabled;
+  enabled.evmcs_enabled = true;
+  EXPECT_TRUE(validate_nested_state(s, enabled));
+  s.guest_mode = true;
+  EXPECT_FALSE(validate_nested_state(s, enabled));
+}
+
+TEST(NestedStateValidate, GuestModeChecksUseTheVcpusEnvironment) {
+  // The eVMCS filter applies to a plain vmcs12 on a vCPU with the
+  // enlightened VMCS enabled; a link pointer is checked through L1 memory.
+  NestedStateImage s = in_guest_mode();
+  s.vmcs12->primary_proc_controls |= proc::kActivateSecondaryControls;
+  s.vmcs12->secondary_proc_controls |= proc2::kVirtualizeApicAccesses;
+  s.vmcs12->apic_access_addr = 0x30000;
+  EXPECT_TRUE(validate_nested_state(s));
+  EntryCheckEnv evmcs;
+  evmcs.evmcs_enabled = true;
+  EXPECT_NE(validate_nested_state(s, evmcs).error().message.find("evmcs-unsupported-control"), std::string::npos);
+  s = in_guest_mode();
+  s.vmcs12->vmcs_link_pointer = 0x20000;
+  EXPECT_FALSE(validate_nested_state(s));
+  EntryCheckEnv memory;
+  memory.read_guest32 = [](Gpa g) -> std::optional<uint32_t> {
+    if (g == 0x20000) return kVmcs12Revision;
+    return std::nullopt;
+  };
+  EXPECT_TRUE(validate_nested_state(s, memory));
 }
 
 TEST(NestedStateValidate, PagesNamedByTheVmcs12AreNotResolvedHere) {

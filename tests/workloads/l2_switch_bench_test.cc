@@ -1,4 +1,4 @@
-// `nestcache bench --tests l2-switch` (issue 7, "Cost"): the rows for N = 2,
+// `nestcache bench --tests l2-switch`, the cost of an L2 switch: the rows for N = 2,
 // 8 and 16 carry the context counters, follow the seed's sched formulas, and
 // show what the contexts save: no remap window after the cold round with
 // cache while every L2 has a context, one set of windows per switch with map.

@@ -1,4 +1,4 @@
-// memslot_perf in nested mode (issue 8): every test completes under every
+// memslot_perf in nested mode: every test completes under every
 // strategy and memory kind with upstream's value checks, and the counts
 // follow the mechanics of DESIGN.md §6. Small areas, few iterations, no
 // timer ticks and no modelled exit cost, so the counts are exact and the

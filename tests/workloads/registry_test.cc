@@ -68,7 +68,7 @@ TEST(RegistryParse, JoinNamesReadsAsAList) {
   EXPECT_EQ(join_names(std::span(v).first(1)), "a");
 }
 
-// --- RunOptions and SelftestOptions --------------------------------------------
+// --- RunOptions and OptionSpec -------------------------------------------------
 
 TEST(RegistryOptions, TypedViewsOfExtraUseTheFallbackWhenAbsent) {
   RunOptions o;
@@ -203,7 +203,7 @@ TEST(RegistryBench, DefaultOptionsAreValidAndRangesAreEnforced) {
   EXPECT_TRUE(bad([](BenchOptions& b) { b.exit_cost_ns = kMaxExitCostNs + 1; }));
 }
 
-TEST(RegistryBench, ARowCarriesIssue8sFieldsAndItsExtras) {
+TEST(RegistryBench, ARowCarriesTheStandardFieldsAndItsExtras) {
   BenchRow row;
   row.test = "unmap";
   row.strategy = StrategyKind::cache;
@@ -227,7 +227,7 @@ TEST(RegistryBench, ARowCarriesIssue8sFieldsAndItsExtras) {
   EXPECT_EQ(j["nested_context_reuse_per_switch"], 1.0);
 }
 
-TEST(RegistryBench, TheReportHasIssue8sTopLevelFields) {
+TEST(RegistryBench, TheReportHasTheDocumentedTopLevelFields) {
   BenchReport rep;
   rep.options.slots = 512;
   BenchRow row;

@@ -1,0 +1,275 @@
+// The scenario-file parser, second half: the VM description, the L2
+// program, and the vmcs12, nested-state and blob specs (see scenario_parser.h).
+#include "vmx/nested_state_format.h"
+#include "vmx/vmcs12.h"
+#include "workloads/scenario_parser.h"
+
+namespace nestcache::workloads::scenario::detail {
+
+std::string names_of(const json& obj) {
+  std::string out;
+  for (auto it = obj.begin(); it != obj.end(); ++it) out += (out.empty() ? "" : ", ") + it.key();
+  return out;
+}
+
+// The VM every case starts from; a file's "vm" and a case's "vm" override
+// it key by key ("pages" name by name).
+const json& default_vm_json() {
+  static const json v = json::parse(R"({
+    "memory": "unmanaged", "strategy": "cache", "vcpus": 1, "evmcs": false,
+    "regions": {"ram": "4M"},
+    "memslots": [{"slot": 0, "gpa": 0, "region": "ram"}],
+    "pages": {"vmxon": "0x10000", "vmcs": "0x11000", "vmcs2": "0x12000", "vmcs3": "0x13000",
+              "evmcs": "0x14000", "evmcs2": "0x15000", "vp_assist": "0x16000", "msr_bitmap": "0x17000",
+              "vapic": "0x18000", "apic_access": "0x19000", "pi_desc": "0x1a000", "ept": "0x1b000",
+              "scratch": "0x1c000", "unbacked": "0x40000000"}
+  })");
+  return v;
+}
+
+void merge_vm(json& into, const json& over) {
+  for (auto it = over.begin(); it != over.end(); ++it) {
+    if (it.key() == "pages" && into.contains("pages") && it.value().is_object())
+      into["pages"].update(it.value());
+    else
+      into[it.key()] = it.value();
+  }
+}
+
+Result<Expr> Parser::expr(const json& v, std::string_view key) {
+  if (v.is_number_unsigned()) return Expr::of(v.get<uint64_t>());
+  if (v.is_number_integer()) return Expr::of(static_cast<uint64_t>(v.get<int64_t>()));
+  if (v.is_boolean()) return Expr::of(v.get<bool>() ? 1 : 0);
+  if (!v.is_string()) return fail("'{}' must be a number or an expression string, not {}", key, v.type_name());
+  auto e = parse_expr(v.get<std::string>(), scope_);
+  if (!e) return fail("'{}': {}", key, e.error().message);
+  return *e;
+}
+
+Result<VmSpec> Parser::vm_spec(const json& vm) {
+  static const std::set<std::string> kKeys = {"memory", "strategy", "vcpus", "evmcs", "regions", "memslots", "pages"};
+  VmSpec s;
+  if (!vm.is_object()) return fail("'vm' must be an object");
+  for (auto it = vm.begin(); it != vm.end(); ++it)
+    if (!kKeys.count(it.key())) return fail("vm: unknown key '{}' (known: memory, strategy, vcpus, evmcs, regions, memslots, pages)", it.key());
+  if (vm.contains("memory")) s.memory = vm["memory"].is_string() ? vm["memory"].get<std::string>() : "";
+  if (s.memory != "managed" && s.memory != "unmanaged") return fail("vm.memory must be \"managed\" or \"unmanaged\"");
+  if (vm.contains("strategy")) s.strategy = vm["strategy"].is_string() ? vm["strategy"].get<std::string>() : "";
+  if (s.strategy != "map" && s.strategy != "cache" && s.strategy != "oracle")
+    return fail("vm.strategy must be \"map\", \"cache\" or \"oracle\"");
+  if (vm.contains("vcpus")) {
+    if (!vm["vcpus"].is_number_unsigned() || vm["vcpus"].get<uint64_t>() < 1 || vm["vcpus"].get<uint64_t>() > 16)
+      return fail("vm.vcpus must be a number from 1 to 16");
+    s.vcpus = vm["vcpus"].get<int>();
+  }
+  if (vm.contains("evmcs")) {
+    if (!vm["evmcs"].is_boolean()) return fail("vm.evmcs must be true or false");
+    s.evmcs = vm["evmcs"].get<bool>();
+  }
+  scope_ = NameScope{nullptr, nullptr, false};
+  if (vm.contains("regions")) {
+    if (!vm["regions"].is_object()) return fail("vm.regions must be an object: name -> size");
+    s.regions.clear();
+    for (auto it = vm["regions"].begin(); it != vm["regions"].end(); ++it) {
+      Expr size = NC_TRY(expr(it.value(), "vm.regions." + it.key()));
+      uint64_t bytes = size.eval();
+      if (bytes == 0 || !page_aligned(bytes) || bytes > (uint64_t{1} << 32))
+        return fail("vm.regions.{}: size {:#x} must be a non-zero multiple of 4 KiB up to 4 GiB", it.key(), bytes);
+      s.regions[it.key()] = bytes;
+    }
+  }
+  for (auto& [name, size] : s.regions)
+    if (constant_value(name) || control_bit(name)) return fail("vm.regions: '{}' is a reserved name", name);
+  regions_ = s.regions;
+  scope_ = NameScope{nullptr, &regions_, false};
+  if (vm.contains("pages")) {
+    if (!vm["pages"].is_object()) return fail("vm.pages must be an object: name -> address");
+    for (auto it = vm["pages"].begin(); it != vm["pages"].end(); ++it) {
+      if (regions_.count(it.key())) return fail("vm.pages: '{}' is also a region name", it.key());
+      Expr e = NC_TRY(expr(it.value(), "vm.pages." + it.key()));
+      if (e.uses_regions()) return fail("vm.pages.{}: a page is a guest-physical address, not a region", it.key());
+      s.pages[it.key()] = e.eval();
+    }
+  }
+  pages_ = s.pages;
+  scope_ = NameScope{&pages_, &regions_, true};
+  if (vm.contains("memslots")) {
+    if (!vm["memslots"].is_array()) return fail("vm.memslots must be an array");
+    s.memslots.clear();
+    for (const json& m : vm["memslots"]) {
+      static const std::set<std::string> kSlotKeys = {"slot", "gpa", "size", "region", "offset", "hva", "flags"};
+      if (!m.is_object()) return fail("vm.memslots: each memslot is an object");
+      for (auto it = m.begin(); it != m.end(); ++it)
+        if (!kSlotKeys.count(it.key())) return fail("vm.memslots: unknown key '{}' (known: slot, gpa, size, region, offset, hva, flags)", it.key());
+      VmSpec::Memslot ms;
+      ms.slot = static_cast<uint32_t>(NC_TRY(expr(m.value("slot", json(0)), "slot")).eval());
+      ms.flags = static_cast<uint32_t>(NC_TRY(expr(m.value("flags", json(0)), "flags")).eval());
+      ms.gpa = NC_TRY(expr(m.value("gpa", json(0)), "gpa"));
+      if (m.contains("region") == m.contains("hva")) return fail("vm.memslots: give exactly one of 'region' and 'hva'");
+      if (m.contains("region")) {
+        std::string r = m["region"].is_string() ? m["region"].get<std::string>() : "";
+        if (!regions_.count(r)) return fail("vm.memslots: unknown region '{}' (regions: {})", r, names_of(vm.value("regions", json::object())));
+        uint64_t off = NC_TRY(expr(m.value("offset", json(0)), "offset")).eval();
+        ms.hva = NC_TRY(expr(json(fmt::format("{}+{:#x}", r, off)), "region"));
+        ms.size = m.contains("size") ? NC_TRY(expr(m["size"], "size")) : Expr::of(regions_[r] - std::min(off, regions_[r]));
+      } else {
+        ms.hva = NC_TRY(expr(m["hva"], "hva"));
+        if (!m.contains("size")) return fail("vm.memslots: a memslot given by 'hva' needs a 'size'");
+        ms.size = NC_TRY(expr(m["size"], "size"));
+      }
+      s.memslots.push_back(std::move(ms));
+    }
+  }
+  return s;
+}
+
+Result<std::vector<cpu::GuestOp>> Parser::l2_program(const json& l2) {
+  using cpu::GuestOp;
+  if (!l2.is_array() || l2.empty()) return fail("'l2' must be a non-empty array of operations");
+  std::vector<GuestOp> ops;
+  for (const json& o : l2) {
+    const json obj = o.is_string() ? json{{"op", o}} : o;
+    if (!obj.is_object() || !obj.contains("op") || !obj["op"].is_string())
+      return fail("l2: each operation is a name (\"vmcall\") or an object with \"op\"");
+    const std::string op = obj["op"].get<std::string>();
+    auto num = [&](const char* k) -> Result<uint64_t> { return NC_TRY(expr(obj.value(k, json(0)), k)).eval(); };
+    auto fld = [&]() -> Result<uint32_t> {
+      auto f = parse_field(obj.value("field", json("")).is_string() ? obj["field"].get<std::string>() : "");
+      if (!f) return fail("l2 {}: {}", op, f.error().message);
+      return *f;
+    };
+    if (op == "vmcall") ops.push_back(GuestOp::Vmcall{});
+    else if (op == "hlt") ops.push_back(GuestOp::Hlt{});
+    else if (op == "rdmsr") ops.push_back(GuestOp::Rdmsr{static_cast<uint32_t>(NC_TRY(num("msr")))});
+    else if (op == "wrmsr") ops.push_back(GuestOp::Wrmsr{static_cast<uint32_t>(NC_TRY(num("msr"))), NC_TRY(num("value"))});
+    else if (op == "read") ops.push_back(GuestOp::Read{NC_TRY(num("gpa")), 8});
+    else if (op == "write") ops.push_back(GuestOp::Write{NC_TRY(num("gpa")), 8, NC_TRY(num("value"))});
+    else if (op == "write_cr8") ops.push_back(GuestOp::WriteCr8{NC_TRY(num("value"))});
+    else if (op == "read_cr8") ops.push_back(GuestOp::ReadCr8{});
+    else if (op == "vmread") ops.push_back(GuestOp::Vmread{NC_TRY(fld())});
+    else if (op == "vmwrite") ops.push_back(GuestOp::Vmwrite{NC_TRY(fld()), NC_TRY(num("value"))});
+    else if (op == "vmptrld") ops.push_back(GuestOp::Vmptrld{NC_TRY(num("gpa"))});
+    else if (op == "vmclear") ops.push_back(GuestOp::Vmclear{NC_TRY(num("gpa"))});
+    else if (op == "vmxon") ops.push_back(GuestOp::Vmxon{NC_TRY(num("gpa"))});
+    else if (op == "vmxoff") ops.push_back(GuestOp::Vmxoff{});
+    else if (op == "vmptrst") ops.push_back(GuestOp::Vmptrst{});
+    else if (op == "vmlaunch") ops.push_back(GuestOp::Vmlaunch{});
+    else if (op == "vmresume") ops.push_back(GuestOp::Vmresume{});
+    else return fail("l2: unknown operation '{}' (vmcall, hlt, rdmsr, wrmsr, read, write, write_cr8, read_cr8, vmread, "
+                     "vmwrite, vmptrld, vmclear, vmxon, vmxoff, vmptrst, vmlaunch, vmresume)", op);
+  }
+  return ops;
+}
+
+Result<Vmcs12Spec> Parser::vmcs12_spec(const json& s) {
+  Vmcs12Spec v;
+  if (s.contains("base")) {
+    v.base = s["base"].is_string() ? s["base"].get<std::string>() : "";
+    if (v.base != "minimal" && v.base != "zero") return fail("'base' must be \"minimal\" or \"zero\"");
+  }
+  for (auto [key, op] : {std::pair{"set", '='}, std::pair{"or", '|'}, std::pair{"clear", '&'}}) {
+    if (!s.contains(key)) continue;
+    if (!s[key].is_object()) return fail("'{}' must be an object: field -> value", key);
+    for (auto it = s[key].begin(); it != s[key].end(); ++it) {
+      auto f = parse_field(it.key());
+      if (!f) return fail("'{}': {}", key, f.error().message);
+      if (!vmx::find_vmcs12_field(*f & ~1u))
+        return fail("'{}': field '{}' is not one the model's vmcs12 holds", key, it.key());
+      v.edits.push_back({op, *f, NC_TRY(expr(it.value(), it.key()))});
+    }
+  }
+  return v;
+}
+
+Result<StateSpec> Parser::state_spec(const json& s) {
+  static const std::set<std::string> kKeys = {"vmxon", "vmcs", "guest_mode", "run_pending", "evmcs", "vmcs12"};
+  if (!s.is_object()) return fail("'state' must be an object");
+  for (auto it = s.begin(); it != s.end(); ++it)
+    if (!kKeys.count(it.key())) return fail("state: unknown key '{}' (known: vmxon, vmcs, guest_mode, run_pending, evmcs, vmcs12)", it.key());
+  StateSpec st;
+  st.vmxon = NC_TRY(expr(s.value("vmxon", json("invalid")), "state.vmxon"));
+  st.vmcs = NC_TRY(expr(s.value("vmcs", json("invalid")), "state.vmcs"));
+  for (auto [key, member] : {std::pair{"guest_mode", &StateSpec::guest_mode}, std::pair{"run_pending", &StateSpec::run_pending},
+                             std::pair{"evmcs", &StateSpec::evmcs}}) {
+    if (!s.contains(key)) continue;
+    if (!s[key].is_boolean()) return fail("state.{} must be true or false", key);
+    st.*member = s[key].get<bool>();
+  }
+  if (s.contains("vmcs12")) {
+    const json& v = s["vmcs12"];
+    if (v.is_string()) st.vmcs12 = NC_TRY(vmcs12_spec(json{{"base", v}}));
+    else if (v.is_object()) st.vmcs12 = NC_TRY(vmcs12_spec(v));
+    else return fail("state.vmcs12 must be \"minimal\", \"zero\" or an object with base/set/or/clear");
+  }
+  return st;
+}
+
+Result<HeaderField> Parser::blob_location(const std::string& what) {
+  if (auto h = nested_state_header_field(what)) return *h;
+  // The vmcs12 region's header words (vmcs12.h), then its fields.
+  if (what == "vmcs12.revision") return HeaderField{vmx::nested_state_offset::kVmcs12, 4};
+  if (what == "vmcs12.abort_indicator") return HeaderField{vmx::nested_state_offset::kVmcs12 + 4, 4};
+  if (what == "vmcs12.launch_state") return HeaderField{vmx::nested_state_offset::kVmcs12 + 8, 4};
+  if (what.rfind("vmcs12.", 0) == 0) {
+    auto f = parse_field(what.substr(7));
+    const vmx::FieldInfo* info = f ? vmx::find_vmcs12_field(*f) : nullptr;
+    if (!info) return fail("'{}': not a vmcs12 field", what);
+    return HeaderField{vmx::nested_state_offset::kVmcs12 + info->page_offset, info->size};
+  }
+  return fail("unknown blob field '{}' (known: {})", what, nested_state_header_field_names());
+}
+
+Result<std::vector<Patch>> Parser::patches(const json& p) {
+  if (!p.is_array()) return fail("'patch' must be an array");
+  std::vector<Patch> out;
+  for (const json& e : p) {
+    if (!e.is_object()) return fail("patch: each entry is an object");
+    Patch pt;
+    if (e.contains("resize")) {
+      pt.kind = Patch::Kind::resize;
+      pt.size = NC_TRY(expr(e["resize"], "resize")).eval();
+      if (pt.size > (1u << 20)) return fail("patch: resize to {} bytes is more than 1 MiB", pt.size);
+      pt.what = fmt::format("resize {}", pt.size);
+      out.push_back(pt);
+      continue;
+    }
+    if (!e.contains("at") || !e.contains("value")) return fail("patch: each entry needs 'at' and 'value' (or 'resize')");
+    if (e["at"].is_number_unsigned()) {
+      pt.offset = e["at"].get<size_t>();
+      pt.size = e.value("size", 1);
+      pt.what = fmt::format("offset {}", pt.offset);
+    } else if (e["at"].is_string()) {
+      pt.what = e["at"].get<std::string>();
+      HeaderField h = NC_TRY(blob_location(pt.what));
+      pt.offset = h.offset;
+      pt.size = e.value("size", h.size);
+    } else {
+      return fail("patch: 'at' is a byte offset or a field name");
+    }
+    if (pt.size != 1 && pt.size != 2 && pt.size != 4 && pt.size != 8) return fail("patch '{}': size must be 1, 2, 4 or 8", pt.what);
+    pt.value = NC_TRY(expr(e["value"], "value"));
+    out.push_back(pt);
+  }
+  return out;
+}
+
+Result<std::vector<BlobCheck>> Parser::checks(const json& c) {
+  if (!c.is_object()) return fail("'check' must be an object: field -> value");
+  std::vector<BlobCheck> out;
+  for (auto it = c.begin(); it != c.end(); ++it) {
+    BlobCheck bc;
+    bc.what = it.key();
+    if (bc.what == "size") {
+      bc.offset = ~size_t{0};
+    } else {
+      HeaderField h = NC_TRY(blob_location(bc.what));
+      bc.offset = h.offset;
+      bc.size = h.size;
+    }
+    bc.value = NC_TRY(expr(it.value(), bc.what));
+    out.push_back(bc);
+  }
+  return out;
+}
+
+}  // namespace nestcache::workloads::scenario::detail

@@ -1,0 +1,212 @@
+// Scenario files: expressions, outcomes, and the parser's errors, each of
+// which must name the file, the case, the step and the problem.
+#include <gtest/gtest.h>
+
+#include "vmx/vmx_defs.h"
+#include "workloads/scenario.h"
+
+namespace nestcache::workloads::scenario {
+namespace {
+
+// A one-case file around `steps` (a JSON array), with optional case keys.
+std::string one_case(const std::string& steps, const std::string& extra = "") {
+  return R"J({"cases": [{"name": "c", "follows": "test")J" + extra + R"J(, "steps": )J" + steps + "}]}";
+}
+
+// The parser's message for `text`, which must be refused.
+std::string error_of(const std::string& text) {
+  auto r = parse_scenario_text(text, "f.json");
+  EXPECT_FALSE(r) << "parsed: " << text;
+  if (r) return "";
+  EXPECT_EQ(r.error().code, EINVAL);
+  return r.error().message;
+}
+
+// --- expressions ---------------------------------------------------------------------
+
+TEST(ScenarioExpr, NumbersNamesShiftsAndOperators) {
+  const std::map<std::string, uint64_t> pages = {{"vmcs", 0x11000}};
+  const std::map<std::string, uint64_t> regions = {{"ram", 4096}};
+  NameScope scope{&pages, &regions, true};
+  auto eval = [&](std::string_view t) { return parse_expr(t, scope).value().eval({{"ram", 0x7000}}); };
+  EXPECT_EQ(eval("0x10"), 0x10u);
+  EXPECT_EQ(eval("2M"), 2u << 20);
+  EXPECT_EQ(eval("vmcs+8"), 0x11008u);
+  EXPECT_EQ(eval("1<<50"), uint64_t{1} << 50);
+  EXPECT_EQ(eval("-1"), ~uint64_t{0});
+  EXPECT_EQ(eval("invalid"), ~uint64_t{0});
+  EXPECT_EQ(eval("~0"), ~uint64_t{0});
+  EXPECT_EQ(eval("ram + 0x10"), 0x7010u);
+  EXPECT_EQ(eval("proc.always_on|proc.use_tpr_shadow"), vmx::proc::kAlwaysOn | vmx::proc::kUseTprShadow);
+  EXPECT_EQ(eval("vmcs - page"), 0x10000u);
+}
+
+TEST(ScenarioExpr, AnUnknownNameIsRefusedWithTheKnownOnes) {
+  const std::map<std::string, uint64_t> pages = {{"vmcs", 0x11000}};
+  auto r = parse_expr("vmcz", NameScope{&pages, nullptr, true});
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("unknown name 'vmcz'"), std::string::npos);
+  EXPECT_NE(r.error().message.find("pages: vmcs"), std::string::npos);
+  EXPECT_FALSE(parse_expr("1 *2", NameScope{}));
+  EXPECT_FALSE(parse_expr("1<<64", NameScope{}));
+}
+
+TEST(ScenarioOutcome, EveryFormRoundTrips) {
+  for (const char* text : {"ok", "EINVAL", "EEXIST", "E2BIG", "VMfailInvalid", "VMfailValid(11)", "#UD", "#GP",
+                           "exit(VMCALL)", "entry_failure(INVALID_GUEST_STATE)", "internal_error"}) {
+    auto o = parse_outcome(text);
+    ASSERT_TRUE(o) << text;
+    EXPECT_EQ(o->to_string(), text);
+  }
+  EXPECT_EQ(parse_outcome("exit(18)")->to_string(), "exit(VMCALL)");
+  EXPECT_EQ(parse_outcome("#6")->to_string(), "#UD");
+}
+
+TEST(ScenarioOutcome, UnknownOutcomesAreRefused) {
+  for (const char* text : {"Ok", "VMfailValid(99)", "VMfailValid(x)", "exit(NOPE)", "#40", "ENOTANERRNO", ""})
+    EXPECT_FALSE(parse_outcome(text)) << text;
+}
+
+TEST(ScenarioField, NamesEncodingsAndHighHalves) {
+  EXPECT_EQ(parse_field("guest_rip").value(), vmx::field::kGuestRip);
+  EXPECT_EQ(parse_field("0x681e").value(), vmx::field::kGuestRip);
+  EXPECT_EQ(parse_field("msr_bitmap.high").value(), vmx::field::kMsrBitmap | 1);
+  EXPECT_EQ(parse_field("0x0800").value(), 0x800u);  // not a field the model has, still an encoding
+  EXPECT_FALSE(parse_field("guest_rip.high"));      // natural width: no high half
+  EXPECT_FALSE(parse_field("guest_ripp"));
+  EXPECT_EQ(field_name(vmx::field::kMsrBitmap | 1), "msr_bitmap.high");
+}
+
+// --- a good file ---------------------------------------------------------------------
+
+TEST(ScenarioParse, AGoodFileGivesItsCasesStepsAndOperands) {
+  const std::string text = R"J({
+    "family": "vmx-instructions",
+    "vm": {"pages": {"mine": "0x20000"}},
+    "cases": [
+      {"name": "a", "follows": "nested.c handle_vmptrld", "vm": {"vcpus": 2, "evmcs": true},
+       "l2": ["vmcall", {"op": "rdmsr", "msr": "msr.fs_base"}],
+       "steps": [
+         {"do": "enter_vmx"},
+         {"do": "vmptrld", "gpa": "mine", "vcpu": 1, "expect": "VMfailValid(11)"},
+         {"do": "vmread", "field": "guest_rip", "value": 5},
+         {"do": "get_nested_state", "save_as": "s", "check": {"flags": 0, "size": 4160}},
+         {"do": "set_nested_state", "blob": "s", "patch": [{"at": "vmcs12.tpr_threshold", "value": 3}, {"resize": 63}],
+          "expect": "EINVAL"}
+       ]},
+      {"name": "b", "follows": "kvm_main.c __kvm_set_memory_region", "family": "memslots",
+       "vm": {"memslots": []},
+       "steps": [{"do": "set_memory_region", "slot": 1, "size": "2M", "hva": "ram", "expect": "ok"}]}
+    ]})J";
+  auto f = parse_scenario_text(text, "good.json");
+  ASSERT_TRUE(f) << f.error().message;
+  ASSERT_EQ(f->cases.size(), 2u);
+  const Case& a = f->cases[0];
+  EXPECT_EQ(a.family, "vmx-instructions");
+  EXPECT_EQ(a.vm.vcpus, 2);
+  EXPECT_TRUE(a.vm.evmcs);
+  EXPECT_EQ(a.vm.pages.at("mine"), 0x20000u);
+  EXPECT_EQ(a.vm.pages.at("vmcs"), 0x11000u);  // the defaults stay
+  EXPECT_EQ(a.l2.size(), 2u);
+  ASSERT_EQ(a.steps.size(), 5u);
+  EXPECT_EQ(a.steps[1].vcpu, 1);
+  EXPECT_EQ(a.steps[1].operand("gpa").eval(), 0x20000u);
+  EXPECT_EQ(a.steps[1].expect.outcome.to_string(), "VMfailValid(11)");
+  EXPECT_EQ(a.steps[2].expect.value->eval(), 5u);
+  EXPECT_EQ(a.steps[3].expect.checks.size(), 2u);
+  EXPECT_EQ(a.steps[4].patches.size(), 2u);
+  EXPECT_EQ(f->cases[1].family, "memslots");
+  EXPECT_TRUE(f->cases[1].vm.memslots.empty());
+}
+
+TEST(ScenarioParse, AFileMayHoldOneCase) {
+  auto f = parse_scenario_text(R"J({"name": "solo", "follows": "x", "steps": [{"do": "vmxoff", "expect": "#UD"}]})J",
+                               "solo.json");
+  ASSERT_TRUE(f) << f.error().message;
+  ASSERT_EQ(f->cases.size(), 1u);
+  EXPECT_EQ(f->cases[0].name, "solo");
+}
+
+// --- errors name the file, case, step and problem -------------------------------------------
+
+TEST(ScenarioParseErrors, InvalidJsonGivesLineAndColumn) {
+  EXPECT_EQ(error_of("{\n  \"cases\": [\n    {,\n"),
+            "f.json: not valid JSON at line 3, column 6: syntax error while parsing object key - unexpected ','; "
+            "expected string literal");
+}
+
+TEST(ScenarioParseErrors, AnUnknownVerbListsTheKnownOnes) {
+  std::string m = error_of(one_case(R"J([{"do": "enter_vmx"}, {"do": "vmptrlf"}])J"));
+  EXPECT_EQ(m.rfind("f.json: case 'c', step 2 (vmptrlf): unknown verb (known: set_memory_region, ", 0), 0u) << m;
+}
+
+TEST(ScenarioParseErrors, UnknownKeysAreRefusedEverywhere) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxon", "gpa": "vmxon", "expcet": "ok"}])J")),
+            "f.json: case 'c', step 1 (vmxon): unknown key 'expcet'");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"vcpu": 2})J")).find("vm: unknown key 'vcpu'"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"J({"cases": [{"name": "c", "follows": "x", "steps": [{"do": "vmxoff"}], "stesp": 1}]})J")
+                .find("case 'c': unknown key 'stesp'"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"J({"kases": []})J").find("f.json: the file has no 'cases'"), std::string::npos);
+}
+
+TEST(ScenarioParseErrors, MissingOperandsAndBadNames) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmptrld"}])J")), "f.json: case 'c', step 1 (vmptrld): missing 'gpa'");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmread", "field": "guest_ripp"}])J"))
+                .find("f.json: case 'c', step 1 (vmread): 'field': unknown VMCS field 'guest_ripp'"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmptrld", "gpa": "vmcz"}])J")).find("step 1 (vmptrld): 'gpa': unknown name 'vmcz'"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxon", "gpa": {"a": 1}}])J")).find("'gpa' must be a number or an expression"),
+            std::string::npos);
+}
+
+TEST(ScenarioParseErrors, BadOutcomesAndMisplacedExpectations) {
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff", "expect": "VMfailValid(99)"}])J"))
+                .find("step 1 (vmxoff): outcome 'VMfailValid(99)': VMfailValid takes an error number 1..28"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff", "qualification": 4}])J"))
+                .find("'qualification' is checked only for vmlaunch, vmresume and run"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff", "counters": {"no_such": 1}}])J")).find("unknown counter 'no_such'"),
+            std::string::npos);
+}
+
+TEST(ScenarioParseErrors, NestedStateBlobsMustBeSavedFirst) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "set_nested_state", "blob": "s"}])J")),
+            "f.json: case 'c', step 1 (set_nested_state): blob 's' was not saved by an earlier get_nested_state "
+            "(save_as)");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "set_nested_state"}])J")).find("give exactly one of 'blob' (a saved name) and 'state'"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "get_nested_state", "save_as": "s"},
+                                  {"do": "set_nested_state", "blob": "s", "patch": [{"at": "flagz", "value": 1}]}])J"))
+                .find("step 2 (set_nested_state): unknown blob field 'flagz'"),
+            std::string::npos);
+}
+
+TEST(ScenarioParseErrors, CaseLevelProblems) {
+  EXPECT_NE(error_of(R"J({"cases": [{"name": "c", "steps": [{"do": "vmxoff"}]}]})J")
+                .find("case 'c': missing 'follows'"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"J({"cases": [{"name": "c", "follows": "x", "steps": [{"do": "vmxoff"}]},
+                                   {"name": "c", "follows": "x", "steps": [{"do": "vmxoff"}]}]})J")
+                .find("two cases are named 'c'"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff", "vcpu": 3}])J")).find("vcpu 3 does not exist (the VM has 1)"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [{"slot": 0, "region": "rom"}]})J"))
+                .find("unknown region 'rom'"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([])J")).find("missing 'steps'"), std::string::npos);
+}
+
+TEST(ScenarioParseErrors, AMissingFileIsEnoent) {
+  auto r = parse_scenario_file("/nonexistent/dir/x.json");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ENOENT);
+  EXPECT_EQ(r.error().message, "/nonexistent/dir/x.json: cannot open the scenario file");
+}
+
+}  // namespace
+}  // namespace nestcache::workloads::scenario
