@@ -49,14 +49,15 @@ GuestTask wait_until_eq(Gpa gpa, uint64_t value, Poll poll) {
   }
 }
 
-GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns) {
-  if (!timeout_ns) {
-    for (;;) {
-      uint64_t word = co_await ops::read64(gpa);
-      if (word >= value) co_return true;
-      co_await ops::mwait(gpa, word, kMonitorBoundNs);
-    }
+GuestTask wait_until_at_least(Gpa gpa, uint64_t value) {
+  for (;;) {
+    uint64_t word = co_await ops::read64(gpa);
+    if (word >= value) co_return;
+    co_await ops::mwait(gpa, word, kMonitorBoundNs);
   }
+}
+
+GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns) {
   uint64_t deadline = co_await ops::now() + timeout_ns;
   for (;;) {
     uint64_t word = co_await ops::read64(gpa);

@@ -39,8 +39,10 @@ cpu::GuestFn<uint64_t> wait_while_eq(Gpa gpa, uint64_t value, Poll poll = Poll::
 // Waits until the qword at `gpa` equals `value`.
 cpu::GuestTask wait_until_eq(Gpa gpa, uint64_t value, Poll poll = Poll::pause);
 // Waits until the qword at `gpa` is at least `value`, or `timeout_ns` passed
-// (on the clock ops::now() reads; 0: no limit). True if it got there.
-cpu::GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns = 0);
+// (on the clock ops::now() reads; 0: looks once). True if it got there.
+cpu::GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns);
+// The same without a time limit.
+cpu::GuestTask wait_until_at_least(Gpa gpa, uint64_t value);
 
 // Upstream's guest sync: LOCK CMPXCHG of the qword at `gpa` from `expected`
 // to `desired`, retried (never exiting: upstream's guest loop spins without
