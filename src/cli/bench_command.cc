@@ -38,7 +38,26 @@ std::optional<std::vector<const workloads::BenchInfo*>> resolve_tests(const std:
 }
 
 // The table of one test: one line per strategy, then the ratios of each view.
-void print_test_table(const workloads::BenchInfo& info, std::span<const workloads::BenchRow> rows, bool verbose) {
+// Each row's modelled time by part, per round trip and per iteration.
+void print_breakdown(std::span<const workloads::BenchRow> rows) {
+  fmt::print("  modelled time by part:\n  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n", "strategy",
+             "per", "total", "transitions", "guest ops", "windows", "pfn cache", "other L0", "idle");
+  for (const auto& r : rows) {
+    nlohmann::json b = r.breakdown();
+    for (const char* view : {"per_round_trip", "per_iteration"}) {
+      const nlohmann::json& v = b[view];
+      if (v.empty()) continue;
+      auto us = [&](const char* part) { return format_seconds(v.value(part, 0.0) / 1e9); };
+      fmt::print("  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n", vmx::strategy_name(r.strategy),
+                 std::string_view(view) == "per_round_trip" ? "round trip" : "iteration", us("total_ns"),
+                 us("transitions_ns"), us("guest_ops_ns"), us("remap_windows_ns"), us("pfn_cache_ns"),
+                 us("other_l0_ns"), us("idle_ns"));
+    }
+  }
+}
+
+void print_test_table(const workloads::BenchInfo& info, std::span<const workloads::BenchRow> rows, bool verbose,
+                      bool breakdown) {
   using vmx::StrategyKind;
   fmt::print("\n{} — {}\n", info.name, info.summary);
   fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n", "strategy",
@@ -69,6 +88,7 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
                  oracle ? format_ratio(cache->*v.field, oracle->*v.field) : "-");
     }
   }
+  if (breakdown) print_breakdown(rows);
   for (const auto& r : rows)
     for (const auto& f : r.failures) fmt::print("  FAILED {}/{}: {}\n", r.test, vmx::strategy_name(r.strategy), f);
   if (info.commentary)
@@ -137,15 +157,37 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
       ->default_str("1")
       ->check(CLI::Range(0.0001, 1.0));
+  cmd->add_option("--clock", a.clock,
+                  "What the times measure: modelled (fixed hardware costs for exits and guest instructions, "
+                  "measured CPU time for L0 work; independent of load and free cores) or wall")
+      ->type_name("modelled|wall")
+      ->default_str("modelled")
+      ->check(registry_validator(parse_clock_kind, "clock"));
+  cmd->add_option("--guest-op-ns", a.guest_op_ns, "Modelled cost of a guest instruction (an L1d-hit load at 2.5 GHz)")
+      ->default_str(std::to_string(a.guest_op_ns))
+      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_option("--locked-op-ns", a.locked_op_ns, "Modelled cost of a locked compare-exchange")
+      ->default_str(std::to_string(a.locked_op_ns))
+      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
+      ->default_str(std::to_string(a.pause_ns))
+      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_flag("--breakdown", a.breakdown,
+                "Print each row's modelled time per round trip and per iteration by part: transitions, guest "
+                "operations, remap windows, pfn-cache work, other L0 work, idle");
   cmd->add_flag("--json", a.json, "Print one JSON object: the parameters and a row per test and strategy");
   cmd->add_flag("--verify", a.verify, "Check the values guest and host write (upstream -d)");
-  cmd->add_flag("-v,--verbose", a.verbose, "Print each row's full counters");
+  cmd->add_flag("-v,--verbose", a.verbose, "Print each row's full counters and its time breakdown");
   cmd->add_flag("--list", a.list, "List the registered bench tests and exit");
   cmd->footer(wrap_text(
       "L1 runs memslot_perf's tests against an L2 guest whose memory is split over --slots L2 memslots, once "
       "per strategy. Each row shows three views: upstream's average time per iteration, the cold first "
       "iteration, and the time per nested round trip, with the ratios map/cache and cache/oracle of each. "
-      "The exit cost used is printed with every result; --exit-cost-ns 0 shows the pure software cost.\n"
+      "Times are modelled (DESIGN.md §5): each hardware exit costs --exit-cost-ns, each guest instruction "
+      "--guest-op-ns (locked ones and PAUSE more), and L0's own work what it measurably costs in CPU time; a "
+      "thread that waits continues at the time of whoever it waited for. So results do not depend on the "
+      "machine's load or free cores; --clock wall times the simulator instead. --breakdown splits each row's "
+      "time into its parts. The exit cost used is printed with every result.\n"
       "Exit status: 0 when every run completed and its checks held, 1 otherwise, 2 on a usage error."));
   return cmd;
 }
@@ -167,6 +209,9 @@ int run_bench_command(const BenchArgs& a, bool json) {
   if (a.exit_cost_option->count() > 0) o.exit_cost_ns = a.exit_cost_ns;
   o.l1_hz = a.l1_hz;
   o.scale = a.scale;
+  o.clock = workloads::parse_clock_kind(a.clock).value();  // validated by CLI11
+  o.costs = {.op_ns = a.guest_op_ns, .locked_op_ns = a.locked_op_ns, .pause_ns = a.pause_ns};
+  o.breakdown = a.breakdown || a.verbose;
   o.json = json;
   o.verify = a.verify;
   o.verbose = a.verbose;
@@ -207,8 +252,9 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
     print_json(report.to_json());
     return ok ? kExitOk : kExitFailed;
   }
-  fmt::print("nestcache bench: memory {}, {} slots, exit cost {} ns per hardware transition{}, L1 timer {} Hz, {}, "
-             "best of {} run{}\n",
+  fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, exit "
+             "cost {} ns per hardware transition{}, L1 timer {} Hz, {}, best of {} run{}\n",
+             workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
              workloads::memory_kind_name(o.memory), o.slots, report.exit_cost_ns(),
              o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
              o.iterations ? fmt::format("{} iterations per run", o.iterations)
@@ -219,7 +265,7 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
     std::vector<workloads::BenchRow> rows;
     for (const auto& r : report.rows)
       if (r.test == t->name) rows.push_back(r);
-    if (!rows.empty()) print_test_table(*t, rows, o.verbose);
+    if (!rows.empty()) print_test_table(*t, rows, o.verbose, o.breakdown);
   }
   if (!ok) fmt::print("\nSome runs failed; see above.\n");
   return ok ? kExitOk : kExitFailed;

@@ -94,6 +94,11 @@ struct BenchArgs {
   CLI::Option* exit_cost_option = nullptr;  // given or not
   uint32_t l1_hz = workloads::kDefaultL1Hz;
   double scale = 1.0;
+  std::string clock = "modelled";
+  uint64_t guest_op_ns = cpu::GuestCosts{}.op_ns;
+  uint64_t locked_op_ns = cpu::GuestCosts{}.locked_op_ns;
+  uint64_t pause_ns = cpu::GuestCosts{}.pause_ns;
+  bool breakdown = false;
   bool json = false;
   bool verify = false;
   bool verbose = false;

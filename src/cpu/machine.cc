@@ -118,6 +118,23 @@ Status Machine::watch(Gpa gpa, uint64_t bytes) {
   return ok();
 }
 
+Status Machine::store_qword(Gpa gpa, uint64_t value) {
+  if (gpa % 8) return errorf(EINVAL, "store_qword: {:#x} is not 8-aligned", gpa);
+  ModelClock none;  // a host thread without a clock hands over no time
+  ModelClock* clock = ModelClock::current() ? ModelClock::current() : &none;
+  Status st;
+  auto store = [&] {
+    st = vm_.write_guest(gpa, &value, sizeof value);
+    return static_cast<bool>(st);
+  };
+  // The frame after the store: a migration between the two moved the value
+  // with the page, and the waiters it kicked look again on the new frame.
+  auto entry = vm_.ept01_fault(gpa_to_gfn(gpa), true);
+  if (!entry) return errorf(EFAULT, "store_qword: {:#x} is not guest memory: {}", gpa, entry.error().message);
+  monitors_.access(entry->tag.pfn, page_offset(gpa), *clock, store);
+  return st;
+}
+
 CounterSnapshot Machine::counters() const {
   CounterSnapshot s = CounterSnapshot::of(vm_.counters());
   for (auto& v : vcpus_) s += CounterSnapshot::of(v->counters());

@@ -126,6 +126,11 @@ class Machine {
   // over, so a vCPU that finds a word another wrote continues at the
   // writer's time. Call before run(). EFAULT for a page in no memslot.
   Status watch(Gpa gpa, uint64_t bytes);
+  // A host thread's store of the qword at L1 address `gpa` (8-aligned),
+  // through the VMM's mapping as KVM's VMM writes guest memory, seen by any
+  // vCPU that MWAITs on its line: how a VMM thread hands a word to a guest
+  // that waits for it. EFAULT if `gpa` is not guest memory.
+  Status store_qword(Gpa gpa, uint64_t value);
 
   // --- nested state (KVM_GET/SET_NESTED_STATE; vcpu_nested_state.cc) -----------
   // Both work at any time. While run() is active the vCPU thread is asked

@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "guest/apic_timer.h"
 #include "guest/l2_run.h"
 #include "guest/posted_interrupts.h"
 #include "guest/vmcs12_pages.h"
@@ -117,8 +118,7 @@ GuestTask L1Vmm::kick_and_wait(Gpa request, Gpa ack, uint8_t vector) {
   uint64_t req = co_await ops::read64(request) + 1;
   co_await ops::write64(request, req);
   co_await ops::send_ipi(0, vector);
-  auto acked = [req](uint64_t got) { return got >= req; };
-  co_await wait_until(ack, acked, [this] { return tick(); });
+  co_await wait_until_at_least(ack, req);
 }
 
 // After EPT12 entries were zapped: INVEPT here, and a waiting flush kick to
@@ -190,24 +190,6 @@ GuestTask L1Vmm::move_slot(uint32_t slot, Gpa base) {
   end_invalidation();
 }
 
-void L1Vmm::start_ticks(uint64_t now) {
-  ticking_ = layout_.tick_ns != 0;
-  next_tick_ = now + layout_.tick_ns;
-}
-
-GuestTask L1Vmm::tick() {
-  if (!ticking_) co_return;
-  uint64_t now = co_await ops::now();
-  if (now < next_tick_) co_return;
-  next_tick_ = now + layout_.tick_ns;
-  timer_ticks_++;
-  co_await ops::send_ipi(0, kTimerVector);
-}
-
-GuestTask L1Vmm::wait_zero_ticking(Gpa gpa) {
-  co_await wait_until(gpa, [](uint64_t v) { return v == 0; }, [this] { return tick(); });
-}
-
 GuestTask L1Vmm::start_host() {
   // KVM enables VMX on every CPU at load: this one runs INVEPT in the notifier.
   L1Pages own(layout_.host_vmxon, layout_.host_vmxon + kPageSize);
@@ -231,7 +213,9 @@ GuestTask L1Vmm::handle_interrupt(uint8_t vector) {
     co_await invept(vmx::InveptType::single_context, eptp_);
     uint64_t req = co_await ops::read64(layout_.mailbox + kFlushReq);
     co_await ops::write64(layout_.mailbox + kFlushAck, req);
-  } else if (vector != kTimerVector) {
+  } else if (vector == kTimerVector) {
+    timer_ticks_++;  // the tick itself is the round trip
+  } else {
     throw VmxError(fmt::format("unexpected interrupt vector {:#x}", vector));
   }
 }
@@ -272,6 +256,7 @@ GuestTask L1Vmm::run_vcpu(cpu::Machine& m, GuestTask l2) {
   // Published with a locked instruction: the host thread reads ept_, eptp_
   // and sink_ after it sees the word.
   co_await ops::cmpxchg64(layout_.mailbox + kReady, 0, 1);
+  if (layout_.tick_ns) co_await start_timer(static_cast<uint32_t>(layout_.tick_ns), kTimerVector);
   auto handle = [this](vmx::ExitReason reason) -> GuestFn<bool> { co_return co_await handle_exit(reason); };
   co_await run_l2(handle);
 }

@@ -12,11 +12,13 @@
 //     synchronous TLB-shootdown IPI to that vCPU and waits for its ack;
 //   - moving a memslot zaps what EPT12 maps of it; an L2 access to an
 //     address without a memslot is MMIO, completed by the VMM;
-//   - L1 timer ticks interrupt the vCPU running L2 at a fixed period.
+//   - L1 timer ticks interrupt the vCPU running L2 at a fixed period: its
+//     own APIC timer, in periodic mode, on the clock the machine runs on.
 //
 // Two L1 vCPUs run it: the vCPU thread (run_vcpu(): L1 KVM entering L2 and
 // handling its exits) and the VMM's host thread (start_host(), then the
-// caller's own work through discard(), move_slot() and tick()). It knows
+// caller's own work through discard() and move_slot()). The two hand-shake
+// through its mailbox page, which the machine must watch (sync_page()). It knows
 // nothing of the program L2 runs or of the work the host thread does: a
 // benchmark drives it.
 //
@@ -64,7 +66,7 @@ struct L1VmmCounts {
   uint64_t ept12_faults = 0;   // EPT12 violations served
   uint64_t fault_retries = 0;  // ... of which raced an invalidation and were retried
   uint64_t flush_kicks = 0;    // waiting TLB-flush kicks to the vCPU running L2
-  uint64_t timer_ticks = 0;    // L1 timer interrupts sent
+  uint64_t timer_ticks = 0;    // L1 timer interrupts taken by the vCPU running L2
   uint64_t discard_calls = 0;  // MADV_DONTNEED calls
   uint64_t mmio = 0;           // L2 accesses to addresses without a memslot
 };
@@ -90,18 +92,14 @@ class L1Vmm {
   // VMXON (the notifier runs INVEPT), every page written (upstream's
   // memset: every page starts populated), then waits for run_vcpu's ready.
   cpu::GuestTask start_host();
-  // Timer ticks from time `now` (ops::now()) on, every tick_ns (none if 0).
-  void start_ticks(uint64_t now);
-  // A timer tick to the vCPU running L2, if one is due.
-  cpu::GuestTask tick();
   // MADV_DONTNEED of the VMM's pages [first, first + count): one call.
   cpu::GuestTask discard(uint64_t first, uint64_t count);
   // KVM_SET_USER_MEMORY_REGION moving slot `slot` to L2 address `base`.
   cpu::GuestTask move_slot(uint32_t slot, Gpa base);
-  // Polls the word at `gpa` until it is 0, ticking in between.
-  cpu::GuestTask wait_zero_ticking(Gpa gpa);
 
   // --- bookkeeping ---
+  // The L1 page the two vCPUs hand-shake through (cpu::Machine::watch it).
+  Gpa sync_page() const { return layout_.mailbox; }
   const std::vector<L2Slot>& slots() const { return slots_; }
   // The slot holding VMM page `page`.
   uint32_t slot_of_page(uint64_t page) const;
@@ -147,8 +145,6 @@ class L1Vmm {
 
   std::atomic<uint64_t> shootdowns_{0}, ept12_faults_{0}, fault_retries_{0}, flush_kicks_{0}, timer_ticks_{0},
       discard_calls_{0}, mmio_{0};
-  bool ticking_ = false;
-  uint64_t next_tick_ = 0;
 };
 
 }  // namespace nestcache::guest

@@ -2,17 +2,18 @@
 //
 // Guest code shares data across vCPUs through words in guest memory and
 // waits for another vCPU (or a host thread) to change one. Each such wait is
-// one of the helpers below, so the way a guest waits can change here alone —
-// today each polls the word in a loop, as the upstream selftests' guest code
-// does. The same holds for the other things guest code waits for: an
-// interrupt (HLT with a deadline), time passing (udelay), a word that is
-// away while the VMM moves its memslot, and the back-off before retrying an
-// operation another thread made fail. Nothing outside this file's .cc calls
-// ops::pause() or ops::now() to wait.
+// one of the helpers below: a wait for a word MONITORs its line and MWAITs
+// (cpu::GuestOp::Mwait), so the vCPU thread parks instead of spinning and, in
+// modelled time, continues at the writer's clock — provided the word lies in
+// memory the machine watches (cpu::Machine::watch) or the waiter armed a
+// monitor before the writer wrote. The same holds for the other things guest
+// code waits for: an interrupt (HLT with a deadline), time passing (TPAUSE),
+// a word that is away while the VMM moves its memslot, and the back-off
+// before retrying an operation another thread made fail (both sleep a short
+// while between looks). Nothing outside this file's .cc waits on its own.
 //
-// Polling in GCC 12 coroutines: a co_await inside a loop condition is
-// miscompiled at some optimisation levels, so every loop here reads into a
-// local first.
+// GCC 12 coroutines: a co_await inside a loop condition is miscompiled at
+// some optimisation levels, so every loop here reads into a local first.
 #pragma once
 
 #include <cstdint>
@@ -25,39 +26,28 @@ namespace nestcache::guest {
 // completes it with all ones.
 inline constexpr uint64_t kUnbackedRead = ~uint64_t{0};
 
-// How a waiter polls a word.
+// How a waiter looks at the word between two sleeps.
 enum class Poll : uint8_t {
-  pause,   // a load, then PAUSE between polls
-  tight,   // loads only: no PAUSE and so no exit while it waits (upstream's guest loops)
-  locked,  // LOCK CMPXCHG of the word with itself, then PAUSE: a read that also
-           // orders the data the writer published before the word
+  pause,   // a load
+  tight,   // a load (upstream's guest loops, which never exit while they wait)
+  locked,  // LOCK CMPXCHG of the word with itself: a read that also orders the
+           // data the writer published before the word
 };
 
-// Polls the qword at `gpa` until it differs from `value`; returns what it read.
+// Waits while the qword at `gpa` equals `value`; returns the new value.
 cpu::GuestFn<uint64_t> wait_while_eq(Gpa gpa, uint64_t value, Poll poll = Poll::pause);
-// Polls the qword at `gpa` until it equals `value`.
+// Waits until the qword at `gpa` equals `value`.
 cpu::GuestTask wait_until_eq(Gpa gpa, uint64_t value, Poll poll = Poll::pause);
-// Polls the qword at `gpa` until it is at least `value`, or `timeout_ns`
-// passed. True if it got there.
+// Waits until the qword at `gpa` is at least `value`, or `timeout_ns` passed
+// (on the clock ops::now() reads; 0: looks once). True if it got there.
 cpu::GuestFn<bool> wait_until_at_least(Gpa gpa, uint64_t value, uint64_t timeout_ns);
-
-// Polls the qword at `gpa` (loads, no PAUSE) until `pred(word)` holds and
-// returns the word; runs `between()` — a callable returning a GuestTask,
-// e.g. a timer tick the waiter owes — after each poll that failed. `pred`
-// and `between` are copied into the coroutine, so lambdas capturing by
-// reference are fine (they must not capture objects with destructors).
-template <class Pred, class Between>
-cpu::GuestFn<uint64_t> wait_until(Gpa gpa, Pred pred, Between between) {
-  for (;;) {
-    uint64_t word = co_await cpu::ops::read64(gpa);
-    if (pred(word)) co_return word;
-    co_await between();
-  }
-}
+// The same without a time limit.
+cpu::GuestTask wait_until_at_least(Gpa gpa, uint64_t value);
 
 // Upstream's guest sync: LOCK CMPXCHG of the qword at `gpa` from `expected`
-// to `desired`, retried without PAUSE (no exit while it waits) until it
-// succeeds — true — or the qword at `stop` is non-zero — false.
+// to `desired`, retried (never exiting: upstream's guest loop spins without
+// PAUSE) until it succeeds — true — or the qword at `stop` is non-zero —
+// false. `stop` must share `gpa`'s 64-byte line: one monitor watches both.
 cpu::GuestFn<bool> wait_exchange(Gpa gpa, uint64_t expected, uint64_t desired, Gpa stop);
 
 // Reads a qword that may sit in a memslot the VMM is moving: waits while the

@@ -178,7 +178,10 @@ std::byte* PhysMem::direct(Pfn pfn) const {
 
 Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
   NC_CHECK(pfn < total_);
-  void* p = mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, offset_of(pfn));
+  // MAP_POPULATE: the page-table entry is made now, as memremap makes the
+  // kernel's, so the window's whole cost is in this call and the first
+  // access does not fault.
+  void* p = mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
   if (p == MAP_FAILED) return errorf(ENOMEM, "remap window on pfn {}: {}", pfn, std::strerror(errno));
   counters_.add(Counter::remap_windows);
   RemapWindow w;

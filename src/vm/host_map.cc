@@ -1,5 +1,7 @@
 #include "vm/host_map.h"
 
+#include "base/model_time.h"
+
 namespace nestcache::vm {
 
 HostMap& HostMap::operator=(HostMap&& o) noexcept {
@@ -21,6 +23,7 @@ HostMap& HostMap::operator=(HostMap&& o) noexcept {
 }
 
 Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* counters) {
+  ModelClock::PartScope scope(TimePart::remap_windows);  // modelled time: what a window costs L0
   HostMap m;
   m.gfn_ = gfn;
   {
@@ -52,6 +55,7 @@ Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* counters) {
 
 void HostMap::unmap(bool dirty) {
   if (!vm_) return;
+  ModelClock::PartScope scope(TimePart::remap_windows);
   counters_->add(Counter::unmaps);
   window_.reset();
   pin_.reset();

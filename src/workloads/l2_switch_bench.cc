@@ -20,6 +20,7 @@
 #include "guest/vmx.h"
 #include "vmx/nested_context_table.h"
 #include "workloads/nested_env.h"
+#include "workloads/stopwatch.h"
 
 namespace nestcache::workloads {
 
@@ -38,10 +39,13 @@ struct SwitchConfig {
   uint64_t iterations = 0;  // > 0: exactly this many rounds
 };
 
-// What the L1 program measured, in guest time (the host's steady clock).
+// What the L1 program measured: each round on the machine's clock (Now),
+// and the loop and its cold round in modelled time by part and wall time.
 struct SwitchTimes {
   std::vector<uint64_t> round_ns;
   uint64_t loop_ns = 0;
+  LoopTime loop;
+  LoopTime cold;
 };
 
 GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchTimes& out) {
@@ -49,12 +53,15 @@ GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchT
   co_await guest::enter_vmx(pages);
   const uint64_t limit_ns = static_cast<uint64_t>(c.seconds * 1e9);
   const uint64_t start = co_await ops::now();
+  const Stopwatch watch;
   for (uint64_t round = 0;; round++) {
     uint64_t t0 = co_await ops::now();
     for (const SwitchedL2& p : l2) co_await guest::switch_to(p, guest::SwitchMode::sched, round == 0);
     uint64_t t1 = co_await ops::now();
     out.round_ns.push_back(t1 - t0);
     out.loop_ns = t1 - start;
+    out.loop = watch.elapsed();
+    if (round == 0) out.cold = out.loop;
     bool done = c.iterations ? round + 1 >= c.iterations : t1 - start >= limit_ns;
     if (done) break;
   }
@@ -77,6 +84,8 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   ec.vcpus = 1;
   ec.l1_bytes = kL1Bytes;
   ec.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
+  ec.clock = o.clock;
+  ec.costs = o.costs;
   auto env = NC_TRY(NestedEnv::create(ec));
   std::vector<SwitchedL2> l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
   for (const SwitchedL2& p : l2) {
@@ -115,6 +124,9 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
   double warm_seconds = (static_cast<double>(run.times.loop_ns) - static_cast<double>(run.times.round_ns.front())) / 1e9;
   row.seconds_per_round_trip = trips ? warm_seconds / static_cast<double>(trips) : 0;
   row.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
+  row.clock = o.clock;
+  row.loop = run.times.loop;
+  row.cold = run.times.cold;
   row.counters = run.counters;
   row.failures = run.failures;
   if (s != StrategyKind::map && run.counters[Counter::stale_accesses])

@@ -31,7 +31,10 @@
 
 #include "base/counters.h"
 #include "base/error.h"
+#include "base/model_time.h"
+#include "cpu/machine.h"
 #include "guest/memslot_perf_guest.h"
+#include "workloads/stopwatch.h"
 #include "workloads/registry.h"
 
 namespace nestcache::workloads {
@@ -51,7 +54,11 @@ struct MemslotPerfConfig {
   double seconds = kDefaultBenchSeconds;  // iterate while elapsed < this (upstream -l)
   uint64_t iterations = 0;                // > 0: exactly this many instead
   uint64_t exit_cost_ns = 0;
-  uint32_t l1_hz = kDefaultL1Hz;  // L1 timer ticks per second while the test runs; 0: off
+  // Modelled time (DESIGN.md §5) unless wall: `seconds`, the iteration times
+  // and the L1 timer run on it.
+  cpu::ClockKind clock = cpu::ClockKind::modelled;
+  cpu::GuestCosts costs = {};
+  uint32_t l1_hz = kDefaultL1Hz;  // L1 timer ticks per second (vCPU 0's APIC timer); 0: off
   double scale = 1.0;             // (0, 1]: shrinks upstream's area sizes
   bool verify = false;            // upstream -d: check the values written
   std::chrono::milliseconds timeout{600000};
@@ -71,15 +78,20 @@ struct MemslotLayout {
 // One run of one test: its timing and what happened, per phase.
 struct MemslotPerfRun {
   MemslotLayout layout;
-  std::vector<double> iteration_seconds;  // each iteration, in order
+  std::vector<double> iteration_seconds;  // each iteration, in order, on the run's clock
   double loop_seconds = 0;                // upstream's guest_runtime: all iterations
+  // The loop and its first iteration in modelled time, by part (the host
+  // thread's clock, which the hand-shakes carry every other thread's time
+  // into), and in wall time.
+  LoopTime loop_time;
+  LoopTime cold_time;
   CounterSnapshot counters;               // the timed loop (L0 and L1 events)
   CounterSnapshot cold;                   // the first iteration alone
   uint64_t discard_calls = 0;             // host MADV_DONTNEED calls in the timed loop
   uint64_t cold_discard_calls = 0;        // ... in the first iteration
   uint64_t fault_retries = 0;             // EPT12 faults retried after racing a discard
   uint64_t flush_kicks = 0;               // waiting TLB-flush kicks to the L2 vCPU
-  uint64_t timer_ticks = 0;               // L1 timer interrupts sent
+  uint64_t timer_ticks = 0;               // L1 timer interrupts taken by the L2 vCPU
   std::vector<std::string> failures;      // value checks (--verify) and broken invariants
 
   double seconds_per_iteration() const {

@@ -5,6 +5,7 @@
 
 #include "cpu/machine.h"
 #include "workloads/memslot_perf.h"
+#include "workloads/window_cost.h"
 
 namespace nestcache::workloads {
 
@@ -47,6 +48,8 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   c.l1_hz = o.l1_hz;
   c.scale = o.scale;
   c.verify = o.verify;
+  c.clock = o.clock;
+  c.costs = o.costs;
   std::string label = fmt::format("{} / {}", memslot_test_name(test), strategy_name(s));
   c.on_iteration = [&](uint64_t done) {
     o.report_progress(done, o.iterations, fmt::format("{}: iteration {}", label, done));
@@ -69,6 +72,9 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   uint64_t trips = run.counters[Counter::nested_round_trips];
   row.seconds_per_round_trip = trips ? run.loop_seconds / static_cast<double>(trips) : 0;
   row.exit_cost_ns = c.exit_cost_ns;
+  row.clock = o.clock;
+  row.loop = run.loop_time;
+  row.cold = run.cold_time;
   row.counters = run.counters;
   row.failures = run.failures;
   if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
@@ -86,6 +92,8 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
       {"fault_retries", run.fault_retries},
       {"flush_kicks", run.flush_kicks},
       {"timer_ticks", run.timer_ticks},
+      {"remap_window_ns", NC_TRY(remap_window_ns(o.memory))},
+      {"windows_per_round_trip", trips ? static_cast<double>(run.counters[Counter::remap_windows]) / trips : 0.0},
       {"cold", phase_json(run.cold, run.cold_discard_calls, 1)},
       {"warm_per_iteration",
        phase_json(run.counters - run.cold, run.discard_calls - run.cold_discard_calls, warm)},
@@ -96,6 +104,32 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
 std::string ratio(double num, double den) {
   if (!(den > 0)) return "-";
   return fmt::format("{:.{}f}x", num / den, num / den >= 100 ? 0 : 1);
+}
+
+// What explains map − cache, and what the seed's ratio says of its remap cost.
+std::vector<std::string> time_commentary(MemslotTest test, const BenchRow& map, const BenchRow& cache) {
+  std::vector<std::string> out;
+  double window_us = map.extra.value("remap_window_ns", 0.0) / 1e3;
+  double per_trip = map.extra.value("windows_per_round_trip", 0.0);
+  double diff_us = (map.seconds_per_round_trip - cache.seconds_per_round_trip) * 1e6;
+  out.push_back(fmt::format(
+      "Remap window on this machine: {:.2f} µs (HostMap map + unmap, thread CPU time). map opens {:.2f} per round "
+      "trip: map − cache = {:.2f} µs per round trip, windows × cost = {:.2f} µs ({}).",
+      window_us, per_trip, diff_us, per_trip * window_us, ratio(diff_us, per_trip * window_us)));
+  auto seed = seed_figures(test);
+  double cold_windows = map.extra.contains("cold") ? map.extra["cold"].value("remap_windows", 0.0) : 0.0;
+  if (seed && cold_windows > 0 && cache.seconds_per_iteration > 0) {
+    // before = cache's cold iteration + its windows at the seed host's cost;
+    // after = cache's warm average: the window cost that gives the seed's ratio.
+    double r = seed->before_s / seed->after_s;
+    double implied_us = (r * cache.seconds_per_iteration - cache.cold_iteration_seconds) / cold_windows * 1e6;
+    if (implied_us > 0)
+      out.push_back(fmt::format(
+          "Implied remap cost on the seed's host: {:.1f} µs per window would give its {:.0f}x here (cache cold "
+          "{:.3g} s + {:.0f} windows × cost, over cache's {:.3g} s per iteration); this machine's: {:.2f} µs.",
+          implied_us, r, cache.cold_iteration_seconds, cold_windows, cache.seconds_per_iteration, window_us));
+  }
+  return out;
 }
 
 std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> rows) {
@@ -116,6 +150,9 @@ std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> 
                                 ratio(map->cold_iteration_seconds, cache->cold_iteration_seconds),
                                 ratio(map->seconds_per_iteration, cache->seconds_per_iteration),
                                 ratio(map->seconds_per_round_trip, cache->seconds_per_round_trip)));
+  }
+  if (map && cache) {
+    for (const std::string& s : time_commentary(test, *map, *cache)) out.push_back(s);
   }
   for (const BenchRow& r : rows) {
     if (r.extra.value("slots_capped", false))

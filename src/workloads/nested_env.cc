@@ -17,7 +17,9 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
       *env->vm, cpu::MachineConfig{.vcpus = c.vcpus,
                                    .strategy = c.strategy,
                                    .exit_cost_ns = c.exit_cost_ns,
-                                   .retry_internal_errors = c.retry_internal_errors});
+                                   .retry_internal_errors = c.retry_internal_errors,
+                                   .costs = c.costs,
+                                   .clock = c.clock});
   return env;
 }
 
@@ -49,7 +51,7 @@ uint64_t NestedEnv::read_u64(Gpa gpa) const {
   return v;
 }
 
-Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return vm->write_guest(gpa, &value, sizeof value); }
+Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return machine->store_qword(gpa, value); }
 
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 

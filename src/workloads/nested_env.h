@@ -21,6 +21,10 @@ struct NestedEnvConfig {
   uint64_t exit_cost_ns = 0;
   bool stale_fatal = false;         // scenarios count stale accesses instead
   bool retry_internal_errors = false;  // see cpu::MachineConfig
+  // The time model (cpu::MachineConfig): benchmarks run on modelled time,
+  // selftests on the wall clock their host threads share.
+  cpu::ClockKind clock = cpu::ClockKind::wall;
+  cpu::GuestCosts costs = {};
 };
 
 // What a torn-down VM left behind (all zero when nothing leaked).

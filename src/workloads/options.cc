@@ -165,7 +165,18 @@ Status validate(const BenchOptions& o) {
   if (o.exit_cost_ns && *o.exit_cost_ns > kMaxExitCostNs)
     return errorf(EINVAL, "--exit-cost-ns: {} is above {}", *o.exit_cost_ns, kMaxExitCostNs);
   if (!(o.scale > 0 && o.scale <= 1)) return errorf(EINVAL, "--scale: {} is outside (0, 1]", o.scale);
+  for (auto [name, ns] : {std::pair{"--guest-op-ns", o.costs.op_ns}, std::pair{"--locked-op-ns", o.costs.locked_op_ns},
+                          std::pair{"--pause-ns", o.costs.pause_ns}})
+    if (ns > kMaxGuestOpNs) return errorf(EINVAL, "{}: {} is above {}", name, ns, kMaxGuestOpNs);
   return ok();
+}
+
+std::string_view clock_kind_name(cpu::ClockKind c) { return c == cpu::ClockKind::modelled ? "modelled" : "wall"; }
+
+Result<cpu::ClockKind> parse_clock_kind(std::string_view text) {
+  for (cpu::ClockKind c : {cpu::ClockKind::modelled, cpu::ClockKind::wall})
+    if (text == clock_kind_name(c)) return c;
+  return errorf(EINVAL, "unknown clock '{}': expected modelled or wall", text);
 }
 
 }  // namespace nestcache::workloads

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "cpu/machine.h"
 #include "host/phys_mem.h"
 #include "vmx/page_strategy.h"
 
@@ -131,6 +132,7 @@ inline constexpr uint32_t kDefaultBenchSlots = 8192;  // the seed's table
 inline constexpr double kDefaultBenchSeconds = 5.0;   // upstream memslot_perf_test -l
 inline constexpr uint32_t kDefaultL1Hz = 250;         // L1 timer ticks (CONFIG_HZ=250)
 inline constexpr uint64_t kMaxExitCostNs = 10'000'000;
+inline constexpr uint64_t kMaxGuestOpNs = 1'000'000;
 
 struct BenchOptions {
   // Strategies to compare, in the order given (default: all three).
@@ -145,6 +147,11 @@ struct BenchOptions {
   std::optional<uint64_t> exit_cost_ns;
   uint32_t l1_hz = kDefaultL1Hz;  // 0: no L1 timer ticks
   double scale = 1.0;             // (0, 1]: shrinks upstream's area sizes
+  // What a result measures (DESIGN.md §5): modelled time by default, with
+  // guest operations at these hardware costs; or the wall clock.
+  cpu::ClockKind clock = cpu::ClockKind::modelled;
+  cpu::GuestCosts costs = {};
+  bool breakdown = false;  // the table prints each row's modelled time by part
   bool json = false;
   bool verify = false;  // upstream's -d value checks
   bool verbose = false;
@@ -153,8 +160,14 @@ struct BenchOptions {
   void report_progress(uint64_t done, uint64_t total, std::string_view label) const;
 };
 
+// "modelled", "wall".
+std::string_view clock_kind_name(cpu::ClockKind c);
+// Parses "modelled" or "wall". EINVAL otherwise.
+Result<cpu::ClockKind> parse_clock_kind(std::string_view text);
+
 // EINVAL with the option's name if a field is outside its range (slots
-// 2..32764, seconds > 0, runs >= 1, scale in (0, 1], exit cost <= 10 ms).
+// 2..32764, seconds > 0, runs >= 1, scale in (0, 1], exit cost <= 10 ms,
+// guest operation costs <= 1 ms).
 Status validate(const BenchOptions& o);
 
 }  // namespace nestcache::workloads

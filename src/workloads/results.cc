@@ -24,14 +24,37 @@ nlohmann::json selftest_json(std::string_view test, const RunOptions& opts, cons
   };
 }
 
+namespace {
+
+// {"transitions_ns": ..., ..., "total_ns": ...}: `t`'s parts divided by `by`.
+nlohmann::json parts_json(const TimeStamp& t, double by) {
+  nlohmann::json j = nlohmann::json::object();
+  if (!(by > 0)) return j;
+  for (int p = 0; p < kTimeParts; p++)
+    j[fmt::format("{}_ns", time_part_name(static_cast<TimePart>(p)))] = static_cast<double>(t.ns[p]) / by;
+  j["total_ns"] = static_cast<double>(t.total()) / by;
+  return j;
+}
+
+}  // namespace
+
+nlohmann::json BenchRow::breakdown() const {
+  return {{"per_iteration", parts_json(loop.modelled, static_cast<double>(iterations))},
+          {"per_round_trip", parts_json(loop.modelled, static_cast<double>(counters[Counter::nested_round_trips]))},
+          {"cold_iteration", parts_json(cold.modelled, 1)}};
+}
+
 nlohmann::json BenchRow::to_json() const {
   nlohmann::json j = {
       {"test", test},
       {"strategy", vmx::strategy_name(strategy)},
+      {"clock", clock_kind_name(clock)},
       {"seconds_per_iteration", seconds_per_iteration},
       {"iterations", iterations},
       {"cold_iteration_seconds", cold_iteration_seconds},
       {"seconds_per_round_trip", seconds_per_round_trip},
+      {"wall_seconds_per_iteration", iterations ? loop.wall_seconds / static_cast<double>(iterations) : 0.0},
+      {"breakdown", breakdown()},
       {"failures", failures},
       {"counters", counters.to_json()},
   };
@@ -62,6 +85,10 @@ nlohmann::json BenchReport::to_json() const {
   nlohmann::json results = nlohmann::json::array();
   for (const BenchRow& row : rows) results.push_back(row.to_json());
   return {
+      {"clock", clock_kind_name(options.clock)},
+      {"guest_op_ns", options.costs.op_ns},
+      {"locked_op_ns", options.costs.locked_op_ns},
+      {"pause_ns", options.costs.pause_ns},
       {"exit_cost_ns", exit_cost_ns()},
       {"l1_hz", options.l1_hz},
       {"slots", options.slots},

@@ -13,6 +13,7 @@
 
 #include "base/counters.h"
 #include "workloads/options.h"
+#include "workloads/stopwatch.h"
 
 namespace nestcache::workloads {
 
@@ -57,6 +58,11 @@ struct BenchRow {
   double cold_iteration_seconds = 0;  // (2) the first, cold iteration
   double seconds_per_round_trip = 0;  // (3) time per nested round trip
   uint64_t exit_cost_ns = 0;          // the exit cost the model used
+  // The clock the three views are on (DESIGN.md §5), and the timed loop and
+  // its first iteration in both clocks: modelled time by part, wall time.
+  cpu::ClockKind clock = cpu::ClockKind::modelled;
+  LoopTime loop;
+  LoopTime cold;
   CounterSnapshot counters = {};      // of the best run (merge_run_counters)
   // Failed value checks (--verify) and broken invariants; empty = good.
   std::vector<std::string> failures = {};
@@ -64,9 +70,15 @@ struct BenchRow {
   // standard field's name).
   nlohmann::json extra = nlohmann::json::object();
 
-  // {test, strategy, seconds_per_iteration, iterations, cold_iteration_seconds,
-  //  seconds_per_round_trip, nested_round_trips, shootdowns, ept12_faults,
-  //  maps, unmaps, remap_windows, stale_accesses, failures, counters, ...extra}.
+  // The loop's modelled time by part, per iteration, per nested round trip
+  // and for the cold iteration: {"per_iteration": {"transitions_ns": ...,
+  // "total_ns": ...}, "per_round_trip": {...}, "cold_iteration": {...}}.
+  nlohmann::json breakdown() const;
+
+  // {test, strategy, clock, seconds_per_iteration, iterations,
+  //  cold_iteration_seconds, seconds_per_round_trip, wall_seconds_per_iteration,
+  //  breakdown, nested_round_trips, shootdowns, ept12_faults, maps, unmaps,
+  //  remap_windows, stale_accesses, failures, counters, ...extra}.
   nlohmann::json to_json() const;
 };
 
