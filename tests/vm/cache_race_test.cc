@@ -7,8 +7,11 @@
 // returns: a reader still writing then would lose its write).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <memory>
 #include <random>
+#include <vector>
 
 #include "vm_fixture.h"
 
@@ -27,55 +30,50 @@ uint64_t stamp(Gpa g) { return 0x7ace000000000000ull | g; }
 // Word `reader` + 1 of each page counts that reader's increments.
 size_t counter_offset(int reader) { return 8 * (reader + 1); }
 
-class CacheRaceTest : public ::testing::TestWithParam<KindAndSide> {};
-
-TEST_P(CacheRaceTest, ReadersSeeNoStaleFrameAndLoseNoWriteWhilePagesMigrate) {
-  VmEnv env(testing::env_config(GetParam(), kPages, 8192));
-  env.phys->set_stale_access_fatal(true);
-  for (Gpa g = 0; g < kPages * kPageSize; g += kPageSize) {
-    uint64_t v = stamp(g);
-    ASSERT_TRUE(env.vm->write_guest(g, &v, 8));
+// The shared state of one race: the environment, the shared caches and what
+// the threads count.
+struct Race {
+  explicit Race(const KindAndSide& p) : env(testing::env_config(p, kPages, 8192)) {
+    env.phys->set_stale_access_fatal(true);
+    for (Gpa g = 0; g < kPages * kPageSize; g += kPageSize) {
+      uint64_t v = stamp(g);
+      NC_CHECK(env.vm->write_guest(g, &v, 8));
+    }
+    for (int i = 0; i < kSharedCaches; i++) {
+      shared.push_back(std::make_unique<PfnCache>(*env.vm));
+      NC_CHECK(shared.back()->activate(Gpa(i) * kPageSize, 8));
+    }
   }
-  std::vector<std::unique_ptr<PfnCache>> shared;
-  for (int i = 0; i < kSharedCaches; i++) {
-    shared.push_back(std::make_unique<PfnCache>(*env.vm));
-    ASSERT_TRUE(shared.back()->activate(Gpa(i) * kPageSize, 8));
-  }
 
-  std::atomic<bool> stop{false};
-  std::atomic<uint64_t> reads{0}, failures{0}, migrations{0};
-  std::vector<std::vector<uint64_t>> increments(kReaders, std::vector<uint64_t>(kPages, 0));
-  std::vector<std::thread> ts;
-  for (int r = 0; r < kReaders; r++) {
-    ts.emplace_back([&, r] {
-      std::mt19937 rng(100 + r);
-      std::vector<std::unique_ptr<PfnCache>> own;
-      for (int i = 0; i < kCachesPerReader; i++) own.push_back(std::make_unique<PfnCache>(*env.vm));
-      while (!stop.load()) {
-        // An own cache, moved to a random page when it holds another one:
-        // read the stamp, bump this reader's counter in the page.
-        const Gpa g = Gpa(rng() % kPages) * kPageSize;
-        PfnCache& c = *own[rng() % own.size()];
-        {
-          Result<CachePtr> p = c.lock(g, 8 * (kReaders + 1));
-          if (!p) {
-            failures.fetch_add(1);
-            continue;
-          }
-          if (p->read<uint64_t>(0) != stamp(g)) failures.fetch_add(1);
-          const size_t off = counter_offset(r);
-          p->write<uint64_t>(off, p->read<uint64_t>(off) + 1);
-          increments[r][g / kPageSize]++;
+  // Reader r: through its own caches, moved to random pages, reads the
+  // stamp and bumps its counter in the page; through a shared cache, only
+  // reads. Refreshes whatever it finds invalid (lock()).
+  void reader(int r) {
+    std::mt19937 rng(100 + r);
+    std::vector<std::unique_ptr<PfnCache>> own;
+    for (int i = 0; i < kCachesPerReader; i++) own.push_back(std::make_unique<PfnCache>(*env.vm));
+    while (!stop.load()) {
+      const Gpa g = Gpa(rng() % kPages) * kPageSize;
+      PfnCache& c = *own[rng() % own.size()];
+      {
+        Result<CachePtr> p = c.lock(g, 8 * (kReaders + 1));
+        if (!p) {
+          failures.fetch_add(1);
+          continue;
         }
-        // A shared cache: only a read; refresh it if it went invalid.
-        PfnCache& s = *shared[rng() % shared.size()];
-        Result<CachePtr> p = s.lock(s.gpa(), 8);
-        if (!p || p->read<uint64_t>(0) != stamp(s.gpa())) failures.fetch_add(1);
-        reads.fetch_add(2);
+        if (p->read<uint64_t>(0) != stamp(g)) failures.fetch_add(1);
+        const size_t off = counter_offset(r);
+        p->write<uint64_t>(off, p->read<uint64_t>(off) + 1);
+        increments[r][g / kPageSize]++;
       }
-    });
+      PfnCache& s = *shared[rng() % shared.size()];
+      Result<CachePtr> p = s.lock(s.gpa(), 8);
+      if (!p || p->read<uint64_t>(0) != stamp(s.gpa())) failures.fetch_add(1);
+      reads.fetch_add(2);
+    }
   }
-  ts.emplace_back([&] {  // host: migrations of random pages
+  // The host: migrations of random pages.
+  void migrator() {
     std::mt19937 rng(7);
     while (!stop.load()) {
       auto st = env.mm->migrate(env.hva_of(Gpa(rng() % kPages) * kPageSize));
@@ -85,37 +83,59 @@ TEST_P(CacheRaceTest, ReadersSeeNoStaleFrameAndLoseNoWriteWhilePagesMigrate) {
         failures.fetch_add(1);
       }
     }
-  });
-  ts.emplace_back([&] {  // host: notifier events over long ranges (the ordered index)
+  }
+  // The host: notifier events over ranges long enough for the ordered index.
+  void long_invalidator() {
     std::mt19937 rng(8);
     while (!stop.load()) {
       const Hva start = env.hva_of(Gpa(rng() % kPages) * kPageSize);
-      const Hva end = std::min(start + (CacheRegistry::kPagesLookedUpOneByOne + 4) * kPageSize, env.hva_of(kPages * kPageSize));
+      const Hva end =
+          std::min(start + (CacheRegistry::kPagesLookedUpOneByOne + 4) * kPageSize, env.hva_of(kPages * kPageSize));
       env.vm->invalidate_range_start(start, end);
       env.vm->invalidate_range_end(start, end);
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-  });
-  auto enough = [&] {
+  }
+  bool enough() const {
     return reads.load() > 20000 && migrations.load() > 500 &&
            env.vm->counters().get(Counter::cache_invalidations) > 500 &&
            env.vm->counters().get(Counter::cache_refreshes) > 500;
-  };
-  const auto start = std::chrono::steady_clock::now();
-  while (std::chrono::steady_clock::now() - start < std::chrono::seconds(2) ||
-         (!enough() && std::chrono::steady_clock::now() - start < std::chrono::seconds(60)))
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  stop.store(true);
-  for (auto& t : ts) t.join();
-  shared.clear();
+  }
+  // Runs every thread for at least 2 s, and on until enough() (at most 60 s).
+  void run() {
+    std::vector<std::thread> ts;
+    for (int r = 0; r < kReaders; r++) ts.emplace_back([this, r] { reader(r); });
+    ts.emplace_back([this] { migrator(); });
+    ts.emplace_back([this] { long_invalidator(); });
+    const auto start = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - start < std::chrono::seconds(2) ||
+           (!enough() && std::chrono::steady_clock::now() - start < std::chrono::seconds(60)))
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    stop.store(true);
+    for (auto& t : ts) t.join();
+    shared.clear();
+  }
 
-  EXPECT_EQ(failures.load(), 0u);
-  EXPECT_TRUE(enough()) << "reads " << reads.load() << ", migrations " << migrations.load();
+  VmEnv env;
+  std::vector<std::unique_ptr<PfnCache>> shared;  // fixed gpas, refreshed by every reader
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> reads{0}, failures{0}, migrations{0};
+  std::vector<std::vector<uint64_t>> increments = std::vector(kReaders, std::vector<uint64_t>(kPages, 0));
+};
+
+class CacheRaceTest : public ::testing::TestWithParam<KindAndSide> {};
+
+TEST_P(CacheRaceTest, ReadersSeeNoStaleFrameAndLoseNoWriteWhilePagesMigrate) {
+  Race race(GetParam());
+  race.run();
+  VmEnv& env = race.env;
+  EXPECT_EQ(race.failures.load(), 0u);
+  EXPECT_TRUE(race.enough()) << "reads " << race.reads.load() << ", migrations " << race.migrations.load();
   for (size_t page = 0; page < kPages; page++) {
     for (int r = 0; r < kReaders; r++) {
       uint64_t v = 0;
       ASSERT_TRUE(env.vm->read_guest(page * kPageSize + counter_offset(r), &v, 8));
-      EXPECT_EQ(v, increments[r][page]) << "page " << page << ", reader " << r << ": writes lost";
+      EXPECT_EQ(v, race.increments[r][page]) << "page " << page << ", reader " << r << ": writes lost";
     }
   }
   EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
