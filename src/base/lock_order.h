@@ -23,6 +23,13 @@
 // update the registry's hva index while their refresh mutex is held, and the
 // notifier never takes a refresh mutex, so this order has no cycle.
 //
+// A CachePtr (PfnCache::read) counts as holding kCacheRw for as long as it
+// lives, under both read sides: the lock-free side takes no lock, but an
+// invalidation or a refresh of that cache waits for the handle to go just as
+// it would for a reader of rw_, so the same order applies (lock-checking
+// builds track the handle under that rank). A refresh that waits for an
+// in-flight invalidation to end blocks on Vm::invalidation_wait_mu_, a leaf.
+//
 // Nested-VMX and CPU locks (vCPU run state, nested-context table) rank below
 // kSlots: a vCPU thread may call into the vm layer while holding them, never
 // the reverse. The notifier waits for vCPUs to leave guest mode while holding
