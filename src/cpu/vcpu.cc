@@ -116,7 +116,7 @@ void Vcpu::process_requests() {
     // rewrite the vmcs02 pfns before the next entry.
     if (auto st = nested().refresh_guest_pages(); !st) {
       make_request(vm::Request::kRefreshGuestPages);  // still to do if the VMM runs the vCPU again
-      internal_error(fmt::format("refreshing nested pages: {}", st.error().to_string()));
+      internal_error(fmt::format("refreshing nested pages: {}", st.error().to_string()), st.error().code);
     }
     tlb02_.clear();
   }
@@ -132,16 +132,16 @@ void Vcpu::run_loop() {
   try {
     loop();
   } catch (const std::exception& e) {
-    m_.fail(fmt::format("vCPU {}: {}", id(), e.what()));
+    m_.fail_exception(id(), &e);
   } catch (...) {
-    m_.fail(fmt::format("vCPU {}: an exception not derived from std::exception", id()));
+    m_.fail_exception(id(), nullptr);
   }
   clock_.end_measured();
   stop_serving_vmm_calls();
   m_.vcpu_finished();
 }
 
-bool Vcpu::retry_internal_error(const std::string& cause) {
+bool Vcpu::retry_internal_error(const std::string& cause, int code) {
   using std::chrono::steady_clock;
   if (!m_.config().retry_internal_errors) return false;
   // The VMM runs the vCPU again, as one that calls KVM_RUN after
@@ -153,7 +153,7 @@ bool Vcpu::retry_internal_error(const std::string& cause) {
   if (now - internal_error_since_ > kRetryLimit) {
     m_.fail(fmt::format("vCPU {}: KVM internal error, still failing after {} attempts in {} ms, {}", id(),
                         internal_error_streak_, std::chrono::duration_cast<std::chrono::milliseconds>(kRetryLimit).count(),
-                        cause));
+                        cause), code);
     stop_ = true;
     return true;  // handled: the run ends
   }
@@ -166,10 +166,10 @@ bool Vcpu::retry_internal_error(const std::string& cause) {
   return true;
 }
 
-void Vcpu::internal_error(const std::string& cause) {
+void Vcpu::internal_error(const std::string& cause, int code) {
   counters().add(Counter::internal_errors);
-  if (retry_internal_error(cause)) return;
-  m_.fail(fmt::format("vCPU {}: KVM internal error {}", id(), cause));
+  if (retry_internal_error(cause, code)) return;
+  m_.fail(fmt::format("vCPU {}: KVM internal error {}", id(), cause), code);
   stop_ = true;
 }
 
