@@ -63,7 +63,7 @@ void Vcpu::get_nested_state_pages() {
     // KVM: vmx_get_nested_state_pages fails -> the vCPU exits to the VMM
     // with an internal error; the entry into L2 does not happen.
     make_request(vm::Request::kGetNestedStatePages);  // still to do if the VMM runs the vCPU again
-    internal_error(fmt::format("on the first entry after a nested-state restore: {}", st.error().to_string()), st.error().code);
+    internal_error(fmt::format("on the first entry after a nested-state restore: {}", st.error().message));
     return;
   }
   tlb02_.clear();
