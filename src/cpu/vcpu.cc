@@ -148,12 +148,23 @@ bool Vcpu::retry_internal_error(const std::string& cause, int code) {
   // KVM_EXIT_INTERNAL_ERROR. The cause may pass (a memslot moved back) or
   // not (no memory left): back off, and give up after kRetryLimit of
   // failures in a row, reporting the cause.
+  // A streak can mix causes: a memslot the VMM moved away (EFAULT, which
+  // passes) and a resource the host cannot give (ENOMEM, which does not).
+  // The last cause that was not EFAULT is the one reported: it is why the
+  // streak did not end. Retries run on the vCPU's own thread only, so the
+  // record is per thread.
+  thread_local Error lasting;
   auto now = steady_clock::now();
-  if (internal_error_streak_++ == 0) internal_error_since_ = now;
+  if (internal_error_streak_++ == 0) {
+    internal_error_since_ = now;
+    lasting = Error{0, {}};
+  }
+  if (code != EFAULT) lasting = Error{code, cause};
   if (now - internal_error_since_ > kRetryLimit) {
+    const Error& why = lasting.code ? lasting : Error{code, cause};
     m_.fail(fmt::format("vCPU {}: KVM internal error, still failing after {} attempts in {} ms, {}", id(),
                         internal_error_streak_, std::chrono::duration_cast<std::chrono::milliseconds>(kRetryLimit).count(),
-                        cause), code);
+                        why.message), why.code);
     stop_ = true;
     return true;  // handled: the run ends
   }
