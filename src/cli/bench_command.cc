@@ -1,39 +1,43 @@
 // `nestcache bench`: the seed's benchmark (memslot_perf in nested mode) for
 // each page strategy, side by side: option parsing and validation, dispatch
 // to the registered bench tests, the comparison table and the JSON report.
+#include <signal.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <optional>
 
 #include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
+#include "cli/interrupt.h"
 #include "workloads/progress.h"
 
 namespace nestcache::cli {
 
 namespace {
 
-// Resolves --tests; prints what is wrong and returns nullopt on an unknown
-// name or when nothing is registered.
-std::optional<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string& list) {
+// Resolves --tests (`given`: the option was on the command line). EINVAL
+// for an empty list or item or an unknown name, ENOENT when nothing is
+// registered.
+Result<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string& list, bool given) {
   std::vector<std::string> valid = workloads::bench_names();
   std::string known = fmt::format("valid tests: {}", workloads::join_names(valid));
   std::vector<const workloads::BenchInfo*> tests;
-  if (list.empty()) {
+  if (!given) {
     for (const auto& b : workloads::benches()) tests.push_back(&b);
-    if (tests.empty()) fmt::print(stderr, "nestcache bench: {}\n", known);
-    return tests.empty() ? std::nullopt : std::optional(tests);
+    if (tests.empty()) return errorf(ENOENT, "no bench test is registered");
+    return tests;
   }
   for (const std::string& name : workloads::split_list(list)) {
+    if (name.empty()) return errorf(EINVAL, "--tests: an empty name in '{}'; {}", list, known);
     std::vector<const workloads::BenchInfo*> named = workloads::find_bench_group(name);
     if (const workloads::BenchInfo* b = workloads::find_bench(name)) named = {b};
-    if (named.empty()) {
-      fmt::print(stderr, "nestcache bench: unknown test '{}'; {}\n", name, known);
-      return std::nullopt;
-    }
+    if (named.empty()) return errorf(EINVAL, "--tests: unknown test '{}'; {}", name, known);
     for (const workloads::BenchInfo* b : named)
       if (std::find(tests.begin(), tests.end(), b) == tests.end()) tests.push_back(b);
   }
+  if (tests.empty()) return errorf(EINVAL, "--tests: the list names no test; {}", known);
   return tests;
 }
 
@@ -120,14 +124,29 @@ void print_bench_list(bool json) {
   if (tests.empty()) fmt::print("  (none registered)\n");
 }
 
+// Runs one row; what the run throws (memory or a thread it could not get
+// outside the machine) is its error, so the rows already done still print.
+Result<workloads::BenchRow> run_one(const workloads::BenchInfo& t, const workloads::BenchOptions& o,
+                                    vmx::StrategyKind s) {
+  try {
+    return t.run(o, s);
+  } catch (const std::bad_alloc&) {
+    return make_error(ENOMEM, "out of memory");
+  } catch (const std::system_error& e) {
+    return make_error(e.code().value(), e.what());
+  } catch (const std::exception& e) {
+    return make_error(EIO, e.what());
+  }
+}
+
 }  // namespace
 
 CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   using namespace workloads;
   CLI::App* cmd = app.add_subcommand("bench", "Time the seed's benchmark for each page strategy, side by side");
   a.command = cmd;
-  cmd->add_option("--tests", a.tests, "Comma-separated bench tests to run (default: every registered test)")
-      ->type_name("a,b,...");
+  a.tests_option = cmd->add_option("--tests", a.tests, "Comma-separated bench tests to run (default: every registered test)")
+                       ->type_name("a,b,...");
   cmd->add_option("--strategy", a.strategy, "Strategies to compare, comma-separated, in this order (or all)")
       ->type_name("map,cache,oracle")
       ->default_str("map,cache,oracle")
@@ -139,11 +158,13 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   cmd->add_option("--slots", a.slots, "L2 memslots the guest memory is split over")
       ->default_str(std::to_string(kDefaultBenchSlots))
       ->check(CLI::Range(kMinBenchSlots, kMaxBenchSlots));
-  cmd->add_option("--seconds", a.seconds, "Iterate while the elapsed time is under this (upstream -l)")
-      ->default_str(fmt::format("{}", kDefaultBenchSeconds))
-      ->check(CLI::Range(0.001, 86400.0));
-  cmd->add_option("--iterations", a.iterations, "Run exactly this many iterations instead of a time limit")
-      ->check(CLI::Range(uint64_t{1}, uint64_t{1'000'000'000}));
+  CLI::Option* seconds = cmd->add_option("--seconds", a.seconds, "Iterate while the elapsed time is under this (upstream -l)")
+                             ->default_str(fmt::format("{}", kDefaultBenchSeconds))
+                             ->check(CLI::Range(0.001, 86400.0));
+  cmd->add_option("--iterations", a.iterations,
+                  "Run exactly this many iterations instead of a time limit (not with --seconds)")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1'000'000'000}))
+      ->excludes(seconds);
   cmd->add_option("--runs", a.runs, "Repeat each test this many times and keep the best (upstream -r)")
       ->default_str("1")
       ->check(CLI::Range(1u, 1000u));
@@ -197,8 +218,14 @@ int run_bench_command(const BenchArgs& a, bool json) {
     print_bench_list(json);
     return kExitOk;
   }
-  auto tests = resolve_tests(a.tests);
-  if (!tests) return a.tests.empty() ? kExitFailed : kExitUsage;
+  auto tests = resolve_tests(a.tests, a.tests_option->count() > 0);
+  if (!tests) {
+    if (tests.error().code != EINVAL) {
+      fmt::print(stderr, "nestcache bench: {}\n", tests.error().message);
+      return kExitFailed;
+    }
+    return usage_error(json, "nestcache bench", tests.error().message);
+  }
   workloads::BenchOptions o;
   o.strategies = workloads::parse_strategy_list(a.strategy).value();  // validated by CLI11
   o.memory = workloads::parse_memory_kind(a.memory).value();
@@ -218,20 +245,108 @@ int run_bench_command(const BenchArgs& a, bool json) {
   return run_bench(*tests, o);
 }
 
+namespace {
+
+// What a bench run has finished, shared by the loop that runs the rows and
+// the thread that prints them when a signal ends the run. Text output is
+// written test by test as each test's rows are all done.
+class BenchPrinter {
+ public:
+  BenchPrinter(std::span<const workloads::BenchInfo* const> tests, const workloads::BenchOptions& o)
+      : tests_(tests.begin(), tests.end()) {
+    report_.options = o;
+    report_.options.progress = nullptr;
+  }
+
+  void add(workloads::BenchRow row) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    report_.rows.push_back(std::move(row));
+  }
+  // Prints the tables of the tests whose rows are all done (text only).
+  void test_done(size_t index) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (!report_.options.json) print_tests_locked(index + 1);
+  }
+  // The end of the run: the JSON report, or what text is left.
+  void finish(bool ok, const char* interrupted_by = nullptr) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (finished_) return;
+    finished_ = true;
+    if (report_.options.json) {
+      nlohmann::json j = report_.to_json();
+      if (interrupted_by) j["interrupted"] = interrupted_by;
+      print_json(j);
+    } else {
+      print_tests_locked(tests_.size());
+      if (interrupted_by)
+        fmt::print("\nInterrupted by {}: {} row{} finished.\n", interrupted_by, report_.rows.size(),
+                   report_.rows.size() == 1 ? "" : "s");
+      else if (!ok)
+        fmt::print("\nSome runs failed; see above.\n");
+    }
+    std::fflush(stdout);
+  }
+
+ private:
+  void print_header_locked() NC_REQUIRES(mu_) {
+    const workloads::BenchOptions& o = report_.options;
+    fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, "
+               "exit cost {} ns per hardware transition{}, L1 timer {} Hz, {}, best of {} run{}\n",
+               workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
+               workloads::memory_kind_name(o.memory), o.slots, report_.exit_cost_ns(),
+               o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
+               o.iterations ? fmt::format("{} iterations per run", o.iterations)
+                            : fmt::format("{} s per run", o.seconds),
+               o.runs, o.runs == 1 ? "" : "s");
+    if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
+  }
+  // Prints tests [printed_, end) that have rows.
+  void print_tests_locked(size_t end) NC_REQUIRES(mu_) {
+    for (; printed_ < end; printed_++) {
+      const workloads::BenchInfo* t = tests_[printed_];
+      std::vector<workloads::BenchRow> rows;
+      for (const auto& r : report_.rows)
+        if (r.test == t->name) rows.push_back(r);
+      if (rows.empty()) continue;
+      if (!header_printed_) print_header_locked();
+      header_printed_ = true;
+      print_test_table(*t, rows, report_.options.verbose, report_.options.breakdown);
+    }
+    std::fflush(stdout);
+  }
+
+  const std::vector<const workloads::BenchInfo*> tests_;
+  Mutex mu_{LockRank::kLeaf};
+  workloads::BenchReport report_ NC_GUARDED_BY(mu_);
+  size_t printed_ NC_GUARDED_BY(mu_) = 0;
+  bool header_printed_ NC_GUARDED_BY(mu_) = false;
+  bool finished_ NC_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace
+
 int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions o) {
-  if (auto st = workloads::validate(o); !st) {
-    fmt::print(stderr, "nestcache bench: {}\n", st.error().message);
-    return kExitUsage;
+  if (auto st = workloads::validate(o); !st) return usage_error(o.json, "nestcache bench", st.error().message);
+  BenchPrinter printer(tests, o);
+  // SIGINT / SIGTERM: the rows finished so far are printed, marked as
+  // interrupted, and the run exits 130 / 143.
+  auto watch = InterruptWatch::start([&printer](int signo) {
+    std::fputs("\n", stderr);  // past the progress line
+    printer.finish(false, signo == SIGINT ? "SIGINT" : "SIGTERM");
+  });
+  if (!watch) {
+    fmt::print(stderr, "nestcache bench: {}\n", watch.error().to_string());
+    return kExitFailed;
   }
   workloads::Progress progress(!o.json);
   o.progress = &progress;
-  workloads::BenchReport report;
   bool ok = true;
   size_t total = tests.size() * o.strategies.size(), done = 0;
-  for (const workloads::BenchInfo* t : tests) {
+  for (size_t i = 0; i < tests.size(); i++) {
+    const workloads::BenchInfo* t = tests[i];
     for (vmx::StrategyKind s : o.strategies) {
       progress.update(done++, total, fmt::format("{} / {}", t->name, vmx::strategy_name(s)));
-      auto row = t->run(o, s);
+      auto row = run_one(*t, o, s);
       if (!row) {
         progress.finish();
         fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", t->name, vmx::strategy_name(s),
@@ -242,32 +357,12 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
       row->test = t->name;
       row->strategy = s;
       ok = ok && row->failures.empty();
-      report.rows.push_back(std::move(*row));
+      printer.add(std::move(*row));
     }
+    progress.finish();
+    printer.test_done(i);
   }
-  progress.finish();
-  report.options = o;
-  report.options.progress = nullptr;
-  if (o.json) {
-    print_json(report.to_json());
-    return ok ? kExitOk : kExitFailed;
-  }
-  fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, exit "
-             "cost {} ns per hardware transition{}, L1 timer {} Hz, {}, best of {} run{}\n",
-             workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
-             workloads::memory_kind_name(o.memory), o.slots, report.exit_cost_ns(),
-             o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
-             o.iterations ? fmt::format("{} iterations per run", o.iterations)
-                          : fmt::format("{} s per run", o.seconds),
-             o.runs, o.runs == 1 ? "" : "s");
-  if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
-  for (const workloads::BenchInfo* t : tests) {
-    std::vector<workloads::BenchRow> rows;
-    for (const auto& r : report.rows)
-      if (r.test == t->name) rows.push_back(r);
-    if (!rows.empty()) print_test_table(*t, rows, o.verbose, o.breakdown);
-  }
-  if (!ok) fmt::print("\nSome runs failed; see above.\n");
+  printer.finish(ok);
   return ok ? kExitOk : kExitFailed;
 }
 

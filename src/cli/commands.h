@@ -83,7 +83,8 @@ int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloa
 // nestcache bench [options]
 
 struct BenchArgs {
-  std::string tests;  // empty: every registered bench test
+  std::string tests;  // not given: every registered bench test
+  CLI::Option* tests_option = nullptr;  // given or not
   std::string strategy = "map,cache,oracle";
   std::string memory = "unmanaged";
   uint32_t slots = workloads::kDefaultBenchSlots;
@@ -165,5 +166,9 @@ void print_selftest_summary(std::string_view test, const workloads::RunOptions& 
 std::string wrap_text(std::string_view text, size_t width = 100);
 // Prints JSON to stdout, indented, with a trailing newline.
 void print_json(const nlohmann::json& j);
+// Reports a usage error of `command` ("nestcache bench"): `message` on
+// stderr, or with `json` the object {"error": {"kind": "usage", "message",
+// "exit_status": 2}} on stdout. Returns kExitUsage.
+int usage_error(bool json, std::string_view command, const std::string& message);
 
 }  // namespace nestcache::cli

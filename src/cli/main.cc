@@ -2,10 +2,13 @@
 // registry and dispatches to the commands (commands.h).
 #include <cstdio>
 #include <string>
+#include <system_error>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
+#include "host/fault_injection.h"
 
 namespace {
 
@@ -20,6 +23,16 @@ const std::string kAbout =
     "  nestcache bench      time the seed's benchmark for each strategy, side by side\n"
     "  nestcache run FILE   run scenario files: steps with the outcome KVM gives for each\n"
     "  nestcache            the main job: the seed's benchmark table, every strategy\n";
+
+// Runs the command the parsed line names; returns the exit status.
+int dispatch(CLI::App* selftest_cmd, nestcache::cli::SelftestArgs& selftest, CLI::App* bench_cmd,
+             const nestcache::cli::BenchArgs& bench, CLI::App* run_cmd, const nestcache::cli::RunArgs& run, bool json) {
+  using namespace nestcache;
+  if (selftest_cmd->parsed()) return cli::run_selftest_command(selftest, json || selftest.json);
+  if (bench_cmd->parsed()) return cli::run_bench_command(bench, json || bench.json);
+  if (run_cmd->parsed()) return cli::run_run_command(run, json || run.json);
+  return cli::run_default_job(json);
+}
 
 }  // namespace
 
@@ -43,23 +56,52 @@ int main(int argc, char** argv) {
   CLI::App* bench_cmd = cli::add_bench_command(app, bench);
   cli::RunArgs run;
   CLI::App* run_cmd = cli::add_run_command(app, run);
+  std::vector<std::string> faults;
+  app.add_option("--inject-fault", faults,
+                 "For tests: make the Nth mmap, memfd set-up or thread start of this run fail, as the kernel does "
+                 "at a resource limit (SITE:N, SITE:N+ for the Nth and every later one, optional :ERRNO; SITE is "
+                 "mmap, memfd or thread). Repeatable")
+      ->type_name("SITE:N[+][:ERRNO]")
+      ->group("Testing")
+      ->check(cli::registry_validator(host::parse_fault_spec, "fault"));
 
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    int code = app.exit(e);
-    return code == 0 ? cli::kExitOk : cli::kExitUsage;
+    // --help and --help-all end here too, with status 0. CLI11 expands one
+    // level of sub-commands; --help-all also prints each selftest's own.
+    if (dynamic_cast<const CLI::CallForAllHelp*>(&e)) {
+      std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
+      for (CLI::App* sub : selftest.test_commands) fmt::print("\n{}", sub->help());
+      return cli::kExitOk;
+    }
+    if (e.get_exit_code() == 0) return app.exit(e);
+    // A usage error under --json is JSON too (--json may not have been
+    // parsed yet, so the line is searched for it).
+    for (int i = 1; i < argc; i++)
+      if (std::string_view(argv[i]) == "--json") return cli::usage_error(true, "nestcache", e.what());
+    app.exit(e);
+    return cli::kExitUsage;
   }
 
+  for (const std::string& f : faults) host::inject_fault(host::parse_fault_spec(f).value());  // validated by CLI11
+
+  // Nothing escapes main: a resource the run could not get ends it with
+  // exit status 1 and its cause, never with std::terminate. The message for
+  // running out of memory is a literal, since formatting one needs memory.
   int status;
-  if (selftest_cmd->parsed())
-    status = cli::run_selftest_command(selftest, json || selftest.json);
-  else if (bench_cmd->parsed())
-    status = cli::run_bench_command(bench, json || bench.json);
-  else if (run_cmd->parsed())
-    status = cli::run_run_command(run, json || run.json);
-  else
-    status = cli::run_default_job(json);
+  try {
+    status = dispatch(selftest_cmd, selftest, bench_cmd, bench, run_cmd, run, json);
+  } catch (const std::bad_alloc&) {
+    std::fputs("nestcache: ENOMEM: out of memory\n", stderr);
+    status = cli::kExitFailed;
+  } catch (const std::system_error& e) {
+    std::fprintf(stderr, "nestcache: %s: %s\n", Error{e.code().value(), ""}.code_name(), e.what());
+    status = cli::kExitFailed;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nestcache: unexpected error: %s\n", e.what());
+    status = cli::kExitFailed;
+  }
   std::fflush(stdout);
   return status;
 }

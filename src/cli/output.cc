@@ -95,4 +95,12 @@ void print_selftest_summary(std::string_view test, const workloads::RunOptions& 
   if (opts.verbose) fmt::print("  details: {}\n", r.details.dump());
 }
 
+int usage_error(bool json, std::string_view command, const std::string& message) {
+  if (json)
+    print_json({{"error", {{"kind", "usage"}, {"command", command}, {"message", message}, {"exit_status", kExitUsage}}}});
+  else
+    fmt::print(stderr, "{}: {}\n", command, message);
+  return kExitUsage;
+}
+
 }  // namespace nestcache::cli

@@ -52,13 +52,12 @@ void print_list(bool json) {
   if (tests.empty()) fmt::print("  (none registered)\n");
 }
 
-void print_unknown(std::string_view name) {
+int print_unknown(std::string_view name, bool json) {
   auto names = workloads::selftest_names();
   if (names.empty())
-    fmt::print(stderr, "nestcache selftest: unknown selftest '{}': no selftest is registered\n", name);
-  else
-    fmt::print(stderr, "nestcache selftest: unknown selftest '{}'; valid names: {}\n", name,
-               workloads::join_names(names));
+    return usage_error(json, "nestcache selftest", fmt::format("unknown selftest '{}': no selftest is registered", name));
+  return usage_error(json, "nestcache selftest",
+                     fmt::format("unknown selftest '{}'; valid names: {}", name, workloads::join_names(names)));
 }
 
 }  // namespace
@@ -126,10 +125,7 @@ int run_selftest_command(SelftestArgs& args, bool json) {
   const auto& tests = workloads::selftests();
   for (size_t i = 0; i < args.test_commands.size(); i++) {
     if (!args.test_commands[i]->parsed()) continue;
-    if (args.all) {
-      fmt::print(stderr, "nestcache selftest: give a test NAME or --all, not both\n");
-      return kExitUsage;
-    }
+    if (args.all) return usage_error(json, "nestcache selftest", "give a test NAME or --all, not both");
     opts.extra = args.test_options[i]->values();
     workloads::Progress progress(!json);
     opts.progress = &progress;
@@ -139,12 +135,10 @@ int run_selftest_command(SelftestArgs& args, bool json) {
       print_json(workloads::selftest_json(tests[i].name, opts, r));
     else
       print_selftest_summary(tests[i].name, opts, r);
+    if (r.usage_error) return kExitUsage;
     return r.passed ? kExitOk : kExitFailed;
   }
-  if (!args.name.empty()) {
-    print_unknown(args.name);
-    return kExitUsage;
-  }
+  if (!args.name.empty()) return print_unknown(args.name, json);
   if (args.all) {
     std::vector<const workloads::SelftestInfo*> all;
     for (const auto& t : tests) all.push_back(&t);

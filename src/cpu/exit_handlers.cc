@@ -144,7 +144,7 @@ void Vcpu::complete_nested_entry(const vmx::EntryResult& r) {
     case K::exit_to_l1: return answer_l1(OpResult::success());
     case K::internal_error:
       // A VMM that runs the vCPU again re-executes the VMLAUNCH/VMRESUME.
-      return internal_error(fmt::format("on nested entry: {}", r.result.why));
+      return internal_error(fmt::format("on nested entry: {}", r.result.why), r.error);
     case K::entered: break;
   }
   internal_error_streak_ = 0;
@@ -204,7 +204,8 @@ void Vcpu::complete_posted_interrupts_in_software() {
     // KVM's mmio_needed: an internal error for the VMM. A VMM that runs the
     // vCPU again gets the completion retried.
     if (m_.config().retry_internal_errors) apic_.deliver(static_cast<uint8_t>(v.posted_intr_notification_vector));
-    internal_error(fmt::format("completing posted interrupts: posted-interrupt descriptor unreachable: {}", st.error().to_string()));
+    internal_error(fmt::format("completing posted interrupts: posted-interrupt descriptor unreachable: {}", st.error().to_string()),
+                   st.error().code);
   }
 }
 

@@ -1,6 +1,7 @@
 #include "cpu/machine.h"
 
 #include "base/check.h"
+#include "host/fault_injection.h"
 
 namespace nestcache::cpu {
 
@@ -44,10 +45,32 @@ L2Program* Machine::l2_program(Gpa vmcs12) {
   return it == l2_programs_.end() ? nullptr : it->second.get();
 }
 
-void Machine::fail(std::string message) {
+void Machine::fail(std::string message, int code) {
   MutexLock l(done_mu_);
-  if (failure_.empty()) failure_ = std::move(message);
+  if (failure_.empty()) {
+    failure_ = std::move(message);
+    failure_code_ = code;
+  }
   done_cv_.notify_all();
+}
+
+void Machine::fail_exception(int vcpu, const std::exception* e) noexcept {
+  // Out of memory is the likely cause here, and the message itself needs
+  // memory: when formatting it fails, the run still ends, as "out of memory".
+  try {
+    if (dynamic_cast<const std::bad_alloc*>(e))
+      fail(fmt::format("vCPU {}: out of memory ({})", vcpu, e->what()), ENOMEM);
+    else if (auto* se = dynamic_cast<const std::system_error*>(e))
+      fail(fmt::format("vCPU {}: {}", vcpu, se->what()), se->code().value());
+    else if (e)
+      fail(fmt::format("vCPU {}: {}", vcpu, e->what()));
+    else
+      fail(fmt::format("vCPU {}: an exception not derived from std::exception", vcpu));
+  } catch (...) {
+    out_of_memory_.store(true);
+    MutexLock l(done_mu_);
+    done_cv_.notify_all();
+  }
 }
 
 void Machine::vcpu_finished() {
@@ -68,27 +91,26 @@ Status Machine::run(std::chrono::milliseconds timeout) {
       MutexLock l(raw->call_mu_);  // VMM calls go to the thread from now on
       raw->thread_running_ = true;
     }
-    try {
-      v->thread_ = std::thread([raw] { raw->run_loop(); });
-    } catch (const std::system_error& e) {
+    auto thread = host::start_thread(fmt::format("the vCPU {} thread", raw->id()), [raw] { raw->run_loop(); });
+    if (!thread) {
       // No thread for this vCPU (a thread or memory limit): the run ends
       // here; the vCPUs already started are stopped and joined below.
       {
         MutexLock l(raw->call_mu_);
         raw->thread_running_ = false;
       }
-      fail(fmt::format("vCPU {}: cannot start its thread: {} ({})", raw->id(),
-                       Error{e.code().value(), ""}.code_name(), e.code().message()));
+      fail(thread.error().message, thread.error().code);
       MutexLock l(done_mu_);
       running_ -= static_cast<int>(vcpus_.size()) - raw->id();  // this one and the ones never started
       break;
     }
+    v->thread_ = std::move(*thread);
   }
   bool timed_out;
   {
     MutexLock l(done_mu_);
     timed_out = !done_cv_.wait_for(done_mu_, timeout, [&]() NC_NO_THREAD_SAFETY_ANALYSIS {
-      return running_ == 0 || !failure_.empty();
+      return running_ == 0 || !failure_.empty() || out_of_memory_.load();
     });
   }
   // Whatever happened, stop every vCPU and wait for its thread.
@@ -98,8 +120,9 @@ Status Machine::run(std::chrono::milliseconds timeout) {
   }
   for (auto& v : vcpus_)
     if (v->thread_.joinable()) v->thread_.join();
+  if (out_of_memory_.load()) return make_error(ENOMEM, "a vCPU ran out of memory");
   MutexLock l(done_mu_);
-  if (!failure_.empty()) return errorf(EIO, "{}", failure_);
+  if (!failure_.empty()) return make_error(failure_code_, failure_);
   if (timed_out) return errorf(ETIMEDOUT, "the guests did not finish within {} ms", timeout.count());
   return ok();
 }

@@ -109,8 +109,11 @@ class Machine {
   void bind_l2_program(Gpa vmcs12, GuestTask task) NC_EXCLUDES(l2_mu_);
 
   // Starts every vCPU thread and waits until every L1 program has returned,
-  // or `timeout` passed, or a guest failed. Returns the first failure
-  // (a guest exception, a KVM internal error, a timeout).
+  // or `timeout` passed, or a guest failed. Every vCPU thread is stopped and
+  // joined before it returns, whatever happened. Returns the first failure
+  // with its errno: EAGAIN (or the system's errno) when a vCPU thread cannot
+  // be started, ENOMEM when a vCPU runs out of memory, a KVM internal
+  // error's cause's errno, ETIMEDOUT, EIO for a failed guest program.
   Status run(std::chrono::milliseconds timeout);
 
   // Sends `vector` from `from` to the vCPU with APIC id `dest` (x2APIC ICR).
@@ -172,7 +175,11 @@ class Machine {
   friend class Vcpu;
   friend class CpuModel;
   L2Program* l2_program(Gpa vmcs12) NC_EXCLUDES(l2_mu_);
-  void fail(std::string message) NC_EXCLUDES(done_mu_);
+  // Ends the run with `message`; `code` is the errno run() returns.
+  void fail(std::string message, int code = EIO) NC_EXCLUDES(done_mu_);
+  // Ends the run with what `e` says (nullptr: an exception not derived from
+  // std::exception); out of memory even if the message cannot be made.
+  void fail_exception(int vcpu, const std::exception* e) noexcept NC_EXCLUDES(done_mu_);
   void vcpu_finished() NC_EXCLUDES(done_mu_);
 
   vm::Vm& vm_;
@@ -191,6 +198,8 @@ class Machine {
   CondVar done_cv_;
   int running_ NC_GUARDED_BY(done_mu_) = 0;
   std::string failure_ NC_GUARDED_BY(done_mu_);
+  int failure_code_ NC_GUARDED_BY(done_mu_) = EIO;
+  std::atomic<bool> out_of_memory_{false};  // a failure whose message could not be made
 };
 
 }  // namespace nestcache::cpu

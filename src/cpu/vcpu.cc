@@ -116,7 +116,7 @@ void Vcpu::process_requests() {
     // rewrite the vmcs02 pfns before the next entry.
     if (auto st = nested().refresh_guest_pages(); !st) {
       make_request(vm::Request::kRefreshGuestPages);  // still to do if the VMM runs the vCPU again
-      internal_error(fmt::format("refreshing nested pages: {}", st.error().to_string()));
+      internal_error(fmt::format("refreshing nested pages: {}", st.error().to_string()), st.error().code);
     }
     tlb02_.clear();
   }
@@ -132,28 +132,39 @@ void Vcpu::run_loop() {
   try {
     loop();
   } catch (const std::exception& e) {
-    m_.fail(fmt::format("vCPU {}: {}", id(), e.what()));
+    m_.fail_exception(id(), &e);
   } catch (...) {
-    m_.fail(fmt::format("vCPU {}: an exception not derived from std::exception", id()));
+    m_.fail_exception(id(), nullptr);
   }
   clock_.end_measured();
   stop_serving_vmm_calls();
   m_.vcpu_finished();
 }
 
-bool Vcpu::retry_internal_error(const std::string& cause) {
+bool Vcpu::retry_internal_error(const std::string& cause, int code) {
   using std::chrono::steady_clock;
   if (!m_.config().retry_internal_errors) return false;
   // The VMM runs the vCPU again, as one that calls KVM_RUN after
   // KVM_EXIT_INTERNAL_ERROR. The cause may pass (a memslot moved back) or
   // not (no memory left): back off, and give up after kRetryLimit of
   // failures in a row, reporting the cause.
+  // A streak can mix causes: a memslot the VMM moved away (EFAULT, which
+  // passes) and a resource the host cannot give (ENOMEM, which does not).
+  // The last cause that was not EFAULT is the one reported: it is why the
+  // streak did not end. Retries run on the vCPU's own thread only, so the
+  // record is per thread.
+  thread_local Error lasting;
   auto now = steady_clock::now();
-  if (internal_error_streak_++ == 0) internal_error_since_ = now;
+  if (internal_error_streak_++ == 0) {
+    internal_error_since_ = now;
+    lasting = Error{0, {}};
+  }
+  if (code != EFAULT) lasting = Error{code, cause};
   if (now - internal_error_since_ > kRetryLimit) {
+    const Error& why = lasting.code ? lasting : Error{code, cause};
     m_.fail(fmt::format("vCPU {}: KVM internal error, still failing after {} attempts in {} ms, {}", id(),
                         internal_error_streak_, std::chrono::duration_cast<std::chrono::milliseconds>(kRetryLimit).count(),
-                        cause));
+                        why.message), why.code);
     stop_ = true;
     return true;  // handled: the run ends
   }
@@ -166,10 +177,10 @@ bool Vcpu::retry_internal_error(const std::string& cause) {
   return true;
 }
 
-void Vcpu::internal_error(const std::string& cause) {
+void Vcpu::internal_error(const std::string& cause, int code) {
   counters().add(Counter::internal_errors);
-  if (retry_internal_error(cause)) return;
-  m_.fail(fmt::format("vCPU {}: KVM internal error {}", id(), cause));
+  if (retry_internal_error(cause, code)) return;
+  m_.fail(fmt::format("vCPU {}: KVM internal error {}", id(), cause), code);
   stop_ = true;
 }
 

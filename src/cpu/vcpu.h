@@ -103,9 +103,9 @@ class Vcpu final : public vm::Vcpu {
   // counted; retried with backoff when the machine retries internal errors
   // (for at most kRetryLimit of failures in a row), else the end of the run
   // with `cause`.
-  void internal_error(const std::string& cause);
+  void internal_error(const std::string& cause, int code = EIO);
   // The retry part of internal_error(): false when the machine does not retry.
-  bool retry_internal_error(const std::string& cause);
+  bool retry_internal_error(const std::string& cause, int code);
   static constexpr std::chrono::seconds kRetryLimit{5};
   void process_requests();
   Exit run_guest();

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "base/check.h"
+#include "host/fault_injection.h"
 
 namespace nestcache::host {
 
@@ -30,19 +31,24 @@ HostMm::~HostMm() {
 }
 
 Status HostMm::map_pages(Hva addr, PfnRun run) {
-  void* p = mmap(reinterpret_cast<void*>(addr), run.count * kPageSize, PROT_READ | PROT_WRITE,
-                 MAP_SHARED | MAP_FIXED, phys_.fd(), PhysMem::offset_of(run.first));
-  if (p == MAP_FAILED)
-    return errorf(ENOMEM, "mapping {} page(s) at hva {:#x}: {} (vm.max_map_count reached?)", run.count, addr,
-                  std::strerror(errno));
+  void* p = mmap_or_fault(reinterpret_cast<void*>(addr), run.count * kPageSize, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_FIXED, phys_.fd(), PhysMem::offset_of(run.first));
+  if (p == MAP_FAILED) {
+    const int e = errno;
+    return errorf(e, "mapping {} page(s) at hva {:#x}: {}{}", run.count, addr, std::strerror(e),
+                  e == ENOMEM ? " (vm.max_map_count or the address-space limit reached?)" : "");
+  }
   return ok();
 }
 
 Result<Hva> HostMm::create_region(size_t bytes, FrameKind kind) {
   if (bytes == 0 || !page_aligned(bytes)) return errorf(EINVAL, "region size {:#x} is not a positive multiple of 4 KiB", bytes);
   size_t npages = bytes / kPageSize;
-  void* va = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (va == MAP_FAILED) return errorf(ENOMEM, "reserving {} bytes of address space: {}", bytes, std::strerror(errno));
+  void* va = mmap_or_fault(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (va == MAP_FAILED) {
+    const int e = errno;
+    return errorf(e, "reserving {} bytes of address space: {}", bytes, std::strerror(e));
+  }
   auto r = std::make_unique<Region>();
   r->base = reinterpret_cast<Hva>(va);
   r->npages = npages;

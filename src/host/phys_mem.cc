@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "base/check.h"
+#include "host/fault_injection.h"
 
 namespace nestcache::host {
 
@@ -68,15 +69,18 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const PhysMemConfig& config) {
   std::unique_ptr<PhysMem> m(new PhysMem());
   m->total_ = total;
   m->managed_ = config.managed_frames;
+  if (int e = take_fault(FaultSite::memfd)) return errorf(e, "memfd_create: {} (injected)", std::strerror(e));
   m->fd_ = memfd_create("nestcache-physmem", MFD_CLOEXEC);
   if (m->fd_ < 0) return errorf(errno, "memfd_create: {}", std::strerror(errno));
+  if (int e = take_fault(FaultSite::memfd))
+    return errorf(e, "sizing physical memory to {} frames: {} (injected)", total, std::strerror(e));
   if (ftruncate(m->fd_, static_cast<off_t>(total * kPageSize)) != 0)
     return errorf(errno, "sizing physical memory to {} frames: {}", total, std::strerror(errno));
-  void* pool = mmap(nullptr, total * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fd_, 0);
+  void* pool = mmap_or_fault(nullptr, total * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fd_, 0);
   if (pool == MAP_FAILED) return errorf(errno, "mapping the hardware view: {}", std::strerror(errno));
   m->pool_ = static_cast<std::byte*>(pool);
   if (m->managed_ > 0) {
-    void* direct = mmap(nullptr, m->managed_ * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fd_, 0);
+    void* direct = mmap_or_fault(nullptr, m->managed_ * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, m->fd_, 0);
     if (direct == MAP_FAILED) return errorf(errno, "mapping the direct map: {}", std::strerror(errno));
     m->direct_ = static_cast<std::byte*>(direct);
   }
@@ -181,8 +185,11 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
   // MAP_POPULATE: the page-table entry is made now, as memremap makes the
   // kernel's, so the window's whole cost is in this call and the first
   // access does not fault.
-  void* p = mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
-  if (p == MAP_FAILED) return errorf(ENOMEM, "remap window on pfn {}: {}", pfn, std::strerror(errno));
+  void* p = mmap_or_fault(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
+  if (p == MAP_FAILED) {
+    const int e = errno;
+    return errorf(e, "remap window on pfn {}: {}", pfn, std::strerror(e));
+  }
   counters_.add(Counter::remap_windows);
   RemapWindow w;
   w.mem_ = this;

@@ -54,11 +54,12 @@ struct EntryResult {
   // What L1's VMLAUNCH/VMRESUME ends with; `result.why` explains a failure,
   // an exit_to_l1 or an internal error.
   OpResult result;
+  int error = 0;  // an internal error's errno (ENOMEM when a page could not be mapped)
 
   static EntryResult entered() { return {Kind::entered, OpResult::success()}; }
   static EntryResult failed(OpResult r) { return {Kind::failed, std::move(r)}; }
   static EntryResult exit_to_l1(std::string why) { return {Kind::exit_to_l1, {.why = std::move(why)}}; }
-  static EntryResult internal_error(std::string why) { return {Kind::internal_error, {.why = std::move(why)}}; }
+  static EntryResult internal_error(const Error& e) { return {Kind::internal_error, {.why = e.to_string()}, e.code}; }
 };
 
 // Where an L2 exit goes.

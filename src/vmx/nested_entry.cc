@@ -51,7 +51,7 @@ EntryResult NestedVmx::enter(bool launch) {
   // 2-3. Get vmcs12 pages through the strategy, build vmcs02.
   if (auto st = get_vmcs12_pages(); !st) {
     pages_->put();
-    return EntryResult::internal_error(st.error().to_string());
+    return EntryResult::internal_error(st.error());
   }
   if (vmcs02_.vapic_bad_address) {
     // KVM writes an invalid address into vmcs02, and the hardware entry
@@ -123,7 +123,7 @@ Status NestedVmx::get_vmcs12_pages() {
 
   if (o.proc2 & proc2::kVirtualizeApicAccesses) {
     auto hw = pages_->get_hw(L1Page::apic_access, v.apic_access_addr);
-    if (!hw) return errorf(EFAULT, "no backing for APIC-access address {:#x}: {}", v.apic_access_addr, hw.error().message);
+    if (!hw) return errorf(hw.error().code, "no backing for APIC-access address {:#x}: {}", v.apic_access_addr, hw.error().message);
     o.apic_access = *hw;
   }
   if (o.proc & proc::kUseTprShadow) {

@@ -31,6 +31,7 @@
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
 #include "guest/wait.h"
+#include "host/fault_injection.h"
 #include "workloads/host_wait.h"
 #include "workloads/nested_env.h"
 
@@ -345,10 +346,11 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   Transcript t;
   env.machine->set_l1_program(0, l1_program(*env.machine, c, t));
   std::atomic<bool> stop{false};
-  std::thread vmm([&] { churn(env, c, *churned, t, stop); });
+  auto vmm = host::start_thread("the VMM thread", [&] { churn(env, c, *churned, t, stop); });
+  if (!vmm) return r.fail(fmt::format("{}: {}", mode, vmm.error().to_string()));
   Status st = env.machine->run(std::chrono::milliseconds(60000));
   stop.store(true);
-  vmm.join();
+  vmm->join();
   CounterSnapshot k = env.counters();
   r.counters += k;
 
@@ -367,7 +369,7 @@ SelftestResult run_apic_update(const RunOptions& o) {
   SelftestResult r;
   Config c;
   auto delay = o.int_value(delay_option());
-  if (!delay) return r.fail(delay.error().to_string()), r;
+  if (!delay) return r.refuse(delay.error().to_string()), r;
   c.delay_ns = static_cast<uint64_t>(*delay) * 1'000'000;
   std::string page = o.string_option("page", "apic-access");
   if (page == "apic-access")
@@ -379,10 +381,10 @@ SelftestResult run_apic_update(const RunOptions& o) {
   else if (page == "all")
     c.pages = kPageApic | kPageVapic | kPagePi;
   else
-    return r.fail(fmt::format("unknown --page '{}': expected apic-access, vapic, pi or all", page)), r;
+    return r.refuse(fmt::format("unknown --page '{}': expected apic-access, vapic, pi or all", page)), r;
   std::string mode = o.string_option("mode", "both");
   if (mode != "discard" && mode != "move" && mode != "both")
-    return r.fail(fmt::format("unknown --mode '{}': expected discard, move or both", mode)), r;
+    return r.refuse(fmt::format("unknown --mode '{}': expected discard, move or both", mode)), r;
   for (bool discard : {true, false}) {
     if (mode != "both" && mode != mode_name(discard)) continue;
     c.discard = discard;

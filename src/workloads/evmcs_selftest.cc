@@ -35,6 +35,7 @@
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
 #include "guest/wait.h"
+#include "host/fault_injection.h"
 #include "vmx/evmcs.h"
 #include "workloads/host_wait.h"
 #include "workloads/nested_env.h"
@@ -200,10 +201,11 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
   env.machine->set_l1_program(0, l1_program(c, t));
   std::atomic<bool> stop{false};
   Vmm vmm{env, *evmcs_hva};
-  std::thread vmm_thread([&] { vmm.run(stop); });
+  auto vmm_thread = host::start_thread("the VMM thread", [&] { vmm.run(stop); });
+  if (!vmm_thread) return r.fail(vmm_thread.error().to_string());
   Status st = env.machine->run(std::chrono::milliseconds(120000));
   stop.store(true);
-  vmm_thread.join();
+  vmm_thread->join();
 
   CounterSnapshot k = env.counters();
   Leaks leaks = env.tear_down();
@@ -233,8 +235,8 @@ SelftestResult run(const RunOptions& o) {
   SelftestResult r;
   auto rounds = o.int_value(rounds_option());
   auto entries = o.int_value(entries_option());
-  if (!rounds) return r.fail(rounds.error().to_string()), r;
-  if (!entries) return r.fail(entries.error().to_string()), r;
+  if (!rounds) return r.refuse(rounds.error().to_string()), r;
+  if (!entries) return r.refuse(entries.error().to_string()), r;
   run_evmcs(o, Config{static_cast<int>(*rounds), static_cast<int>(*entries)}, r);
   return r;
 }

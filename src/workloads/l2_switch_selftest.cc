@@ -199,17 +199,17 @@ SelftestResult run_l2_switch(const RunOptions& o) {
   SelftestResult r;
   auto switches = o.int_value(switches_option());
   auto l1_vcpus = o.int_value(l1_vcpus_option());
-  if (!switches) return r.fail(switches.error().to_string()), r;
-  if (!l1_vcpus) return r.fail(l1_vcpus.error().to_string()), r;
+  if (!switches) return r.refuse(switches.error().to_string()), r;
+  if (!l1_vcpus) return r.refuse(l1_vcpus.error().to_string()), r;
   std::vector<Mode> modes;
   std::string mode = o.string_option("mode", "all");
   if (mode == "migrate") modes = {Mode::migrate};
   else if (mode == "sched") modes = {Mode::sched};
   else if (mode == "evmcs") modes = {Mode::evmcs};
   else if (mode == "all") modes = {Mode::migrate, Mode::sched, Mode::evmcs};
-  else return r.fail(fmt::format("unknown --mode '{}': expected migrate, sched, evmcs or all", mode)), r;
+  else return r.refuse(fmt::format("unknown --mode '{}': expected migrate, sched, evmcs or all", mode)), r;
   if (mode == "evmcs" && *l1_vcpus > 1)
-    return r.fail(fmt::format("--mode evmcs runs on one L1 vCPU, as the seed's (--l1-vcpus {} given)", *l1_vcpus)), r;
+    return r.refuse(fmt::format("--mode evmcs runs on one L1 vCPU, as the seed's (--l1-vcpus {} given)", *l1_vcpus)), r;
   if (mode == "all" && *l1_vcpus > 1) {
     modes.pop_back();
     r.note("evmcs mode runs on one L1 vCPU, as the seed's: left out of this sweep with --l1-vcpus > 1");
@@ -220,7 +220,7 @@ SelftestResult run_l2_switch(const RunOptions& o) {
     for (int n = 2; n <= kMaxL2; n++) counts.push_back(n);
   } else {
     auto n = o.int_option("l2", 2);
-    if (!n || *n < 2 || *n > kMaxL2) return r.fail(fmt::format("--l2 {} is out of range (2..{})", l2, kMaxL2)), r;
+    if (!n || *n < 2 || *n > kMaxL2) return r.refuse(fmt::format("--l2 {} is out of range (2..{})", l2, kMaxL2)), r;
     counts.push_back(static_cast<int>(*n));
   }
   uint64_t total = modes.size() * counts.size(), done = 0;

@@ -316,12 +316,13 @@ SelftestResult run_memslots_selftest(const RunOptions& o) {
   SelftestResult r;
   auto slots = o.int_option("slots", kMemslotsDefaultSlots);
   if (!slots) {
-    r.fail(slots.error().message);
+    r.refuse(slots.error().message);
     return r;
   }
-  if (!r.check(*slots >= 1 && *slots <= vm::kMaxUserMemslots, "--slots {} is outside 1..{}", *slots,
-               vm::kMaxUserMemslots))
+  if (*slots < 1 || *slots > vm::kMaxUserMemslots) {
+    r.refuse(fmt::format("--slots {} is outside 1..{}", *slots, vm::kMaxUserMemslots));
     return r;
+  }
   r.details["slots"] = *slots;
   r.details["strategy_applies"] = false;
   auto env = build(o.memory, static_cast<uint32_t>(*slots), r.details);

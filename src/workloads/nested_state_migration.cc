@@ -11,6 +11,7 @@
 #include "guest/stepping_l2.h"
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
+#include "host/fault_injection.h"
 #include "vmx/evmcs.h"
 #include "workloads/host_wait.h"
 
@@ -152,10 +153,12 @@ Result<std::unique_ptr<ParkedRun>> ParkedRun::start(NestedEnv& env, const Migrat
   std::unique_ptr<ParkedRun> p(new ParkedRun(env));
   env.machine->set_l1_program(0, l1_fresh(*env.machine, c));
   ParkedRun* raw = p.get();
-  p->runner_ = std::thread([raw] {
+  auto runner = host::start_thread("the machine's runner thread", [raw] {
     raw->status_ = raw->env_.machine->run(kRunTimeout);
     raw->finished_.store(true);
   });
+  if (!runner) return tl::unexpected(runner.error());
+  p->runner_ = std::move(*runner);
   // The VMM polls L2's data page (its L1 address is in L1's state block once
   // L1 has set up) until L2 parks or the run ends.
   auto parked = [&env] {

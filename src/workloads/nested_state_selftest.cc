@@ -222,7 +222,7 @@ SelftestResult run_nested_state(const RunOptions& o) {
   SelftestResult r;
   MigrationConfig c{o.strategy, o.memory};
   auto steps = o.int_value(steps_option());
-  if (!steps) return r.fail(steps.error().to_string()), r;
+  if (!steps) return r.refuse(steps.error().to_string()), r;
   c.steps = static_cast<int>(*steps);
   c.evmcs = o.flag_option("evmcs");
   const std::string tag = std::string(strategy_name(o.strategy)) + (c.evmcs ? " with eVMCS" : "");

@@ -29,7 +29,7 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
 SelftestResult run_nested_pages(const RunOptions& o) {
   SelftestResult r;
   auto c = config_of(o, "8");
-  if (!c) return r.fail(c.error().to_string()), r;
+  if (!c) return r.refuse(c.error().to_string()), r;
   NestedEnvConfig ec{o.strategy, o.memory};
   ec.vcpus = 2;
   auto env = NestedEnv::create(ec);
@@ -57,7 +57,7 @@ SelftestResult run_nested_pages(const RunOptions& o) {
 SelftestResult run_migrate_under_l2(const RunOptions& o) {
   SelftestResult r;
   auto c = config_of(o, "40");
-  if (!c) return r.fail(c.error().to_string()), r;
+  if (!c) return r.refuse(c.error().to_string()), r;
   c->churn = true;
   NestedEnvConfig ec{o.strategy, o.memory};
   ec.vcpus = 2;

@@ -12,6 +12,7 @@
 #include "guest/vmcs12_pages.h"
 #include "guest/vmx.h"
 #include "guest/wait.h"
+#include "host/fault_injection.h"
 
 namespace nestcache::workloads {
 
@@ -171,7 +172,14 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
 
   std::atomic<bool> stop{false};
   std::thread host;
-  if (c.churn) host = std::thread([&] { churn(env, hvas, t, shared, stop); });
+  if (c.churn) {
+    auto started = host::start_thread("the host churn thread", [&] { churn(env, hvas, t, shared, stop); });
+    if (!started) {
+      result.fail(started.error().to_string());
+      return t;
+    }
+    host = std::move(*started);
+  }
   Status st = env.machine->run(c.timeout);
   stop.store(true);
   if (host.joinable()) host.join();

@@ -5,6 +5,11 @@
 
 namespace nestcache::workloads {
 
+void SelftestResult::refuse(std::string message) {
+  fail(std::move(message));
+  usage_error = true;
+}
+
 void SelftestResult::fail(std::string message) {
   failures.push_back(std::move(message));
   passed = false;
@@ -16,6 +21,7 @@ nlohmann::json selftest_json(std::string_view test, const RunOptions& opts, cons
       {"strategy", vmx::strategy_name(opts.strategy)},
       {"memory", memory_kind_name(opts.memory)},
       {"passed", r.passed},
+      {"usage_error", r.usage_error},
       {"failures", r.failures},
       {"notes", r.notes},
       {"counters", r.counters.to_json()},

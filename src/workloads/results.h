@@ -32,6 +32,11 @@ struct SelftestResult {
   CounterSnapshot counters = {};
 
   void fail(std::string message);
+  // A failure caused by the options, not the system under test (a value
+  // out of range, options that exclude each other): recorded as fail() does
+  // and marked, so the CLI exits with its usage status (2).
+  void refuse(std::string message);
+  bool usage_error = false;
   void note(std::string sentence) { notes.push_back(std::move(sentence)); }
   // Records a failure formatted from `f` if `cond` is false (the message is
   // formatted only then). Returns `cond`, for early returns.

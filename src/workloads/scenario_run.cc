@@ -4,6 +4,7 @@
 
 #include "vmx/entry_checks.h"
 #include "vmx/evmcs.h"
+#include "host/fault_injection.h"
 #include "workloads/scenario_session.h"
 
 namespace nestcache::workloads::scenario {
@@ -44,7 +45,7 @@ Result<std::unique_ptr<Session>> Session::start(const Case& c, const RunConfig& 
   std::unique_ptr<Session> s(new Session(c, config));
   NC_TRY(s->build());
   Session* raw = s.get();
-  s->machine_thread_ = std::thread([raw] {
+  auto runner = host::start_thread("the machine's runner thread", [raw] {
     Status st = raw->machine_->run(kMachineTimeout);
     {
       // Done before the mailboxes are abandoned: a runner woken by the
@@ -55,6 +56,8 @@ Result<std::unique_ptr<Session>> Session::start(const Case& c, const RunConfig& 
     }
     for (auto& mb : raw->mailboxes_) mb->abandon();
   });
+  if (!runner) return tl::unexpected(runner.error());
+  s->machine_thread_ = std::move(*runner);
   return s;
 }
 

@@ -1,0 +1,84 @@
+// A test seam for resource exhaustion: make the Nth mmap, memfd set-up or
+// thread start of the process fail with a chosen errno, as the kernel does
+// when an address-space, descriptor or thread limit is reached.
+//
+// The host layer asks the seam before each such operation (take_fault);
+// everything above it sees the failure as the real one would look. The seam
+// is process-wide and disarmed unless a test (or `nestcache --inject-fault`)
+// arms it, so production runs pay one relaxed atomic load per operation.
+//
+// Thread safety: all functions may be called from any thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include "base/error.h"
+
+namespace nestcache::host {
+
+// Where a fault can be injected.
+enum class FaultSite : uint8_t {
+  mmap,    // every mmap the host layer makes: physical memory, regions, page maps, remap windows
+  memfd,   // memfd_create and sizing the memfd (physical memory set-up)
+  thread,  // every thread started through start_thread (vCPUs, VMM and host helpers)
+};
+inline constexpr int kFaultSites = 3;
+
+// "mmap", "memfd", "thread".
+const char* fault_site_name(FaultSite site);
+
+// One armed fault: the `nth` operation at `site` (1-based, counted from when
+// it is armed) fails with `error`; with `and_later`, every later one too.
+struct FaultSpec {
+  FaultSite site = FaultSite::mmap;
+  uint64_t nth = 1;
+  bool and_later = false;
+  int error = ENOMEM;
+};
+
+// Parses "SITE:N" or "SITE:N+" ("N+" = the Nth and every later one),
+// optionally followed by ":ERRNO" by name ("thread:2:EAGAIN"). The default
+// errno is ENOMEM for mmap, EMFILE for memfd and EAGAIN for thread. EINVAL
+// naming the part that is wrong otherwise.
+Result<FaultSpec> parse_fault_spec(std::string_view text);
+
+// Arms `spec`, replacing what was armed at its site. Requires spec.nth >= 1.
+void inject_fault(const FaultSpec& spec);
+// Disarms every site and resets the counts.
+void clear_faults();
+// For the host layer, before each operation at `site`: 0 to go ahead, or the
+// errno the operation must fail with.
+int take_fault(FaultSite site);
+// How many injected faults `site` has produced since it was armed.
+uint64_t faults_injected(FaultSite site);
+
+// mmap(2), unless a fault is armed at the mmap site: then MAP_FAILED with
+// errno set to the injected error.
+void* mmap_or_fault(void* addr, size_t len, int prot, int flags, int fd, off_t offset);
+
+// Starts a thread running `fn`. Fails, instead of throwing, with the errno
+// the system gave (EAGAIN when a thread or memory limit is reached) and a
+// message naming `what` ("the vCPU 1 thread"); the thread site's injected
+// faults land here.
+template <class Fn>
+Result<std::thread> start_thread(std::string_view what, Fn&& fn) {
+  if (int e = take_fault(FaultSite::thread))
+    return errorf(e, "cannot start {}: {} (injected)", what, std::generic_category().message(e));
+  try {
+    return std::thread(std::forward<Fn>(fn));
+  } catch (const std::system_error& ex) {
+    return errorf(ex.code().value(), "cannot start {}: {}", what, ex.code().message());
+  } catch (const std::bad_alloc&) {
+    return errorf(ENOMEM, "cannot start {}: out of memory", what);
+  }
+}
+
+}  // namespace nestcache::host

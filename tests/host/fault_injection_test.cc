@@ -1,0 +1,128 @@
+// The resource-exhaustion seam (host/fault_injection.h): specs, and each
+// host operation failing cleanly with the injected errno, once or from the
+// Nth on, leaving nothing mapped behind.
+#include "host/fault_injection.h"
+
+#include <gtest/gtest.h>
+
+#include "host/host_mm.h"
+#include "host/phys_mem.h"
+
+namespace nestcache::host {
+namespace {
+
+class FaultInjection : public ::testing::Test {
+ protected:
+  void TearDown() override { clear_faults(); }
+};
+
+TEST_F(FaultInjection, SpecsParseWithTheirDefaultsAndRefuseNonsense) {
+  auto s = parse_fault_spec("mmap:3");
+  ASSERT_TRUE(s) << s.error().to_string();
+  EXPECT_EQ(s->site, FaultSite::mmap);
+  EXPECT_EQ(s->nth, 3u);
+  EXPECT_FALSE(s->and_later);
+  EXPECT_EQ(s->error, ENOMEM);
+  s = parse_fault_spec("thread:2+");
+  ASSERT_TRUE(s);
+  EXPECT_TRUE(s->and_later);
+  EXPECT_EQ(s->error, EAGAIN);
+  s = parse_fault_spec("memfd:1:ENFILE");
+  ASSERT_TRUE(s);
+  EXPECT_EQ(s->error, ENFILE);
+  for (const char* bad : {"", "mmap", "mmap:", "mmap:0", "mmap:-1", "mmap:x", "disk:1", "mmap:1:ENOSUCH",
+                          "mmap:99999999999999999999"}) {
+    auto e = parse_fault_spec(bad);
+    ASSERT_FALSE(e) << bad;
+    EXPECT_EQ(e.error().code, EINVAL) << bad;
+    EXPECT_FALSE(e.error().message.empty());
+  }
+}
+
+TEST_F(FaultInjection, TheNthOperationFailsOnceThenTheSiteIsDisarmed) {
+  inject_fault({FaultSite::mmap, 2, false, ENOMEM});
+  EXPECT_EQ(take_fault(FaultSite::mmap), 0);
+  EXPECT_EQ(take_fault(FaultSite::mmap), ENOMEM);
+  EXPECT_EQ(take_fault(FaultSite::mmap), 0);
+  EXPECT_EQ(take_fault(FaultSite::thread), 0);  // other sites are untouched
+  EXPECT_EQ(faults_injected(FaultSite::mmap), 1u);
+}
+
+TEST_F(FaultInjection, AndLaterKeepsFailingUntilCleared) {
+  inject_fault({FaultSite::thread, 1, true, EAGAIN});
+  for (int i = 0; i < 5; i++) EXPECT_EQ(take_fault(FaultSite::thread), EAGAIN);
+  clear_faults();
+  EXPECT_EQ(take_fault(FaultSite::thread), 0);
+}
+
+TEST_F(FaultInjection, PhysMemCreationReportsEachFailedStepByErrno) {
+  inject_fault({FaultSite::memfd, 1, false, EMFILE});
+  auto m = PhysMem::create({4, 4});
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().code, EMFILE);
+  EXPECT_NE(m.error().to_string().find("EMFILE: memfd_create"), std::string::npos) << m.error().to_string();
+
+  inject_fault({FaultSite::memfd, 2, false, ENOSPC});
+  m = PhysMem::create({4, 4});
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().code, ENOSPC);
+  EXPECT_NE(m.error().message.find("sizing physical memory"), std::string::npos);
+
+  for (uint64_t nth : {1, 2}) {  // the hardware view, then the direct map
+    inject_fault({FaultSite::mmap, nth, false, ENOMEM});
+    m = PhysMem::create({4, 4});
+    ASSERT_FALSE(m) << nth;
+    EXPECT_EQ(m.error().code, ENOMEM);
+    EXPECT_NE(m.error().to_string().find("ENOMEM: mapping the"), std::string::npos) << m.error().to_string();
+  }
+  clear_faults();
+  EXPECT_TRUE(PhysMem::create({4, 4}));
+}
+
+TEST_F(FaultInjection, AFailedRemapWindowIsAnErrorAndTheNextOneWorks) {
+  auto m = PhysMem::create({4, 4});
+  ASSERT_TRUE(m);
+  auto pfn = (*m)->alloc(FrameKind::unmanaged);
+  ASSERT_TRUE(pfn);
+  inject_fault({FaultSite::mmap, 1, false, ENOMEM});
+  auto w = (*m)->map_window(*pfn);
+  ASSERT_FALSE(w);
+  EXPECT_EQ(w.error().code, ENOMEM);
+  EXPECT_EQ((*m)->counters().get(Counter::remap_windows), 0u);
+  auto w2 = (*m)->map_window(*pfn);
+  ASSERT_TRUE(w2) << w2.error().to_string();
+  w2->reset();
+  EXPECT_EQ((*m)->counters().get(Counter::remap_windows), (*m)->counters().get(Counter::remap_windows_closed));
+}
+
+TEST_F(FaultInjection, ARegionWhoseMappingFailsGivesItsFramesBack) {
+  auto m = PhysMem::create({4, 64});
+  ASSERT_TRUE(m);
+  HostMm mm(**m);
+  const size_t free_before = (*m)->free_frames(FrameKind::unmanaged);
+  for (uint64_t nth : {1, 2}) {  // the reservation, then mapping the frames
+    inject_fault({FaultSite::mmap, nth, false, ENOMEM});
+    auto r = mm.create_region(16 * kPageSize, FrameKind::unmanaged);
+    ASSERT_FALSE(r) << nth;
+    EXPECT_EQ(r.error().code, ENOMEM);
+    EXPECT_EQ((*m)->free_frames(FrameKind::unmanaged), free_before) << nth;
+  }
+  clear_faults();
+  EXPECT_TRUE(mm.create_region(16 * kPageSize, FrameKind::unmanaged));
+}
+
+TEST_F(FaultInjection, AThreadThatCannotStartIsAnErrorNamingIt) {
+  inject_fault({FaultSite::thread, 1, false, EAGAIN});
+  bool ran = false;
+  auto t = start_thread("the test thread", [&] { ran = true; });
+  ASSERT_FALSE(t);
+  EXPECT_EQ(t.error().code, EAGAIN);
+  EXPECT_NE(t.error().to_string().find("EAGAIN: cannot start the test thread"), std::string::npos);
+  t = start_thread("the test thread", [&] { ran = true; });
+  ASSERT_TRUE(t);
+  t->join();
+  EXPECT_TRUE(ran);
+}
+
+}  // namespace
+}  // namespace nestcache::host
