@@ -151,9 +151,25 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
       cmd->add_option("--exit-cost-ns", a.exit_cost_ns,
                       "Modelled hardware exit/entry cost (default: the CPU model's published figure)")
           ->check(CLI::Range(uint64_t{0}, kMaxExitCostNs));
-  cmd->add_option("--l1-hz", a.l1_hz, "L1 timer ticks per second interrupting L2 (0: off)")
-      ->default_str(std::to_string(kDefaultL1Hz))
-      ->check(CLI::Range(0u, 100000u));
+  a.l1_hz_option = cmd->add_option("--l1-hz", a.l1_hz,
+                                   "L1 timer ticks per second interrupting L2 (0: off; nested-io: 1000 unless given)")
+                       ->default_str(std::to_string(kDefaultL1Hz))
+                       ->check(CLI::Range(0u, 100000u));
+  cmd->add_option("--rate", a.io.rate, "nested-io: requests per second offered, all L2 vCPUs together")
+      ->default_str(std::to_string(kDefaultIoRate))
+      ->check(CLI::Range(1u, kMaxIoRate));
+  cmd->add_option("--work", a.io.work, "nested-io: L2 memory operations per request")
+      ->default_str(std::to_string(kDefaultIoWork))
+      ->check(CLI::Range(0u, kMaxIoWork));
+  cmd->add_option("--l2-vcpus", a.io.l2_vcpus, "nested-io: L2 vCPUs serving requests")
+      ->default_str("1")
+      ->check(CLI::Range(1u, kMaxIoL2Vcpus));
+  cmd->add_option("--l1-vcpus", a.io.l1_vcpus, "nested-io: L1 vCPUs the L2 vCPUs are spread over")
+      ->default_str("1")
+      ->check(CLI::Range(1u, kMaxIoL1Vcpus));
+  cmd->add_option("--msr-every", a.io.msr_every, "nested-io: one request in N writes an MSR L1 intercepts (0: none)")
+      ->default_str(std::to_string(kDefaultIoMsrEvery))
+      ->check(CLI::Range(0u, 1'000'000u));
   cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
       ->default_str("1")
       ->check(CLI::Range(0.0001, 1.0));
@@ -172,6 +188,11 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
       ->default_str(std::to_string(a.pause_ns))
       ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_option("--sweep", a.sweep,
+                  "Run the one test named by --tests at each value of one parameter, every strategy at each: "
+                  "slots, l2-per-l1, exit-cost-ns, rate or work")
+      ->type_name("PARAM=v1,v2,...");
+  cmd->add_option("--csv", a.csv, "With --sweep: also write the points as CSV to this file")->type_name("FILE");
   cmd->add_flag("--breakdown", a.breakdown,
                 "Print each row's modelled time per round trip and per iteration by part: transitions, guest "
                 "operations, remap windows, pfn-cache work, other L0 work, idle");
@@ -197,8 +218,16 @@ int run_bench_command(const BenchArgs& a, bool json) {
     print_bench_list(json);
     return kExitOk;
   }
+  if (!a.csv.empty() && a.sweep.empty()) {
+    fmt::print(stderr, "nestcache bench: --csv needs --sweep\n");
+    return kExitUsage;
+  }
   auto tests = resolve_tests(a.tests);
   if (!tests) return a.tests.empty() ? kExitFailed : kExitUsage;
+  if (!a.sweep.empty() && (a.tests.empty() || tests->size() != 1)) {
+    fmt::print(stderr, "nestcache bench: --sweep needs exactly one test in --tests\n");
+    return kExitUsage;
+  }
   workloads::BenchOptions o;
   o.strategies = workloads::parse_strategy_list(a.strategy).value();  // validated by CLI11
   o.memory = workloads::parse_memory_kind(a.memory).value();
@@ -208,6 +237,8 @@ int run_bench_command(const BenchArgs& a, bool json) {
   o.runs = a.runs;
   if (a.exit_cost_option->count() > 0) o.exit_cost_ns = a.exit_cost_ns;
   o.l1_hz = a.l1_hz;
+  o.l1_hz_is_default = a.l1_hz_option->count() == 0;
+  o.io = a.io;
   o.scale = a.scale;
   o.clock = workloads::parse_clock_kind(a.clock).value();  // validated by CLI11
   o.costs = {.op_ns = a.guest_op_ns, .locked_op_ns = a.locked_op_ns, .pause_ns = a.pause_ns};
@@ -215,6 +246,7 @@ int run_bench_command(const BenchArgs& a, bool json) {
   o.json = json;
   o.verify = a.verify;
   o.verbose = a.verbose;
+  if (!a.sweep.empty()) return run_sweep(*tests->front(), o, a.sweep, a.csv);
   return run_bench(*tests, o);
 }
 
@@ -248,6 +280,13 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
   progress.finish();
   report.options = o;
   report.options.progress = nullptr;
+  for (const workloads::BenchInfo* t : tests) {
+    if (!t->compare) continue;
+    std::vector<workloads::BenchRow> rows;
+    for (const auto& r : report.rows)
+      if (r.test == t->name) rows.push_back(r);
+    if (!rows.empty()) report.comparisons[t->name] = t->compare(rows);
+  }
   if (o.json) {
     print_json(report.to_json());
     return ok ? kExitOk : kExitFailed;
