@@ -38,6 +38,9 @@ constexpr uint8_t kCompletionVector = guest::kFirstPostedVector + 1;
 // How long after a computed tick L1 looks for it: the timer started a few
 // exits after L1 read the clock.
 constexpr uint64_t kTickSlackNs = 10'000;
+// HLT exits of one L2 still waiting for its completion, after which L1 gives
+// up on it: the completion was lost.
+constexpr uint64_t kMaxWaitingHalts = 1000;
 
 // One L2 vCPU as its L1 vCPU keeps it.
 struct IoL2 {
@@ -175,7 +178,10 @@ GuestTask io_l1(const IoL1Setup& s, const NestedIoConfig& c, IoVcpuTally& t) {
       if (current != n) t.switches++;
       current = k;
     }
+    const uint64_t waits_before = t.waiting_halts;
     for (;;) {
+      if (t.waiting_halts - waits_before > kMaxWaitingHalts)
+        throw guest::VmxError(fmt::format("L2 {} never got its completion interrupt", s.l2[k].index));
       if (!launched[k]) {
         launched[k] = 1;
         co_await guest::vmlaunch();
