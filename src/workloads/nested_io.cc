@@ -1,6 +1,7 @@
 #include "workloads/nested_io.h"
 
 #include <algorithm>
+#include <random>
 
 #include "guest/apic_timer.h"
 #include "guest/ept12.h"
@@ -35,9 +36,6 @@ constexpr uint64_t kWorkPages = 16;
 constexpr uint64_t kPagesPerL2 = 1 + kWorkPages;
 constexpr Gpa kDoorbell = 0xfeb00000;
 constexpr uint8_t kCompletionVector = guest::kFirstPostedVector + 1;
-// How long after a computed tick L1 looks for it: the timer started a few
-// exits after L1 read the clock.
-constexpr uint64_t kTickSlackNs = 10'000;
 // HLT exits of one L2 still waiting for its completion, after which L1 gives
 // up on it: the completion was lost.
 constexpr uint64_t kMaxWaitingHalts = 1000;
@@ -63,14 +61,16 @@ Gpa l2_ring(uint32_t j) { return static_cast<Gpa>(j) * kPagesPerL2 * kPageSize; 
 
 // Idles L1 until `target` on its own clock: time passes (TPAUSE), and each
 // timer tick on the way is taken with HLT, as an idle L1 vCPU takes it.
+// `timer_start` is a time read just after the timer was started, so each
+// tick it predicts has fired by then.
 GuestTask idle_until(uint64_t target, uint64_t timer_start, uint64_t tick_ns, IoVcpuTally& t) {
   for (;;) {
     uint64_t now = co_await ops::now();
     if (now >= target) co_return;
     if (tick_ns) {
       uint64_t next_tick = timer_start + ((now - timer_start) / tick_ns + 1) * tick_ns;
-      if (next_tick + kTickSlackNs <= target) {
-        co_await ops::tpause(next_tick + kTickSlackNs);
+      if (next_tick <= target) {
+        co_await ops::tpause(next_tick);
         uint64_t vector = (co_await ops::exec(cpu::GuestOp::Hlt{})).value;
         if (vector == guest::L1Vmm::kTimerVector) t.idle_ticks++;
         continue;
@@ -159,20 +159,27 @@ GuestTask io_l1(const IoL1Setup& s, const NestedIoConfig& c, IoVcpuTally& t) {
   uint64_t eptp = co_await share_ept12(s, pages);
   co_await prepare_l2s(s, eptp);
   const size_t n = s.l2.size();
-  uint64_t timer_start = co_await ops::now();
   if (s.tick_ns) co_await guest::start_timer(static_cast<uint32_t>(s.tick_ns), guest::L1Vmm::kTimerVector);
   const uint64_t start = co_await ops::now();
   const Stopwatch watch;
   std::vector<uint64_t> next(n), posted(n, 0);
   std::vector<char> launched(n, 0), ended(n, 0);
-  for (size_t k = 0; k < n; k++) next[k] = start + s.l2[k].index * s.stagger_ns;
+  // Poisson arrivals per L2 (exponential gaps, a fixed seed per L2), as an
+  // open-loop load generator offers them: the L1 ticks then fall anywhere
+  // in a request's life, not at one phase of it.
+  std::vector<std::mt19937_64> rng;
+  std::exponential_distribution<double> gap(1.0 / static_cast<double>(s.interval_ns));
+  for (size_t k = 0; k < n; k++) {
+    rng.emplace_back(s.l2[k].index + 1);
+    next[k] = start + s.l2[k].index * s.stagger_ns;
+  }
   size_t current = n, left = n;
   bool cold_done = false;
   while (left) {
     size_t k = n;
     for (size_t i = 0; i < n; i++)
       if (!ended[i] && (k == n || next[i] < next[k])) k = i;
-    co_await idle_until(next[k], timer_start, s.tick_ns, t);
+    co_await idle_until(next[k], start, s.tick_ns, t);
     if (k != current) {
       co_await guest::vmptrld(s.l2[k].vmcs);
       if (current != n) t.switches++;
@@ -196,7 +203,7 @@ GuestTask io_l1(const IoL1Setup& s, const NestedIoConfig& c, IoVcpuTally& t) {
       }
       if (!again) break;
     }
-    next[k] += s.interval_ns;
+    next[k] += static_cast<uint64_t>(gap(rng[k]));
     if (!cold_done) {
       t.cold = watch.elapsed();
       cold_done = true;

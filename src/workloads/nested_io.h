@@ -4,9 +4,10 @@
 // vCPU if asked, and schedules them:
 //
 //   - each L2 vCPU gets requests at rate/l2_vcpus per second of modelled
-//     time, the vCPUs' arrivals staggered by 1/rate; a request that arrives
-//     while its L2 is still busy waits (an open-loop load: past saturation
-//     requests/s is the capacity);
+//     time, as a Poisson process (a fixed seed per L2: runs repeat), the
+//     first ones staggered by 1/rate; a request that arrives while its L2 is
+//     still busy waits (an open-loop load: past saturation requests/s is the
+//     capacity);
 //   - an L2 that halts with nothing left to take is idle until its next
 //     request: L1 runs another of its L2s whose request has arrived
 //     (VMPTRLD + VMRESUME, the nested contexts' case), or idles itself until
