@@ -15,6 +15,7 @@
 //   kCacheRw        PfnCache::rw_          the cache's pfn/pointer/valid
 //   kHostMm         HostMm::mu_            hva -> pfn bindings of regions
 //   kPhysMem        PhysMem::mu_           free lists, pins
+//   kMonitor        MonitorTable::mu_      armed monitors, line times (wakes APICs)
 //   kLeaf           anything that calls nothing while held (counters, queues)
 //
 // DESIGN.md §7 lists the registry before the refresh mutex; we follow KVM
@@ -42,6 +43,7 @@ enum class LockRank : int {
   kCacheRw = 70,
   kHostMm = 80,
   kPhysMem = 90,
+  kMonitor = 95,
   kLeaf = 100,
 };
 

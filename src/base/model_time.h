@@ -85,9 +85,16 @@ class ModelClock {
 
   uint64_t now() const { return stamp_.total(); }
   const TimeStamp& stamp() const { return stamp_; }
+  // This thread's own work by part: what it charged and measured, without
+  // the time merges took over from other threads (the clock is the critical
+  // path; this is the thread's share of the work).
+  const TimeStamp& work() const { return work_; }
 
   // Adds a fixed cost to part `p` (transitions, guest operations).
-  void charge(TimePart p, uint64_t ns) { stamp_.ns[static_cast<int>(p)] += ns; }
+  void charge(TimePart p, uint64_t ns) {
+    stamp_.ns[static_cast<int>(p)] += ns;
+    work_.ns[static_cast<int>(p)] += ns;
+  }
   // A wait ended by another clock's event at `other`: this clock moves on to
   // the later of the two, parts and all.
   void merge(const TimeStamp& other) { stamp_ = TimeStamp::later(stamp_, other); }
@@ -121,6 +128,7 @@ class ModelClock {
   void settle();
 
   TimeStamp stamp_;
+  TimeStamp work_;
   bool measuring_ = false;
   TimePart part_ = TimePart::other_l0;
   uint64_t last_cpu_ns_ = 0;

@@ -19,6 +19,7 @@ const char* lock_rank_name(LockRank rank) {
     case LockRank::kCacheRw: return "cache_rw";
     case LockRank::kHostMm: return "host_mm";
     case LockRank::kPhysMem: return "phys_mem";
+    case LockRank::kMonitor: return "monitor";
     case LockRank::kLeaf: return "leaf";
   }
   return "?";

@@ -9,7 +9,7 @@ namespace nestcache::cli {
 
 namespace {
 constexpr double kDefaultJobScale = 0.25;   // of upstream's areas
-constexpr double kDefaultJobSeconds = 2.0;  // upstream's -l, per run
+constexpr double kDefaultJobSeconds = 0.5;  // upstream's -l, per run, in modelled time
 }  // namespace
 
 int run_default_job(bool json) {
@@ -22,11 +22,16 @@ int run_default_job(bool json) {
   workloads::BenchOptions opts;
   opts.scale = kDefaultJobScale;
   opts.seconds = kDefaultJobSeconds;
+  opts.breakdown = true;  // the parts that explain each row
   opts.json = json;
   int status = run_bench(tests, opts);
   if (!json)
     fmt::print("\n{}\n", wrap_text(
-        "How to read this: each test ran once per strategy in one process, so the ratios compare like with like. "
+        "How to read this: times are modelled (DESIGN.md §5): every hardware exit costs the exit cost, every guest "
+        "instruction a hardware-like cost, L0's own work (remap windows, pfn caches, the rest) what it measurably "
+        "costs in CPU time here, and a thread that waits continues at the time of whoever it waited for — so the "
+        "results do not depend on this machine's load or free cores, and the parts under each table add up to "
+        "the totals. Each test ran once per strategy in one process, so the ratios compare like with like. "
         "\"per iteration\" is upstream memslot_perf's figure (all iterations averaged, the first one included); "
         "\"cold iteration\" is the first one, when every page is still populated and every discard costs a "
         "shootdown round trip; \"per round trip\" divides the time by the nested round trips, the cost the seed "

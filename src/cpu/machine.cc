@@ -135,6 +135,13 @@ Status Machine::store_qword(Gpa gpa, uint64_t value) {
   return st;
 }
 
+TimeStamp Machine::work() const {
+  TimeStamp sum;
+  for (auto& v : vcpus_)
+    for (int p = 0; p < kTimeParts; p++) sum.ns[p] += v->clock().work().ns[p];
+  return sum;
+}
+
 CounterSnapshot Machine::counters() const {
   CounterSnapshot s = CounterSnapshot::of(vm_.counters());
   for (auto& v : vcpus_) s += CounterSnapshot::of(v->counters());

@@ -121,6 +121,9 @@ class Machine {
   CounterSnapshot counters() const;
 
   MonitorTable& monitors() { return monitors_; }
+  // Every vCPU's own work by part (ModelClock::work), summed; read it once
+  // run() has returned.
+  TimeStamp work() const;
   // Declares [gpa, gpa + bytes) of L1 memory as memory guest programs
   // synchronize through (MonitorTable): every access to it hands clocks
   // over, so a vCPU that finds a word another wrote continues at the

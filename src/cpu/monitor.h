@@ -77,7 +77,7 @@ class MonitorTable {
 
   const uint64_t frames_;
   std::unique_ptr<std::atomic<bool>[]> watched_;
-  Mutex mu_{LockRank::kLeaf};
+  Mutex mu_{LockRank::kMonitor};
   std::unordered_map<uint64_t, Line> lines_ NC_GUARDED_BY(mu_);
 };
 

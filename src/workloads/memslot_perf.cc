@@ -286,6 +286,8 @@ Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c) {
   env->machine->set_l1_program(0, perf.vcpu_program());
   env->machine->set_l1_program(1, perf.host_program());
   if (auto st = env->machine->run(c.timeout); !st) return tl::unexpected(st.error());
+  run.work = env->machine->work();
+  run.windows = env->phys->counters().get(Counter::remap_windows);
   // Every stale access of the whole run, preparation included: none is harmless.
   run.counters[Counter::stale_accesses] = env->phys->counters().get(Counter::stale_accesses);
   if (uint64_t bad = perf.l2_failures())

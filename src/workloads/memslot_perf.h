@@ -85,6 +85,10 @@ struct MemslotPerfRun {
   // into), and in wall time.
   LoopTime loop_time;
   LoopTime cold_time;
+  // Every vCPU's own work over the whole run, by part, and the remap windows
+  // it opened: their average cost in this run.
+  TimeStamp work;
+  uint64_t windows = 0;
   CounterSnapshot counters;               // the timed loop (L0 and L1 events)
   CounterSnapshot cold;                   // the first iteration alone
   uint64_t discard_calls = 0;             // host MADV_DONTNEED calls in the timed loop
