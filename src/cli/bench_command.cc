@@ -292,10 +292,11 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
     return ok ? kExitOk : kExitFailed;
   }
   fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, exit "
-             "cost {} ns per hardware transition{}, L1 timer {} Hz, {}, best of {} run{}\n",
+             "cost {} ns per hardware transition{}, L1 timer {} Hz{}, {}, best of {} run{}\n",
              workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
              workloads::memory_kind_name(o.memory), o.slots, report.exit_cost_ns(),
              o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
+             o.l1_hz_is_default ? fmt::format(" (nested-io: {} Hz)", workloads::kDefaultIoL1Hz) : "",
              o.iterations ? fmt::format("{} iterations per run", o.iterations)
                           : fmt::format("{} s per run", o.seconds),
              o.runs, o.runs == 1 ? "" : "s");
