@@ -13,9 +13,11 @@
 //   kCacheRefresh   PfnCache::refresh_mu_  one refresh/activate at a time
 //   kCacheRegistry  CacheRegistry::mu_     index of active caches by hva
 //   kCacheRw        PfnCache::rw_          the cache's pfn/pointer/valid
+//   kMonitor        MonitorTable::mu_      armed monitors, line times; a watched
+//                                          access runs under it (it may resolve an
+//                                          hva) and a store wakes the waiters' APICs
 //   kHostMm         HostMm::mu_            hva -> pfn bindings of regions
 //   kPhysMem        PhysMem::mu_           free lists, pins
-//   kMonitor        MonitorTable::mu_      armed monitors, line times (wakes APICs)
 //   kLeaf           anything that calls nothing while held (counters, queues)
 //
 // DESIGN.md §7 lists the registry before the refresh mutex; we follow KVM
@@ -41,9 +43,9 @@ enum class LockRank : int {
   kCacheRefresh = 50,
   kCacheRegistry = 60,
   kCacheRw = 70,
+  kMonitor = 75,
   kHostMm = 80,
   kPhysMem = 90,
-  kMonitor = 95,
   kLeaf = 100,
 };
 

@@ -237,44 +237,48 @@ CpuModel::Outcome CpuModel::execute_l1(Vcpu& v, const GuestOp& op) {
 
 // --- L2 ---------------------------------------------------------------------------------------
 
+CpuModel::Outcome CpuModel::execute_l2_memory(Vcpu& v, const GuestOp& op) {
+  const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
+  Gpa gpa = op_gpa(op);
+  Xlate x = translate_l2(v, gpa, is_store(op));
+  if (x.kind == Xlate::Kind::ept12_violation) {
+    Exit e = l2_exit(ExitReason::kEptViolation, op.is<GuestOp::Read>() ? 1 : 2, false);
+    e.info.guest_physical_address = gpa;
+    return e;
+  }
+  if (x.kind == Xlate::Kind::ept12_misconfig) {
+    // An MMIO page of L1's (a misconfigured EPT12 leaf): L1 emulates the
+    // access, so it completes when L1 resumes L2 (a load reads 0).
+    Exit e = l2_exit(ExitReason::kEptMisconfig, 0, true);
+    e.info.guest_physical_address = gpa;
+    return e;
+  }
+  if (x.kind == Xlate::Kind::ept01_miss) {
+    Exit e;
+    e.kind = Exit::Kind::ept01_miss;
+    e.gfn = x.gfn;
+    e.write = x.write;
+    return e;
+  }
+  // The hardware compares every access with the APIC-access address it
+  // was given; if that frame no longer backs the page, the comparison is
+  // against a stale pfn (the map strategy after a migration or discard).
+  if (vmcs02.apic_access.valid()) v.m_.vm().phys().check(vmcs02.apic_access.tag, "APIC-access page", &v.counters());
+  if (vmcs02.apic_access.valid() && x.tag.pfn == vmcs02.apic_access.pfn()) {
+    // An access to the APIC-access page: the processor recognises it by
+    // the physical address vmcs02 holds and exits (SDM 30.4).
+    return l2_exit(ExitReason::kApicAccess,
+                   vmx::apic_access_qual::make(page_offset(gpa), op.is<GuestOp::Read>()
+                                                                      ? vmx::apic_access_qual::kLinearRead
+                                                                      : vmx::apic_access_qual::kLinearWrite), true);
+  }
+  if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
+  return access(v, op, x.tag, gpa);
+}
+
 CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
   const vmx::Vmcs02& vmcs02 = v.nested().vmcs02();
-  if (is_memory_op(op)) {
-    Gpa gpa = op_gpa(op);
-    Xlate x = translate_l2(v, gpa, is_store(op));
-    if (x.kind == Xlate::Kind::ept12_violation) {
-      Exit e = l2_exit(ExitReason::kEptViolation, op.is<GuestOp::Read>() ? 1 : 2, false);
-      e.info.guest_physical_address = gpa;
-      return e;
-    }
-    if (x.kind == Xlate::Kind::ept12_misconfig) {
-      // An MMIO page of L1's (a misconfigured EPT12 leaf): L1 emulates the
-      // access, so it completes when L1 resumes L2 (a load reads 0).
-      Exit e = l2_exit(ExitReason::kEptMisconfig, 0, true);
-      e.info.guest_physical_address = gpa;
-      return e;
-    }
-    if (x.kind == Xlate::Kind::ept01_miss) {
-      Exit e;
-      e.kind = Exit::Kind::ept01_miss;
-      e.gfn = x.gfn;
-      e.write = x.write;
-      return e;
-    }
-    // The hardware compares every access with the APIC-access address it
-    // was given; if that frame no longer backs the page, the comparison is
-    // against a stale pfn (the map strategy after a migration or discard).
-    if (vmcs02.apic_access.valid()) v.m_.vm().phys().check(vmcs02.apic_access.tag, "APIC-access page", &v.counters());
-    if (vmcs02.apic_access.valid() && x.tag.pfn == vmcs02.apic_access.pfn()) {
-      // An access to the APIC-access page: the processor recognises it by
-      // the physical address vmcs02 holds and exits (SDM 30.4). Qualification:
-      // page offset, access type (0 linear read, 1 linear write).
-      uint64_t type = op.is<GuestOp::Read>() ? 0 : 1;
-      return l2_exit(ExitReason::kApicAccess, page_offset(gpa) | (type << 12), true);
-    }
-    if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
-    return access(v, op, x.tag, gpa);
-  }
+  if (is_memory_op(op)) return execute_l2_memory(v, op);
   if (auto* r = op.get_if<GuestOp::Rdmsr>()) {
     if (!vmcs02.use_msr_bitmap || vmx::msr_bitmap::intercepts(vmcs02.msr_bitmap, r->msr, false)) return l2_exit(ExitReason::kMsrRead, 0, true, r->msr);
     return OpResult::success(v.l2_msrs_[r->msr]);
@@ -298,14 +302,14 @@ CpuModel::Outcome CpuModel::execute_l2(Vcpu& v, const GuestOp& op) {
         return l2_exit(ExitReason::kTprBelowThreshold, 0, true);
       return OpResult::success();
     }
-    if (vmcs02.proc & vmx::proc::kCr8LoadExiting) return l2_exit(ExitReason::kCrAccess, 8 | (0 << 4), true);
+    if (vmcs02.proc & vmx::proc::kCr8LoadExiting) return l2_exit(ExitReason::kCrAccess, vmx::cr_access_qual::make(8, vmx::cr_access_qual::kMovToCr), true);
     v.l2_cr8_ = c->value & 0xf;
     return OpResult::success();
   }
   if (op.is<GuestOp::ReadCr8>()) {
     if (vmcs02.proc & vmx::proc::kUseTprShadow)
       return OpResult::success(static_cast<uint64_t>(frame(v, vmcs02.vapic.tag, "virtual-APIC page")[vmx::vapic::kTpr]) >> 4);
-    if (vmcs02.proc & vmx::proc::kCr8StoreExiting) return l2_exit(ExitReason::kCrAccess, 8 | (1 << 4), true);
+    if (vmcs02.proc & vmx::proc::kCr8StoreExiting) return l2_exit(ExitReason::kCrAccess, vmx::cr_access_qual::make(8, vmx::cr_access_qual::kMovFromCr), true);
     return OpResult::success(v.l2_cr8_);
   }
   if (auto* s = op.get_if<GuestOp::SendIpi>()) {

@@ -42,6 +42,8 @@ class CpuModel {
   static Xlate translate_l1(Vcpu& v, Gfn gfn, bool write = false);
   static Xlate translate_l2(Vcpu& v, Gpa l2_gpa, bool write);
   static Outcome access(Vcpu& v, const GuestOp& op, const host::FrameTag& tag, Gpa gpa);
+  // An L2 load, store, RMW or MWAIT: EPT12 then EPT01, the APIC-access page.
+  static Outcome execute_l2_memory(Vcpu& v, const GuestOp& op);
   // MONITOR + MWAIT on the word at `gpa`, already translated to `tag`.
   static Outcome mwait(Vcpu& v, const GuestOp::Mwait& op, const host::FrameTag& tag);
   // A sleep with nothing monitored (Mwait on kInvalidGpa), and TPAUSE.

@@ -161,114 +161,127 @@ VmxStatus check_event_injection(const Vmcs12& v) {
   return {};
 }
 
-}  // namespace
+// The three execution-control words as the checks read them. SDM 26.2.1.1:
+// with "activate secondary controls" clear, the secondary controls are not
+// checked and behave as 0.
+struct ExecControls {
+  explicit ExecControls(const Vmcs12& v)
+      : pin(v.pin_based_controls),
+        proc(v.primary_proc_controls),
+        proc2((proc & proc::kActivateSecondaryControls) ? v.secondary_proc_controls : 0) {}
+  bool pin_on(uint32_t b) const { return (pin & b) != 0; }
+  bool proc_on(uint32_t b) const { return (proc & b) != 0; }
+  bool proc2_on(uint32_t b) const { return (proc2 & b) != 0; }
 
-VmxStatus check_entry_controls(const Vmcs12& v, const EntryCheckEnv& env) {
-  const VmxControlCaps& caps = env.caps;
+  uint32_t pin, proc, proc2;
+};
+
+// The TPR shadow and the APIC virtualization built on it: the virtual-APIC
+// and APIC-access addresses, the TPR threshold, x2APIC mode vs APIC accesses,
+// virtual-interrupt delivery.
+VmxStatus check_apic_controls(const Vmcs12& v, const ExecControls& c, const EntryCheckEnv& env) {
   const unsigned bits = env.phys_addr_bits;
-  const uint32_t pinc = v.pin_based_controls;
-  const uint32_t procc = v.primary_proc_controls;
-  // SDM 26.2.1.1: with "activate secondary controls" clear, the secondary
-  // controls are not checked and behave as 0.
-  const uint32_t proc2c =
-      (procc & proc::kActivateSecondaryControls) ? v.secondary_proc_controls : 0;
-  auto pin_on = [&](uint32_t b) { return (pinc & b) != 0; };
-  auto proc_on = [&](uint32_t b) { return (procc & b) != 0; };
-  auto proc2_on = [&](uint32_t b) { return (proc2c & b) != 0; };
-
-  // 26.2.1.1, reserved bits of the three execution-control words.
-  NC_TRY(check_allowed("pin-reserved", "pin-based controls", pinc, caps.pin_must1, caps.pin_may1));
-  NC_TRY(check_allowed("proc-reserved", "primary processor-based controls", procc,
-                       caps.proc_must1, caps.proc_may1));
-  if (proc_on(proc::kActivateSecondaryControls))
-    NC_TRY(check_allowed("proc2-reserved", "secondary processor-based controls", proc2c, 0,
-                         caps.proc2_may1));
-
-  // MSR-bitmap address: page aligned, within the address width.
-  if (proc_on(proc::kUseMsrBitmaps))
-    NC_TRY(check_page_address("msr-bitmap-address", "MSR-bitmap address", v.msr_bitmap, bits));
-
-  if (proc_on(proc::kUseTprShadow)) {
-    // Virtual-APIC address: page aligned, within the address width.
+  if (c.proc_on(proc::kUseTprShadow)) {
     NC_TRY(check_page_address("virtual-apic-address", "virtual-APIC address",
                               v.virtual_apic_page_addr, bits));
     // Without virtual-interrupt delivery, TPR-threshold bits 31:4 are reserved.
-    if (!proc2_on(proc2::kVirtualInterruptDelivery) && (v.tpr_threshold & ~0xfu))
+    if (!c.proc2_on(proc2::kVirtualInterruptDelivery) && (v.tpr_threshold & ~0xfu))
       return bad_control("tpr-threshold-reserved",
                          fmt::format("TPR threshold {:#x}: bits 31:4 must be 0 without "
                                      "virtual-interrupt delivery",
                                      v.tpr_threshold));
     if (env.vtpr) NC_TRY(check_entry_controls_late(v, *env.vtpr));
-  } else if (proc2_on(proc2::kVirtualizeX2apicMode | proc2::kApicRegisterVirtualization |
-                      proc2::kVirtualInterruptDelivery)) {
+  } else if (c.proc2_on(proc2::kVirtualizeX2apicMode | proc2::kApicRegisterVirtualization |
+                        proc2::kVirtualInterruptDelivery)) {
     // These three virtualize parts of the APIC that only exist with a TPR shadow.
     return bad_control("tpr-shadow-required",
                        fmt::format("secondary controls {:#x}: virtualize x2APIC mode, "
                                    "APIC-register virtualization and virtual-interrupt delivery "
                                    "need \"use TPR shadow\"",
-                                   proc2c));
+                                   c.proc2));
   }
-
-  // Virtual NMIs need NMI exiting; NMI-window exiting needs virtual NMIs.
-  if (pin_on(pin::kVirtualNmis) && !pin_on(pin::kNmiExiting))
-    return bad_control("virtual-nmis-need-nmi-exiting",
-                       fmt::format("pin-based controls {:#x}: virtual NMIs without NMI exiting",
-                                   pinc));
-  if (proc_on(proc::kNmiWindowExiting) && !pin_on(pin::kVirtualNmis))
-    return bad_control("nmi-window-needs-virtual-nmis",
-                       "NMI-window exiting is set but virtual NMIs is not");
-
-  // Virtualize x2APIC mode and virtualize APIC accesses exclude each other.
-  if (proc2_on(proc2::kVirtualizeX2apicMode) && proc2_on(proc2::kVirtualizeApicAccesses))
+  if (c.proc2_on(proc2::kVirtualizeX2apicMode) && c.proc2_on(proc2::kVirtualizeApicAccesses))
     return bad_control("x2apic-with-apic-access",
                        "virtualize x2APIC mode and virtualize APIC accesses are both set");
-
-  // APIC-access address: page aligned, within the address width.
-  if (proc2_on(proc2::kVirtualizeApicAccesses))
+  if (c.proc2_on(proc2::kVirtualizeApicAccesses))
     NC_TRY(check_page_address("apic-access-address", "APIC-access address", v.apic_access_addr,
                               bits));
-
-  // Virtual-interrupt delivery needs external-interrupt exiting.
-  if (proc2_on(proc2::kVirtualInterruptDelivery) && !pin_on(pin::kExternalInterruptExiting))
+  if (c.proc2_on(proc2::kVirtualInterruptDelivery) && !c.pin_on(pin::kExternalInterruptExiting))
     return bad_control("vid-needs-external-interrupt-exiting",
                        "virtual-interrupt delivery is set but external-interrupt exiting is not");
+  return {};
+}
 
-  if (pin_on(pin::kPostedInterrupts)) {
-    // Posted interrupts need virtual-interrupt delivery and acknowledge
-    // interrupt on exit, a vector in 0-255 and a 64-byte aligned descriptor.
-    if (!proc2_on(proc2::kVirtualInterruptDelivery))
-      return bad_control("posted-interrupts-need-vid",
-                         "process posted interrupts is set but virtual-interrupt delivery is not");
-    if (!(v.exit_controls & exit_ctl::kAckInterruptOnExit))
-      return bad_control("posted-interrupts-need-ack-on-exit",
-                         "process posted interrupts is set but the VM-exit control "
-                         "\"acknowledge interrupt on exit\" is not");
-    if (v.posted_intr_notification_vector & 0xff00)
-      return bad_control("posted-interrupt-vector",
-                         fmt::format("posted-interrupt notification vector {:#x}: bits 15:8 must "
-                                     "be 0",
-                                     v.posted_intr_notification_vector));
-    if (v.posted_intr_desc_addr & 0x3f)
-      return bad_control("posted-interrupt-descriptor",
-                         fmt::format("posted-interrupt descriptor address {:#x} is not 64-byte "
-                                     "aligned",
-                                     v.posted_intr_desc_addr));
-    if (bits < 64 && (v.posted_intr_desc_addr >> bits) != 0)
-      return bad_control("posted-interrupt-descriptor",
-                         fmt::format("posted-interrupt descriptor address {:#x} exceeds the "
-                                     "{}-bit physical-address width",
-                                     v.posted_intr_desc_addr, bits));
-  }
+// Posted interrupts need virtual-interrupt delivery and acknowledge interrupt
+// on exit, a vector in 0-255 and a 64-byte aligned descriptor in the
+// physical-address width.
+VmxStatus check_posted_interrupt_controls(const Vmcs12& v, const ExecControls& c, unsigned bits) {
+  if (!c.pin_on(pin::kPostedInterrupts)) return {};
+  if (!c.proc2_on(proc2::kVirtualInterruptDelivery))
+    return bad_control("posted-interrupts-need-vid",
+                       "process posted interrupts is set but virtual-interrupt delivery is not");
+  if (!(v.exit_controls & exit_ctl::kAckInterruptOnExit))
+    return bad_control("posted-interrupts-need-ack-on-exit",
+                       "process posted interrupts is set but the VM-exit control "
+                       "\"acknowledge interrupt on exit\" is not");
+  if (v.posted_intr_notification_vector & 0xff00)
+    return bad_control("posted-interrupt-vector",
+                       fmt::format("posted-interrupt notification vector {:#x}: bits 15:8 must "
+                                   "be 0",
+                                   v.posted_intr_notification_vector));
+  if (v.posted_intr_desc_addr & 0x3f)
+    return bad_control("posted-interrupt-descriptor",
+                       fmt::format("posted-interrupt descriptor address {:#x} is not 64-byte "
+                                   "aligned",
+                                   v.posted_intr_desc_addr));
+  if (bits < 64 && (v.posted_intr_desc_addr >> bits) != 0)
+    return bad_control("posted-interrupt-descriptor",
+                       fmt::format("posted-interrupt descriptor address {:#x} exceeds the "
+                                   "{}-bit physical-address width",
+                                   v.posted_intr_desc_addr, bits));
+  return {};
+}
 
+// NMI controls, VPID, EPT and unrestricted guest.
+VmxStatus check_other_exec_controls(const Vmcs12& v, const ExecControls& c,
+                                    const EntryCheckEnv& env) {
+  // Virtual NMIs need NMI exiting; NMI-window exiting needs virtual NMIs.
+  if (c.pin_on(pin::kVirtualNmis) && !c.pin_on(pin::kNmiExiting))
+    return bad_control("virtual-nmis-need-nmi-exiting",
+                       fmt::format("pin-based controls {:#x}: virtual NMIs without NMI exiting",
+                                   c.pin));
+  if (c.proc_on(proc::kNmiWindowExiting) && !c.pin_on(pin::kVirtualNmis))
+    return bad_control("nmi-window-needs-virtual-nmis",
+                       "NMI-window exiting is set but virtual NMIs is not");
   // VPID 0 is L0's own; "enable VPID" needs another.
-  if (proc2_on(proc2::kEnableVpid) && v.virtual_processor_id == 0)
+  if (c.proc2_on(proc2::kEnableVpid) && v.virtual_processor_id == 0)
     return bad_control("vpid-zero", "enable VPID is set but the VPID is 0");
-
-  if (proc2_on(proc2::kEnableEpt)) NC_TRY(check_ept_pointer(v.ept_pointer, env));
-
+  if (c.proc2_on(proc2::kEnableEpt)) NC_TRY(check_ept_pointer(v.ept_pointer, env));
   // Unrestricted guest runs real-mode code through EPT only.
-  if (proc2_on(proc2::kUnrestrictedGuest) && !proc2_on(proc2::kEnableEpt))
+  if (c.proc2_on(proc2::kUnrestrictedGuest) && !c.proc2_on(proc2::kEnableEpt))
     return bad_control("unrestricted-guest-needs-ept", "unrestricted guest is set but enable EPT is not");
+  return {};
+}
+
+}  // namespace
+
+VmxStatus check_entry_controls(const Vmcs12& v, const EntryCheckEnv& env) {
+  const VmxControlCaps& caps = env.caps;
+  const ExecControls c(v);
+
+  // 26.2.1.1, reserved bits of the three execution-control words.
+  NC_TRY(check_allowed("pin-reserved", "pin-based controls", c.pin, caps.pin_must1, caps.pin_may1));
+  NC_TRY(check_allowed("proc-reserved", "primary processor-based controls", c.proc,
+                       caps.proc_must1, caps.proc_may1));
+  if (c.proc_on(proc::kActivateSecondaryControls))
+    NC_TRY(check_allowed("proc2-reserved", "secondary processor-based controls", c.proc2, 0,
+                         caps.proc2_may1));
+  if (c.proc_on(proc::kUseMsrBitmaps))
+    NC_TRY(check_page_address("msr-bitmap-address", "MSR-bitmap address", v.msr_bitmap,
+                              env.phys_addr_bits));
+  NC_TRY(check_apic_controls(v, c, env));
+  NC_TRY(check_posted_interrupt_controls(v, c, env.phys_addr_bits));
+  NC_TRY(check_other_exec_controls(v, c, env));
 
   // 26.2.1.2 and 26.2.1.3: exit and entry controls.
   NC_TRY(check_allowed("exit-reserved", "VM-exit controls", v.exit_controls, caps.exit_must1,

@@ -519,6 +519,17 @@ inline constexpr uint64_t kLinearWrite = 1;  // linear access for a data write
 constexpr uint64_t make(uint64_t offset, uint64_t type) { return (offset & kOffsetMask) | (type << kTypeShift); }
 }  // namespace apic_access_qual
 
+// Exit qualification of a control-register access (SDM 27.2.1, "Exit
+// Qualification for Control-Register Accesses"): the register in bits 3:0,
+// the access type in bits 5:4, the general-purpose register in bits 11:8.
+namespace cr_access_qual {
+inline constexpr uint64_t kMovToCr = 0;
+inline constexpr uint64_t kMovFromCr = 1;
+constexpr uint64_t make(unsigned cr, uint64_t type, unsigned gpr = 0) {
+  return (cr & 0xfu) | ((type & 3) << 4) | (uint64_t{gpr & 0xfu} << 8);
+}
+}  // namespace cr_access_qual
+
 // Exit qualifications of a VM-entry failure due to invalid guest state (SDM 26.8).
 namespace entry_fail_qual {
 inline constexpr uint64_t kDefault = 0;

@@ -21,6 +21,7 @@
 #include "vmx/nested_context_table.h"
 #include "workloads/nested_env.h"
 #include "workloads/stopwatch.h"
+#include "workloads/window_cost.h"
 
 namespace nestcache::workloads {
 
@@ -155,6 +156,7 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
        warm_switches ? static_cast<double>(run.counters[Counter::remap_windows]) / static_cast<double>(warm_switches)
                      : 0.0},
   };
+  if (s == StrategyKind::map) row.extra["remap_window_ns"] = NC_TRY(remap_window_ns(o.memory));
   return row;
 }
 
@@ -175,6 +177,15 @@ std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
                                   ? "Every L2 keeps its context: cache maps nothing after the cold round."
                                   : "More L2s than the 8 contexts: 8 L2s keep theirs, the others fall back to the "
                                     "vCPU's own caches, which remap on every switch (windows column)."));
+  if (map && cache && map->extra.contains("remap_window_ns")) {
+    double window_ns = map->extra["remap_window_ns"].get<double>();
+    auto windows = [](const BenchRow* r) { return r->extra.value("remap_windows_per_warm_switch", 0.0); };
+    double extra_windows = windows(map) - windows(cache);
+    out.push_back(fmt::format("Check: map − cache = {:.2f} µs per switch; {:.2f} more remap windows per switch × "
+                              "{:.2f} µs per window (measured alone) = {:.2f} µs.",
+                              (map->seconds_per_round_trip - cache->seconds_per_round_trip) * 1e6, extra_windows,
+                              window_ns / 1e3, extra_windows * window_ns / 1e3));
+  }
   return out;
 }
 
