@@ -5,7 +5,7 @@ packages=(
   build-essential cmake ninja-build pkg-config clang
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   liburcu-dev libfmt-dev nlohmann-json3-dev libcli11-dev libexpected-dev
-  spin python3
+  spin python3 gnuplot-nox
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -172,9 +172,25 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
       cmd->add_option("--exit-cost-ns", a.exit_cost_ns,
                       "Modelled hardware exit/entry cost (default: the CPU model's published figure)")
           ->check(CLI::Range(uint64_t{0}, kMaxExitCostNs));
-  cmd->add_option("--l1-hz", a.l1_hz, "L1 timer ticks per second interrupting L2 (0: off)")
-      ->default_str(std::to_string(kDefaultL1Hz))
-      ->check(CLI::Range(0u, 100000u));
+  a.l1_hz_option = cmd->add_option("--l1-hz", a.l1_hz,
+                                   "L1 timer ticks per second interrupting L2 (0: off; nested-io: 1000 unless given)")
+                       ->default_str(std::to_string(kDefaultL1Hz))
+                       ->check(CLI::Range(0u, 100000u));
+  cmd->add_option("--rate", a.io.rate, "nested-io: requests per second offered, all L2 vCPUs together")
+      ->default_str(std::to_string(kDefaultIoRate))
+      ->check(CLI::Range(1u, kMaxIoRate));
+  cmd->add_option("--work", a.io.work, "nested-io: L2 memory operations per request")
+      ->default_str(std::to_string(kDefaultIoWork))
+      ->check(CLI::Range(0u, kMaxIoWork));
+  cmd->add_option("--l2-vcpus", a.io.l2_vcpus, "nested-io: L2 vCPUs serving requests")
+      ->default_str("1")
+      ->check(CLI::Range(1u, kMaxIoL2Vcpus));
+  cmd->add_option("--l1-vcpus", a.io.l1_vcpus, "nested-io: L1 vCPUs the L2 vCPUs are spread over")
+      ->default_str("1")
+      ->check(CLI::Range(1u, kMaxIoL1Vcpus));
+  cmd->add_option("--msr-every", a.io.msr_every, "nested-io: one request in N writes an MSR L1 intercepts (0: none)")
+      ->default_str(std::to_string(kDefaultIoMsrEvery))
+      ->check(CLI::Range(0u, 1'000'000u));
   cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
       ->default_str("1")
       ->check(CLI::Range(0.0001, 1.0));
@@ -193,6 +209,11 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
       ->default_str(std::to_string(a.pause_ns))
       ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_option("--sweep", a.sweep,
+                  "Run the one test named by --tests at each value of one parameter, every strategy at each: "
+                  "slots, l2-per-l1, exit-cost-ns, rate or work")
+      ->type_name("PARAM=v1,v2,...");
+  cmd->add_option("--csv", a.csv, "With --sweep: also write the points as CSV to this file")->type_name("FILE");
   cmd->add_flag("--breakdown", a.breakdown,
                 "Print each row's modelled time per round trip and per iteration by part: transitions, guest "
                 "operations, remap windows, pfn-cache work, other L0 work, idle");
@@ -218,6 +239,7 @@ int run_bench_command(const BenchArgs& a, bool json) {
     print_bench_list(json);
     return kExitOk;
   }
+  if (!a.csv.empty() && a.sweep.empty()) return usage_error(json, "nestcache bench", "--csv needs --sweep");
   auto tests = resolve_tests(a.tests, a.tests_option->count() > 0);
   if (!tests) {
     if (tests.error().code != EINVAL) {
@@ -225,6 +247,9 @@ int run_bench_command(const BenchArgs& a, bool json) {
       return kExitFailed;
     }
     return usage_error(json, "nestcache bench", tests.error().message);
+  }
+  if (!a.sweep.empty() && (a.tests_option->count() == 0 || tests->size() != 1))
+    return usage_error(json, "nestcache bench", "--sweep needs exactly one test in --tests");
   }
   workloads::BenchOptions o;
   o.strategies = workloads::parse_strategy_list(a.strategy).value();  // validated by CLI11
@@ -235,6 +260,8 @@ int run_bench_command(const BenchArgs& a, bool json) {
   o.runs = a.runs;
   if (a.exit_cost_option->count() > 0) o.exit_cost_ns = a.exit_cost_ns;
   o.l1_hz = a.l1_hz;
+  o.l1_hz_is_default = a.l1_hz_option->count() == 0;
+  o.io = a.io;
   o.scale = a.scale;
   o.clock = workloads::parse_clock_kind(a.clock).value();  // validated by CLI11
   o.costs = {.op_ns = a.guest_op_ns, .locked_op_ns = a.locked_op_ns, .pause_ns = a.pause_ns};
@@ -242,6 +269,7 @@ int run_bench_command(const BenchArgs& a, bool json) {
   o.json = json;
   o.verify = a.verify;
   o.verbose = a.verbose;
+  if (!a.sweep.empty()) return run_sweep(*tests->front(), o, a.sweep, a.csv);
   return run_bench(*tests, o);
 }
 
@@ -262,9 +290,15 @@ class BenchPrinter {
     MutexLock l(mu_);
     report_.rows.push_back(std::move(row));
   }
-  // Prints the tables of the tests whose rows are all done (text only).
+  // Test `index` has all its rows: its comparison, if it has one, and the
+  // tables of the tests done so far (text only).
   void test_done(size_t index) NC_EXCLUDES(mu_) {
     MutexLock l(mu_);
+    const workloads::BenchInfo* t = tests_[index];
+    if (t->compare) {
+      std::vector<workloads::BenchRow> rows = rows_of_locked(*t);
+      if (!rows.empty()) report_.comparisons[t->name] = t->compare(rows);
+    }
     if (!report_.options.json) print_tests_locked(index + 1);
   }
   // The end of the run: the JSON report, or what text is left.
@@ -291,10 +325,11 @@ class BenchPrinter {
   void print_header_locked() NC_REQUIRES(mu_) {
     const workloads::BenchOptions& o = report_.options;
     fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, "
-               "exit cost {} ns per hardware transition{}, L1 timer {} Hz, {}, best of {} run{}\n",
+               "exit cost {} ns per hardware transition{}, L1 timer {} Hz{}, {}, best of {} run{}\n",
                workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
                workloads::memory_kind_name(o.memory), o.slots, report_.exit_cost_ns(),
                o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
+               o.l1_hz_is_default ? fmt::format(" (nested-io: {} Hz)", workloads::kDefaultIoL1Hz) : "",
                o.iterations ? fmt::format("{} iterations per run", o.iterations)
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");
@@ -304,15 +339,20 @@ class BenchPrinter {
   void print_tests_locked(size_t end) NC_REQUIRES(mu_) {
     for (; printed_ < end; printed_++) {
       const workloads::BenchInfo* t = tests_[printed_];
-      std::vector<workloads::BenchRow> rows;
-      for (const auto& r : report_.rows)
-        if (r.test == t->name) rows.push_back(r);
+      std::vector<workloads::BenchRow> rows = rows_of_locked(*t);
       if (rows.empty()) continue;
       if (!header_printed_) print_header_locked();
       header_printed_ = true;
       print_test_table(*t, rows, report_.options.verbose, report_.options.breakdown);
     }
     std::fflush(stdout);
+  }
+
+  std::vector<workloads::BenchRow> rows_of_locked(const workloads::BenchInfo& t) NC_REQUIRES(mu_) {
+    std::vector<workloads::BenchRow> rows;
+    for (const auto& r : report_.rows)
+      if (r.test == t.name) rows.push_back(r);
+    return rows;
   }
 
   const std::vector<const workloads::BenchInfo*> tests_;

@@ -94,6 +94,10 @@ struct BenchArgs {
   uint64_t exit_cost_ns = 0;
   CLI::Option* exit_cost_option = nullptr;  // given or not
   uint32_t l1_hz = workloads::kDefaultL1Hz;
+  CLI::Option* l1_hz_option = nullptr;  // given or not
+  workloads::IoOptions io = {};
+  std::string sweep;  // PARAM=v1,v2,...; empty: no sweep
+  std::string csv;    // with --sweep: also write the points here
   double scale = 1.0;
   std::string clock = "modelled";
   uint64_t guest_op_ns = cpu::GuestCosts{}.op_ns;
@@ -113,6 +117,12 @@ int run_bench_command(const BenchArgs& args, bool json);
 // Runs every (test, strategy) pair with a progress display, prints the
 // table (or the JSON report, BenchReport::to_json), returns the exit status.
 int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions opts);
+// `nestcache bench --tests T --sweep PARAM=v1,...`: `test` at each value for
+// every strategy of `opts`; a table (or, with opts.json, only the JSON of
+// workloads::sweep_json on stdout), and the CSV into `csv_path` if not
+// empty. Progress goes to stderr. 2 on bad input, 1 if a run failed.
+int run_sweep(const workloads::BenchInfo& test, workloads::BenchOptions opts, const std::string& sweep,
+              const std::string& csv_path);
 
 // ---------------------------------------------------------------------------
 // nestcache run FILE|DIR... [options]   (run_command.cc)

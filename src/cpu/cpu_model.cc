@@ -67,6 +67,7 @@ CpuModel::Xlate CpuModel::translate_l2(Vcpu& v, Gpa l2_gpa, bool write) {
     auto* entry_ptr = reinterpret_cast<uint64_t*>(frame(v, t.tag, "EPT12 walk") + page_offset(entry_gpa));
     uint64_t entry = std::atomic_ref<uint64_t>(*entry_ptr).load(std::memory_order_relaxed);
     if (!vmx::ept::present(entry)) return {Xlate::Kind::ept12_violation, {}, 0};
+    if (vmx::ept::misconfigured(entry)) return {Xlate::Kind::ept12_misconfig, {}, 0};
     table = entry & vmx::ept::kAddressMask;
   }
   Xlate leaf = translate_l1(v, gpa_to_gfn(table), write);
@@ -242,6 +243,13 @@ CpuModel::Outcome CpuModel::execute_l2_memory(Vcpu& v, const GuestOp& op) {
   Xlate x = translate_l2(v, gpa, is_store(op));
   if (x.kind == Xlate::Kind::ept12_violation) {
     Exit e = l2_exit(ExitReason::kEptViolation, op.is<GuestOp::Read>() ? 1 : 2, false);
+    e.info.guest_physical_address = gpa;
+    return e;
+  }
+  if (x.kind == Xlate::Kind::ept12_misconfig) {
+    // An MMIO page of L1's (a misconfigured EPT12 leaf): L1 emulates the
+    // access, so it completes when L1 resumes L2 (a load reads 0).
+    Exit e = l2_exit(ExitReason::kEptMisconfig, 0, true);
     e.info.guest_physical_address = gpa;
     return e;
   }

@@ -32,7 +32,7 @@ class CpuModel {
 
  private:
   struct Xlate {
-    enum class Kind { ok, ept01_miss, ept12_violation } kind = Kind::ok;
+    enum class Kind { ok, ept01_miss, ept12_violation, ept12_misconfig } kind = Kind::ok;
     host::FrameTag tag;
     Gfn gfn = 0;  // ept01_miss: the L1 gfn to fill
     bool write = false;  // ept01_miss: for a store

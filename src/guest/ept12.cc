@@ -35,6 +35,11 @@ GuestTask Ept12::map(Gpa l2_gpa, Gpa l1_gpa) {
   co_await ops::write64(e, (l1_gpa & kPageMask) | vmx::ept::kReadWriteExecute);
 }
 
+GuestTask Ept12::map_mmio(Gpa l2_gpa) {
+  Gpa e = co_await leaf_entry(l2_gpa, true);
+  co_await ops::write64(e, vmx::ept::kMmioLeaf);
+}
+
 GuestTask Ept12::unmap(Gpa l2_gpa) {
   Gpa e = co_await leaf_entry(l2_gpa, false);
   if (e) co_await ops::write64(e, 0);

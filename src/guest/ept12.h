@@ -19,6 +19,10 @@ class Ept12 {
   uint64_t eptp() const;
   // Maps l2_gpa -> l1_gpa, allocating intermediate tables as needed.
   cpu::GuestTask map(Gpa l2_gpa, Gpa l1_gpa);
+  // Gives l2_gpa a misconfigured leaf (vmx::ept::kMmioLeaf): every L2
+  // access to it exits to L1 as an EPT misconfiguration, which L1 emulates
+  // (an emulated device's register, such as a virtio doorbell).
+  cpu::GuestTask map_mmio(Gpa l2_gpa);
   // Removes the mapping of l2_gpa (the caller then runs INVEPT).
   cpu::GuestTask unmap(Gpa l2_gpa);
   // The L1 address l2_gpa maps to, or 0.

@@ -84,6 +84,7 @@ ExitTarget NestedVmx::route_exit(const ExitInfo& exit, uint32_t msr) const {
       return (v.pin_based_controls & pin::kExternalInterruptExiting) ? ExitTarget::l1 : ExitTarget::l0;
     case ExitReason::kVmcall:
     case ExitReason::kEptViolation:
+    case ExitReason::kEptMisconfig:
     case ExitReason::kApicAccess:
     case ExitReason::kCrAccess:
     case ExitReason::kTprBelowThreshold:

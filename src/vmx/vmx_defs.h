@@ -296,6 +296,12 @@ inline constexpr int kLevels = 4;
 inline constexpr uint64_t kEntriesPerTable = 512;
 // True if the entry maps something (any of read, write, execute).
 constexpr bool present(uint64_t entry) { return (entry & kReadWriteExecute) != 0; }
+// True if the entry is misconfigured (SDM 28.2.3.1): writable but not
+// readable. A hypervisor gives an MMIO page such an entry, so every access
+// exits with an EPT misconfiguration it can emulate (KVM's MMIO SPTEs).
+constexpr bool misconfigured(uint64_t entry) { return (entry & (kRead | kWrite)) == kWrite; }
+// The leaf L1 gives an emulated device's MMIO page.
+inline constexpr uint64_t kMmioLeaf = kWrite;
 // The index of `gpa`'s entry in the table of `level` (4 = PML4 ... 1 = PT).
 constexpr uint64_t index(uint64_t gpa, int level) { return (gpa >> (12 + 9 * (level - 1))) & (kEntriesPerTable - 1); }
 }  // namespace ept

@@ -168,6 +168,15 @@ Status validate(const BenchOptions& o) {
   for (auto [name, ns] : {std::pair{"--guest-op-ns", o.costs.op_ns}, std::pair{"--locked-op-ns", o.costs.locked_op_ns},
                           std::pair{"--pause-ns", o.costs.pause_ns}})
     if (ns > kMaxGuestOpNs) return errorf(EINVAL, "{}: {} is above {}", name, ns, kMaxGuestOpNs);
+  const IoOptions& io = o.io;
+  if (io.rate < 1 || io.rate > kMaxIoRate) return errorf(EINVAL, "--rate: {} is outside 1..{}", io.rate, kMaxIoRate);
+  if (io.work > kMaxIoWork) return errorf(EINVAL, "--work: {} is above {}", io.work, kMaxIoWork);
+  if (io.l2_vcpus < 1 || io.l2_vcpus > kMaxIoL2Vcpus)
+    return errorf(EINVAL, "--l2-vcpus: {} is outside 1..{}", io.l2_vcpus, kMaxIoL2Vcpus);
+  if (io.l1_vcpus < 1 || io.l1_vcpus > kMaxIoL1Vcpus)
+    return errorf(EINVAL, "--l1-vcpus: {} is outside 1..{}", io.l1_vcpus, kMaxIoL1Vcpus);
+  if (io.l1_vcpus > io.l2_vcpus)
+    return errorf(EINVAL, "--l1-vcpus: {} L1 vCPUs for {} L2 vCPUs leaves one idle", io.l1_vcpus, io.l2_vcpus);
   return ok();
 }
 

@@ -134,6 +134,25 @@ inline constexpr uint32_t kDefaultL1Hz = 250;         // L1 timer ticks (CONFIG_
 inline constexpr uint64_t kMaxExitCostNs = 10'000'000;
 inline constexpr uint64_t kMaxGuestOpNs = 1'000'000;
 
+// nested-io's own parameters (`nestcache bench --tests nested-io`; where
+// each default comes from: docs/workloads.md).
+inline constexpr uint32_t kDefaultIoRate = 10'000;     // requests per second, all L2 vCPUs together
+inline constexpr uint32_t kMaxIoRate = 10'000'000;
+inline constexpr uint32_t kDefaultIoWork = 256;        // memory operations per request
+inline constexpr uint32_t kMaxIoWork = 1'000'000;
+inline constexpr uint32_t kDefaultIoMsrEvery = 4;      // one request in N does an intercepted WRMSR
+inline constexpr uint32_t kDefaultIoL1Hz = 1000;       // CONFIG_HZ=1000
+inline constexpr uint32_t kMaxIoL1Vcpus = 8;
+inline constexpr uint32_t kMaxIoL2Vcpus = 64;
+
+struct IoOptions {
+  uint32_t rate = kDefaultIoRate;  // offered load, requests per second (modelled), [1, kMaxIoRate]
+  uint32_t work = kDefaultIoWork;  // L2 memory operations per request, [0, kMaxIoWork]
+  uint32_t l2_vcpus = 1;           // L2 vCPUs serving requests, [1, kMaxIoL2Vcpus]
+  uint32_t l1_vcpus = 1;           // L1 vCPUs they are spread over, [1, kMaxIoL1Vcpus], <= l2_vcpus
+  uint32_t msr_every = kDefaultIoMsrEvery;  // 0: no MSR accesses
+};
+
 struct BenchOptions {
   // Strategies to compare, in the order given (default: all three).
   std::vector<vmx::StrategyKind> strategies{kAllStrategies.begin(), kAllStrategies.end()};
@@ -146,6 +165,10 @@ struct BenchOptions {
   // (the run reports the value it used in BenchRow::exit_cost_ns).
   std::optional<uint64_t> exit_cost_ns;
   uint32_t l1_hz = kDefaultL1Hz;  // 0: no L1 timer ticks
+  // False when l1_hz was chosen (--l1-hz): tests with a default rate of
+  // their own (nested-io: kDefaultIoL1Hz) use it only then.
+  bool l1_hz_is_default = true;
+  IoOptions io = {};
   double scale = 1.0;             // (0, 1]: shrinks upstream's area sizes
   // What a result measures (DESIGN.md §5): modelled time by default, with
   // guest operations at these hardware costs; or the wall clock.
@@ -167,7 +190,8 @@ Result<cpu::ClockKind> parse_clock_kind(std::string_view text);
 
 // EINVAL with the option's name if a field is outside its range (slots
 // 2..32764, seconds > 0, runs >= 1, scale in (0, 1], exit cost <= 10 ms,
-// guest operation costs <= 1 ms).
+// guest operation costs <= 1 ms, nested-io's rate, work and vCPU counts,
+// with no more L1 vCPUs than L2 vCPUs).
 Status validate(const BenchOptions& o);
 
 }  // namespace nestcache::workloads

@@ -27,6 +27,7 @@ namespace nestcache::workloads {
   X(register_evmcs_selftest)            \
   X(register_memslot_perf_bench)        \
   X(register_l2_switch_bench)           \
+  X(register_nested_io_bench)           \
   /* one line per scenario file, above this comment */
 
 #define NC_DECLARE_REGISTER(fn) void fn();

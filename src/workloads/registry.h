@@ -84,6 +84,9 @@ struct BenchInfo {
   // test's rows (all strategies): how to read them, the seed's figures
   // beside the view they correspond to. Not used with --json.
   std::function<std::vector<std::string>(std::span<const BenchRow>)> commentary = nullptr;
+  // Optional: figures that compare this test's rows (all strategies), put
+  // into the JSON report under comparisons[name].
+  std::function<nlohmann::json(std::span<const BenchRow>)> compare = nullptr;
 };
 
 void register_bench(BenchInfo info);

@@ -105,7 +105,14 @@ nlohmann::json BenchReport::to_json() const {
       {"scale", options.scale},
       {"verify", options.verify},
       {"strategies", strategies},
+      {"io",
+       {{"rate", options.io.rate},
+        {"work", options.io.work},
+        {"l2_vcpus", options.io.l2_vcpus},
+        {"l1_vcpus", options.io.l1_vcpus},
+        {"msr_every", options.io.msr_every}}},
       {"results", results},
+      {"comparisons", comparisons},
   };
 }
 

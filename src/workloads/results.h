@@ -94,12 +94,15 @@ const BenchRow* row_of(std::span<const BenchRow> rows, vmx::StrategyKind s);
 struct BenchReport {
   BenchOptions options;
   std::vector<BenchRow> rows;
+  // Per test with BenchInfo::compare: what compares its rows.
+  nlohmann::json comparisons = nlohmann::json::object();
 
   // The exit cost to report: the option if given, else what the rows used.
   uint64_t exit_cost_ns() const;
   // {exit_cost_ns, l1_hz, slots, memory, seconds_limit, iterations_limit,
-  //  runs, scale, strategies, results: [row...]}. Ratios are not stored:
-  // every ratio derives from the rows.
+  //  runs, scale, strategies, io, results: [row...], comparisons}. Ratios
+  // are not stored in rows: every ratio derives from them; comparisons holds
+  // what a test derives itself.
   nlohmann::json to_json() const;
 };
 

@@ -1,7 +1,7 @@
 # Runs a program (the nestcache binary, a check script) and checks its exit status and output.
 #
 #   cmake -DEXE=<program> "-DARGS=selftest memslots --json" -DEXIT=0
-#         [-DMATCH1=<regex>] [-DMATCH2=<regex>] [-DMATCH3=<regex>] -P run_and_check.cmake
+#         [-DMATCH1=<regex>] ... [-DMATCH9=<regex>] -P run_and_check.cmake
 #
 # EXIT is the exact expected status, or "nonzero". Each MATCHn must match the
 # combined stdout and stderr. CTest alone cannot check both a status and the
@@ -21,7 +21,7 @@ if(EXIT STREQUAL "nonzero")
 elseif(NOT status STREQUAL "${EXIT}")
   string(APPEND problems "expected exit status ${EXIT}, got ${status}\n")
 endif()
-foreach(n 1 2 3)
+foreach(n RANGE 1 9)
   if(DEFINED MATCH${n} AND NOT all MATCHES "${MATCH${n}}")
     string(APPEND problems "output does not match: ${MATCH${n}}\n")
   endif()

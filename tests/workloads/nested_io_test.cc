@@ -1,0 +1,152 @@
+// nested-io, the representative nested workload, through its public API:
+// what every run must show whatever the timing — each request served with
+// one doorbell exit, one completion posted and taken, the exits it causes
+// accounted as nested round trips, no stale access for any strategy or
+// memory kind, and the nested contexts keeping up to 8 L2s per L1 vCPU.
+#include <gtest/gtest.h>
+
+#include "workloads/nested_io.h"
+#include "workloads/registry.h"
+
+namespace nestcache::workloads {
+namespace {
+
+NestedIoConfig small(StrategyKind s, MemoryKind m, uint32_t l2, uint32_t l1) {
+  NestedIoConfig c;
+  c.strategy = s;
+  c.memory = m;
+  c.io.l2_vcpus = l2;
+  c.io.l1_vcpus = l1;
+  c.io.work = 8;
+  c.io.msr_every = 3;
+  c.requests_per_l2 = 10;
+  c.exit_cost_ns = 0;
+  return c;
+}
+
+NestedIoRun run(const NestedIoConfig& c) {
+  auto r = run_nested_io(c);
+  EXPECT_TRUE(r) << (r ? "" : r.error().to_string());
+  return r ? *r : NestedIoRun{};
+}
+
+class NestedIoEveryKind : public ::testing::TestWithParam<std::tuple<StrategyKind, MemoryKind>> {};
+
+TEST_P(NestedIoEveryKind, EveryRequestIsServedWithOneDoorbellAndOneCompletion) {
+  auto [s, m] = GetParam();
+  NestedIoConfig c = small(s, m, 3, 2);
+  NestedIoRun r = run(c);
+  EXPECT_TRUE(r.failures.empty()) << ::testing::PrintToString(r.failures);
+  IoVcpuTally t = r.total();
+  const uint64_t want = 3 * c.requests_per_l2;
+  EXPECT_EQ(t.requests, want);
+  EXPECT_EQ(t.doorbells, want);
+  EXPECT_EQ(t.posted, want);
+  EXPECT_EQ(t.received, want);
+  EXPECT_EQ(t.bad, 0u);
+  EXPECT_EQ(t.msr_exits, 3 * (c.requests_per_l2 / 3));
+  // Every request ends with L2 halting in L1, and its completion is in the
+  // virtual IRR whenever L2 comes back for it.
+  EXPECT_EQ(t.idle_halts, want);
+  EXPECT_EQ(t.waiting_halts, 0u);
+  // Every reflected exit but the last VMCALL of each L2 is followed by a
+  // VMRESUME: one nested round trip each.
+  EXPECT_EQ(r.counters[Counter::nested_round_trips],
+            t.doorbells + t.msr_exits + t.nested_ticks + t.idle_halts + t.waiting_halts);
+  EXPECT_EQ(r.counters[Counter::stale_accesses], 0u);
+  EXPECT_EQ(r.counters[Counter::lost_posted_interrupts], 0u);
+  EXPECT_GE(r.counters[Counter::posted_interrupts_delivered], want);
+  ASSERT_EQ(r.vcpus.size(), 2u);
+  EXPECT_EQ(r.vcpus[0].requests, 2 * c.requests_per_l2) << "L2 0 and 2 run on L1 vCPU 0";
+  EXPECT_EQ(r.vcpus[1].requests, c.requests_per_l2);
+}
+
+INSTANTIATE_TEST_SUITE_P(StrategiesAndMemory, NestedIoEveryKind,
+                         ::testing::Combine(::testing::Values(StrategyKind::map, StrategyKind::cache,
+                                                              StrategyKind::oracle),
+                                            ::testing::Values(MemoryKind::managed, MemoryKind::unmanaged)));
+
+TEST(NestedIo, WithoutTicksNoTickExits) {
+  NestedIoConfig c = small(StrategyKind::cache, MemoryKind::unmanaged, 1, 1);
+  c.l1_hz = 0;
+  NestedIoRun r = run(c);
+  EXPECT_TRUE(r.failures.empty());
+  EXPECT_EQ(r.total().nested_ticks, 0u);
+  EXPECT_EQ(r.total().idle_ticks, 0u);
+}
+
+TEST(NestedIo, TicksInterruptL2OrIdleL1) {
+  // 10,000 Hz over about 20 requests at 1,000 requests/s: about 200 ticks.
+  NestedIoConfig c = small(StrategyKind::oracle, MemoryKind::unmanaged, 1, 1);
+  c.io.rate = 1000;
+  c.l1_hz = 10'000;
+  c.requests_per_l2 = 20;
+  NestedIoRun r = run(c);
+  EXPECT_TRUE(r.failures.empty());
+  EXPECT_GT(r.total().idle_ticks, 100u) << "an idle L1 takes its own ticks";
+}
+
+TEST(NestedIo, CacheMapsOnlyOnceWhileEveryL2HasAContext) {
+  // Unmanaged memory: each remap window is one map of one vmcs12 page.
+  NestedIoRun eight = run(small(StrategyKind::cache, MemoryKind::unmanaged, 8, 1));
+  EXPECT_TRUE(eight.failures.empty());
+  EXPECT_GT(eight.total().switches, 0u);
+  EXPECT_EQ(eight.counters[Counter::remap_windows], 8u * 4) << "four pages per L2, mapped once";
+  // Past the 8 contexts of one L1 vCPU, the L2s without one remap.
+  NestedIoRun ten = run(small(StrategyKind::cache, MemoryKind::unmanaged, 10, 1));
+  EXPECT_TRUE(ten.failures.empty());
+  EXPECT_GT(ten.counters[Counter::remap_windows], 10u * 4);
+  NestedIoRun map = run(small(StrategyKind::map, MemoryKind::unmanaged, 8, 1));
+  EXPECT_GT(map.counters[Counter::remap_windows], map.counters[Counter::nested_round_trips])
+      << "map maps the pages on every entry";
+}
+
+TEST(NestedIoBench, RowsCarryThePerRequestFiguresAndTheComparison) {
+  register_all();
+  const BenchInfo* b = find_bench("nested-io");
+  ASSERT_NE(b, nullptr);
+  BenchOptions o;
+  o.iterations = 8;
+  o.io.work = 8;
+  std::vector<BenchRow> rows;
+  for (StrategyKind s : kAllStrategies) {
+    auto row = b->run(o, s);
+    ASSERT_TRUE(row) << row.error().to_string();
+    EXPECT_TRUE(row->failures.empty());
+    EXPECT_EQ(row->iterations, 8u);
+    nlohmann::json j = row->to_json();
+    for (const char* key : {"requests_per_second", "round_trips_per_request", "cost_per_request", "doorbell_exits"})
+      EXPECT_TRUE(j.contains(key)) << key;
+    EXPECT_EQ(j["io_l1_hz"], kDefaultIoL1Hz) << "nested-io ticks at 1000 Hz unless --l1-hz is given";
+    EXPECT_DOUBLE_EQ(j["round_trips_per_request"].get<double>(),
+                     static_cast<double>(row->counters[Counter::nested_round_trips]) / 8);
+    rows.push_back(*row);
+  }
+  nlohmann::json cmp = nested_io_comparison(rows);
+  for (const char* s : {"map", "cache", "oracle"}) {
+    ASSERT_TRUE(cmp.contains(s)) << s;
+    EXPECT_TRUE(cmp[s].contains("overhead_over_oracle_percent"));
+  }
+  EXPECT_DOUBLE_EQ(cmp["oracle"]["overhead_over_oracle_percent"].get<double>(), 0.0);
+  EXPECT_NE(b->commentary, nullptr);
+  EXPECT_FALSE(b->commentary(rows).empty());
+}
+
+TEST(NestedIoOptions, ValidateNamesTheBadOption) {
+  BenchOptions o;
+  o.io.l1_vcpus = 2;
+  o.io.l2_vcpus = 1;
+  auto st = validate(o);
+  ASSERT_FALSE(st);
+  EXPECT_NE(st.error().message.find("--l1-vcpus"), std::string::npos);
+  o = {};
+  o.io.rate = 0;
+  EXPECT_FALSE(validate(o));
+  o = {};
+  o.io.l2_vcpus = kMaxIoL2Vcpus + 1;
+  EXPECT_FALSE(validate(o));
+  EXPECT_TRUE(validate(BenchOptions{}));
+}
+
+}  // namespace
+}  // namespace nestcache::workloads
