@@ -250,7 +250,6 @@ int run_bench_command(const BenchArgs& a, bool json) {
   }
   if (!a.sweep.empty() && (a.tests_option->count() == 0 || tests->size() != 1))
     return usage_error(json, "nestcache bench", "--sweep needs exactly one test in --tests");
-  }
   workloads::BenchOptions o;
   o.strategies = workloads::parse_strategy_list(a.strategy).value();  // validated by CLI11
   o.memory = workloads::parse_memory_kind(a.memory).value();

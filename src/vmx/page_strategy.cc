@@ -1,6 +1,9 @@
 #include "vmx/page_strategy.h"
 
+#include <optional>
+
 #include "base/check.h"
+#include "base/model_time.h"
 
 namespace nestcache::vmx {
 
@@ -125,8 +128,12 @@ class CachePageSet final : public PageSet {
     vm::PfnCache& c = (*bundle_)[p];
     Gpa page = gpa & kPageMask;
     for (;;) {
+      // Modelled time: the check and any refresh are the cache's cost; what
+      // fn does with the page is the caller's.
+      std::optional<ModelClock::PartScope> scope(std::in_place, TimePart::pfn_cache);
       if (!c.active() || c.gpa() != page) return errorf(ENOENT, "{} is not mapped", l1_page_name(p));
       if (vm::CachePtr ptr = c.read(page, kPageSize)) {
+        scope.reset();
         fn(view(ptr, &check_cache));
         return ok();
       }
@@ -186,6 +193,7 @@ class CachePageSet final : public PageSet {
   // The seed's nested_gpc_lock: a held, checked mapping of the page at gpa,
   // (re)activating or refreshing the cache as needed.
   Result<vm::CachePtr> lock(L1Page p, Gpa gpa) {
+    ModelClock::PartScope scope(TimePart::pfn_cache);  // modelled time: the check, or the refresh
     vm::PfnCache& c = (*bundle_)[p];
     // Patch 9 (v4): a cache taken over from another vCPU's context is
     // re-bound so that invalidations kick the vCPU that really uses it.
