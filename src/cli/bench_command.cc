@@ -177,6 +177,11 @@ void add_time_model_options(CLI::App* cmd, BenchArgs& a) {
   cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
       ->default_str(std::to_string(a.pause_ns))
       ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  a.window_cost_option =
+      cmd->add_option("--window-cost-ns", a.window_cost_ns,
+                      "Modelled cost of one remap window, mmap + munmap (default: measured once at start while "
+                      "another thread of the process runs on another CPU, so each munmap pays one TLB shootdown)")
+          ->check(CLI::Range(uint64_t{0}, kMaxWindowCostNs));
 }
 
 }  // namespace
@@ -270,6 +275,7 @@ int run_bench_command(const BenchArgs& a, bool json) {
   o.iterations = a.iterations;
   o.runs = a.runs;
   if (a.exit_cost_option->count() > 0) o.exit_cost_ns = a.exit_cost_ns;
+  if (a.window_cost_option->count() > 0) o.window_cost_ns = a.window_cost_ns;
   o.l1_hz = a.l1_hz;
   o.l1_hz_is_default = a.l1_hz_option->count() == 0;
   o.io = a.io;
@@ -345,6 +351,14 @@ class BenchPrinter {
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");
     if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
+    if (nlohmann::json w = report_.window_cost(); w.is_object())
+      fmt::print("remap window {} ns (mmap {} + munmap {}), {}\n", w["open_ns"].get<uint64_t>() + w["close_ns"].get<uint64_t>(),
+                 w["open_ns"].get<uint64_t>(), w["close_ns"].get<uint64_t>(),
+                 w["source"] == "calibrated"
+                     ? fmt::format("calibrated with another thread of the process on another CPU ({} of {} samples{})",
+                                   w["concurrent_samples"].get<uint64_t>(), w["samples"].get<uint64_t>(),
+                                   w["sibling_ran"].get<bool>() ? "" : "; too few: all samples used")
+                     : std::string("--window-cost-ns"));
   }
   // Prints tests [printed_, end) that have rows.
   void print_tests_locked(size_t end) NC_REQUIRES(mu_) {

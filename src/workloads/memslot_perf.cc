@@ -277,6 +277,7 @@ Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c) {
   ec.exit_cost_ns = c.exit_cost_ns;
   ec.clock = c.clock;
   ec.costs = c.costs;
+  ec.window_cost_ns = c.window_cost_ns;
   auto env = NC_TRY(NestedEnv::create(ec));
   MemslotPerfDriver perf(c, run.layout, *env, run);
   // The words the vCPUs hand-shake through: the VMM's mailbox, and the sync

@@ -1,5 +1,7 @@
 #include "workloads/nested_env.h"
 
+#include "workloads/window_cost.h"
+
 namespace nestcache::workloads {
 
 Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
@@ -9,6 +11,7 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   env->phys = NC_TRY(host::PhysMem::create({c.memory == MemoryKind::managed ? frames : 64,
                                             c.memory == MemoryKind::unmanaged ? frames : 64}));
   env->phys->set_stale_access_fatal(c.stale_fatal);
+  if (c.clock == cpu::ClockKind::modelled) env->phys->set_window_cost(NC_TRY(modelled_window_cost(c.window_cost_ns)));
   env->mm = std::make_unique<host::HostMm>(*env->phys);
   env->vm = std::make_unique<vm::Vm>(*env->mm, 1);
   env->l1_base = NC_TRY(env->mm->create_region(c.l1_bytes, c.memory));

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 
 #include "base/check.h"
 #include "cpu/machine.h"
@@ -25,6 +26,9 @@ struct NestedEnvConfig {
   // selftests on the wall clock their host threads share.
   cpu::ClockKind clock = cpu::ClockKind::wall;
   cpu::GuestCosts costs = {};
+  // Modelled time only: the fixed cost charged per remap window; nullopt
+  // charges the calibrated one (workloads/window_cost.h).
+  std::optional<uint64_t> window_cost_ns = std::nullopt;
 };
 
 // What a torn-down VM left behind (all zero when nothing leaked).

@@ -132,6 +132,7 @@ inline constexpr uint32_t kDefaultBenchSlots = 8192;  // the seed's table
 inline constexpr double kDefaultBenchSeconds = 5.0;   // upstream memslot_perf_test -l
 inline constexpr uint32_t kDefaultL1Hz = 250;         // L1 timer ticks (CONFIG_HZ=250)
 inline constexpr uint64_t kMaxExitCostNs = 10'000'000;
+inline constexpr uint64_t kMaxWindowCostNs = 10'000'000;
 inline constexpr uint64_t kMaxGuestOpNs = 1'000'000;
 
 // nested-io's own parameters (`nestcache bench --tests nested-io`; where
@@ -164,6 +165,9 @@ struct BenchOptions {
   // Hardware exit + entry cost; nullopt: the CPU model's published default
   // (the run reports the value it used in BenchRow::exit_cost_ns).
   std::optional<uint64_t> exit_cost_ns;
+  // What modelled time charges a remap window (mmap + munmap); nullopt: the
+  // cost calibrated once per process (host/window_cost.h).
+  std::optional<uint64_t> window_cost_ns;
   uint32_t l1_hz = kDefaultL1Hz;  // 0: no L1 timer ticks
   // False when l1_hz was chosen (--l1-hz): tests with a default rate of
   // their own (nested-io: kDefaultIoL1Hz) use it only then.
