@@ -88,6 +88,7 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   ec.clock = o.clock;
   ec.costs = o.costs;
   ec.window_cost_ns = o.window_cost_ns;
+  ec.extra_caches = o.extra_caches;
   auto env = NC_TRY(NestedEnv::create(ec));
   std::vector<SwitchedL2> l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
   for (const SwitchedL2& p : l2) {

@@ -51,6 +51,7 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   c.clock = o.clock;
   c.costs = o.costs;
   c.window_cost_ns = o.window_cost_ns;
+  c.extra_caches = o.extra_caches;
   std::string label = fmt::format("{} / {}", memslot_test_name(test), strategy_name(s));
   c.on_iteration = [&](uint64_t done) {
     o.report_progress(done, o.iterations, fmt::format("{}: iteration {}", label, done));

@@ -23,7 +23,22 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
                                    .retry_internal_errors = c.retry_internal_errors,
                                    .costs = c.costs,
                                    .clock = c.clock});
+  NC_TRY(env->add_extra_caches(c.extra_caches));
   return env;
+}
+
+Status NestedEnv::add_extra_caches(uint32_t count) {
+  // Spread over a few pages so that they are distinct ranges, as a VMM's
+  // caches are; the pages below kL1PagesStart are never discarded.
+  constexpr uint64_t kPages = kL1PagesStart / kPageSize;
+  const uint64_t windows_before = phys->counters().get(Counter::remap_windows);
+  for (uint32_t i = 0; i < count; i++) {
+    auto cache = std::make_unique<vm::PfnCache>(*vm);
+    NC_TRY(cache->activate((i % kPages) * kPageSize, kPageSize));
+    extra_caches.push_back(std::move(cache));
+  }
+  extra_cache_windows = phys->counters().get(Counter::remap_windows) - windows_before;
+  return ok();
 }
 
 Result<Hva> NestedEnv::add_page_slot(uint32_t slot, Gpa gpa) {
@@ -40,6 +55,7 @@ std::string Leaks::to_string() const {
 Leaks NestedEnv::tear_down() {
   Leaks l;
   if (auto* table = machine->nested_contexts()) l.attached_contexts = table->table().attached_count();
+  extra_caches.clear();
   machine.reset();
   const CounterSet& pc = phys->counters();
   l.open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);

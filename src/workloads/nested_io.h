@@ -43,6 +43,7 @@ struct NestedIoConfig {
   cpu::ClockKind clock = cpu::ClockKind::modelled;
   cpu::GuestCosts costs = {};
   std::optional<uint64_t> window_cost_ns;  // NestedEnvConfig::window_cost_ns
+  uint32_t extra_caches = 0;               // NestedEnvConfig::extra_caches
   // Called on the L1 vCPU 0 thread after each of its requests (progress).
   std::function<void(uint64_t served)> on_request = nullptr;
 };

@@ -164,6 +164,8 @@ Status validate(const BenchOptions& o) {
   if (o.runs < 1) return errorf(EINVAL, "--runs: at least one run is needed");
   if (o.exit_cost_ns && *o.exit_cost_ns > kMaxExitCostNs)
     return errorf(EINVAL, "--exit-cost-ns: {} is above {}", *o.exit_cost_ns, kMaxExitCostNs);
+  if (o.extra_caches > kMaxExtraCaches)
+    return errorf(EINVAL, "--extra-caches: {} is above {}", o.extra_caches, kMaxExtraCaches);
   if (o.window_cost_ns && *o.window_cost_ns > kMaxWindowCostNs)
     return errorf(EINVAL, "--window-cost-ns: {} is above {}", *o.window_cost_ns, kMaxWindowCostNs);
   if (o.window_cost_ns && o.clock == cpu::ClockKind::wall)

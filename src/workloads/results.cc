@@ -104,6 +104,7 @@ nlohmann::json BenchReport::to_json() const {
       {"pause_ns", options.costs.pause_ns},
       {"exit_cost_ns", exit_cost_ns()},
       {"window_cost", window_cost()},
+      {"extra_caches", options.extra_caches},
       {"l1_hz", options.l1_hz},
       {"slots", options.slots},
       {"memory", memory_kind_name(options.memory)},
