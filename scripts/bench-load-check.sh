@@ -13,7 +13,7 @@
 #   --hogs N        busy processes beside the second run (default: 2, one per core here)
 #   --tolerance P   the largest difference accepted, in percent (default: 15)
 #   --build DIR     where the nestcache binary is (default: build/release)
-# Other options go to `nestcache bench` (default: the default job's --seconds 0.5).
+# Other options go to `nestcache bench` (default: the default job's --scale 0.25 --seconds 0.5).
 # Exit status: 0 when every figure agrees within the tolerance, 1 otherwise.
 # It is a measurement, not a test: CI does not run it.
 set -euo pipefail
@@ -32,7 +32,7 @@ while (($#)); do
     *) bench_args+=("$1"); shift ;;
   esac
 done
-((${#bench_args[@]})) || bench_args=(--seconds 0.5)
+((${#bench_args[@]})) || bench_args=(--scale 0.25 --seconds 0.5)
 bin="$build/nestcache"
 [ -x "$bin" ] || { echo "bench-load-check: $bin not found; build first (cmake --build --preset release)" >&2; exit 2; }
 [[ "$hogs" =~ ^[0-9]+$ ]] || { echo "bench-load-check: --hogs takes a count, not '$hogs'" >&2; exit 2; }
@@ -65,24 +65,26 @@ tol, hogs = float(sys.argv[3]), sys.argv[4]
 def figures(report):
     rows = {}
     for r in report["results"]:
-        rows[(r["test"], r["strategy"])] = r["breakdown"]["per_round_trip"]["total_ns"]
+        for view in ("per_round_trip", "per_iteration"):
+            rows[(r["test"], r["strategy"], view)] = r["breakdown"][view]["total_ns"]
     out = {}
-    for (test, strategy), ns in rows.items():
-        out[f"{test} {strategy} per round trip (ns)"] = ns
-        if strategy == "map" and (test, "cache") in rows:
-            out[f"{test} map/cache per round trip"] = ns / rows[(test, "cache")]
+    for (test, strategy, view), ns in rows.items():
+        name = view.replace("_", " ")
+        out[f"{test} {strategy} {name} (ns)"] = ns
+        if strategy == "map" and (test, "cache", view) in rows:
+            out[f"{test} map/cache {name}"] = ns / rows[(test, "cache", view)]
     return out
 
 q, l = figures(quiet), figures(loaded)
 bad = 0
-print(f"{'figure':44} {'quiet':>10} {'+' + hogs + ' hogs':>10} {'diff':>8}")
+print(f"{'figure':48} {'quiet':>10} {'+' + hogs + ' hogs':>10} {'diff':>8}")
 for name in q:
     if name not in l:
         continue
     diff = (l[name] - q[name]) / q[name] * 100 if q[name] else 0.0
     flag = "" if abs(diff) <= tol else "  <-- beyond ±%g%%" % tol
     bad += bool(flag)
-    print(f"{name:44} {q[name]:10.1f} {l[name]:10.1f} {diff:+7.1f}%{flag}")
+    print(f"{name:48} {q[name]:10.1f} {l[name]:10.1f} {diff:+7.1f}%{flag}")
 print(f"{'agree' if not bad else str(bad) + ' figure(s) differ'} within ±{tol:g}%")
 sys.exit(1 if bad else 0)
 EOF

@@ -139,6 +139,46 @@ Result<workloads::BenchRow> run_one(const workloads::BenchInfo& t, const workloa
   }
 }
 
+// nested-io's own options.
+void add_nested_io_options(CLI::App* cmd, BenchArgs& a) {
+  using namespace workloads;
+  cmd->add_option("--rate", a.io.rate, "nested-io: requests per second offered, all L2 vCPUs together")
+      ->default_str(std::to_string(kDefaultIoRate))
+      ->check(CLI::Range(1u, kMaxIoRate));
+  cmd->add_option("--work", a.io.work, "nested-io: L2 memory operations per request")
+      ->default_str(std::to_string(kDefaultIoWork))
+      ->check(CLI::Range(0u, kMaxIoWork));
+  cmd->add_option("--l2-vcpus", a.io.l2_vcpus, "nested-io: L2 vCPUs serving requests")
+      ->default_str("1")
+      ->check(CLI::Range(1u, kMaxIoL2Vcpus));
+  cmd->add_option("--l1-vcpus", a.io.l1_vcpus, "nested-io: L1 vCPUs the L2 vCPUs are spread over")
+      ->default_str("1")
+      ->check(CLI::Range(1u, kMaxIoL1Vcpus));
+  cmd->add_option("--msr-every", a.io.msr_every, "nested-io: one request in N writes an MSR L1 intercepts (0: none)")
+      ->default_str(std::to_string(kDefaultIoMsrEvery))
+      ->check(CLI::Range(0u, 1'000'000u));
+}
+
+// What modelled time charges (DESIGN.md §5).
+void add_time_model_options(CLI::App* cmd, BenchArgs& a) {
+  using namespace workloads;
+  cmd->add_option("--clock", a.clock,
+                  "What the times measure: modelled (fixed hardware costs for exits and guest instructions, "
+                  "measured CPU time for L0 work; independent of load and free cores) or wall")
+      ->type_name("modelled|wall")
+      ->default_str("modelled")
+      ->check(registry_validator(parse_clock_kind, "clock"));
+  cmd->add_option("--guest-op-ns", a.guest_op_ns, "Modelled cost of a guest instruction (an L1d-hit load at 2.5 GHz)")
+      ->default_str(std::to_string(a.guest_op_ns))
+      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_option("--locked-op-ns", a.locked_op_ns, "Modelled cost of a locked compare-exchange")
+      ->default_str(std::to_string(a.locked_op_ns))
+      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
+      ->default_str(std::to_string(a.pause_ns))
+      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+}
+
 }  // namespace
 
 CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
@@ -176,39 +216,11 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
                                    "L1 timer ticks per second interrupting L2 (0: off; nested-io: 1000 unless given)")
                        ->default_str(std::to_string(kDefaultL1Hz))
                        ->check(CLI::Range(0u, 100000u));
-  cmd->add_option("--rate", a.io.rate, "nested-io: requests per second offered, all L2 vCPUs together")
-      ->default_str(std::to_string(kDefaultIoRate))
-      ->check(CLI::Range(1u, kMaxIoRate));
-  cmd->add_option("--work", a.io.work, "nested-io: L2 memory operations per request")
-      ->default_str(std::to_string(kDefaultIoWork))
-      ->check(CLI::Range(0u, kMaxIoWork));
-  cmd->add_option("--l2-vcpus", a.io.l2_vcpus, "nested-io: L2 vCPUs serving requests")
-      ->default_str("1")
-      ->check(CLI::Range(1u, kMaxIoL2Vcpus));
-  cmd->add_option("--l1-vcpus", a.io.l1_vcpus, "nested-io: L1 vCPUs the L2 vCPUs are spread over")
-      ->default_str("1")
-      ->check(CLI::Range(1u, kMaxIoL1Vcpus));
-  cmd->add_option("--msr-every", a.io.msr_every, "nested-io: one request in N writes an MSR L1 intercepts (0: none)")
-      ->default_str(std::to_string(kDefaultIoMsrEvery))
-      ->check(CLI::Range(0u, 1'000'000u));
+  add_nested_io_options(cmd, a);
   cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
       ->default_str("1")
       ->check(CLI::Range(0.0001, 1.0));
-  cmd->add_option("--clock", a.clock,
-                  "What the times measure: modelled (fixed hardware costs for exits and guest instructions, "
-                  "measured CPU time for L0 work; independent of load and free cores) or wall")
-      ->type_name("modelled|wall")
-      ->default_str("modelled")
-      ->check(registry_validator(parse_clock_kind, "clock"));
-  cmd->add_option("--guest-op-ns", a.guest_op_ns, "Modelled cost of a guest instruction (an L1d-hit load at 2.5 GHz)")
-      ->default_str(std::to_string(a.guest_op_ns))
-      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
-  cmd->add_option("--locked-op-ns", a.locked_op_ns, "Modelled cost of a locked compare-exchange")
-      ->default_str(std::to_string(a.locked_op_ns))
-      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
-  cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
-      ->default_str(std::to_string(a.pause_ns))
-      ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  add_time_model_options(cmd, a);
   cmd->add_option("--sweep", a.sweep,
                   "Run the one test named by --tests at each value of one parameter, every strategy at each: "
                   "slots, l2-per-l1, exit-cost-ns, rate or work")

@@ -11,6 +11,7 @@ MonitorTable::MonitorTable(uint64_t frames) : frames_(frames), watched_(new std:
 }
 
 void MonitorTable::stored_locked(Line& line, const ModelClock& clock) {
+  mu_.assert_held();
   line.last_write = TimeStamp::later(line.last_write, clock.stamp());
   for (Vcpu* w : line.waiters) w->monitor_fired();
 }

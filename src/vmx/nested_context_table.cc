@@ -45,6 +45,7 @@ NestedContext* NestedContextTable::load(int vcpu_id, Gpa key) {
 NestedContextTable::Outcome NestedContextTable::load_locked(int vcpu_id, Gpa key,
                                                             std::unique_ptr<NestedContext>& spare,
                                                             NestedContext** out) {
+  mu_.assert_held();
   if (auto it = by_key_.find(key); it != by_key_.end()) {
     NestedContext* ctx = it->second.get();
     // Two vCPUs with the same vmcs12 current is the caller's bug (the seed
@@ -164,16 +165,19 @@ void NestedContextTable::check_invariants() const {
 }
 
 size_t NestedContextTable::capacity_locked() const {
+  mu_.assert_held();
   const int online = online_vcpus_();
   NC_CHECK(online >= 0);
   return static_cast<size_t>(kNestedOversubRatio) * static_cast<size_t>(online);
 }
 
 void NestedContextTable::attach_locked(NestedContext* ctx, int vcpu_id) {
+  mu_.assert_held();
   ctx->vcpu_id_.store(vcpu_id, std::memory_order_relaxed);
 }
 
 void NestedContextTable::lru_append_locked(NestedContext* ctx) {
+  mu_.assert_held();
   ctx->lru_prev_ = lru_tail_;
   ctx->lru_next_ = nullptr;
   if (lru_tail_ != nullptr) {
@@ -186,6 +190,7 @@ void NestedContextTable::lru_append_locked(NestedContext* ctx) {
 }
 
 void NestedContextTable::lru_remove_locked(NestedContext* ctx) {
+  mu_.assert_held();
   NC_DCHECK(lru_size_ > 0);
   if (ctx->lru_prev_ != nullptr) {
     ctx->lru_prev_->lru_next_ = ctx->lru_next_;

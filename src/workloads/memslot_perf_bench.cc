@@ -125,6 +125,17 @@ std::vector<std::string> time_commentary(MemslotTest test, const BenchRow& map, 
       "= {:.2f} µs ({}), of which {:.2f} µs on the critical path (the breakdown's remap-window part; the rest "
       "overlaps other threads' work).",
       per_trip, diff_us, per_trip * in_run_us, ratio(diff_us, per_trip * in_run_us), critical_us));
+  // Round trips per iteration differ between strategies when a slower
+  // iteration sees more shootdowns, so the same check per iteration, where
+  // the work is the same for every strategy.
+  double trips = static_cast<double>(map.counters[Counter::nested_round_trips]);
+  double windows_per_iteration =
+      map.iterations ? per_trip * trips / static_cast<double>(map.iterations) : 0.0;
+  double diff_iteration_us = (map.seconds_per_iteration - cache.seconds_per_iteration) * 1e6;
+  out.push_back(fmt::format("Per iteration: map − cache = {:.1f} µs; map's {:.1f} windows × cost in the run = {:.1f} µs "
+                            "({}).",
+                            diff_iteration_us, windows_per_iteration, windows_per_iteration * in_run_us,
+                            ratio(diff_iteration_us, windows_per_iteration * in_run_us)));
   auto seed = seed_figures(test);
   double cold_windows = map.extra.contains("cold") ? map.extra["cold"].value("remap_windows", 0.0) : 0.0;
   if (seed && cold_windows > 0 && cache.seconds_per_iteration > 0) {

@@ -76,14 +76,18 @@ TEST(NestedIo, WithoutTicksNoTickExits) {
 }
 
 TEST(NestedIo, TicksInterruptL2OrIdleL1) {
-  // 10,000 Hz over about 20 requests at 1,000 requests/s: about 200 ticks.
+  // 10,000 Hz over about 20 requests at 1,000 requests/s: about 200 ticks
+  // fall due, fewer are taken (ticks that fall due while a vCPU is parked
+  // coalesce, and how many do depends on how fast the host runs). L2 is
+  // busy for a few µs of each ms, so almost every tick finds L1 idle.
   NestedIoConfig c = small(StrategyKind::oracle, MemoryKind::unmanaged, 1, 1);
   c.io.rate = 1000;
   c.l1_hz = 10'000;
   c.requests_per_l2 = 20;
   NestedIoRun r = run(c);
   EXPECT_TRUE(r.failures.empty());
-  EXPECT_GT(r.total().idle_ticks, 100u) << "an idle L1 takes its own ticks";
+  EXPECT_GT(r.total().idle_ticks, 0u) << "an idle L1 takes its own ticks";
+  EXPECT_GT(r.total().idle_ticks, r.total().nested_ticks) << "L1 is idle far more than L2 runs";
 }
 
 TEST(NestedIo, CacheMapsOnlyOnceWhileEveryL2HasAContext) {
