@@ -213,19 +213,23 @@ static std::optional<ExitReason> vmx_instruction_exit(const GuestOp& op) {
   return std::nullopt;
 }
 
+// The exit to L0 for an L1 gfn EPT01 does not map yet (L1's access or the
+// second stage of L2's).
+Vcpu::Exit CpuModel::ept01_miss_exit(const Xlate& x) {
+  Exit e;
+  e.kind = Exit::Kind::ept01_miss;
+  e.gfn = x.gfn;
+  e.write = x.write;
+  return e;
+}
+
 // --- L1 ---------------------------------------------------------------------------------------
 
 CpuModel::Outcome CpuModel::execute_l1(Vcpu& v, const GuestOp& op) {
   if (is_memory_op(op)) {
     Gpa gpa = op_gpa(op);
     Xlate x = translate_l1(v, gpa_to_gfn(gpa), is_store(op));
-    if (x.kind == Xlate::Kind::ept01_miss) {
-      Exit e;
-      e.kind = Exit::Kind::ept01_miss;
-      e.gfn = x.gfn;
-      e.write = x.write;
-      return e;
-    }
+    if (x.kind == Xlate::Kind::ept01_miss) return ept01_miss_exit(x);
     if (auto* m = op.get_if<GuestOp::Mwait>()) return mwait(v, *m, x.tag);
     return access(v, op, x.tag, gpa);
   }
@@ -253,13 +257,7 @@ CpuModel::Outcome CpuModel::execute_l2_memory(Vcpu& v, const GuestOp& op) {
     e.info.guest_physical_address = gpa;
     return e;
   }
-  if (x.kind == Xlate::Kind::ept01_miss) {
-    Exit e;
-    e.kind = Exit::Kind::ept01_miss;
-    e.gfn = x.gfn;
-    e.write = x.write;
-    return e;
-  }
+  if (x.kind == Xlate::Kind::ept01_miss) return ept01_miss_exit(x);
   // The hardware compares every access with the APIC-access address it
   // was given; if that frame no longer backs the page, the comparison is
   // against a stale pfn (the map strategy after a migration or discard).

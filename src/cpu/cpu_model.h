@@ -41,6 +41,7 @@ class CpuModel {
   // not allow it, and the access exits to L0 (which makes it an MMIO exit).
   static Xlate translate_l1(Vcpu& v, Gfn gfn, bool write = false);
   static Xlate translate_l2(Vcpu& v, Gpa l2_gpa, bool write);
+  static Vcpu::Exit ept01_miss_exit(const Xlate& x);
   static Outcome access(Vcpu& v, const GuestOp& op, const host::FrameTag& tag, Gpa gpa);
   // An L2 load, store, RMW or MWAIT: EPT12 then EPT01, the APIC-access page.
   static Outcome execute_l2_memory(Vcpu& v, const GuestOp& op);
