@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "host/fault_injection.h"
 #include "vmx/vmx_nested_contexts.h"
 
 namespace nestcache::workloads {
@@ -30,7 +31,7 @@ int64_t count_entries(const char* path) {
 
 ProcessResources ProcessResources::now() {
   ProcessResources r;
-  r.threads = count_entries("/proc/self/task");
+  r.threads = host::running_threads();
   int64_t fds = count_entries("/proc/self/fd");
   // Listing /proc/self/fd holds one descriptor open: the listing's own.
   r.fds = fds < 0 ? -1 : fds - 1;

@@ -3,10 +3,13 @@
 //
 // VM resources (remap windows, pins, active pfn caches) are read from a VM
 // after its machine is destroyed (NestedEnv::tear_down). Nested contexts
-// (counted process-wide, vmx::VmxNestedContext::live_count), threads
-// (/proc/self/task) and file descriptors (/proc/self/fd) are counted before
-// the run and after it, once every thread it started has been joined and
-// every VM destroyed; the difference is what the run left.
+// (counted process-wide, vmx::VmxNestedContext::live_count), threads (the
+// project's own, host::running_threads) and file descriptors (/proc/self/fd)
+// are counted before the run and after it, once every thread it started has
+// been joined and every VM destroyed; the difference is what the run left.
+// Threads are the project's own rather than /proc/self/task's entries
+// because a sanitizer's runtime starts a thread of its own when the first
+// thread is made, which would otherwise count as one the run left.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +23,7 @@ namespace nestcache::workloads {
 
 // The threads and open file descriptors of this process right now.
 struct ProcessResources {
-  int64_t threads = 0;  // entries of /proc/self/task
+  int64_t threads = 0;  // threads started through host::start_thread and still running
   int64_t fds = 0;      // entries of /proc/self/fd (the directory's own descriptor not counted)
   uint64_t contexts = 0;  // nested contexts alive (vmx::VmxNestedContext::live_count)
 
