@@ -2,7 +2,10 @@
 // once, for a given time, with the detectors on and a leak check at the end.
 //
 // Per strategy, until --seconds have passed (a started epoch finishes), the
-// run repeats epochs. An epoch is one VM with four L1 vCPUs:
+// run repeats epochs; if by then the scheduler has not let every churn below
+// happen at least once (a save while L2 runs, a host change under the pages
+// workload), up to 50 more epochs run until it has. An epoch is one VM with
+// four L1 vCPUs:
 //   vCPUs 0, 1  the pages workload (pages_workload.h): L2 writes memory and
 //               CR8, touches the APIC-access page, reads an intercepted MSR
 //               and receives posted interrupts, while its host thread
@@ -30,6 +33,7 @@
 // changed are the bug the seed fixes), and that is not a failure.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -51,6 +55,9 @@ struct StressOptions {
   int64_t rounds = kDefaultStressRounds;   // pages-workload rounds per epoch, [1, kMaxStressRounds]
   bool verbose = false;                    // per-epoch details in the result
   Progress* progress = nullptr;            // optional display; may be null
+  // Optional: once it holds true, the run ends after the epoch under way
+  // (which finishes and is torn down as usual), before `seconds` are up.
+  const std::atomic<bool>* stop = nullptr;
 };
 
 // EINVAL naming the option: seconds outside (0, 7 days], rounds outside
@@ -60,9 +67,11 @@ Status validate(const StressOptions& o);
 // Runs the soak for one strategy. The result's counters are every epoch's
 // summed; details hold "epochs", "seconds", "migrations", "discards",
 // "memslot_moves", "nested_state_saves", "nested_state_migrations",
-// "l2_vcpus", "l1_vcpus", "context_capacity" and "teardown" (Teardown, taken
-// after every VM and thread of the run is gone). A usage error (validate)
-// comes back refused.
+// "l2_vcpus", "l1_vcpus", "context_capacity", "stopped_early" (true when
+// `o.stop` ended the run before its time) and "teardown" (Teardown, taken
+// after every VM and thread of the run is gone). A run stopped early is
+// judged like any other on the epochs it finished, except that it need not
+// show every churn. A usage error (validate) comes back refused.
 SelftestResult run_stress(const StressOptions& o, StrategyKind strategy);
 
 }  // namespace nestcache::workloads

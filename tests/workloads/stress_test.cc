@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "host/fault_injection.h"
 #include "workloads/stress.h"
 #include "workloads/teardown.h"
 
@@ -74,6 +75,29 @@ TEST(Stress, MapReportsTheDetectorsInsteadOfFailing) {
   EXPECT_TRUE(reported);
 }
 
+TEST(Stress, AStopRequestEndsTheRunAfterTheEpochUnderWayAndStillChecksTeardown) {
+  StressOptions o = short_run();
+  o.seconds = kMaxStressSeconds;  // only the stop request can end it
+  std::atomic<bool> stop{true};
+  o.stop = &stop;
+  SelftestResult r = run_stress(o, StrategyKind::cache);
+  for (const auto& f : r.failures) ADD_FAILURE() << f;
+  EXPECT_TRUE(r.passed);
+  EXPECT_EQ(r.details["epochs"].get<int>(), 1);
+  EXPECT_TRUE(r.details["stopped_early"].get<bool>());
+  EXPECT_GT(r.counters[Counter::nested_entries], 0u);
+  expect_nothing_left(r.details["teardown"]);
+}
+
+TEST(Stress, ARunThatReachesItsTimeWasNotStoppedEarly) {
+  std::atomic<bool> stop{false};
+  StressOptions o = short_run();
+  o.stop = &stop;
+  SelftestResult r = run_stress(o, StrategyKind::oracle);
+  EXPECT_TRUE(r.passed);
+  EXPECT_FALSE(r.details["stopped_early"].get<bool>());
+}
+
 TEST(Stress, OptionsOutOfRangeAreRefusedAsUsageErrors) {
   StressOptions o = short_run();
   o.seconds = 0;
@@ -114,16 +138,19 @@ TEST(Teardown, CountsADescriptorLeftOpen) {
 TEST(Teardown, CountsAThreadStillRunning) {
   ProcessResources before = ProcessResources::now();
   std::atomic<bool> stop{false};
-  std::thread th([&] {
+  auto th = host::start_thread("the test thread", [&] {
     while (!stop.load()) std::this_thread::yield();
   });
+  ASSERT_TRUE(th);
   Teardown t;
   t.take_process(before);
   EXPECT_EQ(t.threads, 1);
+  EXPECT_FALSE(t.none());
   stop.store(true);
-  th.join();
+  th->join();
   t.take_process(before);
   EXPECT_EQ(t.threads, 0);
+  EXPECT_TRUE(t.none());
 }
 
 TEST(Teardown, AVmLeftBehindCountsItsWindowsAndPins) {
