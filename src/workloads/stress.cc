@@ -190,6 +190,7 @@ void run_epoch(const StressOptions& o, StrategyKind s, Totals& tot, SelftestResu
 struct MigrationChurn {
   uint64_t migrations = 0;
   CounterSnapshot counters;
+  Teardown teardown;  // what the source and destination VMs left
   std::string error;  // empty: no failure
 };
 
@@ -198,10 +199,12 @@ struct MigrationChurn {
 std::string migrate_once(const nested_state::MigrationConfig& c, MigrationChurn& out) {
   nested_state::SourceRun src = nested_state::run_source(c, true);
   out.counters += src.counters;
+  out.teardown.add(src.leaks);
   if (!src.run) return fmt::format("source: {}", src.run.error().to_string());
   if (src.blob.empty()) return "source: no nested state was taken";
   nested_state::RestoredRun dst = nested_state::run_restored(c, src.memory, src.blob, {}, src.vp_assist_msr);
   out.counters += dst.counters;
+  out.teardown.add(dst.leaks);
   if (!dst.set) return fmt::format("restore: {}", dst.set.error().to_string());
   if (!dst.run) return fmt::format("restored run: {}", dst.run.error().to_string());
   if (dst.transcript != src.transcript) return "the restored run's transcript differs from the source's";
@@ -302,6 +305,7 @@ SelftestResult run_stress(const StressOptions& o, StrategyKind s) {
     }
   }
   if (!mig.error.empty()) r.fail(mig.error);
+  tot.teardown.add(mig.teardown);
   tot.teardown.take_process(before);
   r.counters = tot.counters;
   r.counters += mig.counters;

@@ -45,6 +45,12 @@ void Teardown::add(const Leaks& l) {
   active_caches += l.active_caches;
 }
 
+void Teardown::add(const Teardown& vms) {
+  remap_windows_open += vms.remap_windows_open;
+  pins += vms.pins;
+  active_caches += vms.active_caches;
+}
+
 void Teardown::take_process(const ProcessResources& before) {
   ProcessResources after = ProcessResources::now();
   contexts = static_cast<int64_t>(after.contexts) - static_cast<int64_t>(before.contexts);

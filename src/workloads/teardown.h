@@ -41,6 +41,8 @@ struct Teardown {
 
   // Adds what one torn-down VM left (NestedEnv::tear_down's report).
   void add(const Leaks& l);
+  // Adds the VM figures (windows, pins, caches) another tally holds.
+  void add(const Teardown& vms);
   // Fills contexts, threads and fds_leaked from the process now against
   // `before`. Call once every VM is destroyed and every thread joined.
   void take_process(const ProcessResources& before);
