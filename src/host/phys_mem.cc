@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "base/check.h"
+#include "base/model_time.h"
 #include "host/fault_injection.h"
 
 namespace nestcache::host {
@@ -185,7 +186,12 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
   // MAP_POPULATE: the page-table entry is made now, as memremap makes the
   // kernel's, so the window's whole cost is in this call and the first
   // access does not fault.
-  void* p = mmap_or_fault(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
+  void* p;
+  {
+    std::optional<ModelClock::FixedCost> fixed;
+    if (window_cost_set_.load(std::memory_order_acquire)) fixed.emplace(window_open_ns_.load(std::memory_order_relaxed));
+    p = mmap_or_fault(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
+  }
   if (p == MAP_FAILED) {
     const int e = errno;
     return errorf(e, "remap window on pfn {}: {}", pfn, std::strerror(e));
@@ -198,8 +204,25 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
 }
 
 void PhysMem::close_window(std::byte* data) {
-  NC_CHECK(munmap(data, kPageSize) == 0);
+  {
+    std::optional<ModelClock::FixedCost> fixed;
+    if (window_cost_set_.load(std::memory_order_acquire)) fixed.emplace(window_close_ns_.load(std::memory_order_relaxed));
+    NC_CHECK(munmap(data, kPageSize) == 0);
+  }
   counters_.add(Counter::remap_windows_closed);
+}
+
+void PhysMem::set_window_cost(std::optional<WindowCost> cost) {
+  window_cost_set_.store(false, std::memory_order_release);
+  if (!cost) return;
+  window_open_ns_.store(cost->open_ns, std::memory_order_relaxed);
+  window_close_ns_.store(cost->close_ns, std::memory_order_relaxed);
+  window_cost_set_.store(true, std::memory_order_release);
+}
+
+std::optional<WindowCost> PhysMem::window_cost() const {
+  if (!window_cost_set_.load(std::memory_order_acquire)) return std::nullopt;
+  return WindowCost{window_open_ns_.load(std::memory_order_relaxed), window_close_ns_.load(std::memory_order_relaxed)};
 }
 
 Result<FramePin> PhysMem::pin(Pfn pfn) {
