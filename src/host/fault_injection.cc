@@ -26,6 +26,8 @@ struct SiteState {
 
 SiteState g_sites[kFaultSites];
 
+std::atomic<int64_t> g_running_threads{0};
+
 SiteState& state(FaultSite site) { return g_sites[static_cast<int>(site)]; }
 
 int default_error(FaultSite site) {
@@ -134,5 +136,13 @@ void* mmap_or_fault(void* addr, size_t len, int prot, int flags, int fd, off_t o
 }
 
 uint64_t faults_injected(FaultSite site) { return state(site).injected.load(); }
+
+int64_t running_threads() { return g_running_threads.load(std::memory_order_acquire); }
+
+namespace detail {
+void thread_started() { g_running_threads.fetch_add(1, std::memory_order_relaxed); }
+// Release: a reader that sees the count drop also sees what the thread did.
+void thread_ended() { g_running_threads.fetch_sub(1, std::memory_order_release); }
+}  // namespace detail
 
 }  // namespace nestcache::host
