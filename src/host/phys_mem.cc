@@ -19,6 +19,9 @@ enum FrameState : uint8_t {
   kFreePending = 2 // freed while pinned: goes back at the last unpin
 };
 int pool_index(FrameKind kind) { return kind == FrameKind::managed ? 0 : 1; }
+// munmaps of one window before it is parked: the first, and one retry at
+// once (a transient failure costs no more than that).
+constexpr int kUnmapAttempts = 2;
 }  // namespace
 
 const char* frame_kind_name(FrameKind kind) {
@@ -94,6 +97,9 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const PhysMemConfig& config) {
 }
 
 PhysMem::~PhysMem() {
+  // A window whose munmap fails even now stays mapped until the process
+  // exits; the counters that a leak report read before this showed it.
+  (void)close_parked_windows();
   if (direct_) munmap(direct_, managed_ * kPageSize);
   if (pool_) munmap(pool_, total_ * kPageSize);
   if (fd_ >= 0) close(fd_);
@@ -182,6 +188,12 @@ std::byte* PhysMem::direct(Pfn pfn) const {
 
 Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
   NC_CHECK(pfn < total_);
+  // No new window while earlier ones could not be unmapped: the failure
+  // reaches whoever needs a mapping, and the leak stays bounded.
+  if (parked_count_.load(std::memory_order_acquire) != 0) {
+    if (Status st = close_parked_windows(); !st)
+      return errorf(st.error().code, "remap window on pfn {}: {}", pfn, st.error().message);
+  }
   // MAP_POPULATE: the page-table entry is made now, as memremap makes the
   // kernel's, so the window's whole cost is in this call and the first
   // access does not fault.
@@ -198,8 +210,38 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
 }
 
 void PhysMem::close_window(std::byte* data) {
-  NC_CHECK(munmap(data, kPageSize) == 0);
-  counters_.add(Counter::remap_windows_closed);
+  int error = 0;
+  for (int attempt = 0; attempt < kUnmapAttempts; attempt++) {
+    if (munmap_or_fault(data, kPageSize) == 0) {
+      counters_.add(Counter::remap_windows_closed);
+      return;
+    }
+    error = errno;
+    NC_CHECK(error != EINVAL);  // a window is one whole page mapping of ours
+    counters_.add(Counter::remap_window_unmap_failures);
+  }
+  // Still mapped: it stays counted open until a later munmap succeeds.
+  MutexLock l(parked_mu_);
+  parked_.push_back(data);
+  parked_error_ = error;
+  parked_count_.store(parked_.size(), std::memory_order_release);
+}
+
+Status PhysMem::close_parked_windows() {
+  MutexLock l(parked_mu_);
+  std::erase_if(parked_, [&](std::byte* data) {
+    if (munmap_or_fault(data, kPageSize) == 0) {
+      counters_.add(Counter::remap_windows_closed);
+      return true;
+    }
+    parked_error_ = errno;
+    counters_.add(Counter::remap_window_unmap_failures);
+    return false;
+  });
+  parked_count_.store(parked_.size(), std::memory_order_release);
+  if (parked_.empty()) return ok();
+  return errorf(parked_error_, "{} earlier remap window(s) still mapped, munmap failed: {}", parked_.size(),
+                std::strerror(parked_error_));
 }
 
 Result<FramePin> PhysMem::pin(Pfn pfn) {
