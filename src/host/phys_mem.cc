@@ -214,6 +214,8 @@ void PhysMem::close_window(std::byte* data) {
   for (int attempt = 0; attempt < kUnmapAttempts; attempt++) {
     if (munmap_or_fault(data, kPageSize) == 0) {
       counters_.add(Counter::remap_windows_closed);
+      // munmap works again: the windows parked earlier go now too.
+      if (parked_count_.load(std::memory_order_acquire) != 0) (void)close_parked_windows();
       return;
     }
     error = errno;

@@ -75,7 +75,8 @@ class PhysMem;
 // map_window retries the parked munmaps first and, while any still fails,
 // refuses to open a window, with the munmap's errno: the error reaches the
 // caller that needs a mapping, and the leak stays bounded by the windows open
-// when munmap began to fail.
+// when munmap began to fail. The next window that closes retries them too,
+// so teardown (which closes every window) unmaps them once munmap works.
 class RemapWindow {
  public:
   RemapWindow() = default;
