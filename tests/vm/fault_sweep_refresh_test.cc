@@ -21,6 +21,7 @@ namespace {
 
 using host::FaultSite;
 using test_support::fault_label;
+using testing::VmEnv;
 
 constexpr Gpa kGpa = 0x3000;
 constexpr Gpa kSlot1Gpa = 0x100000;
