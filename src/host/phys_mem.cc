@@ -22,7 +22,10 @@ int pool_index(FrameKind kind) { return kind == FrameKind::managed ? 0 : 1; }
 // munmaps of one window before it is parked: the first, and one retry at
 // once (a transient failure costs no more than that).
 constexpr int kUnmapAttempts = 2;
+std::atomic<int64_t> g_windows_open{0};
 }  // namespace
+
+int64_t windows_open_in_process() { return g_windows_open.load(); }
 
 const char* frame_kind_name(FrameKind kind) {
   return kind == FrameKind::managed ? "managed" : "unmanaged";
@@ -97,9 +100,19 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const PhysMemConfig& config) {
 }
 
 PhysMem::~PhysMem() {
-  // A window whose munmap fails even now stays mapped until the process
-  // exits; the counters that a leak report read before this showed it.
-  (void)close_parked_windows();
+  {
+    MutexLock l(parked_mu_);
+    for (std::byte* data : parked_) {
+      if (munmap(data, kPageSize) == 0) {
+        counters_.add(Counter::remap_windows_closed);
+        g_windows_open.fetch_sub(1);
+      } else {
+        std::fprintf(stderr, "nestcache: a remap window at %p stays mapped: munmap: %s (%s)\n", static_cast<void*>(data),
+                     strerrorname_np(errno), std::strerror(errno));
+      }
+    }
+    parked_.clear();
+  }
   if (direct_) munmap(direct_, managed_ * kPageSize);
   if (pool_) munmap(pool_, total_ * kPageSize);
   if (fd_ >= 0) close(fd_);
@@ -203,6 +216,7 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
     return errorf(e, "remap window on pfn {}: {}", pfn, std::strerror(e));
   }
   counters_.add(Counter::remap_windows);
+  g_windows_open.fetch_add(1);
   RemapWindow w;
   w.mem_ = this;
   w.data_ = static_cast<std::byte*>(p);
@@ -214,6 +228,7 @@ void PhysMem::close_window(std::byte* data) {
   for (int attempt = 0; attempt < kUnmapAttempts; attempt++) {
     if (munmap_or_fault(data, kPageSize) == 0) {
       counters_.add(Counter::remap_windows_closed);
+      g_windows_open.fetch_sub(1);
       // munmap works again: the windows parked earlier go now too.
       if (parked_count_.load(std::memory_order_acquire) != 0) (void)close_parked_windows();
       return;
@@ -234,6 +249,7 @@ Status PhysMem::close_parked_windows() {
   std::erase_if(parked_, [&](std::byte* data) {
     if (munmap_or_fault(data, kPageSize) == 0) {
       counters_.add(Counter::remap_windows_closed);
+      g_windows_open.fetch_sub(1);
       return true;
     }
     parked_error_ = errno;

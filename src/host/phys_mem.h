@@ -64,6 +64,10 @@ struct PhysMemConfig {
 
 class PhysMem;
 
+// Remap windows open now in the whole process, over every PhysMem (parked
+// ones included): 0 once every VM is gone, however its windows closed.
+int64_t windows_open_in_process();
+
 // A real mmap of one unmanaged (or managed) frame, released by munmap when
 // the window is destroyed. Move-only. Opening and closing are counted.
 //
@@ -77,6 +81,9 @@ class PhysMem;
 // caller that needs a mapping, and the leak stays bounded by the windows open
 // when munmap began to fail. The next window that closes retries them too,
 // so teardown (which closes every window) unmaps them once munmap works.
+// The PhysMem's destructor unmaps what is still parked as the host layer's
+// other teardown unmaps are made (outside the fault seam), and reports on
+// stderr, with the errno, a window even that cannot unmap.
 class RemapWindow {
  public:
   RemapWindow() = default;

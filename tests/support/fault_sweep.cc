@@ -21,7 +21,7 @@ std::string fault_label(const host::FaultSpec& f) {
 bool names_resource(host::FaultSite site, const std::string& message) {
   auto has = [&](const char* word) { return message.find(word) != std::string::npos; };
   switch (site) {
-    case host::FaultSite::mmap: return has("remap window") || has("mapping");
+    case host::FaultSite::mmap: return has("remap window") || has("mapping") || has("address space");
     case host::FaultSite::munmap: return has("munmap");
     case host::FaultSite::memfd: return has("memfd") || has("physical memory");
     case host::FaultSite::thread: return has("cannot start");

@@ -32,7 +32,7 @@ std::vector<host::FaultSpec> sweep_faults(host::FaultSite site, uint64_t count, 
 std::string fault_label(const host::FaultSpec& f);
 
 // The words an error caused by a fault at `site` must contain to name the
-// resource: "remap window" or "mapping" for mmap, "munmap" for munmap,
+// resource: "remap window", "mapping" or "address space" for mmap, "munmap" for munmap,
 // "memfd" or "physical memory" for memfd, "cannot start" for thread.
 bool names_resource(host::FaultSite site, const std::string& message);
 
