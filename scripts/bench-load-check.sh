@@ -5,9 +5,10 @@
 # modelled time per nested round trip of each strategy and the map/cache ratio.
 #
 # Modelled time (DESIGN.md §5) should make the two runs agree: waiting costs
-# nothing by itself, and L0's own work is timed in thread CPU time. What load
-# can still move: L0 work that really gets slower on a loaded machine (a remap
-# window's TLB-shootdown IPI must interrupt a busy CPU; caches are colder).
+# nothing by itself, remap windows cost a figure calibrated once per process,
+# and L0's other work is timed in thread CPU time. What load can still move:
+# that CPU time, where it really gets slower on a loaded machine (a busy
+# hyperthread sibling, colder caches), and the calibration itself.
 #
 # Usage: scripts/bench-load-check.sh [--hogs N] [--tolerance PCT] [--build DIR] [bench options...]
 #   --hogs N        busy processes beside the second run (default: 2, one per core here)
@@ -76,6 +77,11 @@ def figures(report):
     return out
 
 q, l = figures(quiet), figures(loaded)
+wq, wl = quiet.get("window_cost") or {}, loaded.get("window_cost") or {}
+if wq and wl:
+    cost = lambda w: w["open_ns"] + w["close_ns"]
+    print(f"remap window ({wq.get('source')}): quiet {cost(wq)} ns, beside {hogs} hogs {cost(wl)} ns "
+          f"({(cost(wl) - cost(wq)) / cost(wq) * 100:+.1f}%)")
 bad = 0
 print(f"{'figure':48} {'quiet':>10} {'+' + hogs + ' hogs':>10} {'diff':>8}")
 for name in q:

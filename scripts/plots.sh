@@ -27,6 +27,9 @@ sweep nested-io-exit-cost --tests nested-io --sweep exit-cost-ns=0,150,300,612,1
 # memslot_perf's map test: L2 memslots, 8 to KVM's limit (a quarter of upstream's area, best of 3 runs
 # of 4 iterations: the L0 part is measured CPU time, which other load on the machine disturbs a little).
 sweep map-slots --tests map --sweep slots=8,64,512,2048,8192,32764 --scale 0.25 --iterations 4 --runs 3
+# memslot_perf's map test: idle pfn caches registered beside the strategy's own, which every one of the
+# host's discards (an MMU-notifier invalidation) must not find.
+sweep map-caches --tests map --sweep caches=0,64,512,2048,8192 --scale 0.25 --iterations 4 --runs 3
 
 # plot NAME TITLE XLABEL COLUMN YLABEL LOGX LOGY: one line per strategy of COLUMN (seconds, drawn in µs).
 plot() {
@@ -55,4 +58,6 @@ plot nested-io-exit-cost "nested-io: cost per request against the exit cost" "ex
   "modelled µs per request (busy)" 0 0 nested-io-exit-cost-request
 plot map-slots "memslot_perf map: cost per nested round trip" "L2 memslots" 4 \
   "modelled µs per round trip" 1 1 map-slots-round-trip
+plot map-caches "memslot_perf map: cost per nested round trip against registered caches" \
+  "idle pfn caches registered (--extra-caches)" 4 "modelled µs per round trip" 0 1 map-caches-round-trip
 echo "plots.sh: wrote $(ls "$out"/*.svg | wc -l) plots to $out" >&2

@@ -109,4 +109,18 @@ ModelClock::PartScope::~PartScope() {
   clock_->part_ = outer_;
 }
 
+ModelClock::FixedCost::FixedCost(uint64_t ns) : clock_(tls_clock), ns_(ns) {
+  if (!clock_ || !clock_->measuring_) {
+    clock_ = nullptr;
+    return;
+  }
+  clock_->settle();
+}
+
+ModelClock::FixedCost::~FixedCost() {
+  if (!clock_ || !clock_->measuring_) return;
+  clock_->last_cpu_ns_ = thread_cpu_ns();  // the scope's own CPU time is dropped
+  clock_->charge(clock_->part_, ns_);
+}
+
 }  // namespace nestcache

@@ -8,7 +8,8 @@
 //
 //   transitions    hardware VM exits and entries: a fixed cost each
 //   guest_ops      guest instructions: a fixed, hardware-like cost each
-//   remap_windows  L0 time inside HostMap map/unmap (measured)
+//   remap_windows  L0 time inside HostMap map/unmap (measured, except the
+//                  mmap and munmap of a window: a calibrated fixed cost)
 //   pfn_cache      L0 time inside pfn-cache checks, refreshes, invalidation
 //                  (measured)
 //   other_l0       every other piece of L0 or host work (measured)
@@ -121,6 +122,24 @@ class ModelClock {
    private:
     ModelClock* clock_;
     TimePart outer_ = TimePart::other_l0;
+  };
+
+  // Charges a fixed `ns` to the current part in place of the CPU time of its
+  // scope (when the calling thread's clock is measuring): for host work
+  // whose measured cost depends on what else the machine runs, such as a
+  // munmap whose TLB shootdown waits for other CPUs only while they run
+  // this process's threads. The cost is then calibrated once, under stated
+  // conditions, and every occurrence is charged the same.
+  class FixedCost {
+   public:
+    explicit FixedCost(uint64_t ns);
+    ~FixedCost();
+    FixedCost(const FixedCost&) = delete;
+    FixedCost& operator=(const FixedCost&) = delete;
+
+   private:
+    ModelClock* clock_;
+    uint64_t ns_;
   };
 
  private:

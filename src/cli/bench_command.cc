@@ -177,6 +177,11 @@ void add_time_model_options(CLI::App* cmd, BenchArgs& a) {
   cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
       ->default_str(std::to_string(a.pause_ns))
       ->check(CLI::Range(uint64_t{0}, kMaxGuestOpNs));
+  a.window_cost_option =
+      cmd->add_option("--window-cost-ns", a.window_cost_ns,
+                      "Modelled cost of one remap window, mmap + munmap (default: measured once at start while "
+                      "another thread of the process runs on another CPU, so each munmap pays one TLB shootdown)")
+          ->check(CLI::Range(uint64_t{0}, kMaxWindowCostNs));
 }
 
 }  // namespace
@@ -216,6 +221,11 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
                                    "L1 timer ticks per second interrupting L2 (0: off; nested-io: 1000 unless given)")
                        ->default_str(std::to_string(kDefaultL1Hz))
                        ->check(CLI::Range(0u, 100000u));
+  cmd->add_option("--extra-caches", a.extra_caches,
+                  "Idle pfn caches the VMM keeps registered on L1 memory during the run: every MMU-notifier "
+                  "invalidation checks each, whatever the strategy")
+      ->default_str("0")
+      ->check(CLI::Range(0u, kMaxExtraCaches));
   add_nested_io_options(cmd, a);
   cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
       ->default_str("1")
@@ -223,7 +233,7 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   add_time_model_options(cmd, a);
   cmd->add_option("--sweep", a.sweep,
                   "Run the one test named by --tests at each value of one parameter, every strategy at each: "
-                  "slots, l2-per-l1, exit-cost-ns, rate or work")
+                  "slots, l2-per-l1, exit-cost-ns, rate, work or caches (--extra-caches)")
       ->type_name("PARAM=v1,v2,...");
   cmd->add_option("--csv", a.csv, "With --sweep: also write the points as CSV to this file")->type_name("FILE");
   cmd->add_flag("--breakdown", a.breakdown,
@@ -270,6 +280,8 @@ int run_bench_command(const BenchArgs& a, bool json) {
   o.iterations = a.iterations;
   o.runs = a.runs;
   if (a.exit_cost_option->count() > 0) o.exit_cost_ns = a.exit_cost_ns;
+  if (a.window_cost_option->count() > 0) o.window_cost_ns = a.window_cost_ns;
+  o.extra_caches = a.extra_caches;
   o.l1_hz = a.l1_hz;
   o.l1_hz_is_default = a.l1_hz_option->count() == 0;
   o.io = a.io;
@@ -345,6 +357,14 @@ class BenchPrinter {
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");
     if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
+    if (nlohmann::json w = report_.window_cost(); w.is_object())
+      fmt::print("remap window {} ns (mmap {} + munmap {}), {}\n", w["open_ns"].get<uint64_t>() + w["close_ns"].get<uint64_t>(),
+                 w["open_ns"].get<uint64_t>(), w["close_ns"].get<uint64_t>(),
+                 w["source"] == "calibrated"
+                     ? fmt::format("calibrated with another thread of the process on another CPU ({} of {} samples{})",
+                                   w["concurrent_samples"].get<uint64_t>(), w["samples"].get<uint64_t>(),
+                                   w["sibling_ran"].get<bool>() ? "" : "; too few: all samples used")
+                     : std::string("--window-cost-ns"));
   }
   // Prints tests [printed_, end) that have rows.
   void print_tests_locked(size_t end) NC_REQUIRES(mu_) {

@@ -93,6 +93,9 @@ struct BenchArgs {
   uint32_t runs = 1;
   uint64_t exit_cost_ns = 0;
   CLI::Option* exit_cost_option = nullptr;  // given or not
+  uint64_t window_cost_ns = 0;
+  uint32_t extra_caches = 0;
+  CLI::Option* window_cost_option = nullptr;  // given or not
   uint32_t l1_hz = workloads::kDefaultL1Hz;
   CLI::Option* l1_hz_option = nullptr;  // given or not
   workloads::IoOptions io = {};

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "base/check.h"
+#include "base/model_time.h"
 #include "host/fault_injection.h"
 
 namespace nestcache::host {
@@ -210,7 +211,12 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
   // MAP_POPULATE: the page-table entry is made now, as memremap makes the
   // kernel's, so the window's whole cost is in this call and the first
   // access does not fault.
-  void* p = mmap_or_fault(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
+  void* p;
+  {
+    std::optional<ModelClock::FixedCost> fixed;
+    if (window_cost_set_.load(std::memory_order_acquire)) fixed.emplace(window_open_ns_.load(std::memory_order_relaxed));
+    p = mmap_or_fault(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset_of(pfn));
+  }
   if (p == MAP_FAILED) {
     const int e = errno;
     return errorf(e, "remap window on pfn {}: {}", pfn, std::strerror(e));
@@ -225,17 +231,28 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
 
 void PhysMem::close_window(std::byte* data) {
   int error = 0;
-  for (int attempt = 0; attempt < kUnmapAttempts; attempt++) {
-    if (munmap_or_fault(data, kPageSize) == 0) {
-      counters_.add(Counter::remap_windows_closed);
-      g_windows_open.fetch_sub(1);
-      // munmap works again: the windows parked earlier go now too.
-      if (parked_count_.load(std::memory_order_acquire) != 0) (void)close_parked_windows();
-      return;
+  bool closed = false;
+  {
+    // Modelled time: a window's close is charged its fixed cost, failed
+    // attempts included (see set_window_cost).
+    std::optional<ModelClock::FixedCost> fixed;
+    if (window_cost_set_.load(std::memory_order_acquire)) fixed.emplace(window_close_ns_.load(std::memory_order_relaxed));
+    for (int attempt = 0; attempt < kUnmapAttempts && !closed; attempt++) {
+      if (munmap_or_fault(data, kPageSize) == 0) {
+        closed = true;
+        break;
+      }
+      error = errno;
+      NC_CHECK(error != EINVAL);  // a window is one whole page mapping of ours
+      counters_.add(Counter::remap_window_unmap_failures);
     }
-    error = errno;
-    NC_CHECK(error != EINVAL);  // a window is one whole page mapping of ours
-    counters_.add(Counter::remap_window_unmap_failures);
+  }
+  if (closed) {
+    counters_.add(Counter::remap_windows_closed);
+    g_windows_open.fetch_sub(1);
+    // munmap works again: the windows parked earlier go now too.
+    if (parked_count_.load(std::memory_order_acquire) != 0) (void)close_parked_windows();
+    return;
   }
   // Still mapped: it stays counted open until a later munmap succeeds.
   MutexLock l(parked_mu_);
@@ -260,6 +277,19 @@ Status PhysMem::close_parked_windows() {
   if (parked_.empty()) return ok();
   return errorf(parked_error_, "{} earlier remap window(s) still mapped, munmap failed: {}", parked_.size(),
                 std::strerror(parked_error_));
+}
+
+void PhysMem::set_window_cost(std::optional<WindowCost> cost) {
+  window_cost_set_.store(false, std::memory_order_release);
+  if (!cost) return;
+  window_open_ns_.store(cost->open_ns, std::memory_order_relaxed);
+  window_close_ns_.store(cost->close_ns, std::memory_order_relaxed);
+  window_cost_set_.store(true, std::memory_order_release);
+}
+
+std::optional<WindowCost> PhysMem::window_cost() const {
+  if (!window_cost_set_.load(std::memory_order_acquire)) return std::nullopt;
+  return WindowCost{window_open_ns_.load(std::memory_order_relaxed), window_close_ns_.load(std::memory_order_relaxed)};
 }
 
 Result<FramePin> PhysMem::pin(Pfn pfn) {

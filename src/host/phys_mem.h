@@ -25,12 +25,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "base/counters.h"
 #include "base/error.h"
 #include "base/mutex.h"
 #include "base/types.h"
+#include "host/window_cost.h"
 
 namespace nestcache {
 namespace cpu {
@@ -200,6 +202,12 @@ class PhysMem {
   Status close_parked_windows() NC_EXCLUDES(parked_mu_);
   // Windows whose munmap failed and that are still mapped (counted open).
   size_t parked_windows() const { return parked_count_.load(std::memory_order_acquire); }
+  // Modelled time: with a cost set, each window's mmap and munmap charge the
+  // calling thread's clock that fixed cost instead of their CPU time (see
+  // host/window_cost.h); nullopt (the default) measures them. Set it before
+  // the threads that open windows start.
+  void set_window_cost(std::optional<WindowCost> cost);
+  std::optional<WindowCost> window_cost() const;
   // Pins a managed frame; EINVAL for unmanaged frames (they cannot be pinned).
   Result<FramePin> pin(Pfn pfn) NC_EXCLUDES(mu_);
   uint32_t pin_count(Pfn pfn) const NC_EXCLUDES(mu_);
@@ -238,6 +246,10 @@ class PhysMem {
   std::unique_ptr<std::atomic<uint64_t>[]> versions_;
   std::atomic<uint64_t> next_version_{0};
   std::atomic<bool> stale_fatal_{false};
+  // The fixed window cost, if set (window_cost_set_ published last).
+  std::atomic<uint64_t> window_open_ns_{0};
+  std::atomic<uint64_t> window_close_ns_{0};
+  std::atomic<bool> window_cost_set_{false};
   mutable CounterSet counters_;
 
   struct Pool {

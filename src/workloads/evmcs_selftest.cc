@@ -75,8 +75,13 @@ struct Transcript {
   int ud_while_away = 0;      // VMRESUME with the memslot away: #UD
   int entered_while_away = 0; // ... or entered on a kept (stale) map
 };
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Transcript, round_trips, lost_exit_info, lost_evmcs_writes, ud_while_away,
-                                   entered_while_away)
+void to_json(nlohmann::json& j, const Transcript& t) {
+  j = {{"round_trips", t.round_trips},
+       {"lost_exit_info", t.lost_exit_info},
+       {"lost_evmcs_writes", t.lost_evmcs_writes},
+       {"ud_while_away", t.ud_while_away},
+       {"entered_while_away", t.entered_while_away}};
+}
 
 // One round trip: a new guest RIP into the page, VMRESUME, then what L1
 // finds after the exit — the reason in the page, the RIP through VMREAD.

@@ -87,6 +87,8 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   ec.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   ec.clock = o.clock;
   ec.costs = o.costs;
+  ec.window_cost_ns = o.window_cost_ns;
+  ec.extra_caches = o.extra_caches;
   auto env = NC_TRY(NestedEnv::create(ec));
   std::vector<SwitchedL2> l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
   for (const SwitchedL2& p : l2) {
@@ -156,7 +158,7 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
        warm_switches ? static_cast<double>(run.counters[Counter::remap_windows]) / static_cast<double>(warm_switches)
                      : 0.0},
   };
-  if (s == StrategyKind::map) row.extra["remap_window_ns"] = NC_TRY(remap_window_ns(o.memory));
+  if (s == StrategyKind::map) row.extra["remap_window_ns"] = NC_TRY(remap_window_ns(o));
   return row;
 }
 

@@ -277,6 +277,8 @@ Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c) {
   ec.exit_cost_ns = c.exit_cost_ns;
   ec.clock = c.clock;
   ec.costs = c.costs;
+  ec.window_cost_ns = c.window_cost_ns;
+  ec.extra_caches = c.extra_caches;
   auto env = NC_TRY(NestedEnv::create(ec));
   MemslotPerfDriver perf(c, run.layout, *env, run);
   // The words the vCPUs hand-shake through: the VMM's mailbox, and the sync
@@ -287,7 +289,7 @@ Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c) {
   env->machine->set_l1_program(1, perf.host_program());
   if (auto st = env->machine->run(c.timeout); !st) return tl::unexpected(st.error());
   run.work = env->machine->work();
-  run.windows = env->phys->counters().get(Counter::remap_windows);
+  run.windows = env->phys->counters().get(Counter::remap_windows) - env->extra_cache_windows;
   // Every stale access of the whole run, preparation included: none is harmless.
   run.counters[Counter::stale_accesses] = env->phys->counters().get(Counter::stale_accesses);
   if (uint64_t bad = perf.l2_failures())

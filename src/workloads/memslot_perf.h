@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,8 @@ struct MemslotPerfConfig {
   // and the L1 timer run on it.
   cpu::ClockKind clock = cpu::ClockKind::modelled;
   cpu::GuestCosts costs = {};
+  std::optional<uint64_t> window_cost_ns;  // NestedEnvConfig::window_cost_ns
+  uint32_t extra_caches = 0;               // NestedEnvConfig::extra_caches
   uint32_t l1_hz = kDefaultL1Hz;  // L1 timer ticks per second (vCPU 0's APIC timer); 0: off
   double scale = 1.0;             // (0, 1]: shrinks upstream's area sizes
   bool verify = false;            // upstream -d: check the values written

@@ -1,5 +1,7 @@
 #include "workloads/nested_env.h"
 
+#include "workloads/window_cost.h"
+
 namespace nestcache::workloads {
 
 Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
@@ -9,6 +11,7 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
   env->phys = NC_TRY(host::PhysMem::create({c.memory == MemoryKind::managed ? frames : 64,
                                             c.memory == MemoryKind::unmanaged ? frames : 64}));
   env->phys->set_stale_access_fatal(c.stale_fatal);
+  if (c.clock == cpu::ClockKind::modelled) env->phys->set_window_cost(NC_TRY(modelled_window_cost(c.window_cost_ns)));
   env->mm = std::make_unique<host::HostMm>(*env->phys);
   env->vm = std::make_unique<vm::Vm>(*env->mm, 1);
   env->l1_base = NC_TRY(env->mm->create_region(c.l1_bytes, c.memory));
@@ -20,7 +23,22 @@ Result<std::unique_ptr<NestedEnv>> NestedEnv::create(const NestedEnvConfig& c) {
                                    .retry_internal_errors = c.retry_internal_errors,
                                    .costs = c.costs,
                                    .clock = c.clock});
+  NC_TRY(env->add_extra_caches(c.extra_caches));
   return env;
+}
+
+Status NestedEnv::add_extra_caches(uint32_t count) {
+  // Spread over a few pages so that they are distinct ranges, as a VMM's
+  // caches are; the pages below kL1PagesStart are never discarded.
+  constexpr uint64_t kPages = kL1PagesStart / kPageSize;
+  const uint64_t windows_before = phys->counters().get(Counter::remap_windows);
+  for (uint32_t i = 0; i < count; i++) {
+    auto cache = std::make_unique<vm::PfnCache>(*vm);
+    NC_TRY(cache->activate((i % kPages) * kPageSize, kPageSize));
+    extra_caches.push_back(std::move(cache));
+  }
+  extra_cache_windows = phys->counters().get(Counter::remap_windows) - windows_before;
+  return ok();
 }
 
 Result<Hva> NestedEnv::add_page_slot(uint32_t slot, Gpa gpa) {
@@ -37,6 +55,7 @@ std::string Leaks::to_string() const {
 Leaks NestedEnv::tear_down() {
   Leaks l;
   if (auto* table = machine->nested_contexts()) l.attached_contexts = table->table().attached_count();
+  extra_caches.clear();
   machine.reset();
   const CounterSet& pc = phys->counters();
   l.open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);

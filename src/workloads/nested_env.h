@@ -5,9 +5,12 @@
 #pragma once
 
 #include <memory>
+#include <optional>
+#include <vector>
 
 #include "base/check.h"
 #include "cpu/machine.h"
+#include "vm/pfn_cache.h"
 #include "workloads/registry.h"
 
 namespace nestcache::workloads {
@@ -25,6 +28,12 @@ struct NestedEnvConfig {
   // selftests on the wall clock their host threads share.
   cpu::ClockKind clock = cpu::ClockKind::wall;
   cpu::GuestCosts costs = {};
+  // Modelled time only: the fixed cost charged per remap window; nullopt
+  // charges the calibrated one (workloads/window_cost.h).
+  std::optional<uint64_t> window_cost_ns = std::nullopt;
+  // Idle pfn caches activated on L1's first pages before the run, held by the
+  // VMM until tear_down(): more caches for the notifier to check.
+  uint32_t extra_caches = 0;
 };
 
 // What a torn-down VM left behind (all zero when nothing leaked).
@@ -45,6 +54,9 @@ class NestedEnv {
   // Adds a one-page region of the configured kind as memslot `slot` at `gpa`
   // (scenarios give the pages they churn their own slots).
   Result<Hva> add_page_slot(uint32_t slot, Gpa gpa);
+  // Activates `count` idle pfn caches on L1's first pages (extra_caches).
+  // Errors: the activation's (ENOMEM when a window cannot be had).
+  Status add_extra_caches(uint32_t count);
   // Destroys the machine (VM teardown frees the nested contexts and their
   // caches) and reports what was left: the attached contexts just before,
   // the windows, pins and active caches just after. The pool, HostMm and Vm
@@ -65,6 +77,8 @@ class NestedEnv {
   std::unique_ptr<vm::Vm> vm;
   std::unique_ptr<cpu::Machine> machine;
   Hva l1_base = 0;
+  std::vector<std::unique_ptr<vm::PfnCache>> extra_caches;
+  uint64_t extra_cache_windows = 0;  // the remap windows their activation opened
 };
 
 // L1's memory layout for scenarios: its own page allocator starts here.

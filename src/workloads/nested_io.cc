@@ -286,6 +286,8 @@ Result<NestedIoRun> run_nested_io(const NestedIoConfig& c) {
   ec.exit_cost_ns = c.exit_cost_ns;
   ec.clock = c.clock;
   ec.costs = c.costs;
+  ec.window_cost_ns = c.window_cost_ns;
+  ec.extra_caches = c.extra_caches;
   auto env = NC_TRY(NestedEnv::create(ec));
   NC_TRY(env->machine->watch(kSyncPage, kPageSize));
   std::vector<IoL1Setup> setups = lay_out(c, *env->machine);

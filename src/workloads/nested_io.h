@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -41,6 +42,8 @@ struct NestedIoConfig {
   uint64_t exit_cost_ns = 0;
   cpu::ClockKind clock = cpu::ClockKind::modelled;
   cpu::GuestCosts costs = {};
+  std::optional<uint64_t> window_cost_ns;  // NestedEnvConfig::window_cost_ns
+  uint32_t extra_caches = 0;               // NestedEnvConfig::extra_caches
   // Called on the L1 vCPU 0 thread after each of its requests (progress).
   std::function<void(uint64_t served)> on_request = nullptr;
 };

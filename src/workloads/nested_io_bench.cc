@@ -88,6 +88,8 @@ Result<BenchRow> run_bench_nested_io(const BenchOptions& o, StrategyKind s) {
   c.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   c.clock = o.clock;
   c.costs = o.costs;
+  c.window_cost_ns = o.window_cost_ns;
+  c.extra_caches = o.extra_caches;
   std::string label = fmt::format("nested-io / {}", strategy_name(s));
   c.on_request = [&o, &c, label](uint64_t served) {
     if (served % 256 == 0) o.report_progress(served, c.requests_per_l2, label);

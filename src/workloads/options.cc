@@ -164,6 +164,12 @@ Status validate(const BenchOptions& o) {
   if (o.runs < 1) return errorf(EINVAL, "--runs: at least one run is needed");
   if (o.exit_cost_ns && *o.exit_cost_ns > kMaxExitCostNs)
     return errorf(EINVAL, "--exit-cost-ns: {} is above {}", *o.exit_cost_ns, kMaxExitCostNs);
+  if (o.extra_caches > kMaxExtraCaches)
+    return errorf(EINVAL, "--extra-caches: {} is above {}", o.extra_caches, kMaxExtraCaches);
+  if (o.window_cost_ns && *o.window_cost_ns > kMaxWindowCostNs)
+    return errorf(EINVAL, "--window-cost-ns: {} is above {}", *o.window_cost_ns, kMaxWindowCostNs);
+  if (o.window_cost_ns && o.clock == cpu::ClockKind::wall)
+    return errorf(EINVAL, "--window-cost-ns: only modelled time charges a fixed window cost (--clock wall measures it)");
   if (!(o.scale > 0 && o.scale <= 1)) return errorf(EINVAL, "--scale: {} is outside (0, 1]", o.scale);
   for (auto [name, ns] : {std::pair{"--guest-op-ns", o.costs.op_ns}, std::pair{"--locked-op-ns", o.costs.locked_op_ns},
                           std::pair{"--pause-ns", o.costs.pause_ns}})

@@ -132,6 +132,10 @@ inline constexpr uint32_t kDefaultBenchSlots = 8192;  // the seed's table
 inline constexpr double kDefaultBenchSeconds = 5.0;   // upstream memslot_perf_test -l
 inline constexpr uint32_t kDefaultL1Hz = 250;         // L1 timer ticks (CONFIG_HZ=250)
 inline constexpr uint64_t kMaxExitCostNs = 10'000'000;
+inline constexpr uint64_t kMaxWindowCostNs = 10'000'000;
+// --extra-caches: registered pfn caches beyond the strategy's own (one remap
+// window each on unmanaged memory, well inside the process's map count).
+inline constexpr uint32_t kMaxExtraCaches = 8192;
 inline constexpr uint64_t kMaxGuestOpNs = 1'000'000;
 
 // nested-io's own parameters (`nestcache bench --tests nested-io`; where
@@ -164,6 +168,12 @@ struct BenchOptions {
   // Hardware exit + entry cost; nullopt: the CPU model's published default
   // (the run reports the value it used in BenchRow::exit_cost_ns).
   std::optional<uint64_t> exit_cost_ns;
+  // What modelled time charges a remap window (mmap + munmap); nullopt: the
+  // cost calibrated once per process (host/window_cost.h).
+  std::optional<uint64_t> window_cost_ns;
+  // Idle pfn caches the VMM keeps registered on L1's memory during the run:
+  // every MMU-notifier invalidation checks each, whatever the strategy.
+  uint32_t extra_caches = 0;
   uint32_t l1_hz = kDefaultL1Hz;  // 0: no L1 timer ticks
   // False when l1_hz was chosen (--l1-hz): tests with a default rate of
   // their own (nested-io: kDefaultIoL1Hz) use it only then.

@@ -2,6 +2,7 @@
 #include "workloads/results.h"
 
 #include "base/check.h"
+#include "workloads/window_cost.h"
 
 namespace nestcache::workloads {
 
@@ -85,6 +86,12 @@ uint64_t BenchReport::exit_cost_ns() const {
   return rows.empty() ? 0 : rows.front().exit_cost_ns;
 }
 
+nlohmann::json BenchReport::window_cost() const {
+  if (options.clock != cpu::ClockKind::modelled) return nullptr;
+  auto j = window_cost_json(options.window_cost_ns);
+  return j ? *j : nlohmann::json(nullptr);
+}
+
 nlohmann::json BenchReport::to_json() const {
   nlohmann::json strategies = nlohmann::json::array();
   for (vmx::StrategyKind s : options.strategies) strategies.push_back(vmx::strategy_name(s));
@@ -96,6 +103,8 @@ nlohmann::json BenchReport::to_json() const {
       {"locked_op_ns", options.costs.locked_op_ns},
       {"pause_ns", options.costs.pause_ns},
       {"exit_cost_ns", exit_cost_ns()},
+      {"window_cost", window_cost()},
+      {"extra_caches", options.extra_caches},
       {"l1_hz", options.l1_hz},
       {"slots", options.slots},
       {"memory", memory_kind_name(options.memory)},

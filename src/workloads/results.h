@@ -99,6 +99,9 @@ struct BenchReport {
 
   // The exit cost to report: the option if given, else what the rows used.
   uint64_t exit_cost_ns() const;
+  // What modelled time charged per remap window (window_cost_json), or null
+  // on the wall clock.
+  nlohmann::json window_cost() const;
   // {exit_cost_ns, l1_hz, slots, memory, seconds_limit, iterations_limit,
   //  runs, scale, strategies, io, results: [row...], comparisons}. Ratios
   // are not stored in rows: every ratio derives from them; comparisons holds

@@ -11,7 +11,7 @@ namespace nestcache::workloads {
 namespace {
 
 constexpr SweepParam kParams[] = {SweepParam::slots, SweepParam::l2_per_l1, SweepParam::exit_cost_ns,
-                                  SweepParam::rate, SweepParam::work};
+                                  SweepParam::rate, SweepParam::work, SweepParam::caches};
 
 Result<uint32_t> narrow(SweepParam p, uint64_t value) {
   if (value > std::numeric_limits<uint32_t>::max())
@@ -48,6 +48,7 @@ std::string_view sweep_param_name(SweepParam p) {
     case SweepParam::exit_cost_ns: return "exit-cost-ns";
     case SweepParam::rate: return "rate";
     case SweepParam::work: return "work";
+    case SweepParam::caches: return "caches";
   }
   return "?";
 }
@@ -99,6 +100,7 @@ Result<BenchOptions> sweep_options(const BenchOptions& base, SweepParam p, uint6
     case SweepParam::exit_cost_ns: o.exit_cost_ns = value; break;
     case SweepParam::rate: o.io.rate = NC_TRY(narrow(p, value)); break;
     case SweepParam::work: o.io.work = NC_TRY(narrow(p, value)); break;
+    case SweepParam::caches: o.extra_caches = NC_TRY(narrow(p, value)); break;
   }
   if (auto st = validate(o); !st) return tl::unexpected(st.error());
   return o;
@@ -116,7 +118,8 @@ Status check_sweep_applies(const BenchInfo& test, SweepParam p) {
       if (io || test.group == "l2-switch")
         return errorf(EINVAL, "--sweep slots: {} has no L2 memslots to vary", test.name);
       return ok();
-    case SweepParam::exit_cost_ns: return ok();
+    case SweepParam::exit_cost_ns:
+    case SweepParam::caches: return ok();
   }
   return ok();
 }

@@ -20,9 +20,10 @@ enum class SweepParam : uint8_t {
   exit_cost_ns,  // --exit-cost-ns: the hardware exit + entry cost
   rate,          // nested-io --rate
   work,          // nested-io --work
+  caches,        // --extra-caches: idle pfn caches registered beside the strategy's
 };
 
-// "slots", "l2-per-l1", "exit-cost-ns", "rate", "work".
+// "slots", "l2-per-l1", "exit-cost-ns", "rate", "work", "caches".
 std::string_view sweep_param_name(SweepParam p);
 // Every parameter's name, for messages.
 std::vector<std::string> sweep_param_names();
@@ -44,7 +45,7 @@ Result<BenchOptions> sweep_options(const BenchOptions& base, SweepParam p, uint6
 
 // EINVAL unless `p` changes what `test` does: the nested-io parameters
 // (l2-per-l1, rate, work) apply to nested-io alone, slots to the memslot_perf
-// tests (not nested-io, not l2-switch); the exit cost to all.
+// tests (not nested-io, not l2-switch); the exit cost and caches to all.
 Status check_sweep_applies(const BenchInfo& test, SweepParam p);
 
 // Every value checked with sweep_options() before anything runs: EINVAL for

@@ -2,6 +2,7 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 
 #include "base/model_time.h"
 #include "host/host_mm.h"
@@ -15,8 +16,9 @@ namespace {
 
 constexpr size_t kPages = 16;
 
-Result<double> measure(MemoryKind memory, int count) {
+Result<double> measure(MemoryKind memory, std::optional<host::WindowCost> cost, int count) {
   auto phys = NC_TRY(host::PhysMem::create({kPages + 16, kPages + 16}));
+  phys->set_window_cost(cost);
   host::HostMm mm(*phys);
   vm::Vm vm(mm, 1);
   Hva base = NC_TRY(mm.create_region(kPages * kPageSize, memory));
@@ -35,14 +37,37 @@ Result<double> measure(MemoryKind memory, int count) {
 
 }  // namespace
 
-Result<double> remap_window_ns(MemoryKind memory, int count) {
+Result<host::WindowCost> modelled_window_cost(std::optional<uint64_t> override_ns) {
+  if (override_ns) return host::WindowCost{*override_ns / 2, *override_ns - *override_ns / 2};
+  return NC_TRY(host::calibrated_window_cost()).cost;
+}
+
+Result<double> remap_window_ns(const BenchOptions& o, int count) {
   static std::mutex mu;
-  static std::map<MemoryKind, double> measured;
+  static std::map<std::tuple<MemoryKind, bool, uint64_t, uint64_t>, double> measured;
+  std::optional<host::WindowCost> cost;
+  if (o.clock == cpu::ClockKind::modelled) cost = NC_TRY(modelled_window_cost(o.window_cost_ns));
   std::lock_guard l(mu);
-  if (auto it = measured.find(memory); it != measured.end()) return it->second;
-  double ns = NC_TRY(measure(memory, count));
-  measured[memory] = ns;
+  auto key = std::tuple{o.memory, cost.has_value(), cost ? cost->open_ns : 0, cost ? cost->close_ns : 0};
+  if (auto it = measured.find(key); it != measured.end()) return it->second;
+  double ns = NC_TRY(measure(o.memory, cost, count));
+  measured[key] = ns;
   return ns;
+}
+
+Result<nlohmann::json> window_cost_json(std::optional<uint64_t> override_ns) {
+  host::WindowCost cost = NC_TRY(modelled_window_cost(override_ns));
+  nlohmann::json j = {{"open_ns", cost.open_ns}, {"close_ns", cost.close_ns}};
+  if (override_ns) {
+    j["source"] = "--window-cost-ns";
+    return j;
+  }
+  host::WindowCalibration c = NC_TRY(host::calibrated_window_cost());
+  j["source"] = "calibrated";
+  j["samples"] = c.samples;
+  j["concurrent_samples"] = c.concurrent;
+  j["sibling_ran"] = c.condition_met;
+  return j;
 }
 
 }  // namespace nestcache::workloads

@@ -82,6 +82,26 @@ TEST(ModelClock, MeasuredWorkGoesToTheScopesPart) {
   EXPECT_EQ(c.stamp()[TimePart::guest_ops], 0u);
 }
 
+TEST(ModelClock, AFixedCostReplacesItsScopesCpuTime) {
+  ModelClock c;
+  ModelClock::Binding bind(c);
+  c.begin_measured();
+  {
+    ModelClock::PartScope scope(TimePart::remap_windows);
+    ModelClock::FixedCost fixed(1234);
+    burn_cpu(20);  // dropped: the scope is worth 1234 ns whatever it costs
+  }
+  c.end_measured();
+  EXPECT_GE(c.stamp()[TimePart::remap_windows], 1234u);
+  EXPECT_LT(c.stamp()[TimePart::remap_windows], 5'000'000u) << "the 20 ms burnt inside the fixed cost counted";
+  ModelClock idle;
+  ModelClock::Binding rebind(idle);
+  {
+    ModelClock::FixedCost fixed(1234);  // not measuring: nothing
+  }
+  EXPECT_EQ(idle.now(), 0u);
+}
+
 TEST(ModelClock, OnlyMeasuredWorkIsCounted) {
   ModelClock c;
   ModelClock::Binding bind(c);

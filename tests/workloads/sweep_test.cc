@@ -23,7 +23,7 @@ TEST(Sweep, RefusesBadInputWithAMessage) {
     EXPECT_EQ(s.error().code, EINVAL) << bad;
     EXPECT_FALSE(s.error().message.empty());
   }
-  EXPECT_NE(parse_sweep("bogus=1").error().message.find("slots, l2-per-l1, exit-cost-ns, rate or work"),
+  EXPECT_NE(parse_sweep("bogus=1").error().message.find("slots, l2-per-l1, exit-cost-ns, rate, work or caches"),
             std::string::npos);
 }
 
@@ -41,6 +41,8 @@ TEST(Sweep, EachValueGivesValidatedOptions) {
   EXPECT_FALSE(sweep_options(base, SweepParam::slots, 1));
   EXPECT_FALSE(sweep_options(base, SweepParam::slots, uint64_t{1} << 40));
   EXPECT_EQ(sweep_options(base, SweepParam::slots, 32764)->slots, 32764u);
+  EXPECT_EQ(sweep_options(base, SweepParam::caches, 512)->extra_caches, 512u);
+  EXPECT_FALSE(sweep_options(base, SweepParam::caches, kMaxExtraCaches + 1));
   EXPECT_FALSE(validate_sweep(base, SweepSpec{SweepParam::rate, {}}));
   EXPECT_FALSE(validate_sweep(base, SweepSpec{SweepParam::rate, {10, 0}}));
 }
@@ -57,6 +59,8 @@ TEST(Sweep, ParametersApplyToTheTestsTheyChange) {
   EXPECT_TRUE(check_sweep_applies(*map, SweepParam::slots));
   EXPECT_FALSE(check_sweep_applies(*map, SweepParam::work));
   EXPECT_FALSE(check_sweep_applies(*sw, SweepParam::slots));
+  EXPECT_TRUE(check_sweep_applies(*sw, SweepParam::caches));
+  EXPECT_TRUE(check_sweep_applies(*map, SweepParam::caches));
 }
 
 TEST(Sweep, ATinySweepRunsEveryStrategyAtEveryValue) {

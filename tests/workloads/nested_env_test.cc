@@ -1,0 +1,44 @@
+// NestedEnv's own features: the idle pfn caches a run can keep registered
+// (--extra-caches) and the teardown that releases them.
+#include "workloads/nested_env.h"
+
+#include <gtest/gtest.h>
+
+#include "support/nested_env.h"
+#include "vm/cache_registry.h"
+
+namespace nestcache::workloads {
+namespace {
+
+class ExtraCaches : public ::testing::TestWithParam<MemoryKind> {};
+
+TEST_P(ExtraCaches, AreRegisteredSeeInvalidationsAndGoAtTeardown) {
+  NestedEnvConfig c;
+  c.strategy = StrategyKind::map;
+  c.memory = GetParam();
+  c.l1_bytes = 4 << 20;
+  c.extra_caches = 40;
+  auto env = test_support::make_nested_env(c);
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->extra_caches.size(), 40u);
+  EXPECT_EQ(env->vm->caches().active_count(), 40u);
+  EXPECT_EQ(env->extra_cache_windows, GetParam() == MemoryKind::unmanaged ? 40u : 0u);
+
+  // Discarding L1's first page invalidates the caches on it: the 40 are
+  // spread round-robin over kL1PagesStart / kPageSize pages.
+  const uint64_t pages = kL1PagesStart / kPageSize;
+  const uint64_t on_page0 = (40 + pages - 1) / pages;
+  const uint64_t before = env->vm->counters().get(Counter::cache_invalidations);
+  ASSERT_TRUE(env->mm->discard(env->l1_base, kPageSize));
+  EXPECT_EQ(env->vm->counters().get(Counter::cache_invalidations) - before, on_page0);
+
+  Leaks l = env->tear_down();
+  EXPECT_TRUE(l.none()) << l.to_string();
+  EXPECT_TRUE(env->extra_caches.empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Memory, ExtraCaches, ::testing::Values(MemoryKind::managed, MemoryKind::unmanaged),
+                         [](const auto& info) { return std::string(memory_kind_name(info.param)); });
+
+}  // namespace
+}  // namespace nestcache::workloads
