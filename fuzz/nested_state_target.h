@@ -54,8 +54,12 @@ class LiveVcpu {
 
  private:
   std::vector<std::byte> get() const;
+  // Sets baseline_ and lets the next entry's request resolve its pages.
+  void restore_baseline();
   std::unique_ptr<workloads::NestedEnv> env_;
   std::vector<std::byte> baseline_;
+  // What get() reads right after restore_baseline().
+  std::vector<std::byte> baseline_state_;
   std::string name_;
 };
 

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Builds and runs every test: release and ThreadSanitizer (the issue's two),
-# AddressSanitizer+UBSan, and the clang -Wthread-safety compile check.
-# Usage: scripts/test.sh [preset...]   (default: all of them)
+# Builds and runs every test: the clang -Wthread-safety compile check, then
+# release, ThreadSanitizer and AddressSanitizer+UBSan builds with all of
+# CTest, then a short libFuzzer run of each fuzz target (clang, ASan+UBSan).
+# Usage: scripts/test.sh [step...]   (steps: thread-safety release tsan asan fuzz;
+#                                     default: all of them, in that order)
+# Environment: FUZZ_SECONDS (default 20), how long each fuzz target runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-presets=("$@")
-((${#presets[@]})) || presets=(thread-safety release tsan asan)
+steps=("$@")
+((${#steps[@]})) || steps=(thread-safety release tsan asan fuzz)
 jobs=$(nproc)
-for p in "${presets[@]}"; do
+for p in "${steps[@]}"; do
   echo "=== ${p} ===" >&2
+  if [ "$p" = fuzz ]; then
+    scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-20}"
+    continue
+  fi
   cmake --preset "$p" >/dev/null
   cmake --build --preset "$p" -j "$jobs"
   if [ "$p" != thread-safety ]; then
     ctest --preset "$p" -j "$jobs"
   fi
 done
-echo "all tests passed (${presets[*]})" >&2
+echo "all tests passed (${steps[*]})" >&2

@@ -19,6 +19,7 @@
 #include <CLI/CLI.hpp>
 
 #include "workloads/registry.h"
+#include "workloads/stress.h"
 
 namespace nestcache::cli {
 
@@ -143,6 +144,26 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args);
 // Parses every file, runs every case, prints each step's outcome; returns
 // 0 (all held), 1 (a step differed) or 2 (usage, bad file, VM not built).
 int run_run_command(const RunArgs& args, bool json);
+
+// ---------------------------------------------------------------------------
+// nestcache stress [options]   (stress_command.cc)
+
+struct StressArgs {
+  double seconds = workloads::kDefaultStressSeconds;
+  std::string strategy = "cache,oracle";
+  std::string memory = "unmanaged";
+  int64_t rounds = workloads::kDefaultStressRounds;
+  bool json = false;
+  bool verbose = false;
+  CLI::App* command = nullptr;
+};
+
+// Adds `stress`: the soak run of workloads/stress.h.
+CLI::App* add_stress_command(CLI::App& app, StressArgs& args);
+// Runs the soak for each strategy in turn, printing each result as it
+// finishes (or one JSON object at the end); returns 0 (every assertion
+// held), 1 (one failed) or 2 (usage).
+int run_stress_command(const StressArgs& args, bool json);
 
 // ---------------------------------------------------------------------------
 // nestcache (no command)

@@ -23,6 +23,13 @@ sigset_t interrupt_signals() {
 }  // namespace
 
 Result<std::unique_ptr<InterruptWatch>> InterruptWatch::start(std::function<void(int)> on_signal) {
+  return start_stoppable([f = std::move(on_signal)](int signo) {
+    f(signo);
+    return true;
+  });
+}
+
+Result<std::unique_ptr<InterruptWatch>> InterruptWatch::start_stoppable(std::function<bool(int)> on_signal) {
   std::unique_ptr<InterruptWatch> w(new InterruptWatch());
   w->on_signal_ = std::move(on_signal);
   sigset_t set = interrupt_signals();
@@ -54,7 +61,7 @@ void InterruptWatch::wait_loop() {
   while (!stop_.load()) {
     int signo = sigtimedwait(&set, nullptr, &step);
     if (signo <= 0) continue;
-    on_signal_(signo);
+    if (!on_signal_(signo)) continue;  // the run stops by itself
     std::fflush(stdout);
     std::fflush(stderr);
     _exit(128 + signo);

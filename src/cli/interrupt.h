@@ -22,6 +22,11 @@ class InterruptWatch {
   // Must be made before the command starts any thread. Fails (with the
   // errno) only if its thread cannot be started.
   static Result<std::unique_ptr<InterruptWatch>> start(std::function<void(int)> on_signal);
+  // As start, for a run that can stop by itself: `on_signal(signo)` returns
+  // true to end the process as start does, or false once it has asked the
+  // run to stop; the watch then goes on waiting, so that a later signal
+  // (for which on_signal returns true) still ends a run that does not stop.
+  static Result<std::unique_ptr<InterruptWatch>> start_stoppable(std::function<bool(int)> on_signal);
   // Stops the waiting thread and restores the signal mask.
   ~InterruptWatch();
   InterruptWatch(const InterruptWatch&) = delete;
@@ -31,7 +36,7 @@ class InterruptWatch {
   InterruptWatch() = default;
   void wait_loop();
 
-  std::function<void(int)> on_signal_;
+  std::function<bool(int)> on_signal_;  // true: exit now
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

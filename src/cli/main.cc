@@ -22,15 +22,18 @@ const std::string kAbout =
     "  nestcache selftest   list and run the correctness scenarios\n"
     "  nestcache bench      time the seed's benchmark for each strategy, side by side\n"
     "  nestcache run FILE   run scenario files: steps with the outcome KVM gives for each\n"
+    "  nestcache stress     soak: every kind of churn at once, nothing stale, lost or leaked\n"
     "  nestcache            the main job: the seed's benchmark table, every strategy\n";
 
 // Runs the command the parsed line names; returns the exit status.
 int dispatch(CLI::App* selftest_cmd, nestcache::cli::SelftestArgs& selftest, CLI::App* bench_cmd,
-             const nestcache::cli::BenchArgs& bench, CLI::App* run_cmd, const nestcache::cli::RunArgs& run, bool json) {
+             const nestcache::cli::BenchArgs& bench, CLI::App* run_cmd, const nestcache::cli::RunArgs& run,
+             const nestcache::cli::StressArgs& stress, bool json) {
   using namespace nestcache;
   if (selftest_cmd->parsed()) return cli::run_selftest_command(selftest, json || selftest.json);
   if (bench_cmd->parsed()) return cli::run_bench_command(bench, json || bench.json);
   if (run_cmd->parsed()) return cli::run_run_command(run, json || run.json);
+  if (stress.command->parsed()) return cli::run_stress_command(stress, json || stress.json);
   return cli::run_default_job(json);
 }
 
@@ -56,6 +59,8 @@ int main(int argc, char** argv) {
   CLI::App* bench_cmd = cli::add_bench_command(app, bench);
   cli::RunArgs run;
   CLI::App* run_cmd = cli::add_run_command(app, run);
+  cli::StressArgs stress;
+  cli::add_stress_command(app, stress);
   std::vector<std::string> faults;
   app.add_option("--inject-fault", faults,
                  "For tests: make the Nth mmap, remap-window munmap, memfd set-up or thread start of this run fail, "
@@ -91,7 +96,7 @@ int main(int argc, char** argv) {
   // running out of memory is a literal, since formatting one needs memory.
   int status;
   try {
-    status = dispatch(selftest_cmd, selftest, bench_cmd, bench, run_cmd, run, json);
+    status = dispatch(selftest_cmd, selftest, bench_cmd, bench, run_cmd, run, stress, json);
   } catch (const std::bad_alloc&) {
     std::fputs("nestcache: ENOMEM: out of memory\n", stderr);
     status = cli::kExitFailed;

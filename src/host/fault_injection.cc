@@ -37,6 +37,8 @@ void reset(SiteState& s) {
   s.ops.store(0);
 }
 
+std::atomic<int64_t> g_running_threads{0};
+
 SiteState& state(FaultSite site) { return g_sites[static_cast<int>(site)]; }
 
 int default_error(FaultSite site) {
@@ -160,5 +162,13 @@ int munmap_or_fault(void* addr, size_t len) {
 uint64_t faults_injected(FaultSite site) { return state(site).injected.load(); }
 
 uint64_t operations(FaultSite site) { return state(site).ops.load(); }
+
+int64_t running_threads() { return g_running_threads.load(std::memory_order_acquire); }
+
+namespace detail {
+void thread_started() { g_running_threads.fetch_add(1, std::memory_order_relaxed); }
+// Release: a reader that sees the count drop also sees what the thread did.
+void thread_ended() { g_running_threads.fetch_sub(1, std::memory_order_release); }
+}  // namespace detail
 
 }  // namespace nestcache::host

@@ -79,19 +79,49 @@ void* mmap_or_fault(void* addr, size_t len, int prot, int flags, int fd, off_t o
 // set to the injected error (the mapping stays, as after a real failure).
 int munmap_or_fault(void* addr, size_t len);
 
+// Threads started through start_thread whose function has not returned
+// yet, in the whole process. Once every such thread has been joined it is
+// exactly the number the project has running: threads of the runtime
+// (ThreadSanitizer's background thread, glibc helpers) are not in it, as
+// they are in /proc/self/task.
+int64_t running_threads();
+
+namespace detail {
+// start_thread's bookkeeping for running_threads(): one count from just
+// before the thread is created until its function returns (or creation
+// fails).
+void thread_started();
+void thread_ended();
+struct RunningThread {
+  RunningThread() = default;
+  RunningThread(const RunningThread&) = delete;
+  RunningThread& operator=(const RunningThread&) = delete;
+  ~RunningThread() { thread_ended(); }
+};
+}  // namespace detail
+
 // Starts a thread running `fn`. Fails, instead of throwing, with the errno
 // the system gave (EAGAIN when a thread or memory limit is reached) and a
 // message naming `what` ("the vCPU 1 thread"); the thread site's injected
-// faults land here.
+// faults land here. The thread counts in running_threads() until `fn`
+// returns.
 template <class Fn>
 Result<std::thread> start_thread(std::string_view what, Fn&& fn) {
   if (int e = take_fault(FaultSite::thread))
     return errorf(e, "cannot start {}: {} (injected)", what, std::generic_category().message(e));
+  // Counted before the thread exists, so that a count taken while it starts
+  // already includes it.
+  detail::thread_started();
   try {
-    return std::thread(std::forward<Fn>(fn));
+    return std::thread([body = std::forward<Fn>(fn)]() mutable {
+      detail::RunningThread counted;  // uncounted when the body returns, or throws
+      body();
+    });
   } catch (const std::system_error& ex) {
+    detail::thread_ended();
     return errorf(ex.code().value(), "cannot start {}: {}", what, ex.code().message());
   } catch (const std::bad_alloc&) {
+    detail::thread_ended();
     return errorf(ENOMEM, "cannot start {}: out of memory", what);
   }
 }

@@ -183,17 +183,20 @@ void Memslots::commit(const MemslotUpdate& update) { publish(update, false); }
 void Memslots::publish(const MemslotUpdate& update, bool mark_invalid) {
   MemslotSet* cur = active_.read();
   MemslotSet* next = cur == &sets_[0] ? &sets_[1] : &sets_[0];
+  // `next` has not been published since the grace period that ended the
+  // previous publish, so no reader can be looking at it while it changes.
   next->apply(update, mark_invalid);
   next->generation_ = cur->generation_ + 1;
   active_.publish(next);
   generation_.store(next->generation_, std::memory_order_release);
+  // Readers that took `cur` before the publish finish before `cur` changes.
   rcu::synchronize();
   update_retired_set(cur, update, mark_invalid);
 }
 
 // Brings the set readers stopped seeing up to date. Runs after a grace
-// period, so no reader can still be inside it (tsan.supp names this function:
-// TSan cannot see RCU's grace period).
+// period, so no reader can still be inside it: every reader takes the set
+// (and compares its generation with a LookupHint's) inside its ReadLock.
 void Memslots::update_retired_set(MemslotSet* set, const MemslotUpdate& update, bool mark_invalid) {
   set->apply(update, mark_invalid);
   set->generation_ = generation_.load(std::memory_order_relaxed);

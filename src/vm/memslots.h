@@ -143,7 +143,10 @@ class Memslots {
   Memslots& operator=(const Memslots&) = delete;
 
   // The published set. Requires an rcu::ReadLock for as long as it is used.
-  const MemslotSet* active() const { return active_.read(); }
+  const MemslotSet* active() const {
+    rcu::assert_read_locked();
+    return active_.read();
+  }
   // The generation of the published set; no lock needed.
   uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
 

@@ -6,9 +6,21 @@
 
 namespace nestcache::vmx {
 
+namespace {
+std::atomic<uint64_t> live_contexts{0};
+}  // namespace
+
+VmxNestedContext::VmxNestedContext(vm::Vm& vm, vm::Vcpu* vcpu, const host::HardwareView* hw)
+    : bundle(vm, vcpu, hw) {
+  live_contexts.fetch_add(1, std::memory_order_relaxed);
+}
+
 VmxNestedContext::~VmxNestedContext() {
   for (auto& c : bundle.caches) c->deactivate();
+  live_contexts.fetch_sub(1, std::memory_order_relaxed);
 }
+
+uint64_t VmxNestedContext::live_count() { return live_contexts.load(std::memory_order_relaxed); }
 
 VmxNestedContexts::VmxNestedContexts(vm::Vm& vm, const host::HardwareView* hw)
     : vm_(vm), hw_(hw), table_(*this, vm.counters(), [&vm] { return static_cast<int>(vm.online_vcpus()); }) {}

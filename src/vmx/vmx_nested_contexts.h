@@ -20,6 +20,8 @@
 // by the vCPU it is attached to (nested_context_table.h says when that holds).
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 
 #include "host/phys_mem.h"
@@ -32,9 +34,13 @@ namespace nestcache::vmx {
 class VmxNestedContext final : public NestedContext {
  public:
   // The caches start inactive; the hardware-used ones are bound to `vcpu`.
-  VmxNestedContext(vm::Vm& vm, vm::Vcpu* vcpu, const host::HardwareView* hw) : bundle(vm, vcpu, hw) {}
+  VmxNestedContext(vm::Vm& vm, vm::Vcpu* vcpu, const host::HardwareView* hw);
   // Deactivates the five caches (unmaps, leaves the registry): patch 9's free.
   ~VmxNestedContext() override;
+
+  // Contexts alive in the process, in every VM: 0 once every VM is torn
+  // down, which is how a run proves that teardown freed them all.
+  static uint64_t live_count();
 
   CacheBundle bundle;
 };

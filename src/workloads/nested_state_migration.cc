@@ -14,6 +14,7 @@
 #include "host/fault_injection.h"
 #include "vmx/evmcs.h"
 #include "workloads/host_wait.h"
+#include "workloads/results.h"
 
 namespace nestcache::workloads::nested_state {
 
@@ -125,6 +126,17 @@ std::vector<std::byte> final_state(NestedEnv& env) {
 
 }  // namespace
 
+namespace {
+// The end of a run that got to the end: the run's counters (the frame
+// pool's as PhysMem counted them, each event once), then the VM torn down
+// and what it left.
+void finish(NestedEnv& env, CounterSnapshot& counters, Leaks& leaks) {
+  const CounterSnapshot machine = env.counters();
+  leaks = env.tear_down();
+  counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&machine, 1));
+}
+}  // namespace
+
 Result<std::unique_ptr<NestedEnv>> make_vm(const MigrationConfig& c, std::vector<uint32_t> leave_out) {
   NestedEnvConfig ec{c.strategy, c.memory};
   ec.vcpus = 1;
@@ -218,8 +230,8 @@ SourceRun run_source(const MigrationConfig& c, bool save) {
   }
   out.run = (*parked)->release();
   out.transcript = read_transcript(env);
-  out.counters = env.counters();
   out.final_state = final_state(env);
+  finish(env, out.counters, out.leaks);
   return out;
 }
 
@@ -269,8 +281,8 @@ RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, st
   }
   out.run = env.machine->run(kRunTimeout);
   out.transcript = read_transcript(env);
-  out.counters = env.counters();
   out.final_state = final_state(env);
+  finish(env, out.counters, out.leaks);
   return out;
 }
 

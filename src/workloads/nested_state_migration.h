@@ -99,7 +99,8 @@ struct SourceRun {
   uint64_t vp_assist_msr = 0;    // eVMCS variant: the VP-assist MSR then (save only)
   std::vector<std::byte> final_state;  // the nested state after the run
   bool parked = false;           // L2 reached the migration point
-  CounterSnapshot counters;
+  CounterSnapshot counters;      // the pool's (remap windows, pins, stale accesses) from PhysMem
+  Leaks leaks;                   // what the VM left once torn down (a run that got to the end)
 };
 SourceRun run_source(const MigrationConfig& c, bool save);
 
@@ -120,8 +121,9 @@ struct RestoredRun {
   Status set;
   Status run;
   Transcript transcript;
-  CounterSnapshot counters;
+  CounterSnapshot counters;  // as SourceRun's
   std::vector<std::byte> final_state;  // the nested state after the run
+  Leaks leaks;               // as SourceRun's
 };
 RestoredRun run_restored(const MigrationConfig& c, const MemoryImage& memory, std::span<const std::byte> blob,
                          std::vector<uint32_t> leave_out = {}, uint64_t vp_assist_msr = 0,

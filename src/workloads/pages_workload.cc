@@ -30,7 +30,7 @@ constexpr Gpa kMsrBitmap = slot_gpa(0), kApicAccess = slot_gpa(1), kVapic = slot
 constexpr Gpa kPiDesc = slot_gpa(3) + 0x40;  // need not be page aligned
 // Below L1's page allocator: the word L1 asks its poster with (round+1 to
 // post, ~0 to stop) and the page that backs L2's data page.
-constexpr Gpa kIrqRequest = 0x80000;
+constexpr Gpa kIrqRequest = kPagesDoneWord;
 constexpr Gpa kL2DataBacking = 0x81000;
 
 // L2 physical layout (guest/pages_l2.h): its data page is the mailbox.
@@ -77,7 +77,7 @@ GuestFn<bool> handle_call(Mailbox mb, int& round, PagesTranscript& t) {
 }
 
 GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1Shared& shared) {
-  guest::L1Pages pages(kL1PagesStart, 16 << 20);
+  guest::L1Pages pages(kL1PagesStart, kPagesL1End);
   Gpa vmcs = co_await guest::enter_vmx_with_current_vmcs(pages);
   guest::Ept12 ept(pages);
   const Mailbox mb(kL2Data, kL2DataBacking);

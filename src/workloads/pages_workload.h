@@ -61,7 +61,17 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PagesTranscript, rounds, memory_mismatches, t
                                    apic_access_exits, msr_exits, interrupts_posted, interrupts_received, vector_sum,
                                    churn_operations, entry_retries)
 
-// Runs the workload on `env` (2 L1 vCPUs). Fills `result` (counters,
+// The L1 word L1's vCPU 0 asks its interrupt poster with; it holds
+// guest::kStopPosting once the workload's L1 program is done, so other L1
+// programs sharing the VM (on vCPUs 2 and up) can poll it to end with it.
+inline constexpr Gpa kPagesDoneWord = 0x80000;
+// L1 memory the workload's own programs use: [0x80000, 0x82000) for its
+// words and L2's data page, [kL1PagesStart, kPagesL1End) for page tables and
+// its vmcs12. Programs sharing the VM keep out of both.
+inline constexpr Gpa kPagesL1End = 16 << 20;
+
+// Runs the workload on `env` (2 L1 vCPUs; any further vCPU must already
+// have its L1 program). Fills `result` (counters,
 // failures for a run that could not complete) and returns the transcript.
 PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c, SelftestResult& result);
 

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "base/check.h"
+#include "workloads/teardown.h"
 
 namespace nestcache::workloads {
 
@@ -85,17 +86,25 @@ std::map<std::string, std::string> default_extra(const SelftestInfo& info) { ret
 
 SelftestResult run_selftest(const SelftestInfo& info, const RunOptions& opts) {
   SelftestResult r;
+  const ProcessResources before = ProcessResources::now();
   auto start = std::chrono::steady_clock::now();
   try {
     r = info.run(opts);
   } catch (const std::exception& e) {
     r.fail(fmt::format("the test threw an exception: {}", e.what()));
   }
+  // A test's VMs and threads are gone once it returns: what is still there
+  // now, it leaked.
+  Teardown left;
+  left.take_process(before);
+  r.check(left.none(), "left after the test: {} nested contexts, {} threads, {} file descriptors", left.contexts,
+          left.threads, left.fds_leaked);
   std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
   if (!r.passed && r.failures.empty()) r.fail("the test reported failure without saying why");
   if (!r.failures.empty()) r.passed = false;
   if (!r.details.is_object()) r.details = nlohmann::json{{"value", r.details}};
   r.details["seconds"] = took.count();
+  r.details["teardown"] = process_teardown_json(left);
   return r;
 }
 

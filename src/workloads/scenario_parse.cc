@@ -189,14 +189,16 @@ Result<Step> Parser::step(const json& s) {
       st.label += fmt::format(" {}={}", k.name, v.is_string() ? v.get<std::string>() : v.dump());
     } else if (k.kind == KeyKind::field) {
       auto f = v.is_string() ? parse_field(v.get<std::string>())
-                             : (v.is_number_unsigned() ? Result<uint32_t>(v.get<uint32_t>()) : parse_field(v.dump()));
+                             : (v.is_number_unsigned() && v.get<uint64_t>() <= UINT32_MAX ? Result<uint32_t>(v.get<uint32_t>())
+                                                                                         : parse_field(v.dump()));
       if (!f) return fail("'{}': {}", k.name, f.error().message);
       st.operands[std::string(k.name)] = Expr::of(*f);
       st.label += fmt::format(" {}={}", k.name, field_name(*f));
     }
   }
   if (s.contains("vcpu")) {
-    if (!s["vcpu"].is_number_unsigned()) return fail("'vcpu' must be a vCPU index");
+    if (!s["vcpu"].is_number_unsigned() || s["vcpu"].get<uint64_t>() > kMaxVcpus)
+      return fail("'vcpu' must be a vCPU index");
     st.vcpu = s["vcpu"].get<int>();
   }
   NC_TRY(step_specials(s, st));
@@ -220,6 +222,8 @@ Result<Case> Parser::one_case(const json& c, const json& file_vm, const std::str
   if (!c.contains("follows") || !c["follows"].is_string() || c["follows"].get<std::string>().empty())
     return fail("missing 'follows': name the upstream function or SDM section the case follows");
   out.follows = c["follows"].get<std::string>();
+  for (const char* key : {"family", "kvm_differs"})
+    if (c.contains(key) && !c[key].is_string()) return fail("'{}' must be a string", key);
   out.family = c.value("family", file_family);
   out.kvm_differs = c.value("kvm_differs", "");
   json vm = default_vm_json();
@@ -257,6 +261,7 @@ Result<ScenarioFile> Parser::file(const json& root) {
     if (!root["cases"].is_array() || root["cases"].empty()) return fail("'cases' must be a non-empty array");
     if (root.contains("vm")) file_vm = root["vm"];
     if (!file_vm.is_object()) return fail("'vm' must be an object");
+    if (root.contains("family") && !root["family"].is_string()) return fail("'family' must be a string");
     family = root.value("family", "");
     cases = root["cases"];
   } else if (root.contains("steps") || root.contains("name")) {
@@ -295,6 +300,9 @@ Result<ScenarioFile> parse_scenario_text(const std::string& text, const std::str
     std::string what = e.what();
     if (auto p = what.find("syntax error"); p != std::string::npos) what = what.substr(p);
     return errorf(EINVAL, "{}: not valid JSON at line {}, column {}: {}", path, line, col, what);
+  } catch (const json::out_of_range& e) {
+    // A number too large for a double ("1e400").
+    return errorf(EINVAL, "{}: not valid JSON: {}", path, e.what());
   }
   return Parser(path).file(root);
 }

@@ -58,8 +58,8 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
   if (s.strategy != "map" && s.strategy != "cache" && s.strategy != "oracle")
     return fail("vm.strategy must be \"map\", \"cache\" or \"oracle\"");
   if (vm.contains("vcpus")) {
-    if (!vm["vcpus"].is_number_unsigned() || vm["vcpus"].get<uint64_t>() < 1 || vm["vcpus"].get<uint64_t>() > 16)
-      return fail("vm.vcpus must be a number from 1 to 16");
+    if (!vm["vcpus"].is_number_unsigned() || vm["vcpus"].get<uint64_t>() < 1 || vm["vcpus"].get<uint64_t>() > kMaxVcpus)
+      return fail("vm.vcpus must be a number from 1 to {}", kMaxVcpus);
     s.vcpus = vm["vcpus"].get<int>();
   }
   if (vm.contains("evmcs")) {
@@ -134,7 +134,8 @@ Result<std::vector<cpu::GuestOp>> Parser::l2_program(const json& l2) {
     const std::string op = obj["op"].get<std::string>();
     auto num = [&](const char* k) -> Result<uint64_t> { return NC_TRY(expr(obj.value(k, json(0)), k)).eval(); };
     auto fld = [&]() -> Result<uint32_t> {
-      auto f = parse_field(obj.value("field", json("")).is_string() ? obj["field"].get<std::string>() : "");
+      const json name = obj.value("field", json(""));
+      auto f = parse_field(name.is_string() ? name.get<std::string>() : "");
       if (!f) return fail("l2 {}: {}", op, f.error().message);
       return *f;
     };
@@ -236,15 +237,19 @@ Result<std::vector<Patch>> Parser::patches(const json& p) {
     if (!e.contains("at") || !e.contains("value")) return fail("patch: each entry needs 'at' and 'value' (or 'resize')");
     if (e["at"].is_number_unsigned()) {
       pt.offset = e["at"].get<size_t>();
-      pt.size = e.value("size", 1);
+      pt.size = 1;
       pt.what = fmt::format("offset {}", pt.offset);
     } else if (e["at"].is_string()) {
       pt.what = e["at"].get<std::string>();
       HeaderField h = NC_TRY(blob_location(pt.what));
       pt.offset = h.offset;
-      pt.size = e.value("size", h.size);
+      pt.size = h.size;
     } else {
       return fail("patch: 'at' is a byte offset or a field name");
+    }
+    if (e.contains("size")) {
+      if (!e["size"].is_number_unsigned()) return fail("patch '{}': size must be 1, 2, 4 or 8", pt.what);
+      pt.size = e["size"].get<uint64_t>();
     }
     if (pt.size != 1 && pt.size != 2 && pt.size != 4 && pt.size != 8) return fail("patch '{}': size must be 1, 2, 4 or 8", pt.what);
     pt.value = NC_TRY(expr(e["value"], "value"));

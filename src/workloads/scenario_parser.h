@@ -3,6 +3,7 @@
 // programs, vmcs12 and nested-state specs). Not an API: scenario.h is.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <set>
 #include <string>
@@ -14,6 +15,9 @@
 namespace nestcache::workloads::scenario::detail {
 
 using nlohmann::json;
+
+// The most vCPUs a scenario's VM may have.
+inline constexpr uint64_t kMaxVcpus = 16;
 
 // The VM every case starts from; a file's "vm" and a case's "vm" override
 // it key by key ("pages" name by name).

@@ -3,6 +3,9 @@
 // Nth on, leaving nothing mapped behind.
 #include "host/fault_injection.h"
 
+#include <atomic>
+#include <thread>
+
 #include <gtest/gtest.h>
 
 #include "host/host_mm.h"
@@ -200,6 +203,34 @@ TEST_F(FaultInjection, AThreadThatCannotStartIsAnErrorNamingIt) {
   ASSERT_TRUE(t);
   t->join();
   EXPECT_TRUE(ran);
+}
+
+TEST_F(FaultInjection, AStartedThreadIsRunningUntilItsFunctionReturnsAndAFailedStartNever) {
+  const int64_t before = running_threads();
+  std::atomic<bool> release{false};
+  auto t = start_thread("the test thread", [&] {
+    while (!release.load()) std::this_thread::yield();
+  });
+  ASSERT_TRUE(t);
+  EXPECT_EQ(running_threads(), before + 1);
+  release.store(true);
+  t->join();
+  EXPECT_EQ(running_threads(), before);
+
+  inject_fault({FaultSite::thread, 1, false, EAGAIN});
+  ASSERT_FALSE(start_thread("the test thread", [] {}));
+  EXPECT_EQ(running_threads(), before);
+}
+
+TEST_F(FaultInjection, AThreadNotStartedThroughTheSeamIsNotCounted) {
+  const int64_t before = running_threads();
+  std::atomic<bool> release{false};
+  std::thread other([&] {
+    while (!release.load()) std::this_thread::yield();
+  });
+  EXPECT_EQ(running_threads(), before);
+  release.store(true);
+  other.join();
 }
 
 }  // namespace

@@ -55,7 +55,12 @@ TEST_P(MemslotPerf, ColdUnmapSendsOneShootdownPerDiscardWarmAboutTwo) {
   EXPECT_EQ(r.cold[Counter::shootdowns], r.cold_discard_calls);
   CounterSnapshot warm = r.counters - r.cold;
   EXPECT_EQ(warm[Counter::shootdowns], 2u);  // the one page per half the guest touched
-  EXPECT_EQ(warm[Counter::ept12_faults], 2u + r.fault_retries);
+  // The guest touches the first half's page for the next iteration while the
+  // host still discards the second half, so that fault lands on either side
+  // of an iteration's snapshot: one touch per half, give or take the one at
+  // each end of the warm window.
+  EXPECT_GE(warm[Counter::ept12_faults], 1u);
+  EXPECT_LE(warm[Counter::ept12_faults], 3u + r.fault_retries);
   // Each shootdown is one nested round trip; the flush kicks and the faults add theirs.
   EXPECT_GE(r.cold[Counter::nested_round_trips], r.cold[Counter::shootdowns]);
   EXPECT_GE(warm[Counter::nested_round_trips], 4u);

@@ -135,6 +135,11 @@ TEST(ScenarioParseErrors, InvalidJsonGivesLineAndColumn) {
             "expected string literal");
 }
 
+TEST(ScenarioParseErrors, ANumberTooLargeIsInvalidJson) {
+  EXPECT_NE(error_of(R"J({"cases": 1e400})J").find("f.json: not valid JSON: [json.exception.out_of_range.406] number overflow"),
+            std::string::npos);
+}
+
 TEST(ScenarioParseErrors, AnUnknownVerbListsTheKnownOnes) {
   std::string m = error_of(one_case(R"J([{"do": "enter_vmx"}, {"do": "vmptrlf"}])J"));
   EXPECT_EQ(m.rfind("f.json: case 'c', step 2 (vmptrlf): unknown verb (known: set_memory_region, ", 0), 0u) << m;
@@ -199,6 +204,30 @@ TEST(ScenarioParseErrors, CaseLevelProblems) {
                 .find("unknown region 'rom'"),
             std::string::npos);
   EXPECT_NE(error_of(one_case(R"J([])J")).find("missing 'steps'"), std::string::npos);
+}
+
+// A key of the wrong JSON type is refused with the key named, never thrown
+// out of the parser as a JSON library exception.
+TEST(ScenarioParseErrors, WrongTypesAreRefusedNotThrown) {
+  EXPECT_NE(error_of(R"J({"family": 5, "cases": [{"name": "c", "follows": "x", "steps": [{"do": "vmxoff"}]}]})J")
+                .find("'family' must be a string"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "family": [])J")).find("case 'c': 'family' must be a string"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "kvm_differs": 1)J")).find("'kvm_differs' must be a string"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmlaunch"}])J", R"J(, "l2": [{"op": "vmread"}])J"))
+                .find("l2 vmread: "),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "get_nested_state", "save_as": "s"},
+                                  {"do": "set_nested_state", "blob": "s", "patch": [{"at": 0, "value": 1, "size": "8"}]}])J"))
+                .find("step 2 (set_nested_state): patch 'offset 0': size must be 1, 2, 4 or 8"),
+            std::string::npos);
+  // vCPU indexes and field encodings are range-checked before they narrow.
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff", "vcpu": 4294967296}])J")).find("'vcpu' must be a vCPU index"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmread", "field": 4294984704}])J")).find("step 1 (vmread): 'field': "),
+            std::string::npos);
 }
 
 TEST(ScenarioParseErrors, AMissingFileIsEnoent) {
