@@ -19,6 +19,7 @@ namespace nestcache {
 #define NC_COUNTERS(X)                                                                      \
   X(remap_windows, "remap windows opened (mmap of an unmanaged frame)")                   \
   X(remap_windows_closed, "remap windows closed (munmap)")                                \
+  X(remap_window_unmap_failures, "munmaps of remap windows that failed (the window stays open until one succeeds)") \
   X(pins, "frame pins taken")                                                             \
   X(unpins, "frame pins dropped")                                                         \
   X(migrations, "pages migrated to a new frame")                                          \

@@ -63,9 +63,9 @@ int main(int argc, char** argv) {
   cli::add_stress_command(app, stress);
   std::vector<std::string> faults;
   app.add_option("--inject-fault", faults,
-                 "For tests: make the Nth mmap, memfd set-up or thread start of this run fail, as the kernel does "
-                 "at a resource limit (SITE:N, SITE:N+ for the Nth and every later one, optional :ERRNO; SITE is "
-                 "mmap, memfd or thread). Repeatable")
+                 "For tests: make the Nth mmap, remap-window munmap, memfd set-up or thread start of this run fail, "
+                 "as the kernel does at a resource limit (SITE:N, SITE:N+ for the Nth and every later one, optional "
+                 ":ERRNO; SITE is mmap, munmap, memfd or thread). Repeatable")
       ->type_name("SITE:N[+][:ERRNO]")
       ->group("Testing")
       ->check(cli::registry_validator(host::parse_fault_spec, "fault"));

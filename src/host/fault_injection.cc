@@ -17,14 +17,25 @@ namespace {
 // disarmed. Arming and taking race only in tests that arm while a run is
 // going, where "some operation near the Nth fails" is all that is promised.
 struct SiteState {
+  std::atomic<bool> busy{false};     // armed or counting: take_fault looks further
   std::atomic<uint64_t> remaining{0};
   std::atomic<bool> and_later{false};
   std::atomic<bool> failing{false};  // and_later, after the Nth
   std::atomic<int> error{0};
   std::atomic<uint64_t> injected{0};
+  std::atomic<uint64_t> ops{0};
 };
 
 SiteState g_sites[kFaultSites];
+
+void reset(SiteState& s) {
+  s.busy.store(false);
+  s.remaining.store(0);
+  s.failing.store(false);
+  s.and_later.store(false);
+  s.injected.store(0);
+  s.ops.store(0);
+}
 
 std::atomic<int64_t> g_running_threads{0};
 
@@ -35,6 +46,7 @@ int default_error(FaultSite site) {
     case FaultSite::mmap: return ENOMEM;
     case FaultSite::memfd: return EMFILE;
     case FaultSite::thread: return EAGAIN;
+    case FaultSite::munmap: return ENOMEM;
   }
   return EINVAL;
 }
@@ -54,12 +66,13 @@ const char* fault_site_name(FaultSite site) {
     case FaultSite::mmap: return "mmap";
     case FaultSite::memfd: return "memfd";
     case FaultSite::thread: return "thread";
+    case FaultSite::munmap: return "munmap";
   }
   return "?";
 }
 
 Result<FaultSpec> parse_fault_spec(std::string_view text) {
-  const std::string usage = "expected SITE:N[+][:ERRNO] with SITE mmap, memfd or thread (e.g. mmap:3, thread:1+:EAGAIN)";
+  const std::string usage = "expected SITE:N[+][:ERRNO] with SITE mmap, munmap, memfd or thread (e.g. mmap:3, thread:1+:EAGAIN)";
   size_t colon = text.find(':');
   if (colon == std::string_view::npos) return errorf(EINVAL, "fault '{}': {}", text, usage);
   std::string_view site = text.substr(0, colon), rest = text.substr(colon + 1);
@@ -92,26 +105,29 @@ Result<FaultSpec> parse_fault_spec(std::string_view text) {
 void inject_fault(const FaultSpec& spec) {
   NC_CHECK(spec.nth >= 1);
   SiteState& s = state(spec.site);
-  s.remaining.store(0);
-  s.failing.store(false);
-  s.injected.store(0);
+  reset(s);
   s.error.store(spec.error);
   s.and_later.store(spec.and_later);
   s.remaining.store(spec.nth);
+  s.busy.store(true);
+}
+
+void count_operations(FaultSite site) {
+  SiteState& s = state(site);
+  reset(s);
+  s.busy.store(true);
 }
 
 void clear_faults() {
-  for (SiteState& s : g_sites) {
-    s.remaining.store(0);
-    s.failing.store(false);
-    s.and_later.store(false);
-    s.injected.store(0);
-  }
+  for (SiteState& s : g_sites) reset(s);
 }
 
 int take_fault(FaultSite site) {
   SiteState& s = state(site);
-  if (s.failing.load(std::memory_order_relaxed)) {
+  if (!s.busy.load(std::memory_order_relaxed)) [[likely]]
+    return 0;
+  s.ops.fetch_add(1);
+  if (s.failing.load()) {
     s.injected.fetch_add(1);
     return s.error.load();
   }
@@ -135,7 +151,17 @@ void* mmap_or_fault(void* addr, size_t len, int prot, int flags, int fd, off_t o
   return mmap(addr, len, prot, flags, fd, offset);
 }
 
+int munmap_or_fault(void* addr, size_t len) {
+  if (int e = take_fault(FaultSite::munmap)) {
+    errno = e;
+    return -1;
+  }
+  return munmap(addr, len);
+}
+
 uint64_t faults_injected(FaultSite site) { return state(site).injected.load(); }
+
+uint64_t operations(FaultSite site) { return state(site).ops.load(); }
 
 int64_t running_threads() { return g_running_threads.load(std::memory_order_acquire); }
 

@@ -1,11 +1,15 @@
-// A test seam for resource exhaustion: make the Nth mmap, memfd set-up or
-// thread start of the process fail with a chosen errno, as the kernel does
-// when an address-space, descriptor or thread limit is reached.
+// A test seam for resource exhaustion: make the Nth mmap, munmap, memfd
+// set-up or thread start of the process fail with a chosen errno, as the
+// kernel does when an address-space, map-count, descriptor or thread limit is
+// reached.
 //
 // The host layer asks the seam before each such operation (take_fault);
-// everything above it sees the failure as the real one would look. The seam
-// is process-wide and disarmed unless a test (or `nestcache --inject-fault`)
-// arms it, so production runs pay one relaxed atomic load per operation.
+// everything above it sees the failure as the real one would look. A site
+// can also count its operations without failing any (count_operations), so
+// a test learns how many operations a step makes and then fails each in
+// turn. The seam is process-wide and idle unless a test (or `nestcache
+// --inject-fault`) arms it, so production runs pay one relaxed atomic load
+// per operation.
 //
 // Thread safety: all functions may be called from any thread.
 #pragma once
@@ -29,10 +33,11 @@ enum class FaultSite : uint8_t {
   mmap,    // every mmap the host layer makes: physical memory, regions, page maps, remap windows
   memfd,   // memfd_create and sizing the memfd (physical memory set-up)
   thread,  // every thread started through start_thread (vCPUs, VMM and host helpers)
+  munmap,  // every munmap of a remap window (PhysMem::close_window; see phys_mem.h)
 };
-inline constexpr int kFaultSites = 3;
+inline constexpr int kFaultSites = 4;
 
-// "mmap", "memfd", "thread".
+// "mmap", "memfd", "thread", "munmap".
 const char* fault_site_name(FaultSite site);
 
 // One armed fault: the `nth` operation at `site` (1-based, counted from when
@@ -46,23 +51,33 @@ struct FaultSpec {
 
 // Parses "SITE:N" or "SITE:N+" ("N+" = the Nth and every later one),
 // optionally followed by ":ERRNO" by name ("thread:2:EAGAIN"). The default
-// errno is ENOMEM for mmap, EMFILE for memfd and EAGAIN for thread. EINVAL
-// naming the part that is wrong otherwise.
+// errno is ENOMEM for mmap and munmap, EMFILE for memfd and EAGAIN for
+// thread. EINVAL naming the part that is wrong otherwise.
 Result<FaultSpec> parse_fault_spec(std::string_view text);
 
-// Arms `spec`, replacing what was armed at its site. Requires spec.nth >= 1.
+// Arms `spec`, replacing what was armed (or counted) at its site, and starts
+// counting the site's operations from 0. Requires spec.nth >= 1.
 void inject_fault(const FaultSpec& spec);
-// Disarms every site and resets the counts.
+// Counts the operations at `site` from 0 on, failing none (replaces what was
+// armed there). operations() reads the count.
+void count_operations(FaultSite site);
+// Disarms every site, stops counting and resets the counts.
 void clear_faults();
 // For the host layer, before each operation at `site`: 0 to go ahead, or the
 // errno the operation must fail with.
 int take_fault(FaultSite site);
 // How many injected faults `site` has produced since it was armed.
 uint64_t faults_injected(FaultSite site);
+// How many operations `site` has seen (failed or not) since it was armed or
+// began counting; 0 while the site is idle.
+uint64_t operations(FaultSite site);
 
 // mmap(2), unless a fault is armed at the mmap site: then MAP_FAILED with
 // errno set to the injected error.
 void* mmap_or_fault(void* addr, size_t len, int prot, int flags, int fd, off_t offset);
+// munmap(2), unless a fault is armed at the munmap site: then -1 with errno
+// set to the injected error (the mapping stays, as after a real failure).
+int munmap_or_fault(void* addr, size_t len);
 
 // Threads started through start_thread whose function has not returned
 // yet, in the whole process. Once every such thread has been joined it is

@@ -20,7 +20,13 @@ enum FrameState : uint8_t {
   kFreePending = 2 // freed while pinned: goes back at the last unpin
 };
 int pool_index(FrameKind kind) { return kind == FrameKind::managed ? 0 : 1; }
+// munmaps of one window before it is parked: the first, and one retry at
+// once (a transient failure costs no more than that).
+constexpr int kUnmapAttempts = 2;
+std::atomic<int64_t> g_windows_open{0};
 }  // namespace
+
+int64_t windows_open_in_process() { return g_windows_open.load(); }
 
 const char* frame_kind_name(FrameKind kind) {
   return kind == FrameKind::managed ? "managed" : "unmanaged";
@@ -95,6 +101,19 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const PhysMemConfig& config) {
 }
 
 PhysMem::~PhysMem() {
+  {
+    MutexLock l(parked_mu_);
+    for (std::byte* data : parked_) {
+      if (munmap(data, kPageSize) == 0) {
+        counters_.add(Counter::remap_windows_closed);
+        g_windows_open.fetch_sub(1);
+      } else {
+        std::fprintf(stderr, "nestcache: a remap window at %p stays mapped: munmap: %s (%s)\n", static_cast<void*>(data),
+                     strerrorname_np(errno), std::strerror(errno));
+      }
+    }
+    parked_.clear();
+  }
   if (direct_) munmap(direct_, managed_ * kPageSize);
   if (pool_) munmap(pool_, total_ * kPageSize);
   if (fd_ >= 0) close(fd_);
@@ -183,6 +202,12 @@ std::byte* PhysMem::direct(Pfn pfn) const {
 
 Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
   NC_CHECK(pfn < total_);
+  // No new window while earlier ones could not be unmapped: the failure
+  // reaches whoever needs a mapping, and the leak stays bounded.
+  if (parked_count_.load(std::memory_order_acquire) != 0) {
+    if (Status st = close_parked_windows(); !st)
+      return errorf(st.error().code, "remap window on pfn {}: {}", pfn, st.error().message);
+  }
   // MAP_POPULATE: the page-table entry is made now, as memremap makes the
   // kernel's, so the window's whole cost is in this call and the first
   // access does not fault.
@@ -197,6 +222,7 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
     return errorf(e, "remap window on pfn {}: {}", pfn, std::strerror(e));
   }
   counters_.add(Counter::remap_windows);
+  g_windows_open.fetch_add(1);
   RemapWindow w;
   w.mem_ = this;
   w.data_ = static_cast<std::byte*>(p);
@@ -204,12 +230,53 @@ Result<RemapWindow> PhysMem::map_window(Pfn pfn) {
 }
 
 void PhysMem::close_window(std::byte* data) {
+  int error = 0;
+  bool closed = false;
   {
+    // Modelled time: a window's close is charged its fixed cost, failed
+    // attempts included (see set_window_cost).
     std::optional<ModelClock::FixedCost> fixed;
     if (window_cost_set_.load(std::memory_order_acquire)) fixed.emplace(window_close_ns_.load(std::memory_order_relaxed));
-    NC_CHECK(munmap(data, kPageSize) == 0);
+    for (int attempt = 0; attempt < kUnmapAttempts && !closed; attempt++) {
+      if (munmap_or_fault(data, kPageSize) == 0) {
+        closed = true;
+        break;
+      }
+      error = errno;
+      NC_CHECK(error != EINVAL);  // a window is one whole page mapping of ours
+      counters_.add(Counter::remap_window_unmap_failures);
+    }
   }
-  counters_.add(Counter::remap_windows_closed);
+  if (closed) {
+    counters_.add(Counter::remap_windows_closed);
+    g_windows_open.fetch_sub(1);
+    // munmap works again: the windows parked earlier go now too.
+    if (parked_count_.load(std::memory_order_acquire) != 0) (void)close_parked_windows();
+    return;
+  }
+  // Still mapped: it stays counted open until a later munmap succeeds.
+  MutexLock l(parked_mu_);
+  parked_.push_back(data);
+  parked_error_ = error;
+  parked_count_.store(parked_.size(), std::memory_order_release);
+}
+
+Status PhysMem::close_parked_windows() {
+  MutexLock l(parked_mu_);
+  std::erase_if(parked_, [&](std::byte* data) {
+    if (munmap_or_fault(data, kPageSize) == 0) {
+      counters_.add(Counter::remap_windows_closed);
+      g_windows_open.fetch_sub(1);
+      return true;
+    }
+    parked_error_ = errno;
+    counters_.add(Counter::remap_window_unmap_failures);
+    return false;
+  });
+  parked_count_.store(parked_.size(), std::memory_order_release);
+  if (parked_.empty()) return ok();
+  return errorf(parked_error_, "{} earlier remap window(s) still mapped, munmap failed: {}", parked_.size(),
+                std::strerror(parked_error_));
 }
 
 void PhysMem::set_window_cost(std::optional<WindowCost> cost) {

@@ -66,8 +66,26 @@ struct PhysMemConfig {
 
 class PhysMem;
 
+// Remap windows open now in the whole process, over every PhysMem (parked
+// ones included): 0 once every VM is gone, however its windows closed.
+int64_t windows_open_in_process();
+
 // A real mmap of one unmanaged (or managed) frame, released by munmap when
 // the window is destroyed. Move-only. Opening and closing are counted.
+//
+// munmap can fail (ENOMEM when the kernel must split a mapping and the
+// process is at vm.max_map_count). A window is counted closed only once its
+// munmap succeeded: a failed munmap is retried once at once; if that fails
+// too, the mapping is parked in its PhysMem, still counted open (a leak
+// report shows it), and no pointer to it remains outside. The next
+// map_window retries the parked munmaps first and, while any still fails,
+// refuses to open a window, with the munmap's errno: the error reaches the
+// caller that needs a mapping, and the leak stays bounded by the windows open
+// when munmap began to fail. The next window that closes retries them too,
+// so teardown (which closes every window) unmaps them once munmap works.
+// The PhysMem's destructor unmaps what is still parked as the host layer's
+// other teardown unmaps are made (outside the fault seam), and reports on
+// stderr, with the errno, a window even that cannot unmap.
 class RemapWindow {
  public:
   RemapWindow() = default;
@@ -77,7 +95,8 @@ class RemapWindow {
 
   std::byte* data() const { return data_; }
   explicit operator bool() const { return data_ != nullptr; }
-  // munmap now (the destructor does it otherwise).
+  // munmap now (the destructor does it otherwise). Never fails: a munmap
+  // that keeps failing parks the mapping in its PhysMem (see above).
   void reset();
 
  private:
@@ -173,8 +192,16 @@ class PhysMem {
   // --- L0 software access -------------------------------------------------
   // Pointer into the direct map. Requires a managed frame.
   std::byte* direct(Pfn pfn) const;
-  // Opens a remap window on any frame (ENOMEM if mmap fails).
-  Result<RemapWindow> map_window(Pfn pfn);
+  // Opens a remap window on any frame. Fails with mmap's errno, or with
+  // munmap's when windows closed earlier are still mapped (parked) and
+  // unmapping them fails again; the message names which.
+  Result<RemapWindow> map_window(Pfn pfn) NC_EXCLUDES(parked_mu_);
+  // Retries the munmap of every parked window (see RemapWindow). OK when none
+  // is left; otherwise the errno of the last failed munmap, with a message
+  // saying how many windows are still mapped.
+  Status close_parked_windows() NC_EXCLUDES(parked_mu_);
+  // Windows whose munmap failed and that are still mapped (counted open).
+  size_t parked_windows() const { return parked_count_.load(std::memory_order_acquire); }
   // Modelled time: with a cost set, each window's mmap and munmap charge the
   // calling thread's clock that fixed cost instead of their CPU time (see
   // host/window_cost.h); nullopt (the default) measures them. Set it before
@@ -192,7 +219,8 @@ class PhysMem {
   // --- hardware -----------------------------------------------------------
   HardwareView hardware_view(const HardwareKey&) const { return HardwareView(pool_); }
 
-  // remap_windows, remap_windows_closed, pins, unpins, stale_accesses.
+  // remap_windows, remap_windows_closed, remap_window_unmap_failures, pins,
+  // unpins, stale_accesses.
   CounterSet& counters() const { return counters_; }
   // Windows open now (opened - closed) and pins held now: both 0 when idle.
   int64_t live_windows() const;
@@ -202,7 +230,7 @@ class PhysMem {
   friend class RemapWindow;
   friend class FramePin;
   PhysMem() = default;
-  void close_window(std::byte* data);
+  void close_window(std::byte* data) NC_EXCLUDES(parked_mu_);
   void unpin(Pfn pfn) NC_EXCLUDES(mu_);
   void zero_frame(Pfn pfn);
   void release_locked(Pfn pfn) NC_REQUIRES(mu_);
@@ -233,6 +261,14 @@ class PhysMem {
   Pool pools_[2] NC_GUARDED_BY(mu_);
   std::vector<uint32_t> pins_ NC_GUARDED_BY(mu_);
   std::vector<uint8_t> state_ NC_GUARDED_BY(mu_);  // FrameState
+
+  // Remap windows whose munmap failed (see RemapWindow), and the errno of
+  // the last failure. parked_count_ mirrors the vector's size, so
+  // map_window's common case reads one atomic and takes no lock.
+  mutable Mutex parked_mu_{LockRank::kLeaf};
+  std::vector<std::byte*> parked_ NC_GUARDED_BY(parked_mu_);
+  int parked_error_ NC_GUARDED_BY(parked_mu_) = 0;
+  std::atomic<size_t> parked_count_{0};
 };
 
 }  // namespace host

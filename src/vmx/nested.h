@@ -202,9 +202,12 @@ class NestedVmx {
   Status load_vmcs12(Gpa gpa);
   Status flush_vmcs12();
   // nested_get_vmcs12_pages: the pages and KVM's fallbacks. Returns an
-  // error only for the internal-error cases.
+  // error only for the internal-error cases: no APIC-access page, or a host
+  // resource (window, frame) L0 could not get for any page.
   Status get_vmcs12_pages();
-  void merge_msr_bitmap(Vmcs02& o);
+  // L1's MSR bitmap into o: KVM's fallback (no bitmap) when L1's address has
+  // no backing; an error when L0 could not map it for want of a resource.
+  Status merge_msr_bitmap(Vmcs02& o);
   // What the entry checks need to know of this vCPU: its eVMCS capability
   // (KVM filters controls whenever it is enabled) and L1 memory (the VMCS a
   // link pointer names). `run_pending` as for EntryCheckEnv.
@@ -226,7 +229,10 @@ class NestedVmx {
   bool gpa_backed(Gpa gpa, uint64_t len) const;
 
   // eVMCS (nested_evmcs.cc). KVM's EVMPTRLD_* outcomes.
-  enum class Evmptrld { disabled, succeeded, vmfail, error };
+  // error: #UD (the eVMCS address has no backing); host_error: L0 could
+  // not map it for want of a resource (evmcs_host_error_ says which), an
+  // internal error rather than a #UD that would hide the cause.
+  enum class Evmptrld { disabled, succeeded, vmfail, error, host_error };
   // nested_vmx_handle_enlightened_vmptrld, on every VMLAUNCH/VMRESUME: find
   // the eVMCS in the VP-assist page, switch contexts on a new address, lock
   // the page, check its revision, take the snapshot and copy the dirty
@@ -278,6 +284,7 @@ class NestedVmx {
   // and has not been mapped on this vCPU; kGetNestedStatePages maps it.
   bool evmcs_map_pending_ = false;
   EvmcsSnapshot evmcs_snap_;
+  Error evmcs_host_error_;  // why the last Evmptrld::host_error
   bool force_msr_bitmap_recalc_ = true;
   std::function<void()> evmcs_snapshot_hook_;
 };

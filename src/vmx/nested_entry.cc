@@ -3,7 +3,9 @@
 // launch state), then
 //   1. the consistency checks on vmcs12's controls and host state (VMfail);
 //   2. get vmcs12 pages: each L1 page the entry needs, through the VM's page
-//      strategy, with KVM's fallback when one cannot be had;
+//      strategy, with KVM's fallback when L1 named an address with no
+//      backing; a host resource L0 could not get (a remap window, a frame)
+//      is an internal error instead, naming its errno;
 //   3. vmcs02: the controls, the pfns of those pages, L1's MSR bitmap merged;
 //      the checks that need those pages (TPR threshold against VTPR) and
 //      the guest-state checks (an entry failure), in KVM's order; the vCPU
@@ -17,6 +19,17 @@
 
 namespace nestcache::vmx {
 
+namespace {
+
+// KVM's fallbacks are for an address L1 gave that leads nowhere (EFAULT:
+// no memslot, no region). When L0 itself runs out of something (ENOMEM for
+// a remap window, a munmap that keeps failing, no free frame), a fallback
+// would hide that from the VMM behind a guest-visible VMfail or lost
+// feature; the entry ends as an internal error with the host's errno.
+bool host_resource_failure(const Error& e) { return e.code != EFAULT; }
+
+}  // namespace
+
 EntryResult NestedVmx::enter(bool launch) {
   const char* insn = launch ? "VMLAUNCH" : "VMRESUME";
   if (!vmxon_) return EntryResult::failed(OpResult::undefined(fmt::format("{} outside VMX operation", insn)));
@@ -26,6 +39,8 @@ EntryResult NestedVmx::enter(bool launch) {
   switch (handle_enlightened_vmptrld(launch, why)) {
     case Evmptrld::error:
       return EntryResult::failed(OpResult::undefined(fmt::format("{}: {}", insn, why)));
+    case Evmptrld::host_error:
+      return EntryResult::internal_error(evmcs_host_error_);
     case Evmptrld::vmfail:
       return EntryResult::failed(OpResult::fail_invalid(fmt::format("{}: {}", insn, why)));
     case Evmptrld::disabled:
@@ -130,6 +145,8 @@ Status NestedVmx::get_vmcs12_pages() {
     auto hw = pages_->get_hw(L1Page::vapic, v.virtual_apic_page_addr);
     if (hw) {
       o.vapic = *hw;
+    } else if (host_resource_failure(hw.error())) {
+      return errorf(hw.error().code, "virtual-APIC page at {:#x}: {}", v.virtual_apic_page_addr, hw.error().message);
     } else if ((o.proc & proc::kCr8LoadExiting) && (o.proc & proc::kCr8StoreExiting) &&
                !(o.proc2 & proc2::kVirtualizeApicAccesses)) {
       o.proc &= ~proc::kUseTprShadow;  // every CR8 access exits instead
@@ -141,34 +158,40 @@ Status NestedVmx::get_vmcs12_pages() {
     auto hw = pages_->get_hw(L1Page::pi_desc, v.posted_intr_desc_addr);
     if (hw)
       o.pi_desc = *hw;
+    else if (host_resource_failure(hw.error()))
+      return errorf(hw.error().code, "posted-interrupt descriptor at {:#x}: {}", v.posted_intr_desc_addr,
+                    hw.error().message);
     else
       o.pin &= ~pin::kPostedInterrupts;  // the internal error waits until L0 needs the descriptor
   }
-  merge_msr_bitmap(o);
+  NC_TRY(merge_msr_bitmap(o));
   o.generation++;
   vmcs02_ = o;
   return ok();
 }
 
-void NestedVmx::merge_msr_bitmap(Vmcs02& o) {
+Status NestedVmx::merge_msr_bitmap(Vmcs02& o) {
   if (!(vmcs12_.primary_proc_controls & proc::kUseMsrBitmaps)) {
     o.use_msr_bitmap = false;
-    return;
+    return ok();
   }
   // eVMCS: L1 promised (MSR-bitmap enlightenment) to clear the MSR_BITMAP
   // clean bit whenever it changes its bitmap; clean in this entry's
   // snapshot, the merged bitmap L0 already has still holds.
   if (evmcs_in_use() && !force_msr_bitmap_recalc_ && evmcs_snap_.msr_bitmap_unchanged()) {
     o.use_msr_bitmap = true;
-    return;
+    return ok();
   }
   // L0 intercepts nothing of its own, so the merge is L1's bitmap as is.
   Status st = pages_->access(L1Page::msr_bitmap, vmcs12_.msr_bitmap & kPageMask, [&](const PageView& view) {
     std::memcpy(o.msr_bitmap.data(), view.bytes(), kPageSize);
   });
+  if (!st && host_resource_failure(st.error()))
+    return errorf(st.error().code, "MSR bitmap at {:#x}: {}", vmcs12_.msr_bitmap, st.error().message);
   // KVM's fallback: an unusable bitmap means vmcs02 uses none (all MSRs exit).
   o.use_msr_bitmap = static_cast<bool>(st);
   if (st) force_msr_bitmap_recalc_ = false;
+  return ok();
 }
 
 bool NestedVmx::last_check_fails() const { return guest_mode_ && pages_->any_invalid(); }

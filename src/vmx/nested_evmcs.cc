@@ -98,6 +98,12 @@ NestedVmx::Evmptrld NestedVmx::handle_enlightened_vmptrld(bool launch, std::stri
     counters_.add(Counter::evmcs_map_failures);
     why = fmt::format("the enlightened VMCS at {:#x} cannot be mapped: {}", *gpa, locked.error().message);
     release_evmcs();
+    // An address with no backing is L1's mistake (#UD, as KVM); a resource
+    // L0 could not get is the VMM's to hear about, with its errno.
+    if (locked.error().code != EFAULT) {
+      evmcs_host_error_ = Error{locked.error().code, why};
+      return Evmptrld::host_error;
+    }
     return Evmptrld::error;
   }
   if (changed) {

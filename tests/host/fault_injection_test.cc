@@ -30,6 +30,11 @@ TEST_F(FaultInjection, SpecsParseWithTheirDefaultsAndRefuseNonsense) {
   ASSERT_TRUE(s);
   EXPECT_TRUE(s->and_later);
   EXPECT_EQ(s->error, EAGAIN);
+  s = parse_fault_spec("munmap:4+");
+  ASSERT_TRUE(s);
+  EXPECT_EQ(s->site, FaultSite::munmap);
+  EXPECT_TRUE(s->and_later);
+  EXPECT_EQ(s->error, ENOMEM);
   s = parse_fault_spec("memfd:1:ENFILE");
   ASSERT_TRUE(s);
   EXPECT_EQ(s->error, ENFILE);
@@ -56,6 +61,79 @@ TEST_F(FaultInjection, AndLaterKeepsFailingUntilCleared) {
   for (int i = 0; i < 5; i++) EXPECT_EQ(take_fault(FaultSite::thread), EAGAIN);
   clear_faults();
   EXPECT_EQ(take_fault(FaultSite::thread), 0);
+}
+
+TEST_F(FaultInjection, CountingFailsNothingAndArmingCountsToo) {
+  EXPECT_EQ(operations(FaultSite::mmap), 0u);
+  EXPECT_EQ(take_fault(FaultSite::mmap), 0);
+  EXPECT_EQ(operations(FaultSite::mmap), 0u) << "an idle site counts nothing";
+  count_operations(FaultSite::mmap);
+  for (int i = 0; i < 3; i++) EXPECT_EQ(take_fault(FaultSite::mmap), 0);
+  EXPECT_EQ(take_fault(FaultSite::munmap), 0);
+  EXPECT_EQ(operations(FaultSite::mmap), 3u);
+  EXPECT_EQ(operations(FaultSite::munmap), 0u);
+  EXPECT_EQ(faults_injected(FaultSite::mmap), 0u);
+  inject_fault({FaultSite::mmap, 2, false, ENOMEM});
+  EXPECT_EQ(operations(FaultSite::mmap), 0u) << "arming restarts the count";
+  EXPECT_EQ(take_fault(FaultSite::mmap), 0);
+  EXPECT_EQ(take_fault(FaultSite::mmap), ENOMEM);
+  EXPECT_EQ(take_fault(FaultSite::mmap), 0);
+  EXPECT_EQ(operations(FaultSite::mmap), 3u);
+  clear_faults();
+  EXPECT_EQ(operations(FaultSite::mmap), 0u);
+}
+
+TEST_F(FaultInjection, AFailedMunmapIsRetriedOnceAndTheWindowClosed) {
+  auto m = PhysMem::create({4, 4});
+  ASSERT_TRUE(m);
+  auto pfn = (*m)->alloc(FrameKind::unmanaged);
+  ASSERT_TRUE(pfn);
+  auto w = (*m)->map_window(*pfn);
+  ASSERT_TRUE(w);
+  inject_fault({FaultSite::munmap, 1, false, ENOMEM});
+  w->reset();
+  EXPECT_EQ(faults_injected(FaultSite::munmap), 1u);
+  EXPECT_EQ(operations(FaultSite::munmap), 2u) << "the failure, then the retry";
+  EXPECT_EQ((*m)->counters().get(Counter::remap_window_unmap_failures), 1u);
+  EXPECT_EQ((*m)->live_windows(), 0);
+  EXPECT_EQ((*m)->parked_windows(), 0u);
+}
+
+TEST_F(FaultInjection, AWindowWhoseMunmapKeepsFailingStaysCountedOpenAndBlocksNewWindows) {
+  auto m = PhysMem::create({4, 4});
+  ASSERT_TRUE(m);
+  PhysMem& mem = **m;
+  auto pfn = mem.alloc(FrameKind::unmanaged);
+  ASSERT_TRUE(pfn);
+  auto w = mem.map_window(*pfn);
+  ASSERT_TRUE(w);
+  std::byte* data = w->data();
+  data[0] = std::byte{0x5a};
+  inject_fault({FaultSite::munmap, 1, true, ENOMEM});
+  w->reset();
+  EXPECT_EQ(mem.live_windows(), 1) << "never counted closed while mapped";
+  EXPECT_EQ(mem.parked_windows(), 1u);
+  EXPECT_EQ(data[0], std::byte{0x5a}) << "the mapping is still there";
+  // No new window while the old one cannot be unmapped: the caller sees
+  // munmap's errno, and the count of open windows stays bounded.
+  auto w2 = mem.map_window(*pfn);
+  ASSERT_FALSE(w2);
+  EXPECT_EQ(w2.error().code, ENOMEM);
+  EXPECT_NE(w2.error().to_string().find("munmap failed"), std::string::npos) << w2.error().to_string();
+  EXPECT_EQ(mem.live_windows(), 1);
+  Status st = mem.close_parked_windows();
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, ENOMEM);
+  // Once munmap works again the next window first unmaps the parked one.
+  clear_faults();
+  auto w3 = mem.map_window(*pfn);
+  ASSERT_TRUE(w3) << w3.error().to_string();
+  EXPECT_EQ(mem.parked_windows(), 0u);
+  EXPECT_EQ(mem.live_windows(), 1);
+  EXPECT_EQ((*w3).data()[0], std::byte{0x5a});
+  w3->reset();
+  EXPECT_EQ(mem.live_windows(), 0);
+  EXPECT_TRUE(mem.close_parked_windows());
 }
 
 TEST_F(FaultInjection, PhysMemCreationReportsEachFailedStepByErrno) {
