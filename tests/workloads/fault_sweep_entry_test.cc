@@ -238,7 +238,9 @@ class FaultSweep : public ::testing::TestWithParam<Case> {
     // so one may still be parked here (and goes at teardown).
     PhysMemView pm{*rig->env->phys};
     EXPECT_EQ(pm.in_use(), ref.windows_after_next);
-    if (f.site == FaultSite::mmap) EXPECT_EQ(pm.parked(), 0u);
+    if (f.site == FaultSite::mmap) {
+      EXPECT_EQ(pm.parked(), 0u);
+    }
     EXPECT_EQ(rig->stale(), 0u);
     Leaks leaks = rig->finish();
     EXPECT_TRUE(leaks.none()) << leaks.to_string();
