@@ -12,6 +12,7 @@
 #include <shared_mutex>
 
 #include "base/lock_order.h"
+#include "base/model_time.h"
 #include "base/thread_annotations.h"
 
 namespace nestcache {
@@ -132,8 +133,18 @@ class CondVar {
   bool wait_for(Mutex& mu, Duration d, Pred pred) NC_REQUIRES(mu) {
     return cv_.wait_for(mu, d, pred);
   }
-  void notify_one() { cv_.notify_one(); }
-  void notify_all() { cv_.notify_all(); }
+  // Waking a waiter is the simulator's hand-off, not L0 work (on hardware a
+  // store ends an MWAIT for free and an IPI's cost lands on the receiver, as
+  // its exit): modelled time does not count it. Its CPU time would depend on
+  // the load besides — waking a thread whose CPU is idle takes an IPI.
+  void notify_one() {
+    ModelClock::FixedCost handoff(0);
+    cv_.notify_one();
+  }
+  void notify_all() {
+    ModelClock::FixedCost handoff(0);
+    cv_.notify_all();
+  }
 
  private:
   std::condition_variable_any cv_;

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "base/check.h"
+#include "base/model_time.h"
 
 namespace nestcache::vm {
 
@@ -51,6 +52,7 @@ void Vcpu::exit_guest_mode() {
   uint64_t s = state_.load(std::memory_order_relaxed);
   uint64_t epoch = (s >> 2) + 1;
   state_.store((epoch << 2) | static_cast<uint64_t>(VcpuMode::outside), std::memory_order_seq_cst);
+  ModelClock::FixedCost handoff(0);  // a wake-up, not L0 work (CondVar::notify_all)
   state_.notify_all();
 }
 
