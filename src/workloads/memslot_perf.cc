@@ -274,11 +274,7 @@ Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c) {
   ec.memory = c.memory;
   ec.vcpus = 2;
   ec.l1_bytes = (kBackingBase + run.layout.pages * kPageSize + (2 << 20) - 1) & ~uint64_t{(2 << 20) - 1};
-  ec.exit_cost_ns = c.exit_cost_ns;
-  ec.clock = c.clock;
-  ec.costs = c.costs;
-  ec.window_cost_ns = c.window_cost_ns;
-  ec.extra_caches = c.extra_caches;
+  take_run_model(ec, c);
   auto env = NC_TRY(NestedEnv::create(ec));
   MemslotPerfDriver perf(c, run.layout, *env, run);
   // The words the vCPUs hand-shake through: the VMM's mailbox, and the sync

@@ -36,6 +36,18 @@ struct NestedEnvConfig {
   uint32_t extra_caches = 0;
 };
 
+// Copies what a benchmark run's config shares with its environment — the
+// time model (exit cost, clock, guest costs, window cost) and the extra
+// caches — so that each run config passes them on in one place.
+template <class RunConfig>
+void take_run_model(NestedEnvConfig& ec, const RunConfig& c) {
+  ec.exit_cost_ns = c.exit_cost_ns;
+  ec.clock = c.clock;
+  ec.costs = c.costs;
+  ec.window_cost_ns = c.window_cost_ns;
+  ec.extra_caches = c.extra_caches;
+}
+
 // What a torn-down VM left behind (all zero when nothing leaked).
 struct Leaks {
   uint64_t open_windows = 0;        // remap windows never closed

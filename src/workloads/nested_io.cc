@@ -283,11 +283,7 @@ Result<NestedIoRun> run_nested_io(const NestedIoConfig& c) {
   NestedEnvConfig ec{c.strategy, c.memory};
   ec.vcpus = static_cast<int>(c.io.l1_vcpus);
   ec.l1_bytes = kL1Bytes;
-  ec.exit_cost_ns = c.exit_cost_ns;
-  ec.clock = c.clock;
-  ec.costs = c.costs;
-  ec.window_cost_ns = c.window_cost_ns;
-  ec.extra_caches = c.extra_caches;
+  take_run_model(ec, c);
   auto env = NC_TRY(NestedEnv::create(ec));
   NC_TRY(env->machine->watch(kSyncPage, kPageSize));
   std::vector<IoL1Setup> setups = lay_out(c, *env->machine);

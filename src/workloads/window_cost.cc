@@ -56,18 +56,14 @@ Result<double> remap_window_ns(const BenchOptions& o, int count) {
 }
 
 Result<nlohmann::json> window_cost_json(std::optional<uint64_t> override_ns) {
-  host::WindowCost cost = NC_TRY(modelled_window_cost(override_ns));
-  nlohmann::json j = {{"open_ns", cost.open_ns}, {"close_ns", cost.close_ns}};
   if (override_ns) {
-    j["source"] = "--window-cost-ns";
-    return j;
+    host::WindowCost cost = NC_TRY(modelled_window_cost(override_ns));
+    return nlohmann::json{{"open_ns", cost.open_ns}, {"close_ns", cost.close_ns}, {"source", "--window-cost-ns"}};
   }
   host::WindowCalibration c = NC_TRY(host::calibrated_window_cost());
-  j["source"] = "calibrated";
-  j["samples"] = c.samples;
-  j["concurrent_samples"] = c.concurrent;
-  j["sibling_ran"] = c.condition_met;
-  return j;
+  return nlohmann::json{{"open_ns", c.cost.open_ns},   {"close_ns", c.cost.close_ns},
+                        {"source", "calibrated"},      {"samples", c.samples},
+                        {"concurrent_samples", c.concurrent}, {"sibling_ran", c.condition_met}};
 }
 
 }  // namespace nestcache::workloads
