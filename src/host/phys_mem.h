@@ -53,6 +53,9 @@ struct FrameTag {
   bool valid() const { return pfn != kInvalidPfn; }
 };
 
+// Where a frame's version lives (PhysMem::version_cell).
+using VersionCell = std::atomic<uint64_t>;
+
 // A run of consecutive frames [first, first + count).
 struct PfnRun {
   Pfn first = kInvalidPfn;
@@ -183,6 +186,20 @@ class PhysMem {
       return true;
     return report_mismatch(t, what, also);
   }
+  // A frame's version cell: where check() finds the frame's current version.
+  // A reader that checks the same frame on every access (a pfn cache) keeps
+  // the cell and checks through it, one load instead of three (the PhysMem,
+  // its table, the entry). Cells live as long as the PhysMem; pfn_of() maps
+  // one back to its pfn.
+  const VersionCell* version_cell(Pfn pfn) const { return &versions_[pfn]; }
+  Pfn pfn_of(const VersionCell* cell) const { return static_cast<Pfn>(cell - versions_.get()); }
+  // check({pfn_of(cell), version}, what, also) with the cell already found;
+  // the same result and the same report on a mismatch.
+  bool check(const VersionCell* cell, uint64_t version, const char* what, CounterSet* also = nullptr) const {
+    if (cell->load(std::memory_order_acquire) == version) [[likely]]
+      return true;
+    return report_mismatch({pfn_of(cell), version}, what, also);
+  }
   // Counts a stale access found by other means (a memslot no longer leads to
   // the mapping), with the same fatal-mode handling as check().
   void report_stale(const char* what, CounterSet* also = nullptr) const;
@@ -243,7 +260,7 @@ class PhysMem {
   size_t managed_ = 0;
   std::byte* pool_ = nullptr;     // hardware view: the whole memfd
   std::byte* direct_ = nullptr;   // direct map: managed frames only
-  std::unique_ptr<std::atomic<uint64_t>[]> versions_;
+  std::unique_ptr<VersionCell[]> versions_;
   std::atomic<uint64_t> next_version_{0};
   std::atomic<bool> stale_fatal_{false};
   // The fixed window cost, if set (window_cost_set_ published last).

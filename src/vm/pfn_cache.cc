@@ -8,10 +8,9 @@ CachePtr& CachePtr::operator=(CachePtr&& o) noexcept {
   if (this != &o) {
     reset();
     cache_ = o.cache_;
-    phys_ = o.phys_;
-    counters_ = o.counters_;
     data_ = o.data_;
-    tag_ = o.tag_;
+    version_cell_ = o.version_cell_;
+    version_ = o.version_;
     gpa_ = o.gpa_;
     size_ = o.size_;
     slot_ = o.slot_;
@@ -24,18 +23,17 @@ void CachePtr::end_rwlock_read(const PfnCache* cache) { cache->rw_.unlock_shared
 
 // --- PfnCache: reading ----------------------------------------------------------------
 
-CachePtr PfnCache::read_rwlock(Gpa want, size_t len) const {
-  CachePtr p;
+bool PfnCache::read_rwlock(Gpa want, size_t len, Snapshot& s) const {
   rw_.lock_shared();  // held past this function by the handle (CachePtr::reset)
   const uint64_t seq = seq_.load(std::memory_order_relaxed);
-  const Gpa gpa = gpa_.load(std::memory_order_relaxed);
-  if (!(seq & kValidBit) || !fits(want, len, gpa, generation_.load(std::memory_order_relaxed))) {
+  s = {gpa_.load(std::memory_order_relaxed), generation_.load(std::memory_order_relaxed),
+       khva_.load(std::memory_order_relaxed), version_cell_.load(std::memory_order_relaxed),
+       tag_version_.load(std::memory_order_relaxed)};
+  if (!(seq & kValidBit) || !fits(want, len, s)) {
     rw_.unlock_shared();
-    return p;
+    return false;
   }
-  fill(p, khva_.load(std::memory_order_relaxed),
-       {pfn_.load(std::memory_order_relaxed), tag_version_.load(std::memory_order_relaxed)}, gpa, len, -1);
-  return p;
+  return true;
 }
 
 Result<CachePtr> PfnCache::lock(Gpa gpa, size_t len) {
@@ -65,7 +63,7 @@ void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64
   NC_CHECK(!(seq & kValidBit));
   generation_.store(generation, std::memory_order_release);
   khva_.store(khva, std::memory_order_release);
-  pfn_.store(tag.pfn, std::memory_order_release);
+  version_cell_.store(phys_.version_cell(tag.pfn), std::memory_order_release);
   tag_version_.store(tag.version, std::memory_order_release);
   seq_.store(seq + 1, std::memory_order_release);  // valid, a new version
 }
@@ -91,7 +89,7 @@ PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
 // --- PfnCache: activate, refresh, deactivate -------------------------------------------------
 
 PfnCache::PfnCache(Vm& vm, CacheReadSide side, Vcpu* guest_uses_pfn, const host::HardwareView* hw)
-    : vm_(vm), phys_(vm.phys()), read_side_(side), vcpu_(guest_uses_pfn), hw_(hw) {}
+    : read_side_(side), memslots_(vm.memslots()), vm_(vm), phys_(vm.phys()), vcpu_(guest_uses_pfn), hw_(hw) {}
 
 PfnCache::~PfnCache() { deactivate(); }
 
@@ -118,7 +116,7 @@ void PfnCache::deactivate() {
     active_.store(false);
     set_invalid_locked();
     khva_.store(nullptr, std::memory_order_release);
-    pfn_.store(kInvalidPfn, std::memory_order_release);
+    version_cell_.store(nullptr, std::memory_order_release);
     hva_ = 0;
     old_window = std::move(window_);
   }
@@ -165,7 +163,7 @@ void PfnCache::drop_mapping() {
     WriterLock w(rw_);
     set_invalid_locked();
     khva_.store(nullptr, std::memory_order_release);
-    pfn_.store(kInvalidPfn, std::memory_order_release);
+    version_cell_.store(nullptr, std::memory_order_release);
     old_window = std::move(window_);
   }
   release_window(std::move(old_window));

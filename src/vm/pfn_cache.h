@@ -79,24 +79,24 @@ class CachePtr {
   CachePtr() = default;
   CachePtr(CachePtr&& o) noexcept
       : cache_(std::exchange(o.cache_, nullptr)),
-        phys_(o.phys_),
-        counters_(o.counters_),
         data_(o.data_),
-        tag_(o.tag_),
+        version_cell_(o.version_cell_),
+        version_(o.version_),
         gpa_(o.gpa_),
         size_(o.size_),
         slot_(o.slot_) {}
   CachePtr& operator=(CachePtr&& o) noexcept;
-  ~CachePtr() { reset(); }
+  [[gnu::always_inline]] ~CachePtr() { reset(); }
 
   explicit operator bool() const { return cache_ != nullptr; }
   Gpa gpa() const { return gpa_; }
   size_t size() const { return size_; }
-  host::FrameTag tag() const { return tag_; }
-  Pfn pfn() const { return tag_.pfn; }
+  // The frame and its version when the cache mapped it ({} if empty).
+  host::FrameTag tag() const;
+  Pfn pfn() const { return tag().pfn; }
   // True if the frame still backs the gpa; otherwise counts a stale access
   // (naming `what`) and returns false.
-  bool check_tag(const char* what = "pfn cache") const { return phys_->check(tag_, what, counters_); }
+  bool check_tag(const char* what = "pfn cache") const;
 
   template <class T>
   T read(size_t off) const {
@@ -127,8 +127,10 @@ class CachePtr {
   // MSR-bitmap merge, the eVMCS image). Valid while the handle lives.
   std::span<std::byte> bytes(size_t off, size_t len) const { return {at(off, len), len}; }
 
-  // Ends the read now (the destructor does it otherwise).
-  void reset() {
+  // Ends the read now (the destructor does it otherwise). Always inlined,
+  // the destructor's call on an unwinding path too: a call that took the
+  // handle's address would keep every handle in memory.
+  [[gnu::always_inline]] void reset() {
     if (!cache_) return;
     if (slot_ >= 0) {
       end_lockfree_read();
@@ -160,11 +162,14 @@ class CachePtr {
     return data_ + off;
   }
 
+  // Only what an access needs: a handle that lives in a caller's function
+  // is kept in registers, and whatever the caller does not use is never
+  // computed. The PhysMem and the counters a stale access is reported to
+  // are reached through cache_, on that slow path only.
   const PfnCache* cache_ = nullptr;
-  const host::PhysMem* phys_ = nullptr;
-  CounterSet* counters_ = nullptr;
-  std::byte* data_ = nullptr;  // the byte at gpa_
-  host::FrameTag tag_;
+  std::byte* data_ = nullptr;                       // the byte at gpa_
+  const host::VersionCell* version_cell_ = nullptr;  // the frame's (PhysMem::version_cell)
+  uint64_t version_ = 0;                            // its version when mapped
   Gpa gpa_ = kInvalidGpa;
   size_t size_ = 0;
   int slot_ = -1;  // lockfree: the reader slot; -1: rw_ held shared
@@ -247,23 +252,33 @@ class PfnCache {
     Vcpu* vcpu = nullptr;   // bound vCPU, if any
   };
 
-  // read() for the rwlock side: the handle keeps rw_ held shared.
-  CachePtr read_rwlock(Gpa gpa, size_t len) const NC_NO_THREAD_SAFETY_ANALYSIS;
+  // The mapping fields as one read saw them.
+  struct Snapshot {
+    Gpa gpa;
+    uint64_t generation;
+    std::byte* khva;
+    const host::VersionCell* version_cell;
+    uint64_t version;
+  };
+  // read() for the rwlock side: true, with rw_ left held shared for the
+  // handle, if the check holds; `s` is then the mapping. Out of line, and
+  // not filling the caller's handle itself, so that the handle of an inlined
+  // lock-free read() never has its address taken.
+  bool read_rwlock(Gpa want, size_t len, Snapshot& s) const NC_NO_THREAD_SAFETY_ANALYSIS;
   // Fills a handle for a checked mapping.
-  void fill(CachePtr& p, std::byte* khva, const host::FrameTag& tag, Gpa gpa, size_t len, int slot) const {
+  void fill(CachePtr& p, const Snapshot& s, size_t len, int slot) const {
     p.cache_ = this;
-    p.phys_ = &phys_;
-    p.counters_ = &vm_.counters();
-    p.data_ = khva + page_offset(gpa);
-    p.tag_ = tag;
-    p.gpa_ = gpa;
+    p.data_ = s.khva + page_offset(s.gpa);
+    p.version_cell_ = s.version_cell;
+    p.version_ = s.version;
+    p.gpa_ = s.gpa;
     p.size_ = len;
     p.slot_ = slot;
   }
   // True if the mapping fields (read by the caller) pass the check.
-  bool fits(Gpa want, size_t len, Gpa gpa, uint64_t generation) const {
-    return (want == kAnyGpa || want == gpa) && generation == vm_.memslots().generation() &&
-           page_offset(gpa) + len <= kPageSize;
+  bool fits(Gpa want, size_t len, const Snapshot& s) const {
+    return (want == kAnyGpa || want == s.gpa) && s.generation == memslots_.generation() &&
+           page_offset(s.gpa) + len <= kPageSize;
   }
   // The registry's call for an invalidation of [start, end) (page aligned).
   Hit notifier_invalidate(Hva start, Hva end) NC_EXCLUDES(rw_);
@@ -284,26 +299,35 @@ class PfnCache {
   // still be using it.
   void release_window(host::RemapWindow w) const;
 
+  // What a read loads, together in one cache line (the writers' own state
+  // lives elsewhere, and invalidations_ changes on every notifier hit): the
+  // read side, the memslots whose generation the check compares, and the
+  // mapping fields. The mapping fields are written with rw_ held exclusive
+  // (see seq_); read under rw_ shared (rwlock) or lock-free between two
+  // loads of seq_ (lockfree). Atomics so that a lock-free reader's racing
+  // load is defined; stored with release after seq_ loses its valid bit,
+  // loaded with acquire before seq_ is loaded again (the seqcount's ordering
+  // without fences).
+  alignas(64) const CacheReadSide read_side_;
+  const Memslots& memslots_;  // vm_.memslots()
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<Gpa> gpa_{kInvalidGpa};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<std::byte*> khva_{nullptr};  // the mapped page
+  // The frame's version cell (PhysMem::version_cell; null: no frame) and
+  // the version the frame had when mapped: the tag, in the form the
+  // per-access check uses.
+  std::atomic<const host::VersionCell*> version_cell_{nullptr};
+  std::atomic<uint64_t> tag_version_{0};
+
   Vm& vm_;
-  const host::PhysMem& phys_;  // vm_.phys(), one load closer for the readers
-  const CacheReadSide read_side_;
+  const host::PhysMem& phys_;  // vm_.phys()
   std::atomic<Vcpu*> vcpu_;
   const host::HardwareView* hw_;
   std::function<void()> refresh_hook_;
 
   mutable Mutex refresh_mu_{LockRank::kCacheRefresh};
   mutable SharedMutex rw_{LockRank::kCacheRw};
-  // The mapping fields. Written with rw_ held exclusive (see seq_); read
-  // under rw_ shared (rwlock) or lock-free between two loads of seq_
-  // (lockfree). Atomics so that a lock-free reader's racing load is defined;
-  // stored with release after seq_ loses its valid bit, loaded with acquire
-  // before seq_ is loaded again (the seqcount's ordering without fences).
-  std::atomic<uint64_t> seq_{0};
-  std::atomic<Gpa> gpa_{kInvalidGpa};
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<std::byte*> khva_{nullptr};  // the mapped page
-  std::atomic<Pfn> pfn_{kInvalidPfn};
-  std::atomic<uint64_t> tag_version_{0};
   std::atomic<bool> active_{false};
   // Invalidations that found this cache active in their range; a refresh
   // retries if it moved while the refresh resolved.
@@ -315,27 +339,42 @@ class PfnCache {
 
 inline const void* CachePtr::lock_id() const { return &cache_->rw_; }
 
-inline CachePtr PfnCache::read(Gpa want, size_t len) const {
-  if (read_side_ == CacheReadSide::rwlock) return read_rwlock(want, len);
+inline host::FrameTag CachePtr::tag() const {
+  if (!cache_) return {};
+  return {cache_->phys_.pfn_of(version_cell_), version_};
+}
+
+inline bool CachePtr::check_tag(const char* what) const {
+  return cache_->phys_.check(version_cell_, version_, what, &cache_->vm_.counters());
+}
+
+// Inlined into every caller: a handle that does not leave the caller then
+// lives in registers, and the checks the caller's constants decide (the
+// bounds, the gpa) fold away.
+[[gnu::always_inline]] inline CachePtr PfnCache::read(Gpa want, size_t len) const {
   CachePtr p;
+  if (read_side_ == CacheReadSide::rwlock) [[unlikely]] {
+    Snapshot s;
+    if (read_rwlock(want, len, s)) fill(p, s, len, -1);
+    return p;
+  }
   const int slot = cache_readers::enter(this);
   // The seqcount read: a valid version, the fields, the same version again.
   // An invalidation that flips seq_ after our first load waits for our slot.
   // Acquire loads throughout (plain loads on x86): none of the field loads
   // may move after the second load of seq_.
   const uint64_t seq = seq_.load(std::memory_order_acquire);
-  const Gpa gpa = gpa_.load(std::memory_order_acquire);
-  const uint64_t generation = generation_.load(std::memory_order_acquire);
-  std::byte* khva = khva_.load(std::memory_order_acquire);
-  const host::FrameTag tag{pfn_.load(std::memory_order_acquire), tag_version_.load(std::memory_order_acquire)};
-  if (!(seq & kValidBit) || seq_.load(std::memory_order_acquire) != seq || !fits(want, len, gpa, generation)) {
+  const Snapshot s{gpa_.load(std::memory_order_acquire), generation_.load(std::memory_order_acquire),
+                   khva_.load(std::memory_order_acquire), version_cell_.load(std::memory_order_acquire),
+                   tag_version_.load(std::memory_order_acquire)};
+  if (!(seq & kValidBit) || seq_.load(std::memory_order_acquire) != seq || !fits(want, len, s)) [[unlikely]] {
     cache_readers::exit(slot);
     return p;
   }
 #ifdef NESTCACHE_LOCK_CHECKS
   lock_checks::acquire(LockRank::kCacheRw, &rw_);
 #endif
-  fill(p, khva, tag, gpa, len, slot);
+  fill(p, s, len, slot);
   return p;
 }
 
