@@ -193,10 +193,16 @@ class PhysMem {
   // one back to its pfn.
   const VersionCell* version_cell(Pfn pfn) const { return &versions_[pfn]; }
   Pfn pfn_of(const VersionCell* cell) const { return static_cast<Pfn>(cell - versions_.get()); }
+  // True if the frame of `cell` still has `version`: check()'s test, with
+  // nothing counted. Static, so that a caller that reports a mismatch out of
+  // line needs no PhysMem on the path where the tag holds.
+  static bool holds(const VersionCell* cell, uint64_t version) {
+    return cell->load(std::memory_order_acquire) == version;
+  }
   // check({pfn_of(cell), version}, what, also) with the cell already found;
   // the same result and the same report on a mismatch.
   bool check(const VersionCell* cell, uint64_t version, const char* what, CounterSet* also = nullptr) const {
-    if (cell->load(std::memory_order_acquire) == version) [[likely]]
+    if (holds(cell, version)) [[likely]]
       return true;
     return report_mismatch({pfn_of(cell), version}, what, also);
   }

@@ -29,6 +29,9 @@ namespace nestcache::vm::cache_readers {
 
 inline constexpr int kSlotsPerThread = 8;
 
+// A reader slot: the cache a read names, or null.
+using Slot = std::atomic<const void*>;
+
 // One thread's slots. Records are never freed: a thread that ends hands its
 // record (with every slot empty) to the next thread that starts reading.
 struct alignas(64) ThreadRecord {
@@ -52,10 +55,13 @@ ThreadRecord* register_thread();
 // Publishes that the calling thread reads `cache` (any unique address) and
 // orders that before whatever the caller loads next. Returns the slot to pass
 // to exit(). Aborts if the thread already holds kSlotsPerThread reads.
-inline int enter(const void* cache) {
+inline Slot* enter(const void* cache) {
   ThreadRecord* r = internal::t_record;
   if (!r) [[unlikely]]
     r = internal::register_thread();
+  // Unrolled: the first slot is free unless the thread holds another read,
+  // and then the search is one load at a fixed offset, with no index.
+#pragma GCC unroll 8
   for (int i = 0; i < kSlotsPerThread; i++) {
     // Only this thread writes its slots, so a relaxed look is exact.
     if (r->slots[i].load(std::memory_order_relaxed) == nullptr) {
@@ -69,7 +75,7 @@ inline int enter(const void* cache) {
         r->slots[i].store(cache, std::memory_order_relaxed);
         std::atomic_signal_fence(std::memory_order_seq_cst);
       }
-      return i;
+      return &r->slots[i];
     }
   }
   internal::too_many_reads();
@@ -77,7 +83,7 @@ inline int enter(const void* cache) {
 
 // Ends the read entered as `slot`: everything the reader did through the
 // cache happens before a waiter sees the slot empty.
-inline void exit(int slot) { internal::t_record->slots[slot].store(nullptr, std::memory_order_release); }
+inline void exit(Slot* slot) { slot->store(nullptr, std::memory_order_release); }
 
 // Returns once no thread is inside a read of any of `caches` that began
 // before this call; a read that begins later sees what the caller stored

@@ -21,6 +21,11 @@ CachePtr& CachePtr::operator=(CachePtr&& o) noexcept {
 
 void CachePtr::end_rwlock_read(const PfnCache* cache) { cache->rw_.unlock_shared(); }
 
+bool CachePtr::report_stale(const PfnCache* cache, const host::VersionCell* cell, uint64_t version,
+                            const char* what) {
+  return cache->phys_.check(cell, version, what, &cache->vm_.counters());
+}
+
 // --- PfnCache: reading ----------------------------------------------------------------
 
 bool PfnCache::read_rwlock(Gpa want, size_t len, Snapshot& s) const {

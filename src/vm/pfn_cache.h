@@ -132,7 +132,7 @@ class CachePtr {
   // handle's address would keep every handle in memory.
   [[gnu::always_inline]] void reset() {
     if (!cache_) return;
-    if (slot_ >= 0) {
+    if (slot_) {
       end_lockfree_read();
     } else {
       end_rwlock_read(cache_);
@@ -155,6 +155,11 @@ class CachePtr {
   // Static, so that the handle's address does not escape and the compiler
   // can keep a short-lived handle in registers.
   static void end_rwlock_read(const PfnCache* cache) NC_NO_THREAD_SAFETY_ANALYSIS;
+  // check_tag()'s mismatch: PhysMem::check through the cache's PhysMem,
+  // counted in its VM's counters too. Static and out of line for the same
+  // reason, and so that the PhysMem and the counters are loaded only here.
+  [[gnu::cold, gnu::noinline]] static bool report_stale(const PfnCache* cache, const host::VersionCell* cell,
+                                                       uint64_t version, const char* what);
   const void* lock_id() const;
   std::byte* at(size_t off, size_t len) const {
     NC_CHECK(cache_ && off <= size_ && len <= size_ - off);
@@ -172,7 +177,7 @@ class CachePtr {
   uint64_t version_ = 0;                            // its version when mapped
   Gpa gpa_ = kInvalidGpa;
   size_t size_ = 0;
-  int slot_ = -1;  // lockfree: the reader slot; -1: rw_ held shared
+  cache_readers::Slot* slot_ = nullptr;  // lockfree: the reader slot; null: rw_ held shared
 };
 
 class PfnCache {
@@ -266,7 +271,7 @@ class PfnCache {
   // lock-free read() never has its address taken.
   bool read_rwlock(Gpa want, size_t len, Snapshot& s) const NC_NO_THREAD_SAFETY_ANALYSIS;
   // Fills a handle for a checked mapping.
-  void fill(CachePtr& p, const Snapshot& s, size_t len, int slot) const {
+  void fill(CachePtr& p, const Snapshot& s, size_t len, cache_readers::Slot* slot) const {
     p.cache_ = this;
     p.data_ = s.khva + page_offset(s.gpa);
     p.version_cell_ = s.version_cell;
@@ -345,7 +350,9 @@ inline host::FrameTag CachePtr::tag() const {
 }
 
 inline bool CachePtr::check_tag(const char* what) const {
-  return cache_->phys_.check(version_cell_, version_, what, &cache_->vm_.counters());
+  if (host::PhysMem::holds(version_cell_, version_)) [[likely]]
+    return true;
+  return report_stale(cache_, version_cell_, version_, what);
 }
 
 // Inlined into every caller: a handle that does not leave the caller then
@@ -355,10 +362,10 @@ inline bool CachePtr::check_tag(const char* what) const {
   CachePtr p;
   if (read_side_ == CacheReadSide::rwlock) [[unlikely]] {
     Snapshot s;
-    if (read_rwlock(want, len, s)) fill(p, s, len, -1);
+    if (read_rwlock(want, len, s)) fill(p, s, len, nullptr);
     return p;
   }
-  const int slot = cache_readers::enter(this);
+  cache_readers::Slot* const slot = cache_readers::enter(this);
   // The seqcount read: a valid version, the fields, the same version again.
   // An invalidation that flips seq_ after our first load waits for our slot.
   // Acquire loads throughout (plain loads on x86): none of the field loads
