@@ -100,6 +100,27 @@ TEST(PhysMem, ATagGoesStaleWhenItsFrameIsFreedAndTheCheckCountsIt) {
   EXPECT_EQ(vm_counters.get(Counter::stale_accesses), 1u);
 }
 
+TEST(PhysMem, AVersionCellChecksItsFrameAsTheTagDoes) {
+  auto m = make_mem(4, 0);
+  Pfn p = *m->alloc(FrameKind::managed);
+  Pfn other = *m->alloc(FrameKind::managed);
+  const VersionCell* cell = m->version_cell(p);
+  EXPECT_EQ(m->pfn_of(cell), p);
+  EXPECT_NE(m->version_cell(other), cell);
+  const uint64_t version = m->tag(p).version;
+  CounterSet vm_counters;
+  EXPECT_TRUE(PhysMem::holds(cell, version));
+  EXPECT_TRUE(m->check(cell, version, "test", &vm_counters));
+  m->free(other);
+  EXPECT_TRUE(m->check(cell, version, "test", &vm_counters)) << "another frame's change moved this one's version";
+  m->free(p);
+  EXPECT_FALSE(PhysMem::holds(cell, version));
+  EXPECT_EQ(m->counters().get(Counter::stale_accesses), 0u) << "holds() counts nothing";
+  EXPECT_FALSE(m->check(cell, version, "test", &vm_counters));
+  EXPECT_EQ(m->counters().get(Counter::stale_accesses), 1u);
+  EXPECT_EQ(vm_counters.get(Counter::stale_accesses), 1u);
+}
+
 TEST(PhysMemDeathTest, StaleAccessesAbortWhenFatal) {
   auto m = make_mem(4, 0);
   Pfn p = *m->alloc(FrameKind::managed);

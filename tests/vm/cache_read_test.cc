@@ -56,6 +56,28 @@ TEST_P(CacheReadTest, AHandleReachesExactlyTheCheckedBytes) {
   EXPECT_EQ(back, 0xabcu) << "the handle wrote the page the VMM sees";
 }
 
+TEST_P(CacheReadTest, AHandleWhoseFrameChangedHandsCountsAStaleAccess) {
+  // A frame retagged behind the cache's back (no invalidation: the bug the
+  // detector is there for) is caught on the handle's next access, in the
+  // host's and the VM's counters, and the handle still names its frame.
+  env.phys->set_stale_access_fatal(false);
+  PfnCache c(*env.vm);
+  ASSERT_TRUE(c.activate(5 * kPageSize, 8));
+  CachePtr p = c.read(5 * kPageSize, 8);
+  ASSERT_TRUE(p);
+  const host::FrameTag tag = p.tag();
+  EXPECT_EQ(tag, env.phys->tag(p.pfn()));
+  EXPECT_TRUE(p.check_tag());
+  env.phys->retag(p.pfn());
+  EXPECT_FALSE(p.check_tag());
+  (void)p.read<uint64_t>(0);
+  EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 2u);
+  EXPECT_EQ(env.vm->counters().get(Counter::stale_accesses), 2u);
+  EXPECT_EQ(p.tag(), tag);
+  p.reset();
+  EXPECT_EQ(p.tag(), host::FrameTag{}) << "an empty handle names no frame";
+}
+
 TEST_P(CacheReadTest, AFailedCheckGivesAnEmptyHandle) {
   PfnCache c(*env.vm);
   const Gpa g = 2 * kPageSize + 8;
