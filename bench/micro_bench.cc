@@ -320,9 +320,39 @@ CachesFixture& caches_fixture(size_t caches, vm::CacheReadSide side) {
 // BM_CacheInvalidate/miss/<read side>/<caches>: one invalidation of a page
 // between two cached pages, which no cache maps: the search alone, the common
 // case of an event that touches no cache.
-void BM_CacheInvalidate(benchmark::State& state, bool hit, vm::CacheReadSide side) {
+// A thread that reads a cache of its own over and over, so that it is an
+// active lock-free reader (vm/cache_readers.h) for as long as it lives: a
+// vCPU running its guest on another CPU.
+class ActiveReader {
+ public:
+  explicit ActiveReader(vm::Vm& vm) : cache_(vm, vm::CacheReadSide::lockfree) {
+    NC_CHECK(cache_.activate(gfn_to_gpa(1), sizeof(uint64_t)));  // no other benchmark's cache there
+    thread_ = std::thread([this] {
+      while (!stop_.load(std::memory_order_relaxed)) {
+        if (vm::CachePtr p = cache_.read(sizeof(uint64_t))) {
+          benchmark::DoNotOptimize(p.read<uint64_t>(0));
+        } else {
+          (void)cache_.refresh(sizeof(uint64_t));
+        }
+      }
+    });
+  }
+  ~ActiveReader() {
+    stop_.store(true);
+    thread_.join();
+  }
+
+ private:
+  vm::PfnCache cache_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+void BM_CacheInvalidate(benchmark::State& state, bool hit, vm::CacheReadSide side, bool active_reader) {
   CachesFixture& f = caches_fixture(static_cast<size_t>(state.range(0)), side);
   vm::Vm& v = *f.env->vm;
+  std::optional<ActiveReader> reader;
+  if (active_reader) reader.emplace(v);
   const CounterSnapshot before = CounterSnapshot::of(v.counters());
   size_t i = 0;
   for (auto _ : state) {
@@ -340,6 +370,7 @@ void BM_CacheInvalidate(benchmark::State& state, bool hit, vm::CacheReadSide sid
   per_iteration(state, Counter::cache_invalidations, before, after);
   per_iteration(state, Counter::cache_refreshes, before, after);
   per_iteration(state, Counter::cache_reader_waits, before, after);
+  per_iteration(state, Counter::cache_reader_barriers, before, after);
 }
 
 const bool kInvalidateRegistered = [] {
@@ -347,13 +378,20 @@ const bool kInvalidateRegistered = [] {
     for (vm::CacheReadSide side : {vm::CacheReadSide::rwlock, vm::CacheReadSide::lockfree}) {
       const std::string name =
           std::string("BM_CacheInvalidate/") + (hit ? "hit/" : "miss/") + vm::cache_read_side_name(side);
-      benchmark::RegisterBenchmark(name.c_str(), BM_CacheInvalidate, hit, side)
+      benchmark::RegisterBenchmark(name.c_str(), BM_CacheInvalidate, hit, side, false)
           ->Arg(1000)
           ->Arg(10000)
           ->Arg(100000)
           ->Unit(benchmark::kNanosecond);
     }
   }
+  // The price of lock-free reads: a hit while another thread is an active
+  // reader must interrupt its CPU (one membarrier).
+  benchmark::RegisterBenchmark("BM_CacheInvalidate/hit/lockfree_active_reader", BM_CacheInvalidate, true,
+                               vm::CacheReadSide::lockfree, true)
+      ->Arg(1000)
+      ->Arg(100000)
+      ->Unit(benchmark::kNanosecond);
   return true;
 }();
 

@@ -36,6 +36,7 @@ namespace nestcache {
   X(cache_refresh_waits, "times a refresh waited for an in-flight invalidation of its page") \
   X(cache_refresh_wait_ns, "nanoseconds refreshes spent waiting for in-flight invalidations") \
   X(cache_reader_waits, "invalidations that waited for lock-free pfn-cache readers")     \
+  X(cache_reader_barriers, "waits for lock-free readers that interrupted the other CPUs (membarrier)") \
   X(cache_invalidations, "pfn caches marked invalid by the notifier")                     \
   X(requests, "vCPU requests made")                                                       \
   X(kicks, "vCPU kicks")                                                                  \

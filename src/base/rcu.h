@@ -20,22 +20,16 @@
 #include <atomic>
 
 #include "base/check.h"
+#include "base/sanitizers.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define NC_RCU_TELLS_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define NC_RCU_TELLS_TSAN 1
-#endif
-#endif
-#ifdef NC_RCU_TELLS_TSAN
+#ifdef NC_TSAN
 #include <sanitizer/tsan_interface.h>
 #endif
 
 namespace nestcache::rcu {
 
 namespace detail {
-#ifdef NC_RCU_TELLS_TSAN
+#ifdef NC_TSAN
 // liburcu orders a grace period with its own fences and membarrier() around
 // per-thread counters in an uninstrumented library, so TSan sees no
 // happens-before from a reader's section to the updater's return from

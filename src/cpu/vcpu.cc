@@ -16,6 +16,7 @@
 #include "base/check.h"
 #include "cpu/cpu_model.h"
 #include "cpu/machine.h"
+#include "vm/cache_readers.h"
 
 namespace nestcache::cpu {
 
@@ -73,6 +74,9 @@ bool Vcpu::park(bool until_pending, std::optional<std::chrono::steady_clock::tim
       if (!deadline || timer < *deadline) deadline = timer;
     }
   }
+  // Parked, this thread reads no pfn cache: invalidations need not interrupt
+  // its CPU to wait for it (vm/cache_readers.h).
+  vm::cache_readers::quiesce();
   // A halted vCPU also wakes for a request; one waiting in guest mode
   // (MWAIT) learns of requests from the kick that comes with them.
   bool woke = apic_.park(until_pending, deadline, [this] { return !nested().guest_mode() && has_requests(); });

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "base/check.h"
+#include "base/sanitizers.h"
 
 namespace nestcache::vm::cache_readers {
 namespace internal {
@@ -28,12 +29,26 @@ bool register_membarrier() {
 
 std::atomic<ThreadRecord*> g_records{nullptr};
 
+// A full memory barrier: the seq_cst fence of activate() and of a waiter.
+// ThreadSanitizer does not model fences (and warns about them); under it, a
+// locked read-modify-write of a word private to the thread is the same
+// barrier on x86 and adds no cross-thread ordering that could hide a race.
+void full_fence() {
+#ifdef NC_TSAN
+  thread_local std::atomic<int> word{0};
+  word.fetch_add(1, std::memory_order_seq_cst);
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
 // Hands the thread's record back when the thread ends.
 struct RecordOwner {
   ThreadRecord* record = nullptr;
   ~RecordOwner() {
     if (!record) return;
     for (auto& s : record->slots) NC_CHECK(s.load(std::memory_order_relaxed) == nullptr);  // a read outlived its thread
+    record->active.store(false, std::memory_order_release);
     t_record = nullptr;
     record->in_use.store(false, std::memory_order_release);
   }
@@ -63,6 +78,14 @@ ThreadRecord* register_thread() {
   return r;
 }
 
+void activate(ThreadRecord* r) {
+  r->active.store(true, std::memory_order_relaxed);
+  // The reader's half of the pair: a waiter that fenced before this either
+  // sees the thread active, or this thread's next check sees the caches the
+  // waiter made invalid (wait_for_readers).
+  full_fence();
+}
+
 void too_many_reads() {
   std::fprintf(stderr, "nestcache: a thread holds more than %d pfn-cache reads at once\n", kSlotsPerThread);
   std::abort();
@@ -72,16 +95,23 @@ void too_many_reads() {
 
 namespace {
 
+// True if a thread other than the caller may be inside a read. The fence
+// orders the caller's stores that made the caches invalid before the loads of
+// the active flags; it pairs with activate()'s. A flag seen clear was cleared
+// by quiesce() with no read held (acquire: the reads it did are over), or is
+// about to be set, and then that thread's next check sees the caches invalid.
+bool other_active_readers() {
+  internal::full_fence();
+  for (const ThreadRecord* r = internal::g_records.load(std::memory_order_acquire); r; r = r->next)
+    if (r != internal::t_record && r->active.load(std::memory_order_acquire)) return true;
+  return false;
+}
+
 // The full barrier on every running thread that pairs with the readers'
 // compiler-only fence. The system call is itself a full barrier on the
 // calling thread, between the caller's store that made the caches invalid
-// and the loads of the slots that follow. Without membarrier the readers
-// exchange their slots seq_cst, which pairs with the caller's seq_cst store
-// and the seq_cst slot loads below: nothing to do here.
-void barrier_on_every_reader() {
-  if (internal::g_reader_fence) return;
-  NC_CHECK(internal::membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0);
-}
+// and the loads of the slots that follow.
+void barrier_on_every_reader() { NC_CHECK(internal::membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0); }
 
 }  // namespace
 
@@ -93,15 +123,22 @@ bool reading(const void* cache) {
   return false;
 }
 
-void wait_for_readers(std::span<const void* const> caches) {
-  if (caches.empty()) return;
+bool wait_for_readers(std::span<const void* const> caches) {
+  if (caches.empty()) return false;
   for (const void* c : caches) {
     if (reading(c)) {
       std::fprintf(stderr, "nestcache: a thread waits for its own pfn-cache read to end\n");
       std::abort();
     }
   }
-  barrier_on_every_reader();
+  // Without membarrier, readers exchange their slots seq_cst, which pairs
+  // with the caller's seq_cst store and the seq_cst slot loads below.
+  bool interrupted = false;
+  if (!internal::g_reader_fence) {
+    if (!other_active_readers()) return false;
+    barrier_on_every_reader();
+    interrupted = true;
+  }
   for (const ThreadRecord* r = internal::g_records.load(std::memory_order_acquire); r; r = r->next) {
     for (const auto& slot : r->slots) {
       for (int spins = 0;; spins++) {
@@ -120,6 +157,22 @@ void wait_for_readers(std::span<const void* const> caches) {
       }
     }
   }
+  return interrupted;
+}
+
+void quiesce() {
+  ThreadRecord* r = internal::t_record;
+  if (!r || !r->active.load(std::memory_order_relaxed)) return;
+  for (const auto& s : r->slots)
+    if (s.load(std::memory_order_relaxed) != nullptr) return;
+  // Release: the reads this thread did happen before a waiter that sees the
+  // flag clear and skips waiting for it.
+  r->active.store(false, std::memory_order_release);
+}
+
+bool active() {
+  const ThreadRecord* r = internal::t_record;
+  return r && r->active.load(std::memory_order_relaxed);
 }
 
 }  // namespace nestcache::vm::cache_readers

@@ -17,6 +17,19 @@
 // lock-free cache. Where membarrier is missing (an old kernel, a seccomp
 // filter) readers issue the full fence themselves and the waiter a plain one.
 //
+// The membarrier interrupts every CPU that runs a thread of the process, and
+// on a virtual machine such an interrupt is an exit to its host: microseconds.
+// Most of those threads are not reading caches at all, so each thread also
+// says whether it is an *active* reader. A thread becomes active at its first
+// read after quiescing, with one full fence; it stops being one when it
+// quiesces (quiesce(): a vCPU about to block, a reading thread that ends),
+// which it may do only with no read held. A waiter, after its own full fence,
+// skips the membarrier when no thread but itself is active: a thread that is
+// not active holds no read, and if it activates now its fence pairs with the
+// waiter's, so its first check sees the caches invalid. Activation is
+// Dekker's pattern with a real fence on both sides; it costs the reader only
+// when it wakes up, not per read.
+//
 // A thread may hold up to kSlotsPerThread reads at once. A read belongs to
 // the thread that entered it.
 #pragma once
@@ -36,6 +49,7 @@ using Slot = std::atomic<const void*>;
 // record (with every slot empty) to the next thread that starts reading.
 struct alignas(64) ThreadRecord {
   std::atomic<const void*> slots[kSlotsPerThread] = {};
+  std::atomic<bool> active{false};  // an active reader: see the header comment
   std::atomic<bool> in_use{false};
   ThreadRecord* next = nullptr;  // set once, before the record is published
 };
@@ -49,6 +63,9 @@ inline thread_local ThreadRecord* t_record = nullptr;
 extern bool g_reader_fence;
 // Gives the calling thread a record and returns it.
 ThreadRecord* register_thread();
+// Marks `r` active, with the full fence that orders that before the
+// thread's next loads of a cache's state.
+void activate(ThreadRecord* r);
 [[noreturn]] void too_many_reads();
 }  // namespace internal
 
@@ -59,6 +76,8 @@ inline Slot* enter(const void* cache) {
   ThreadRecord* r = internal::t_record;
   if (!r) [[unlikely]]
     r = internal::register_thread();
+  if (!r->active.load(std::memory_order_relaxed)) [[unlikely]]
+    internal::activate(r);
   // Unrolled: the first slot is free unless the thread holds another read,
   // and then the search is one load at a fixed offset, with no index.
 #pragma GCC unroll 8
@@ -89,8 +108,23 @@ inline void exit(Slot* slot) { slot->store(nullptr, std::memory_order_release); 
 // before this call; a read that begins later sees what the caller stored
 // before the call. The caller must not itself be reading any of them (that
 // would wait for ever: aborts instead). Waits by spinning briefly, then
-// yielding: reads are short.
-void wait_for_readers(std::span<const void* const> caches);
+// yielding: reads are short. Returns true if it had to interrupt the other
+// threads (the membarrier: another thread was an active reader), false if a
+// fence of its own was enough.
+bool wait_for_readers(std::span<const void* const> caches);
+
+// The calling thread stops being an active reader, so that invalidations
+// need not interrupt it: call before blocking for a while (a vCPU that
+// halts). Does nothing while the thread holds a read. Its next read pays
+// one fence.
+void quiesce();
+
+// True if the calling thread is an active reader (tests).
+bool active();
+
+// True if waits interrupt active readers with a membarrier; false where the
+// kernel has none and every read fences for itself instead.
+inline bool uses_membarrier() { return !internal::g_reader_fence; }
 
 // True if the calling thread is inside a read of `cache`.
 bool reading(const void* cache);

@@ -38,7 +38,7 @@ std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
   // Outside the registry lock: a reader being waited for never needs it, but
   // an activation on another thread does.
   if (!lockfree.empty()) {
-    cache_readers::wait_for_readers(lockfree);
+    if (cache_readers::wait_for_readers(lockfree)) vm_.counters().add(Counter::cache_reader_barriers);
     vm_.counters().add(Counter::cache_reader_waits);
   }
   return vcpus;

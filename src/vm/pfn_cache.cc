@@ -78,7 +78,7 @@ void PfnCache::release_window(host::RemapWindow w) const {
   // through the window: munmap under it would fault.
   if (w && read_side_ == CacheReadSide::lockfree) {
     const void* self = this;
-    cache_readers::wait_for_readers({&self, 1});
+    if (cache_readers::wait_for_readers({&self, 1})) vm_.counters().add(Counter::cache_reader_barriers);
   }
 }
 

@@ -3,8 +3,11 @@
 // waits for an in-flight invalidation instead of spinning.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
+#include <thread>
 
+#include "vm/cache_readers.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -150,6 +153,79 @@ TEST_P(CacheReadTest, AnInvalidationWaitsForAHeldHandle) {
   ASSERT_TRUE(q);
   EXPECT_EQ(q->read<uint64_t>(8), 0x77u) << "a write through the handle was lost to the migration";
   EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
+}
+
+// An invalidation that finds a lock-free cache interrupts the other CPUs
+// (a membarrier) only while some other thread is an active reader: not for
+// the invalidating thread's own reads, not for a thread that quiesced, and
+// again once that thread reads.
+TEST_P(CacheReadTest, InvalidationsInterruptOtherCpusOnlyForAnotherActiveReader) {
+  if (side() != CacheReadSide::lockfree) GTEST_SKIP() << "rwlock readers are waited for by the lock";
+  if (!cache_readers::uses_membarrier()) GTEST_SKIP() << "no membarrier: every read fences for itself";
+  PfnCache c(*env.vm), theirs(*env.vm);
+  ASSERT_TRUE(c.activate(2 * kPageSize, 8));
+  ASSERT_TRUE(theirs.activate(3 * kPageSize, 8));
+  ASSERT_TRUE(c.read(2 * kPageSize, 8));
+  EXPECT_TRUE(cache_readers::active());
+  const Hva hva = env.hva_of(2 * kPageSize);
+  auto barriers_for_one_invalidation = [&] {
+    const uint64_t before = env.vm->counters().get(Counter::cache_reader_barriers);
+    const uint64_t waits = env.vm->counters().get(Counter::cache_reader_waits);
+    env.vm->invalidate_range_start(hva, hva + kPageSize);
+    env.vm->invalidate_range_end(hva, hva + kPageSize);
+    EXPECT_EQ(env.vm->counters().get(Counter::cache_reader_waits), waits + 1);
+    EXPECT_TRUE(c.invalid());
+    const uint64_t barriers = env.vm->counters().get(Counter::cache_reader_barriers) - before;
+    EXPECT_TRUE(c.refresh(8));
+    return barriers;
+  };
+  EXPECT_EQ(barriers_for_one_invalidation(), 0u) << "the only active reader is the invalidating thread";
+
+  // The other thread goes through: read (active), quiesce, read again.
+  std::atomic<int> asked{0}, done{0};
+  auto step = [&](int n) {
+    asked.store(n);
+    while (done.load() != n) std::this_thread::yield();
+  };
+  std::thread reader([&] {
+    auto await = [&](int n) {
+      while (asked.load() != n) std::this_thread::yield();
+    };
+    await(1);
+    EXPECT_TRUE(theirs.read(3 * kPageSize, 8));
+    done.store(1);
+    await(2);
+    cache_readers::quiesce();
+    EXPECT_FALSE(cache_readers::active());
+    done.store(2);
+    await(3);
+    EXPECT_TRUE(theirs.read(3 * kPageSize, 8));
+    EXPECT_TRUE(cache_readers::active());
+    done.store(3);
+    await(4);
+  });
+  step(1);
+  EXPECT_EQ(barriers_for_one_invalidation(), 1u) << "another thread is an active reader";
+  step(2);
+  EXPECT_EQ(barriers_for_one_invalidation(), 0u) << "the other reader quiesced";
+  step(3);
+  EXPECT_EQ(barriers_for_one_invalidation(), 1u) << "the other reader read again";
+  asked.store(4);
+  reader.join();
+  EXPECT_EQ(barriers_for_one_invalidation(), 0u) << "a reader that ended is not active";
+}
+
+TEST_P(CacheReadTest, AQuiesceWithAReadHeldKeepsTheThreadActive) {
+  if (side() != CacheReadSide::lockfree) GTEST_SKIP() << "rwlock readers hold no reader slot";
+  PfnCache c(*env.vm);
+  ASSERT_TRUE(c.activate(2 * kPageSize, 8));
+  CachePtr p = c.read(2 * kPageSize, 8);
+  ASSERT_TRUE(p);
+  cache_readers::quiesce();
+  EXPECT_TRUE(cache_readers::active()) << "a thread holding a read must stay visible to waiters";
+  p.reset();
+  cache_readers::quiesce();
+  EXPECT_FALSE(cache_readers::active());
 }
 
 TEST_P(CacheReadTest, AnInFlightInvalidationMakesRefreshWaitNotSpin) {
