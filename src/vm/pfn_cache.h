@@ -96,7 +96,9 @@ class CachePtr {
   Pfn pfn() const { return tag().pfn; }
   // True if the frame still backs the gpa; otherwise counts a stale access
   // (naming `what`) and returns false.
-  bool check_tag(const char* what = "pfn cache") const;
+  // Always inlined (at() too): a compiler that outlined part of it would
+  // pass it the handle's address and keep the handle in memory.
+  [[gnu::always_inline]] bool check_tag(const char* what = "pfn cache") const;
 
   template <class T>
   T read(size_t off) const {
@@ -161,7 +163,7 @@ class CachePtr {
   [[gnu::cold, gnu::noinline]] static bool report_stale(const PfnCache* cache, const host::VersionCell* cell,
                                                        uint64_t version, const char* what);
   const void* lock_id() const;
-  std::byte* at(size_t off, size_t len) const {
+  [[gnu::always_inline]] std::byte* at(size_t off, size_t len) const {
     NC_CHECK(cache_ && off <= size_ && len <= size_ - off);
     check_tag();
     return data_ + off;
@@ -349,7 +351,7 @@ inline host::FrameTag CachePtr::tag() const {
   return {cache_->phys_.pfn_of(version_cell_), version_};
 }
 
-inline bool CachePtr::check_tag(const char* what) const {
+[[gnu::always_inline]] inline bool CachePtr::check_tag(const char* what) const {
   if (host::PhysMem::holds(version_cell_, version_)) [[likely]]
     return true;
   return report_stale(cache_, version_cell_, version_, what);
