@@ -60,7 +60,7 @@ thread_local RecordOwner t_owner;
 // Dynamic initialisation: runs before main, before any thread reads.
 bool g_reader_fence = !register_membarrier();
 
-ThreadRecord* register_thread() {
+ThreadRecord* register_thread() noexcept {
   ThreadRecord* r = nullptr;
   for (ThreadRecord* p = g_records.load(std::memory_order_acquire); p && !r; p = p->next) {
     bool free = false;
@@ -78,7 +78,7 @@ ThreadRecord* register_thread() {
   return r;
 }
 
-void activate(ThreadRecord* r) {
+void activate(ThreadRecord* r) noexcept {
   r->active.store(true, std::memory_order_relaxed);
   // The reader's half of the pair: a waiter that fenced before this either
   // sees the thread active, or this thread's next check sees the caches the

@@ -40,7 +40,7 @@
 
 namespace nestcache::vm::cache_readers {
 
-inline constexpr int kSlotsPerThread = 8;
+inline constexpr int kSlotsPerThread = 7;  // with `active`, one cache line
 
 // A reader slot: the cache a read names, or null.
 using Slot = std::atomic<const void*>;
@@ -48,8 +48,10 @@ using Slot = std::atomic<const void*>;
 // One thread's slots. Records are never freed: a thread that ends hands its
 // record (with every slot empty) to the next thread that starts reading.
 struct alignas(64) ThreadRecord {
+  // What every read touches, in the record's first cache line.
   std::atomic<const void*> slots[kSlotsPerThread] = {};
   std::atomic<bool> active{false};  // an active reader: see the header comment
+  // Touched only when a thread starts or ends.
   std::atomic<bool> in_use{false};
   ThreadRecord* next = nullptr;  // set once, before the record is published
 };
@@ -62,10 +64,10 @@ inline thread_local ThreadRecord* t_record = nullptr;
 // fence themselves.
 extern bool g_reader_fence;
 // Gives the calling thread a record and returns it.
-ThreadRecord* register_thread();
+ThreadRecord* register_thread() noexcept;
 // Marks `r` active, with the full fence that orders that before the
 // thread's next loads of a cache's state.
-void activate(ThreadRecord* r);
+void activate(ThreadRecord* r) noexcept;
 [[noreturn]] void too_many_reads();
 }  // namespace internal
 
