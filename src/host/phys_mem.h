@@ -182,9 +182,7 @@ class PhysMem {
   // are fatal, aborts with a message naming `what`.
   // Inline on the match: every access through a cache or a map pays it.
   bool check(const FrameTag& t, const char* what, CounterSet* also = nullptr) const {
-    if (versions_[t.pfn].load(std::memory_order_acquire) == t.version) [[likely]]
-      return true;
-    return report_mismatch(t, what, also);
+    return check(version_cell(t.pfn), t.version, what, also);
   }
   // A frame's version cell: where check() finds the frame's current version.
   // A reader that checks the same frame on every access (a pfn cache) keeps

@@ -42,12 +42,19 @@ void full_fence() {
 #endif
 }
 
+// True if the thread that owns `r` (the caller) holds no read.
+bool holds_no_read(const ThreadRecord& r) {
+  for (const auto& s : r.slots)
+    if (s.load(std::memory_order_relaxed) != nullptr) return false;
+  return true;
+}
+
 // Hands the thread's record back when the thread ends.
 struct RecordOwner {
   ThreadRecord* record = nullptr;
   ~RecordOwner() {
     if (!record) return;
-    for (auto& s : record->slots) NC_CHECK(s.load(std::memory_order_relaxed) == nullptr);  // a read outlived its thread
+    NC_CHECK(holds_no_read(*record));  // a read outlived its thread
     record->active.store(false, std::memory_order_release);
     t_record = nullptr;
     record->in_use.store(false, std::memory_order_release);
@@ -162,9 +169,7 @@ bool wait_for_readers(std::span<const void* const> caches) {
 
 void quiesce() {
   ThreadRecord* r = internal::t_record;
-  if (!r || !r->active.load(std::memory_order_relaxed)) return;
-  for (const auto& s : r->slots)
-    if (s.load(std::memory_order_relaxed) != nullptr) return;
+  if (!r || !r->active.load(std::memory_order_relaxed) || !internal::holds_no_read(*r)) return;
   // Release: the reads this thread did happen before a waiter that sees the
   // flag clear and skips waiting for it.
   r->active.store(false, std::memory_order_release);

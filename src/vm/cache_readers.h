@@ -3,7 +3,8 @@
 // A lock-free reader (PfnCache's lockfree read side) names the cache it reads
 // in a slot of its thread's record *before* it checks the cache, and clears
 // the slot when it is done. It takes no lock and makes no atomic
-// read-modify-write: entering costs a load and a store, leaving one store.
+// read-modify-write: entering costs two loads (a free slot, the thread's
+// `active` flag, below) and a store, leaving one store.
 //
 // Whoever must know that no reader still uses a cache's old mapping (an
 // invalidation about to let the host copy and free the frame, a refresh about
@@ -49,7 +50,7 @@ using Slot = std::atomic<const void*>;
 // record (with every slot empty) to the next thread that starts reading.
 struct alignas(64) ThreadRecord {
   // What every read touches, in the record's first cache line.
-  std::atomic<const void*> slots[kSlotsPerThread] = {};
+  Slot slots[kSlotsPerThread] = {};
   std::atomic<bool> active{false};  // an active reader: see the header comment
   // Touched only when a thread starts or ends.
   std::atomic<bool> in_use{false};
