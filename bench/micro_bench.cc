@@ -186,60 +186,82 @@ const bool kAccessRegistered = [] {
 constexpr Gfn kPagesPerSlot = 16;
 constexpr size_t kRunLength = 16;  // local pattern: lookups per slot before moving on
 
-enum class Pattern { random, local };
-const char* pattern_name(Pattern p) { return p == Pattern::random ? "random" : "local"; }
+// random         each gfn in a slot picked at random, at a random page of it;
+// local          runs of kRunLength gfns within one slot (a guest working in
+//                one region), each run in a slot picked at random;
+// random_uneven  as random, over slots of 1 to kPagesPerSlot pages with holes
+//                of up to 2 * kPagesPerSlot pages between them: no two slots
+//                alike, so the gfn index's buckets hold zero, one or several.
+enum class Pattern { random, local, random_uneven };
+const char* pattern_name(Pattern p) {
+  switch (p) {
+    case Pattern::random: return "random";
+    case Pattern::local: return "local";
+    case Pattern::random_uneven: return "random_uneven";
+  }
+  return "?";
+}
 
-// A Vm with `slots` memslots of kPagesPerSlot pages each, back to back from
-// gfn 0, all pointing at the same region (overlapping hvas are allowed, as in
-// KVM), and two precomputed streams of gfns inside them:
-//   random  each gfn anywhere in any slot;
-//   local   runs of kRunLength gfns within one slot (a guest working in one
-//           region), each run in a slot picked at random.
+// A Vm with `slots` memslots from gfn 0, all pointing at the same region
+// (overlapping hvas are allowed, as in KVM), and a precomputed stream of gfns
+// inside them. Even: kPagesPerSlot pages each, back to back; uneven: as
+// random_uneven says.
 struct SlotsFixture {
-  explicit SlotsFixture(size_t slots) {
+  SlotsFixture(size_t slots, bool uneven) {
     auto e = bench_env(FrameKind::managed, kPagesPerSlot);  // slot 0
     NC_CHECK(e);
     env = std::move(*e);
-    std::vector<vm::MemoryRegion> regions;
-    for (uint32_t id = 1; id < slots; id++)
-      regions.push_back({id, 0, gfn_to_gpa(id * kPagesPerSlot), kPagesPerSlot * kPageSize, env->base});
-    NC_CHECK(env->vm->set_memory_regions(regions));
     std::mt19937_64 rng(kSeed);
-    std::uniform_int_distribution<Gfn> any(0, slots * kPagesPerSlot - 1);
-    std::uniform_int_distribution<Gfn> slot(0, slots - 1);
-    std::uniform_int_distribution<Gfn> page(0, kPagesPerSlot - 1);
-    for (size_t i = 0; i < kStreamLength; i++) gfns[0].push_back(any(rng));
-    for (size_t i = 0; i < kStreamLength; i += kRunLength) {
-      const Gfn base = slot(rng) * kPagesPerSlot;
-      for (size_t j = 0; j < kRunLength; j++) gfns[1].push_back(base + page(rng));
+    std::uniform_int_distribution<uint64_t> size(1, kPagesPerSlot), hole(0, 2 * kPagesPerSlot);
+    std::vector<vm::MemoryRegion> regions;
+    ranges.push_back({0, kPagesPerSlot});
+    for (uint32_t id = 1; id < slots; id++) {
+      const Gfn end = ranges.back().first + ranges.back().second;
+      ranges.push_back(uneven ? std::pair{end + hole(rng), size(rng)} : std::pair{end, kPagesPerSlot});
+      regions.push_back({id, 0, gfn_to_gpa(ranges.back().first), ranges.back().second * kPageSize, env->base});
+    }
+    NC_CHECK(env->vm->set_memory_regions(regions));
+    rcu::ReadLock rcu;
+    NC_CHECK(env->vm->memslots().active()->size() == slots);
+  }
+
+  // The gfns a pattern looks up, made on first use and checked to resolve.
+  const std::vector<Gfn>& stream(Pattern p) {
+    std::vector<Gfn>& gfns = streams[p];
+    if (!gfns.empty()) return gfns;
+    std::mt19937_64 rng(kSeed + static_cast<uint64_t>(p));
+    std::uniform_int_distribution<size_t> slot(0, ranges.size() - 1);
+    while (gfns.size() < kStreamLength) {
+      const auto [base, pages] = ranges[slot(rng)];
+      const size_t run = p == Pattern::local ? kRunLength : 1;
+      for (size_t j = 0; j < run; j++) gfns.push_back(base + rng() % pages);
     }
     rcu::ReadLock rcu;
     const vm::MemslotSet* set = env->vm->memslots().active();
-    NC_CHECK(set->size() == slots);
-    for (const auto& stream : gfns)
-      for (Gfn g : stream) NC_CHECK(set->find(g) && set->find(g)->contains(g));
+    for (Gfn g : gfns) NC_CHECK(set->find(g) && set->find(g)->contains(g));
+    return gfns;
   }
-  const std::vector<Gfn>& stream(Pattern p) const { return gfns[p == Pattern::random ? 0 : 1]; }
 
   std::unique_ptr<test_support::VmEnv> env;
-  std::vector<Gfn> gfns[2];
+  std::vector<std::pair<Gfn, uint64_t>> ranges;  // slot i's base gfn and pages
+  std::map<Pattern, std::vector<Gfn>> streams;
 };
 
-// Built once per size and shared by both patterns: creating 32,764 slots
-// publishes, and waits for an RCU grace period, 32,764 times.
-SlotsFixture& slots_fixture(size_t slots) {
-  static std::map<size_t, std::unique_ptr<SlotsFixture>> fixtures;
-  auto& f = fixtures[slots];
-  if (!f) f = std::make_unique<SlotsFixture>(slots);
+// Built once per size and layout and shared by the patterns: creating 32,764
+// slots publishes, and waits for an RCU grace period, 32,764 times.
+SlotsFixture& slots_fixture(size_t slots, bool uneven) {
+  static std::map<std::pair<size_t, bool>, std::unique_ptr<SlotsFixture>> fixtures;
+  auto& f = fixtures[{slots, uneven}];
+  if (!f) f = std::make_unique<SlotsFixture>(slots, uneven);
   return *f;
 }
 
 // BM_MemslotLookup/<pattern>/<slots>: one gfn -> memslot lookup the way a vCPU
 // makes it: inside an RCU read-side section (entered per lookup, as
-// Vm::gfn_to_hva does), the vCPU's last-used slot first, then the binary
-// search of the flat array.
+// Vm::gfn_to_hva does), the vCPU's last-used slot first, then the set's gfn
+// index.
 void BM_MemslotLookup(benchmark::State& state, Pattern pattern) {
-  SlotsFixture& f = slots_fixture(static_cast<size_t>(state.range(0)));
+  SlotsFixture& f = slots_fixture(static_cast<size_t>(state.range(0)), pattern == Pattern::random_uneven);
   const vm::Memslots& slots = f.env->vm->memslots();
   const std::vector<Gfn>& gfns = f.stream(pattern);
   vm::LookupHint hint;
@@ -255,7 +277,7 @@ void BM_MemslotLookup(benchmark::State& state, Pattern pattern) {
 }
 
 const bool kLookupRegistered = [] {
-  for (Pattern p : {Pattern::random, Pattern::local}) {
+  for (Pattern p : {Pattern::random, Pattern::local, Pattern::random_uneven}) {
     const std::string name = std::string("BM_MemslotLookup/") + pattern_name(p);
     benchmark::RegisterBenchmark(name.c_str(), BM_MemslotLookup, p)
         ->Arg(8)

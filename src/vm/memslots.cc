@@ -8,28 +8,42 @@ namespace nestcache::vm {
 
 // --- MemslotSet ---------------------------------------------------------------
 
-MemslotSet::MemslotSet() : index_of_id_(kMaxUserMemslots, kNoIndex) {}
+namespace {
+constexpr Gfn kNoGfn = ~Gfn{0};  // the back sentinels' base: above every gfn
+}  // namespace
+
+MemslotSet::MemslotSet()
+    : ranges_{{0, 0}, {kNoGfn, kNoGfn}, {kNoGfn, kNoGfn}}, starts_{0, 0}, index_of_id_(kMaxUserMemslots, kNoIndex) {}
 
 int32_t MemslotSet::search(Gfn gfn) const {
-  const size_t n = keys_.size();
-  if (n == 0 || gfn < keys_[0]) return kNoIndex;
-  // Branch-free lower half / upper half steps: the compiler turns the
-  // conditional into a cmov, so a search costs its ~log2(n) loads and no
-  // mispredicted branches, however the gfns arrive.
-  const Gfn* base = keys_.data();
-  for (size_t len = n; len > 1;) {
+  const size_t bucket = std::min<Gfn>(gfn >> shift_, starts_.size() - 2);
+  const uint32_t below = starts_[bucket];  // slots starting below the bucket
+  // r[0]: the last slot starting below the bucket (or "no slot"); r[1], r[2]:
+  // the bucket's first two slots (or sentinels). Slots past the bucket start
+  // above gfn, unless the bucket is the last, where none follow.
+  const GfnRange* r = &ranges_[below];
+  int32_t i = static_cast<int32_t>(below) - 1 + (r[1].base <= gfn);  // a cmov, not a branch
+  if (r[2].base <= gfn) [[unlikely]]
+    i = search_bucket(gfn, below + 1, starts_[bucket + 1]);
+  return i;
+}
+
+int32_t MemslotSet::search_bucket(Gfn gfn, uint32_t lo, uint32_t hi) const {
+  // Branch-free halving: the compiler turns the conditional into a cmov.
+  const GfnRange* first = &range(static_cast<int32_t>(lo));
+  for (size_t len = hi - lo; len > 1;) {
     const size_t half = len / 2;
-    base = base[half] <= gfn ? base + half : base;
+    first = first[half].base <= gfn ? first + half : first;
     len -= half;
   }
-  return static_cast<int32_t>(base - keys_.data());
+  return static_cast<int32_t>(first - &range(0));
 }
 
 const Memslot* MemslotSet::find(Gfn gfn) const {
   const int32_t last = last_used_.load(std::memory_order_relaxed);
   if (last != kNoIndex && static_cast<size_t>(last) < slots_.size() && slots_[last].contains(gfn)) return &slots_[last];
   const int32_t i = search(gfn);
-  if (i == kNoIndex || !slots_[i].contains(gfn)) return nullptr;
+  if (gfn >= range(i).end) return nullptr;  // also "no slot", whose range is empty
   last_used_.store(i, std::memory_order_relaxed);
   return &slots_[i];
 }
@@ -37,7 +51,7 @@ const Memslot* MemslotSet::find(Gfn gfn) const {
 const Memslot* MemslotSet::find(Gfn gfn, LookupHint& hint) const {
   if (hint.generation == generation_ && hint.slot->contains(gfn)) return hint.slot;
   const int32_t i = search(gfn);
-  if (i == kNoIndex || !slots_[i].contains(gfn)) return nullptr;
+  if (gfn >= range(i).end) return nullptr;
   hint = {generation_, &slots_[i]};
   return &slots_[i];
 }
@@ -63,9 +77,10 @@ void MemslotSet::reindex_from(size_t first) {
 void MemslotSet::insert(const Memslot& s) {
   NC_CHECK(index_of_id_[s.id] == kNoIndex);
   const size_t at = static_cast<size_t>(search(s.base_gfn) + 1);  // after every slot starting below s
-  keys_.insert(keys_.begin() + at, s.base_gfn);
+  ranges_.insert(ranges_.begin() + 1 + at, GfnRange{s.base_gfn, s.end_gfn()});
   slots_.insert(slots_.begin() + at, s);
   reindex_from(at);
+  index_inserted(s.base_gfn);
   by_hva_.emplace(s.userspace_addr, s.id);
   max_bytes_ = std::max<uint64_t>(max_bytes_, s.npages * kPageSize);
 }
@@ -80,10 +95,51 @@ void MemslotSet::erase(const Memslot& old) {
       break;
     }
   }
-  keys_.erase(keys_.begin() + at);
+  ranges_.erase(ranges_.begin() + 1 + at);
   slots_.erase(slots_.begin() + at);
   index_of_id_[old.id] = kNoIndex;
   reindex_from(static_cast<size_t>(at));
+  index_erased(old.base_gfn);
+}
+
+void MemslotSet::index_inserted(Gfn base) {
+  const size_t n = size();
+  const Gfn bucket = base >> shift_;
+  size_t buckets = index_buckets();
+  if (bucket >= buckets) {  // a new highest base, beyond the last bucket
+    if (bucket >= kMaxBucketsPerSlot * std::max(n, kMinSlotsForIndex)) return rebuild_index();
+    buckets = bucket + 1;
+    starts_.resize(buckets + 1, static_cast<uint32_t>(n - 1));  // every other slot starts below them
+  }
+  for (size_t b = bucket + 1; b <= buckets; b++) starts_[b]++;
+  if (n > 2 * buckets) rebuild_index();  // buckets this wide hold several slots each
+}
+
+void MemslotSet::index_erased(Gfn base) {
+  const size_t n = size();
+  for (size_t b = (base >> shift_) + 1; b < starts_.size(); b++) starts_[b]--;
+  // The last bucket is the highest remaining base's: drop the ones above it.
+  const size_t buckets = n ? (range(static_cast<int32_t>(n) - 1).base >> shift_) + 1 : 1;
+  starts_.resize(buckets + 1);
+  // Too many buckets for the slots left, or (the highest slot gone) too few.
+  if (buckets > kMaxBucketsPerSlot * std::max(n, kMinSlotsForIndex) || n > 2 * buckets) rebuild_index();
+}
+
+void MemslotSet::rebuild_index() {
+  // The smallest bucket size that keeps the buckets within two per slot.
+  const size_t n = size();
+  const size_t most = 2 * std::max(n, kMinSlotsForIndex);
+  const Gfn highest = n ? range(static_cast<int32_t>(n) - 1).base : 0;
+  shift_ = 0;
+  while ((highest >> shift_) + 1 > most) shift_++;
+  const size_t buckets = (highest >> shift_) + 1;
+  starts_.assign(buckets + 1, 0);
+  uint32_t below = 0;
+  for (size_t b = 0; b <= buckets; b++) {
+    const Gfn start = Gfn{b} << shift_;  // beyond the highest base for b == buckets
+    while (below < n && range(static_cast<int32_t>(below)).base < start) below++;
+    starts_[b] = below;
+  }
 }
 
 void MemslotSet::apply(const MemslotUpdate& u, bool mark_invalid) {

@@ -6,17 +6,30 @@
 // publish bumps the generation, which is how pfn caches notice memslot
 // changes without any notifier.
 //
-// A lookup is KVM's: first the caller's last-used slot (a per-vCPU
-// LookupHint; callers without one use the set's own last-used slot), then a
-// branch-free binary search of a flat, sorted array of base gfns, so the cost
-// stays a few cache lines up to all 32,764 slots. The slots themselves sit in
-// a parallel array in the same order, next to one another.
+// A lookup is KVM's first step, then one of our own: the caller's last-used
+// slot (a per-vCPU LookupHint; callers without one use the set's own
+// last-used slot), then a gfn index instead of KVM's tree walk. The index
+// cuts the guest-physical space into equal buckets (a power of two of gfns
+// each, about one or two per slot) and records, per bucket, how many slots
+// start below it; the slot holding a gfn is then the last one starting below
+// its bucket or, nearly always, the bucket's first. A lookup therefore reads
+// one bucket entry and the two adjacent (base, end) pairs it names: two
+// dependent cache lines at any number of slots, where a binary search of
+// 32,764 slots reads fifteen. Buckets holding several slots that start at or
+// below the gfn (a dense cluster in a sparse layout) fall back to a binary
+// search of that bucket alone. The slots themselves sit in a parallel array
+// in the same order, next to one another.
 //
 // Updates are double-buffered as in KVM: the change is applied to the
 // inactive set, which is published; after a grace period the same change is
 // applied to the set readers have just stopped seeing. Keeping the arrays
 // sorted makes an update O(n) moves in the worst case (an insert at the
 // front); appending in gfn order, the usual way to fill many slots, is O(1).
+// The index follows each update in place (the buckets from the changed slot's
+// up to the last) and is rebuilt, in O(n), only when the slot count or the
+// highest base gfn has moved by a factor of two since the bucket size was
+// chosen; its size stays within 4 entries per slot (64 at least) however
+// sparse the layout.
 //
 // Deleting or moving a slot publishes twice: first with the old slot marked
 // invalid (lookups find it but translate nothing), so the caller can zap
@@ -93,6 +106,10 @@ class MemslotSet {
   MemslotSet();
   uint64_t generation() const { return generation_; }
   size_t size() const { return slots_.size(); }
+  // The gfn index's bucket count and the log2 of the gfns per bucket (for
+  // tests and diagnostics).
+  size_t index_buckets() const { return starts_.size() - 1; }
+  unsigned index_shift() const { return shift_; }
   // The slot containing gfn (possibly marked invalid), or null: the set's
   // last-used slot if it holds gfn, else a binary search (which then becomes
   // the last-used slot).
@@ -114,18 +131,46 @@ class MemslotSet {
  private:
   friend class Memslots;
   static constexpr int32_t kNoIndex = -1;
+  // Bucket counts: at most kMaxBucketsPerSlot per slot, with kMinSlotsForIndex
+  // standing in for the slot count of a smaller set.
+  static constexpr size_t kMaxBucketsPerSlot = 4;
+  static constexpr size_t kMinSlotsForIndex = 16;
+  // A slot's gfns [base, end), as the index and the search read them.
+  struct GfnRange {
+    Gfn base;
+    Gfn end;
+  };
   // Index in slots_ of the last slot with base_gfn <= gfn, or kNoIndex.
   int32_t search(Gfn gfn) const;
+  // search's rare case: the last slot in [lo, hi) with base_gfn <= gfn,
+  // given that slot lo starts at or below gfn.
+  int32_t search_bucket(Gfn gfn, uint32_t lo, uint32_t hi) const;
   // The slot overlapping [base, end) other than slot `id`, or null.
   const Memslot* overlap(Gfn base, Gfn end, uint32_t id) const;
   void apply(const MemslotUpdate& u, bool mark_invalid);
   void insert(const Memslot& s);
   void erase(const Memslot& old);
   void reindex_from(size_t first);
+  // Bring the gfn index up to date after a slot starting at `base` was
+  // inserted or erased, rebuilding it when its bucket size no longer fits.
+  void index_inserted(Gfn base);
+  void index_erased(Gfn base);
+  void rebuild_index();
+  const GfnRange& range(int32_t i) const { return ranges_[static_cast<size_t>(i + 1)]; }
 
   uint64_t generation_ = 0;
-  std::vector<Gfn> keys_;       // base gfns, ascending: what the search reads
+  // The slots' gfn ranges by ascending base, what a lookup reads, framed by
+  // sentinels: ranges_[0] = {0, 0} stands for "no slot" (index -1; it holds
+  // no gfn), then slot i's range at i + 1, then two {kNoGfn, kNoGfn} so that
+  // the lookup can read the two ranges after any bucket's first slot.
+  std::vector<GfnRange> ranges_;
   std::vector<Memslot> slots_;  // the slots in the same order
+  // The gfn index: bucket b holds gfns [b << shift_, (b + 1) << shift_);
+  // starts_[b] counts the slots whose base lies below bucket b. The last
+  // bucket holds the highest base (gfns beyond it are looked up there), and
+  // starts_ has one entry more than there are buckets, equal to size().
+  std::vector<uint32_t> starts_;
+  unsigned shift_ = 0;
   std::vector<int32_t> index_of_id_;         // slot id -> index in slots_
   std::multimap<Hva, uint32_t> by_hva_;      // userspace_addr -> slot id
   uint64_t max_bytes_ = 0;  // largest slot ever, bounds the hva-range search

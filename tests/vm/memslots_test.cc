@@ -155,17 +155,56 @@ TEST_F(MemslotsTest, AVcpuFaultUsesAndUpdatesItsOwnHint) {
   EXPECT_EQ(vcpu.memslot_hint().slot->id, 0u);
 }
 
+// Where a layout puts its slots' base gfns (46-bit guest-physical space).
+enum class Layout {
+  dense,       // all within the first 256 gfns
+  sparse,      // anywhere in the guest-physical space
+  far_slots,   // mostly the first 256 gfns, one in four near the top: the
+               // low slots share one gfn-index bucket
+  high_dense,  // mostly 256 gfns near the top, one in four near 0
+};
+constexpr Gfn kTopGfn = (Gfn{1} << (kMaxPhysAddrBits - kPageShift)) - 8;
+
+Gfn pick_base(Layout layout, std::mt19937_64& rng) {
+  const bool far = rng() % 4 == 0;
+  switch (layout) {
+    case Layout::dense: return rng() % 256;
+    case Layout::sparse: return rng() % kTopGfn;
+    case Layout::far_slots: return far ? kTopGfn - rng() % 256 : rng() % 256;
+    case Layout::high_dense: return far ? rng() % 256 : kTopGfn - rng() % 256;
+  }
+  return 0;
+}
+
+// The gfns a step checks: the dense range, every slot's edges and the gfns
+// beside them, random ones and the highest.
+std::vector<Gfn> probes(Layout layout, const std::map<uint32_t, std::pair<Gfn, uint64_t>>& model,
+                        std::mt19937_64& rng) {
+  std::vector<Gfn> gfns;
+  for (Gfn g = 0; g < 264; g++) gfns.push_back(g);
+  for (Gfn g = kTopGfn - 264; g < kTopGfn + 8; g++) gfns.push_back(g);
+  for (auto& [id, r] : model)
+    for (Gfn g : {r.first - 1, r.first, r.first + r.second - 1, r.first + r.second}) gfns.push_back(g);
+  for (int i = 0; i < 32; i++) gfns.push_back(pick_base(layout, rng));
+  gfns.push_back(~Gfn{0});
+  return gfns;
+}
+
+class MemslotsModel : public ::testing::TestWithParam<Layout> {};
+
 // Random creates, deletes, moves and flag changes against a plain std::map
-// model: after every change each slot resolves every gfn it holds (by search,
-// by the set's last-used slot and by a hint), the gfns around it resolve to
-// their own slot or nothing, and by_id agrees.
-TEST(MemslotsModel, RandomUpdatesKeepEveryLookupRight) {
+// model: after every change each slot resolves its gfns (by search, by the
+// set's last-used slot and by a hint), the gfns around it resolve to their own
+// slot or nothing, by_id agrees, and the gfn index stays within its bound of
+// 4 buckets per slot (64 at least), whatever the layout.
+TEST_P(MemslotsModel, RandomUpdatesKeepEveryLookupRight) {
+  const Layout layout = GetParam();
   auto phys = std::move(*host::PhysMem::create({64, 0}));
   host::HostMm mm(*phys);
   Vm vm(mm, 1);
   Hva hva = *mm.create_region(4 * kPageSize, host::FrameKind::managed);
   std::map<uint32_t, std::pair<Gfn, uint64_t>> model;  // id -> base, pages
-  std::mt19937 rng(5);
+  std::mt19937_64 rng(5);
   auto holder = [&](Gfn g) -> int64_t {
     for (auto& [id, r] : model)
       if (g >= r.first && g < r.first + r.second) return id;
@@ -174,7 +213,7 @@ TEST(MemslotsModel, RandomUpdatesKeepEveryLookupRight) {
   LookupHint hint;
   for (int step = 0; step < 600; step++) {
     const uint32_t id = rng() % 48;
-    const Gfn base = rng() % 256;
+    const Gfn base = pick_base(layout, rng);
     const uint64_t pages = 1 + rng() % 4;
     MemoryRegion r{id, 0, gfn_to_gpa(base), pages * kPageSize, hva};
     auto it = model.find(id);
@@ -205,7 +244,8 @@ TEST(MemslotsModel, RandomUpdatesKeepEveryLookupRight) {
     rcu::ReadLock rl;
     const MemslotSet* set = vm.memslots().active();
     ASSERT_EQ(set->size(), model.size());
-    for (Gfn g = 0; g < 264; g++) {
+    ASSERT_LE(set->index_buckets(), 4 * std::max<size_t>(set->size(), 16)) << "step " << step;
+    for (Gfn g : probes(layout, model, rng)) {
       const int64_t want = holder(g);
       const Memslot* a = set->find(g);
       const Memslot* b = set->find(g, hint);
@@ -220,6 +260,69 @@ TEST(MemslotsModel, RandomUpdatesKeepEveryLookupRight) {
     }
     for (uint32_t i = 0; i < 48; i++) ASSERT_EQ(set->by_id(i) != nullptr, model.count(i) == 1);
   }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, MemslotsModel,
+                         ::testing::Values(Layout::dense, Layout::sparse, Layout::far_slots, Layout::high_dense),
+                         [](const auto& info) {
+                           switch (info.param) {
+                             case Layout::dense: return "dense";
+                             case Layout::sparse: return "sparse";
+                             case Layout::far_slots: return "far_slots";
+                             case Layout::high_dense: return "high_dense";
+                           }
+                           return "unknown";
+                         });
+
+// One slot at the top of the guest-physical space widens the index's buckets
+// (its size stays bounded by the slot count, not the gfn span), and removing
+// it narrows them again: the low slots do not stay crowded into one bucket.
+TEST(MemslotsIndex, AFarSlotWidensTheBucketsAndItsRemovalNarrowsThem) {
+  constexpr uint32_t n = 1024;
+  auto phys = std::move(*host::PhysMem::create({64, 0}));
+  host::HostMm mm(*phys);
+  Vm vm(mm, 1);
+  Hva hva = *mm.create_region(kPageSize, host::FrameKind::managed);
+  std::vector<MemoryRegion> rs;
+  for (uint32_t i = 0; i < n; i++) rs.push_back({i, 0, gfn_to_gpa(Gfn{2} * i), kPageSize, hva});
+  ASSERT_TRUE(vm.set_memory_regions(rs));
+  auto check_all = [&](bool with_far) {
+    rcu::ReadLock rl;
+    const MemslotSet* set = vm.memslots().active();
+    for (uint32_t i = 0; i < n; i++) {
+      ASSERT_NE(set->find(Gfn{2} * i), nullptr);
+      ASSERT_EQ(set->find(Gfn{2} * i)->id, i);
+      ASSERT_EQ(set->find(Gfn{2} * i + 1), nullptr);
+    }
+    const Memslot* far = set->find(kTopGfn);
+    ASSERT_EQ(far != nullptr, with_far);
+    if (with_far) {
+      ASSERT_EQ(far->id, n);
+    }
+  };
+  unsigned narrow = 0;
+  {
+    rcu::ReadLock rl;
+    narrow = vm.memslots().active()->index_shift();
+    EXPECT_GE(vm.memslots().active()->index_buckets() * 2, size_t{n});
+  }
+  check_all(false);
+
+  ASSERT_TRUE(vm.set_memory_region({n, 0, gfn_to_gpa(kTopGfn), kPageSize, hva}));
+  {
+    rcu::ReadLock rl;
+    EXPECT_LE(vm.memslots().active()->index_buckets(), 4 * size_t{n + 1});
+    EXPECT_GT(vm.memslots().active()->index_shift(), narrow);
+  }
+  check_all(true);
+
+  ASSERT_TRUE(vm.set_memory_region({n, 0, 0, 0, 0}));
+  {
+    rcu::ReadLock rl;
+    EXPECT_EQ(vm.memslots().active()->index_shift(), narrow);
+    EXPECT_GE(vm.memslots().active()->index_buckets() * 2, size_t{n});
+  }
+  check_all(false);
 }
 
 class MemslotsScale : public ::testing::TestWithParam<uint32_t> {};
