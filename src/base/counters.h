@@ -37,6 +37,8 @@ namespace nestcache {
   X(cache_refresh_wait_ns, "nanoseconds refreshes spent waiting for in-flight invalidations") \
   X(cache_reader_waits, "invalidations that waited for lock-free pfn-cache readers")     \
   X(cache_reader_barriers, "waits for lock-free readers that interrupted the other CPUs (membarrier)") \
+  X(cache_mappings_retired, "old lock-free pfn-cache mappings left for a batched wait for readers") \
+  X(cache_retired_drains, "batched waits for the readers of retired pfn-cache mappings")  \
   X(cache_invalidations, "pfn caches marked invalid by the notifier")                     \
   X(requests, "vCPU requests made")                                                       \
   X(kicks, "vCPU kicks")                                                                  \

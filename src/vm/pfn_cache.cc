@@ -75,11 +75,10 @@ void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64
 
 void PfnCache::release_window(host::RemapWindow w) const {
   // A lock-free reader that checked the old mapping may still be copying
-  // through the window: munmap under it would fault.
-  if (w && read_side_ == CacheReadSide::lockfree) {
-    const void* self = this;
-    if (cache_readers::wait_for_readers({&self, 1})) vm_.counters().add(Counter::cache_reader_barriers);
-  }
+  // through the window: munmap under it would fault. The registry keeps it
+  // mapped until a wait for this cache's readers has passed. Under the
+  // rwlock no reader can be inside: it goes now.
+  if (w && read_side_ == CacheReadSide::lockfree) vm_.caches().retire_window(this, std::move(w));
 }
 
 PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
@@ -128,6 +127,9 @@ void PfnCache::deactivate() {
   if (indexed_hva_) vm_.caches().unindex(this, indexed_hva_);
   indexed_hva_ = 0;
   release_window(std::move(old_window));  // outside the locks
+  // Nothing of an inactive cache stays mapped: drain what it (and any other
+  // cache) retired.
+  if (read_side_ == CacheReadSide::lockfree) vm_.caches().drain_retired();
 }
 
 Status PfnCache::refresh(size_t len) {

@@ -311,8 +311,8 @@ class PfnCache {
   void set_invalid_locked() NC_REQUIRES(rw_);
   // Publishes new mapping fields and sets the valid bit.
   void publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) NC_REQUIRES(rw_);
-  // Unmaps a window taken out of the cache, once no lock-free reader can
-  // still be using it.
+  // Unmaps a window taken out of the cache now (rwlock), or retires it to the
+  // registry (lock-free), which unmaps it once no reader can still use it.
   void release_window(host::RemapWindow w) const;
 
   // What a read loads, together in one cache line (the writers' own state

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "vm/cache_readers.h"
+#include "vm/cache_registry.h"
 #include "vm_fixture.h"
 
 namespace nestcache::vm {
@@ -152,6 +153,75 @@ TEST_P(CacheReadTest, AnInvalidationWaitsForAHeldHandle) {
   Result<CachePtr> q = c.lock(4 * kPageSize, 16);
   ASSERT_TRUE(q);
   EXPECT_EQ(q->read<uint64_t>(8), 0x77u) << "a write through the handle was lost to the migration";
+  EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
+}
+
+// A cache that moves to another page may still have a reader on the page it
+// left: a lock-free cache moves on without waiting for it (its old mapping
+// is retired, not unmapped), a cache under the rwlock waits. Either way the
+// host cannot migrate the page the cache left while the reader's handle
+// lives, and a write through the handle reaches the page.
+TEST_P(CacheReadTest, AnInvalidationOfAPageTheCacheLeftWaitsForAHandleOnIt) {
+  PfnCache c(*env.vm);
+  ASSERT_TRUE(c.activate(4 * kPageSize, 16));
+  CachePtr p = c.read(4 * kPageSize, 16);
+  ASSERT_TRUE(p);
+  std::atomic<bool> moved{false}, migrated{false};
+  std::thread host([&] {
+    EXPECT_TRUE(c.activate(5 * kPageSize, 16));
+    moved.store(true);
+    EXPECT_TRUE(env.mm->migrate(env.hva_of(4 * kPageSize)));
+    migrated.store(true);
+  });
+  if (side() == CacheReadSide::lockfree) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!moved.load() && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+    EXPECT_TRUE(moved.load()) << "a lock-free cache waited for a handle on the page it left";
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(migrated.load()) << "the page the cache left migrated under a handle on it";
+  p.write<uint64_t>(8, 0x77);
+  EXPECT_TRUE(p.check_tag());
+  p.reset();
+  host.join();
+  uint64_t back = 0;
+  ASSERT_TRUE(env.vm->read_guest(4 * kPageSize + 8, &back, 8));
+  EXPECT_EQ(back, 0x77u) << "a write through the handle was lost to the migration";
+  Result<CachePtr> q = c.lock(5 * kPageSize, 16);
+  ASSERT_TRUE(q);
+  EXPECT_EQ(q->read<uint64_t>(0), stamp(5 * kPageSize));
+  EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
+}
+
+// A lock-free cache that moves from page to page retires each old mapping
+// (the hva it left and, on unmanaged memory, its remap window); the registry
+// waits for their readers once per kRetiredBatch, and deactivation drains the
+// rest, so no window outlives the cache. Under the rwlock nothing is retired.
+TEST_P(CacheReadTest, MappingsACacheLeftAreDrainedInBatchesAndNoneOutlivesDeactivation) {
+  constexpr int kMoves = 40;
+  const CounterSet& n = env.vm->counters();
+  {
+    PfnCache c(*env.vm);
+    ASSERT_TRUE(c.activate(6 * kPageSize, 8));
+    for (int i = 1; i <= kMoves; i++) {
+      ASSERT_TRUE(c.activate((i % 2 ? 7 : 6) * kPageSize, 8));
+      ASSERT_LT(env.vm->caches().retired_count(), CacheRegistry::kRetiredBatch);
+    }
+    const uint64_t retired = n.get(Counter::cache_mappings_retired);
+    if (side() == CacheReadSide::rwlock) {
+      EXPECT_EQ(retired, 0u);
+      EXPECT_EQ(n.get(Counter::cache_retired_drains), 0u);
+    } else {
+      // Each move leaves an hva, and on unmanaged memory a window.
+      EXPECT_EQ(retired, uint64_t{kMoves} * (kind() == host::FrameKind::unmanaged ? 2 : 1));
+      EXPECT_EQ(n.get(Counter::cache_retired_drains), retired / CacheRegistry::kRetiredBatch);
+      EXPECT_EQ(env.vm->caches().retired_count(), retired % CacheRegistry::kRetiredBatch);
+    }
+    EXPECT_EQ(env.phys->live_windows(),
+              kind() == host::FrameKind::unmanaged ? int64_t(1 + env.vm->caches().retired_count() / 2) : 0);
+  }
+  EXPECT_EQ(env.vm->caches().retired_count(), 0u);
+  EXPECT_EQ(env.phys->live_windows(), 0) << "a window outlived its cache";
   EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
 }
 

@@ -32,11 +32,17 @@ struct Rig {
   explicit Rig(CacheReadSide side)
       : env({.kind = host::FrameKind::unmanaged, .pages = 64, .spare = 64, .stale_fatal = true, .cache_read_side = side}),
         cache(*env.vm) {}
-  // Reads through the cache, refreshing it as needed: the step swept.
+  // Reads through the cache, refreshing it as needed, then drains the
+  // mappings it retired (a lock-free cache's old window is unmapped there):
+  // the step swept.
   Result<uint64_t> read(Gpa gpa) {
-    Result<CachePtr> p = cache.lock(gpa, 8);
-    if (!p) return tl::unexpected(p.error());
-    return p->read<uint64_t>(0);
+    Result<uint64_t> v = [&]() -> Result<uint64_t> {
+      Result<CachePtr> p = cache.lock(gpa, 8);
+      if (!p) return tl::unexpected(p.error());
+      return p->read<uint64_t>(0);
+    }();
+    env.vm->caches().drain_retired();
+    return v;
   }
   int64_t windows_in_use() const { return env.phys->live_windows() - static_cast<int64_t>(env.phys->parked_windows()); }
 
