@@ -30,7 +30,11 @@ std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
     MutexLock l(mu_);
     if (end > first && (end - first) / kPageSize <= kPagesLookedUpOneByOne) {
       for (Hva page = first; page < end; page += kPageSize)
-        by_page_.for_each(page, [&](const void* c) { mark(static_cast<PfnCache*>(const_cast<void*>(c))); });
+        by_page_.for_each(page, [&](const void* v) {
+          PfnCache* c = static_cast<PfnCache*>(const_cast<void*>(v));
+          c->prefetch_for_writer();
+          mark(c);
+        });
     } else {
       for (auto it = by_hva_.lower_bound(first); it != by_hva_.end() && it->first < end; ++it) mark(it->second);
     }
@@ -51,6 +55,12 @@ std::vector<Vcpu*> CacheRegistry::invalidate(Hva start, Hva end) {
     vm_.counters().add(Counter::cache_reader_waits);
   }
   return vcpus;
+}
+
+void CacheRegistry::prefetch(Hva start, Hva end) const {
+  const Hva first = start & kPageMask;
+  if (end <= first || (end - first) / kPageSize > kPagesLookedUpOneByOne) return;
+  for (Hva page = first; page < end; page += kPageSize) by_page_.prefetch(page);
 }
 
 size_t CacheRegistry::active_count() const {

@@ -9,7 +9,12 @@ namespace {
 constexpr size_t kInitialSize = 64;  // a power of two
 }
 
-PageIndex::PageIndex() : table_(kInitialSize), mask_(kInitialSize - 1), shift_(64 - 6) {}
+PageIndex::PageIndex() : table_(kInitialSize), mask_(kInitialSize - 1), shift_(64 - 6) { publish(); }
+
+void PageIndex::publish() {
+  published_table_.store(table_.data(), std::memory_order_relaxed);
+  published_shift_.store(shift_, std::memory_order_relaxed);
+}
 
 void PageIndex::place(Hva page, const void* value) {
   size_t i = home(page);
@@ -24,6 +29,7 @@ void PageIndex::grow() {
   shift_--;
   for (const Entry& e : old)
     if (e.page != 0) place(e.page, e.value);
+  publish();
 }
 
 void PageIndex::insert(Hva page, const void* value) {

@@ -12,6 +12,7 @@
 // Not thread-safe: the registry serialises every use under its mutex.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -38,6 +39,17 @@ class PageIndex {
     }
   }
   size_t size() const { return size_; }
+  // Starts loading the cache line where `page`'s probe run begins, so that
+  // a for_each(page) soon after finds it in the processor's cache. Unlike
+  // the rest, safe to call without the caller's lock, concurrently with any
+  // change: it reads only the table's published address and size (atomics,
+  // perhaps an older pair), and a prefetch of a stale address is harmless
+  // (it never faults and changes nothing).
+  void prefetch(Hva page) const {
+    const int shift = published_shift_.load(std::memory_order_relaxed);
+    const Entry* table = published_table_.load(std::memory_order_relaxed);
+    __builtin_prefetch(table + home(page, shift));
+  }
 
  private:
   struct Entry {
@@ -46,14 +58,21 @@ class PageIndex {
   };
   // Fibonacci hashing of the page number: consecutive pages spread over the
   // table instead of filling one run.
-  size_t home(Hva page) const { return static_cast<size_t>(((page >> kPageShift) * 0x9e3779b97f4a7c15ull) >> shift_); }
+  static size_t home(Hva page, int shift) {
+    return static_cast<size_t>(((page >> kPageShift) * 0x9e3779b97f4a7c15ull) >> shift);
+  }
+  size_t home(Hva page) const { return home(page, shift_); }
   void grow();
+  // Publishes the table's address and shift_ for prefetch().
+  void publish();
   void place(Hva page, const void* value);
 
   std::vector<Entry> table_;
   size_t mask_ = 0;
   int shift_ = 0;  // 64 - log2(table size)
   size_t size_ = 0;
+  std::atomic<const Entry*> published_table_{nullptr};
+  std::atomic<int> published_shift_{0};
 };
 
 }  // namespace nestcache::vm

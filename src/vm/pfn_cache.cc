@@ -23,7 +23,7 @@ void CachePtr::end_rwlock_read(const PfnCache* cache) { cache->rw_.unlock_shared
 
 bool CachePtr::report_stale(const PfnCache* cache, const host::VersionCell* cell, uint64_t version,
                             const char* what) {
-  return cache->phys_.check(cell, version, what, &cache->vm_.counters());
+  return cache->vm_.phys().check(cell, version, what, &cache->vm_.counters());
 }
 
 // --- PfnCache: reading ----------------------------------------------------------------
@@ -68,7 +68,7 @@ void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64
   NC_CHECK(!(seq & kValidBit));
   generation_.store(generation, std::memory_order_release);
   khva_.store(khva, std::memory_order_release);
-  version_cell_.store(phys_.version_cell(tag.pfn), std::memory_order_release);
+  version_cell_.store(vm_.phys().version_cell(tag.pfn), std::memory_order_release);
   tag_version_.store(tag.version, std::memory_order_release);
   seq_.store(seq + 1, std::memory_order_release);  // valid, a new version
 }
@@ -93,7 +93,7 @@ PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
 // --- PfnCache: activate, refresh, deactivate -------------------------------------------------
 
 PfnCache::PfnCache(Vm& vm, CacheReadSide side, Vcpu* guest_uses_pfn, const host::HardwareView* hw)
-    : read_side_(side), memslots_(vm.memslots()), vm_(vm), phys_(vm.phys()), vcpu_(guest_uses_pfn), hw_(hw) {}
+    : read_side_(side), memslots_(vm.memslots()), vcpu_(guest_uses_pfn), vm_(vm), hw_(hw) {}
 
 PfnCache::~PfnCache() { deactivate(); }
 
@@ -228,7 +228,7 @@ Status PfnCache::map_and_install(Hva hva, uint64_t generation) {
     }
     Result<Mapping> m = map_frame(hva);
     if (!m) return tl::unexpected(m.error());
-    if (refresh_hook_) refresh_hook_();
+    if (refresh_hook_) (*refresh_hook_)();
     host::RemapWindow old_window;
     bool installed = false;
     {

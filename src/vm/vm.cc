@@ -179,6 +179,8 @@ void Vm::flush_all_tlbs() {
 // --- MMU notifier ----------------------------------------------------------------------
 
 void Vm::invalidate_range_start(Hva start, Hva end) {
+  // The registry's entries for the range load while the EPT01 zap runs.
+  caches_->prefetch(start, end);
   size_t zapped = 0;
   {
     WriterLock l(mmu_lock_);
