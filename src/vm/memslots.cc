@@ -107,12 +107,12 @@ void MemslotSet::index_inserted(Gfn base) {
   const Gfn bucket = base >> shift_;
   size_t buckets = index_buckets();
   if (bucket >= buckets) {  // a new highest base, beyond the last bucket
-    if (bucket >= kMaxBucketsPerSlot * std::max(n, kMinSlotsForIndex)) return rebuild_index();
+    if (index_misfits(bucket + 1)) return rebuild_index();  // before growing the table to it
     buckets = bucket + 1;
     starts_.resize(buckets + 1, static_cast<uint32_t>(n - 1));  // every other slot starts below them
   }
   for (size_t b = bucket + 1; b <= buckets; b++) starts_[b]++;
-  if (n > 2 * buckets) rebuild_index();  // buckets this wide hold several slots each
+  if (index_misfits(buckets)) rebuild_index();
 }
 
 void MemslotSet::index_erased(Gfn base) {
@@ -121,8 +121,14 @@ void MemslotSet::index_erased(Gfn base) {
   // The last bucket is the highest remaining base's: drop the ones above it.
   const size_t buckets = n ? (range(static_cast<int32_t>(n) - 1).base >> shift_) + 1 : 1;
   starts_.resize(buckets + 1);
-  // Too many buckets for the slots left, or (the highest slot gone) too few.
-  if (buckets > kMaxBucketsPerSlot * std::max(n, kMinSlotsForIndex) || n > 2 * buckets) rebuild_index();
+  if (index_misfits(buckets)) rebuild_index();
+}
+
+bool MemslotSet::index_misfits(size_t buckets) const {
+  const size_t n = size();
+  // Too many buckets for the slots, or too few: buckets this wide hold
+  // several slots each.
+  return buckets > kMaxBucketsPerSlot * std::max(n, kMinSlotsForIndex) || n > 2 * buckets;
 }
 
 void MemslotSet::rebuild_index() {

@@ -156,6 +156,9 @@ class MemslotSet {
   void index_inserted(Gfn base);
   void index_erased(Gfn base);
   void rebuild_index();
+  // True if an index of `buckets` buckets no longer fits size() slots: more
+  // than kMaxBucketsPerSlot per slot, or fewer than one per two.
+  bool index_misfits(size_t buckets) const;
   const GfnRange& range(int32_t i) const { return ranges_[static_cast<size_t>(i + 1)]; }
 
   uint64_t generation_ = 0;
