@@ -42,6 +42,7 @@ build=${FUZZ_BUILD_DIR:-build/fuzz}
 logs=${FUZZ_LOG_DIR:-$build/logs}
 start=$SECONDS
 cmake -S . -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
   -DNESTCACHE_FUZZ=ON -DNESTCACHE_SANITIZE=address,undefined -DNESTCACHE_BENCH=OFF >/dev/null
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]/#/fuzz_}"
 echo "fuzz.sh: built in $((SECONDS - start)) s" >&2
