@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string_view>
 #include <thread>
 
 #include "base/check.h"
@@ -29,7 +30,8 @@ bool register_membarrier() {
 
 std::atomic<ThreadRecord*> g_records{nullptr};
 
-// A full memory barrier: the seq_cst fence of activate() and of a waiter.
+// A full memory barrier: the seq_cst fence of activation (enter_slow) and of
+// a waiter.
 // ThreadSanitizer does not model fences (and warns about them); under it, a
 // locked read-modify-write of a word private to the thread is the same
 // barrier on x86 and adds no cross-thread ordering that could hide a race.
@@ -42,10 +44,13 @@ void full_fence() {
 #endif
 }
 
+// True if `v`, a slot's value, names a cache (not kFree or a marker).
+bool names_cache(uintptr_t v) { return v > kLastMarker; }
+
 // True if the thread that owns `r` (the caller) holds no read.
 bool holds_no_read(const ThreadRecord& r) {
   for (const auto& s : r.slots)
-    if (s.load(std::memory_order_relaxed) != nullptr) return false;
+    if (names_cache(s.load(std::memory_order_relaxed))) return false;
   return true;
 }
 
@@ -55,8 +60,8 @@ struct RecordOwner {
   ~RecordOwner() {
     if (!record) return;
     NC_CHECK(holds_no_read(*record));  // a read outlived its thread
-    record->active.store(false, std::memory_order_release);
-    t_record = nullptr;
+    record->slots[0].store(kParked, std::memory_order_release);
+    t_record = &g_unregistered;
     record->in_use.store(false, std::memory_order_release);
   }
 };
@@ -64,9 +69,22 @@ thread_local RecordOwner t_owner;
 
 }  // namespace
 
-// Dynamic initialisation: runs before main, before any thread reads.
-bool g_reader_fence = !register_membarrier();
+namespace {
+// True if the environment asks for fence mode (NESTCACHE_NO_MEMBARRIER set
+// and not "0"): the path of a kernel without membarrier, for tests.
+bool fence_mode_asked() {
+  const char* v = std::getenv("NESTCACHE_NO_MEMBARRIER");
+  return v && *v && std::string_view(v) != "0";
+}
+}  // namespace
 
+// Dynamic initialisation: runs before main, before any thread reads.
+bool g_reader_fence = fence_mode_asked() || !register_membarrier();
+
+namespace {
+
+// Gives the calling thread a record, slot 0 parked (or in fence mode), and
+// returns it.
 ThreadRecord* register_thread() noexcept {
   ThreadRecord* r = nullptr;
   for (ThreadRecord* p = g_records.load(std::memory_order_acquire); p && !r; p = p->next) {
@@ -75,27 +93,56 @@ ThreadRecord* register_thread() noexcept {
   }
   if (!r) {
     r = new ThreadRecord;  // never freed: waiters may be walking the list
+    r->slots[0].store(kParked, std::memory_order_relaxed);
     r->in_use.store(true, std::memory_order_relaxed);
     r->next = g_records.load(std::memory_order_relaxed);
     while (!g_records.compare_exchange_weak(r->next, r, std::memory_order_release, std::memory_order_relaxed)) {
     }
   }
+  // Without membarrier slot 0 stays marked for good, so that every entry
+  // takes enter_slow and fences; waiters then never read the marker.
+  if (g_reader_fence) r->slots[0].store(kFenceMode, std::memory_order_relaxed);
   t_owner.record = r;
   t_record = r;
   return r;
 }
 
-void activate(ThreadRecord* r) noexcept {
-  r->active.store(true, std::memory_order_relaxed);
-  // The reader's half of the pair: a waiter that fenced before this either
-  // sees the thread active, or this thread's next check sees the caches the
-  // waiter made invalid (wait_for_readers).
-  full_fence();
+[[noreturn]] void too_many_reads() {
+  std::fprintf(stderr, "nestcache: a thread holds more than %d pfn-cache reads at once\n",
+               g_reader_fence ? kSlotsPerThread - 1 : kSlotsPerThread);
+  std::abort();
 }
 
-void too_many_reads() {
-  std::fprintf(stderr, "nestcache: a thread holds more than %d pfn-cache reads at once\n", kSlotsPerThread);
-  std::abort();
+}  // namespace
+
+Slot* enter_slow(ThreadRecord* r, uintptr_t cache) noexcept {
+  if (r == &g_unregistered) r = register_thread();
+  const uintptr_t gate = r->slots[0].load(std::memory_order_relaxed);
+  if (gate == kParked || gate == kFree) {  // kFree: enter() takes that itself
+    // Activation names the cache in slot 0, which also marks the thread
+    // active. The reader's half of the pair: a waiter that fenced before
+    // this either sees the slot no longer parked (and interrupts or waits
+    // for this thread), or this thread's next check sees the caches the
+    // waiter made invalid (wait_for_readers).
+    r->slots[0].store(cache, std::memory_order_relaxed);
+    full_fence();
+    return &r->slots[0];
+  }
+  // Slot 0 holds a read (or is in fence mode): another slot.
+  for (int i = 1; i < kSlotsPerThread; i++) {
+    Slot& s = r->slots[i];
+    if (s.load(std::memory_order_relaxed) != kFree) continue;
+    if (g_reader_fence) {
+      // No membarrier: a seq_cst exchange is the reader's half of the fence
+      // pair with the waiter's seq_cst store and slot loads.
+      s.exchange(cache, std::memory_order_seq_cst);
+    } else {
+      s.store(cache, std::memory_order_relaxed);
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+    }
+    return &s;
+  }
+  too_many_reads();
 }
 
 }  // namespace internal
@@ -104,13 +151,14 @@ namespace {
 
 // True if a thread other than the caller may be inside a read. The fence
 // orders the caller's stores that made the caches invalid before the loads of
-// the active flags; it pairs with activate()'s. A flag seen clear was cleared
-// by quiesce() with no read held (acquire: the reads it did are over), or is
-// about to be set, and then that thread's next check sees the caches invalid.
+// the gates; it pairs with activation's (enter_slow). A slot 0 seen parked was
+// parked by quiesce() or a thread's end with no read held (acquire: the reads
+// it did are over), or is about to be unparked, and then that thread's next
+// check sees the caches invalid.
 bool other_active_readers() {
   internal::full_fence();
   for (const ThreadRecord* r = internal::g_records.load(std::memory_order_acquire); r; r = r->next)
-    if (r != internal::t_record && r->active.load(std::memory_order_acquire)) return true;
+    if (r != internal::t_record && r->slots[0].load(std::memory_order_acquire) != kParked) return true;
   return false;
 }
 
@@ -123,10 +171,9 @@ void barrier_on_every_reader() { NC_CHECK(internal::membarrier(MEMBARRIER_CMD_PR
 }  // namespace
 
 bool reading(const void* cache) {
-  const ThreadRecord* r = internal::t_record;
-  if (!r) return false;
-  for (const auto& s : r->slots)
-    if (s.load(std::memory_order_relaxed) == cache) return true;
+  const auto c = reinterpret_cast<uintptr_t>(cache);
+  for (const auto& s : internal::t_record->slots)
+    if (s.load(std::memory_order_relaxed) == c) return true;
   return false;
 }
 
@@ -152,8 +199,10 @@ bool wait_for_readers(std::span<const void* const> caches) {
         // Acquire (seq_cst for the fence pair above): the reader's accesses
         // happen before its release of the slot, so they happen before
         // whatever the caller does next.
-        const void* c = slot.load(std::memory_order_seq_cst);
-        if (!c || std::find(caches.begin(), caches.end(), c) == caches.end()) break;
+        const uintptr_t v = slot.load(std::memory_order_seq_cst);
+        if (!internal::names_cache(v) ||
+            std::find(caches.begin(), caches.end(), reinterpret_cast<const void*>(v)) == caches.end())
+          break;
         if (spins < 64) {
 #if defined(__x86_64__)
           __builtin_ia32_pause();
@@ -169,15 +218,16 @@ bool wait_for_readers(std::span<const void* const> caches) {
 
 void quiesce() {
   ThreadRecord* r = internal::t_record;
-  if (!r || !r->active.load(std::memory_order_relaxed) || !internal::holds_no_read(*r)) return;
+  // Only an active thread (slot 0 free, not a marker) with no read held.
+  if (r->slots[0].load(std::memory_order_relaxed) != kFree || !internal::holds_no_read(*r)) return;
   // Release: the reads this thread did happen before a waiter that sees the
-  // flag clear and skips waiting for it.
-  r->active.store(false, std::memory_order_release);
+  // slot parked and skips waiting for it.
+  r->slots[0].store(kParked, std::memory_order_release);
 }
 
 bool active() {
-  const ThreadRecord* r = internal::t_record;
-  return r && r->active.load(std::memory_order_relaxed);
+  const uintptr_t gate = internal::t_record->slots[0].load(std::memory_order_relaxed);
+  return gate != kParked && gate != kUnregistered;
 }
 
 }  // namespace nestcache::vm::cache_readers

@@ -34,7 +34,7 @@ bool PfnCache::read_rwlock(Gpa want, size_t len, Snapshot& s) const {
   s = {gpa_.load(std::memory_order_relaxed), generation_.load(std::memory_order_relaxed),
        khva_.load(std::memory_order_relaxed), version_cell_.load(std::memory_order_relaxed),
        tag_version_.load(std::memory_order_relaxed)};
-  if (!(seq & kValidBit) || !fits(want, len, s)) {
+  if ((seq & kInvalidBit) || !fits(want, len, s)) {
     rw_.unlock_shared();
     return false;
   }
@@ -54,23 +54,23 @@ Result<CachePtr> PfnCache::lock(Gpa gpa, size_t len) {
 void PfnCache::set_invalid_locked() {
   rw_.assert_held();
   const uint64_t seq = seq_.load(std::memory_order_relaxed);
-  if (!(seq & kValidBit)) return;
+  if (seq & kInvalidBit) return;
   // seq_cst: an invalidation looks for lock-free readers right after this,
   // and a reader that names the cache before this store must be found, one
   // that names it after must see the bit clear (cache_readers.h).
   // (Field stores that follow are release stores: none is seen before this.)
-  seq_.store(seq + 1, std::memory_order_seq_cst);
+  seq_.store((seq | kInvalidBit) + kVersionStep, std::memory_order_seq_cst);
 }
 
 void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) {
   rw_.assert_held();
   const uint64_t seq = seq_.load(std::memory_order_relaxed);
-  NC_CHECK(!(seq & kValidBit));
+  NC_CHECK(seq & kInvalidBit);
   generation_.store(generation, std::memory_order_release);
   khva_.store(khva, std::memory_order_release);
   version_cell_.store(vm_.phys().version_cell(tag.pfn), std::memory_order_release);
   tag_version_.store(tag.version, std::memory_order_release);
-  seq_.store(seq + 1, std::memory_order_release);  // valid, a new version
+  seq_.store((seq & ~kInvalidBit) + kVersionStep, std::memory_order_release);  // valid, a new version
 }
 
 void PfnCache::release_window(host::RemapWindow w) const {
@@ -84,7 +84,7 @@ void PfnCache::release_window(host::RemapWindow w) const {
 PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
   WriterLock w(rw_);
   if (!active_.load() || hva_ < start || hva_ >= end) return {};
-  Hit hit{true, (seq_.load() & kValidBit) != 0, vcpu_.load()};
+  Hit hit{true, !(seq_.load() & kInvalidBit), vcpu_.load()};
   invalidations_.fetch_add(1);
   set_invalid_locked();
   return hit;
@@ -93,7 +93,12 @@ PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
 // --- PfnCache: activate, refresh, deactivate -------------------------------------------------
 
 PfnCache::PfnCache(Vm& vm, CacheReadSide side, Vcpu* guest_uses_pfn, const host::HardwareView* hw)
-    : read_side_(side), memslots_(vm.memslots()), vcpu_(guest_uses_pfn), vm_(vm), hw_(hw) {}
+    : read_side_(side),
+      memslots_(vm.memslots()),
+      seq_(kInvalidBit | (side == CacheReadSide::rwlock ? kRwlockBit : 0)),
+      vcpu_(guest_uses_pfn),
+      vm_(vm),
+      hw_(hw) {}
 
 PfnCache::~PfnCache() { deactivate(); }
 
@@ -205,7 +210,7 @@ Status PfnCache::refresh_locked(size_t len) {
     // field changes, so a lock-free reader sees the old or the new value of
     // it with the same mapping either way.
     WriterLock w(rw_);
-    if (seq_.load() & kValidBit) {
+    if (!(seq_.load() & kInvalidBit)) {
       generation_.store(generation, std::memory_order_release);
       return ok();
     }

@@ -224,7 +224,7 @@ class PfnCache {
 
   // active && !valid: the hardware must not enter with this pfn (patch 4's
   // kvm_gpc_invalid). Lock-free; no generation check.
-  bool invalid() const { return active() && !(seq_.load() & kValidBit); }
+  bool invalid() const { return active() && (seq_.load() & kInvalidBit); }
   bool active() const { return active_.load(); }
   // The gpa the cache holds (kInvalidGpa before the first activation).
   // Lock-free; it changes only in activate.
@@ -247,9 +247,14 @@ class PfnCache {
   friend class CacheRegistry;
   friend class CachePtr;
   static constexpr Gpa kAnyGpa = kInvalidGpa - 1;
-  // seq_ = version << 1 | valid: the version moves on every change of the
-  // mapping fields, which are written only while the valid bit is clear.
-  static constexpr uint64_t kValidBit = 1;
+  // seq_ = version << 2 | rwlock << 1 | invalid: the version moves on every
+  // change of the mapping fields, which are written only while the invalid
+  // bit is set. The read side is a constant bit of it, so that a lock-free
+  // read tests both with one instruction, on a load it makes anyway: the low
+  // two bits are zero for a valid cache of the lock-free side.
+  static constexpr uint64_t kInvalidBit = 1;
+  static constexpr uint64_t kRwlockBit = 2;
+  static constexpr uint64_t kVersionStep = 4;
   struct Mapping {
     host::FrameTag tag;
     std::byte* khva = nullptr;
@@ -307,9 +312,9 @@ class PfnCache {
   // maps its frame and installs it unless an invalidation of hva raced.
   Status map_and_install(Hva hva, uint64_t generation) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
   Result<Mapping> map_frame(Hva hva);
-  // Clears the valid bit (moving the version on) if it is set.
+  // Sets the invalid bit (moving the version on) if it is clear.
   void set_invalid_locked() NC_REQUIRES(rw_);
-  // Publishes new mapping fields and sets the valid bit.
+  // Publishes new mapping fields and clears the invalid bit.
   void publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) NC_REQUIRES(rw_);
   // Unmaps a window taken out of the cache now (rwlock), or retires it to the
   // registry (lock-free), which unmaps it once no reader can still use it.
@@ -321,12 +326,12 @@ class PfnCache {
   // mapping fields. The mapping fields are written with rw_ held exclusive
   // (see seq_); read under rw_ shared (rwlock) or lock-free between two
   // loads of seq_ (lockfree). Atomics so that a lock-free reader's racing
-  // load is defined; stored with release after seq_ loses its valid bit,
+  // load is defined; stored with release after seq_ gains its invalid bit,
   // loaded with acquire before seq_ is loaded again (the seqcount's ordering
   // without fences).
   alignas(64) const CacheReadSide read_side_;
   const Memslots& memslots_;  // vm_.memslots()
-  std::atomic<uint64_t> seq_{0};
+  std::atomic<uint64_t> seq_;  // invalid, and kRwlockBit for the rwlock side: see above
   std::atomic<Gpa> gpa_{kInvalidGpa};
   std::atomic<uint64_t> generation_{0};
   std::atomic<std::byte*> khva_{nullptr};  // the mapped page
@@ -387,11 +392,8 @@ inline host::FrameTag CachePtr::tag() const {
 // bounds, the gpa) fold away.
 [[gnu::always_inline]] inline CachePtr PfnCache::read(Gpa want, size_t len) const {
   CachePtr p;
-  if (read_side_ == CacheReadSide::rwlock) [[unlikely]] {
-    Snapshot s;
-    if (read_rwlock(want, len, s)) fill(p, s, len, nullptr);
-    return p;
-  }
+  // Every cache enters the lock-free side first: a cache of the rwlock side
+  // fails the test of seq_ below and takes its lock on the cold path.
   cache_readers::Slot* const slot = cache_readers::enter(this);
   // The seqcount read: a valid version, the fields, the same version again.
   // An invalidation that flips seq_ after our first load waits for our slot.
@@ -401,8 +403,15 @@ inline host::FrameTag CachePtr::tag() const {
   const Snapshot s{gpa_.load(std::memory_order_acquire), generation_.load(std::memory_order_acquire),
                    khva_.load(std::memory_order_acquire), version_cell_.load(std::memory_order_acquire),
                    tag_version_.load(std::memory_order_acquire)};
-  if (!(seq & kValidBit) || seq_.load(std::memory_order_acquire) != seq || !fits(want, len, s)) [[unlikely]] {
+  const Gpa gpa = want == kAnyGpa ? s.gpa : want;
+  const bool miss = (seq & (kInvalidBit | kRwlockBit)) || seq_.load(std::memory_order_acquire) != seq ||
+                    gpa != s.gpa || s.generation != memslots_.generation() || page_offset(gpa) + len > kPageSize;
+  if (miss) [[unlikely]] {
     cache_readers::exit(slot);
+    if (read_side_ == CacheReadSide::rwlock) {
+      Snapshot locked;
+      if (read_rwlock(want, len, locked)) fill(p, locked, len, nullptr);
+    }
     return p;
   }
 #ifdef NESTCACHE_LOCK_CHECKS
