@@ -11,3 +11,12 @@
 #define NC_TSAN 1
 #endif
 #endif
+
+// NC_ASAN: built with AddressSanitizer.
+#if defined(__SANITIZE_ADDRESS__)
+#define NC_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define NC_ASAN 1
+#endif
+#endif

@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/huge_pages.h"
 #include "host/phys_mem.h"
 
 namespace nestcache::host {
@@ -103,9 +104,13 @@ class HostMm {
     Hva base = 0;
     size_t npages = 0;
     FrameKind kind = FrameKind::managed;
-    std::vector<Pfn> pfn;        // current frame, kInvalidPfn when absent
-    std::vector<Pfn> home;       // managed: frame committed for first fault
-    std::vector<uint8_t> busy;   // page under migration
+    // Per page, read at random by faults and migrations (huge pages when
+    // large: base/huge_pages.h).
+    template <class T>
+    using PageArray = std::vector<T, HugePageAllocator<T>>;
+    PageArray<Pfn> pfn;       // current frame, kInvalidPfn when absent
+    PageArray<Pfn> home;      // managed: frame committed for first fault
+    PageArray<uint8_t> busy;  // page under migration
   };
 
   Region* find_locked(Hva hva) const NC_REQUIRES_SHARED(mu_);

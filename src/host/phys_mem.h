@@ -30,6 +30,7 @@
 
 #include "base/counters.h"
 #include "base/error.h"
+#include "base/huge_pages.h"
 #include "base/mutex.h"
 #include "base/types.h"
 #include "host/window_cost.h"
@@ -190,7 +191,7 @@ class PhysMem {
   // its table, the entry). Cells live as long as the PhysMem; pfn_of() maps
   // one back to its pfn.
   const VersionCell* version_cell(Pfn pfn) const { return &versions_[pfn]; }
-  Pfn pfn_of(const VersionCell* cell) const { return static_cast<Pfn>(cell - versions_.get()); }
+  Pfn pfn_of(const VersionCell* cell) const { return static_cast<Pfn>(cell - versions_.data()); }
   // True if the frame of `cell` still has `version`: check()'s test, with
   // nothing counted. Static, so that a caller that reports a mismatch out of
   // line needs no PhysMem on the path where the tag holds.
@@ -264,7 +265,7 @@ class PhysMem {
   size_t managed_ = 0;
   std::byte* pool_ = nullptr;     // hardware view: the whole memfd
   std::byte* direct_ = nullptr;   // direct map: managed frames only
-  std::unique_ptr<VersionCell[]> versions_;
+  std::vector<VersionCell, HugePageAllocator<VersionCell>> versions_;  // per frame; huge pages when large
   std::atomic<uint64_t> next_version_{0};
   std::atomic<bool> stale_fatal_{false};
   // The fixed window cost, if set (window_cost_set_ published last).

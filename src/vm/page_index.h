@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "base/huge_pages.h"
 #include "base/types.h"
 
 namespace nestcache::vm {
@@ -67,7 +68,7 @@ class PageIndex {
   void publish();
   void place(Hva page, const void* value);
 
-  std::vector<Entry> table_;
+  std::vector<Entry, HugePageAllocator<Entry>> table_;  // large tables on huge pages
   size_t mask_ = 0;
   int shift_ = 0;  // 64 - log2(table size)
   size_t size_ = 0;
