@@ -25,6 +25,8 @@ bool maps(size_t bytes) {
 
 void* allocate(size_t bytes) {
   if (!maps(bytes)) return ::operator new(bytes);
+  // Rounding up, plus the alignment slack, must not wrap.
+  if (bytes > SIZE_MAX - 2 * kHugePage) throw std::bad_alloc();
   const size_t len = round_up(bytes, kHugePage);
   // One huge page more than needed, then the unaligned head and tail go back.
   void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -54,10 +54,15 @@ bool holds_no_read(const ThreadRecord& r) {
   return true;
 }
 
+// Set when the thread's RecordOwner has run: a read after that (from a
+// thread-local destructor that runs later) could not hand its record back.
+thread_local bool t_released = false;
+
 // Hands the thread's record back when the thread ends.
 struct RecordOwner {
   ThreadRecord* record = nullptr;
   ~RecordOwner() {
+    t_released = true;
     if (!record) return;
     NC_CHECK(holds_no_read(*record));  // a read outlived its thread
     record->slots[0].store(kParked, std::memory_order_release);
@@ -78,14 +83,21 @@ bool fence_mode_asked() {
 }
 }  // namespace
 
-// Dynamic initialisation: runs before main, before any thread reads.
-bool g_reader_fence = fence_mode_asked() || !register_membarrier();
+bool reader_fence() noexcept {
+  static const bool fence = fence_mode_asked() || !register_membarrier();
+  return fence;
+}
 
 namespace {
 
 // Gives the calling thread a record, slot 0 parked (or in fence mode), and
 // returns it.
 ThreadRecord* register_thread() noexcept {
+  if (t_released) {
+    std::fprintf(stderr, "nestcache: a pfn-cache read after its thread's reader record was released "
+                         "(a thread-local destructor reads a cache)\n");
+    std::abort();
+  }
   ThreadRecord* r = nullptr;
   for (ThreadRecord* p = g_records.load(std::memory_order_acquire); p && !r; p = p->next) {
     bool free = false;
@@ -101,7 +113,7 @@ ThreadRecord* register_thread() noexcept {
   }
   // Without membarrier slot 0 stays marked for good, so that every entry
   // takes enter_slow and fences; waiters then never read the marker.
-  if (g_reader_fence) r->slots[0].store(kFenceMode, std::memory_order_relaxed);
+  if (reader_fence()) r->slots[0].store(kFenceMode, std::memory_order_relaxed);
   t_owner.record = r;
   t_record = r;
   return r;
@@ -109,7 +121,7 @@ ThreadRecord* register_thread() noexcept {
 
 [[noreturn]] void too_many_reads() {
   std::fprintf(stderr, "nestcache: a thread holds more than %d pfn-cache reads at once\n",
-               g_reader_fence ? kSlotsPerThread - 1 : kSlotsPerThread);
+               reader_fence() ? kSlotsPerThread - 1 : kSlotsPerThread);
   std::abort();
 }
 
@@ -132,10 +144,14 @@ Slot* enter_slow(ThreadRecord* r, uintptr_t cache) noexcept {
   for (int i = 1; i < kSlotsPerThread; i++) {
     Slot& s = r->slots[i];
     if (s.load(std::memory_order_relaxed) != kFree) continue;
-    if (g_reader_fence) {
-      // No membarrier: a seq_cst exchange is the reader's half of the fence
-      // pair with the waiter's seq_cst store and slot loads.
-      s.exchange(cache, std::memory_order_seq_cst);
+    if (reader_fence()) {
+      // No membarrier: a full fence after naming the cache is the reader's
+      // half of the pair with the waiter's seq_cst store and slot loads
+      // (a fence, not a seq_cst exchange: the loads of the cache's state
+      // that follow are acquire loads, which an exchange alone would not
+      // order after it).
+      s.store(cache, std::memory_order_relaxed);
+      full_fence();
     } else {
       s.store(cache, std::memory_order_relaxed);
       std::atomic_signal_fence(std::memory_order_seq_cst);
@@ -185,10 +201,10 @@ bool wait_for_readers(std::span<const void* const> caches) {
       std::abort();
     }
   }
-  // Without membarrier, readers exchange their slots seq_cst, which pairs
+  // Without membarrier, readers fence after naming the cache, which pairs
   // with the caller's seq_cst store and the seq_cst slot loads below.
   bool interrupted = false;
-  if (!internal::g_reader_fence) {
+  if (!internal::reader_fence()) {
     if (!other_active_readers()) return false;
     barrier_on_every_reader();
     interrupted = true;

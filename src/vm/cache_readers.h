@@ -16,7 +16,8 @@
 // names the cache. This is the asymmetric fence of liburcu's "memb" flavour:
 // the cost moves from every read to every invalidation that finds a
 // lock-free cache. Where membarrier is missing (an old kernel, a seccomp
-// filter) readers issue the full fence themselves and the waiter a plain one.
+// filter) readers issue the full fence themselves after naming the cache,
+// and the waiter's seq_cst store and slot loads are its half.
 //
 // The membarrier interrupts every CPU that runs a thread of the process, and
 // on a virtual machine such an interrupt is an exit to its host: microseconds.
@@ -78,10 +79,11 @@ inline constinit ThreadRecord g_unregistered = {{kUnregistered}};
 // Constant initialisation, so reaching it is one TLS load with no guard,
 // and never null, so with the slot test that is all an entry loads.
 inline constinit thread_local ThreadRecord* t_record = &g_unregistered;
-// Set once before main: true when membarrier is unavailable and readers must
-// fence themselves (or when NESTCACHE_NO_MEMBARRIER is set, to test that
-// path on a kernel that has it).
-extern bool g_reader_fence;
+// True when membarrier is unavailable and readers must fence themselves (or
+// when NESTCACHE_NO_MEMBARRIER is set, to test that path on a kernel that
+// has it). Decided, and membarrier registered, at the first call, before any
+// thread registers as a reader, so every thread's record agrees with it.
+bool reader_fence() noexcept;
 // enter() when slot 0 is not free: registers the thread, activates it,
 // fences, or finds a free slot among 1..kSlotsPerThread-1 (aborting when
 // there is none). Returns the slot the read now names.
@@ -132,7 +134,7 @@ bool active();
 
 // True if waits interrupt active readers with a membarrier; false where the
 // kernel has none and every read fences for itself instead.
-inline bool uses_membarrier() { return !internal::g_reader_fence; }
+inline bool uses_membarrier() { return !internal::reader_fence(); }
 
 // True if the calling thread is inside a read of `cache`.
 bool reading(const void* cache);

@@ -57,7 +57,7 @@ void PfnCache::set_invalid_locked() {
   if (seq & kInvalidBit) return;
   // seq_cst: an invalidation looks for lock-free readers right after this,
   // and a reader that names the cache before this store must be found, one
-  // that names it after must see the bit clear (cache_readers.h).
+  // that names it after must see the bit set (cache_readers.h).
   // (Field stores that follow are release stores: none is seen before this.)
   seq_.store((seq | kInvalidBit) + kVersionStep, std::memory_order_seq_cst);
 }

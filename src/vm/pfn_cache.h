@@ -23,6 +23,8 @@
 // Read sides (CacheReadSide, chosen per cache; a VM's default in VmOptions):
 //   rwlock    KVM's: a handle holds rw_ shared; invalidation and refresh
 //             take it exclusive, so they wait for readers as they lock.
+//             (read() tries the lock-free side first: a reader slot is
+//             entered and left before rw_ is taken, see read().)
 //   lockfree  a handle takes no lock: it names the cache in a per-thread
 //             slot (cache_readers.h) and reads the mapping between two loads
 //             of a sequence count. An invalidation flips the count to

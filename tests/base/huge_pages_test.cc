@@ -47,6 +47,13 @@ TEST(HugePages, AVectorGrowsAcrossTheThresholdAndKeepsItsElements) {
 TEST(HugePages, AnImpossibleSizeThrowsInsteadOfWrapping) {
   HugePageAllocator<uint64_t> a;
   EXPECT_THROW((void)a.allocate(static_cast<size_t>(-1) / 4), std::bad_array_new_length);
+  // Sizes whose rounding to huge pages would wrap. (Under a sanitizer they
+  // go to operator new, whose sanitizer reports them instead of throwing.)
+  if (huge_pages::maps(SIZE_MAX)) {
+    HugePageAllocator<uint8_t> bytes;
+    EXPECT_THROW((void)bytes.allocate(SIZE_MAX - huge_pages::kHugePage / 2), std::bad_alloc);
+    EXPECT_THROW((void)huge_pages::allocate(SIZE_MAX), std::bad_alloc);
+  }
 }
 
 }  // namespace

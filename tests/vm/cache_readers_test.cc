@@ -32,7 +32,7 @@ TEST(CacheReaders, AThreadHoldsAReadPerSlotAndReleasesThemInAnyOrder) {
   // A thread that holds reads stays visible to waiters.
   quiesce();
   EXPECT_TRUE(active());
-  // Slot 0 (the first read) goes in the middle, the others out of order.
+  // The first read goes in the middle, the others out of order.
   const std::vector<int> order = {2, 0, capacity() - 1, 1};
   for (int i : order) {
     if (i >= capacity()) continue;
@@ -40,7 +40,7 @@ TEST(CacheReaders, AThreadHoldsAReadPerSlotAndReleasesThemInAnyOrder) {
     slots[i] = nullptr;
     EXPECT_FALSE(reading(&caches[i])) << i;
   }
-  // A read entered now reuses a free slot, slot 0 first.
+  // A read entered now reuses a free slot (slot 0 first, with membarrier).
   Slot* again = enter(&caches[0]);
   EXPECT_TRUE(reading(&caches[0]));
   exit(again);
@@ -93,8 +93,8 @@ TEST(CacheReaders, AWaiterWaitsForAReadInAnySlotOfAnotherThread) {
   std::array<StandIn, 3> caches{};
   std::atomic<bool> holding{false}, go{false}, ending{false}, done{false};
   std::thread reader([&] {
-    Slot* other = enter(&caches[0]);  // slot 0
-    Slot* mine = enter(&caches[1]);   // a later slot
+    Slot* other = enter(&caches[0]);  // the first slot (0, or 1 in fence mode)
+    Slot* mine = enter(&caches[1]);   // the next one
     holding.store(true);
     while (!go.load()) std::this_thread::yield();
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -109,7 +109,7 @@ TEST(CacheReaders, AWaiterWaitsForAReadInAnySlotOfAnotherThread) {
   go.store(true);
   const void* const read[] = {&caches[1]};
   (void)wait_for_readers(read);
-  EXPECT_TRUE(ending.load()) << "the waiter returned before the read in slot 1 ended";
+  EXPECT_TRUE(ending.load()) << "the waiter returned before the read in the thread's second slot ended";
   done.store(true);
   reader.join();
 }
