@@ -124,16 +124,6 @@ BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
   return p.read<uint64_t>(0);
 }
 
-// BM_PfnCacheAccess's timed loop; returns the last value read. A function of
-// its own, so that the loop's values fit in registers as BM_PlainRead's do:
-// inside the benchmark, with the setup's values live around it, the compiler
-// kept the iteration count on the stack (a load and a store per iteration,
-// each waiting for the last), a cost of the harness and not of the cache.
-// The value is kept as BM_PlainRead keeps its (the non-const DoNotOptimize
-// adds a memory clobber). Aligned to a cache line: the loop is a few
-// instructions, and where it falls relative to 64-byte boundaries moved it
-// by 15-20 % whenever code earlier in this file grew or shrank, with the
-// loop's instructions unchanged.
 // The read that follows a failed check, out of line: inlined, its second copy
 // of the read shared the first one's field addresses, which the compiler then
 // computed before the loop and kept on the stack for want of registers.
@@ -149,6 +139,16 @@ BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
   return v;
 }
 
+// BM_PfnCacheAccess's timed loop; returns the last value read. A function of
+// its own, so that the loop's values fit in registers as BM_PlainRead's do:
+// inside the benchmark, with the setup's values live around it, the compiler
+// kept the iteration count on the stack (a load and a store per iteration,
+// each waiting for the last), a cost of the harness and not of the cache.
+// The value is kept as BM_PlainRead keeps its (the non-const DoNotOptimize
+// adds a memory clobber). Aligned to a cache line: the loop is a few
+// instructions, and where it falls relative to 64-byte boundaries moved it
+// by 15-20 % whenever code earlier in this file grew or shrank, with the
+// loop's instructions unchanged.
 [[gnu::noinline, gnu::aligned(64)]] uint64_t access_loop(benchmark::State& state, vm::PfnCache& cache) {
   uint64_t last = 0;
   for (auto _ : state) {

@@ -34,7 +34,7 @@ void* allocate(size_t bytes) {
   const auto start = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t aligned = round_up(start, kHugePage);
   if (aligned > start) munmap(raw, aligned - start);
-  const uintptr_t tail = start + len + kHugePage - (aligned + len);
+  const uintptr_t tail = start + kHugePage - aligned;  // the slack not taken by the head
   if (tail) munmap(reinterpret_cast<void*>(aligned + len), tail);
   // Advice only: without transparent huge pages it fails or does nothing,
   // and the memory is ordinary pages.

@@ -91,7 +91,7 @@ Result<std::unique_ptr<PhysMem>> PhysMem::create(const PhysMemConfig& config) {
     if (direct == MAP_FAILED) return errorf(errno, "mapping the direct map: {}", std::strerror(errno));
     m->direct_ = static_cast<std::byte*>(direct);
   }
-  m->versions_ = std::vector<VersionCell, HugePageAllocator<VersionCell>>(total);
+  m->versions_ = decltype(m->versions_)(total);
   MutexLock l(m->mu_);
   m->pools_[0] = Pool{0, m->managed_, {}};
   m->pools_[1] = Pool{m->managed_, total, {}};

@@ -144,16 +144,15 @@ Slot* enter_slow(ThreadRecord* r, uintptr_t cache) noexcept {
   for (int i = 1; i < kSlotsPerThread; i++) {
     Slot& s = r->slots[i];
     if (s.load(std::memory_order_relaxed) != kFree) continue;
+    s.store(cache, std::memory_order_relaxed);
     if (reader_fence()) {
       // No membarrier: a full fence after naming the cache is the reader's
       // half of the pair with the waiter's seq_cst store and slot loads
       // (a fence, not a seq_cst exchange: the loads of the cache's state
       // that follow are acquire loads, which an exchange alone would not
       // order after it).
-      s.store(cache, std::memory_order_relaxed);
       full_fence();
     } else {
-      s.store(cache, std::memory_order_relaxed);
       std::atomic_signal_fence(std::memory_order_seq_cst);
     }
     return &s;

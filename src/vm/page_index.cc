@@ -23,7 +23,7 @@ void PageIndex::place(Hva page, const void* value) {
 }
 
 void PageIndex::grow() {
-  std::vector<Entry, HugePageAllocator<Entry>> old = std::move(table_);
+  decltype(table_) old = std::move(table_);
   table_.assign(old.size() * 2, Entry{});
   mask_ = table_.size() - 1;
   shift_--;

@@ -292,10 +292,13 @@ class PfnCache {
     p.size_ = len;
     p.slot_ = slot;
   }
-  // True if the mapping fields (read by the caller) pass the check.
+  // True if the mapping fields (read by the caller) pass the check. The
+  // bounds use the gpa asked for when there is one (if it is not the cached
+  // one the check fails anyway), so that a caller's constant gpa and length
+  // fold them away.
   bool fits(Gpa want, size_t len, const Snapshot& s) const {
-    return (want == kAnyGpa || want == s.gpa) && s.generation == memslots_.generation() &&
-           page_offset(s.gpa) + len <= kPageSize;
+    const Gpa gpa = want == kAnyGpa ? s.gpa : want;
+    return gpa == s.gpa && s.generation == memslots_.generation() && page_offset(gpa) + len <= kPageSize;
   }
   // Starts loading, for writing, every cache line of the cache: what the
   // notifier and the refresh after it touch (the registry calls it as it
@@ -405,10 +408,8 @@ inline host::FrameTag CachePtr::tag() const {
   const Snapshot s{gpa_.load(std::memory_order_acquire), generation_.load(std::memory_order_acquire),
                    khva_.load(std::memory_order_acquire), version_cell_.load(std::memory_order_acquire),
                    tag_version_.load(std::memory_order_acquire)};
-  const Gpa gpa = want == kAnyGpa ? s.gpa : want;
-  const bool miss = (seq & (kInvalidBit | kRwlockBit)) || seq_.load(std::memory_order_acquire) != seq ||
-                    gpa != s.gpa || s.generation != memslots_.generation() || page_offset(gpa) + len > kPageSize;
-  if (miss) [[unlikely]] {
+  if ((seq & (kInvalidBit | kRwlockBit)) || seq_.load(std::memory_order_acquire) != seq || !fits(want, len, s))
+      [[unlikely]] {
     cache_readers::exit(slot);
     if (read_side_ == CacheReadSide::rwlock) {
       Snapshot locked;
