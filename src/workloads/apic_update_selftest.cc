@@ -75,6 +75,13 @@ struct Config {
   bool move_and_back() const { return !discard && pages != kPageApic; }
   // The seed's own move variant: the slot moves away for good.
   bool move_away() const { return !discard && pages == kPageApic; }
+  // Whether, under map, the processor uses a discarded page's old pfn after
+  // the discard: L2's APIC-page write and its CR8 write follow its delay
+  // (when the VMM discards) in the same entry, through vmcs02's pfns. The
+  // descriptor is read only when L1 posts, which it does while L2 is out;
+  // the next entry maps the page again, so a discard of the descriptor alone
+  // leaves no stale pfn in use.
+  bool stale_pfn_used_after_discard() const { return (pages & (kPageApic | kPageVapic)) != 0; }
 };
 
 // What L1 and L2 saw, and the VMM thread's sequence: odd while it changes a
@@ -312,7 +319,7 @@ void check_run(const RunOptions& o, const Config& c, const Transcript& t, const 
   if (o.strategy == StrategyKind::map) {
     // The kernel before the seed: nothing invalidates the maps. This run
     // passes by reporting what the detectors saw.
-    if (c.discard && o.memory == MemoryKind::unmanaged) {
+    if (c.discard && o.memory == MemoryKind::unmanaged && c.stale_pfn_used_after_discard()) {
       r.check(stale > 0, "{}: map on unmanaged memory under discard: the stale-access detector saw nothing", tag);
       r.note(fmt::format("{}: {} ({} of {} APIC-page writes did not exit) — map keeps stale pfns in vmcs02 after a "
                          "discard: the bug the seed fixes",
