@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <filesystem>
 
+#include <fmt/ranges.h>
+
 #include "cli/commands.h"
 #include "workloads/scenario.h"
 
@@ -103,22 +105,23 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
 
 int run_run_command(const RunArgs& args, bool json) {
   auto paths = expand_paths(args.paths);
-  if (!paths) {
-    fmt::print(stderr, "nestcache run: {}\n", paths.error().message);
-    return kExitUsage;
-  }
+  if (!paths) return usage_error(json, "nestcache run", paths.error().message);
   std::vector<sc::ScenarioFile> files;
-  bool bad = false;
+  std::vector<std::string> bad_files;
   for (const std::string& p : *paths) {
     auto f = sc::parse_scenario_file(p);
     if (!f) {
-      fmt::print(stderr, "nestcache run: {}\n", f.error().message);
-      bad = true;
+      bad_files.push_back(f.error().message);
       continue;
     }
     files.push_back(std::move(*f));
   }
-  if (bad) return kExitUsage;
+  if (!bad_files.empty()) {
+    // One line per bad file; under --json one error object naming them all.
+    if (json) return usage_error(json, "nestcache run", fmt::format("{}", fmt::join(bad_files, "\n")));
+    for (const std::string& m : bad_files) usage_error(json, "nestcache run", m);
+    return kExitUsage;
+  }
 
   Tally tally;
   nlohmann::json out_files = nlohmann::json::array();
