@@ -231,11 +231,12 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
       ->default_str("1")
       ->check(CLI::Range(0.0001, 1.0));
   add_time_model_options(cmd, a);
-  cmd->add_option("--sweep", a.sweep,
+  a.sweep_option = cmd->add_option("--sweep", a.sweep,
                   "Run the one test named by --tests at each value of one parameter, every strategy at each: "
                   "slots, l2-per-l1, exit-cost-ns, rate, work or caches (--extra-caches)")
       ->type_name("PARAM=v1,v2,...");
-  cmd->add_option("--csv", a.csv, "With --sweep: also write the points as CSV to this file")->type_name("FILE");
+  a.csv_option =
+      cmd->add_option("--csv", a.csv, "With --sweep: also write the points as CSV to this file")->type_name("FILE");
   cmd->add_flag("--breakdown", a.breakdown,
                 "Print each row's modelled time per round trip and per iteration by part: transitions, guest "
                 "operations, remap windows, pfn-cache work, other L0 work, idle");
@@ -261,6 +262,9 @@ int run_bench_command(const BenchArgs& a, bool json) {
     print_bench_list(json);
     return kExitOk;
   }
+  if (a.csv_option->count() > 0 && a.csv.empty()) return usage_error(json, "nestcache bench", "--csv: an empty file name");
+  if (a.sweep_option->count() > 0 && a.sweep.empty())
+    return usage_error(json, "nestcache bench", "--sweep: an empty value; expected PARAM=v1,v2,...");
   if (!a.csv.empty() && a.sweep.empty()) return usage_error(json, "nestcache bench", "--csv needs --sweep");
   auto tests = resolve_tests(a.tests, a.tests_option->count() > 0);
   if (!tests) {

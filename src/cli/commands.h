@@ -101,7 +101,9 @@ struct BenchArgs {
   CLI::Option* l1_hz_option = nullptr;  // given or not
   workloads::IoOptions io = {};
   std::string sweep;  // PARAM=v1,v2,...; empty: no sweep
+  CLI::Option* sweep_option = nullptr;  // given or not
   std::string csv;    // with --sweep: also write the points here
+  CLI::Option* csv_option = nullptr;  // given or not
   double scale = 1.0;
   std::string clock = "modelled";
   uint64_t guest_op_ns = cpu::GuestCosts{}.op_ns;
@@ -204,5 +206,10 @@ void print_json(const nlohmann::json& j);
 // stderr, or with `json` the object {"error": {"kind": "usage", "message",
 // "exit_status": 2}} on stdout. Returns kExitUsage.
 int usage_error(bool json, std::string_view command, const std::string& message);
+// Reports that `command` could not run (a resource it could not have, a file
+// it could not write): `message` on stderr, or with `json` the object
+// {"error": {"kind": "failed", "message", "exit_status": 1}} on stdout.
+// Returns kExitFailed.
+int run_error(bool json, std::string_view command, const std::string& message);
 
 }  // namespace nestcache::cli

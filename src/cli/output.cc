@@ -95,12 +95,22 @@ void print_selftest_summary(std::string_view test, const workloads::RunOptions& 
   if (opts.verbose) fmt::print("  details: {}\n", r.details.dump());
 }
 
-int usage_error(bool json, std::string_view command, const std::string& message) {
+namespace {
+int report_error(bool json, std::string_view kind, int status, std::string_view command, const std::string& message) {
   if (json)
-    print_json({{"error", {{"kind", "usage"}, {"command", command}, {"message", message}, {"exit_status", kExitUsage}}}});
+    print_json({{"error", {{"kind", kind}, {"command", command}, {"message", message}, {"exit_status", status}}}});
   else
     fmt::print(stderr, "{}: {}\n", command, message);
-  return kExitUsage;
+  return status;
+}
+}  // namespace
+
+int usage_error(bool json, std::string_view command, const std::string& message) {
+  return report_error(json, "usage", kExitUsage, command, message);
+}
+
+int run_error(bool json, std::string_view command, const std::string& message) {
+  return report_error(json, "failed", kExitFailed, command, message);
 }
 
 }  // namespace nestcache::cli

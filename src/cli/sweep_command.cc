@@ -1,9 +1,16 @@
 // `nestcache bench --sweep`: one parameter of one bench test over a list of
 // values (workloads/sweep.h), printed as a table per strategy, as JSON, and
 // written as CSV.
-#include <cstdio>
+#include <signal.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+#include "base/mutex.h"
 #include "cli/commands.h"
+#include "cli/interrupt.h"
 #include "workloads/progress.h"
 #include "workloads/sweep.h"
 
@@ -11,15 +18,68 @@ namespace nestcache::cli {
 
 namespace {
 
-void print_sweep_table(const workloads::BenchInfo& test, const workloads::SweepSpec& spec,
-                       const std::vector<workloads::SweepPoint>& points) {
-  const bool io = !points.empty() && points.front().row.extra.contains("requests_per_second");
-  fmt::print("{} — sweep of {}\n", test.name, workloads::sweep_param_name(spec.param));
-  fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", workloads::sweep_param_name(spec.param),
-             "strategy", io ? "per request" : "per iteration", "per round trip", "round trips", "windows", "stale",
-             io ? "   requests/s  trips/request" : "");
-  for (const auto& p : points) {
+using CsvFile = std::unique_ptr<std::FILE, int (*)(std::FILE*)>;
+
+// The points a sweep has finished, shared by the loop that runs them and the
+// thread that prints them when a signal ends the run. The text table is
+// written point by point as each finishes; JSON and the CSV at the end.
+class SweepPrinter {
+ public:
+  SweepPrinter(const workloads::BenchInfo& test, const workloads::SweepSpec& spec, const workloads::BenchOptions& o,
+               CsvFile csv, std::string csv_path)
+      : test_(test), spec_(spec), options_(o), csv_(std::move(csv)), csv_path_(std::move(csv_path)) {
+    options_.progress = nullptr;
+  }
+
+  void add(const workloads::SweepPoint& p) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    points_.push_back(p);
+    if (!options_.json) print_row_locked(p);
+  }
+
+  // A run that could not be done ended the sweep: `message` goes to stderr
+  // and, with JSON, into the report as "error".
+  void fail(const std::string& message) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    error_ = message;
+    run_error(false, "nestcache bench", message);
+  }
+
+  // The end of the run, or of what finished before a signal: the CSV, then
+  // the JSON report or the text's last line. Once only. Returns false if the
+  // CSV could not be written (the message is printed).
+  bool finish(const char* interrupted_by = nullptr) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (finished_) return true;
+    finished_ = true;
+    bool csv_ok = write_csv_locked();
+    if (options_.json) {
+      nlohmann::json j = workloads::sweep_json(test_.name, spec_, options_, points_);
+      if (interrupted_by) j["interrupted"] = interrupted_by;
+      if (!error_.empty()) j["error"] = error_;
+      print_json(j);
+    } else if (interrupted_by) {
+      if (!header_printed_) print_header_locked(false);
+      fmt::print("\nInterrupted by {}: {} point{} finished.\n", interrupted_by, points_.size(),
+                 points_.size() == 1 ? "" : "s");
+    }
+    std::fflush(stdout);
+    return csv_ok;
+  }
+
+ private:
+  void print_header_locked(bool io) NC_REQUIRES(mu_) {
+    header_printed_ = true;
+    fmt::print("{} — sweep of {}\n", test_.name, workloads::sweep_param_name(spec_.param));
+    fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", workloads::sweep_param_name(spec_.param),
+               "strategy", io ? "per request" : "per iteration", "per round trip", "round trips", "windows", "stale",
+               io ? "   requests/s  trips/request" : "");
+  }
+
+  void print_row_locked(const workloads::SweepPoint& p) NC_REQUIRES(mu_) {
     const workloads::BenchRow& r = p.row;
+    const bool io = r.extra.contains("requests_per_second");
+    if (!header_printed_) print_header_locked(io);
     std::string tail;
     if (io)
       tail = fmt::format(" {:>12.0f} {:>14.2f}", r.extra.value("requests_per_second", 0.0),
@@ -28,10 +88,33 @@ void print_sweep_table(const workloads::BenchInfo& test, const workloads::SweepS
                format_seconds(r.seconds_per_iteration), format_seconds(r.seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::remap_windows],
                r.counters[Counter::stale_accesses], tail);
-    for (const auto& f : r.failures) fmt::print("  FAILED {}={} / {}: {}\n", workloads::sweep_param_name(spec.param),
-                                                p.value, vmx::strategy_name(r.strategy), f);
+    for (const auto& f : r.failures)
+      fmt::print("  FAILED {}={} / {}: {}\n", workloads::sweep_param_name(spec_.param), p.value,
+                 vmx::strategy_name(r.strategy), f);
+    std::fflush(stdout);
   }
-}
+
+  bool write_csv_locked() NC_REQUIRES(mu_) {
+    if (!csv_) return true;
+    std::string text = workloads::sweep_csv(spec_, points_);
+    bool written = std::fwrite(text.data(), 1, text.size(), csv_.get()) == text.size();
+    written = std::fclose(csv_.release()) == 0 && written;
+    if (!written) run_error(false, "nestcache bench", fmt::format("--csv: cannot write {}: {}", csv_path_,
+                                                                  std::strerror(errno)));
+    return written;
+  }
+
+  const workloads::BenchInfo& test_;
+  const workloads::SweepSpec spec_;
+  workloads::BenchOptions options_;
+  Mutex mu_{LockRank::kLeaf};
+  CsvFile csv_ NC_GUARDED_BY(mu_);
+  const std::string csv_path_;
+  std::vector<workloads::SweepPoint> points_ NC_GUARDED_BY(mu_);
+  bool header_printed_ NC_GUARDED_BY(mu_) = false;
+  bool finished_ NC_GUARDED_BY(mu_) = false;
+  std::string error_ NC_GUARDED_BY(mu_);
+};
 
 }  // namespace
 
@@ -40,36 +123,41 @@ int run_sweep(const workloads::BenchInfo& test, workloads::BenchOptions o, const
   auto spec = workloads::parse_sweep(sweep);
   Status st = spec ? workloads::check_sweep_applies(test, spec->param) : Status(tl::unexpected(spec.error()));
   if (st) st = workloads::validate_sweep(o, *spec);
-  if (!st) {
-    fmt::print(stderr, "nestcache bench: {}\n", st.error().message);
-    return kExitUsage;
+  if (!st) return usage_error(o.json, "nestcache bench", st.error().message);
+  // The CSV file is opened before the runs, so a path that cannot be written
+  // costs nothing but the message.
+  CsvFile csv(nullptr, &std::fclose);
+  if (!csv_path.empty()) {
+    csv.reset(std::fopen(csv_path.c_str(), "w"));
+    if (!csv)
+      return run_error(o.json, "nestcache bench",
+                       fmt::format("--csv: cannot write {}: {}", csv_path, std::strerror(errno)));
   }
+  SweepPrinter printer(test, *spec, o, std::move(csv), csv_path);
+  // SIGINT / SIGTERM: the points finished so far are printed (and written to
+  // the CSV), marked as interrupted, and the run exits 130 / 143, as bench's.
+  auto watch = InterruptWatch::start([&printer](int signo) {
+    std::fputs("\n", stderr);  // past the progress line
+    printer.finish(signo == SIGINT ? "SIGINT" : "SIGTERM");
+  });
+  if (!watch) return run_error(o.json, "nestcache bench", watch.error().to_string());
   // The progress display draws on stderr only, and only on a terminal, so
   // --json output stays pure data.
   workloads::Progress progress(true);
   o.progress = &progress;
-  auto points = workloads::run_sweep(test, o, *spec);
+  bool ok = true;
+  auto points = workloads::run_sweep(test, o, *spec, [&](const workloads::SweepPoint& p) {
+    ok = ok && p.row.failures.empty();
+    progress.finish();  // the row starts on a clean line
+    printer.add(p);
+  });
   o.progress = nullptr;
   if (!points) {
-    fmt::print(stderr, "nestcache bench: {} could not run: {}\n", test.name, points.error().to_string());
-    return kExitFailed;
+    progress.finish();
+    ok = false;
+    printer.fail(fmt::format("{} could not run: {}", test.name, points.error().to_string()));
   }
-  bool ok = true;
-  for (const auto& p : *points) ok = ok && p.row.failures.empty();
-  if (!csv_path.empty()) {
-    std::FILE* f = std::fopen(csv_path.c_str(), "w");
-    std::string csv = workloads::sweep_csv(*spec, *points);
-    if (!f || std::fwrite(csv.data(), 1, csv.size(), f) != csv.size()) {
-      if (f) std::fclose(f);
-      fmt::print(stderr, "nestcache bench: cannot write {}\n", csv_path);
-      return kExitFailed;
-    }
-    std::fclose(f);
-  }
-  if (o.json)
-    print_json(workloads::sweep_json(test.name, *spec, o, *points));
-  else
-    print_sweep_table(test, *spec, *points);
+  if (!printer.finish()) ok = false;
   return ok ? kExitOk : kExitFailed;
 }
 

@@ -130,7 +130,8 @@ Status validate_sweep(const BenchOptions& base, const SweepSpec& spec) {
   return ok();
 }
 
-Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec) {
+Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec,
+                                          const std::function<void(const SweepPoint&)>& on_point) {
   NC_TRY(validate_sweep(base, spec));
   std::vector<SweepPoint> points;
   const uint64_t total = spec.values.size() * base.strategies.size();
@@ -144,6 +145,7 @@ Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOpti
       row.test = test.name;
       row.strategy = s;
       points.push_back({v, std::move(row)});
+      if (on_point) on_point(points.back());
     }
   }
   if (base.progress) base.progress->finish();

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -58,9 +59,11 @@ struct SweepPoint {
 };
 
 // Runs `test` for each value and each strategy of `base`, in that order;
-// `base.progress` (may be null) shows how far it got. An error stops the
-// sweep (the test could not run at a value).
-Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec);
+// `base.progress` (may be null) shows how far it got, and `on_point` (may be
+// null) is called with each point as it finishes. An error stops the sweep
+// (the test could not run at a value).
+Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec,
+                                          const std::function<void(const SweepPoint&)>& on_point = nullptr);
 
 // {"test", "parameter", "values": [...], "strategies": [...],
 //  "points": [{"value", "strategy", "seconds_per_iteration",
