@@ -24,7 +24,10 @@
 //                  kept map, and the stale-access detector reports it (and, on
 //                  unmanaged memory, every access after a migration). The test
 //                  passes by reporting, like migrate-under-l2.
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <functional>
 #include <thread>
 
 #include "guest/enlightened.h"
@@ -65,7 +68,15 @@ constexpr uint64_t kMaxMigrations = 512;
 struct Config {
   int rounds = 20;
   int entries = 8;
+  // Called on the L1 vCPU's thread after each round (progress).
+  std::function<void(int rounds_done)> on_round = nullptr;
 };
+
+// What one round trip may take before the run counts as hung (about 12 µs in
+// a release build here; sanitizer builds are up to 20 times slower), and
+// what each round's memslot move away and back may take.
+constexpr std::chrono::microseconds kRoundTripAllowance{1'000};
+constexpr std::chrono::microseconds kRoundAllowance{100'000};
 
 // What L1 saw.
 struct Transcript {
@@ -127,6 +138,7 @@ GuestTask l1_program(Config c, Transcript& t) {
     for (int k = 0; k < c.entries; k++)
       co_await round_trip(0x100000 + static_cast<uint64_t>(round) * 0x1000 + static_cast<uint64_t>(k) * 3, t);
     co_await entry_while_away(round, t);
+    if (c.on_round) c.on_round(round + 1);
   }
   co_await guest::vmxoff();
 }
@@ -208,7 +220,9 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
   Vmm vmm{env, *evmcs_hva};
   auto vmm_thread = host::start_thread("the VMM thread", [&] { vmm.run(stop); });
   if (!vmm_thread) return r.fail(vmm_thread.error().to_string());
-  Status st = env.machine->run(std::chrono::milliseconds(120000));
+  const uint64_t rounds = static_cast<uint64_t>(c.rounds), entries = static_cast<uint64_t>(c.entries);
+  Status st = env.machine->run(std::max(run_watchdog(rounds * entries, kRoundTripAllowance),
+                                        run_watchdog(rounds, kRoundAllowance)));
   stop.store(true);
   vmm_thread->join();
 
@@ -242,7 +256,9 @@ SelftestResult run(const RunOptions& o) {
   auto entries = o.int_value(entries_option());
   if (!rounds) return r.refuse(rounds.error().to_string()), r;
   if (!entries) return r.refuse(entries.error().to_string()), r;
-  run_evmcs(o, Config{static_cast<int>(*rounds), static_cast<int>(*entries)}, r);
+  Config c{static_cast<int>(*rounds), static_cast<int>(*entries)};
+  c.on_round = [&o, total = c.rounds](int done) { o.report_progress(done, total, "evmcs: rounds"); };
+  run_evmcs(o, c, r);
   return r;
 }
 

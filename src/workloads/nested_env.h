@@ -4,6 +4,8 @@
 // the reports need.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -95,5 +97,18 @@ class NestedEnv {
 
 // L1's memory layout for scenarios: its own page allocator starts here.
 inline constexpr Gpa kL1PagesStart = 0x100000;
+
+// The watchdog of a run (Machine::run's timeout) that does `units` units of
+// work (rounds, round trips) each allowed `per_unit`: two minutes plus the
+// units' allowance, so a run as long as its options allow finishes and only
+// a run that stopped making progress reaches it. Saturates instead of
+// overflowing.
+inline std::chrono::milliseconds run_watchdog(uint64_t units, std::chrono::microseconds per_unit) {
+  constexpr uint64_t kBaseMs = 120'000;
+  constexpr uint64_t kMaxMs = uint64_t{1} << 40;  // decades
+  uint64_t per_unit_us = static_cast<uint64_t>(per_unit.count());
+  uint64_t extra_ms = per_unit_us == 0 || units <= kMaxMs * 1000 / per_unit_us ? units * per_unit_us / 1000 : kMaxMs;
+  return std::chrono::milliseconds(static_cast<int64_t>(std::min(kBaseMs + extra_ms, kMaxMs)));
+}
 
 }  // namespace nestcache::workloads

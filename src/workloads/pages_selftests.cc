@@ -13,10 +13,12 @@ OptionSpec rounds_option(const char* rounds) {
 OptionSpec interrupts_option() { return int_option("--interrupts", "interrupts posted to L2 per round", "4", 0, 64); }
 std::vector<OptionSpec> common_options(const char* rounds) { return {rounds_option(rounds), interrupts_option()}; }
 
-Result<PagesWorkloadConfig> config_of(const RunOptions& o, const char* default_rounds) {
+Result<PagesWorkloadConfig> config_of(const RunOptions& o, const char* default_rounds, const char* test) {
   PagesWorkloadConfig c;
   c.rounds = static_cast<int>(NC_TRY(o.int_value(rounds_option(default_rounds))));
   c.interrupts_per_round = static_cast<int>(NC_TRY(o.int_value(interrupts_option())));
+  std::string label = fmt::format("{}: rounds", test);
+  c.on_round = [&o, rounds = c.rounds, label](int done) { o.report_progress(done, rounds, label); };
   return c;
 }
 
@@ -28,7 +30,7 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
 
 SelftestResult run_nested_pages(const RunOptions& o) {
   SelftestResult r;
-  auto c = config_of(o, "8");
+  auto c = config_of(o, "8", "nested-pages");
   if (!c) return r.refuse(c.error().to_string()), r;
   NestedEnvConfig ec{o.strategy, o.memory};
   ec.vcpus = 2;
@@ -56,7 +58,7 @@ SelftestResult run_nested_pages(const RunOptions& o) {
 
 SelftestResult run_migrate_under_l2(const RunOptions& o) {
   SelftestResult r;
-  auto c = config_of(o, "40");
+  auto c = config_of(o, "40", "migrate-under-l2");
   if (!c) return r.refuse(c.error().to_string()), r;
   c->churn = true;
   NestedEnvConfig ec{o.strategy, o.memory};

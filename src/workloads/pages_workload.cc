@@ -49,7 +49,7 @@ struct L1Shared {
 };
 
 // L1's handling of one VMCALL of L2's; false when L2 is done.
-GuestFn<bool> handle_call(Mailbox mb, int& round, PagesTranscript& t) {
+GuestFn<bool> handle_call(Mailbox mb, int& round, PagesTranscript& t, const std::function<void(int)>& on_round) {
   Call call = co_await mb.read_call();
   if (call == Call::done) {
     t.interrupts_received = static_cast<int>(co_await mb.read_progress());
@@ -71,6 +71,7 @@ GuestFn<bool> handle_call(Mailbox mb, int& round, PagesTranscript& t) {
     co_await guest::wait_until_eq(kIrqRequest, 0);
     round++;
     t.rounds = round;
+    if (on_round) on_round(round);
     co_await guest::set_msr_intercept(kMsrBitmap, kInterceptedMsr, false, round % 2 == 0);
   }
   co_return true;
@@ -96,7 +97,7 @@ GuestTask l1_main(cpu::Machine& m, PagesWorkloadConfig c, PagesTranscript& t, L1
   int round = 0;
   auto handle = [&](vmx::ExitReason reason) -> GuestFn<bool> {
     switch (reason) {
-      case vmx::ExitReason::kVmcall: co_return co_await handle_call(mb, round, t);
+      case vmx::ExitReason::kVmcall: co_return co_await handle_call(mb, round, t, c.on_round);
       case vmx::ExitReason::kApicAccess: t.apic_access_exits++; co_return true;
       case vmx::ExitReason::kMsrRead: t.msr_exits++; co_return true;
       default: throw guest::VmxError(fmt::format("unexpected L2 exit: {}", vmx::exit_reason_name(reason)));
@@ -180,7 +181,7 @@ PagesTranscript run_pages_workload(NestedEnv& env, const PagesWorkloadConfig& c,
     }
     host = std::move(*started);
   }
-  Status st = env.machine->run(c.timeout);
+  Status st = env.machine->run(c.timeout.value_or(run_watchdog(c.rounds, kPagesRoundAllowance)));
   stop.store(true);
   if (host.joinable()) host.join();
   if (!st) result.fail(st.error().to_string());

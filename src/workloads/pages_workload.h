@@ -20,6 +20,9 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <functional>
+#include <optional>
 
 #include "guest/posted_interrupts.h"
 #include "workloads/nested_env.h"
@@ -32,8 +35,17 @@ struct PagesWorkloadConfig {
   // Churn: a host thread migrates the four pages and moves their memslots
   // away and back while the workload runs.
   bool churn = false;
-  std::chrono::milliseconds timeout{120000};
+  // The run's watchdog; unset: run_watchdog() with kPagesRoundAllowance per
+  // round.
+  std::optional<std::chrono::milliseconds> timeout;
+  // Called on L1 vCPU 0's thread after each round L2 completed (progress).
+  std::function<void(int rounds_done)> on_round = nullptr;
 };
+
+// What one round of the workload may take before the run counts as hung: a
+// round with churn under map takes about 7 ms in a release build here, and
+// sanitizer builds are up to 20 times slower.
+inline constexpr std::chrono::microseconds kPagesRoundAllowance{500'000};
 
 // What L2 and L1 observed: identical for every strategy when nothing is lost.
 // The vector of the i-th interrupt L1 posts in a run (0-based). The poster

@@ -38,7 +38,6 @@ constexpr int kSwitchedL2s = kContextCapacity + 8;
 constexpr Gpa kSwitchVcpuPages = 0x20000;
 constexpr Gpa kSwitchPagesStart = kPagesL1End;
 constexpr Gpa kSwitchL2Start = kSwitchPagesStart + kSwitchVcpus * kSwitchVcpuPages;
-constexpr auto kEpochTimeout = std::chrono::seconds(120);
 constexpr auto kVmmPause = std::chrono::microseconds(50);
 constexpr int kSaveEvery = 16;  // VMM operations between two nested-state saves
 constexpr int kMigrationSteps = 16;
@@ -159,7 +158,9 @@ void run_epoch(const StressOptions& o, StrategyKind s, Totals& tot, SelftestResu
     e.fail(started.error().to_string());
   } else {
     vmm_thread = std::move(*started);
-    PagesWorkloadConfig pc{.rounds = static_cast<int>(o.rounds), .churn = true, .timeout = kEpochTimeout};
+    PagesWorkloadConfig pc;
+    pc.rounds = static_cast<int>(o.rounds);
+    pc.churn = true;
     // The VMM thread is joined whatever happens to the run.
     try {
       t = run_pages_workload(env, pc, e);

@@ -6,6 +6,7 @@
 
 #include "support/nested_env.h"
 #include "vm/cache_registry.h"
+#include "workloads/pages_workload.h"
 
 namespace nestcache::workloads {
 namespace {
@@ -39,6 +40,34 @@ TEST_P(ExtraCaches, AreRegisteredSeeInvalidationsAndGoAtTeardown) {
 
 INSTANTIATE_TEST_SUITE_P(Memory, ExtraCaches, ::testing::Values(MemoryKind::managed, MemoryKind::unmanaged),
                          [](const auto& info) { return std::string(memory_kind_name(info.param)); });
+
+// A run's watchdog grows with the work its options ask for, so the largest
+// runs the options allow are not cut off, and saturates instead of wrapping.
+TEST(RunWatchdog, GrowsWithTheWorkAndSaturates) {
+  using std::chrono::milliseconds;
+  EXPECT_EQ(run_watchdog(0, kPagesRoundAllowance), milliseconds(120'000));
+  EXPECT_EQ(run_watchdog(100'000, kPagesRoundAllowance), milliseconds(120'000 + 100'000 * 500));
+  EXPECT_EQ(run_watchdog(UINT64_MAX, std::chrono::seconds(1)), milliseconds(int64_t{1} << 40));
+  EXPECT_EQ(run_watchdog(UINT64_MAX, std::chrono::microseconds(0)), milliseconds(120'000));
+}
+
+// The pages workload reports each round L2 completes (the selftests' progress).
+TEST(PagesWorkload, ReportsEveryRound) {
+  NestedEnvConfig c;
+  c.vcpus = 2;
+  auto env = test_support::make_nested_env(c);
+  ASSERT_TRUE(env);
+  PagesWorkloadConfig pc;
+  pc.rounds = 5;
+  pc.interrupts_per_round = 1;
+  std::vector<int> seen;
+  pc.on_round = [&seen](int done) { seen.push_back(done); };
+  SelftestResult r;
+  PagesTranscript t = run_pages_workload(*env, pc, r);
+  EXPECT_TRUE(r.failures.empty()) << r.failures.front();
+  EXPECT_EQ(t.rounds, 5);
+  EXPECT_EQ(seen, (std::vector<int>{1, 2, 3, 4, 5}));
+}
 
 }  // namespace
 }  // namespace nestcache::workloads
