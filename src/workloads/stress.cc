@@ -242,9 +242,12 @@ void judge(const StressOptions& o, StrategyKind s, const Totals& tot, const Migr
   }
   r.check(mig.migrations > 0, "no mid-L2 nested-state migration completed");
   if (s == StrategyKind::map) {
-    r.note(fmt::format("map on {} memory: {} stale accesses, {} lost TPR writes, {} lost posted interrupts detected "
-                       "— the bug the seed fixes, reported, not a failure",
-                       memory_kind_name(o.memory), stale, lost_tpr, lost_pi));
+    // Only what was seen is called the seed's bug: on managed memory the
+    // pins of map's mappings can keep every page in place for a whole run.
+    const bool seen = stale + lost_tpr + lost_pi > 0;
+    r.note(fmt::format("map on {} memory: {} stale accesses, {} lost TPR writes, {} lost posted interrupts detected{}",
+                       memory_kind_name(o.memory), stale, lost_tpr, lost_pi,
+                       seen ? " — the bug the seed fixes, reported, not a failure" : ""));
   } else {
     r.check(stale == 0, "{} stale accesses", stale);
     r.check(lost_tpr == 0, "{} lost TPR writes", lost_tpr);
