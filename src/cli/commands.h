@@ -144,7 +144,8 @@ struct RunArgs {
 // Adds `run`: scenario files (docs/scenarios.md) with their expected outcomes.
 CLI::App* add_run_command(CLI::App& app, RunArgs& args);
 // Parses every file, runs every case, prints each step's outcome; returns
-// 0 (all held), 1 (a step differed) or 2 (usage, bad file, VM not built).
+// 0 (all held), 1 (a step differed, a VM lacked a resource) or 2 (usage, bad
+// file, a VM the model refuses).
 int run_run_command(const RunArgs& args, bool json);
 
 // ---------------------------------------------------------------------------

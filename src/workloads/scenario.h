@@ -170,6 +170,9 @@ struct CaseResult {
   std::string family;
   std::string kvm_differs;
   std::string setup_error;  // the VM could not be built: nothing ran
+  // Its errno: EINVAL when the case's VM is refused (its memslots), another
+  // (ENOMEM, EMFILE, EAGAIN, ...) when a resource could not be had.
+  int setup_errno = 0;
   std::vector<StepResult> steps;
 
   bool passed() const;

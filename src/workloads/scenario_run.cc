@@ -375,6 +375,7 @@ CaseResult run_case(const Case& c, const RunConfig& config) {
   auto session = Session::start(c, config);
   if (!session) {
     out.setup_error = session.error().to_string();
+    out.setup_errno = session.error().code;
     return out;
   }
   for (const Step& s : c.steps) out.steps.push_back((*session)->run_step(s));

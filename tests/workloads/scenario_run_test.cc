@@ -138,6 +138,7 @@ TEST(ScenarioRun, AVmThatCannotBeBuiltIsASetupError) {
   EXPECT_FALSE(r.passed());
   EXPECT_TRUE(r.steps.empty());
   EXPECT_NE(r.setup_error.find("vm.memslots: slot 1 is refused: EEXIST"), std::string::npos) << r.setup_error;
+  EXPECT_EQ(r.setup_errno, EINVAL);  // refused by the model, not short of a resource
 }
 
 TEST(ScenarioRun, EveryVcpuHasItsOwnL1) {
