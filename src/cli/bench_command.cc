@@ -402,6 +402,8 @@ class BenchPrinter {
 
 int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::BenchOptions o) {
   if (auto st = workloads::validate(o); !st) return usage_error(o.json, "nestcache bench", st.error().message);
+  for (const workloads::BenchInfo* t : tests)
+    if (auto st = workloads::validate_for(*t, o); !st) return usage_error(o.json, "nestcache bench", st.error().message);
   BenchPrinter printer(tests, o);
   // SIGINT / SIGTERM: the rows finished so far are printed, marked as
   // interrupted, and the run exits 130 / 143.

@@ -167,6 +167,7 @@ void register_nested_io_bench() {
       .run = run_bench_nested_io,
       .commentary = commentary,
       .compare = nested_io_comparison,
+      .l1_hz = io_l1_hz,
   });
 }
 

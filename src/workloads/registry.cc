@@ -119,6 +119,26 @@ void register_bench(BenchInfo info) {
   bench_registry().push_back(std::move(info));
 }
 
+Status validate_for(const BenchInfo& test, const BenchOptions& o) {
+  NC_TRY(validate(o));
+  const uint32_t hz = test.l1_hz ? test.l1_hz(o) : 0;
+  if (hz == 0) return ok();
+  constexpr uint64_t kTransitionsPerTick = 4;
+  constexpr uint64_t kMaxTickSharePercent = 90;
+  const uint64_t exit_cost = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
+  const uint64_t period_ns = 1'000'000'000ull / hz;
+  const uint64_t tick_ns = exit_cost * kTransitionsPerTick;  // at most 4e7: no overflow below
+  if (tick_ns * 100 > period_ns * kMaxTickSharePercent)
+    return errorf(EINVAL,
+                  "--exit-cost-ns {} with L1 timer ticks at {} Hz: a tick that interrupts L2 costs {} transitions, "
+                  "{} ns of each {} ns period, which leaves L2 {} (the test {} needs --exit-cost-ns at most {} at {} "
+                  "Hz, or a lower --l1-hz)",
+                  exit_cost, hz, kTransitionsPerTick, tick_ns, period_ns,
+                  tick_ns >= period_ns ? "no time at all" : "less than a tenth of its time", test.name,
+                  period_ns * kMaxTickSharePercent / 100 / kTransitionsPerTick, hz);
+  return ok();
+}
+
 const std::vector<BenchInfo>& benches() { return bench_registry(); }
 
 const BenchInfo* find_bench(std::string_view name) {

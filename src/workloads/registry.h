@@ -89,7 +89,20 @@ struct BenchInfo {
   // Optional: figures that compare this test's rows (all strategies), put
   // into the JSON report under comparisons[name].
   std::function<nlohmann::json(std::span<const BenchRow>)> compare = nullptr;
+  // Optional: the rate of the L1 timer ticks that interrupt L2 in this test
+  // under these options (null or 0: no ticks), for validate_for().
+  std::function<uint32_t(const BenchOptions&)> l1_hz = nullptr;
 };
+
+// validate(o), and then what `test` needs of it: its L1 timer must leave L2
+// time to run. A tick that interrupts L2 costs a nested round trip, four
+// transitions (L2's exit to L0, the entry into L1, L1's VMRESUME exit, the
+// entry into L2); when those cost the whole tick period, every entry into L2
+// finds the next tick pending and L2 never runs another instruction, and
+// near it L2 runs a few instructions per tick, so the run takes as many more
+// ticks as there are instructions to run. EINVAL naming the options when the
+// ticks would take more than 90 % of L2's time.
+Status validate_for(const BenchInfo& test, const BenchOptions& o);
 
 void register_bench(BenchInfo info);
 const std::vector<BenchInfo>& benches();

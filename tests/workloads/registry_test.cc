@@ -96,6 +96,39 @@ TEST(RegistryOptions, OptionSpecsNameTheirValuesAndDefaults) {
 
 // --- the selftest registry and runner --------------------------------------------
 
+// A test's L1 timer must leave L2 time to run: options whose ticks would take
+// (nearly) all of it are refused before anything runs, naming the options.
+TEST(RegistryBenchOptions, TicksThatLeaveL2NoTimeAreRefused) {
+  register_all();
+  const BenchInfo* map = find_bench("map");
+  const BenchInfo* io = find_bench("nested-io");
+  const BenchInfo* l2_switch = find_bench("l2-switch-2");
+  ASSERT_TRUE(map && io && l2_switch);
+  BenchOptions o;
+  EXPECT_TRUE(validate_for(*map, o));  // the defaults
+  EXPECT_TRUE(validate_for(*io, o));
+  o.exit_cost_ns = 1'000'000;  // four transitions per tick: 4 ms, the whole 250 Hz period
+  Status st = validate_for(*map, o);
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, EINVAL);
+  EXPECT_NE(st.error().message.find("--exit-cost-ns 1000000 with L1 timer ticks at 250 Hz"), std::string::npos)
+      << st.error().message;
+  EXPECT_TRUE(validate_for(*l2_switch, o));  // no timer there
+  o.l1_hz = 0;
+  EXPECT_TRUE(validate_for(*map, o));
+  o.exit_cost_ns = 900'000;  // 90 % of the period
+  o.l1_hz = 250;
+  EXPECT_TRUE(validate_for(*map, o));
+  o.exit_cost_ns = 900'001;
+  EXPECT_FALSE(validate_for(*map, o));
+  // nested-io ticks at 1000 Hz unless --l1-hz is given.
+  o.exit_cost_ns = 250'000;
+  o.l1_hz_is_default = true;
+  EXPECT_FALSE(validate_for(*io, o));
+  o.l1_hz_is_default = false;
+  EXPECT_TRUE(validate_for(*io, o));
+}
+
 TEST(RegistrySelftests, RegisterAllIsIdempotentAndRegistersMemslots) {
   register_all();
   size_t n = selftests().size();
