@@ -98,8 +98,9 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   }
   SwitchRun run;
   env->machine->set_l1_program(0, l1_switcher(c, l2, run.times));
-  auto timeout = std::chrono::seconds(static_cast<int64_t>(c.seconds) + 120);
-  Status st = env->machine->run(timeout);
+  // A round switches to each of at most 16 L2s: a second is far more than
+  // one takes in any build.
+  Status st = env->machine->run(bench_watchdog(c.seconds, c.iterations, std::chrono::seconds(1)));
   if (!st) return tl::unexpected(st.error());
   run.counters = env->counters();
   if (auto* t = env->machine->nested_contexts()) run.contexts = t->table().size();

@@ -283,7 +283,8 @@ Result<MemslotPerfRun> run_memslot_perf(const MemslotPerfConfig& c) {
   NC_TRY(env->machine->watch(kBackingBase, kPageSize));
   env->machine->set_l1_program(0, perf.vcpu_program());
   env->machine->set_l1_program(1, perf.host_program());
-  if (auto st = env->machine->run(c.timeout); !st) return tl::unexpected(st.error());
+  const auto timeout = c.timeout.value_or(bench_watchdog(c.seconds, c.iterations, kMemslotIterationAllowance));
+  if (auto st = env->machine->run(timeout); !st) return tl::unexpected(st.error());
   run.work = env->machine->work();
   run.windows = env->phys->counters().get(Counter::remap_windows) - env->extra_cache_windows;
   // Every stale access of the whole run, preparation included: none is harmless.

@@ -111,4 +111,16 @@ inline std::chrono::milliseconds run_watchdog(uint64_t units, std::chrono::micro
   return std::chrono::milliseconds(static_cast<int64_t>(std::min(kBaseMs + extra_ms, kMaxMs)));
 }
 
+// The watchdog of a bench run that iterates `iterations` times (when > 0,
+// each allowed `per_iteration`) or for `seconds` of its clock. A modelled
+// millisecond is allowed a real second: it takes about 10 real milliseconds
+// in a release build here and sanitizer builds are up to 20 times slower; a
+// wall-clock millisecond takes one.
+inline std::chrono::milliseconds bench_watchdog(double seconds, uint64_t iterations,
+                                                std::chrono::microseconds per_iteration) {
+  if (iterations > 0) return run_watchdog(iterations, per_iteration);
+  const double ms = std::clamp(seconds * 1000, 0.0, 1e15);
+  return run_watchdog(static_cast<uint64_t>(ms) + 1, std::chrono::seconds(1));
+}
+
 }  // namespace nestcache::workloads

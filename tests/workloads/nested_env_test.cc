@@ -6,6 +6,7 @@
 
 #include "support/nested_env.h"
 #include "vm/cache_registry.h"
+#include "workloads/memslot_perf.h"
 #include "workloads/pages_workload.h"
 
 namespace nestcache::workloads {
@@ -49,6 +50,16 @@ TEST(RunWatchdog, GrowsWithTheWorkAndSaturates) {
   EXPECT_EQ(run_watchdog(100'000, kPagesRoundAllowance), milliseconds(120'000 + 100'000 * 500));
   EXPECT_EQ(run_watchdog(UINT64_MAX, std::chrono::seconds(1)), milliseconds(int64_t{1} << 40));
   EXPECT_EQ(run_watchdog(UINT64_MAX, std::chrono::microseconds(0)), milliseconds(120'000));
+}
+
+// A bench run's watchdog follows the time or the iterations it is asked for:
+// a wall-clock run of 700 s is not cut off at a fixed 600 s.
+TEST(RunWatchdog, BenchRunsGetTheirTimeOrIterations) {
+  using std::chrono::milliseconds;
+  EXPECT_GT(bench_watchdog(700, 0, std::chrono::seconds(1)), milliseconds(700'000));
+  EXPECT_GE(bench_watchdog(0.001, 0, std::chrono::seconds(1)), milliseconds(120'000));
+  EXPECT_EQ(bench_watchdog(5, 1000, kMemslotIterationAllowance), run_watchdog(1000, kMemslotIterationAllowance));
+  EXPECT_EQ(bench_watchdog(86400, 0, std::chrono::seconds(1)), run_watchdog(86'400'001, std::chrono::seconds(1)));
 }
 
 // The pages workload reports each round L2 completes (the selftests' progress).
