@@ -292,9 +292,12 @@ Result<NestedIoRun> run_nested_io(const NestedIoConfig& c) {
   for (size_t i = 0; i < setups.size(); i++)
     env->machine->set_l1_program(static_cast<int>(i), io_l1(setups[i], c, run.vcpus[i]));
   // Generous: a sanitizer build interprets guest code many times slower.
-  const uint64_t ops = c.requests_per_l2 * c.io.l2_vcpus * (c.io.work + 200);
-  auto timeout = std::chrono::seconds(120 + static_cast<int64_t>(ops / 100'000));
-  Status st = env->machine->run(std::chrono::duration_cast<std::chrono::milliseconds>(timeout));
+  // On the wall clock the requests also arrive in real time, at the rate
+  // offered, so the run lasts at least as long as the load.
+  const uint64_t requests = c.requests_per_l2 * c.io.l2_vcpus;
+  const uint64_t ops = requests * (c.io.work + 200);
+  const uint64_t load_ms = c.clock == cpu::ClockKind::wall ? requests * 1000 / std::max<uint64_t>(c.io.rate, 1) : 0;
+  Status st = env->machine->run(run_watchdog(ops / 100 + 2 * load_ms, std::chrono::microseconds(1'000)));
   if (!st) return tl::unexpected(st.error());
   CounterSnapshot others[] = {env->machine->counters()};
   run.counters = merge_run_counters(CounterSnapshot::of(env->phys->counters()), others);
