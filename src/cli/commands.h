@@ -56,6 +56,7 @@ class TestOptions {
 
 struct SelftestArgs {
   std::string name;  // a NAME that is no registered test (the known ones are sub-commands)
+  CLI::Option* name_option = nullptr;  // given (perhaps empty) or not
   bool all = false;
   std::string strategy = "cache";
   std::string memory = "unmanaged";

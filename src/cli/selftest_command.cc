@@ -93,7 +93,8 @@ CLI::App* add_selftest_command(CLI::App& app, SelftestArgs& args) {
   CLI::App* cmd = app.add_subcommand("selftest", "List and run the correctness scenarios");
   args.command = cmd;
   cmd->require_subcommand(0, 1);
-  cmd->add_option("NAME", args.name, "The selftest to run (without NAME and --all: list the selftests)");
+  args.name_option =
+      cmd->add_option("NAME", args.name, "The selftest to run (without NAME and --all: list the selftests)");
   cmd->add_flag("--all", args.all, "Run every selftest with its default options");
   add_common_options(*cmd, args);
   cmd->footer(wrap_text(
@@ -131,6 +132,12 @@ int run_selftest_command(SelftestArgs& args, bool json) {
     opts.progress = &progress;
     workloads::SelftestResult r = workloads::run_selftest(tests[i], opts);
     progress.finish();
+    // A refused option is a usage error, not a failed test: said so on
+    // stderr (with --json, in the result, marked usage_error).
+    if (r.usage_error && !json) {
+      for (const std::string& f : r.failures) usage_error(false, "nestcache selftest " + tests[i].name, f);
+      return kExitUsage;
+    }
     if (json)
       print_json(workloads::selftest_json(tests[i].name, opts, r));
     else
@@ -138,7 +145,7 @@ int run_selftest_command(SelftestArgs& args, bool json) {
     if (r.usage_error) return kExitUsage;
     return r.passed ? kExitOk : kExitFailed;
   }
-  if (!args.name.empty()) return print_unknown(args.name, json);
+  if (!args.name.empty() || args.name_option->count() > 0) return print_unknown(args.name, json);
   if (args.all) {
     std::vector<const workloads::SelftestInfo*> all;
     for (const auto& t : tests) all.push_back(&t);
