@@ -74,7 +74,7 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
                r.counters[Counter::nested_round_trips], r.counters[Counter::shootdowns],
                r.counters[Counter::ept12_faults], r.counters[Counter::maps], r.counters[Counter::unmaps],
                r.counters[Counter::remap_windows], r.counters[Counter::stale_accesses]);
-    if (verbose) fmt::print("           {}\n", r.to_json().dump());
+    if (verbose) fmt::print("           {}\n", dump_json(r.to_json()));
   }
   const auto* map = workloads::row_of(rows, StrategyKind::map);
   const auto* cache = workloads::row_of(rows, StrategyKind::cache);

@@ -202,7 +202,10 @@ void print_selftest_summary(std::string_view test, const workloads::RunOptions& 
 // Breaks `text` into lines of at most `width` columns at spaces (for help
 // paragraphs; CLI11 does not wrap them). Existing newlines are kept.
 std::string wrap_text(std::string_view text, size_t width = 100);
-// Prints JSON to stdout, indented, with a trailing newline.
+// `j` as text (indented by `indent` spaces, -1: on one line); a string byte
+// that is not UTF-8 becomes U+FFFD instead of an exception.
+std::string dump_json(const nlohmann::json& j, int indent = -1);
+// Prints JSON to stdout, indented, with a trailing newline (dump_json).
 void print_json(const nlohmann::json& j);
 // Reports a usage error of `command` ("nestcache bench"): `message` on
 // stderr, or with `json` the object {"error": {"kind": "usage", "message",

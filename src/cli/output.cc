@@ -62,8 +62,15 @@ std::string wrap_text(std::string_view text, size_t width) {
   return out;
 }
 
+std::string dump_json(const nlohmann::json& j, int indent) {
+  // Strings can hold bytes from the user (a file name, a parser's message
+  // quoting a bad file): they are printed with U+FFFD for every byte that is
+  // not UTF-8 rather than throwing.
+  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 void print_json(const nlohmann::json& j) {
-  std::string text = j.dump(2);
+  std::string text = dump_json(j, 2);
   std::fwrite(text.data(), 1, text.size(), stdout);
   std::fputc('\n', stdout);
 }
@@ -92,7 +99,7 @@ void print_selftest_summary(std::string_view test, const workloads::RunOptions& 
     any = true;
   }
   if (any) fmt::print("{}\n", line);
-  if (opts.verbose) fmt::print("  details: {}\n", r.details.dump());
+  if (opts.verbose) fmt::print("  details: {}\n", dump_json(r.details));
 }
 
 namespace {
