@@ -13,7 +13,12 @@
 
 #include "base/lock_order.h"
 #include "base/model_time.h"
+#include "base/sanitizers.h"
 #include "base/thread_annotations.h"
+
+#ifdef NC_TSAN
+#include <pthread.h>
+#endif
 
 namespace nestcache {
 
@@ -30,6 +35,14 @@ void assert_held(LockRank rank, const void* lock);
 class NC_CAPABILITY("mutex") Mutex {
  public:
   explicit Mutex(LockRank rank = LockRank::kNone) : rank_(rank) {}
+#ifdef NC_TSAN
+  // libstdc++'s std::mutex never destroys its pthread mutex, so
+  // ThreadSanitizer would not learn that this lock died: a later lock at the
+  // same address (another test's object on the same stack slot) would inherit
+  // its place in the lock-order graph and make a cycle of two unrelated
+  // objects. (std::shared_mutex destroys its rwlock itself.)
+  ~Mutex() { pthread_mutex_destroy(mu_.native_handle()); }
+#endif
   Mutex(const Mutex&) = delete;
   Mutex& operator=(const Mutex&) = delete;
 

@@ -82,7 +82,10 @@ struct MemslotLayout {
   uint64_t test_pages = 0;      // the test area
   uint32_t data_slots = 0;      // slots the memory is split over (upstream nslots)
   uint64_t pages_per_slot = 0;  // the last slot has the remainder on top
-  bool slots_capped = false;    // fewer pages than slots: one page per slot (upstream refuses)
+  // Fewer slots than asked, as the area cannot be split so (upstream
+  // refuses): more slots than pages (then one page per slot), or move-active's
+  // last slot too small for the half that moves (then slots that hold it).
+  bool slots_capped = false;
 };
 
 // One run of one test: its timing and what happened, per phase.

@@ -182,8 +182,9 @@ std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> 
   }
   for (const BenchRow& r : rows) {
     if (r.extra.value("slots_capped", false))
-      out.push_back(fmt::format("{}: fewer pages than slots; ran with {} slots of one page (upstream refuses).",
-                                strategy_name(r.strategy), r.extra.value("slots_used", 0)));
+      out.push_back(fmt::format("{}: too many slots for this area; ran with {} slots of {} page(s) (upstream refuses).",
+                                strategy_name(r.strategy), r.extra.value("slots_used", 0),
+                                r.extra.value("pages_per_slot", 0)));
   }
   return out;
 }

@@ -128,6 +128,37 @@ TEST(MemslotPerfLayout, SplitsAsUpstream) {
   EXPECT_EQ(l->data_slots, l->pages);
 }
 
+// Upstream refuses move-active when the last slot cannot hold the half of
+// the area that moves; we use fewer slots that can, and say so.
+TEST(MemslotPerfLayout, MoveActiveKeepsTheMovedHalfInTheLastSlot) {
+  MemslotPerfConfig c;
+  c.test = MemslotTest::move_active;
+  for (double scale : {1.0, 0.25, 0.05, 0.0001}) {
+    for (uint32_t slots : {kMinBenchSlots, 8192u, kMaxBenchSlots}) {
+      c.scale = scale;
+      c.slots = slots;
+      auto l = memslot_layout(c);
+      ASSERT_TRUE(l) << l.error().to_string();
+      const uint64_t last = l->pages - (l->data_slots - 1) * l->pages_per_slot;
+      EXPECT_GE(last * 2, 48u) << "scale " << scale << ", " << slots << " slots";
+      EXPECT_LE(l->data_slots, slots - 1);
+      EXPECT_EQ(l->slots_capped, l->data_slots < slots - 1) << "scale " << scale << ", " << slots << " slots";
+    }
+  }
+}
+
+TEST(MemslotPerfLayout, MoveActiveRunsWithTooManySlotsForItsArea) {
+  MemslotPerfConfig c = config(MemslotTest::move_active, StrategyKind::cache, MemoryKind::unmanaged);
+  c.slots = 8192;
+  c.scale = 0.05;
+  auto r = run_memslot_perf(c);
+  ASSERT_TRUE(r) << r.error().to_string();
+  EXPECT_TRUE(r->failures.empty());
+  EXPECT_TRUE(r->layout.slots_capped);
+  EXPECT_LT(r->layout.data_slots, 8191u);
+  EXPECT_EQ(r->counters[Counter::stale_accesses], 0u);
+}
+
 TEST(MemslotPerfLayout, RunsAtTheMaximumSlotCount) {
   MemslotPerfConfig c = config(MemslotTest::move_inactive, StrategyKind::cache, MemoryKind::unmanaged);
   c.slots = kMaxBenchSlots;
