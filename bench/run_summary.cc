@@ -23,8 +23,8 @@ void CollectingReporter::ReportRuns(const std::vector<Run>& runs) {
       c.sum.cpu_ns += f.cpu_ns;
       for (const auto& [counter, value] : f.counters) c.sum.counters[counter] += value;
       c.runs++;
-    } else if (r.aggregate_name == "mean") {
-      c.mean = std::move(f);
+    } else if (r.aggregate_name == "median") {
+      c.median = std::move(f);
     }
   }
   inner_->ReportRuns(runs);
@@ -34,7 +34,7 @@ std::optional<CollectingReporter::Figures> CollectingReporter::figures(const std
   auto it = runs_.find(name);
   if (it == runs_.end()) return std::nullopt;
   const Collected& c = it->second;
-  if (c.mean) return c.mean;
+  if (c.median) return c.median;
   if (c.runs == 0) return std::nullopt;
   Figures f{c.sum.real_ns / c.runs, c.sum.cpu_ns / c.runs, {}};
   for (const auto& [counter, value] : c.sum.counters) f.counters[counter] = value / c.runs;

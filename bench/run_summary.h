@@ -27,10 +27,11 @@ namespace nestcache::bench {
 
 // Forwards everything to the reporter --benchmark_format chose, and keeps, by
 // benchmark name without the "/real_time" suffix, the real and CPU time per
-// iteration and the counters of every run that succeeded: the "mean"
+// iteration and the counters of every run that succeeded: the "median"
 // aggregate when repetitions produced one (with
-// --benchmark_report_aggregates_only it is all there is), otherwise the
-// average of the runs. Also remembers whether any run failed.
+// --benchmark_report_aggregates_only it is all there is; one slow repetition
+// moves a median less than a mean), otherwise the average of the runs. Also
+// remembers whether any run failed.
 class CollectingReporter : public benchmark::BenchmarkReporter {
  public:
   explicit CollectingReporter(benchmark::BenchmarkReporter* inner) : inner_(inner) {}
@@ -57,7 +58,7 @@ class CollectingReporter : public benchmark::BenchmarkReporter {
 
  private:
   struct Collected {
-    std::optional<Figures> mean;
+    std::optional<Figures> median;
     Figures sum;
     int runs = 0;
   };
