@@ -126,13 +126,28 @@ int run_run_command(const RunArgs& args, bool json) {
     return kExitUsage;
   }
 
+  // A filter that matches nothing, or files without cases, is a usage error
+  // found before anything runs, as a bad file is.
+  auto selected = [&](const sc::Case& c) {
+    return args.case_filter.empty() || c.name.find(args.case_filter) != std::string::npos;
+  };
+  size_t matching = 0;
+  for (const sc::ScenarioFile& f : files) matching += std::count_if(f.cases.begin(), f.cases.end(), selected);
+  if (matching == 0) {
+    const std::string where = fmt::format("{} file{}", files.size(), files.size() == 1 ? "" : "s");
+    return usage_error(json, "nestcache run",
+                       args.case_filter.empty() ? fmt::format("no case in the {}", where)
+                                                : fmt::format("--case '{}' matches no case in the {}", args.case_filter,
+                                                              where));
+  }
+
   Tally tally;
   nlohmann::json out_files = nlohmann::json::array();
   for (const sc::ScenarioFile& f : files) {
     if (!json && !args.quiet) fmt::print("{}\n", f.path);
     nlohmann::json cases = nlohmann::json::array();
     for (const sc::Case& c : f.cases) {
-      if (!args.case_filter.empty() && c.name.find(args.case_filter) == std::string::npos) continue;
+      if (!selected(c)) continue;
       sc::CaseResult r = sc::run_case(c);
       tally.add(r);
       if (json) {
@@ -159,10 +174,6 @@ int run_run_command(const RunArgs& args, bool json) {
       fam += fmt::format("{}{} {}/{}", fam.empty() ? "" : ", ", name, counts.second, counts.first);
     fmt::print("{} cases: {} passed, {} failed ({} of {} steps did not hold){}{}\n", tally.cases, tally.passed,
                tally.cases - tally.passed, tally.mismatched, tally.steps, fam.empty() ? "" : "; by family: ", fam);
-  }
-  if (tally.cases == 0) {
-    fmt::print(stderr, "nestcache run: no case matched\n");
-    return kExitUsage;
   }
   if (tally.refused_vms) return kExitUsage;
   return all_passed ? kExitOk : kExitFailed;
