@@ -151,6 +151,15 @@ int run_selftest_command(SelftestArgs& args, bool json) {
     for (const auto& t : tests) all.push_back(&t);
     return run_selftests(all, opts);
   }
+  // Options for a run with nothing to run are a mistake, not a request for
+  // the list.
+  for (const char* option : {"--strategy", "--memory", "--verbose"}) {
+    if (args.command->count(option) > 0)
+      return usage_error(json, "nestcache selftest",
+                         fmt::format("{} applies to a run: give a test NAME or --all (without either, selftest lists "
+                                     "the tests)",
+                                     option));
+  }
   print_list(json);
   return kExitOk;
 }
