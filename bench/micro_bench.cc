@@ -309,14 +309,6 @@ const bool kLookupRegistered = [] {
 
 // --- invalidation search -------------------------------------------------------------
 
-// `caches` active PfnCaches of one read side, cache i on guest page 2i of one
-// managed region of 2 * caches pages (memslot 0); the odd pages have no cache.
-// Every page is faulted in, in ascending order, before the caches activate:
-// consecutive frames mapped one page after another merge into one kernel
-// mapping, which keeps 200,000 pages far below vm.max_map_count.
-//
-// Managed memory keeps set-up cheap (no remap window per cache) and does not
-// change what is measured: the notifier's search is the same for both kinds.
 // The caches of a CachesFixture, in one block. KVM's caches are kernel
 // objects, which live in the kernel's direct map on huge pages; L0's own
 // tables here get the same from base/huge_pages.h, and so does this block
@@ -352,6 +344,14 @@ class CachePool {
   vm::PfnCache* caches_ = nullptr;
 };
 
+// `caches` active PfnCaches of one read side, cache i on guest page 2i of one
+// managed region of 2 * caches pages (memslot 0); the odd pages have no cache.
+// Every page is faulted in, in ascending order, before the caches activate:
+// consecutive frames mapped one page after another merge into one kernel
+// mapping, which keeps 200,000 pages far below vm.max_map_count.
+//
+// Managed memory keeps set-up cheap (no remap window per cache) and does not
+// change what is measured: the notifier's search is the same for both kinds.
 struct CachesFixture {
   CachesFixture(size_t caches, vm::CacheReadSide side) : pool(caches) {
     auto e = bench_env(FrameKind::managed, 2 * caches);

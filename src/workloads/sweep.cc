@@ -124,15 +124,18 @@ Status check_sweep_applies(const BenchInfo& test, SweepParam p) {
   return ok();
 }
 
-Status validate_sweep(const BenchOptions& base, const SweepSpec& spec) {
+Status validate_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec) {
   if (spec.values.empty()) return errorf(EINVAL, "--sweep {}: no values given", sweep_param_name(spec.param));
-  for (uint64_t v : spec.values) NC_TRY(sweep_options(base, spec.param, v));
+  for (uint64_t v : spec.values) {
+    const BenchOptions point = NC_TRY(sweep_options(base, spec.param, v));
+    NC_TRY(validate_for(test, point));
+  }
   return ok();
 }
 
 Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec,
                                           const std::function<void(const SweepPoint&)>& on_point) {
-  NC_TRY(validate_sweep(base, spec));
+  NC_TRY(validate_sweep(test, base, spec));
   std::vector<SweepPoint> points;
   const uint64_t total = spec.values.size() * base.strategies.size();
   for (uint64_t v : spec.values) {

@@ -49,9 +49,9 @@ Result<BenchOptions> sweep_options(const BenchOptions& base, SweepParam p, uint6
 // tests (not nested-io, not l2-switch); the exit cost and caches to all.
 Status check_sweep_applies(const BenchInfo& test, SweepParam p);
 
-// Every value checked with sweep_options() before anything runs: EINVAL for
-// the first bad one.
-Status validate_sweep(const BenchOptions& base, const SweepSpec& spec);
+// Every value checked with sweep_options() and what `test` needs of its
+// options (validate_for) before anything runs: EINVAL for the first bad one.
+Status validate_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec);
 
 struct SweepPoint {
   uint64_t value = 0;
