@@ -9,6 +9,7 @@
 
 #include "base/check.h"
 #include "workloads/teardown.h"
+#include "workloads/window_cost.h"
 
 namespace nestcache::workloads {
 
@@ -119,6 +120,23 @@ void register_bench(BenchInfo info) {
   bench_registry().push_back(std::move(info));
 }
 
+namespace {
+
+// What the remap windows of one tick's round trip cost when the run includes
+// map on unmanaged memory, in modelled time: map opens a window for each of
+// the four vmcs12 pages (MSR bitmap, APIC-access, virtual-APIC, descriptor)
+// on every nested entry. 0 when no strategy of the run opens windows, or
+// when the calibration fails (the run then reports that failure itself).
+uint64_t tick_window_ns(const BenchOptions& o) {
+  constexpr uint64_t kMapWindowsPerRoundTrip = 4;
+  bool map = std::find(o.strategies.begin(), o.strategies.end(), vmx::StrategyKind::map) != o.strategies.end();
+  if (!map || o.memory != MemoryKind::unmanaged || o.clock != cpu::ClockKind::modelled) return 0;
+  auto cost = modelled_window_cost(o.window_cost_ns);
+  return cost ? kMapWindowsPerRoundTrip * cost->total() : 0;
+}
+
+}  // namespace
+
 Status validate_for(const BenchInfo& test, const BenchOptions& o) {
   NC_TRY(validate(o));
   const uint32_t hz = test.l1_hz ? test.l1_hz(o) : 0;
@@ -127,15 +145,32 @@ Status validate_for(const BenchInfo& test, const BenchOptions& o) {
   constexpr uint64_t kMaxTickSharePercent = 90;
   const uint64_t exit_cost = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   const uint64_t period_ns = 1'000'000'000ull / hz;
-  const uint64_t tick_ns = exit_cost * kTransitionsPerTick;  // at most 4e7: no overflow below
-  if (tick_ns * 100 > period_ns * kMaxTickSharePercent)
+  const uint64_t transitions_ns = exit_cost * kTransitionsPerTick;  // at most 4e7: no overflow below
+  if (transitions_ns * 100 > period_ns * kMaxTickSharePercent)
     return errorf(EINVAL,
                   "--exit-cost-ns {} with L1 timer ticks at {} Hz: a tick that interrupts L2 costs {} transitions, "
                   "{} ns of each {} ns period, which leaves L2 {} (the test {} needs --exit-cost-ns at most {} at {} "
                   "Hz, or a lower --l1-hz)",
-                  exit_cost, hz, kTransitionsPerTick, tick_ns, period_ns,
-                  tick_ns >= period_ns ? "no time at all" : "less than a tenth of its time", test.name,
+                  exit_cost, hz, kTransitionsPerTick, transitions_ns, period_ns,
+                  transitions_ns >= period_ns ? "no time at all" : "less than a tenth of its time", test.name,
                   period_ns * kMaxTickSharePercent / 100 / kTransitionsPerTick, hz);
+  // map's windows come on top: four per tick, each --window-cost-ns (at most
+  // 1e7 ns) or the calibrated cost, so the sum stays far below overflow.
+  const uint64_t windows_ns = tick_window_ns(o);
+  const uint64_t tick_ns = transitions_ns + windows_ns;
+  auto fits = [&](uint64_t rate) { return tick_ns * 100 <= 1'000'000'000ull / rate * kMaxTickSharePercent; };
+  if (!fits(hz)) {
+    uint64_t max_hz = hz;
+    while (max_hz > 1 && !fits(max_hz))
+      max_hz = std::min<uint64_t>(max_hz - 1, 1'000'000'000ull * kMaxTickSharePercent / 100 / tick_ns);
+    return errorf(EINVAL,
+                  "map on unmanaged memory with L1 timer ticks at {} Hz: a tick that interrupts L2 costs {} ns of "
+                  "transitions and {} ns of remap windows ({}), {} ns of each {} ns period, which leaves L2 {} (the "
+                  "test {} needs --l1-hz at most {}, or a lower --window-cost-ns, or no map in --strategy)",
+                  hz, transitions_ns, windows_ns,
+                  o.window_cost_ns ? "--window-cost-ns" : "the calibrated cost", tick_ns, period_ns,
+                  tick_ns >= period_ns ? "no time at all" : "less than a tenth of its time", test.name, max_hz);
+  }
   return ok();
 }
 

@@ -100,8 +100,10 @@ struct BenchInfo {
 // entry into L2); when those cost the whole tick period, every entry into L2
 // finds the next tick pending and L2 never runs another instruction, and
 // near it L2 runs a few instructions per tick, so the run takes as many more
-// ticks as there are instructions to run. EINVAL naming the options when the
-// ticks would take more than 90 % of L2's time.
+// ticks as there are instructions to run. With map on unmanaged memory in
+// modelled time the round trip also opens four remap windows (at
+// --window-cost-ns or the calibrated cost), which count the same way. EINVAL
+// naming the options when the ticks would take more than 90 % of L2's time.
 Status validate_for(const BenchInfo& test, const BenchOptions& o);
 
 void register_bench(BenchInfo info);
