@@ -125,8 +125,10 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
   // Every warm switch is one round trip (VMRESUME after the VMCALL exit);
   // the cold round enters by VMLAUNCH, so it is left out of this view.
   uint64_t trips = run.counters[Counter::nested_round_trips];
-  double warm_seconds = (static_cast<double>(run.times.loop_ns) - static_cast<double>(run.times.round_ns.front())) / 1e9;
+  double cold_ns = run.times.round_ns.empty() ? 0 : static_cast<double>(run.times.round_ns.front());
+  double warm_seconds = (static_cast<double>(run.times.loop_ns) - cold_ns) / 1e9;
   row.seconds_per_round_trip = trips ? warm_seconds / static_cast<double>(trips) : 0;
+  row.round_trips_after_cold = true;
   row.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   row.clock = o.clock;
   row.loop = run.times.loop;
@@ -136,10 +138,11 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
   if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
     row.failures.push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
                                        strategy_name(s)));
-  uint64_t warm_switches = static_cast<uint64_t>(n) * (row.iterations - 1);
+  uint64_t rounds = row.iterations, warm_rounds = rounds ? rounds - 1 : 0;
+  uint64_t warm_switches = static_cast<uint64_t>(n) * warm_rounds;
   // The seed's formulas for sched mode, with capacity 8 for one L1 vCPU.
-  uint64_t cap = vmx::kNestedOversubRatio, rounds = row.iterations;
-  uint64_t want_reuse = s == StrategyKind::map ? 0 : std::min<uint64_t>(n, cap) * (rounds - 1);
+  uint64_t cap = vmx::kNestedOversubRatio;
+  uint64_t want_reuse = s == StrategyKind::map ? 0 : std::min<uint64_t>(n, cap) * warm_rounds;
   uint64_t reuse = run.counters[Counter::nested_context_reuse];
   uint64_t recycle = run.counters[Counter::nested_context_recycle];
   if (reuse != want_reuse || recycle != 0)

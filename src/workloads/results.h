@@ -68,6 +68,10 @@ struct BenchRow {
   cpu::ClockKind clock = cpu::ClockKind::modelled;
   LoopTime loop;
   LoopTime cold;
+  // True when the nested_round_trips counted leave the cold iteration out
+  // (l2-switch: its first round enters by VMLAUNCH): the per-round-trip
+  // view then divides the warm iterations' time, loop − cold.
+  bool round_trips_after_cold = false;
   CounterSnapshot counters = {};      // of the best run (merge_run_counters)
   // Failed value checks (--verify) and broken invariants; empty = good.
   std::vector<std::string> failures = {};
@@ -76,7 +80,7 @@ struct BenchRow {
   nlohmann::json extra = nlohmann::json::object();
 
   // The loop's modelled time by part, per iteration, per nested round trip
-  // and for the cold iteration: {"per_iteration": {"transitions_ns": ...,
+  // (the time seconds_per_round_trip divides) and for the cold iteration: {"per_iteration": {"transitions_ns": ...,
   // "total_ns": ...}, "per_round_trip": {...}, "cold_iteration": {...}}.
   nlohmann::json breakdown() const;
 
