@@ -162,7 +162,8 @@ void register_nested_io_bench() {
           "and posts a completion interrupt, L2 takes it, reads the virtual-APIC state and EOIs, then halts until "
           "its next request. An intercepted WRMSR every --msr-every requests, L1's timer at 1000 Hz unless --l1-hz "
           "is given. --rate, --work, --l2-vcpus, --l1-vcpus; --iterations is requests per L2 vCPU, otherwise "
-          "--seconds of offered load. Per iteration = busy time per request.",
+          "--seconds of offered load. Per iteration = busy time per request (the breakdown's total adds the idle "
+          "time between requests). --slots, --scale and --verify do not apply.",
       .in_default_job = false,
       .run = run_bench_nested_io,
       .commentary = commentary,
