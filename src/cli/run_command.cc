@@ -5,13 +5,18 @@
 // status 2) without half a run. A directory stands for the *.json files in
 // it, in name order. Exit status: 0 every expectation held, 1 a step's
 // outcome differed or a VM could not have a resource, 2 a usage error, a bad
-// file or a VM the model refuses.
+// file or a VM the model refuses, 128 + the signal when SIGINT or SIGTERM
+// ends the run (the cases that finished are reported first).
+#include <signal.h>
+
 #include <algorithm>
 #include <filesystem>
 
 #include <fmt/ranges.h>
 
+#include "base/mutex.h"
 #include "cli/commands.h"
+#include "cli/interrupt.h"
 #include "workloads/scenario.h"
 
 namespace nestcache::cli {
@@ -89,6 +94,75 @@ nlohmann::json case_json(const sc::CaseResult& r) {
   return j;
 }
 
+// What a run has finished, shared by the loop that runs the cases and the
+// thread that prints the summary when a signal ends the run. Text is printed
+// as each case ends; JSON at the end.
+class RunReport {
+ public:
+  RunReport(bool json, bool quiet) : json_(json), quiet_(quiet) {}
+
+  // Cases of `path` follow.
+  void begin_file(const std::string& path) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (finished_) return;
+    if (json_) files_.push_back({{"file", path}, {"cases", nlohmann::json::array()}});
+    if (!json_ && !quiet_) fmt::print("{}\n", path);
+    std::fflush(stdout);
+  }
+  void add(const std::string& path, const sc::CaseResult& r) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (finished_) return;  // a signal ended the run while this case ran
+    tally_.add(r);
+    if (json_) {
+      files_.back()["cases"].push_back(case_json(r));
+    } else {
+      if (quiet_ && !r.passed()) fmt::print("{}\n", path);
+      print_case(r, quiet_);
+    }
+    std::fflush(stdout);
+  }
+  // The summary; `interrupted_by` names the signal that ended the run early.
+  Tally finish(const char* interrupted_by = nullptr) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (finished_) return tally_;
+    finished_ = true;
+    const bool all_passed = !interrupted_by && tally_.passed == tally_.cases;
+    if (json_) {
+      nlohmann::json fam = nlohmann::json::object();
+      for (const auto& [name, counts] : tally_.by_family)
+        fam[name] = {{"cases", counts.first}, {"passed", counts.second}};
+      nlohmann::json j = {{"files", files_},
+                          {"summary",
+                           {{"cases", tally_.cases},
+                            {"passed", tally_.passed},
+                            {"failed", tally_.cases - tally_.passed},
+                            {"steps", tally_.steps},
+                            {"mismatched_steps", tally_.mismatched},
+                            {"by_family", fam}}},
+                          {"passed", all_passed}};
+      if (interrupted_by) j["interrupted"] = interrupted_by;
+      print_json(j);
+    } else {
+      std::string fam;
+      for (const auto& [name, counts] : tally_.by_family)
+        fam += fmt::format("{}{} {}/{}", fam.empty() ? "" : ", ", name, counts.second, counts.first);
+      if (interrupted_by) fmt::print("\nInterrupted by {}: ", interrupted_by);
+      fmt::print("{} cases{}: {} passed, {} failed ({} of {} steps did not hold){}{}\n", tally_.cases,
+                 interrupted_by ? " finished" : "", tally_.passed, tally_.cases - tally_.passed, tally_.mismatched,
+                 tally_.steps, fam.empty() ? "" : "; by family: ", fam);
+    }
+    std::fflush(stdout);
+    return tally_;
+  }
+
+ private:
+  const bool json_, quiet_;
+  Mutex mu_{LockRank::kLeaf};
+  Tally tally_ NC_GUARDED_BY(mu_);
+  nlohmann::json files_ NC_GUARDED_BY(mu_) = nlohmann::json::array();
+  bool finished_ NC_GUARDED_BY(mu_) = false;
+};
+
 }  // namespace
 
 CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
@@ -102,11 +176,20 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
       "The format is documented in docs/scenarios.md; tests/conformance holds the conformance suite. Every file is "
       "checked before anything runs.\nExit status: 0 when every expectation held, 1 when a step's outcome differed or "
       "a case's VM could not have a resource (memory, descriptors, threads), 2 on a usage error, a bad scenario file "
-      "or a VM the model refuses (its memslots)."));
+      "or a VM the model refuses (its memslots), 130 / 143 when SIGINT / SIGTERM ended the run (the cases that "
+      "finished are reported first, marked as interrupted)."));
   return cmd;
 }
 
 int run_run_command(const RunArgs& args, bool json) {
+  RunReport report(json, args.quiet);
+  // SIGINT / SIGTERM: the cases finished so far are reported (none while the
+  // files are read), marked as interrupted, and the run exits 130 / 143.
+  auto watch = InterruptWatch::start([&report](int signo) { report.finish(signo == SIGINT ? "SIGINT" : "SIGTERM"); });
+  if (!watch) {
+    fmt::print(stderr, "nestcache run: {}\n", watch.error().to_string());
+    return kExitFailed;
+  }
   auto paths = expand_paths(args.paths);
   if (!paths) return usage_error(json, "nestcache run", paths.error().message);
   std::vector<sc::ScenarioFile> files;
@@ -141,42 +224,14 @@ int run_run_command(const RunArgs& args, bool json) {
                                                               where));
   }
 
-  Tally tally;
-  nlohmann::json out_files = nlohmann::json::array();
   for (const sc::ScenarioFile& f : files) {
-    if (!json && !args.quiet) fmt::print("{}\n", f.path);
-    nlohmann::json cases = nlohmann::json::array();
-    for (const sc::Case& c : f.cases) {
-      if (!selected(c)) continue;
-      sc::CaseResult r = sc::run_case(c);
-      tally.add(r);
-      if (json) {
-        cases.push_back(case_json(r));
-      } else {
-        if (args.quiet && !r.passed()) fmt::print("{}\n", f.path);
-        print_case(r, args.quiet);
-      }
-    }
-    if (json) out_files.push_back({{"file", f.path}, {"cases", cases}});
+    report.begin_file(f.path);
+    for (const sc::Case& c : f.cases)
+      if (selected(c)) report.add(f.path, sc::run_case(c));
   }
-
-  const bool all_passed = tally.passed == tally.cases;
-  if (json) {
-    nlohmann::json fam = nlohmann::json::object();
-    for (const auto& [name, counts] : tally.by_family) fam[name] = {{"cases", counts.first}, {"passed", counts.second}};
-    print_json({{"files", out_files},
-                {"summary", {{"cases", tally.cases}, {"passed", tally.passed}, {"failed", tally.cases - tally.passed},
-                             {"steps", tally.steps}, {"mismatched_steps", tally.mismatched}, {"by_family", fam}}},
-                {"passed", all_passed}});
-  } else {
-    std::string fam;
-    for (const auto& [name, counts] : tally.by_family)
-      fam += fmt::format("{}{} {}/{}", fam.empty() ? "" : ", ", name, counts.second, counts.first);
-    fmt::print("{} cases: {} passed, {} failed ({} of {} steps did not hold){}{}\n", tally.cases, tally.passed,
-               tally.cases - tally.passed, tally.mismatched, tally.steps, fam.empty() ? "" : "; by family: ", fam);
-  }
+  const Tally tally = report.finish();  // a signal from here on finds the summary printed
   if (tally.refused_vms) return kExitUsage;
-  return all_passed ? kExitOk : kExitFailed;
+  return tally.passed == tally.cases ? kExitOk : kExitFailed;
 }
 
 }  // namespace nestcache::cli

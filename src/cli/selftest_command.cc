@@ -6,9 +6,13 @@
 // and listed by `nestcache selftest NAME --help`. A NAME that is no
 // registered test lands in the positional argument instead and is reported
 // with the list of valid names.
+#include <signal.h>
+
 #include <CLI/CLI.hpp>
 
+#include "base/mutex.h"
 #include "cli/commands.h"
+#include "cli/interrupt.h"
 #include "workloads/progress.h"
 
 namespace nestcache::cli {
@@ -60,6 +64,60 @@ int print_unknown(std::string_view name, bool json) {
                      fmt::format("unknown selftest '{}'; valid names: {}", name, workloads::join_names(names)));
 }
 
+const char* signal_name(int signo) { return signo == SIGINT ? "SIGINT" : "SIGTERM"; }
+
+// What `selftest --all` has finished, shared by the loop that runs the tests
+// and the thread that prints the summary when a signal ends the run. Text
+// results are printed as each test ends; JSON ones at the end.
+class SelftestReport {
+ public:
+  SelftestReport(const workloads::RunOptions& opts, size_t total) : opts_(opts), total_(total) {}
+
+  void add(std::string_view name, const workloads::RunOptions& one, const workloads::SelftestResult& r)
+      NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    if (finished_) return;  // a signal ended the run while this test ran
+    passed_ += r.passed;
+    ran_++;
+    if (opts_.json)
+      results_.push_back(workloads::selftest_json(std::string(name), one, r));
+    else
+      print_selftest_summary(name, one, r);
+    std::fflush(stdout);
+  }
+  // The summary; `interrupted_by` names the signal that ended the run early.
+  // Returns true if every test ran and passed.
+  bool finish(const char* interrupted_by = nullptr) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    const bool all_passed = !interrupted_by && ran_ == total_ && passed_ == total_;
+    if (finished_) return all_passed;
+    finished_ = true;
+    if (opts_.json) {
+      nlohmann::json j = {{"passed", all_passed}, {"results", results_}};
+      if (interrupted_by) j["interrupted"] = interrupted_by;
+      print_json(j);
+    } else if (interrupted_by) {
+      fmt::print("\nInterrupted by {}: {} of {} selftests finished, {} passed (strategy {}, memory {}).\n",
+                 interrupted_by, ran_, total_, passed_, vmx::strategy_name(opts_.strategy),
+                 workloads::memory_kind_name(opts_.memory));
+    } else {
+      fmt::print("\n{} of {} selftests passed (strategy {}, memory {}).\n", passed_, total_,
+                 vmx::strategy_name(opts_.strategy), workloads::memory_kind_name(opts_.memory));
+    }
+    std::fflush(stdout);
+    return all_passed;
+  }
+
+ private:
+  const workloads::RunOptions opts_;
+  const size_t total_;
+  Mutex mu_{LockRank::kLeaf};
+  nlohmann::json results_ NC_GUARDED_BY(mu_) = nlohmann::json::array();
+  size_t ran_ NC_GUARDED_BY(mu_) = 0;
+  size_t passed_ NC_GUARDED_BY(mu_) = 0;
+  bool finished_ NC_GUARDED_BY(mu_) = false;
+};
+
 }  // namespace
 
 void TestOptions::add(CLI::App& app, std::span<const workloads::OptionSpec> specs) {
@@ -101,7 +159,8 @@ CLI::App* add_selftest_command(CLI::App& app, SelftestArgs& args) {
       "A selftest runs one scenario and checks it: no stale access through a cache, no lost TPR write or "
       "posted interrupt, the seed's own counts. Each test has its own options (`nestcache selftest NAME "
       "--help`); the common options go before or after NAME.\n"
-      "Exit status: 0 when every assertion held, 1 when one failed, 2 on a usage error."));
+      "Exit status: 0 when every assertion held, 1 when one failed, 2 on a usage error, 130 / 143 when SIGINT / "
+      "SIGTERM ended the run (the tests that finished are reported first, marked as interrupted)."));
 
   for (const workloads::SelftestInfo& t : workloads::selftests()) {
     CLI::App* sub = cmd->add_subcommand(t.name, t.summary);
@@ -128,10 +187,25 @@ int run_selftest_command(SelftestArgs& args, bool json) {
     if (!args.test_commands[i]->parsed()) continue;
     if (args.all) return usage_error(json, "nestcache selftest", "give a test NAME or --all, not both");
     opts.extra = args.test_options[i]->values();
+    // SIGINT / SIGTERM: the test did not finish; said so (a JSON result
+    // under --json), and the run exits 130 / 143.
+    const std::string& name = tests[i].name;
+    auto watch = InterruptWatch::start([&name, json](int signo) {
+      std::fputs("\n", stderr);  // past the progress line
+      if (json)
+        print_json({{"name", name}, {"passed", false}, {"interrupted", signal_name(signo)}});
+      else
+        fmt::print("\nInterrupted by {}: selftest {} did not finish.\n", signal_name(signo), name);
+    });
+    if (!watch) {
+      fmt::print(stderr, "nestcache selftest: {}\n", watch.error().to_string());
+      return kExitFailed;
+    }
     workloads::Progress progress(!json);
     opts.progress = &progress;
     workloads::SelftestResult r = workloads::run_selftest(tests[i], opts);
     progress.finish();
+    watch->reset();  // the result below is the whole output: a signal now ends the run as by default
     // A refused option is a usage error, not a failed test: said so on
     // stderr (with --json, in the result, marked usage_error).
     if (r.usage_error && !json) {
@@ -169,8 +243,17 @@ int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloa
     fmt::print(stderr, "nestcache: no selftest is registered\n");
     return kExitFailed;
   }
-  nlohmann::json results = nlohmann::json::array();
-  size_t passed = 0;
+  SelftestReport report(opts, tests.size());
+  // SIGINT / SIGTERM: the tests finished so far are reported, marked as
+  // interrupted, and the run exits 130 / 143.
+  auto watch = InterruptWatch::start([&report](int signo) {
+    std::fputs("\n", stderr);  // past the progress line
+    report.finish(signal_name(signo));
+  });
+  if (!watch) {
+    fmt::print(stderr, "nestcache selftest: {}\n", watch.error().to_string());
+    return kExitFailed;
+  }
   workloads::Progress progress(!opts.json);
   for (size_t i = 0; i < tests.size(); i++) {
     const workloads::SelftestInfo& t = *tests[i];
@@ -180,18 +263,9 @@ int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloa
     progress.update(i, tests.size(), t.name);
     workloads::SelftestResult r = workloads::run_selftest(t, one);
     progress.finish();
-    passed += r.passed;
-    if (opts.json)
-      results.push_back(workloads::selftest_json(t.name, one, r));
-    else
-      print_selftest_summary(t.name, one, r);
+    report.add(t.name, one, r);
   }
-  bool all_passed = passed == tests.size();
-  if (opts.json)
-    print_json({{"passed", all_passed}, {"results", results}});
-  else
-    fmt::print("\n{} of {} selftests passed (strategy {}, memory {}).\n", passed, tests.size(),
-               vmx::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory));
+  const bool all_passed = report.finish();  // a signal from here on finds the summary printed
   return all_passed ? kExitOk : kExitFailed;
 }
 
