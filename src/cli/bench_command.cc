@@ -43,9 +43,13 @@ Result<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string
 
 // The table of one test: one line per strategy, then the ratios of each view.
 // Each row's modelled time by part, per round trip and per iteration.
+// On the wall clock the parts are still the model's accounting, which the
+// wall times of the table do not split into; the heading says so.
 void print_breakdown(std::span<const workloads::BenchRow> rows) {
-  fmt::print("  modelled time by part:\n  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n", "strategy",
-             "per", "total", "transitions", "guest ops", "windows", "pfn cache", "other L0", "idle");
+  bool wall = !rows.empty() && rows.front().clock == cpu::ClockKind::wall;
+  fmt::print("  modelled time by part{}:\n  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+             wall ? " (the model's accounting: the table above is wall time, which these totals do not match)" : "",
+             "strategy", "per", "total", "transitions", "guest ops", "windows", "pfn cache", "other L0", "idle");
   for (const auto& r : rows) {
     nlohmann::json b = r.breakdown();
     for (const char* view : {"per_round_trip", "per_iteration"}) {
@@ -376,7 +380,7 @@ class BenchPrinter {
                workloads::memory_kind_name(o.memory), o.slots, report_.exit_cost_ns(),
                o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
                o.l1_hz_is_default ? fmt::format(" (nested-io: {} Hz)", workloads::kDefaultIoL1Hz) : "",
-               o.iterations ? fmt::format("{} iterations per run", o.iterations)
+               o.iterations ? fmt::format("{} iteration{} per run", o.iterations, o.iterations == 1 ? "" : "s")
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");
     if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
