@@ -375,7 +375,7 @@ class BenchPrinter {
   void print_header_locked() NC_REQUIRES(mu_) {
     const workloads::BenchOptions& o = report_.options;
     fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, "
-               "exit cost {} ns per hardware transition{}, L1 timer {} Hz{}, {}, best of {} run{}\n",
+               "exit cost {} ns per VM exit + entry{}, L1 timer {} Hz{}, {}, best of {} run{}\n",
                workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
                workloads::memory_kind_name(o.memory), o.slots, report_.exit_cost_ns(),
                o.exit_cost_ns ? "" : " (model default)", o.l1_hz,

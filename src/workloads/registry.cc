@@ -141,19 +141,19 @@ Status validate_for(const BenchInfo& test, const BenchOptions& o) {
   NC_TRY(validate(o));
   const uint32_t hz = test.l1_hz ? test.l1_hz(o) : 0;
   if (hz == 0) return ok();
-  constexpr uint64_t kTransitionsPerTick = 4;
+  constexpr uint64_t kExitsPerTick = 4;  // see the header: L2's exit, two VMREADs, VMRESUME
   constexpr uint64_t kMaxTickSharePercent = 90;
   const uint64_t exit_cost = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
   const uint64_t period_ns = 1'000'000'000ull / hz;
-  const uint64_t transitions_ns = exit_cost * kTransitionsPerTick;  // at most 4e7: no overflow below
+  const uint64_t transitions_ns = exit_cost * kExitsPerTick;  // at most 4e7: no overflow below
   if (transitions_ns * 100 > period_ns * kMaxTickSharePercent)
     return errorf(EINVAL,
-                  "--exit-cost-ns {} with L1 timer ticks at {} Hz: a tick that interrupts L2 costs {} transitions, "
+                  "--exit-cost-ns {} with L1 timer ticks at {} Hz: a tick that interrupts L2 costs {} exits, "
                   "{} ns of each {} ns period, which leaves L2 {} (the test {} needs --exit-cost-ns at most {} at {} "
                   "Hz, or a lower --l1-hz)",
-                  exit_cost, hz, kTransitionsPerTick, transitions_ns, period_ns,
+                  exit_cost, hz, kExitsPerTick, transitions_ns, period_ns,
                   transitions_ns >= period_ns ? "no time at all" : "less than a tenth of its time", test.name,
-                  period_ns * kMaxTickSharePercent / 100 / kTransitionsPerTick, hz);
+                  period_ns * kMaxTickSharePercent / 100 / kExitsPerTick, hz);
   // map's windows come on top: four per tick, each --window-cost-ns (at most
   // 1e7 ns) or the calibrated cost, so the sum stays far below overflow.
   const uint64_t windows_ns = tick_window_ns(o);

@@ -95,9 +95,11 @@ struct BenchInfo {
 };
 
 // validate(o), and then what `test` needs of it: its L1 timer must leave L2
-// time to run. A tick that interrupts L2 costs a nested round trip, four
-// transitions (L2's exit to L0, the entry into L1, L1's VMRESUME exit, the
-// entry into L2); when those cost the whole tick period, every entry into L2
+// time to run. A tick that interrupts L2 costs four exits, each charged
+// --exit-cost-ns for the exit and the entry after it: L2's external-interrupt
+// exit (reflected to L1), L1's two VMREADs of the exit (its reason and the
+// interruption information; the model has no VMCS shadowing) and its
+// VMRESUME. When those cost the whole tick period, every entry into L2
 // finds the next tick pending and L2 never runs another instruction, and
 // near it L2 runs a few instructions per tick, so the run takes as many more
 // ticks as there are instructions to run. With map on unmanaged memory in

@@ -109,7 +109,7 @@ TEST(RegistryBenchOptions, TicksThatLeaveL2NoTimeAreRefused) {
   EXPECT_TRUE(validate_for(*io, o));
   // The transitions alone: map's remap windows (next test) left out.
   o.strategies = {StrategyKind::cache, StrategyKind::oracle};
-  o.exit_cost_ns = 1'000'000;  // four transitions per tick: 4 ms, the whole 250 Hz period
+  o.exit_cost_ns = 1'000'000;  // four exits per tick: 4 ms, the whole 250 Hz period
   Status st = validate_for(*map, o);
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, EINVAL);
