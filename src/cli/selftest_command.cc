@@ -9,6 +9,7 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 
 #include "base/mutex.h"
 #include "cli/commands.h"
@@ -93,7 +94,15 @@ class SelftestReport {
     if (finished_) return all_passed;
     finished_ = true;
     if (opts_.json) {
-      nlohmann::json j = {{"passed", all_passed}, {"results", results_}};
+      nlohmann::json j = {{"passed", all_passed},
+                          {"summary",
+                           {{"selftests", total_},
+                            {"finished", ran_},
+                            {"passed", passed_},
+                            {"failed", ran_ - passed_},
+                            {"strategy", vmx::strategy_name(opts_.strategy)},
+                            {"memory", workloads::memory_kind_name(opts_.memory)}}},
+                          {"results", results_}};
       if (interrupted_by) j["interrupted"] = interrupted_by;
       print_json(j);
     } else if (interrupted_by) {
@@ -206,17 +215,18 @@ int run_selftest_command(SelftestArgs& args, bool json) {
     workloads::SelftestResult r = workloads::run_selftest(tests[i], opts);
     progress.finish();
     watch->reset();  // the result below is the whole output: a signal now ends the run as by default
-    // A refused option is a usage error, not a failed test: said so on
-    // stderr (with --json, in the result, marked usage_error).
-    if (r.usage_error && !json) {
-      for (const std::string& f : r.failures) usage_error(false, "nestcache selftest " + tests[i].name, f);
+    // A refused option is a usage error, not a failed test: reported as
+    // every usage error is (on stderr, or one JSON error object).
+    if (r.usage_error) {
+      const std::string command = "nestcache selftest " + tests[i].name;
+      if (json) return usage_error(true, command, fmt::format("{}", fmt::join(r.failures, "; ")));
+      for (const std::string& f : r.failures) usage_error(false, command, f);
       return kExitUsage;
     }
     if (json)
       print_json(workloads::selftest_json(tests[i].name, opts, r));
     else
       print_selftest_summary(tests[i].name, opts, r);
-    if (r.usage_error) return kExitUsage;
     return r.passed ? kExitOk : kExitFailed;
   }
   if (!args.name.empty() || args.name_option->count() > 0) return print_unknown(args.name, json);
