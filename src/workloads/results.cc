@@ -109,7 +109,7 @@ nlohmann::json BenchReport::to_json() const {
       {"l1_hz", options.l1_hz},
       {"slots", options.slots},
       {"memory", memory_kind_name(options.memory)},
-      {"seconds_limit", options.seconds},
+      {"seconds_limit", options.iterations > 0 ? nlohmann::json() : nlohmann::json(options.seconds)},
       {"iterations_limit", options.iterations > 0 ? nlohmann::json(options.iterations) : nlohmann::json()},
       {"runs", options.runs},
       {"scale", options.scale},

@@ -106,8 +106,9 @@ struct BenchReport {
   // What modelled time charged per remap window (window_cost_json), or null
   // on the wall clock.
   nlohmann::json window_cost() const;
-  // {exit_cost_ns, l1_hz, slots, memory, seconds_limit, iterations_limit,
-  //  runs, scale, strategies, io, results: [row...], comparisons}. Ratios
+  // {exit_cost_ns, l1_hz, slots, memory, seconds_limit, iterations_limit
+  //  (whichever limit the run had; the other null), runs, scale, strategies,
+  //  io, results: [row...], comparisons}. Ratios
   // are not stored in rows: every ratio derives from them; comparisons holds
   // what a test derives itself.
   nlohmann::json to_json() const;

@@ -312,10 +312,14 @@ TEST(RegistryBench, TheReportHasTheDocumentedTopLevelFields) {
   EXPECT_EQ(j["slots"], 512);
   EXPECT_EQ(j["memory"], "unmanaged");
   EXPECT_EQ(j["seconds_limit"], 5.0);
+  EXPECT_TRUE(j["iterations_limit"].is_null());
   ASSERT_EQ(j["results"].size(), 1u);
   EXPECT_EQ(j["results"][0]["test"], "map");
   rep.options.exit_cost_ns = 0;
   EXPECT_EQ(rep.to_json()["exit_cost_ns"], 0) << "an explicit --exit-cost-ns wins, even 0";
+  rep.options.iterations = 3;
+  EXPECT_TRUE(rep.to_json()["seconds_limit"].is_null()) << "--iterations replaces the time limit";
+  EXPECT_EQ(rep.to_json()["iterations_limit"], 3);
 }
 
 TEST(RegistryBench, FindBenchOfAnUnknownNameIsNull) {
