@@ -3,6 +3,8 @@
 // DESIGN.md §6 and the seed's table printed beside the view it matches.
 #include <limits>
 
+#include <fmt/ranges.h>
+
 #include "cpu/machine.h"
 #include "workloads/memslot_perf.h"
 #include "workloads/window_cost.h"
@@ -12,6 +14,7 @@ namespace nestcache::workloads {
 namespace {
 
 // The seed's table (cover letter, 8192 memslots, unmanaged memory, EC2 Nitro).
+constexpr uint64_t kSeedSlots = 8192;
 struct SeedFigures {
   double before_s;  // kvm_vcpu_map/unmap: above upstream's 5 s limit, so ONE cold iteration
   double after_s;   // pfn caches: the average over hundreds of mostly warm iterations
@@ -85,6 +88,8 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   const MemslotLayout& l = run.layout;
   double warm = row.iterations > 1 ? static_cast<double>(row.iterations - 1) : 0;
   row.extra = {
+      {"memory", memory_kind_name(o.memory)},
+      {"scale", o.scale},
       {"slots_used", l.data_slots + 1},
       {"slots_capped", l.slots_capped},
       {"area_pages", l.test_pages},
@@ -169,13 +174,27 @@ std::vector<std::string> time_commentary(MemslotTest test, const BenchRow& map, 
   return out;
 }
 
+// How `row`'s run differs from the seed's set-up (8192 memslots, the whole
+// area, unmanaged memory), as "; ours: ..." for the seed's line, or "".
+std::string differs_from_seed(const BenchRow& row) {
+  std::vector<std::string> d;
+  if (uint64_t slots = row.extra.value("slots_used", uint64_t{0}); slots != kSeedSlots)
+    d.push_back(fmt::format("{} memslots", slots));
+  if (double scale = row.extra.value("scale", 1.0); scale != 1.0) d.push_back(fmt::format("the area scaled by {}", scale));
+  if (std::string memory = row.extra.value("memory", std::string("unmanaged")); memory != "unmanaged")
+    d.push_back(fmt::format("{} memory", memory));
+  if (d.empty()) return "";
+  return fmt::format(" Ours ran with {}: compare the ratios below with care.", fmt::format("{}", fmt::join(d, ", ")));
+}
+
 std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> rows) {
   std::vector<std::string> out;
   const BenchRow* map = row_of(rows, StrategyKind::map);
   const BenchRow* cache = row_of(rows, StrategyKind::cache);
   if (auto seed = seed_figures(test)) {
-    out.push_back(fmt::format("seed ({} memslots, EC2 Nitro): before {:.2f} s, after {} s, {} faster.", 8192,
-                              seed->before_s, seed->after_s, seed->ratio));
+    out.push_back(fmt::format("seed ({} memslots, unmanaged memory, EC2 Nitro): before {:.2f} s, after {} s, {} faster.{}",
+                              kSeedSlots, seed->before_s, seed->after_s, seed->ratio,
+                              rows.empty() ? "" : differs_from_seed(rows.front())));
     out.push_back(
         "Its \"before\" is above upstream's 5 s limit, so it is ONE cold iteration (view: cold iteration, map); its "
         "\"after\" is an average over many warm iterations (view: per iteration, cache).");

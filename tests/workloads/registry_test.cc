@@ -322,6 +322,31 @@ TEST(RegistryBench, TheReportHasTheDocumentedTopLevelFields) {
   EXPECT_EQ(rep.to_json()["iterations_limit"], 3);
 }
 
+// The seed's line names what of our run differs from the seed's set-up
+// (8192 memslots, the whole area, unmanaged memory), and nothing when the
+// run is the seed's.
+TEST(RegistryBench, TheSeedsLineSaysHowOurRunDiffersFromTheSeeds) {
+  register_all();
+  const BenchInfo* map = find_bench("map");
+  ASSERT_NE(map, nullptr);
+  ASSERT_TRUE(map->commentary);
+  auto seed_line = [&](nlohmann::json extra) {
+    std::vector<BenchRow> rows(2);
+    rows[0].strategy = vmx::StrategyKind::map;
+    rows[1].strategy = vmx::StrategyKind::cache;
+    for (BenchRow& r : rows) r.extra = extra;
+    for (const std::string& line : map->commentary(rows))
+      if (line.starts_with("seed ")) return line;
+    return std::string();
+  };
+  const std::string same = seed_line({{"slots_used", 8192}, {"scale", 1.0}, {"memory", "unmanaged"}});
+  ASSERT_FALSE(same.empty());
+  EXPECT_EQ(same.find("Ours ran with"), std::string::npos) << same;
+  const std::string other = seed_line({{"slots_used", 16}, {"scale", 0.01}, {"memory", "managed"}});
+  EXPECT_NE(other.find("Ours ran with 16 memslots, the area scaled by 0.01, managed memory"), std::string::npos)
+      << other;
+}
+
 TEST(RegistryBench, FindBenchOfAnUnknownNameIsNull) {
   register_all();
   EXPECT_EQ(find_bench("no-such-test"), nullptr);
