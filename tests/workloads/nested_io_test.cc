@@ -136,6 +136,24 @@ TEST(NestedIoBench, RowsCarryThePerRequestFiguresAndTheComparison) {
   EXPECT_FALSE(b->commentary(rows).empty());
 }
 
+// A row that served more requests per second than offered is explained;
+// one at the offered rate is not.
+TEST(NestedIoBench, CommentaryExplainsARateAboveTheOfferedOne) {
+  register_all();
+  const BenchInfo* b = find_bench("nested-io");
+  ASSERT_NE(b, nullptr);
+  std::vector<BenchRow> rows(2);
+  rows[0].strategy = StrategyKind::map;
+  rows[1].strategy = StrategyKind::cache;
+  rows[0].extra = {{"offered_rate", 10000}, {"requests_per_second", 9990.0}, {"requests", 20}};
+  rows[1].extra = {{"offered_rate", 10000}, {"requests_per_second", 15585.0}, {"requests", 20}};
+  std::vector<std::string> lines = b->commentary(rows);
+  auto it = std::find_if(lines.begin(), lines.end(),
+                         [](const std::string& l) { return l.starts_with("Served more than the 10000 requests/s offered"); });
+  ASSERT_NE(it, lines.end());
+  EXPECT_NE(it->find("(cache 15585/s)"), std::string::npos) << *it << ": only the row above the offered rate";
+}
+
 TEST(NestedIoOptions, ValidateNamesTheBadOption) {
   BenchOptions o;
   o.io.l1_vcpus = 2;
