@@ -110,7 +110,8 @@ CLI::App* add_stress_command(CLI::App& app, StressArgs& a) {
       ->type_name("managed|unmanaged")
       ->default_str("unmanaged")
       ->check(registry_validator(parse_memory_kind, "memory"));
-  cmd->add_option("--rounds", a.rounds, "Rounds of the pages workload per epoch (one VM each)")
+  cmd->add_option("--rounds", a.rounds, "Rounds of the pages workload per epoch (one VM each); an epoch runs all its rounds "
+                  "(milliseconds each), so a large value makes one epoch outlast --seconds")
       ->default_str(std::to_string(kDefaultStressRounds))
       ->check(CLI::Range(int64_t{1}, int64_t{kMaxStressRounds}));
   cmd->add_flag("--json", a.json, "Print one JSON object: a result per strategy, each with its teardown figures");
