@@ -283,27 +283,75 @@ Result<ScenarioFile> Parser::file(const json& root) {
 
 VmSpec default_vm() { return Parser("(the default VM)").vm_spec(detail::default_vm_json()).value(); }
 
+namespace {
+
+// Nesting deeper than any scenario needs (a file's deepest value is about
+// eight levels down). Reading a json value recurses once per level, so a
+// deeper file could exhaust the stack.
+constexpr size_t kMaxJsonDepth = 64;
+
+// "line L, column C" of byte `offset` of `text` (both from 1).
+std::string position(const std::string& text, size_t offset) {
+  size_t line = 1, col = 1;
+  for (size_t i = 0; i < offset && i < text.size(); i++) {
+    if (text[i] == '\n') {
+      line++;
+      col = 1;
+    } else {
+      col++;
+    }
+  }
+  return fmt::format("line {}, column {}", line, col);
+}
+
+// What json::parse accepts but a scenario file may not hold: nesting deeper
+// than kMaxJsonDepth, and an object with the same key twice (json keeps the
+// last one without a word, which would silently change a case). `text` is
+// valid JSON. Keys are compared as written, escapes undecoded.
+Status check_json_shape(const std::string& text, const std::string& path) {
+  struct Level {
+    bool object;
+    std::set<std::string> keys;
+  };
+  std::vector<Level> levels;
+  for (size_t i = 0; i < text.size(); i++) {
+    const char c = text[i];
+    if (c == '{' || c == '[') {
+      if (levels.size() == kMaxJsonDepth)
+        return errorf(EINVAL, "{}: JSON nested deeper than {} levels at {}", path, kMaxJsonDepth, position(text, i));
+      levels.push_back({c == '{', {}});
+    } else if (c == '}' || c == ']') {
+      levels.pop_back();
+    } else if (c == '"') {
+      size_t end = i + 1;
+      while (text[end] != '"') end += text[end] == '\\' ? 2 : 1;
+      size_t next = text.find_first_not_of(" \t\r\n", end + 1);
+      if (!levels.empty() && levels.back().object && next != std::string::npos && text[next] == ':') {
+        std::string key = text.substr(i + 1, end - i - 1);
+        if (!levels.back().keys.insert(key).second)
+          return errorf(EINVAL, "{}: key '{}' appears twice in one object, again at {}", path, key, position(text, i));
+      }
+      i = end;
+    }
+  }
+  return ok();
+}
+
+}  // namespace
+
 Result<ScenarioFile> parse_scenario_text(const std::string& text, const std::string& path) {
   json root;
   try {
     root = json::parse(text);
   } catch (const json::parse_error& e) {
-    size_t line = 1, col = 1;
-    for (size_t i = 0; i + 1 < e.byte && i < text.size(); i++) {
-      if (text[i] == '\n') {
-        line++;
-        col = 1;
-      } else {
-        col++;
-      }
-    }
     std::string what = e.what();
     if (auto p = what.find("syntax error"); p != std::string::npos) what = what.substr(p);
-    return errorf(EINVAL, "{}: not valid JSON at line {}, column {}: {}", path, line, col, what);
+    return errorf(EINVAL, "{}: not valid JSON at {}: {}", path, position(text, e.byte == 0 ? 0 : e.byte - 1), what);
   } catch (const json::out_of_range& e) {
     // A number too large for a double ("1e400").
     return errorf(EINVAL, "{}: not valid JSON: {}", path, e.what());
   }
+  NC_TRY(check_json_shape(text, path));
   return Parser(path).file(root);
 }
 

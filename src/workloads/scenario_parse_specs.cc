@@ -40,6 +40,9 @@ Result<Expr> Parser::expr(const json& v, std::string_view key) {
   if (v.is_number_unsigned()) return Expr::of(v.get<uint64_t>());
   if (v.is_number_integer()) return Expr::of(static_cast<uint64_t>(v.get<int64_t>()));
   if (v.is_boolean()) return Expr::of(v.get<bool>() ? 1 : 0);
+  // json reads an integer beyond 64 bits, like a fraction, as a double.
+  if (v.is_number_float())
+    return fail("'{}' must be an integer from -2^63 to 2^64-1 or an expression string, not {}", key, v.dump());
   if (!v.is_string()) return fail("'{}' must be a number or an expression string, not {}", key, v.type_name());
   auto e = parse_expr(v.get<std::string>(), scope_);
   if (!e) return fail("'{}': {}", key, e.error().message);

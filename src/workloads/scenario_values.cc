@@ -191,6 +191,10 @@ Status resolve_atom(std::string_view atom, const NameScope& scope, Expr::Term& t
     t.value = *n;
     return ok();
   }
+  // Names start with a letter: an atom starting with a digit is a number
+  // parse_number refused (too large, a bad digit or suffix).
+  if (std::isdigit(static_cast<unsigned char>(atom[0])))
+    return errorf(EINVAL, "'{}' is not a number: digits of its base, an optional K, M or G, at most 2^64-1", atom);
   const std::string name(atom);
   if (scope.pages && scope.pages->count(name)) {
     t.value = scope.pages->at(name);

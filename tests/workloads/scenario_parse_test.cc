@@ -140,6 +140,43 @@ TEST(ScenarioParseErrors, ANumberTooLargeIsInvalidJson) {
             std::string::npos);
 }
 
+// JSON that parses but would silently change a case (a repeated key: json
+// keeps the last) or is nested deep enough to exhaust the stack when read.
+TEST(ScenarioParseErrors, RepeatedKeysAreRefusedWithTheirPosition) {
+  EXPECT_EQ(error_of(R"J({"name": "a", "follows": "x",
+  "name": "b", "steps": [{"do": "vmxoff", "expect": "#UD"}]})J"),
+            "f.json: key 'name' appears twice in one object, again at line 2, column 3");
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxon", "gpa": "vmxon", "gpa": "vmcs"}])J")),
+            "f.json: key 'gpa' appears twice in one object, again at line 1, column 87");
+  // The same key in different objects, and a key-like string value, are fine.
+  EXPECT_TRUE(parse_scenario_text(one_case(R"J([{"do": "vmxon", "gpa": "vmxon", "note": "gpa"},
+                                               {"do": "vmxoff", "note": "a \" b"}])J"),
+                                  "f.json"));
+}
+
+TEST(ScenarioParseErrors, DeepNestingIsRefusedNotACrash) {
+  constexpr int kDepth = 200000;
+  std::string deep = std::string(kDepth, '[') + std::string(kDepth, ']');
+  std::string m = error_of(one_case(R"J([{"do": "vmxoff", "note": )J" + deep + "}]"));
+  EXPECT_EQ(m.rfind("f.json: JSON nested deeper than 64 levels at line 1, column ", 0), 0u) << m;
+  std::string ok_depth = std::string(50, '[') + std::string(50, ']');
+  EXPECT_TRUE(parse_scenario_text(one_case(R"J([{"do": "vmxoff", "note": )J" + ok_depth + "}]"), "f.json"));
+}
+
+// A number outside 64 bits is named as such, not as a non-number or an
+// unknown name.
+TEST(ScenarioParseErrors, NumbersBeyondSixtyFourBitsSaySo) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxon", "gpa": 99999999999999999999}])J")),
+            "f.json: case 'c', step 1 (vmxon): 'gpa' must be an integer from -2^63 to 2^64-1 or an expression "
+            "string, not 1e+20");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxon", "gpa": 1.5}])J")).find("not 1.5"), std::string::npos);
+  for (const char* big : {"0x1ffffffffffffffff", "18446744073709551616", "20000000000G"}) {
+    EXPECT_EQ(error_of(one_case(std::string(R"J([{"do": "vmxon", "gpa": ")J") + big + "\"}]")),
+              std::string("f.json: case 'c', step 1 (vmxon): 'gpa': '") + big +
+                  "' is not a number: digits of its base, an optional K, M or G, at most 2^64-1");
+  }
+}
+
 TEST(ScenarioParseErrors, AnUnknownVerbListsTheKnownOnes) {
   std::string m = error_of(one_case(R"J([{"do": "enter_vmx"}, {"do": "vmptrlf"}])J"));
   EXPECT_EQ(m.rfind("f.json: case 'c', step 2 (vmptrlf): unknown verb (known: set_memory_region, ", 0), 0u) << m;
