@@ -1,5 +1,8 @@
 // The scenario-file parser, second half: the VM description, the L2
 // program, and the vmcs12, nested-state and blob specs (see scenario_parser.h).
+#include <algorithm>
+#include <cctype>
+
 #include "vmx/nested_state_format.h"
 #include "vmx/vmcs12.h"
 #include "workloads/scenario_parser.h"
@@ -11,6 +14,24 @@ std::string names_of(const json& obj) {
   for (auto it = obj.begin(); it != obj.end(); ++it) out += (out.empty() ? "" : ", ") + it.key();
   return out;
 }
+
+namespace {
+
+// Why `name` cannot name a page or region, or "" if it can. Expressions
+// read a name as a letter or '_' followed by letters, digits, '_' and '.';
+// anything else could never be used. A constant or control bit would be
+// shadowed (a page named "invalid" would change what "invalid" means in
+// every step).
+std::string bad_name(const std::string& name) {
+  auto name_char = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.'; };
+  if (name.empty() || !(std::isalpha(static_cast<unsigned char>(name[0])) || name[0] == '_') ||
+      !std::all_of(name.begin(), name.end(), name_char))
+    return "expressions cannot use it: a name is a letter or '_', then letters, digits, '_' or '.'";
+  if (constant_value(name) || control_bit(name)) return "it is a reserved name (a constant or a control bit)";
+  return "";
+}
+
+}  // namespace
 
 // The VM every case starts from; a file's "vm" and a case's "vm" override
 // it key by key ("pages" name by name).
@@ -82,13 +103,14 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
     }
   }
   for (auto& [name, size] : s.regions)
-    if (constant_value(name) || control_bit(name)) return fail("vm.regions: '{}' is a reserved name", name);
+    if (std::string why = bad_name(name); !why.empty()) return fail("vm.regions: '{}': {}", name, why);
   regions_ = s.regions;
   scope_ = NameScope{nullptr, &regions_, false};
   if (vm.contains("pages")) {
     if (!vm["pages"].is_object()) return fail("vm.pages must be an object: name -> address");
     for (auto it = vm["pages"].begin(); it != vm["pages"].end(); ++it) {
       if (regions_.count(it.key())) return fail("vm.pages: '{}' is also a region name", it.key());
+      if (std::string why = bad_name(it.key()); !why.empty()) return fail("vm.pages: '{}': {}", it.key(), why);
       Expr e = NC_TRY(expr(it.value(), "vm.pages." + it.key()));
       if (e.uses_regions()) return fail("vm.pages.{}: a page is a guest-physical address, not a region", it.key());
       s.pages[it.key()] = e.eval();

@@ -177,6 +177,23 @@ TEST(ScenarioParseErrors, NumbersBeyondSixtyFourBitsSaySo) {
   }
 }
 
+// A page or region name no expression could use, or one that would shadow
+// a constant or control bit, is refused where it is defined.
+TEST(ScenarioParseErrors, PageAndRegionNamesMustBeUsableAndNotReserved) {
+  auto vm = [](const std::string& v) { return one_case(R"J([{"do": "vmxoff", "expect": "#UD"}])J", R"J(, "vm": )J" + v); };
+  EXPECT_EQ(error_of(vm(R"J({"pages": {"invalid": "0x5000"}})J")),
+            "f.json: case 'c': vm.pages: 'invalid': it is a reserved name (a constant or a control bit)");
+  EXPECT_NE(error_of(vm(R"J({"pages": {"proc.use_tpr_shadow": 0}})J")).find("reserved name"), std::string::npos);
+  for (const char* name : {"4096", "vmcs+8", "a b", "", "\\u00e9v"}) {
+    std::string m = error_of(vm(std::string(R"J({"pages": {")J") + name + R"J(": "0x5000"}})J"));
+    EXPECT_NE(m.find("vm.pages: '"), std::string::npos) << m;
+    EXPECT_NE(m.find("expressions cannot use it"), std::string::npos) << m;
+  }
+  EXPECT_NE(error_of(vm(R"J({"regions": {"ram": "4M", "r b": "4K"}})J")).find("vm.regions: 'r b': expressions cannot use it"),
+            std::string::npos);
+  EXPECT_TRUE(parse_scenario_text(vm(R"J({"pages": {"_my.page2": "0x5000"}})J"), "f.json"));
+}
+
 TEST(ScenarioParseErrors, AnUnknownVerbListsTheKnownOnes) {
   std::string m = error_of(one_case(R"J([{"do": "enter_vmx"}, {"do": "vmptrlf"}])J"));
   EXPECT_EQ(m.rfind("f.json: case 'c', step 2 (vmptrlf): unknown verb (known: set_memory_region, ", 0), 0u) << m;
