@@ -111,11 +111,10 @@ Observation Session::guest_memory_step(const Step& s) {
     for (const auto& [name, base] : regions_)
       inside = inside || (hva >= base && hva + data.size() <= base + case_.vm.regions.at(name));
     if (!inside) return runner_error(fmt::format("hva {:#x} is not inside a region of this VM", hva));
-    auto* p = reinterpret_cast<uint8_t*>(hva);
-    if (write)
-      std::memcpy(p, data.data(), data.size());
-    else
-      std::memcpy(data.data(), p, data.size());
+    // Through HostMm, not a raw pointer: a managed page is mapped only by
+    // its first fault, and a page may be migrating.
+    Status st = write ? mm_->copy_to(hva, data.data(), data.size()) : mm_->copy_from(hva, data.data(), data.size());
+    if (!st) return from_status(st);
   }
   if (!write) {
     uint64_t v = 0;

@@ -83,6 +83,24 @@ TEST(ScenarioRun, MemslotsAndGuestMemoryThroughTheVmm) {
   EXPECT_TRUE(r.passed()) << describe(r);
 }
 
+// With managed memory a region's pages are mapped by their first fault, so
+// the VMM's hva accesses must go through HostMm (a raw pointer would hit an
+// unpopulated page).
+TEST(ScenarioRun, VmmAccessByHvaWorksWithManagedMemory) {
+  CaseResult r = run_one(R"J({"name": "x", "follows": "t",
+      "vm": {"memory": "managed", "regions": {"ram": "4M", "r1": "2M"},
+             "memslots": [{"slot": 0, "gpa": 0, "region": "ram"}]},
+      "steps": [
+      {"do": "vmm_write", "hva": "r1+8", "value": "0x55"},
+      {"do": "vmm_read", "hva": "r1+8", "value": "0x55"},
+      {"do": "vmm_read", "hva": "r1+0x1000", "value": 0},
+      {"do": "set_memory_region", "slot": 10, "gpa": "0xc0000000", "size": "2M", "hva": "r1"},
+      {"do": "read", "gpa": "0xc0000008", "value": "0x55"},
+      {"do": "write", "gpa": "0xc0001000", "value": 7},
+      {"do": "vmm_read", "hva": "r1+0x1000", "value": 7}]})J");
+  EXPECT_TRUE(r.passed()) << describe(r);
+}
+
 TEST(ScenarioRun, NestedStateGetPatchSetAndRun) {
   CaseResult r = run_one(R"J({"name": "x", "follows": "t", "steps": [
       {"do": "enter_vmx"},
