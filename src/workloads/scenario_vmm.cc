@@ -108,8 +108,11 @@ Observation Session::guest_memory_step(const Step& s) {
   } else {
     const Hva hva = eval(s.operand("hva"));
     bool inside = false;
-    for (const auto& [name, base] : regions_)
-      inside = inside || (hva >= base && hva + data.size() <= base + case_.vm.regions.at(name));
+    for (const auto& [name, base] : regions_) {
+      const uint64_t bytes = case_.vm.regions.at(name);
+      // Written so that no sum wraps: hva may be anything up to all ones.
+      inside = inside || (hva >= base && hva - base <= bytes && data.size() <= bytes - (hva - base));
+    }
     if (!inside) return runner_error(fmt::format("hva {:#x} is not inside a region of this VM", hva));
     // Through HostMm, not a raw pointer: a managed page is mapped only by
     // its first fault, and a page may be migrating.

@@ -99,6 +99,12 @@ TEST(ScenarioRun, VmmAccessByHvaWorksWithManagedMemory) {
       {"do": "write", "gpa": "0xc0001000", "value": 7},
       {"do": "vmm_read", "hva": "r1+0x1000", "value": 7}]})J");
   EXPECT_TRUE(r.passed()) << describe(r);
+  // An hva whose range wraps past all ones is in no region: the runner says so.
+  CaseResult wrap = run_one(R"J({"name": "x", "follows": "t", "vm": {"memory": "managed"}, "steps": [
+      {"do": "vmm_write", "hva": "invalid", "value": 1}, {"do": "vmm_read", "hva": "-4", "size": 8}]})J");
+  ASSERT_EQ(wrap.steps.size(), 2u);
+  for (const StepResult& st : wrap.steps)
+    EXPECT_NE(st.detail.find("is not inside a region of this VM"), std::string::npos) << describe(wrap);
 }
 
 TEST(ScenarioRun, NestedStateGetPatchSetAndRun) {
