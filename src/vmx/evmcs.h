@@ -217,7 +217,7 @@ struct EvmcsSnapshot {
 
 // Fails with VMfailInvalid unless page.revision_id is kEvmcsRevision (KVM's
 // EVMPTRLD_VMFAIL). nestcache's L1 has no need for KVM's workaround that also
-// accepts the vmcs12 revision.
+// accepts the vmcs12 revision (a deliberate difference: docs/kvm-differences.md).
 VmxStatus check_evmcs_revision(const EvmcsPage& page);
 
 // Nested entry: copies into `dst` every carried, L1-writable field whose
