@@ -3,6 +3,7 @@
 // The parser is strict: an unknown key, a missing operand, a name nobody
 // defined or an outcome it cannot read is an error naming the file, the case
 // and the step, so a typo never silently changes what a case checks.
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -215,6 +216,11 @@ Result<Case> Parser::one_case(const json& c, const json& file_vm, const std::str
   step_ = 0;
   if (!c.is_object()) return fail("a case is an object");
   if (!c.contains("name") || !c["name"].is_string() || c["name"].get<std::string>().empty()) return fail("missing 'name'");
+  // The name is printed as it is on a line of the report and matched by
+  // --case: a control character (a newline, NUL, an escape) would garble both.
+  const std::string& name = c["name"].get_ref<const std::string&>();
+  if (std::any_of(name.begin(), name.end(), [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f; }))
+    return fail("'name' {} holds a control character", c["name"].dump());
   Case out;
   out.name = case_ = c["name"].get<std::string>();
   for (auto it = c.begin(); it != c.end(); ++it)

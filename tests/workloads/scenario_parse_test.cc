@@ -194,6 +194,20 @@ TEST(ScenarioParseErrors, PageAndRegionNamesMustBeUsableAndNotReserved) {
   EXPECT_TRUE(parse_scenario_text(vm(R"J({"pages": {"_my.page2": "0x5000"}})J"), "f.json"));
 }
 
+// A case name is printed on a report line and matched by --case: control
+// characters are refused (shown escaped); any other Unicode is fine.
+TEST(ScenarioParseErrors, CaseNamesHoldNoControlCharacters) {
+  auto named = [](const std::string& n) {
+    return R"J({"name": ")J" + n + R"J(", "follows": "x", "steps": [{"do": "vmxoff", "expect": "#UD"}]})J";
+  };
+  EXPECT_EQ(error_of(named("a\\nb")), "f.json: case '#1': 'name' \"a\\nb\" holds a control character");
+  EXPECT_NE(error_of(named("a\\u0000b")).find("holds a control character"), std::string::npos);
+  EXPECT_NE(error_of(named("a\\u001b[31mred")).find("holds a control character"), std::string::npos);
+  auto f = parse_scenario_text(named("\\u00e9t\\u00e9 \\ud83d\\ude00"), "f.json");
+  ASSERT_TRUE(f) << f.error().message;
+  EXPECT_EQ(f->cases[0].name, "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80");
+}
+
 TEST(ScenarioParseErrors, AnUnknownVerbListsTheKnownOnes) {
   std::string m = error_of(one_case(R"J([{"do": "enter_vmx"}, {"do": "vmptrlf"}])J"));
   EXPECT_EQ(m.rfind("f.json: case 'c', step 2 (vmptrlf): unknown verb (known: set_memory_region, ", 0), 0u) << m;
