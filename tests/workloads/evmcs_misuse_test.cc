@@ -5,6 +5,9 @@
 // value the entry checks never saw.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
+
 #include "guest/enlightened.h"
 #include "guest/vmx.h"
 #include "support/nested_env.h"
@@ -157,6 +160,45 @@ TEST_P(EvmcsMisuse, MemslotDeletedAndRestoredUnderTheEvmcs) {
     EXPECT_EQ(away.outcome, cpu::Outcome::fault) << cpu::to_string(away);
     EXPECT_EQ(away.vector, cpu::kVectorUD);
     EXPECT_GE(env->counters()[Counter::evmcs_map_failures], 1u);
+    EXPECT_EQ(stale_accesses(*env), 0u);
+  }
+}
+
+// The VMM discards the eVMCS page (MADV_DONTNEED) while it is in use: the
+// next fault gives a zero page. The caches refresh onto it; the address did
+// not change, so its revision is not looked at (as KVM), and a zero page
+// has every clean bit clear: every group is copied, and the zero controls
+// fail the entry checks (VMfailValid 7) -- never an entry from the freed
+// frame. map's kept HostMap still shows the freed frame, which the
+// stale-access detector reports.
+TEST_P(EvmcsMisuse, DiscardedEvmcsPageIsReadAgainAsAZeroPage) {
+  auto env = make_env(GetParam());
+  ASSERT_TRUE(env);
+  const Hva hva = *env->vm->gfn_to_hva(gpa_to_gfn(kEvmcs));
+  OpResult after;
+  auto l1 = [&]() -> GuestTask {
+    co_await setup();
+    co_await guest::vmlaunch();
+    // The discard waits for this vCPU to take the invalidation, so L1 keeps
+    // running guest operations until it is done.
+    std::atomic<bool> done{false};
+    std::thread discarder([&] {
+      EXPECT_TRUE(env->mm->discard(hva, kPageSize));
+      done = true;
+    });
+    while (!done.load()) co_await ops::read32(kVpAssist);
+    discarder.join();
+    after = co_await ops::vmresume();
+    co_await guest::vmxoff();
+  };
+  env->machine->set_l1_program(0, l1());
+  Status st = run(*env);
+  ASSERT_TRUE(st) << st.error().to_string();
+  if (GetParam() == StrategyKind::map) {
+    EXPECT_GT(stale_accesses(*env), 0u) << "the kept map shows the discarded frame";
+  } else {
+    EXPECT_EQ(after.outcome, cpu::Outcome::fail_valid) << cpu::to_string(after);
+    EXPECT_EQ(after.vm_instruction_error, static_cast<uint32_t>(vmx::VmInstructionError::kEntryInvalidControlFields));
     EXPECT_EQ(stale_accesses(*env), 0u);
   }
 }
