@@ -16,30 +16,25 @@ shift 3
 out=$(mktemp)
 "$exe" "$@" >"$out" 2>&1 &
 pid=$!
-if [ "$wait_for" != "-" ]; then
-  i=0
-  until grep -qF -- "$wait_for" "$out"; do
-    i=$((i + 1))
-    if [ $i -gt 600 ] || ! kill -0 $pid 2>/dev/null; then
-      echo "interrupt_run: '$wait_for' never appeared"
-      break
-    fi
-    sleep 0.1
-  done
-else
-  # SigBlk of the main thread, in hex: bits 1 (SIGINT) and 14 (SIGTERM).
-  i=0
-  while :; do
+# True once the run is ready for the signal.
+ready() {
+  if [ "$wait_for" != "-" ]; then
+    grep -qF -- "$wait_for" "$out"
+  else
+    # SigBlk of the main thread, in hex: bits 1 (SIGINT) and 14 (SIGTERM).
     blocked=$(sed -n 's/^SigBlk:[[:space:]]*//p' /proc/$pid/status 2>/dev/null)
-    if [ -n "$blocked" ] && [ $((0x$blocked & 0x4002)) -eq $((0x4002)) ]; then break; fi
-    i=$((i + 1))
-    if [ $i -gt 600 ] || ! kill -0 $pid 2>/dev/null; then
-      echo "interrupt_run: the run never blocked SIGINT and SIGTERM"
-      break
-    fi
-    sleep 0.1
-  done
-fi
+    [ -n "$blocked" ] && [ $((0x$blocked & 0x4002)) -eq $((0x4002)) ]
+  fi
+}
+i=0
+until ready; do
+  i=$((i + 1))
+  if [ $i -gt 600 ] || ! kill -0 $pid 2>/dev/null; then
+    echo "interrupt_run: the run was never ready for the signal (waiting for '$wait_for')"
+    break
+  fi
+  sleep 0.1
+done
 kill -s STOP $pid
 kill -s "$sig" $pid
 kill -s CONT $pid
