@@ -58,6 +58,7 @@ namespace nestcache {
   X(ept12_faults, "EPT12 violations handled by L1")                                       \
   X(nested_context_reuse, "nested contexts found by key and attached")                    \
   X(nested_context_recycle, "detached nested contexts recycled under a new key")       \
+  X(nested_context_handovers, "contexts loaded while attached to another vCPU (L1 made one vmcs12 current on two)") \
   X(evmcs_map_failures, "eVMCS locks that failed: #UD on VMLAUNCH/VMRESUME, or exit information not written back")
 
 enum class Counter : int {

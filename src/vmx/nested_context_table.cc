@@ -48,9 +48,11 @@ NestedContextTable::Outcome NestedContextTable::load_locked(int vcpu_id, Gpa key
   mu_.assert_held();
   if (auto it = by_key_.find(key); it != by_key_.end()) {
     NestedContext* ctx = it->second.get();
-    // Two vCPUs with the same vmcs12 current is the caller's bug (the seed
-    // WARNs); release builds hand the context over, as the seed does.
-    NC_DCHECK(!ctx->attached() || ctx->vcpu_id() == vcpu_id);
+    // One vmcs12 current on two vCPUs is L1's doing (the SDM leaves it
+    // undefined), so it must not stop L0: the context is handed over, as
+    // the seed does after its WARN, and counted. The vCPU it leaves keeps
+    // running on the handed-over caches until its next VMPTRLD.
+    if (ctx->attached() && ctx->vcpu_id() != vcpu_id) counters_.add(Counter::nested_context_handovers);
     if (!ctx->attached()) lru_remove_locked(ctx);
     attach_locked(ctx, vcpu_id);
     counters_.add(Counter::nested_context_reuse);
