@@ -313,26 +313,30 @@ std::string position(const std::string& text, size_t offset) {
 // What json::parse accepts but a scenario file may not hold: nesting deeper
 // than kMaxJsonDepth, and an object with the same key twice (json keeps the
 // last one without a word, which would silently change a case). `text` is
-// valid JSON. Keys are compared as written, escapes undecoded.
+// what json::parse accepted (with no NUL byte: refused before); the scan
+// still stops at the end of the text whatever it holds. Keys are compared as
+// written, escapes undecoded.
 Status check_json_shape(const std::string& text, const std::string& path) {
   struct Level {
     bool object;
     std::set<std::string> keys;
   };
+  const size_t n = std::min(text.size(), text.find('\0'));
   std::vector<Level> levels;
-  for (size_t i = 0; i < text.size(); i++) {
+  for (size_t i = 0; i < n; i++) {
     const char c = text[i];
     if (c == '{' || c == '[') {
       if (levels.size() == kMaxJsonDepth)
         return errorf(EINVAL, "{}: JSON nested deeper than {} levels at {}", path, kMaxJsonDepth, position(text, i));
       levels.push_back({c == '{', {}});
-    } else if (c == '}' || c == ']') {
+    } else if ((c == '}' || c == ']') && !levels.empty()) {
       levels.pop_back();
     } else if (c == '"') {
       size_t end = i + 1;
-      while (text[end] != '"') end += text[end] == '\\' ? 2 : 1;
-      size_t next = text.find_first_not_of(" \t\r\n", end + 1);
-      if (!levels.empty() && levels.back().object && next != std::string::npos && text[next] == ':') {
+      while (end < n && text[end] != '"') end += text[end] == '\\' ? 2 : 1;
+      if (end >= n) break;  // unterminated: not what the parser accepted
+      const size_t next = text.find_first_not_of(" \t\r\n", end + 1);
+      if (!levels.empty() && levels.back().object && next < n && text[next] == ':') {
         std::string key = text.substr(i + 1, end - i - 1);
         if (!levels.back().keys.insert(key).second)
           return errorf(EINVAL, "{}: key '{}' appears twice in one object, again at {}", path, key, position(text, i));
@@ -346,6 +350,10 @@ Status check_json_shape(const std::string& text, const std::string& path) {
 }  // namespace
 
 Result<ScenarioFile> parse_scenario_text(const std::string& text, const std::string& path) {
+  // json::parse ends the text at a NUL byte and ignores what follows it,
+  // which would let anything after one pass unread.
+  if (size_t nul = text.find('\0'); nul != std::string::npos)
+    return errorf(EINVAL, "{}: a NUL byte at {}: a scenario file is JSON text", path, position(text, nul));
   json root;
   try {
     root = json::parse(text);

@@ -163,6 +163,16 @@ TEST(ScenarioParseErrors, DeepNestingIsRefusedNotACrash) {
   EXPECT_TRUE(parse_scenario_text(one_case(R"J([{"do": "vmxoff", "note": )J" + ok_depth + "}]"), "f.json"));
 }
 
+// json::parse ends the text at a NUL byte; what follows one must not pass
+// unread (nor be scanned: an unterminated string after it once read past the
+// end of the text).
+TEST(ScenarioParseErrors, ANulByteIsRefusedWithItsPosition) {
+  const std::string text = std::string("{\"cases\": []}\0\0a0\"s\": [\n", 21);
+  auto r = parse_scenario_text(text, "f.json");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().message, "f.json: a NUL byte at line 1, column 14: a scenario file is JSON text");
+}
+
 // A number outside 64 bits is named as such, not as a non-number or an
 // unknown name.
 TEST(ScenarioParseErrors, NumbersBeyondSixtyFourBitsSaySo) {
