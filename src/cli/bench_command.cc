@@ -1,8 +1,6 @@
 // `nestcache bench`: the seed's benchmark (memslot_perf in nested mode) for
 // each page strategy, side by side: option parsing and validation, dispatch
 // to the registered bench tests, the comparison table and the JSON report.
-#include <signal.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <optional>
@@ -432,7 +430,7 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
   // interrupted, and the run exits 130 / 143.
   auto watch = InterruptWatch::start([&printer](int signo) {
     std::fputs("\n", stderr);  // past the progress line
-    printer.finish(false, signo == SIGINT ? "SIGINT" : "SIGTERM");
+    printer.finish(false, signal_name(signo));
   });
   if (!watch) {
     fmt::print(stderr, "nestcache bench: {}\n", watch.error().to_string());

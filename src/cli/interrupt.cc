@@ -22,6 +22,8 @@ sigset_t interrupt_signals() {
 
 }  // namespace
 
+const char* signal_name(int signo) { return signo == SIGINT ? "SIGINT" : "SIGTERM"; }
+
 Result<std::unique_ptr<InterruptWatch>> InterruptWatch::start(std::function<void(int)> on_signal) {
   return start_stoppable([f = std::move(on_signal)](int signo) {
     f(signo);

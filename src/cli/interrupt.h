@@ -11,6 +11,10 @@
 
 namespace nestcache::cli {
 
+// "SIGINT" or "SIGTERM": the signal an InterruptWatch reports, as the
+// commands name it in their output.
+const char* signal_name(int signo);
+
 // While alive, SIGINT and SIGTERM are blocked in the thread that made it and
 // in every thread started after, and one thread of its own waits for them.
 // When one arrives, `on_signal(signo)` runs on that thread (it prints what

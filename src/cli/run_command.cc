@@ -7,8 +7,6 @@
 // outcome differed or a VM could not have a resource, 2 a usage error, a bad
 // file or a VM the model refuses, 128 + the signal when SIGINT or SIGTERM
 // ends the run (the cases that finished are reported first).
-#include <signal.h>
-
 #include <algorithm>
 #include <filesystem>
 
@@ -185,7 +183,7 @@ int run_run_command(const RunArgs& args, bool json) {
   RunReport report(json, args.quiet);
   // SIGINT / SIGTERM: the cases finished so far are reported (none while the
   // files are read), marked as interrupted, and the run exits 130 / 143.
-  auto watch = InterruptWatch::start([&report](int signo) { report.finish(signo == SIGINT ? "SIGINT" : "SIGTERM"); });
+  auto watch = InterruptWatch::start([&report](int signo) { report.finish(signal_name(signo)); });
   if (!watch) {
     fmt::print(stderr, "nestcache run: {}\n", watch.error().to_string());
     return kExitFailed;

@@ -6,8 +6,6 @@
 // and listed by `nestcache selftest NAME --help`. A NAME that is no
 // registered test lands in the positional argument instead and is reported
 // with the list of valid names.
-#include <signal.h>
-
 #include <CLI/CLI.hpp>
 #include <fmt/ranges.h>
 
@@ -64,8 +62,6 @@ int print_unknown(std::string_view name, bool json) {
   return usage_error(json, "nestcache selftest",
                      fmt::format("unknown selftest '{}'; valid names: {}", name, workloads::join_names(names)));
 }
-
-const char* signal_name(int signo) { return signo == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 // What `selftest --all` has finished, shared by the loop that runs the tests
 // and the thread that prints the summary when a signal ends the run. Text

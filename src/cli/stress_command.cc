@@ -1,7 +1,5 @@
 // `nestcache stress`: the soak run (workloads/stress.h) for each strategy
 // asked for, one after the other, with a summary or one JSON object.
-#include <signal.h>
-
 #include <atomic>
 #include <cstdio>
 #include <string_view>
@@ -19,8 +17,6 @@
 namespace nestcache::cli {
 
 namespace {
-
-const char* signal_name(int signo) { return signo == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 // The results of the strategies run so far, printed as each one finishes
 // (text) or all at the end (JSON). The signal-watching thread may end the

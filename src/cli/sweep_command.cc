@@ -1,8 +1,6 @@
 // `nestcache bench --sweep`: one parameter of one bench test over a list of
 // values (workloads/sweep.h), printed as a table per strategy, as JSON, and
 // written as CSV.
-#include <signal.h>
-
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -138,7 +136,7 @@ int run_sweep(const workloads::BenchInfo& test, workloads::BenchOptions o, const
   // the CSV), marked as interrupted, and the run exits 130 / 143, as bench's.
   auto watch = InterruptWatch::start([&printer](int signo) {
     std::fputs("\n", stderr);  // past the progress line
-    printer.finish(signo == SIGINT ? "SIGINT" : "SIGTERM");
+    printer.finish(signal_name(signo));
   });
   if (!watch) return run_error(o.json, "nestcache bench", watch.error().to_string());
   // The progress display draws on stderr only, and only on a terminal, so

@@ -175,7 +175,7 @@ std::vector<std::string> time_commentary(MemslotTest test, const BenchRow& map, 
 }
 
 // How `row`'s run differs from the seed's set-up (8192 memslots, the whole
-// area, unmanaged memory), as "; ours: ..." for the seed's line, or "".
+// area, unmanaged memory), as a sentence for the seed's line, or "".
 std::string differs_from_seed(const BenchRow& row) {
   std::vector<std::string> d;
   if (uint64_t slots = row.extra.value("slots_used", uint64_t{0}); slots != kSeedSlots)
@@ -184,7 +184,7 @@ std::string differs_from_seed(const BenchRow& row) {
   if (std::string memory = row.extra.value("memory", std::string("unmanaged")); memory != "unmanaged")
     d.push_back(fmt::format("{} memory", memory));
   if (d.empty()) return "";
-  return fmt::format(" Ours ran with {}: compare the ratios below with care.", fmt::format("{}", fmt::join(d, ", ")));
+  return fmt::format(" Ours ran with {}: compare the ratios below with care.", fmt::join(d, ", "));
 }
 
 std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> rows) {

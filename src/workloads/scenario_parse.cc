@@ -313,15 +313,15 @@ std::string position(const std::string& text, size_t offset) {
 // What json::parse accepts but a scenario file may not hold: nesting deeper
 // than kMaxJsonDepth, and an object with the same key twice (json keeps the
 // last one without a word, which would silently change a case). `text` is
-// what json::parse accepted (with no NUL byte: refused before); the scan
-// still stops at the end of the text whatever it holds. Keys are compared as
-// written, escapes undecoded.
+// what json::parse accepted, with no NUL byte (refused before: the parser
+// would stop there); the scan still stops at the end of the text whatever it
+// holds. Keys are compared as written, escapes undecoded.
 Status check_json_shape(const std::string& text, const std::string& path) {
   struct Level {
     bool object;
     std::set<std::string> keys;
   };
-  const size_t n = std::min(text.size(), text.find('\0'));
+  const size_t n = text.size();
   std::vector<Level> levels;
   for (size_t i = 0; i < n; i++) {
     const char c = text[i];
