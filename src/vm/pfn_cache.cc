@@ -28,7 +28,9 @@ bool CachePtr::report_stale(const PfnCache* cache, const host::VersionCell* cell
 
 // --- PfnCache: reading ----------------------------------------------------------------
 
-bool PfnCache::read_rwlock(Gpa want, size_t len, Snapshot& s) const {
+bool PfnCache::read_after_failed_check(Gpa want, size_t len, cache_readers::Slot* slot, Snapshot& s) const {
+  cache_readers::exit(slot);
+  if (read_side_ != CacheReadSide::rwlock) return false;
   rw_.lock_shared();  // held past this function by the handle (CachePtr::reset)
   const uint64_t seq = seq_.load(std::memory_order_relaxed);
   s = {gpa_.load(std::memory_order_relaxed), generation_.load(std::memory_order_relaxed),

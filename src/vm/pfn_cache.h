@@ -277,11 +277,18 @@ class PfnCache {
     const host::VersionCell* version_cell;
     uint64_t version;
   };
-  // read() for the rwlock side: true, with rw_ left held shared for the
-  // handle, if the check holds; `s` is then the mapping. Out of line, and
-  // not filling the caller's handle itself, so that the handle of an inlined
-  // lock-free read() never has its address taken.
-  bool read_rwlock(Gpa want, size_t len, Snapshot& s) const NC_NO_THREAD_SAFETY_ANALYSIS;
+  // read()'s path when the lock-free check fails: leaves the slot and, for a
+  // cache of the rwlock side, takes rw_ shared and checks again. True, with
+  // rw_ left held shared for the handle, if that check holds; `s` is then the
+  // mapping. Not filling the caller's handle itself, so that the handle of an
+  // inlined read() never has its address taken. Out of line and cold, so that
+  // the compiler lays the passing lock-free check out as one straight run of
+  // code: with this path inline (or merely not cold), it placed the path
+  // between the check's branches, a taken jump on every read (1.22 against
+  // 1.01 ns, docs/vm-performance.md §6). For the rwlock side this is every
+  // read, where the lock's atomics cost far more than the code's placement.
+  [[gnu::cold, gnu::noinline]] bool read_after_failed_check(Gpa want, size_t len, cache_readers::Slot* slot,
+                                                           Snapshot& s) const NC_NO_THREAD_SAFETY_ANALYSIS;
   // Fills a handle for a checked mapping.
   void fill(CachePtr& p, const Snapshot& s, size_t len, cache_readers::Slot* slot) const {
     p.cache_ = this;
@@ -410,11 +417,8 @@ inline host::FrameTag CachePtr::tag() const {
                    tag_version_.load(std::memory_order_acquire)};
   if ((seq & (kInvalidBit | kRwlockBit)) || seq_.load(std::memory_order_acquire) != seq || !fits(want, len, s))
       [[unlikely]] {
-    cache_readers::exit(slot);
-    if (read_side_ == CacheReadSide::rwlock) {
-      Snapshot locked;
-      if (read_rwlock(want, len, locked)) fill(p, locked, len, nullptr);
-    }
+    Snapshot locked;
+    if (read_after_failed_check(want, len, slot, locked)) fill(p, locked, len, nullptr);
     return p;
   }
 #ifdef NESTCACHE_LOCK_CHECKS
