@@ -163,6 +163,142 @@ BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
   return last;
 }
 
+#if defined(__x86_64__)
+// BM_AccessShape/<shape>: a cached access's instructions with none of their
+// meaning, over plain memory set up so that every check passes.
+//
+// as_built: what the lock-free check + read compiles to (objdump -d -C
+// nestcache_microbench, function access_loop), in the same order and with the
+// same dependences: a TLS load of the thread's record, a load and test of its
+// slot 0, a store into it, six loads from the cache's line, a test of the
+// count's low bits, the count loaded and compared again, a test of the gpa,
+// two dependent loads (the Vm, its memslot generation) and a compare, a load
+// of the frame's version and a compare, the 8-byte read, and a store that
+// leaves the slot: 13 loads, 2 stores and 7 branches besides the loop's own.
+// Against BM_PlainRead it is the floor of that instruction sequence on the
+// machine at hand; against BM_PfnCacheAccess/lockfree/unmanaged it is how much
+// of the access is anything but its instructions.
+//
+// kvm_check: KVM's check without its lock: the valid bit, the gpa and the
+// memslot generation, then the read (5 loads, 3 branches). No reader slot (so
+// nothing stops an invalidation from unmapping the page under the read), no
+// second load of the count (so a refresh may be half seen) and no frame tag
+// (so a stale access goes unseen): what the checks our read keeps cost, as
+// the difference between the two shapes.
+//
+// The summary prints both against the plain read and as_built against the
+// access.
+enum class Shape { as_built, kvm_check };
+
+struct alignas(64) ShapeLine {
+  uint64_t unused = 0;
+  const uint64_t* vm_generation = nullptr;  // 0x08, as PfnCache's Vm pointer
+  uint64_t count = 0;                       // 0x10: valid, lock-free
+  uint64_t gpa = 0;                         // 0x18: the gpa asked for (0)
+  uint64_t generation = 0;                  // 0x20
+  const uint64_t* khva = nullptr;           // 0x28
+  const uint64_t* version_cell = nullptr;   // 0x30
+  uint64_t version = 0;                     // 0x38
+};
+}  // namespace
+}  // namespace nestcache::bench
+
+// The fake thread record's address, in TLS as a reader's record pointer is,
+// with C linkage so that the loop can name it (%fs-relative, local-exec).
+extern "C" {
+constinit thread_local uintptr_t* nestcache_shape_record = nullptr;
+}
+
+namespace nestcache::bench {
+namespace {
+
+// One aligned function per shape, as access_loop is.
+template <Shape S>
+[[gnu::noinline, gnu::aligned(64)]] uint64_t shape_loop(benchmark::State& state, const ShapeLine& line) {
+  uint64_t last = 0;
+  for (auto _ : state) {
+    uint64_t v;
+    if constexpr (S == Shape::as_built) {
+      asm goto(
+          "mov %%fs:nestcache_shape_record@tpoff, %%rax\n\t"
+          "mov (%%rax), %%rdx\n\t"
+          "test %%rdx, %%rdx\n\t"
+          "jne %l[failed]\n\t"
+          "mov %[line], (%%rax)\n\t"
+          "mov 0x10(%[line]), %%rdx\n\t"
+          "mov 0x18(%[line]), %%rcx\n\t"
+          "mov 0x20(%[line]), %%rdi\n\t"
+          "mov 0x28(%[line]), %%r9\n\t"
+          "mov 0x30(%[line]), %%rsi\n\t"
+          "mov 0x38(%[line]), %%r8\n\t"
+          "test $3, %%dl\n\t"
+          "jne %l[failed]\n\t"
+          "mov 0x10(%[line]), %%r10\n\t"
+          "cmp %%r10, %%rdx\n\t"
+          "jne %l[failed]\n\t"
+          "test %%rcx, %%rcx\n\t"
+          "jne %l[failed]\n\t"
+          "mov 0x08(%[line]), %%r10\n\t"
+          "mov (%%r10), %%r10\n\t"
+          "cmp %%r10, %%rdi\n\t"
+          "jne %l[failed]\n\t"
+          "mov (%%rsi), %%r10\n\t"
+          "cmp %%r10, %%r8\n\t"
+          "jne %l[failed]\n\t"
+          "mov (%%r9), %[v]\n\t"
+          "movq $0, (%%rax)"
+          : [v] "=r"(v)
+          : [line] "r"(&line)
+          : "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "cc", "memory"
+          : failed);
+    } else {
+      asm goto(
+          "mov 0x10(%[line]), %%rdx\n\t"
+          "mov 0x18(%[line]), %%rcx\n\t"
+          "mov 0x20(%[line]), %%rdi\n\t"
+          "mov 0x28(%[line]), %%r9\n\t"
+          "test $3, %%dl\n\t"
+          "jne %l[failed]\n\t"
+          "test %%rcx, %%rcx\n\t"
+          "jne %l[failed]\n\t"
+          "mov 0x08(%[line]), %%r10\n\t"
+          "mov (%%r10), %%r10\n\t"
+          "cmp %%r10, %%rdi\n\t"
+          "jne %l[failed]\n\t"
+          "mov (%%r9), %[v]"
+          : [v] "=r"(v)
+          : [line] "r"(&line)
+          : "rcx", "rdx", "rdi", "r9", "r10", "cc", "memory"
+          : failed);
+    }
+    last = v;
+    benchmark::DoNotOptimize(static_cast<const uint64_t&>(last));
+    continue;
+  failed:
+    state.SkipWithError("a check of the shape failed: its memory is set up to pass");
+    break;
+  }
+  return last;
+}
+
+template <Shape S>
+void BM_AccessShape(benchmark::State& state) {
+  alignas(64) static thread_local uintptr_t record[8] = {};  // slot 0 free
+  static const uint64_t vm_generation = 7;
+  static const uint64_t version = 3;
+  static const uint64_t page_word = kGuestValue;
+  const ShapeLine line{.vm_generation = &vm_generation,
+                       .generation = vm_generation,
+                       .khva = &page_word,
+                       .version_cell = &version,
+                       .version = version};
+  nestcache_shape_record = record;
+  check_value(state, shape_loop<S>(state, line));
+}
+BENCHMARK(BM_AccessShape<Shape::as_built>)->Name("BM_AccessShape/as_built")->Unit(benchmark::kNanosecond)->UseRealTime();
+BENCHMARK(BM_AccessShape<Shape::kvm_check>)->Name("BM_AccessShape/kvm_check")->Unit(benchmark::kNanosecond)->UseRealTime();
+#endif
+
 // BM_PfnCacheAccess/<read side>/<kind>: check + 8-byte read through an
 // activated PfnCache (the "after"): the mapping persists, so neither kind
 // makes a system call. rwlock: KVM's reader-writer lock taken shared;

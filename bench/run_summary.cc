@@ -48,6 +48,8 @@ constexpr const char* kPfnCacheUnmanaged = "BM_PfnCacheAccess/lockfree/unmanaged
 constexpr const char* kPfnCacheRwlockUnmanaged = "BM_PfnCacheAccess/rwlock/unmanaged";
 constexpr const char* kPlainRead = "BM_PlainRead";
 constexpr const char* kRefreshRaced = "BM_PfnCacheRefresh/invalidations";
+constexpr const char* kShapeAsBuilt = "BM_AccessShape/as_built";
+constexpr const char* kShapeKvmCheck = "BM_AccessShape/kvm_check";
 
 // The families measured at a small and a large size, and the sizes.
 struct ScaledFamily {
@@ -104,6 +106,25 @@ void print_access_vs_plain(const CollectingReporter& r, std::FILE* out) {
   }
 }
 
+// The access against its own instructions (BM_AccessShape, x86-64 only): how
+// much of it is the instructions' floor on this machine, and what a check
+// without the reader slot, the second count load and the frame tag costs.
+void print_access_shape(const CollectingReporter& r, std::FILE* out) {
+  const auto plain = r.figures(kPlainRead);
+  const auto shape = r.figures(kShapeAsBuilt);
+  if (!plain || !shape || !positive(*plain) || !positive(*shape)) return;
+  std::fprintf(out, "%s (the access's instructions, no protocol) / %s: %.1fx CPU time (%.2f ns / %.2f ns)\n",
+               kShapeAsBuilt, kPlainRead, shape->cpu_ns / plain->cpu_ns, shape->cpu_ns, plain->cpu_ns);
+  if (const auto cache = r.figures(kPfnCacheUnmanaged))
+    std::fprintf(out, "  %s / %s: %.2fx CPU time (the access costs its instructions and no more at 1.00x)\n",
+                 kPfnCacheUnmanaged, kShapeAsBuilt, cache->cpu_ns / shape->cpu_ns);
+  if (const auto kvm = r.figures(kShapeKvmCheck))
+    std::fprintf(out,
+                 "%s (valid, gpa, generation; no reader slot, count reload or frame tag) / %s: %.1fx CPU time "
+                 "(%.2f ns)\n",
+                 kShapeKvmCheck, kPlainRead, kvm->cpu_ns / plain->cpu_ns, kvm->cpu_ns);
+}
+
 void print_scaled(const CollectingReporter& r, std::FILE* out) {
   bool header = false;
   for (const ScaledFamily& fam : kScaled) {
@@ -136,6 +157,7 @@ void print_summary(const CollectingReporter& r, std::FILE* out, bool busy) {
   if (!r.any()) return;
   print_map_vs_cache(r, out, busy);
   print_access_vs_plain(r, out);
+  print_access_shape(r, out);
   print_scaled(r, out);
   print_raced_refresh(r, out);
   for (const std::string& name : r.failed()) std::fprintf(out, "\nfailed: %s (see its error above)\n", name.c_str());

@@ -5,7 +5,9 @@
 //
 //   - the unmanaged HostMap access against the lock-free PfnCache access (the
 //     seed's "before" and "after");
-//   - each read side's cached access against a plain read through a pointer;
+//   - each read side's cached access against a plain read through a pointer,
+//     and the lock-free access against its own instructions run with no
+//     meaning (BM_AccessShape: the floor of that sequence on this machine);
 //   - "flat in scale": every family measured at a small and a large size (the
 //     memslot lookup at 8 and 32,764 slots, an invalidation among 1,000 and
 //     100,000 caches), the large figure over the small one;
