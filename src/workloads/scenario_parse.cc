@@ -120,7 +120,14 @@ Result<Expect> Parser::expectation(const json& s, const Step& st) {
     if (!s["counters"].is_object()) return fail("'counters' must be an object: counter -> delta");
     for (auto it = s["counters"].begin(); it != s["counters"].end(); ++it) {
       if (!counter_from_name(it.key())) return fail("counters: unknown counter '{}'", it.key());
-      e.counters[it.key()] = NC_TRY(expr(it.value(), it.key())).eval();
+      // A delta of counters that only go up: a negative number (two's
+      // complement once evaluated) names a count no step reaches, so the
+      // case could never pass.
+      const uint64_t delta = NC_TRY(expr(it.value(), it.key())).eval();
+      if (delta > uint64_t{INT64_MAX})
+        return fail("counters: '{}' is how much the counter goes up during the step: a count of zero or more, not {}",
+                    it.key(), it.value().is_string() ? it.value().get<std::string>() : it.value().dump());
+      e.counters[it.key()] = delta;
     }
   }
   return e;

@@ -256,6 +256,20 @@ TEST(ScenarioParseErrors, BadOutcomesAndMisplacedExpectations) {
             std::string::npos);
 }
 
+// Counters only go up: an expected delta below zero (two's complement once
+// evaluated) would make a case that can never pass.
+TEST(ScenarioParseErrors, NegativeCounterDeltasAreRefused) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff", "counters": {"l0_exits": -1}}])J")),
+            "f.json: case 'c', step 1 (vmxoff): counters: 'l0_exits' is how much the counter goes up during the "
+            "step: a count of zero or more, not -1");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff", "counters": {"l0_exits": "0 - 2"}}])J")).find("not 0 - 2"),
+            std::string::npos);
+  auto f = parse_scenario_text(one_case(R"J([{"do": "vmxoff", "counters": {"l0_exits": 0, "l1_exits": "1 + 1"}}])J"),
+                               "f.json");
+  ASSERT_TRUE(f) << f.error().message;
+  EXPECT_EQ(f->cases[0].steps[0].expect.counters.at("l1_exits"), 2u);
+}
+
 TEST(ScenarioParseErrors, NestedStateBlobsMustBeSavedFirst) {
   EXPECT_EQ(error_of(one_case(R"J([{"do": "set_nested_state", "blob": "s"}])J")),
             "f.json: case 'c', step 1 (set_nested_state): blob 's' was not saved by an earlier get_nested_state "
