@@ -180,7 +180,7 @@ BENCHMARK(BM_PlainRead)->Unit(benchmark::kNanosecond)->UseRealTime();
 // of the access is anything but its instructions.
 //
 // kvm_check: KVM's check without its lock: the valid bit, the gpa and the
-// memslot generation, then the read (5 loads, 3 branches). No reader slot (so
+// memslot generation, then the read (7 loads, 3 branches). No reader slot (so
 // nothing stops an invalidation from unmapping the page under the read), no
 // second load of the count (so a refresh may be half seen) and no frame tag
 // (so a stale access goes unseen): what the checks our read keeps cost, as
