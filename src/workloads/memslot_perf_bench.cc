@@ -1,7 +1,11 @@
 // `nestcache bench`'s tests: memslot_perf in nested mode (memslot_perf.h),
 // registered one bench test per upstream test, with the three views of
 // DESIGN.md §6 and the seed's table printed beside the view it matches.
+#include <algorithm>
 #include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include <fmt/ranges.h>
 
@@ -210,12 +214,21 @@ std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> 
   if (map && cache) {
     for (const std::string& s : time_commentary(test, *map, *cache)) out.push_back(s);
   }
+  // One line per slot layout, naming every strategy that ran with it (the
+  // area decides the cap, so the strategies usually share one line).
+  std::vector<std::tuple<int, int, std::vector<std::string>>> capped;  // slots, pages per slot, strategies
   for (const BenchRow& r : rows) {
-    if (r.extra.value("slots_capped", false))
-      out.push_back(fmt::format("{}: too many slots for this area; ran with {} slots of {} page(s) (upstream refuses).",
-                                strategy_name(r.strategy), r.extra.value("slots_used", 0),
-                                r.extra.value("pages_per_slot", 0)));
+    if (!r.extra.value("slots_capped", false)) continue;
+    const int slots = r.extra.value("slots_used", 0);
+    const int pages = r.extra.value("pages_per_slot", 0);
+    auto it = std::find_if(capped.begin(), capped.end(),
+                           [&](const auto& c) { return std::get<0>(c) == slots && std::get<1>(c) == pages; });
+    if (it == capped.end()) it = capped.insert(capped.end(), {slots, pages, {}});
+    std::get<2>(*it).emplace_back(strategy_name(r.strategy));
   }
+  for (const auto& [slots, pages, strategies] : capped)
+    out.push_back(fmt::format("{}: too many slots for this area; ran with {} slots of {} page(s) (upstream refuses).",
+                              fmt::join(strategies, ", "), slots, pages));
   return out;
 }
 
