@@ -6,6 +6,7 @@
 #include <optional>
 
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 
 #include "cli/commands.h"
 #include "cli/interrupt.h"
@@ -372,12 +373,34 @@ class BenchPrinter {
  private:
   void print_header_locked() NC_REQUIRES(mu_) {
     const workloads::BenchOptions& o = report_.options;
-    fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}, {} slots, "
-               "exit cost {} ns per VM exit + entry{}, L1 timer {} Hz{}, {}, best of {} run{}\n",
+    // Only what applies to the tests of this run: the slot count if a memslot
+    // test runs, the L1 timer if a test has one (l2-switch has none), with
+    // the tests whose rate differs from --l1-hz named (nested-io's default).
+    bool slots = false;
+    std::vector<const workloads::BenchInfo*> timed;
+    for (const workloads::BenchInfo* t : tests_) {
+      slots |= t->uses_slots;
+      if (t->l1_hz) timed.push_back(t);
+    }
+    auto rate = [](uint32_t hz) { return hz ? fmt::format("{} Hz", hz) : std::string("off"); };
+    std::string timer_part;
+    if (!timed.empty()) {
+      const uint32_t first = timed.front()->l1_hz(o);
+      const bool same = std::all_of(timed.begin(), timed.end(), [&](auto* t) { return t->l1_hz(o) == first; });
+      if (same) {
+        timer_part = ", L1 timer " + rate(first);
+      } else {
+        std::vector<std::string> others;
+        for (const workloads::BenchInfo* t : timed)
+          if (t->l1_hz(o) != o.l1_hz) others.push_back(fmt::format("{}: {}", t->name, rate(t->l1_hz(o))));
+        timer_part = fmt::format(", L1 timer {} ({})", rate(o.l1_hz), fmt::join(others, ", "));
+      }
+    }
+    fmt::print("nestcache bench: {} time (guest instruction {} ns, locked {} ns, PAUSE {} ns), memory {}{}, "
+               "exit cost {} ns per VM exit + entry{}{}, {}, best of {} run{}\n",
                workloads::clock_kind_name(o.clock), o.costs.op_ns, o.costs.locked_op_ns, o.costs.pause_ns,
-               workloads::memory_kind_name(o.memory), o.slots, report_.exit_cost_ns(),
-               o.exit_cost_ns ? "" : " (model default)", o.l1_hz,
-               o.l1_hz_is_default ? fmt::format(" (nested-io: {} Hz)", workloads::kDefaultIoL1Hz) : "",
+               workloads::memory_kind_name(o.memory), slots ? fmt::format(", {} slots", o.slots) : "",
+               report_.exit_cost_ns(), o.exit_cost_ns ? "" : " (model default)", timer_part,
                o.iterations ? fmt::format("{} iteration{} per run", o.iterations, o.iterations == 1 ? "" : "s")
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");

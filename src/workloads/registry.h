@@ -79,6 +79,7 @@ struct BenchInfo {
   std::string summary = {};      // one line
   std::string description = {};  // a paragraph
   bool in_default_job = false;   // run by `nestcache` with no arguments
+  bool uses_slots = false;       // --slots applies (the bench header names it only then)
   // Runs the test once for one strategy (all --runs of it). An error means
   // the test could not run at all; failed checks go in BenchRow::failures.
   std::function<Result<BenchRow>(const BenchOptions&, vmx::StrategyKind)> run = nullptr;
