@@ -56,6 +56,17 @@ TEST_F(Exhaustion, RemapWindowsThatKeepFailingEndTheRunWithTheirCause) {
                  "ENOMEM: vCPU 0: KVM internal error, still failing after");
 }
 
+TEST_F(Exhaustion, AMunmapFailureARetryAbsorbsIsCounted) {
+  // One failed munmap, retried at once with success: the run passes, and
+  // its counters say a munmap failed (PhysMem alone counts it).
+  host::inject_fault({FaultSite::munmap, 1, false, ENOMEM});
+  SelftestResult r = test_support::run_named_selftest("memslots", StrategyKind::cache, MemoryKind::unmanaged);
+  host::clear_faults();
+  EXPECT_TRUE(r.passed) << (r.failures.empty() ? "" : r.failures[0]);
+  EXPECT_EQ(r.counters[Counter::remap_window_unmap_failures], 1u);
+  EXPECT_EQ(r.counters[Counter::remap_windows], r.counters[Counter::remap_windows_closed]);
+}
+
 TEST_F(Exhaustion, BenchRows) {
   register_all();
   const BenchInfo* b = find_bench("map");
