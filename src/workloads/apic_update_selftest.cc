@@ -362,6 +362,10 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   r.counters += k;
 
   std::string tag = fmt::format("{} {}", mode, strategy_name(o.strategy));
+  // Unchecked, a window whose munmap kept failing would be unmapped by the
+  // VM's destructor outside the fault seam (Leaks::no_resources_left).
+  const Leaks leaks = env.tear_down();
+  r.check(leaks.no_resources_left(), "{}: leaked at teardown: {}", tag, leaks.resources_to_string());
   r.check(static_cast<bool>(st), "{}: the run failed (every entry must succeed): {}", tag,
           st ? std::string() : st.error().to_string());
   r.check(t.last_exit == static_cast<uint64_t>(vmx::ExitReason::kVmcall), "{}: last exit reason {} is not VMCALL", tag,

@@ -28,6 +28,15 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
   return sum;
 }
 
+// Tears the VM down and fails `r` if it left a remap window, a pin or an
+// active cache (Leaks::no_resources_left): unchecked, a window whose munmap
+// kept failing would be unmapped by the VM's destructor outside the fault
+// seam, and the run would pass with the failure unseen.
+void check_teardown(NestedEnv& env, SelftestResult& r) {
+  const Leaks leaks = env.tear_down();
+  r.check(leaks.no_resources_left(), "leaked at teardown: {}", leaks.resources_to_string());
+}
+
 SelftestResult run_nested_pages(const RunOptions& o) {
   SelftestResult r;
   auto c = config_of(o, "8", "nested-pages");
@@ -37,6 +46,7 @@ SelftestResult run_nested_pages(const RunOptions& o) {
   auto env = NestedEnv::create(ec);
   if (!env) return r.fail(env.error().to_string()), r;
   PagesTranscript t = run_pages_workload(**env, *c, r);
+  check_teardown(**env, r);
   int n = c->rounds;
   r.check(t.rounds == n, "L2 completed {} rounds of {}", t.rounds, n);
   r.check(t.memory_mismatches == 0, "{} memory patterns L2 wrote were not seen by L1", t.memory_mismatches);
@@ -68,6 +78,7 @@ SelftestResult run_migrate_under_l2(const RunOptions& o) {
   auto env = NestedEnv::create(ec);
   if (!env) return r.fail(env.error().to_string()), r;
   PagesTranscript t = run_pages_workload(**env, *c, r);
+  check_teardown(**env, r);
   uint64_t stale = r.counters[Counter::stale_accesses];
   uint64_t lost_tpr = r.counters[Counter::lost_tpr_writes];
   uint64_t lost_pi = r.counters[Counter::lost_posted_interrupts];
