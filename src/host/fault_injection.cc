@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <utility>
 
 #include "base/check.h"
 
@@ -56,6 +57,12 @@ Result<int> parse_errno_name(std::string_view name) {
     const char* n = strerrorname_np(e);
     if (n && name == n) return e;
   }
+  // strerrorname_np gives one name per number; <errno.h> has a few second
+  // names for the same number, which a user may well write.
+  static constexpr std::pair<std::string_view, int> kAliases[] = {
+      {"EWOULDBLOCK", EWOULDBLOCK}, {"EDEADLOCK", EDEADLOCK}, {"ENOTSUP", ENOTSUP}};
+  for (const auto& [alias, e] : kAliases)
+    if (name == alias) return e;
   return errorf(EINVAL, "'{}' is not an errno name (ENOMEM, EAGAIN, EMFILE, ...)", name);
 }
 
