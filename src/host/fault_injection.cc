@@ -106,6 +106,14 @@ Result<FaultSpec> parse_fault_spec(std::string_view text) {
     if (!e) return errorf(EINVAL, "fault '{}': {}", text, e.error().message);
     spec.error = *e;
   }
+  // munmap gives EINVAL only for a range that is not a mapping of ours: a
+  // bug, which PhysMem::close_window checks as an invariant (an abort), not a
+  // resource limit the seam stands for.
+  if (spec.site == FaultSite::munmap && spec.error == EINVAL)
+    return errorf(EINVAL,
+                  "fault '{}': munmap fails with EINVAL only for a bad address, not at a resource limit; use ENOMEM "
+                  "(the default)",
+                  text);
   return spec;
 }
 

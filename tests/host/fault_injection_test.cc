@@ -49,7 +49,7 @@ TEST_F(FaultInjection, SpecsParseWithTheirDefaultsAndRefuseNonsense) {
   ASSERT_TRUE(s) << s.error().to_string();
   EXPECT_EQ(s->error, EOPNOTSUPP);
   for (const char* bad : {"", "mmap", "mmap:", "mmap:0", "mmap:-1", "mmap:x", "disk:1", "mmap:1:ENOSUCH",
-                          "mmap:99999999999999999999"}) {
+                          "mmap:99999999999999999999", "munmap:1:EINVAL", "munmap:2+:EINVAL"}) {
     auto e = parse_fault_spec(bad);
     ASSERT_FALSE(e) << bad;
     EXPECT_EQ(e.error().code, EINVAL) << bad;
