@@ -31,10 +31,13 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
 // Tears the VM down and fails `r` if it left a remap window, a pin or an
 // active cache (Leaks::no_resources_left): unchecked, a window whose munmap
 // kept failing would be unmapped by the VM's destructor outside the fault
-// seam, and the run would pass with the failure unseen.
+// seam, and the run would pass with the failure unseen. Then takes the
+// pool's counters from PhysMem (merge_run_counters): the machine's count
+// the windows opened but not those closed at teardown, nor pins.
 void check_teardown(NestedEnv& env, SelftestResult& r) {
   const Leaks leaks = env.tear_down();
   r.check(leaks.no_resources_left(), "leaked at teardown: {}", leaks.resources_to_string());
+  r.counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&r.counters, 1));
 }
 
 SelftestResult run_nested_pages(const RunOptions& o) {
