@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <utility>
 
 #include "base/check.h"
 
@@ -56,6 +57,12 @@ Result<int> parse_errno_name(std::string_view name) {
     const char* n = strerrorname_np(e);
     if (n && name == n) return e;
   }
+  // strerrorname_np gives one name per number; <errno.h> has a few second
+  // names for the same number, which a user may well write.
+  static constexpr std::pair<std::string_view, int> kAliases[] = {
+      {"EWOULDBLOCK", EWOULDBLOCK}, {"EDEADLOCK", EDEADLOCK}, {"ENOTSUP", ENOTSUP}};
+  for (const auto& [alias, e] : kAliases)
+    if (name == alias) return e;
   return errorf(EINVAL, "'{}' is not an errno name (ENOMEM, EAGAIN, EMFILE, ...)", name);
 }
 
@@ -99,6 +106,14 @@ Result<FaultSpec> parse_fault_spec(std::string_view text) {
     if (!e) return errorf(EINVAL, "fault '{}': {}", text, e.error().message);
     spec.error = *e;
   }
+  // munmap gives EINVAL only for a range that is not a mapping of ours: a
+  // bug, which PhysMem::close_window checks as an invariant (an abort), not a
+  // resource limit the seam stands for.
+  if (spec.site == FaultSite::munmap && spec.error == EINVAL)
+    return errorf(EINVAL,
+                  "fault '{}': munmap fails with EINVAL only for a bad address, not at a resource limit; use ENOMEM "
+                  "(the default)",
+                  text);
   return spec;
 }
 

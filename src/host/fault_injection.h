@@ -52,7 +52,8 @@ struct FaultSpec {
 // Parses "SITE:N" or "SITE:N+" ("N+" = the Nth and every later one),
 // optionally followed by ":ERRNO" by name ("thread:2:EAGAIN"). The default
 // errno is ENOMEM for mmap and munmap, EMFILE for memfd and EAGAIN for
-// thread. EINVAL naming the part that is wrong otherwise.
+// thread. EINVAL naming the part that is wrong otherwise, and for munmap
+// with EINVAL (a bad address, not a resource limit: PhysMem aborts on it).
 Result<FaultSpec> parse_fault_spec(std::string_view text);
 
 // Arms `spec`, replacing what was armed (or counted) at its site, and starts

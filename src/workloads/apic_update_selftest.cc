@@ -359,9 +359,16 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   stop.store(true);
   vmm->join();
   CounterSnapshot k = env.counters();
-  r.counters += k;
 
   std::string tag = fmt::format("{} {}", mode, strategy_name(o.strategy));
+  // Unchecked, a window whose munmap kept failing would be unmapped by the
+  // VM's destructor outside the fault seam (Leaks::no_resources_left).
+  const Leaks leaks = env.tear_down();
+  r.check(leaks.no_resources_left(), "{}: leaked at teardown: {}", tag, leaks.resources_to_string());
+  // The pool's counters from PhysMem once the VM is gone (merge_run_counters):
+  // the machine's count no window closed at teardown and no pin.
+  k = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&k, 1));
+  r.counters += k;
   r.check(static_cast<bool>(st), "{}: the run failed (every entry must succeed): {}", tag,
           st ? std::string() : st.error().to_string());
   r.check(t.last_exit == static_cast<uint64_t>(vmx::ExitReason::kVmcall), "{}: last exit reason {} is not VMCALL", tag,

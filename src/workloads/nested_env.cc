@@ -52,6 +52,10 @@ std::string Leaks::to_string() const {
                      active_caches, attached_contexts);
 }
 
+std::string Leaks::resources_to_string() const {
+  return fmt::format("{} remap windows, {} pins, {} active caches", open_windows, held_pins, active_caches);
+}
+
 Leaks NestedEnv::tear_down() {
   Leaks l;
   if (auto* table = machine->nested_contexts()) l.attached_contexts = table->table().attached_count();

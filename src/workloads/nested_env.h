@@ -59,6 +59,15 @@ struct Leaks {
   bool none() const { return !open_windows && !held_pins && !active_caches && !attached_contexts; }
   // "0 remap windows, 0 pins, 0 active caches, 0 attached contexts".
   std::string to_string() const;
+  // No window, pin or active cache left: what every run must give back,
+  // however its L1 ended. A context still attached because L1 never ran
+  // VMCLEAR is not a leak: it goes with the machine, and the process-wide
+  // teardown count sees one that does not. A window whose munmap kept
+  // failing stays counted open here (RemapWindow), while PhysMem's
+  // destructor would unmap it unseen.
+  bool no_resources_left() const { return !open_windows && !held_pins && !active_caches; }
+  // "0 remap windows, 0 pins, 0 active caches".
+  std::string resources_to_string() const;
 };
 
 class NestedEnv {

@@ -252,6 +252,12 @@ SelftestResult run_nested_state(const RunOptions& o) {
   const CounterSnapshot& k = dst.counters;
   r.counters += k;
   r.check(static_cast<bool>(dst.run), "the restored L2 did not finish: {}", dst.run ? "" : dst.run.error().to_string());
+  // Each VM was torn down at the end of its run; a window, pin or cache it
+  // left (Leaks::no_resources_left) is a failure.
+  const std::pair<const char*, const Leaks*> vms[] = {{"reference", &ref.leaks}, {"source", &src.leaks},
+                                                      {"destination", &dst.leaks}};
+  for (const auto& [vm, leaks] : vms)
+    r.check(leaks->no_resources_left(), "{} VM leaked at teardown: {}", vm, leaks->resources_to_string());
   report_restored(c, ref, dst, tag, r);
   r.details["destination_counters"] = k.to_json();
   if (c.evmcs)

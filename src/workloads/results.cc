@@ -128,8 +128,11 @@ nlohmann::json BenchReport::to_json() const {
 
 CounterSnapshot merge_run_counters(const CounterSnapshot& phys, std::span<const CounterSnapshot> others) {
   // The pool's own counters: every event in them reaches PhysMem, whichever
-  // object also counted it.
-  static constexpr Counter kPoolCounters[] = {Counter::remap_windows, Counter::remap_windows_closed, Counter::pins,
+  // object also counted it. A failed window munmap is counted by PhysMem
+  // alone, so it must come from `phys` too, or a run reports windows left
+  // open with no munmap failure behind them.
+  static constexpr Counter kPoolCounters[] = {Counter::remap_windows, Counter::remap_windows_closed,
+                                              Counter::remap_window_unmap_failures, Counter::pins,
                                               Counter::unpins, Counter::stale_accesses};
   CounterSnapshot sum;
   for (const CounterSnapshot& o : others) sum += o;

@@ -38,8 +38,18 @@ TEST_F(FaultInjection, SpecsParseWithTheirDefaultsAndRefuseNonsense) {
   s = parse_fault_spec("memfd:1:ENFILE");
   ASSERT_TRUE(s);
   EXPECT_EQ(s->error, ENFILE);
+  // The second names <errno.h> gives some numbers are errno names too.
+  s = parse_fault_spec("thread:1:EWOULDBLOCK");
+  ASSERT_TRUE(s) << s.error().to_string();
+  EXPECT_EQ(s->error, EAGAIN);
+  s = parse_fault_spec("mmap:1:EDEADLOCK");
+  ASSERT_TRUE(s) << s.error().to_string();
+  EXPECT_EQ(s->error, EDEADLK);
+  s = parse_fault_spec("mmap:1:ENOTSUP");
+  ASSERT_TRUE(s) << s.error().to_string();
+  EXPECT_EQ(s->error, EOPNOTSUPP);
   for (const char* bad : {"", "mmap", "mmap:", "mmap:0", "mmap:-1", "mmap:x", "disk:1", "mmap:1:ENOSUCH",
-                          "mmap:99999999999999999999"}) {
+                          "mmap:99999999999999999999", "munmap:1:EINVAL", "munmap:2+:EINVAL"}) {
     auto e = parse_fault_spec(bad);
     ASSERT_FALSE(e) << bad;
     EXPECT_EQ(e.error().code, EINVAL) << bad;
