@@ -49,7 +49,7 @@ Result<std::vector<std::string>> expand_paths(const std::vector<std::string>& ar
 struct Tally {
   // Cases whose VM was refused (a bad file: exit status 2), and those whose
   // VM could not have a resource (could not run: 1).
-  size_t cases = 0, passed = 0, refused_vms = 0, steps = 0, mismatched = 0;
+  size_t cases = 0, passed = 0, refused_vms = 0, steps = 0, mismatched = 0, leaked = 0;
   std::map<std::string, std::pair<size_t, size_t>> by_family;  // family -> (cases, passed)
 
   void add(const sc::CaseResult& r) {
@@ -58,6 +58,7 @@ struct Tally {
     refused_vms += !r.setup_error.empty() && r.setup_errno == EINVAL ? 1 : 0;
     steps += r.steps.size();
     mismatched += r.mismatches();
+    leaked += r.leaked.empty() ? 0 : 1;
     auto& f = by_family[r.family.empty() ? "other" : r.family];
     f.first++;
     f.second += r.passed() ? 1 : 0;
@@ -69,6 +70,7 @@ void print_case(const sc::CaseResult& r, bool quiet) {
   fmt::print("  {} {}  ({})\n", r.passed() ? "PASS" : "FAIL", r.name, r.follows);
   if (!r.kvm_differs.empty() && !quiet) fmt::print("       deliberate difference from KVM: {}\n", r.kvm_differs);
   if (!r.setup_error.empty()) fmt::print("       the VM could not be built: {}\n", r.setup_error);
+  if (!r.leaked.empty()) fmt::print("       left at teardown: {}\n", r.leaked);
   for (const sc::StepResult& s : r.steps) {
     if (quiet && s.ok) continue;
     if (s.ok) {
@@ -89,6 +91,7 @@ nlohmann::json case_json(const sc::CaseResult& r) {
                       {"steps", steps}};
   if (!r.kvm_differs.empty()) j["kvm_differs"] = r.kvm_differs;
   if (!r.setup_error.empty()) j["setup_error"] = r.setup_error;
+  if (!r.leaked.empty()) j["leaked"] = r.leaked;
   return j;
 }
 
@@ -136,6 +139,7 @@ class RunReport {
                             {"failed", tally_.cases - tally_.passed},
                             {"steps", tally_.steps},
                             {"mismatched_steps", tally_.mismatched},
+                            {"leaked_at_teardown", tally_.leaked},
                             {"by_family", fam}}},
                           {"passed", all_passed}};
       if (interrupted_by) j["interrupted"] = interrupted_by;
@@ -145,9 +149,13 @@ class RunReport {
       for (const auto& [name, counts] : tally_.by_family)
         fam += fmt::format("{}{} {}/{}", fam.empty() ? "" : ", ", name, counts.second, counts.first);
       if (interrupted_by) fmt::print("\nInterrupted by {}: ", interrupted_by);
-      fmt::print("{} cases{}: {} passed, {} failed ({} of {} steps did not hold){}{}\n", tally_.cases,
+      fmt::print("{} cases{}: {} passed, {} failed ({} of {} steps did not hold{}){}{}\n", tally_.cases,
                  interrupted_by ? " finished" : "", tally_.passed, tally_.cases - tally_.passed, tally_.mismatched,
-                 tally_.steps, fam.empty() ? "" : "; by family: ", fam);
+                 tally_.steps,
+                 tally_.leaked ? fmt::format("; {} case{} left resources at teardown", tally_.leaked,
+                                             tally_.leaked == 1 ? "" : "s")
+                               : "",
+                 fam.empty() ? "" : "; by family: ", fam);
     }
     std::fflush(stdout);
     return tally_;

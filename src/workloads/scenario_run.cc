@@ -31,7 +31,7 @@ std::string hex(uint64_t v) { return fmt::format("{:#x}", v); }
 
 bool is_l1_verb(Verb v) { return v >= Verb::vmxon; }
 
-bool CaseResult::passed() const { return setup_error.empty() && mismatches() == 0; }
+bool CaseResult::passed() const { return setup_error.empty() && leaked.empty() && mismatches() == 0; }
 
 size_t CaseResult::mismatches() const {
   size_t n = 0;
@@ -126,6 +126,17 @@ void Session::stop_machine() {
   }
   l2_faults_.abort.store(true);
   machine_thread_.join();
+}
+
+std::string Session::tear_down() {
+  stop_machine();
+  machine_.reset();  // vCPUs and their caches go first
+  const CounterSet& pc = phys_->counters();
+  const uint64_t windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
+  const uint64_t pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
+  const size_t caches = vm_->caches().active_count();
+  if (!windows && !pins && !caches) return {};
+  return fmt::format("{} remap windows, {} pins, {} active caches", windows, pins, caches);
 }
 
 Session::~Session() {
@@ -379,6 +390,7 @@ CaseResult run_case(const Case& c, const RunConfig& config) {
     return out;
   }
   for (const Step& s : c.steps) out.steps.push_back((*session)->run_step(s));
+  out.leaked = (*session)->tear_down();
   return out;
 }
 

@@ -44,6 +44,11 @@ class Session {
 
   // Executes one step and judges it.
   StepResult run_step(const Step& s);
+  // After the last step: stops the machine and returns what it left that it
+  // should have given back (remap windows, pins, active caches), or "" for
+  // nothing. A window whose munmap kept failing stays counted open here,
+  // while PhysMem's destructor would unmap it unseen.
+  std::string tear_down();
 
  private:
   Session(const Case& c, const RunConfig& config) : case_(c), config_(config) {}
