@@ -10,6 +10,7 @@
 // 2 a usage error (bad option value, unknown test name).
 #pragma once
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <span>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 
 #include "workloads/registry.h"
 #include "workloads/stress.h"
@@ -26,6 +28,33 @@ namespace nestcache::cli {
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailed = 1;
 inline constexpr int kExitUsage = 2;
+
+// CLI11's Range, with messages that say what is wrong with the value: "'abc'
+// is not a number", "1.5 is not a whole number", "-5 is out of range: 1 to
+// 100" (CLI11 says "Value abc not in range 1 to 100" for all three, and lets
+// "nan" through a floating-point range). Its help text is Range's ("UINT in
+// [1 - 100]").
+template <class T>
+CLI::Validator in_range(T lo, T hi) {
+  auto check = [lo, hi](std::string& text) -> std::string {
+    T v{};
+    if (!CLI::detail::lexical_cast(text, v) || (std::is_floating_point_v<T> && std::isnan(static_cast<double>(v)))) {
+      double d = 0;
+      if constexpr (std::is_integral_v<T>) {
+        if (CLI::detail::lexical_cast(text, d) && std::isfinite(d)) {
+          if (d != std::trunc(d)) return fmt::format("{} is not a whole number", text);
+          if (d < static_cast<double>(lo) || d > static_cast<double>(hi))
+            return fmt::format("{} is out of range: {} to {}", text, lo, hi);
+          return fmt::format("'{}': write a whole number in digits ({:.0f})", text, d);
+        }
+      }
+      return fmt::format("'{}' is not a number", text);
+    }
+    if (v < lo || v > hi) return fmt::format("{} is out of range: {} to {}", text, lo, hi);
+    return {};
+  };
+  return CLI::Validator(check, CLI::Range(lo, hi).get_description(), "RANGE");
+}
 
 // ---------------------------------------------------------------------------
 // nestcache selftest [NAME | --all] [options]
