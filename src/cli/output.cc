@@ -78,9 +78,12 @@ void print_json(const nlohmann::json& j) {
 void print_selftest_summary(std::string_view test, const workloads::RunOptions& opts,
                             const workloads::SelftestResult& r) {
   double seconds = r.details.value("seconds", 0.0);
-  fmt::print("{}: {}  (strategy {}, memory {}, {})\n", test, r.passed ? "PASS" : "FAIL",
-             vmx::strategy_name(opts.strategy), workloads::memory_kind_name(opts.memory),
-             format_seconds(seconds));
+  // A selftest that drives the vm layer directly says --strategy does not
+  // apply to it (details.strategy_applies): the line then does not name one.
+  const bool strategy_applies = r.details.value("strategy_applies", true);
+  fmt::print("{}: {}  ({}memory {}, {})\n", test, r.passed ? "PASS" : "FAIL",
+             strategy_applies ? fmt::format("strategy {}, ", vmx::strategy_name(opts.strategy)) : "",
+             workloads::memory_kind_name(opts.memory), format_seconds(seconds));
   for (const std::string& f : r.failures) fmt::print("  failed: {}\n", f);
   for (const std::string& n : r.notes) fmt::print("  note: {}\n", n);
 
