@@ -31,6 +31,7 @@ nlohmann::json point_json(const SweepPoint& p) {
       {"nested_round_trips", r.counters[Counter::nested_round_trips]},
       {"remap_windows", r.counters[Counter::remap_windows]},
       {"stale_accesses", r.counters[Counter::stale_accesses]},
+      {"exit_cost_ns", r.exit_cost_ns},
       {"failures", r.failures},
       {"breakdown_per_round_trip", r.breakdown()["per_round_trip"]},
   };
