@@ -15,7 +15,8 @@ constexpr SweepParam kParams[] = {SweepParam::slots, SweepParam::l2_per_l1, Swee
 
 Result<uint32_t> narrow(SweepParam p, uint64_t value) {
   if (value > std::numeric_limits<uint32_t>::max())
-    return errorf(EINVAL, "{}: {} is out of range", sweep_param_name(p), value);
+    return errorf(EINVAL, "--sweep {}={}: {} is above {}", sweep_param_name(p), value, value,
+                  std::numeric_limits<uint32_t>::max());
   return static_cast<uint32_t>(value);
 }
 
@@ -130,9 +131,16 @@ Status check_sweep_applies(const BenchInfo& test, SweepParam p) {
 
 Status validate_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec) {
   if (spec.values.empty()) return errorf(EINVAL, "--sweep {}: no values given", sweep_param_name(spec.param));
+  // A message from the options' own checks names the option ("--slots: 1 is
+  // outside 2..32764"); the prefix names what was given ("--sweep slots=1").
+  auto named = [&](uint64_t v, const Error& e) {
+    if (e.message.starts_with("--sweep ")) return make_error(e.code, e.message);
+    return make_error(e.code, fmt::format("--sweep {}={}: {}", sweep_param_name(spec.param), v, e.message));
+  };
   for (uint64_t v : spec.values) {
-    const BenchOptions point = NC_TRY(sweep_options(base, spec.param, v));
-    NC_TRY(validate_for(test, point));
+    const Result<BenchOptions> point = sweep_options(base, spec.param, v);
+    if (!point) return named(v, point.error());
+    if (Status st = validate_for(test, *point); !st) return named(v, st.error());
   }
   return ok();
 }

@@ -50,7 +50,9 @@ Result<BenchOptions> sweep_options(const BenchOptions& base, SweepParam p, uint6
 Status check_sweep_applies(const BenchInfo& test, SweepParam p);
 
 // Every value checked with sweep_options() and what `test` needs of its
-// options (validate_for) before anything runs: EINVAL for the first bad one.
+// options (validate_for) before anything runs: EINVAL for the first bad one,
+// its message naming the value given ("--sweep slots=1: --slots: 1 is
+// outside 2..32764").
 Status validate_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec);
 
 struct SweepPoint {
