@@ -76,6 +76,7 @@ Result<SweepSpec> parse_sweep(std::string_view text) {
   if (list.find_first_not_of(' ') == std::string_view::npos)
     return errorf(EINVAL, "--sweep {}: no values given", name);
   for (const std::string& item : split_list(list)) {
+    if (item.empty()) return errorf(EINVAL, "--sweep {}: an empty value in '{}'", name, list);
     uint64_t v = 0;
     auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
     if (!item.empty() && ec == std::errc::result_out_of_range && end == item.data() + item.size())
