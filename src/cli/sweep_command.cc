@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include "base/mutex.h"
 #include "cli/commands.h"
@@ -57,7 +58,7 @@ class SweepPrinter {
       if (!error_.empty()) j["error"] = error_;
       print_json(j);
     } else if (interrupted_by) {
-      if (!header_printed_) print_header_locked(false);
+      if (!header_printed_) print_header_locked(false, std::nullopt);
       fmt::print("\nInterrupted by {}: {} point{} finished.\n", interrupted_by, points_.size(),
                  points_.size() == 1 ? "" : "s");
     }
@@ -66,9 +67,14 @@ class SweepPrinter {
   }
 
  private:
-  void print_header_locked(bool io) NC_REQUIRES(mu_) {
+  // `exit_cost_ns`: the first point's; every point's unless the exit cost is
+  // the parameter swept (then it is the first column).
+  void print_header_locked(bool io, std::optional<uint64_t> exit_cost_ns) NC_REQUIRES(mu_) {
     header_printed_ = true;
     fmt::print("{} — sweep of {}\n", test_.name, workloads::sweep_param_name(spec_.param));
+    if (exit_cost_ns && spec_.param != workloads::SweepParam::exit_cost_ns)
+      fmt::print("  exit cost {} ns per VM exit + entry{}\n", *exit_cost_ns,
+                 options_.exit_cost_ns ? "" : " (model default)");
     fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", workloads::sweep_param_name(spec_.param),
                "strategy", io ? "per request" : "per iteration", "per round trip", "round trips", "windows", "stale",
                io ? "   requests/s  trips/request" : "");
@@ -77,7 +83,7 @@ class SweepPrinter {
   void print_row_locked(const workloads::SweepPoint& p) NC_REQUIRES(mu_) {
     const workloads::BenchRow& r = p.row;
     const bool io = r.extra.contains("requests_per_second");
-    if (!header_printed_) print_header_locked(io);
+    if (!header_printed_) print_header_locked(io, r.exit_cost_ns);
     std::string tail;
     if (io)
       tail = fmt::format(" {:>12.0f} {:>14.2f}", r.extra.value("requests_per_second", 0.0),

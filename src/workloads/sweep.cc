@@ -15,7 +15,8 @@ constexpr SweepParam kParams[] = {SweepParam::slots, SweepParam::l2_per_l1, Swee
 
 Result<uint32_t> narrow(SweepParam p, uint64_t value) {
   if (value > std::numeric_limits<uint32_t>::max())
-    return errorf(EINVAL, "{}: {} is out of range", sweep_param_name(p), value);
+    return errorf(EINVAL, "--sweep {}={}: {} is above {}", sweep_param_name(p), value, value,
+                  std::numeric_limits<uint32_t>::max());
   return static_cast<uint32_t>(value);
 }
 
@@ -31,6 +32,7 @@ nlohmann::json point_json(const SweepPoint& p) {
       {"nested_round_trips", r.counters[Counter::nested_round_trips]},
       {"remap_windows", r.counters[Counter::remap_windows]},
       {"stale_accesses", r.counters[Counter::stale_accesses]},
+      {"exit_cost_ns", r.exit_cost_ns},
       {"failures", r.failures},
       {"breakdown_per_round_trip", r.breakdown()["per_round_trip"]},
   };
@@ -74,8 +76,12 @@ Result<SweepSpec> parse_sweep(std::string_view text) {
   if (list.find_first_not_of(' ') == std::string_view::npos)
     return errorf(EINVAL, "--sweep {}: no values given", name);
   for (const std::string& item : split_list(list)) {
+    if (item.empty()) return errorf(EINVAL, "--sweep {}: an empty value in '{}'", name, list);
     uint64_t v = 0;
     auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (!item.empty() && ec == std::errc::result_out_of_range && end == item.data() + item.size())
+      return errorf(EINVAL, "--sweep {}: {} is out of range (above {})", name, item,
+                    std::numeric_limits<uint64_t>::max());
     if (item.empty() || ec != std::errc() || end != item.data() + item.size())
       return errorf(EINVAL, "--sweep {}: '{}' is not a non-negative integer", name, item);
     if (std::find(spec.values.begin(), spec.values.end(), v) != spec.values.end())
@@ -126,9 +132,16 @@ Status check_sweep_applies(const BenchInfo& test, SweepParam p) {
 
 Status validate_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec) {
   if (spec.values.empty()) return errorf(EINVAL, "--sweep {}: no values given", sweep_param_name(spec.param));
+  // A message from the options' own checks names the option ("--slots: 1 is
+  // outside 2..32764"); the prefix names what was given ("--sweep slots=1").
+  auto named = [&](uint64_t v, const Error& e) {
+    if (e.message.starts_with("--sweep ")) return make_error(e.code, e.message);
+    return make_error(e.code, fmt::format("--sweep {}={}: {}", sweep_param_name(spec.param), v, e.message));
+  };
   for (uint64_t v : spec.values) {
-    const BenchOptions point = NC_TRY(sweep_options(base, spec.param, v));
-    NC_TRY(validate_for(test, point));
+    const Result<BenchOptions> point = sweep_options(base, spec.param, v);
+    if (!point) return named(v, point.error());
+    if (Status st = validate_for(test, *point); !st) return named(v, st.error());
   }
   return ok();
 }

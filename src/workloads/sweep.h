@@ -50,7 +50,9 @@ Result<BenchOptions> sweep_options(const BenchOptions& base, SweepParam p, uint6
 Status check_sweep_applies(const BenchInfo& test, SweepParam p);
 
 // Every value checked with sweep_options() and what `test` needs of its
-// options (validate_for) before anything runs: EINVAL for the first bad one.
+// options (validate_for) before anything runs: EINVAL for the first bad one,
+// its message naming the value given ("--sweep slots=1: --slots: 1 is
+// outside 2..32764").
 Status validate_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec);
 
 struct SweepPoint {
@@ -68,12 +70,12 @@ Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOpti
 // {"test", "parameter", "values": [...], "strategies": [...],
 //  "points": [{"value", "strategy", "seconds_per_iteration",
 //  "seconds_per_round_trip", "iterations", "nested_round_trips",
-//  "remap_windows", "stale_accesses", "failures", "breakdown_per_round_trip",
+//  "remap_windows", "stale_accesses", "exit_cost_ns", "failures", "breakdown_per_round_trip",
 //  "requests_per_second"?, "round_trips_per_request"?}]}.
 nlohmann::json sweep_json(std::string_view test, const SweepSpec& spec, const BenchOptions& base,
                           const std::vector<SweepPoint>& points);
 // The same points as CSV, one line per point after a header line:
-// value,strategy,seconds_per_iteration,seconds_per_round_trip,iterations,
+// PARAM,strategy,seconds_per_iteration,seconds_per_round_trip,iterations,
 // nested_round_trips,remap_windows,stale_accesses,requests_per_second,
 // round_trips_per_request (the last two empty for tests without them).
 std::string sweep_csv(const SweepSpec& spec, const std::vector<SweepPoint>& points);

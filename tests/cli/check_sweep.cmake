@@ -35,7 +35,7 @@ foreach(i RANGE ${last})
     message(FATAL_ERROR "point ${i} is ${value}/${strategy}, expected ${want_value}/${want_strategy}")
   endif()
   foreach(key seconds_per_iteration seconds_per_round_trip iterations nested_round_trips remap_windows
-              stale_accesses breakdown_per_round_trip)
+              stale_accesses exit_cost_ns breakdown_per_round_trip)
     string(JSON v ERROR_VARIABLE problem GET "${out}" points ${i} ${key})
     if(problem)
       message(FATAL_ERROR "point ${i} has no '${key}': ${problem}\n${out}")
