@@ -79,10 +79,10 @@ Result<SweepSpec> parse_sweep(std::string_view text) {
     if (item.empty()) return errorf(EINVAL, "--sweep {}: an empty value in '{}'", name, list);
     uint64_t v = 0;
     auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
-    if (!item.empty() && ec == std::errc::result_out_of_range && end == item.data() + item.size())
+    if (ec == std::errc::result_out_of_range && end == item.data() + item.size())
       return errorf(EINVAL, "--sweep {}: {} is out of range (above {})", name, item,
                     std::numeric_limits<uint64_t>::max());
-    if (item.empty() || ec != std::errc() || end != item.data() + item.size())
+    if (ec != std::errc() || end != item.data() + item.size())
       return errorf(EINVAL, "--sweep {}: '{}' is not a non-negative integer", name, item);
     if (std::find(spec.values.begin(), spec.values.end(), v) != spec.values.end())
       return errorf(EINVAL, "--sweep {}: {} is given twice", name, v);
