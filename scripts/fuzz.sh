@@ -14,7 +14,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# usage [STATUS]: the Usage lines above; to stdout with status 0 for --help,
+# to stderr with status 2 (a usage error) otherwise.
 usage() {
+  if [[ ${1:-2} == 0 ]]; then
+    sed -n 's/^# \{0,1\}//; 7,10p' "$0"
+    exit 0
+  fi
   sed -n 's/^# \{0,1\}//; 7,10p' "$0" >&2
   exit 2
 }
@@ -27,7 +33,7 @@ while (($#)); do
     --runs) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage; limit=(-runs="$2"); shift 2 ;;
     nested_state | scenario_parser) targets+=("$1"); shift ;;
     fuzz_nested_state | fuzz_scenario_parser) targets+=("${1#fuzz_}"); shift ;;
-    -h | --help) usage ;;
+    -h | --help) usage 0 ;;
     *) echo "fuzz.sh: unknown argument '$1'" >&2; usage ;;
   esac
 done
