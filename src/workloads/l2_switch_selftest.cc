@@ -241,7 +241,7 @@ SelftestResult run_l2_switch(const RunOptions& o) {
   } else {
     auto n = o.int_option("l2", 2);
     if (!n) return r.refuse(fmt::format("--l2 '{}' is neither a number of L2s (2..{}) nor 'sweep'", l2, kMaxL2)), r;
-    if (*n < 2 || *n > kMaxL2) return r.refuse(fmt::format("--l2 {} is out of range (2..{})", l2, kMaxL2)), r;
+    if (*n < 2 || *n > kMaxL2) return r.refuse(fmt::format("--l2: {} is out of range: 2 to {}", l2, kMaxL2)), r;
     counts.push_back(static_cast<int>(*n));
   }
   uint64_t total = modes.size() * counts.size(), done = 0;

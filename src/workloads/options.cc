@@ -144,7 +144,7 @@ Result<int64_t> RunOptions::int_value(const OptionSpec& spec) const {
   auto it = extra.find(name);
   int64_t v = NC_TRY(parse_number<int64_t>(name, it == extra.end() ? spec.default_value : it->second));
   if (spec.range && (v < spec.range->first || v > spec.range->second))
-    return errorf(EINVAL, "--{} {} is out of range ({}..{})", name, v, spec.range->first, spec.range->second);
+    return errorf(EINVAL, "--{}: {} is out of range: {} to {}", name, v, spec.range->first, spec.range->second);
   return v;
 }
 

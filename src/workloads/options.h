@@ -115,8 +115,8 @@ struct RunOptions {
   // True if the flag was given ("true" / "1").
   bool flag_option(const std::string& name) const;
   // The integer value of `spec`'s option: extra's, else spec's default.
-  // EINVAL if it does not parse, or is outside spec.range ("--rounds 0 is
-  // out of range (1..10000)").
+  // EINVAL if it does not parse, or is outside spec.range ("--rounds: 0 is
+  // out of range: 1 to 10000", as the command line says it).
   Result<int64_t> int_value(const OptionSpec& spec) const;
   // Forwards to progress->update() when there is a display.
   void report_progress(uint64_t done, uint64_t total, std::string_view label) const;

@@ -266,9 +266,9 @@ void judge(const StressOptions& o, StrategyKind s, const Totals& tot, const Migr
 
 Status validate(const StressOptions& o) {
   if (!(o.seconds > 0) || !(o.seconds <= kMaxStressSeconds))
-    return errorf(EINVAL, "--seconds {} is out of range (more than 0, at most {})", o.seconds, kMaxStressSeconds);
+    return errorf(EINVAL, "--seconds: {} is out of range: more than 0, at most {}", o.seconds, kMaxStressSeconds);
   if (o.rounds < 1 || o.rounds > kMaxStressRounds)
-    return errorf(EINVAL, "--rounds {} is out of range (1..{})", o.rounds, kMaxStressRounds);
+    return errorf(EINVAL, "--rounds: {} is out of range: 1 to {}", o.rounds, kMaxStressRounds);
   if (o.strategies.empty()) return errorf(EINVAL, "--strategy names no strategy");
   return ok();
 }
