@@ -13,6 +13,7 @@
 // oracle the nested contexts keep each vmcs12's caches mapped, up to 8 per L1
 // vCPU. The row checks the seed's sched-mode formulas on the counters it
 // reports: reuse = min(N, 8)·(rounds − 1), recycle = 0.
+#include <algorithm>
 #include <functional>
 
 #include "guest/l1_pages.h"
@@ -179,6 +180,14 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
 
 std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
   std::vector<std::string> out;
+  // One round is the cold one alone: no warm switch was timed, so there is
+  // no per-switch figure to print (not 0.00 µs).
+  if (std::all_of(rows.begin(), rows.end(), [](const BenchRow& r) { return r.iterations < 2; })) {
+    out.push_back(fmt::format("No warm L2 switch with {} L2s: only the cold round ran (VMLAUNCH of each L2); "
+                              "per-switch figures need 2 or more rounds (--iterations 2, or a longer --seconds).",
+                              n));
+    return out;
+  }
   std::string per;
   for (const BenchRow& r : rows)
     per += fmt::format("{}{} {:.2f} µs ({} reuses, {} recycles)", per.empty() ? "" : "; ", strategy_name(r.strategy),
