@@ -13,6 +13,9 @@
 // oracle the nested contexts keep each vmcs12's caches mapped, up to 8 per L1
 // vCPU. The row checks the seed's sched-mode formulas on the counters it
 // reports: reuse = min(N, 8)·(rounds − 1), recycle = 0.
+#include <algorithm>
+#include <functional>
+
 #include "guest/l1_pages.h"
 #include "guest/l2_switch.h"
 #include "guest/mailbox.h"
@@ -47,9 +50,11 @@ struct SwitchTimes {
   uint64_t loop_ns = 0;
   LoopTime loop;
   LoopTime cold;
+  uint64_t windows_after_cold = 0;  // PhysMem's remap windows when the cold round ended
 };
 
-GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchTimes& out) {
+GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchTimes& out,
+                      std::function<uint64_t()> windows_now) {
   guest::L1Pages pages(kL1PagesStart, kL2PagesStart);
   co_await guest::enter_vmx(pages);
   const uint64_t limit_ns = static_cast<uint64_t>(c.seconds * 1e9);
@@ -62,7 +67,10 @@ GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchT
     out.round_ns.push_back(t1 - t0);
     out.loop_ns = t1 - start;
     out.loop = watch.elapsed();
-    if (round == 0) out.cold = out.loop;
+    if (round == 0) {
+      out.cold = out.loop;
+      out.windows_after_cold = windows_now();
+    }
     bool done = c.iterations ? round + 1 >= c.iterations : t1 - start >= limit_ns;
     if (done) break;
   }
@@ -74,6 +82,7 @@ struct SwitchRun {
   SwitchTimes times;
   CounterSnapshot counters;
   size_t contexts = 0;
+  uint64_t warm_windows = 0;  // remap windows opened after the cold round
   std::vector<std::string> failures;
   double seconds_per_iteration() const {
     return times.round_ns.empty() ? 0 : static_cast<double>(times.loop_ns) / 1e9 / times.round_ns.size();
@@ -97,12 +106,15 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
     env->machine->bind_l2_program(p.vmcs, guest::vmcall_forever());
   }
   SwitchRun run;
-  env->machine->set_l1_program(0, l1_switcher(c, l2, run.times));
+  host::PhysMem* phys = env->phys.get();
+  env->machine->set_l1_program(
+      0, l1_switcher(c, l2, run.times, [phys] { return phys->counters().get(Counter::remap_windows); }));
   // A round switches to each of at most 16 L2s: a second is far more than
   // one takes in any build.
   Status st = env->machine->run(bench_watchdog(c.seconds, c.iterations, std::chrono::seconds(1)));
   if (!st) return tl::unexpected(st.error());
   run.counters = env->counters();
+  run.warm_windows = phys->counters().get(Counter::remap_windows) - run.times.windows_after_cold;
   if (auto* t = env->machine->nested_contexts()) run.contexts = t->table().size();
   if (run.times.round_ns.empty()) run.failures.push_back("L1 completed no round");
   return run;
@@ -159,7 +171,7 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
       {"nested_context_recycle", recycle},
       {"contexts", run.contexts},
       {"remap_windows_per_warm_switch",
-       warm_switches ? static_cast<double>(run.counters[Counter::remap_windows]) / static_cast<double>(warm_switches)
+       warm_switches ? static_cast<double>(run.warm_windows) / static_cast<double>(warm_switches)
                      : 0.0},
   };
   if (s == StrategyKind::map) row.extra["remap_window_ns"] = NC_TRY(remap_window_ns(o));
@@ -168,6 +180,14 @@ Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind 
 
 std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
   std::vector<std::string> out;
+  // One round is the cold one alone: no warm switch was timed, so there is
+  // no per-switch figure to print (not 0.00 µs).
+  if (std::all_of(rows.begin(), rows.end(), [](const BenchRow& r) { return r.iterations < 2; })) {
+    out.push_back(fmt::format("No warm L2 switch with {} L2s: only the cold round ran (VMLAUNCH of each L2); "
+                              "per-switch figures need 2 or more rounds (--iterations 2, or a longer --seconds).",
+                              n));
+    return out;
+  }
   std::string per;
   for (const BenchRow& r : rows)
     per += fmt::format("{}{} {:.2f} µs ({} reuses, {} recycles)", per.empty() ? "" : "; ", strategy_name(r.strategy),

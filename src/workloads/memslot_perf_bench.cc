@@ -127,6 +127,17 @@ std::vector<std::string> time_commentary(MemslotTest test, const BenchRow& map, 
   double per_trip = map.extra.value("windows_per_round_trip", 0.0);
   double diff_us = (map.seconds_per_round_trip - cache.seconds_per_round_trip) * 1e6;
   double critical_us = map.breakdown()["per_round_trip"].value("remap_windows_ns", 0.0) / 1e3;
+  if (map.counters[Counter::remap_windows] == 0 && map.extra.value("memory", std::string()) != "managed") {
+    // Unmanaged memory with no window: map ran no HostMap map at all (a run
+    // too short or too small for the guest to reach L1, e.g. move-active at
+    // a small --scale), not the managed case below.
+    out.push_back(fmt::format(
+        "map opened no remap window: {} nested round trips and {} HostMap maps in its run, so there is no window "
+        "cost to account for (map − cache = {:.1f} µs per iteration).",
+        map.counters[Counter::nested_round_trips], map.counters[Counter::maps],
+        (map.seconds_per_iteration - cache.seconds_per_iteration) * 1e6));
+    return out;
+  }
   if (map.counters[Counter::remap_windows] == 0) {
     // Managed memory: HostMap pins the page and points into the direct map,
     // so there is no window to account for (the breakdown's remap-window

@@ -149,7 +149,13 @@ std::vector<std::string> commentary(std::span<const BenchRow> rows) {
     if (offered > 0 && served > offered * 1.05)
       above.push_back(fmt::format("{} {:.0f}/s", strategy_name(r.strategy), served));
   }
-  if (!above.empty())
+  const uint64_t requests = x.value("requests", uint64_t{0});
+  if (!above.empty() && requests < 2)
+    out.push_back(fmt::format("Served more than the {:.0f} requests/s offered ({}): one request has no gap between "
+                              "arrivals, so its rate is one over its own time; more --iterations or --seconds bring "
+                              "it to the offered rate.",
+                              offered, fmt::join(above, ", ")));
+  else if (!above.empty())
     out.push_back(fmt::format("Served more than the {:.0f} requests/s offered ({}): {} requests span one random gap "
                               "between arrivals fewer than their number, and few gaps can sum well below their mean; "
                               "more --iterations or --seconds bring it to the offered rate.",

@@ -347,6 +347,33 @@ TEST(RegistryBench, TheSeedsLineSaysHowOurRunDiffersFromTheSeeds) {
       << other;
 }
 
+// map with no remap window on unmanaged memory (no round trip reached L0,
+// as move-inactive's guest often makes none): the line says so, and does not
+// explain it by managed memory, which this run did not use.
+TEST(RegistryBench, NoWindowOnUnmanagedMemoryIsNotCalledManaged) {
+  register_all();
+  const BenchInfo* b = find_bench("move-inactive");
+  ASSERT_NE(b, nullptr);
+  ASSERT_TRUE(b->commentary);
+  auto lines_for = [&](const char* memory) {
+    std::vector<BenchRow> rows(2);
+    rows[0].strategy = vmx::StrategyKind::map;
+    rows[1].strategy = vmx::StrategyKind::cache;
+    for (BenchRow& r : rows) r.extra = {{"memory", memory}, {"remap_window_ns", 15000.0}};
+    return b->commentary(rows);
+  };
+  bool said = false;
+  for (const std::string& line : lines_for("unmanaged")) {
+    EXPECT_EQ(line.find("managed memory:"), std::string::npos) << line;
+    said |= line.starts_with("map opened no remap window: 0 nested round trips and 0 HostMap maps");
+  }
+  EXPECT_TRUE(said);
+  bool managed = false;
+  for (const std::string& line : lines_for("managed"))
+    managed |= line.find("(managed memory: HostMap pins") != std::string::npos;
+  EXPECT_TRUE(managed) << "managed memory keeps its own explanation";
+}
+
 TEST(RegistryBench, FindBenchOfAnUnknownNameIsNull) {
   register_all();
   EXPECT_EQ(find_bench("no-such-test"), nullptr);
