@@ -137,6 +137,16 @@ uint64_t tick_window_ns(const BenchOptions& o) {
 
 }  // namespace
 
+std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::string>>& per_run, size_t kept) {
+  std::vector<std::string> out;
+  if (kept < per_run.size()) out = per_run[kept];
+  for (size_t i = 0; i < per_run.size(); i++) {
+    if (i == kept) continue;
+    for (const std::string& f : per_run[i]) out.push_back(fmt::format("run {} of {}: {}", i + 1, per_run.size(), f));
+  }
+  return out;
+}
+
 Status validate_for(const BenchInfo& test, const BenchOptions& o) {
   NC_TRY(validate(o));
   const uint32_t hz = test.l1_hz ? test.l1_hz(o) : 0;

@@ -109,6 +109,11 @@ struct BenchInfo {
 // naming the options when the ticks would take more than 90 % of L2's time.
 Status validate_for(const BenchInfo& test, const BenchOptions& o);
 
+// The failures a row of --runs N reports: those of the run it keeps (`kept`,
+// the fastest), then every other run's, each marked "run I of N: ". A bench
+// keeps one run's figures, but a check that failed in any run fails the row.
+std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::string>>& per_run, size_t kept);
+
 void register_bench(BenchInfo info);
 const std::vector<BenchInfo>& benches();
 const BenchInfo* find_bench(std::string_view name);

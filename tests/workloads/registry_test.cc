@@ -410,5 +410,19 @@ TEST(RegistryProgress, ADisabledDisplayIgnoresUpdates) {
   p.finish();
 }
 
+// --runs N keeps the fastest run's figures, but a check that failed in any
+// run fails the row: the kept run's failures first, then every other run's,
+// each naming its run.
+TEST(RegistryBench, FailuresOfEveryRunAreKept) {
+  const std::vector<std::vector<std::string>> per_run = {{"2 stale accesses with cache"}, {}, {"a", "b"}};
+  EXPECT_EQ(failures_of_runs(per_run, 1),
+            (std::vector<std::string>{"run 1 of 3: 2 stale accesses with cache", "run 3 of 3: a", "run 3 of 3: b"}));
+  EXPECT_EQ(failures_of_runs(per_run, 2),
+            (std::vector<std::string>{"a", "b", "run 1 of 3: 2 stale accesses with cache"}));
+  EXPECT_TRUE(failures_of_runs({{}, {}}, 0).empty());
+  EXPECT_EQ(failures_of_runs({{"x"}}, 0), std::vector<std::string>{"x"});
+}
+
 }  // namespace
 }  // namespace nestcache::workloads
+
