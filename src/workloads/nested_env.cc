@@ -56,15 +56,22 @@ std::string Leaks::resources_to_string() const {
   return fmt::format("{} remap windows, {} pins, {} active caches", open_windows, held_pins, active_caches);
 }
 
-Leaks NestedEnv::tear_down() {
+Leaks resources_left(const host::PhysMem& phys, vm::Vm& vm) {
   Leaks l;
-  if (auto* table = machine->nested_contexts()) l.attached_contexts = table->table().attached_count();
-  extra_caches.clear();
-  machine.reset();
-  const CounterSet& pc = phys->counters();
+  const CounterSet& pc = phys.counters();
   l.open_windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
   l.held_pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
-  l.active_caches = vm->caches().active_count();
+  l.active_caches = vm.caches().active_count();
+  return l;
+}
+
+Leaks NestedEnv::tear_down() {
+  size_t attached = 0;
+  if (auto* table = machine->nested_contexts()) attached = table->table().attached_count();
+  extra_caches.clear();
+  machine.reset();
+  Leaks l = resources_left(*phys, *vm);
+  l.attached_contexts = attached;
   return l;
 }
 

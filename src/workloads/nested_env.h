@@ -70,6 +70,11 @@ struct Leaks {
   std::string resources_to_string() const;
 };
 
+// The windows and pins `phys` has not had back and the caches of `vm` still
+// active (attached_contexts left 0): what a VM holds once its machine is
+// gone. NestedEnv::tear_down and `nestcache run`'s sessions both count so.
+Leaks resources_left(const host::PhysMem& phys, vm::Vm& vm);
+
 class NestedEnv {
  public:
   static Result<std::unique_ptr<NestedEnv>> create(const NestedEnvConfig& c);

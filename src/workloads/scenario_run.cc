@@ -5,6 +5,7 @@
 #include "vmx/entry_checks.h"
 #include "vmx/evmcs.h"
 #include "host/fault_injection.h"
+#include "workloads/nested_env.h"
 #include "workloads/scenario_session.h"
 
 namespace nestcache::workloads::scenario {
@@ -131,12 +132,8 @@ void Session::stop_machine() {
 std::string Session::tear_down() {
   stop_machine();
   machine_.reset();  // vCPUs and their caches go first
-  const CounterSet& pc = phys_->counters();
-  const uint64_t windows = pc.get(Counter::remap_windows) - pc.get(Counter::remap_windows_closed);
-  const uint64_t pins = pc.get(Counter::pins) - pc.get(Counter::unpins);
-  const size_t caches = vm_->caches().active_count();
-  if (!windows && !pins && !caches) return {};
-  return fmt::format("{} remap windows, {} pins, {} active caches", windows, pins, caches);
+  const Leaks left = resources_left(*phys_, *vm_);
+  return left.no_resources_left() ? std::string() : left.resources_to_string();
 }
 
 Session::~Session() {
