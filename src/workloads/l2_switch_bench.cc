@@ -172,23 +172,13 @@ BenchRow row_of_run(const SwitchRun& run, int n, const BenchOptions& o, Strategy
 
 Result<BenchRow> run_bench_l2_switch(int n, const BenchOptions& o, StrategyKind s) {
   SwitchConfig c{n, o.seconds, o.iterations};
-  // The fastest of --runs, with the failures of every run (failures_of_runs).
-  std::optional<BenchRow> best;
-  size_t best_index = 0;
-  std::vector<std::vector<std::string>> failures;
-  for (uint32_t r = 0; r < o.runs; r++) {
+  BenchRow row = NC_TRY(fastest_of_runs(o.runs, [&](uint32_t r) -> Result<BenchRow> {
     SwitchRun run = NC_TRY(run_switches(c, o, s));
     o.report_progress(r + 1, o.runs, fmt::format("l2-switch N={} / {}", n, strategy_name(s)));
-    BenchRow row = row_of_run(run, n, o, s);
-    failures.push_back(row.failures);
-    if (!best || row.seconds_per_iteration < best->seconds_per_iteration) {
-      best = std::move(row);
-      best_index = r;
-    }
-  }
-  best->failures = failures_of_runs(failures, best_index);
-  if (s == StrategyKind::map) best->extra["remap_window_ns"] = NC_TRY(remap_window_ns(o));
-  return *best;
+    return row_of_run(run, n, o, s);
+  }));
+  if (s == StrategyKind::map) row.extra["remap_window_ns"] = NC_TRY(remap_window_ns(o));
+  return row;
 }
 
 std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {

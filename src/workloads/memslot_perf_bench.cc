@@ -43,44 +43,9 @@ nlohmann::json phase_json(const CounterSnapshot& c, uint64_t discard_calls, doub
           {"discard_calls", per(discard_calls)}};
 }
 
-Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, StrategyKind s) {
-  MemslotPerfConfig c;
-  c.test = test;
-  c.strategy = s;
-  c.memory = o.memory;
-  c.slots = o.slots;
-  c.seconds = o.seconds;
-  c.iterations = o.iterations;
-  c.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
-  c.l1_hz = o.l1_hz;
-  c.scale = o.scale;
-  c.verify = o.verify;
-  c.clock = o.clock;
-  c.costs = o.costs;
-  c.window_cost_ns = o.window_cost_ns;
-  c.extra_caches = o.extra_caches;
-  std::string label = fmt::format("{} / {}", memslot_test_name(test), strategy_name(s));
-  c.on_iteration = [&](uint64_t done) {
-    o.report_progress(done, o.iterations, fmt::format("{}: iteration {}", label, done));
-  };
-
-  // Best of --runs by time per iteration, as upstream ranks its runs; the
-  // failures of every run count (failures_of_runs).
-  std::optional<MemslotPerfRun> best;
-  size_t best_index = 0;
-  std::vector<std::vector<std::string>> failures;
-  for (uint32_t r = 0; r < o.runs; r++) {
-    MemslotPerfRun run = NC_TRY(run_memslot_perf(c));
-    failures.push_back(run.failures);
-    if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
-      failures.back().push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
-                                            strategy_name(s)));
-    if (!best || (!run.iteration_seconds.empty() && run.seconds_per_iteration() < best->seconds_per_iteration())) {
-      best = std::move(run);
-      best_index = r;
-    }
-  }
-  const MemslotPerfRun& run = *best;
+// One run's row, its checks included.
+Result<BenchRow> row_of_run(const MemslotPerfRun& run, MemslotTest test, const MemslotPerfConfig& c,
+                            const BenchOptions& o, StrategyKind s) {
   BenchRow row;
   row.test = std::string(memslot_test_name(test));
   row.strategy = s;
@@ -94,7 +59,10 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
   row.loop = run.loop_time;
   row.cold = run.cold_time;
   row.counters = run.counters;
-  row.failures = failures_of_runs(failures, best_index);
+  row.failures = run.failures;
+  if (s != StrategyKind::map && run.counters[Counter::stale_accesses])
+    row.failures.push_back(fmt::format("{} stale accesses with {}", run.counters[Counter::stale_accesses],
+                                       strategy_name(s)));
   const MemslotLayout& l = run.layout;
   double warm = row.iterations > 1 ? static_cast<double>(row.iterations - 1) : 0;
   row.extra = {
@@ -118,6 +86,31 @@ Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, Strateg
        phase_json(run.counters - run.cold, run.discard_calls - run.cold_discard_calls, warm)},
   };
   return row;
+}
+
+Result<BenchRow> run_bench_test(MemslotTest test, const BenchOptions& o, StrategyKind s) {
+  MemslotPerfConfig c;
+  c.test = test;
+  c.strategy = s;
+  c.memory = o.memory;
+  c.slots = o.slots;
+  c.seconds = o.seconds;
+  c.iterations = o.iterations;
+  c.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
+  c.l1_hz = o.l1_hz;
+  c.scale = o.scale;
+  c.verify = o.verify;
+  c.clock = o.clock;
+  c.costs = o.costs;
+  c.window_cost_ns = o.window_cost_ns;
+  c.extra_caches = o.extra_caches;
+  std::string label = fmt::format("{} / {}", memslot_test_name(test), strategy_name(s));
+  c.on_iteration = [&](uint64_t done) {
+    o.report_progress(done, o.iterations, fmt::format("{}: iteration {}", label, done));
+  };
+  return fastest_of_runs(o.runs, [&](uint32_t) -> Result<BenchRow> {
+    return row_of_run(NC_TRY(run_memslot_perf(c)), test, c, o, s);
+  });
 }
 
 std::string ratio(double num, double den) {

@@ -96,21 +96,9 @@ Result<BenchRow> run_bench_nested_io(const BenchOptions& o, StrategyKind s) {
   c.on_request = [&o, &c, label](uint64_t served) {
     if (served % 256 == 0) o.report_progress(served, c.requests_per_l2, label);
   };
-  // The fastest of --runs, with the failures of every run (failures_of_runs).
-  std::optional<BenchRow> best;
-  size_t best_index = 0;
-  std::vector<std::vector<std::string>> failures;
-  for (uint32_t r = 0; r < o.runs; r++) {
-    NestedIoRun run = NC_TRY(run_nested_io(c));
-    BenchRow row = row_of_run(run, o, s);
-    failures.push_back(row.failures);
-    if (!best || row.seconds_per_iteration < best->seconds_per_iteration) {
-      best = std::move(row);
-      best_index = r;
-    }
-  }
-  best->failures = failures_of_runs(failures, best_index);
-  return *best;
+  return fastest_of_runs(o.runs, [&](uint32_t) -> Result<BenchRow> {
+    return row_of_run(NC_TRY(run_nested_io(c)), o, s);
+  });
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <exception>
 #include <mutex>
+#include <optional>
 
 #include "base/check.h"
 #include "workloads/teardown.h"
@@ -145,6 +146,23 @@ std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::str
     for (const std::string& f : per_run[i]) out.push_back(fmt::format("run {} of {}: {}", i + 1, per_run.size(), f));
   }
   return out;
+}
+
+Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<BenchRow>(uint32_t)>& one) {
+  std::optional<BenchRow> best;
+  size_t best_index = 0;
+  std::vector<std::vector<std::string>> failures;
+  for (uint32_t r = 0; r < runs; r++) {
+    BenchRow row = NC_TRY(one(r));
+    failures.push_back(row.failures);
+    if (!best || (row.iterations > 0 && row.seconds_per_iteration < best->seconds_per_iteration)) {
+      best = std::move(row);
+      best_index = r;
+    }
+  }
+  if (!best) return errorf(EINVAL, "--runs 0: no run to keep");
+  best->failures = failures_of_runs(failures, best_index);
+  return std::move(*best);
 }
 
 Status validate_for(const BenchInfo& test, const BenchOptions& o) {

@@ -114,6 +114,13 @@ Status validate_for(const BenchInfo& test, const BenchOptions& o);
 // keeps one run's figures, but a check that failed in any run fails the row.
 std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::string>>& per_run, size_t kept);
 
+// --runs N for a bench test: calls `one(r)` for r = 0..runs-1, each giving
+// run r's row with its checks, and returns the row with the least time per
+// iteration, as upstream ranks its runs (a run with no iteration never
+// displaces one that has some), carrying every run's failures
+// (failures_of_runs). The first error ends it.
+Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<BenchRow>(uint32_t)>& one);
+
 void register_bench(BenchInfo info);
 const std::vector<BenchInfo>& benches();
 const BenchInfo* find_bench(std::string_view name);

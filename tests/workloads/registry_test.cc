@@ -423,6 +423,33 @@ TEST(RegistryBench, FailuresOfEveryRunAreKept) {
   EXPECT_EQ(failures_of_runs({{"x"}}, 0), std::vector<std::string>{"x"});
 }
 
+// fastest_of_runs keeps the row with the least time per iteration, never
+// one with no iteration over one that has some, with every run's failures;
+// the first error ends it.
+TEST(RegistryBench, FastestOfRunsKeepsTheFastestRowWithEveryRunsFailures) {
+  auto row = [](uint64_t iterations, double seconds, std::vector<std::string> failures) {
+    BenchRow r;
+    r.iterations = iterations;
+    r.seconds_per_iteration = seconds;
+    r.failures = std::move(failures);
+    return r;
+  };
+  const std::vector<BenchRow> rows = {row(4, 2.0, {"slow"}), row(0, 0.0, {"no iteration"}), row(4, 1.0, {})};
+  auto kept = fastest_of_runs(3, [&](uint32_t r) -> Result<BenchRow> { return rows[r]; });
+  ASSERT_TRUE(kept) << kept.error().to_string();
+  EXPECT_EQ(kept->seconds_per_iteration, 1.0);
+  EXPECT_EQ(kept->failures, (std::vector<std::string>{"run 1 of 3: slow", "run 2 of 3: no iteration"}));
+  int calls = 0;
+  auto failed = fastest_of_runs(3, [&](uint32_t r) -> Result<BenchRow> {
+    calls++;
+    if (r == 1) return errorf(ENOMEM, "run {} could not start", r);
+    return rows[r];
+  });
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().code, ENOMEM);
+  EXPECT_EQ(calls, 2);
+}
+
 }  // namespace
 }  // namespace nestcache::workloads
 
