@@ -212,6 +212,16 @@ constinit thread_local uintptr_t* nestcache_shape_record = nullptr;
 namespace nestcache::bench {
 namespace {
 
+// The check both shapes make alike: the gpa asked for (0, in %rcx), then
+// the memslot generation (in %rdi) against the Vm's, through its pointer.
+#define NC_SHAPE_GPA_AND_GENERATION \
+  "test %%rcx, %%rcx\n\t"           \
+  "jne %l[failed]\n\t"              \
+  "mov 0x08(%[line]), %%r10\n\t"    \
+  "mov (%%r10), %%r10\n\t"          \
+  "cmp %%r10, %%rdi\n\t"            \
+  "jne %l[failed]\n\t"
+
 // One aligned function per shape, as access_loop is.
 template <Shape S>
 [[gnu::noinline, gnu::aligned(64)]] uint64_t shape_loop(benchmark::State& state, const ShapeLine& line) {
@@ -236,12 +246,7 @@ template <Shape S>
           "mov 0x10(%[line]), %%r10\n\t"
           "cmp %%r10, %%rdx\n\t"
           "jne %l[failed]\n\t"
-          "test %%rcx, %%rcx\n\t"
-          "jne %l[failed]\n\t"
-          "mov 0x08(%[line]), %%r10\n\t"
-          "mov (%%r10), %%r10\n\t"
-          "cmp %%r10, %%rdi\n\t"
-          "jne %l[failed]\n\t"
+          NC_SHAPE_GPA_AND_GENERATION
           "mov (%%rsi), %%r10\n\t"
           "cmp %%r10, %%r8\n\t"
           "jne %l[failed]\n\t"
@@ -259,12 +264,7 @@ template <Shape S>
           "mov 0x28(%[line]), %%r9\n\t"
           "test $3, %%dl\n\t"
           "jne %l[failed]\n\t"
-          "test %%rcx, %%rcx\n\t"
-          "jne %l[failed]\n\t"
-          "mov 0x08(%[line]), %%r10\n\t"
-          "mov (%%r10), %%r10\n\t"
-          "cmp %%r10, %%rdi\n\t"
-          "jne %l[failed]\n\t"
+          NC_SHAPE_GPA_AND_GENERATION
           "mov (%%r9), %[v]"
           : [v] "=r"(v)
           : [line] "r"(&line)
@@ -297,6 +297,7 @@ void BM_AccessShape(benchmark::State& state) {
 }
 BENCHMARK(BM_AccessShape<Shape::as_built>)->Name("BM_AccessShape/as_built")->Unit(benchmark::kNanosecond)->UseRealTime();
 BENCHMARK(BM_AccessShape<Shape::kvm_check>)->Name("BM_AccessShape/kvm_check")->Unit(benchmark::kNanosecond)->UseRealTime();
+#undef NC_SHAPE_GPA_AND_GENERATION
 #endif
 
 // BM_PfnCacheAccess/<read side>/<kind>: check + 8-byte read through an
