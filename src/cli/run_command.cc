@@ -6,8 +6,11 @@
 // it, in name order. Exit status: 0 every expectation held, 1 a step's
 // outcome differed or a VM could not have a resource, 2 a usage error, a bad
 // file or a VM the model refuses, 128 + the signal when SIGINT or SIGTERM
-// ends the run (the cases that finished are reported first).
+// ends the run (after the case under way; the cases that finished are
+// reported first).
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <filesystem>
 
 #include <fmt/ranges.h>
@@ -182,16 +185,28 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
       "The format is documented in docs/scenarios.md; tests/conformance holds the conformance suite. Every file is "
       "checked before anything runs.\nExit status: 0 when every expectation held, 1 when a step's outcome differed or "
       "a case's VM could not have a resource (memory, descriptors, threads), 2 on a usage error, a bad scenario file "
-      "or a VM the model refuses (its memslots), 130 / 143 when SIGINT / SIGTERM ended the run (the cases that "
-      "finished are reported first, marked as interrupted)."));
+      "or a VM the model refuses (its memslots), 130 / 143 when SIGINT / SIGTERM ended the run (the case under way "
+      "finishes, then the cases that finished are reported, marked as interrupted; a second signal ends the run at "
+      "once)."));
   return cmd;
 }
 
 int run_run_command(const RunArgs& args, bool json) {
   RunReport report(json, args.quiet);
-  // SIGINT / SIGTERM: the cases finished so far are reported (none while the
-  // files are read), marked as interrupted, and the run exits 130 / 143.
-  auto watch = InterruptWatch::start([&report](int signo) { report.finish(signal_name(signo)); });
+  // The first SIGINT / SIGTERM stops the run after the case under way, whose
+  // VM is torn down (and its threads joined) as at the end of any case; the
+  // cases finished so far are reported, marked as interrupted, and the run
+  // exits 130 / 143. A second signal ends the process at once with what
+  // finished before it.
+  std::atomic<int> interrupted_by{0};
+  auto watch = InterruptWatch::start_stoppable([&](int signo) {
+    if (interrupted_by.exchange(signo) == 0) {
+      std::fprintf(stderr, "\nnestcache run: %s: stopping after the case under way\n", signal_name(signo));
+      return false;
+    }
+    report.finish(signal_name(signo));
+    return true;
+  });
   if (!watch) {
     fmt::print(stderr, "nestcache run: {}\n", watch.error().to_string());
     return kExitFailed;
@@ -231,9 +246,16 @@ int run_run_command(const RunArgs& args, bool json) {
   }
 
   for (const sc::ScenarioFile& f : files) {
+    if (interrupted_by.load()) break;
     report.begin_file(f.path);
-    for (const sc::Case& c : f.cases)
+    for (const sc::Case& c : f.cases) {
+      if (interrupted_by.load()) break;
       if (selected(c)) report.add(f.path, sc::run_case(c));
+    }
+  }
+  if (int signo = interrupted_by.load()) {
+    report.finish(signal_name(signo));
+    return 128 + signo;
   }
   const Tally tally = report.finish();  // a signal from here on finds the summary printed
   if (tally.refused_vms) return kExitUsage;
