@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "cli/interrupt.h"
 #include "workloads/progress.h"
+#include "workloads/sweep.h"
 
 namespace nestcache::cli {
 
@@ -298,6 +299,24 @@ int run_bench_command(const BenchArgs& a, bool json) {
   }
   if (!a.sweep.empty() && (a.tests_option->count() == 0 || tests->size() != 1))
     return usage_error(json, "nestcache bench", "--sweep needs exactly one test in --tests");
+  if (!a.sweep.empty()) {
+    // A sweep sets its parameter at each point: the option it replaces, given
+    // as well, would be silently overridden. The table shows points, not
+    // rows: --breakdown and -v have nothing to add to (--json and --csv carry
+    // each point's figures).
+    if (auto spec = workloads::parse_sweep(a.sweep)) {
+      const std::string varied(workloads::sweep_option_name(spec->param));
+      if (a.command->get_option(varied)->count() > 0)
+        return usage_error(json, "nestcache bench",
+                           fmt::format("--sweep {0} sets {1} at each point; {1} cannot be given as well",
+                                       workloads::sweep_param_name(spec->param), varied));
+    }
+    if (a.breakdown || a.verbose)
+      return usage_error(json, "nestcache bench",
+                         fmt::format("{} prints a bench table's rows, not a sweep's points (--json and --csv give "
+                                     "each point's figures)",
+                                     a.breakdown ? "--breakdown" : "-v/--verbose"));
+  }
   workloads::BenchOptions o;
   o.strategies = workloads::parse_strategy_list(a.strategy).value();  // validated by CLI11
   o.memory = workloads::parse_memory_kind(a.memory).value();

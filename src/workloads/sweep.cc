@@ -55,6 +55,18 @@ std::string_view sweep_param_name(SweepParam p) {
   return "?";
 }
 
+std::string_view sweep_option_name(SweepParam p) {
+  switch (p) {
+    case SweepParam::slots: return "--slots";
+    case SweepParam::l2_per_l1: return "--l2-vcpus";
+    case SweepParam::exit_cost_ns: return "--exit-cost-ns";
+    case SweepParam::rate: return "--rate";
+    case SweepParam::work: return "--work";
+    case SweepParam::caches: return "--extra-caches";
+  }
+  return "?";
+}
+
 std::vector<std::string> sweep_param_names() {
   std::vector<std::string> v;
   for (SweepParam p : kParams) v.emplace_back(sweep_param_name(p));

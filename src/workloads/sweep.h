@@ -26,6 +26,10 @@ enum class SweepParam : uint8_t {
 
 // "slots", "l2-per-l1", "exit-cost-ns", "rate", "work", "caches".
 std::string_view sweep_param_name(SweepParam p);
+// The bench option a parameter replaces at each point: "--slots",
+// "--l2-vcpus" (l2-per-l1 sets the L2 vCPU count), "--exit-cost-ns",
+// "--rate", "--work", "--extra-caches".
+std::string_view sweep_option_name(SweepParam p);
 // Every parameter's name, for messages.
 std::vector<std::string> sweep_param_names();
 
