@@ -29,8 +29,14 @@ Result<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string
     if (tests.empty()) return errorf(ENOENT, "no bench test is registered");
     return tests;
   }
-  for (const std::string& name : workloads::split_list(list)) {
+  const std::vector<std::string> names = workloads::split_list(list);
+  for (auto it = names.begin(); it != names.end(); ++it) {
+    const std::string& name = *it;
     if (name.empty()) return errorf(EINVAL, "--tests: an empty name in '{}'; {}", list, known);
+    // As --strategy and --sweep refuse a repeated value; a test that is also
+    // in a group named beside it runs once.
+    if (std::find(names.begin(), it, name) != it)
+      return errorf(EINVAL, "--tests: '{}' is given twice in '{}'", name, list);
     std::vector<const workloads::BenchInfo*> named = workloads::find_bench_group(name);
     if (const workloads::BenchInfo* b = workloads::find_bench(name)) named = {b};
     if (named.empty()) return errorf(EINVAL, "--tests: unknown test '{}'; {}", name, known);
