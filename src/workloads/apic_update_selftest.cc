@@ -367,7 +367,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   r.check(leaks.no_resources_left(), "{}: leaked at teardown: {}", tag, leaks.resources_to_string());
   // The pool's counters from PhysMem once the VM is gone (merge_run_counters):
   // the machine's count no window closed at teardown and no pin.
-  k = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&k, 1));
+  k = env.run_counters(std::span(&k, 1));
   r.counters += k;
   r.check(static_cast<bool>(st), "{}: the run failed (every entry must succeed): {}", tag,
           st ? std::string() : st.error().to_string());

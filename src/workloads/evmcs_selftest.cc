@@ -229,7 +229,7 @@ void run_evmcs(const RunOptions& o, const Config& c, SelftestResult& r) {
   CounterSnapshot k = env.counters();
   Leaks leaks = env.tear_down();
   CounterSnapshot others[] = {k, CounterSnapshot::of(env.mm->counters())};
-  r.counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), others);
+  r.counters = env.run_counters(others);
   r.details["transcript"] = t;
   r.details["migrations"] = env.mm->counters().get(Counter::migrations);
   r.details["migrate_ebusy"] = env.mm->counters().get(Counter::migrate_ebusy);

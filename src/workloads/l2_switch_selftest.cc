@@ -179,7 +179,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   Leaks leaks = env.tear_down();
   // The pool's counters from PhysMem once the VM is gone (merge_run_counters):
   // the machine's count no window closed at teardown and no pin.
-  k = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&k, 1));
+  k = env.run_counters(std::span(&k, 1));
   r.counters += k;
 
   if (!r.check(static_cast<bool>(st), "{}: {}", tag, st ? std::string() : st.error().to_string())) return;

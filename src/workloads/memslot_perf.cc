@@ -170,7 +170,7 @@ CounterSnapshot MemslotPerfDriver::snapshot() const {
   l1[Counter::shootdowns] = k.shootdowns;
   l1[Counter::ept12_faults] = k.ept12_faults;
   CounterSnapshot others[] = {env_.machine->counters(), l1};
-  return merge_run_counters(CounterSnapshot::of(env_.phys->counters()), others);
+  return env_.run_counters(others);
 }
 
 GuestTask MemslotPerfDriver::host_program() {

@@ -96,6 +96,11 @@ class NestedEnv {
   Status write_u64(Gpa gpa, uint64_t value);
   // Everything counted during the run: the machine's vCPUs and the VM.
   CounterSnapshot counters() const;
+  // A run's counters, each event once (merge_run_counters): the pool's from
+  // `phys`, every other one summed over `others`.
+  CounterSnapshot run_counters(std::span<const CounterSnapshot> others) const {
+    return merge_run_counters(CounterSnapshot::of(phys->counters()), others);
+  }
   // The same per vCPU ({"vcpu0": {...}, ...}; the VM's own events under "vm").
   nlohmann::json counters_by_vcpu() const;
 

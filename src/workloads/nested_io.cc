@@ -300,7 +300,7 @@ Result<NestedIoRun> run_nested_io(const NestedIoConfig& c) {
   Status st = env->machine->run(run_watchdog(ops / 100 + 2 * load_ms, std::chrono::microseconds(1'000)));
   if (!st) return tl::unexpected(st.error());
   CounterSnapshot others[] = {env->machine->counters()};
-  run.counters = merge_run_counters(CounterSnapshot::of(env->phys->counters()), others);
+  run.counters = env->run_counters(others);
   Leaks leaks = env->tear_down();
   IoVcpuTally t = run.total();
   const uint64_t want = c.requests_per_l2 * c.io.l2_vcpus;

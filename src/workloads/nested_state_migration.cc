@@ -133,7 +133,7 @@ namespace {
 void finish(NestedEnv& env, CounterSnapshot& counters, Leaks& leaks) {
   const CounterSnapshot machine = env.counters();
   leaks = env.tear_down();
-  counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&machine, 1));
+  counters = env.run_counters(std::span(&machine, 1));
 }
 }  // namespace
 

@@ -37,7 +37,7 @@ uint64_t expected_vector_sum(const PagesWorkloadConfig& c) {
 void check_teardown(NestedEnv& env, SelftestResult& r) {
   const Leaks leaks = env.tear_down();
   r.check(leaks.no_resources_left(), "leaked at teardown: {}", leaks.resources_to_string());
-  r.counters = merge_run_counters(CounterSnapshot::of(env.phys->counters()), std::span(&r.counters, 1));
+  r.counters = env.run_counters(std::span(&r.counters, 1));
 }
 
 SelftestResult run_nested_pages(const RunOptions& o) {

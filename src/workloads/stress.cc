@@ -177,7 +177,7 @@ void run_epoch(const StressOptions& o, StrategyKind s, Totals& tot, SelftestResu
 
   const CounterSnapshot mm = CounterSnapshot::of(env.mm->counters());
   const CounterSnapshot others[] = {e.counters, mm};
-  tot.counters += merge_run_counters(CounterSnapshot::of(env.phys->counters()), others);
+  tot.counters += env.run_counters(others);
   tot.churn_operations += t.churn_operations;
   tot.saves += vmm.saves;
   tot.migrations += mm[Counter::migrations];
