@@ -94,6 +94,19 @@ TEST(L2Switch, MapUsesNoContextsAndRemapsEverySwitch) {
   EXPECT_GE(r.details["runs"][0]["remap_windows_per_switch"].get<double>(), 3.0);
 }
 
+TEST(L2Switch, MapWithOneRoundMeasuresNoSwitch) {
+  // --switches 1: round 0 loads every L2 for the first time and no switch
+  // follows, so there is no per-switch figure; 0 would claim map remaps nothing.
+  SelftestResult r = run("l2-switch", StrategyKind::map, MemoryKind::unmanaged,
+                         {{"mode", "migrate"}, {"l2", "4"}, {"switches", "1"}});
+  EXPECT_TRUE(r.passed);
+  EXPECT_GT(r.counters[Counter::remap_windows], 0u);
+  EXPECT_TRUE(r.details["runs"][0]["remap_windows_per_switch"].is_null()) << r.details.dump();
+  ASSERT_FALSE(r.notes.empty());
+  EXPECT_EQ(r.notes.back().find("up to 0.0"), std::string::npos) << r.notes.back();
+  EXPECT_NE(r.notes.back().find("not measured"), std::string::npos) << r.notes.back();
+}
+
 TEST(L2Switch, SeveralL1VcpusMoveL2sBetweenThem) {
   // Capacity 16 with two L1 vCPUs: N = 12 fits, N = 16 + migrate fits too.
   SelftestResult r = run("l2-switch", StrategyKind::cache, MemoryKind::unmanaged,
