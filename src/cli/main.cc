@@ -25,6 +25,26 @@ const std::string kAbout =
     "  nestcache stress     soak: every kind of churn at once, nothing stale, lost or leaked\n"
     "  nestcache            the main job: the seed's benchmark table, every strategy\n";
 
+// An argument no command takes (CLI11's ExtrasError): the command line it was
+// given to, and the arguments in the order given. CLI11 lists those a
+// sub-command passed back to the top last first ("4 --slots" for
+// `selftest nested-pages --slots 4`).
+struct Extras {
+  std::string command, message;
+};
+Extras extras_message(CLI::App& app) {
+  std::string command = "nestcache";
+  for (CLI::App* sub = &app; !sub->get_subcommands().empty();) {
+    sub = sub->get_subcommands().back();
+    command += " " + sub->get_name();
+  }
+  std::vector<std::string> extras = app.remaining(true);
+  std::string args;
+  for (const std::string& a : extras) args += (args.empty() ? "" : " ") + a;
+  return {command, fmt::format("{} {}: not an option or argument of this command (see `{} --help`)",
+                               extras.size() > 1 ? "unexpected arguments" : "unexpected argument", args, command)};
+}
+
 // Runs the command the parsed line names; returns the exit status.
 int dispatch(CLI::App* selftest_cmd, nestcache::cli::SelftestArgs& selftest, CLI::App* bench_cmd,
              const nestcache::cli::BenchArgs& bench, CLI::App* run_cmd, const nestcache::cli::RunArgs& run,
@@ -81,10 +101,15 @@ int main(int argc, char** argv) {
       return cli::kExitOk;
     }
     if (e.get_exit_code() == 0) return app.exit(e);
+    bool json_error = false;
     // A usage error under --json is JSON too (--json may not have been
     // parsed yet, so the line is searched for it).
-    for (int i = 1; i < argc; i++)
-      if (std::string_view(argv[i]) == "--json") return cli::usage_error(true, "nestcache", e.what());
+    for (int i = 1; i < argc; i++) json_error = json_error || std::string_view(argv[i]) == "--json";
+    if (dynamic_cast<const CLI::ExtrasError*>(&e)) {
+      const Extras x = extras_message(app);
+      return cli::usage_error(json_error, x.command, x.message);
+    }
+    if (json_error) return cli::usage_error(true, "nestcache", e.what());
     app.exit(e);
     return cli::kExitUsage;
   }

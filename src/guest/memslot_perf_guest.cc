@@ -41,12 +41,18 @@ GuestTask unmap_test(MemslotGuestConfig c) {
 }
 
 // The move tests: the guest writes its area, which does (active) or does
-// not (inactive) overlap the moved slot, until the host says exit.
+// not (inactive) overlap the moved slot, until the host says exit. After its
+// first write it tells the host it is moving (kSyncMovingFlag).
 GuestTask move_test(MemslotGuestConfig c) {
+  bool moving = false;
   for (;;) {
     uint64_t exit = co_await ops::read64(c.sync_area + kSyncExitFlag);
     if (exit) break;
-    for (uint64_t p = 0; p < c.move_pages; p++) co_await ops::write64(c.move_area + p * kPageSize, kMemslotValue1);
+    for (uint64_t p = 0; p < c.move_pages; p++) {
+      co_await ops::write64(c.move_area + p * kPageSize, kMemslotValue1);
+      if (!moving) co_await ops::write64(c.sync_area + kSyncMovingFlag, 1);
+      moving = true;
+    }
   }
 }
 

@@ -19,8 +19,11 @@ inline constexpr uint64_t kMemslotValue2 = 0x99aabbccddeeff00;
 
 // Upstream's struct sync_area, in the first page of L2 memory: the host sets
 // start once, sets sync for each exchange (the guest takes it back to 0),
-// and sets exit at the end.
-inline constexpr Gpa kSyncStartFlag = 0, kSyncExitFlag = 8, kSyncFlag = 16;
+// and sets exit at the end. Ours adds moving: the move tests' guest sets it
+// once its first write to its area completed, and the host starts moving
+// the slot only then (their guest never syncs, and a host thread faster
+// than its first faults would time moves while the guest wrote nothing).
+inline constexpr Gpa kSyncStartFlag = 0, kSyncExitFlag = 8, kSyncFlag = 16, kSyncMovingFlag = 24;
 
 struct MemslotGuestConfig {
   MemslotTest test = MemslotTest::unmap;

@@ -186,7 +186,9 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   uint64_t reuse = k[Counter::nested_context_reuse], recycle = k[Counter::nested_context_recycle];
   uint64_t later_windows = windows_end - (c.switches > 1 ? s.windows_at_round[1] : windows_end);
   uint64_t later_switches = static_cast<uint64_t>(c.l2) * (c.switches - 1);
-  double per_switch = later_switches ? double(later_windows) / double(later_switches) : 0;
+  // With one round there is no switch after the first to measure: null, not 0.
+  nlohmann::json per_switch;
+  if (later_switches) per_switch = double(later_windows) / double(later_switches);
   nlohmann::json d = {{"mode", mode_name(c.mode)},       {"l2", c.l2},
                       {"switches", c.switches},          {"l1_vcpus", c.l1_vcpus},
                       {"nested_context_reuse", reuse},   {"nested_context_recycle", recycle},
@@ -253,7 +255,12 @@ SelftestResult run_l2_switch(const RunOptions& o) {
     }
   }
   uint64_t reuse = r.counters[Counter::nested_context_reuse], recycle = r.counters[Counter::nested_context_recycle];
-  if (o.strategy == StrategyKind::map) {
+  if (o.strategy == StrategyKind::map && *switches == 1) {
+    // Round 0 loads every L2 for the first time: no switch after it to measure.
+    r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); remap windows per L2 switch not measured: "
+                       "--switches 1 runs no round after the first ({} remap windows in all on {} memory)",
+                       r.counters[Counter::remap_windows], memory_kind_name(o.memory)));
+  } else if (o.strategy == StrategyKind::map) {
     double worst = 0;
     for (auto& d : r.details["runs"]) worst = std::max(worst, d["remap_windows_per_switch"].get<double>());
     r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} remap windows per L2 switch on {} "

@@ -183,6 +183,10 @@ GuestTask MemslotPerfDriver::host_program() {
   CounterSnapshot start = snapshot();
   uint64_t calls0 = vmm_.counts().discard_calls;
   co_await ops::write64(vmm_.backing(0) + guest::kSyncStartFlag, 1);
+  // The move tests time moves under a guest that writes: wait for its first
+  // write (see kSyncMovingFlag).
+  if (c_.test == MemslotTest::move_active || c_.test == MemslotTest::move_inactive)
+    co_await guest::wait_until_eq(vmm_.backing(0) + guest::kSyncMovingFlag, 1);
   for (uint64_t done = 0;; done++) {
     uint64_t now = co_await ops::now();
     if (c_.iterations ? done >= c_.iterations : now - t0 >= limit_ns) {

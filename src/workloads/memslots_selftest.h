@@ -6,7 +6,8 @@
 //      its data, and that the holes between slots and the gfn past the last
 //      slot resolve to nothing (EFAULT).
 //   2. Activate pfn caches on a few pages, migrate half of them and discard
-//      the others: every cache must be invalidated by the MMU notifier, and
+//      the others (with one slot: migrate its page, then discard it in a
+//      second pass): every cache must be invalidated by the MMU notifier, and
 //      refresh must land on the new frame with the data intact (migrate) or
 //      on a zero page (discard), with zero stale accesses.
 //   3. Move a cached page's memslot: the cache fails its check by

@@ -43,6 +43,20 @@ TEST_P(MemslotsSelftest, PassesOnManagedMemoryWhereTheHostMapPinBlocksMigration)
   EXPECT_EQ(r.details["host_map"]["outcome"], "ebusy");
 }
 
+TEST_P(MemslotsSelftest, MigratesAndDiscardsAPageUnderACacheAtEverySlotCount) {
+  // With one slot there is one cached page: it must still see both changes,
+  // or the discard path would pass without having run.
+  for (MemoryKind kind : {MemoryKind::unmanaged, MemoryKind::managed}) {
+    SelftestResult r = run(kind, GetParam());
+    EXPECT_TRUE(r.passed) << failures_of(r);
+    int migrated = 0, discarded = 0;
+    for (const auto& c : r.details["caches"]) (c["change"] == "migrate" ? migrated : discarded)++;
+    EXPECT_GE(migrated, 1) << r.details["caches"].dump();
+    EXPECT_GE(discarded, 1) << r.details["caches"].dump();
+    EXPECT_GE(r.counters[Counter::discards], 1u);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Slots, MemslotsSelftest, ::testing::Values(1, 2, 3, 512, 32764));
 
 TEST(MemslotsSelftestOptions, ASlotCountOutsideTheRangeFailsWithAMessage) {
