@@ -85,6 +85,12 @@ Status NestedEnv::write_u64(Gpa gpa, uint64_t value) { return machine->store_qwo
 
 CounterSnapshot NestedEnv::counters() const { return machine->counters(); }
 
+CounterSnapshot NestedEnv::run_counters(std::span<const CounterSnapshot> others) const {
+  std::vector<CounterSnapshot> all(others.begin(), others.end());
+  all.push_back(CounterSnapshot::of(mm->counters()));
+  return merge_run_counters(CounterSnapshot::of(phys->counters()), all);
+}
+
 nlohmann::json NestedEnv::counters_by_vcpu() const {
   nlohmann::json j = nlohmann::json::object();
   for (int i = 0; i < machine->num_vcpus(); i++)

@@ -97,10 +97,10 @@ class NestedEnv {
   // Everything counted during the run: the machine's vCPUs and the VM.
   CounterSnapshot counters() const;
   // A run's counters, each event once (merge_run_counters): the pool's from
-  // `phys`, every other one summed over `others`.
-  CounterSnapshot run_counters(std::span<const CounterSnapshot> others) const {
-    return merge_run_counters(CounterSnapshot::of(phys->counters()), others);
-  }
+  // `phys`, every other one summed over `others` (the machine's, the guest's)
+  // and the host's own (HostMm: migrations, discards, notifier
+  // invalidations), which `others` must not hold.
+  CounterSnapshot run_counters(std::span<const CounterSnapshot> others) const;
   // The same per vCPU ({"vcpu0": {...}, ...}; the VM's own events under "vm").
   nlohmann::json counters_by_vcpu() const;
 
