@@ -118,19 +118,26 @@ void print_bench_list(bool json) {
                       {"group", t.group},
                       {"summary", t.summary},
                       {"description", t.description},
-                      {"in_default_job", t.in_default_job}});
+                      {"in_default_job", t.in_default_job},
+                      {"options", t.options}});
     print_json(list);
     return;
   }
   size_t width = 0;
   for (const auto& t : tests) width = std::max(width, t.name.size());
   fmt::print("Bench tests (run some with `nestcache bench --tests a,b`; * = part of the main job):\n");
-  // Each test's description says which options apply to it and what its
-  // views measure, so it is printed under the summary line.
+  // Each test's description says what its views measure and is printed
+  // under the summary line, followed by which of the options for some tests
+  // only it takes (BenchInfo::options).
   for (const auto& t : tests) {
     fmt::print("  {:<{}} {} {}\n", t.name, width, t.in_default_job ? '*' : ' ', t.summary);
-    if (t.description.empty()) continue;
-    const std::string text = wrap_text(t.description, 96 - width);
+    std::vector<std::string> takes, not_taken;
+    for (std::string_view opt : workloads::kTestOptions) (t.takes(opt) ? takes : not_taken).emplace_back(opt);
+    const std::string options =
+        takes.empty() ? fmt::format("Takes none of {}.", fmt::join(not_taken, ", "))
+                      : fmt::format("Takes {}{}.", fmt::join(takes, ", "),
+                                    not_taken.empty() ? "" : fmt::format("; not {}", fmt::join(not_taken, ", ")));
+    const std::string text = wrap_text(t.description.empty() ? options : t.description + " " + options, 96 - width);
     for (size_t at = 0; at < text.size();) {
       size_t end = std::min(text.find('\n', at), text.size());
       fmt::print("  {:<{}}   {}\n", "", width, std::string_view(text).substr(at, end - at));
@@ -303,6 +310,20 @@ int run_bench_command(const BenchArgs& a, bool json) {
     }
     return usage_error(json, "nestcache bench", tests.error().message);
   }
+  // An option of some tests only, given for a run of none of them, would
+  // change nothing: refused, naming the tests it applies to.
+  for (std::string_view opt : workloads::kTestOptions) {
+    if (a.command->get_option(std::string(opt))->count() == 0) continue;
+    if (std::any_of(tests->begin(), tests->end(), [&](const workloads::BenchInfo* t) { return t->takes(opt); }))
+      continue;
+    std::vector<std::string> named, takers;
+    for (const workloads::BenchInfo* t : *tests) named.push_back(t->name);
+    for (const workloads::BenchInfo& t : workloads::benches())
+      if (t.takes(opt)) takers.push_back(t.name);
+    return usage_error(json, "nestcache bench",
+                       fmt::format("{} does not apply to {}; it applies to {}", opt, workloads::join_names(named),
+                                   workloads::join_names(takers)));
+  }
   if (!a.sweep.empty() && (a.tests_option->count() == 0 || tests->size() != 1))
     return usage_error(json, "nestcache bench", "--sweep needs exactly one test in --tests");
   if (!a.sweep.empty()) {
@@ -404,7 +425,7 @@ class BenchPrinter {
     bool slots = false;
     std::vector<const workloads::BenchInfo*> timed;
     for (const workloads::BenchInfo* t : tests_) {
-      slots |= t->uses_slots;
+      slots |= t->takes("--slots");
       if (t->l1_hz) timed.push_back(t);
     }
     auto rate = [](uint32_t hz) { return hz ? fmt::format("{} Hz", hz) : std::string("off"); };

@@ -227,8 +227,7 @@ void register_l2_switch_bench() {
         .group = "l2-switch",
         .summary = fmt::format("one L1 vCPU switches between {} L2s (VMPTRLD + VMRESUME each)", n),
         .description = "The seed's l2-switch in sched mode, timed: round 0 launches every L2 (cold), later rounds "
-                       "VMPTRLD and VMRESUME each; the per-round-trip view is the time per warm switch. "
-                       "--slots, --scale, --l1-hz and --verify do not apply.",
+                       "VMPTRLD and VMRESUME each; the per-round-trip view is the time per warm switch.",
         .in_default_job = false,
         .run = [n](const BenchOptions& o, StrategyKind s) { return run_bench_l2_switch(n, o, s); },
         .commentary = [n](std::span<const BenchRow> rows) { return commentary(n, rows); },

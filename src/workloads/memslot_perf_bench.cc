@@ -248,7 +248,7 @@ void add(MemslotTest t, const char* summary, const char* description, bool in_de
       .summary = summary,
       .description = description,
       .in_default_job = in_default_job,
-      .uses_slots = true,
+      .options = {"--slots", "--scale", "--verify", "--l1-hz"},
       .run = [t](const BenchOptions& o, StrategyKind s) { return run_bench_test(t, o, s); },
       .commentary = [t](std::span<const BenchRow> rows) { return commentary(t, rows); },
       .l1_hz = [](const BenchOptions& o) { return o.l1_hz; },

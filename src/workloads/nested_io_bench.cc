@@ -182,8 +182,9 @@ void register_nested_io_bench() {
           "its next request. An intercepted WRMSR every --msr-every requests, L1's timer at 1000 Hz unless --l1-hz "
           "is given. --rate, --work, --l2-vcpus, --l1-vcpus; --iterations is requests per L2 vCPU, otherwise "
           "--seconds of offered load. Per iteration = busy time per request (the breakdown's total adds the idle "
-          "time between requests). --slots, --scale and --verify do not apply.",
+          "time between requests).",
       .in_default_job = false,
+      .options = {"--l1-hz", "--rate", "--work", "--l2-vcpus", "--l1-vcpus", "--msr-every"},
       .run = run_bench_nested_io,
       .commentary = commentary,
       .compare = nested_io_comparison,

@@ -118,6 +118,9 @@ void register_bench(BenchInfo info) {
   NC_CHECK(info.run != nullptr);
   NC_CHECK(find_bench(info.name) == nullptr);
   NC_CHECK(find_bench_group(info.name).empty());
+  for (std::string_view opt : info.options)
+    NC_CHECK(std::find(std::begin(kTestOptions), std::end(kTestOptions), opt) != std::end(kTestOptions));
+  NC_CHECK(info.takes("--l1-hz") == (info.l1_hz != nullptr));  // a timer's rate comes from its function
   bench_registry().push_back(std::move(info));
 }
 

@@ -30,6 +30,7 @@
 // before any lookup; lookups may then run from any thread.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <span>
@@ -71,6 +72,12 @@ std::map<std::string, std::string> default_extra(const SelftestInfo& info);
 // process_teardown_json); anything left is a failure.
 SelftestResult run_selftest(const SelftestInfo& info, const RunOptions& opts);
 
+// The bench options that apply to some tests only. The rest (--runs,
+// --seconds, --iterations, --exit-cost-ns, --extra-caches, the time model)
+// apply to every test.
+inline constexpr std::string_view kTestOptions[] = {"--slots",    "--scale",    "--verify",   "--l1-hz",   "--rate",
+                                                    "--work",     "--l2-vcpus", "--l1-vcpus", "--msr-every"};
+
 struct BenchInfo {
   std::string name = {};         // as in --tests, kebab-case ("unmap-chunked")
   // Tests that vary one parameter ("l2-switch-2", "l2-switch-8", ...) share a
@@ -79,7 +86,9 @@ struct BenchInfo {
   std::string summary = {};      // one line
   std::string description = {};  // a paragraph
   bool in_default_job = false;   // run by `nestcache` with no arguments
-  bool uses_slots = false;       // --slots applies (the bench header names it only then)
+  // The test-specific bench options (kTestOptions) that apply to this test;
+  // the others, given, are refused when no test of the run takes them.
+  std::vector<std::string_view> options = {};
   // Runs the test once for one strategy (all --runs of it). An error means
   // the test could not run at all; failed checks go in BenchRow::failures.
   std::function<Result<BenchRow>(const BenchOptions&, vmx::StrategyKind)> run = nullptr;
@@ -93,6 +102,11 @@ struct BenchInfo {
   // Optional: the rate of the L1 timer ticks that interrupt L2 in this test
   // under these options (null or 0: no ticks), for validate_for().
   std::function<uint32_t(const BenchOptions&)> l1_hz = nullptr;
+
+  // `option` (one of kTestOptions) applies to this test.
+  bool takes(std::string_view option) const {
+    return std::find(options.begin(), options.end(), option) != options.end();
+  }
 };
 
 // validate(o), and then what `test` needs of it: its L1 timer must leave L2
