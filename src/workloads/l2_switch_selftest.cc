@@ -78,9 +78,14 @@ struct Config {
 // Host-side bookkeeping the L1 programs fill in as they go (test oracles).
 struct Shared {
   std::vector<SwitchedL2> l2;
-  std::vector<uint64_t> windows_at_round;  // remap windows when each round began
+  // Remap windows and frame pins when each round began: map's cost of a
+  // switch on unmanaged memory (windows) and on managed memory (pins).
+  std::vector<uint64_t> windows_at_round, pins_at_round;
   host::PhysMem* phys = nullptr;
-  void round_begins(int round) { windows_at_round[round] = phys->counters().get(Counter::remap_windows); }
+  void round_begins(int round) {
+    windows_at_round[round] = phys->counters().get(Counter::remap_windows);
+    pins_at_round[round] = phys->counters().get(Counter::pins);
+  }
 };
 
 // The seed's eVMCS mode: each round, each L2's turn (guest::switch_to_enlightened).
@@ -157,6 +162,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   Shared s;
   s.phys = env.phys.get();
   s.windows_at_round.assign(c.switches, 0);
+  s.pins_at_round.assign(c.switches, 0);
   s.l2 = guest::lay_out_switched_l2s(kL2PagesStart, c.l2);
   for (const SwitchedL2& p : s.l2) {
     // A fresh vmcs12 region carries the VMCS revision; a fresh eVMCS its version.
@@ -174,6 +180,7 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   Status st = env.machine->run(std::chrono::milliseconds(60000));
   CounterSnapshot k = env.counters();
   uint64_t windows_end = env.phys->counters().get(Counter::remap_windows);
+  uint64_t pins_end = env.phys->counters().get(Counter::pins);
   size_t contexts = 0;
   if (auto* t = env.machine->nested_contexts()) contexts = t->table().size();
   Leaks leaks = env.tear_down();
@@ -185,16 +192,21 @@ void run_once(const RunOptions& o, const Config& c, SelftestResult& r) {
   if (!r.check(static_cast<bool>(st), "{}: {}", tag, st ? std::string() : st.error().to_string())) return;
   uint64_t reuse = k[Counter::nested_context_reuse], recycle = k[Counter::nested_context_recycle];
   uint64_t later_windows = windows_end - (c.switches > 1 ? s.windows_at_round[1] : windows_end);
+  uint64_t later_pins = pins_end - (c.switches > 1 ? s.pins_at_round[1] : pins_end);
   uint64_t later_switches = static_cast<uint64_t>(c.l2) * (c.switches - 1);
   // With one round there is no switch after the first to measure: null, not 0.
-  nlohmann::json per_switch;
-  if (later_switches) per_switch = double(later_windows) / double(later_switches);
+  nlohmann::json per_switch, pins_per_switch;
+  if (later_switches) {
+    per_switch = double(later_windows) / double(later_switches);
+    pins_per_switch = double(later_pins) / double(later_switches);
+  }
   nlohmann::json d = {{"mode", mode_name(c.mode)},       {"l2", c.l2},
                       {"switches", c.switches},          {"l1_vcpus", c.l1_vcpus},
                       {"nested_context_reuse", reuse},   {"nested_context_recycle", recycle},
                       {"contexts", contexts},            {"remap_windows", windows_end},
                       {"remap_windows_after_round_0", later_windows},
-                      {"remap_windows_per_switch", per_switch}};
+                      {"remap_windows_per_switch", per_switch},
+                      {"pins_per_switch", pins_per_switch}};
   r.check(leaks.none(), "{}: leaked at teardown: {}", tag, leaks.to_string());
   if (o.strategy == StrategyKind::map) {
     r.check(reuse == 0 && recycle == 0 && contexts == 0, "{}: map uses no nested contexts", tag);
@@ -261,11 +273,15 @@ SelftestResult run_l2_switch(const RunOptions& o) {
                        "--switches 1 runs no round after the first ({} remap windows in all on {} memory)",
                        r.counters[Counter::remap_windows], memory_kind_name(o.memory)));
   } else if (o.strategy == StrategyKind::map) {
+    // Unmanaged memory: a remap window per page and entry. Managed memory
+    // has no window (its frames are permanently mapped): map pins instead.
+    const bool managed = o.memory == MemoryKind::managed;
+    const char* field = managed ? "pins_per_switch" : "remap_windows_per_switch";
     double worst = 0;
-    for (auto& d : r.details["runs"]) worst = std::max(worst, d["remap_windows_per_switch"].get<double>());
-    r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} remap windows per L2 switch on {} "
-                       "memory",
-                       worst, memory_kind_name(o.memory)));
+    for (auto& d : r.details["runs"]) worst = std::max(worst, d[field].get<double>());
+    r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} {} per L2 switch on {} memory{}",
+                       worst, managed ? "frame pins" : "remap windows", memory_kind_name(o.memory),
+                       managed ? " (no remap window: its frames are permanently mapped)" : ""));
   } else {
     r.note(fmt::format("{}: {} runs, the seed's reuse/recycle formulas checked in each ({} reuses, {} recycles in "
                        "all)",

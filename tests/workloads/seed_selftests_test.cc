@@ -116,6 +116,17 @@ TEST(L2Switch, MapUsesNoContextsAndRemapsEverySwitch) {
   EXPECT_GE(r.details["runs"][0]["remap_windows_per_switch"].get<double>(), 3.0);
 }
 
+TEST(L2Switch, MapOnManagedMemoryPinsEverySwitch) {
+  // Managed frames are permanently mapped: map opens no window but pins each
+  // page on every entry, and the note gives that cost, not "0.0 windows".
+  SelftestResult r = run("l2-switch", StrategyKind::map, MemoryKind::managed, {{"mode", "sched"}, {"l2", "3"}});
+  EXPECT_TRUE(r.passed);
+  EXPECT_EQ(r.counters[Counter::remap_windows], 0u);
+  EXPECT_GE(r.details["runs"][0]["pins_per_switch"].get<double>(), 3.0);
+  ASSERT_FALSE(r.notes.empty());
+  EXPECT_NE(r.notes.back().find("frame pins per L2 switch on managed memory"), std::string::npos) << r.notes.back();
+}
+
 TEST(L2Switch, MapWithOneRoundMeasuresNoSwitch) {
   // --switches 1: round 0 loads every L2 for the first time and no switch
   // follows, so there is no per-switch figure; 0 would claim map remaps nothing.
