@@ -29,15 +29,21 @@ const std::string kAbout =
 // given to, and the arguments in the order given. CLI11 lists those a
 // sub-command passed back to the top last first ("4 --slots" for
 // `selftest nested-pages --slots 4`).
-struct Extras {
-  std::string command, message;
-};
-Extras extras_message(CLI::App& app) {
+// The command line a parse error belongs to: "nestcache selftest memslots".
+std::string parsed_command(CLI::App& app) {
   std::string command = "nestcache";
   for (CLI::App* sub = &app; !sub->get_subcommands().empty();) {
     sub = sub->get_subcommands().back();
     command += " " + sub->get_name();
   }
+  return command;
+}
+
+struct Extras {
+  std::string command, message;
+};
+Extras extras_message(CLI::App& app) {
+  std::string command = parsed_command(app);
   std::vector<std::string> extras = app.remaining(true);
   std::string args;
   for (const std::string& a : extras) args += (args.empty() ? "" : " ") + a;
@@ -109,8 +115,13 @@ int main(int argc, char** argv) {
       const Extras x = extras_message(app);
       return cli::usage_error(json_error, x.command, x.message);
     }
-    if (json_error) return cli::usage_error(true, "nestcache", e.what());
-    app.exit(e);
+    // Every other parse error names the command it belongs to, as the
+    // commands' own usage errors do ("nestcache selftest memslots: --slots:
+    // 0 is out of range: 1 to 32764"), then points at its --help.
+    const std::string command = parsed_command(app);
+    if (json_error) return cli::usage_error(true, command, e.what());
+    cli::usage_error(false, command, e.what());
+    fmt::print(stderr, "Run `{} --help` for its options.\n", command);
     return cli::kExitUsage;
   }
 

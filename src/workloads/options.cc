@@ -62,6 +62,7 @@ Result<std::vector<vmx::StrategyKind>> parse_strategy_list(std::string_view text
   std::vector<vmx::StrategyKind> out;
   for (const std::string& item : split_list(text)) {
     if (item.empty()) return errorf(EINVAL, "empty strategy in list '{}': expected e.g. map,cache,oracle", text);
+    if (item == "all") return errorf(EINVAL, "'all' (every strategy) stands alone, not in a list: '{}'", text);
     vmx::StrategyKind s = NC_TRY(parse_strategy(item));
     for (vmx::StrategyKind seen : out)
       if (seen == s) return errorf(EINVAL, "strategy '{}' given twice in '{}'", item, text);
