@@ -134,10 +134,15 @@ std::vector<std::string> commentary(std::span<const BenchRow> rows) {
   std::vector<std::string> out;
   if (rows.empty()) return out;
   const nlohmann::json& x = rows.front().extra;
+  // --msr-every 0 and --l1-hz 0 mean none: said so, not "every 0 requests".
+  const uint64_t msr_every = x.value("msr_every", uint64_t{0}), hz = x.value("io_l1_hz", uint64_t{0});
   out.push_back(fmt::format("{} L2 vCPU(s) on {} L1 vCPU(s), {} requests/s offered, {} memory operations per request, "
-                            "an intercepted WRMSR every {} requests, L1 timer {} Hz.",
+                            "{}, {}.",
                             x.value("l2_vcpus", 0), x.value("l1_vcpus", 0), x.value("offered_rate", 0),
-                            x.value("work", 0), x.value("msr_every", 0), x.value("io_l1_hz", 0)));
+                            x.value("work", 0),
+                            msr_every ? fmt::format("an intercepted WRMSR every {} requests", msr_every)
+                                      : std::string("no intercepted WRMSR"),
+                            hz ? fmt::format("L1 timer {} Hz", hz) : std::string("L1 timer off")));
   for (const BenchRow& r : rows) {
     const nlohmann::json c = r.extra.value("cost_per_request", nlohmann::json::object());
     out.push_back(fmt::format(
