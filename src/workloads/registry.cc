@@ -158,7 +158,10 @@ Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<Bench
   for (uint32_t r = 0; r < runs; r++) {
     BenchRow row = NC_TRY(one(r));
     failures.push_back(row.failures);
-    if (!best || (row.iterations > 0 && row.seconds_per_iteration < best->seconds_per_iteration)) {
+    // A run with no iteration has 0 s per iteration: it never displaces
+    // one that has some, and any run with some displaces it.
+    if (!best || (row.iterations > 0 &&
+                  (best->iterations == 0 || row.seconds_per_iteration < best->seconds_per_iteration))) {
       best = std::move(row);
       best_index = r;
     }
