@@ -50,6 +50,23 @@ TimeStamp operator-(const TimeStamp& a, const TimeStamp& b) {
   return d;
 }
 
+TimeStamp TimeStamp::interval(const TimeStamp& from, const TimeStamp& to) {
+  TimeStamp d = to - from;
+  const uint64_t want = to.total() > from.total() ? to.total() - from.total() : 0;
+  const uint64_t have = d.total();  // at least `want`: each clamped part is at least its difference
+  if (have == want) return d;
+  TimeStamp scaled;
+  uint64_t sum = 0;
+  int largest = 0;
+  for (int i = 0; i < kTimeParts; i++) {
+    scaled.ns[i] = static_cast<uint64_t>(static_cast<unsigned __int128>(d.ns[i]) * want / have);
+    sum += scaled.ns[i];
+    if (d.ns[i] > d.ns[largest]) largest = i;
+  }
+  scaled.ns[largest] += want - sum;  // what rounding down left
+  return scaled;
+}
+
 uint64_t thread_cpu_ns() {
   timespec t;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);

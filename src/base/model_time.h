@@ -51,6 +51,13 @@ struct TimeStamp {
   uint64_t operator[](TimePart p) const { return ns[static_cast<int>(p)]; }
   // Part by part; parts of `b` above those of `a` clamp to 0.
   friend TimeStamp operator-(const TimeStamp& a, const TimeStamp& b);
+  // The time from `from` to `to` by part, adding up to to.total() −
+  // from.total() (0 when `to` is not later): `to` − `from`, except that a
+  // part can be lower in `to` when the clock took a later thread's stamp in
+  // between (merge()); clamped to 0 alone it leaves the other parts counting
+  // that difference again, so the parts that grew are scaled down together
+  // to the interval. What a stopwatch's breakdown is.
+  static TimeStamp interval(const TimeStamp& from, const TimeStamp& to);
   friend bool operator==(const TimeStamp&, const TimeStamp&) = default;
   // Whichever of `a` and `b` is later (a on a tie).
   static const TimeStamp& later(const TimeStamp& a, const TimeStamp& b) { return b.total() > a.total() ? b : a; }

@@ -77,10 +77,20 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
   fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n", "strategy",
              "per iteration", "iterations", "cold iteration", "per round trip", "round trips", "shootdowns",
              "ept12", "maps", "unmaps", "windows", "stale");
+  // A view a row has no time for (no iteration, or no round trip) prints
+  // "-", not 0 s, and gives no ratio.
+  auto has = [](const workloads::BenchRow& r, double workloads::BenchRow::*field) {
+    return r.iterations > 0 &&
+           (field != &workloads::BenchRow::seconds_per_round_trip || r.counters[Counter::nested_round_trips] > 0);
+  };
+  auto shown = [&](const workloads::BenchRow& r, double workloads::BenchRow::*field) {
+    return has(r, field) ? format_seconds(r.*field) : std::string("-");
+  };
   for (const auto& r : rows) {
     fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
-               vmx::strategy_name(r.strategy), format_seconds(r.seconds_per_iteration), r.iterations,
-               format_seconds(r.cold_iteration_seconds), format_seconds(r.seconds_per_round_trip),
+               vmx::strategy_name(r.strategy), shown(r, &workloads::BenchRow::seconds_per_iteration), r.iterations,
+               shown(r, &workloads::BenchRow::cold_iteration_seconds),
+               shown(r, &workloads::BenchRow::seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::shootdowns],
                r.counters[Counter::ept12_faults], r.counters[Counter::maps], r.counters[Counter::unmaps],
                r.counters[Counter::remap_windows], r.counters[Counter::stale_accesses]);
@@ -98,8 +108,11 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
     for (View v : {View{"per iteration", &workloads::BenchRow::seconds_per_iteration},
                    View{"cold iteration", &workloads::BenchRow::cold_iteration_seconds},
                    View{"per round trip", &workloads::BenchRow::seconds_per_round_trip}}) {
-      fmt::print("           {:<16} {:>10} {:>13}\n", v.name, map ? format_ratio(map->*v.field, cache->*v.field) : "-",
-                 oracle ? format_ratio(cache->*v.field, oracle->*v.field) : "-");
+      auto ratio = [&](const workloads::BenchRow* num, const workloads::BenchRow* den) {
+        return num && has(*num, v.field) && has(*den, v.field) ? format_ratio(num->*v.field, den->*v.field)
+                                                               : std::string("-");
+      };
+      fmt::print("           {:<16} {:>10} {:>13}\n", v.name, ratio(map, cache), oracle ? ratio(cache, oracle) : "-");
     }
   }
   if (breakdown) print_breakdown(rows);

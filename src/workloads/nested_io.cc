@@ -179,7 +179,13 @@ GuestTask io_l1(const IoL1Setup& s, const NestedIoConfig& c, IoVcpuTally& t) {
     size_t k = n;
     for (size_t i = 0; i < n; i++)
       if (!ended[i] && (k == n || next[i] < next[k])) k = i;
-    co_await idle_until(next[k], start, s.tick_ns, t);
+    if (c.clock == cpu::ClockKind::wall) {
+      const uint64_t idle_from = co_await ops::now();
+      co_await idle_until(next[k], start, s.tick_ns, t);
+      t.idle_ns += co_await ops::now() - idle_from;
+    } else {
+      co_await idle_until(next[k], start, s.tick_ns, t);
+    }
     if (k != current) {
       co_await guest::vmptrld(s.l2[k].vmcs);
       if (current != n) t.switches++;

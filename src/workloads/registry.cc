@@ -151,6 +151,8 @@ std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::str
   return out;
 }
 
+constexpr std::string_view kNoIteration = "no iteration completed";
+
 Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<BenchRow>(uint32_t)>& one) {
   std::optional<BenchRow> best;
   size_t best_index = 0;
@@ -158,14 +160,27 @@ Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<Bench
   for (uint32_t r = 0; r < runs; r++) {
     BenchRow row = NC_TRY(one(r));
     failures.push_back(row.failures);
-    if (!best || (row.iterations > 0 && row.seconds_per_iteration < best->seconds_per_iteration)) {
+    // A run with no iteration has 0 s per iteration: it never displaces
+    // one that has some, and any run with some displaces it.
+    if (!best || (row.iterations > 0 &&
+                  (best->iterations == 0 || row.seconds_per_iteration < best->seconds_per_iteration))) {
       best = std::move(row);
       best_index = r;
     }
   }
   if (!best) return errorf(EINVAL, "--runs 0: no run to keep");
   best->failures = failures_of_runs(failures, best_index);
+  // No run completed an iteration (the time limit ran out first): the row
+  // has no time to show, which is a failed run, not a result of 0 s.
+  if (best->iterations == 0)
+    best->failures.push_back(fmt::format("{} in {}: the row has no result (a longer --seconds, or --iterations)",
+                                         kNoIteration, runs == 1 ? "the run" : "any run"));
   return std::move(*best);
+}
+
+bool no_iteration_completed(const BenchRow& row) {
+  return std::any_of(row.failures.begin(), row.failures.end(),
+                     [](const std::string& f) { return f.starts_with(kNoIteration); });
 }
 
 Status validate_for(const BenchInfo& test, const BenchOptions& o) {

@@ -47,7 +47,7 @@ nlohmann::json parts_json(const TimeStamp& t, double by) {
 
 nlohmann::json BenchRow::breakdown() const {
   return {{"per_iteration", parts_json(loop.modelled, static_cast<double>(iterations))},
-          {"per_round_trip", parts_json(round_trips_after_cold ? loop.modelled - cold.modelled : loop.modelled,
+          {"per_round_trip", parts_json(round_trips_after_cold ? TimeStamp::interval(cold.modelled, loop.modelled) : loop.modelled,
                                         static_cast<double>(counters[Counter::nested_round_trips]))},
           {"cold_iteration", parts_json(cold.modelled, 1)}};
 }

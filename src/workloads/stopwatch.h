@@ -23,7 +23,7 @@ class Stopwatch {
   }
   // The time since construction.
   LoopTime elapsed() const {
-    return {clock_->stamp() - start_,
+    return {TimeStamp::interval(start_, clock_->stamp()),
             std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start_).count()};
   }
 

@@ -61,6 +61,25 @@ TEST(TimeStamp, DifferenceIsPartByPartAndClamped) {
   EXPECT_EQ(d.ns[1], 0u);
 }
 
+// A clock that took a later thread's stamp can end an interval with a part
+// lower than at its start: the interval's parts still add up to its time.
+TEST(TimeStamp, IntervalAddsUpToTheTimeBetween) {
+  TimeStamp from, to;
+  from.ns[0] = 100;  // the host's own part before the interval
+  from.ns[1] = 10;
+  to.ns[0] = 40;     // the later thread's stamp, taken in between
+  to.ns[1] = 200;
+  to.ns[2] = 30;
+  TimeStamp d = TimeStamp::interval(from, to);
+  EXPECT_EQ(d.total(), to.total() - from.total());
+  EXPECT_EQ(d.ns[0], 0u);
+  EXPECT_GT(d.ns[1], d.ns[2]);
+  EXPECT_EQ(TimeStamp::interval(to, from).total(), 0u);
+  TimeStamp plain = to;
+  plain.ns[0] = 150;
+  EXPECT_EQ(TimeStamp::interval(from, plain), plain - from);  // no part lower: the difference itself
+}
+
 TEST(ModelClock, MeasuredWorkGoesToTheScopesPart) {
   ModelClock c;
   ModelClock::Binding bind(c);

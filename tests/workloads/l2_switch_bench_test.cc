@@ -54,6 +54,32 @@ TEST(L2SwitchBench, MapRemapsOnEverySwitchAndUsesNoContexts) {
   EXPECT_GT(r.seconds_per_round_trip, 0);
 }
 
+// On managed memory map opens no remap window (HostMap pins): the check
+// line says so instead of multiplying 0 windows by a window's cost.
+TEST(L2SwitchBench, ManagedMemoryCheckNamesThePinsNotWindows) {
+  register_all();
+  const BenchInfo* b = find_bench("l2-switch-2");
+  ASSERT_NE(b, nullptr);
+  BenchOptions o;
+  o.iterations = kRounds;
+  o.exit_cost_ns = 0;
+  o.memory = MemoryKind::managed;
+  std::vector<BenchRow> rows;
+  for (StrategyKind s : {StrategyKind::map, StrategyKind::cache}) {
+    auto row = b->run(o, s);
+    ASSERT_TRUE(row) << row.error().to_string();
+    rows.push_back(*row);
+  }
+  ASSERT_EQ(rows[0].counters[Counter::remap_windows], 0u);
+  ASSERT_GT(rows[0].counters[Counter::maps], 0u);
+  bool said = false;
+  for (const std::string& line : b->commentary(rows)) {
+    EXPECT_EQ(line.find("more remap windows per switch"), std::string::npos) << line;
+    said |= line.starts_with("map opens no remap window (managed memory");
+  }
+  EXPECT_TRUE(said);
+}
+
 TEST(L2SwitchBench, SixteenL2sShareTheEightContexts) {
   BenchRow r = run("l2-switch-16", StrategyKind::oracle);
   EXPECT_TRUE(r.failures.empty()) << r.to_json().dump();

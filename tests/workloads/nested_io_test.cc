@@ -136,6 +136,30 @@ TEST(NestedIoBench, RowsCarryThePerRequestFiguresAndTheComparison) {
   EXPECT_FALSE(b->commentary(rows).empty());
 }
 
+// On the wall clock the row's views are wall time, as every other test's:
+// they were the modelled busy time, under "clock": "wall" (`bench --tests
+// nested-io --clock wall`). The busy time is within the loop's wall time.
+TEST(NestedIoBench, WallClockRowsAreWallTime) {
+  register_all();
+  const BenchInfo* b = find_bench("nested-io");
+  ASSERT_NE(b, nullptr);
+  BenchOptions o;
+  o.iterations = 4;
+  o.io.work = 8;
+  o.io.rate = 100000;
+  o.clock = cpu::ClockKind::wall;
+  auto row = b->run(o, StrategyKind::cache);
+  ASSERT_TRUE(row) << row.error().to_string();
+  EXPECT_TRUE(row->failures.empty());
+  EXPECT_EQ(row->clock, cpu::ClockKind::wall);
+  EXPECT_DOUBLE_EQ(row->cold_iteration_seconds, row->cold.wall_seconds);
+  EXPECT_GT(row->seconds_per_iteration, 0.0);
+  EXPECT_LE(row->seconds_per_iteration * static_cast<double>(row->iterations), row->loop.wall_seconds);
+  std::vector<std::string> lines = b->commentary(std::vector<BenchRow>{*row});
+  EXPECT_TRUE(std::any_of(lines.begin(), lines.end(),
+                          [](const std::string& l) { return l.find("wall time; the model's accounting") != std::string::npos; }));
+}
+
 // A row that served more requests per second than offered is explained;
 // one at the offered rate is not.
 TEST(NestedIoBench, CommentaryExplainsARateAboveTheOfferedOne) {

@@ -439,6 +439,19 @@ TEST(RegistryBench, FastestOfRunsKeepsTheFastestRowWithEveryRunsFailures) {
   ASSERT_TRUE(kept) << kept.error().to_string();
   EXPECT_EQ(kept->seconds_per_iteration, 1.0);
   EXPECT_EQ(kept->failures, (std::vector<std::string>{"run 1 of 3: slow", "run 2 of 3: no iteration"}));
+  // A first run with no iteration (0 s per iteration) is displaced by a
+  // later one that has some: it was kept, as the fastest.
+  const std::vector<BenchRow> late = {row(0, 0.0, {}), row(4, 3.0, {})};
+  auto kept_late = fastest_of_runs(2, [&](uint32_t r) -> Result<BenchRow> { return late[r]; });
+  ASSERT_TRUE(kept_late) << kept_late.error().to_string();
+  EXPECT_EQ(kept_late->iterations, 4u);
+  EXPECT_EQ(kept_late->seconds_per_iteration, 3.0);
+  // No run with an iteration: the row is flagged, not a result of 0 s.
+  const std::vector<BenchRow> none = {row(0, 0.0, {}), row(0, 0.0, {})};
+  auto kept_none = fastest_of_runs(2, [&](uint32_t r) -> Result<BenchRow> { return none[r]; });
+  ASSERT_TRUE(kept_none) << kept_none.error().to_string();
+  ASSERT_EQ(kept_none->failures.size(), 1u);
+  EXPECT_NE(kept_none->failures[0].find("no iteration completed"), std::string::npos) << kept_none->failures[0];
   int calls = 0;
   auto failed = fastest_of_runs(3, [&](uint32_t r) -> Result<BenchRow> {
     calls++;
