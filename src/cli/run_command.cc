@@ -193,14 +193,16 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
 
 int run_run_command(const RunArgs& args, bool json) {
   RunReport report(json, args.quiet);
-  // The first SIGINT / SIGTERM stops the run after the case under way, whose
-  // VM is torn down (and its threads joined) as at the end of any case; the
-  // cases finished so far are reported, marked as interrupted, and the run
-  // exits 130 / 143. A second signal ends the process at once with what
-  // finished before it.
+  // While cases run, the first SIGINT / SIGTERM stops the run after the case
+  // under way, whose VM is torn down (and its threads joined) as at the end
+  // of any case; the cases finished so far are reported, marked as
+  // interrupted, and the run exits 130 / 143. A second signal ends the
+  // process at once with what finished before it, as does a signal while
+  // the files are read or once the last case ended (no VM is alive then).
+  std::atomic<bool> cases_running{false};
   std::atomic<int> interrupted_by{0};
   auto watch = InterruptWatch::start_stoppable([&](int signo) {
-    if (interrupted_by.exchange(signo) == 0) {
+    if (cases_running.load() && interrupted_by.exchange(signo) == 0) {
       std::fprintf(stderr, "\nnestcache run: %s: stopping after the case under way\n", signal_name(signo));
       return false;
     }
@@ -245,6 +247,7 @@ int run_run_command(const RunArgs& args, bool json) {
                                                               where));
   }
 
+  cases_running.store(true);
   for (const sc::ScenarioFile& f : files) {
     if (interrupted_by.load()) break;
     report.begin_file(f.path);
@@ -253,6 +256,7 @@ int run_run_command(const RunArgs& args, bool json) {
       if (selected(c)) report.add(f.path, sc::run_case(c));
     }
   }
+  cases_running.store(false);
   if (int signo = interrupted_by.load()) {
     report.finish(signal_name(signo));
     return 128 + signo;
