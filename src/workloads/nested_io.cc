@@ -62,21 +62,28 @@ Gpa l2_ring(uint32_t j) { return static_cast<Gpa>(j) * kPagesPerL2 * kPageSize; 
 // Idles L1 until `target` on its own clock: time passes (TPAUSE), and each
 // timer tick on the way is taken with HLT, as an idle L1 vCPU takes it.
 // `timer_start` is a time read just after the timer was started, so each
-// tick it predicts has fired by then.
-GuestTask idle_until(uint64_t target, uint64_t timer_start, uint64_t tick_ns, IoVcpuTally& t) {
+// tick it predicts has fired by then. With `time_idle` (the wall clock,
+// whose time has no idle part) the TPAUSEs' time is added to t.idle_ns; the
+// ticks' HLT exits count as busy, as modelled time charges them.
+GuestTask idle_until(uint64_t target, uint64_t timer_start, uint64_t tick_ns, IoVcpuTally& t, bool time_idle) {
+  auto pause_until = [&t, time_idle](uint64_t until) -> GuestTask {
+    const uint64_t from = time_idle ? co_await ops::now() : 0;
+    co_await ops::tpause(until);
+    if (time_idle) t.idle_ns += co_await ops::now() - from;
+  };
   for (;;) {
     uint64_t now = co_await ops::now();
     if (now >= target) co_return;
     if (tick_ns) {
       uint64_t next_tick = timer_start + ((now - timer_start) / tick_ns + 1) * tick_ns;
       if (next_tick <= target) {
-        co_await ops::tpause(next_tick);
+        co_await pause_until(next_tick);
         uint64_t vector = (co_await ops::exec(cpu::GuestOp::Hlt{})).value;
         if (vector == guest::L1Vmm::kTimerVector) t.idle_ticks++;
         continue;
       }
     }
-    co_await ops::tpause(target);
+    co_await pause_until(target);
   }
 }
 
@@ -179,13 +186,7 @@ GuestTask io_l1(const IoL1Setup& s, const NestedIoConfig& c, IoVcpuTally& t) {
     size_t k = n;
     for (size_t i = 0; i < n; i++)
       if (!ended[i] && (k == n || next[i] < next[k])) k = i;
-    if (c.clock == cpu::ClockKind::wall) {
-      const uint64_t idle_from = co_await ops::now();
-      co_await idle_until(next[k], start, s.tick_ns, t);
-      t.idle_ns += co_await ops::now() - idle_from;
-    } else {
-      co_await idle_until(next[k], start, s.tick_ns, t);
-    }
+    co_await idle_until(next[k], start, s.tick_ns, t, c.clock == cpu::ClockKind::wall);
     if (k != current) {
       co_await guest::vmptrld(s.l2[k].vmcs);
       if (current != n) t.switches++;
@@ -273,6 +274,8 @@ IoVcpuTally NestedIoRun::total() const {
                    &IoVcpuTally::posted, &IoVcpuTally::msr_exits, &IoVcpuTally::nested_ticks, &IoVcpuTally::idle_ticks,
                    &IoVcpuTally::idle_halts, &IoVcpuTally::waiting_halts, &IoVcpuTally::switches})
       s.*f += t.*f;
+    // The span of the run: the longest loop. idle_ns stays per vCPU
+    // (busy time is each vCPU's elapsed_ns − idle_ns, summed).
     s.elapsed_ns = std::max(s.elapsed_ns, t.elapsed_ns);
   }
   return s;

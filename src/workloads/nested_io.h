@@ -62,7 +62,7 @@ struct IoVcpuTally {
   uint64_t waiting_halts = 0;  // HLT exits of an L2 waiting for its completion
   uint64_t switches = 0;       // VMPTRLDs of another L2
   uint64_t elapsed_ns = 0;     // the loop on the machine's clock (Now)
-  uint64_t idle_ns = 0;        // ... of it waiting for requests (wall clock only: modelled time has its idle part)
+  uint64_t idle_ns = 0;        // ... of it paused waiting for requests (wall clock only: modelled time has its idle part)
   LoopTime loop;               // the loop, modelled by part and wall
   LoopTime cold;               // up to its first L2's first request served
 };
