@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/ranges.h>
 
+#include "base/check.h"
 #include "cli/commands.h"
 #include "cli/interrupt.h"
 #include "workloads/progress.h"
@@ -52,7 +53,11 @@ Result<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string
 // On the wall clock the parts are still the model's accounting, which the
 // wall times of the table do not split into; the heading says so.
 void print_breakdown(std::span<const workloads::BenchRow> rows) {
-  bool wall = !rows.empty() && rows.front().clock == cpu::ClockKind::wall;
+  if (std::none_of(rows.begin(), rows.end(), [](const workloads::BenchRow& r) { return r.iterations > 0; })) {
+    fmt::print("  modelled time by part: none (no row has a time to split)\n");
+    return;
+  }
+  bool wall = rows.front().clock == cpu::ClockKind::wall;
   fmt::print("  modelled time by part{}:\n  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
              wall ? " (the model's accounting: the table above is wall time, which these totals do not match)" : "",
              "strategy", "per", "total", "transitions", "guest ops", "windows", "pfn cache", "other L0", "idle");
@@ -60,7 +65,11 @@ void print_breakdown(std::span<const workloads::BenchRow> rows) {
     nlohmann::json b = r.breakdown();
     for (const char* view : {"per_round_trip", "per_iteration"}) {
       const nlohmann::json& v = b[view];
-      if (v.empty()) continue;
+      // As the table: nothing for a view the row has no time for.
+      const bool trip = std::string_view(view) == "per_round_trip";
+      if (v.empty() || !r.has_time(trip ? &workloads::BenchRow::seconds_per_round_trip
+                                        : &workloads::BenchRow::seconds_per_iteration))
+        continue;
       auto us = [&](const char* part) { return format_seconds(v.value(part, 0.0) / 1e9); };
       fmt::print("  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n", vmx::strategy_name(r.strategy),
                  std::string_view(view) == "per_round_trip" ? "round trip" : "iteration", us("total_ns"),
@@ -79,12 +88,8 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
              "ept12", "maps", "unmaps", "windows", "stale");
   // A view a row has no time for (no iteration, or no round trip) prints
   // "-", not 0 s, and gives no ratio.
-  auto has = [](const workloads::BenchRow& r, double workloads::BenchRow::*field) {
-    return r.iterations > 0 &&
-           (field != &workloads::BenchRow::seconds_per_round_trip || r.counters[Counter::nested_round_trips] > 0);
-  };
   auto shown = [&](const workloads::BenchRow& r, double workloads::BenchRow::*field) {
-    return has(r, field) ? format_seconds(r.*field) : std::string("-");
+    return r.has_time(field) ? format_seconds(r.*field) : std::string("-");
   };
   for (const auto& r : rows) {
     fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
@@ -109,8 +114,8 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
                    View{"cold iteration", &workloads::BenchRow::cold_iteration_seconds},
                    View{"per round trip", &workloads::BenchRow::seconds_per_round_trip}}) {
       auto ratio = [&](const workloads::BenchRow* num, const workloads::BenchRow* den) {
-        return num && has(*num, v.field) && has(*den, v.field) ? format_ratio(num->*v.field, den->*v.field)
-                                                               : std::string("-");
+        return num && num->has_time(v.field) && den->has_time(v.field) ? format_ratio(num->*v.field, den->*v.field)
+                                                                       : std::string("-");
       };
       fmt::print("           {:<16} {:>10} {:>13}\n", v.name, ratio(map, cache), oracle ? ratio(cache, oracle) : "-");
     }
@@ -326,7 +331,9 @@ int run_bench_command(const BenchArgs& a, bool json) {
   // An option of some tests only, given for a run of none of them, would
   // change nothing: refused, naming the tests it applies to.
   for (std::string_view opt : workloads::kTestOptions) {
-    if (a.command->get_option(std::string(opt))->count() == 0) continue;
+    const CLI::Option* given = a.command->get_option_no_throw(std::string(opt));
+    NC_CHECK(given != nullptr);  // every entry of kTestOptions is a bench option
+    if (given->count() == 0) continue;
     if (std::any_of(tests->begin(), tests->end(), [&](const workloads::BenchInfo* t) { return t->takes(opt); }))
       continue;
     std::vector<std::string> named, takers;

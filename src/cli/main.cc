@@ -25,20 +25,28 @@ const std::string kAbout =
     "  nestcache stress     soak: every kind of churn at once, nothing stale, lost or leaked\n"
     "  nestcache            the main job: the seed's benchmark table, every strategy\n";
 
+// The command line a parse error belongs to: the deepest sub-command parsed
+// ("nestcache selftest memslots"), or the one above it that owns the option
+// the message starts with (`nestcache --inject-fault bogus bench` fails in
+// the top level's --inject-fault, not in bench).
+std::string parsed_command(CLI::App& app, std::string_view message = {}) {
+  std::vector<CLI::App*> chain{&app};
+  while (!chain.back()->get_subcommands().empty()) chain.push_back(chain.back()->get_subcommands().back());
+  if (message.starts_with("--")) {
+    const std::string option(message.substr(0, message.find(':')));
+    size_t owner = chain.size();
+    while (owner > 0 && chain[owner - 1]->get_option_no_throw(option) == nullptr) owner--;
+    if (owner > 0) chain.resize(owner);
+  }
+  std::string command = "nestcache";
+  for (size_t i = 1; i < chain.size(); i++) command += " " + chain[i]->get_name();
+  return command;
+}
+
 // An argument no command takes (CLI11's ExtrasError): the command line it was
 // given to, and the arguments in the order given. CLI11 lists those a
 // sub-command passed back to the top last first ("4 --slots" for
 // `selftest nested-pages --slots 4`).
-// The command line a parse error belongs to: "nestcache selftest memslots".
-std::string parsed_command(CLI::App& app) {
-  std::string command = "nestcache";
-  for (CLI::App* sub = &app; !sub->get_subcommands().empty();) {
-    sub = sub->get_subcommands().back();
-    command += " " + sub->get_name();
-  }
-  return command;
-}
-
 struct Extras {
   std::string command, message;
 };
@@ -116,13 +124,11 @@ int main(int argc, char** argv) {
       return cli::usage_error(json_error, x.command, x.message);
     }
     // Every other parse error names the command it belongs to, as the
-    // commands' own usage errors do ("nestcache selftest memslots: --slots:
-    // 0 is out of range: 1 to 32764"), then points at its --help.
-    const std::string command = parsed_command(app);
-    if (json_error) return cli::usage_error(true, command, e.what());
-    cli::usage_error(false, command, e.what());
-    fmt::print(stderr, "Run `{} --help` for its options.\n", command);
-    return cli::kExitUsage;
+    // commands' own usage errors do, and points at its --help as an
+    // unexpected argument does ("nestcache selftest memslots: --slots: 0 is
+    // out of range: 1 to 32764 (see `nestcache selftest memslots --help`)").
+    const std::string command = parsed_command(app, e.what());
+    return cli::usage_error(json_error, command, fmt::format("{} (see `{} --help`)", e.what(), command));
   }
 
   for (const std::string& f : faults) host::inject_fault(host::parse_fault_spec(f).value());  // validated by CLI11

@@ -90,10 +90,11 @@ class SweepPrinter {
                          r.extra.value("round_trips_per_request", 0.0));
     // As bench's table: "-" for a time the point does not have (no
     // iteration, no round trip), not 0 s.
-    const bool ran = r.iterations > 0;
+    auto shown = [&](double workloads::BenchRow::*field) {
+      return r.has_time(field) ? format_seconds(r.*field) : std::string("-");
+    };
     fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", p.value, vmx::strategy_name(r.strategy),
-               ran ? format_seconds(r.seconds_per_iteration) : "-",
-               ran && r.counters[Counter::nested_round_trips] > 0 ? format_seconds(r.seconds_per_round_trip) : "-",
+               shown(&workloads::BenchRow::seconds_per_iteration), shown(&workloads::BenchRow::seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::remap_windows],
                r.counters[Counter::stale_accesses], tail);
     for (const auto& f : r.failures)

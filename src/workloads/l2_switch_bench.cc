@@ -50,11 +50,13 @@ struct SwitchTimes {
   uint64_t loop_ns = 0;
   LoopTime loop;
   LoopTime cold;
-  uint64_t windows_after_cold = 0;  // PhysMem's remap windows when the cold round ended
+  // PhysMem's remap windows and frame pins when the cold round ended: map's
+  // cost per entry on unmanaged memory (windows) and on managed memory (pins).
+  uint64_t windows_after_cold = 0, pins_after_cold = 0;
 };
 
 GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchTimes& out,
-                      std::function<uint64_t()> windows_now) {
+                      std::function<void(SwitchTimes&)> mark_cold_end) {
   guest::L1Pages pages(kL1PagesStart, kL2PagesStart);
   co_await guest::enter_vmx(pages);
   const uint64_t limit_ns = static_cast<uint64_t>(c.seconds * 1e9);
@@ -69,7 +71,7 @@ GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchT
     out.loop = watch.elapsed();
     if (round == 0) {
       out.cold = out.loop;
-      out.windows_after_cold = windows_now();
+      mark_cold_end(out);
     }
     bool done = c.iterations ? round + 1 >= c.iterations : t1 - start >= limit_ns;
     if (done) break;
@@ -83,6 +85,7 @@ struct SwitchRun {
   CounterSnapshot counters;
   size_t contexts = 0;
   uint64_t warm_windows = 0;  // remap windows opened after the cold round
+  uint64_t warm_pins = 0;     // frame pins taken after the cold round
   std::vector<std::string> failures;
   double seconds_per_iteration() const {
     return times.round_ns.empty() ? 0 : static_cast<double>(times.loop_ns) / 1e9 / times.round_ns.size();
@@ -108,13 +111,17 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   SwitchRun run;
   host::PhysMem* phys = env->phys.get();
   env->machine->set_l1_program(
-      0, l1_switcher(c, l2, run.times, [phys] { return phys->counters().get(Counter::remap_windows); }));
+      0, l1_switcher(c, l2, run.times, [phys](SwitchTimes& t) {
+        t.windows_after_cold = phys->counters().get(Counter::remap_windows);
+        t.pins_after_cold = phys->counters().get(Counter::pins);
+      }));
   // A round switches to each of at most 16 L2s: a second is far more than
   // one takes in any build.
   Status st = env->machine->run(bench_watchdog(c.seconds, c.iterations, std::chrono::seconds(1)));
   if (!st) return tl::unexpected(st.error());
   run.counters = env->counters();
   run.warm_windows = phys->counters().get(Counter::remap_windows) - run.times.windows_after_cold;
+  run.warm_pins = phys->counters().get(Counter::pins) - run.times.pins_after_cold;
   if (auto* t = env->machine->nested_contexts()) run.contexts = t->table().size();
   if (run.times.round_ns.empty()) run.failures.push_back("L1 completed no round");
   return run;
@@ -158,6 +165,7 @@ BenchRow row_of_run(const SwitchRun& run, int n, const BenchOptions& o, Strategy
   row.extra = {
       {"l2", n},
       {"mode", "sched"},
+      {"memory", memory_kind_name(o.memory)},
       {"switches", static_cast<uint64_t>(n) * rounds},
       {"seconds_per_switch", row.seconds_per_round_trip},
       {"nested_context_reuse", reuse},
@@ -166,6 +174,8 @@ BenchRow row_of_run(const SwitchRun& run, int n, const BenchOptions& o, Strategy
       {"remap_windows_per_warm_switch",
        warm_switches ? static_cast<double>(run.warm_windows) / static_cast<double>(warm_switches)
                      : 0.0},
+      {"pins_per_warm_switch",
+       warm_switches ? static_cast<double>(run.warm_pins) / static_cast<double>(warm_switches) : 0.0},
   };
   return row;
 }
@@ -206,16 +216,17 @@ std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
                                   ? "Every L2 keeps its context: cache maps nothing after the cold round."
                                   : "More L2s than the 8 contexts: 8 L2s keep theirs, the others fall back to the "
                                     "vCPU's own caches, which remap on every switch (windows column)."));
-  if (map && cache && map->extra.contains("remap_window_ns") && map->counters[Counter::remap_windows] == 0) {
-    // Managed memory: HostMap pins the page and uses the direct map, so
-    // there is no window to multiply (it read "0.00 more remap windows per
-    // switch × 0.61 µs = 0.00 µs" beside a difference it did not explain).
-    out.push_back(fmt::format("map opens no remap window (managed memory: HostMap pins each page and uses the direct "
-                              "map, {:.2f} µs per map + unmap measured alone): map − cache = {:.2f} µs per switch, "
-                              "with {} HostMap maps in map's run.",
-                              map->extra["remap_window_ns"].get<double>() / 1e3,
-                              (map->seconds_per_round_trip - cache->seconds_per_round_trip) * 1e6,
-                              map->counters[Counter::maps]));
+  if (map && cache && map->extra.contains("remap_window_ns") && map->extra.value("memory", "") == memory_kind_name(MemoryKind::managed)) {
+    // Managed memory has no remap window: HostMap pins each page and uses
+    // the direct map, so map's cost per switch is its pins' map + unmap.
+    auto pins = [](const BenchRow* r) { return r->extra.value("pins_per_warm_switch", 0.0); };
+    const double map_ns = map->extra["remap_window_ns"].get<double>();
+    const double extra_pins = pins(map) - pins(cache);
+    out.push_back(fmt::format("Check: map − cache = {:.2f} µs per switch; map opens no remap window on managed memory "
+                              "(HostMap pins each page and uses the direct map): {:.2f} more pins per switch × {:.2f} "
+                              "µs per HostMap map + unmap (measured alone) = {:.2f} µs.",
+                              (map->seconds_per_round_trip - cache->seconds_per_round_trip) * 1e6, extra_pins,
+                              map_ns / 1e3, extra_pins * map_ns / 1e3));
   } else if (map && cache && map->extra.contains("remap_window_ns")) {
     double window_ns = map->extra["remap_window_ns"].get<double>();
     auto windows = [](const BenchRow* r) { return r->extra.value("remap_windows_per_warm_switch", 0.0); };

@@ -267,20 +267,22 @@ SelftestResult run_l2_switch(const RunOptions& o) {
     }
   }
   uint64_t reuse = r.counters[Counter::nested_context_reuse], recycle = r.counters[Counter::nested_context_recycle];
+  // Map's cost per entry: a remap window per page on unmanaged memory; on
+  // managed memory, whose frames are permanently mapped, a pin instead.
+  const bool managed = o.memory == MemoryKind::managed;
+  const char* cost = managed ? "frame pins" : "remap windows";
   if (o.strategy == StrategyKind::map && *switches == 1) {
     // Round 0 loads every L2 for the first time: no switch after it to measure.
-    r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); remap windows per L2 switch not measured: "
-                       "--switches 1 runs no round after the first ({} remap windows in all on {} memory)",
-                       r.counters[Counter::remap_windows], memory_kind_name(o.memory)));
+    r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); {} per L2 switch not measured: --switches 1 "
+                       "runs no round after the first ({} {} in all on {} memory)",
+                       cost, r.counters[managed ? Counter::pins : Counter::remap_windows], cost,
+                       memory_kind_name(o.memory)));
   } else if (o.strategy == StrategyKind::map) {
-    // Unmanaged memory: a remap window per page and entry. Managed memory
-    // has no window (its frames are permanently mapped): map pins instead.
-    const bool managed = o.memory == MemoryKind::managed;
     const char* field = managed ? "pins_per_switch" : "remap_windows_per_switch";
     double worst = 0;
     for (auto& d : r.details["runs"]) worst = std::max(worst, d[field].get<double>());
     r.note(fmt::format("map: no nested contexts (reuse 0, recycle 0); up to {:.1f} {} per L2 switch on {} memory{}",
-                       worst, managed ? "frame pins" : "remap windows", memory_kind_name(o.memory),
+                       worst, cost, memory_kind_name(o.memory),
                        managed ? " (no remap window: its frames are permanently mapped)" : ""));
   } else {
     r.note(fmt::format("{}: {} runs, the seed's reuse/recycle formulas checked in each ({} reuses, {} recycles in "

@@ -198,9 +198,8 @@ GuestTask MemslotPerfDriver::host_program() {
     uint64_t end = co_await ops::now();
     // The cold iteration is timed from the loop's start, as its breakdown
     // (cold_time) and counters (cold) are: it takes in the start and, for
-    // the move tests, the wait for the guest's first write. Timed from `now`
-    // it left them out of every iteration but in the loop's average (one
-    // move-inactive iteration with map: 83 µs per iteration, 34 ns cold).
+    // the move tests, the wait for the guest's first write, which the loop's
+    // average counts too.
     run_.iteration_seconds.push_back(static_cast<double>(end - (done == 0 ? t0 : now)) / 1e9);
     if (done == 0) {
       run_.cold_time = watch.elapsed();

@@ -151,8 +151,6 @@ std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::str
   return out;
 }
 
-constexpr std::string_view kNoIteration = "no iteration completed";
-
 Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<BenchRow>(uint32_t)>& one) {
   std::optional<BenchRow> best;
   size_t best_index = 0;
@@ -173,14 +171,10 @@ Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<Bench
   // No run completed an iteration (the time limit ran out first): the row
   // has no time to show, which is a failed run, not a result of 0 s.
   if (best->iterations == 0)
-    best->failures.push_back(fmt::format("{} in {}: the row has no result (a longer --seconds, or --iterations)",
-                                         kNoIteration, runs == 1 ? "the run" : "any run"));
+    best->failures.push_back(fmt::format("no iteration completed in {}, so the row has no result: give a longer "
+                                         "--seconds or use --iterations",
+                                         runs == 1 ? "the run" : "any run"));
   return std::move(*best);
-}
-
-bool no_iteration_completed(const BenchRow& row) {
-  return std::any_of(row.failures.begin(), row.failures.end(),
-                     [](const std::string& f) { return f.starts_with(kNoIteration); });
 }
 
 Status validate_for(const BenchInfo& test, const BenchOptions& o) {

@@ -135,9 +135,6 @@ std::vector<std::string> failures_of_runs(const std::vector<std::vector<std::str
 // (failures_of_runs), and a failure when no run completed an iteration. The
 // first error ends it.
 Result<BenchRow> fastest_of_runs(uint32_t runs, const std::function<Result<BenchRow>(uint32_t)>& one);
-// Whether `row` carries fastest_of_runs' failure for no iteration completed
-// (its times are no result: a commentary leaves them alone).
-bool no_iteration_completed(const BenchRow& row);
 
 void register_bench(BenchInfo info);
 const std::vector<BenchInfo>& benches();

@@ -79,6 +79,14 @@ struct BenchRow {
   // standard field's name).
   nlohmann::json extra = nlohmann::json::object();
 
+  // The row has a time for the view `field` (one of the three above): an
+  // iteration completed, and for the per-round-trip view a round trip too.
+  // Tables print "-" and give no ratio for a view it has no time for.
+  bool has_time(double BenchRow::*field) const {
+    return iterations > 0 &&
+           (field != &BenchRow::seconds_per_round_trip || counters[Counter::nested_round_trips] > 0);
+  }
+
   // The loop's modelled time by part, per iteration, per nested round trip
   // (the time seconds_per_round_trip divides) and for the cold iteration: {"per_iteration": {"transitions_ns": ...,
   // "total_ns": ...}, "per_round_trip": {...}, "cold_iteration": {...}}.

@@ -1,5 +1,6 @@
 // The seed's two selftests (apic-update, l2-switch) through the registry, as
 // the CLI runs them, plus the nested-context wiring they rely on.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "support/selftests.h"
@@ -151,6 +152,14 @@ TEST(L2Switch, MapWithOneRoundMeasuresNoSwitch) {
   ASSERT_FALSE(r.notes.empty());
   EXPECT_EQ(r.notes.back().find("up to 0.0"), std::string::npos) << r.notes.back();
   EXPECT_NE(r.notes.back().find("not measured"), std::string::npos) << r.notes.back();
+  // Managed memory: the run's pins, not "0 remap windows".
+  SelftestResult m = run("l2-switch", StrategyKind::map, MemoryKind::managed,
+                         {{"mode", "migrate"}, {"l2", "4"}, {"switches", "1"}});
+  EXPECT_TRUE(m.passed);
+  ASSERT_FALSE(m.notes.empty());
+  EXPECT_NE(m.notes.back().find(fmt::format("({} frame pins in all on managed memory)", m.counters[Counter::pins])),
+            std::string::npos)
+      << m.notes.back();
 }
 
 TEST(L2Switch, SeveralL1VcpusMoveL2sBetweenThem) {
