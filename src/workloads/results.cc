@@ -46,22 +46,30 @@ nlohmann::json parts_json(const TimeStamp& t, double by) {
 }  // namespace
 
 nlohmann::json BenchRow::breakdown() const {
+  // A view the row has no time for is empty, as in the table.
   return {{"per_iteration", parts_json(loop.modelled, static_cast<double>(iterations))},
-          {"per_round_trip", parts_json(round_trips_after_cold ? TimeStamp::interval(cold.modelled, loop.modelled) : loop.modelled,
-                                        static_cast<double>(counters[Counter::nested_round_trips]))},
-          {"cold_iteration", parts_json(cold.modelled, 1)}};
+          {"per_round_trip",
+           has_time(&BenchRow::seconds_per_round_trip)
+               ? parts_json(round_trips_after_cold ? TimeStamp::interval(cold.modelled, loop.modelled) : loop.modelled,
+                            static_cast<double>(counters[Counter::nested_round_trips]))
+               : nlohmann::json::object()},
+          {"cold_iteration", parts_json(cold.modelled, iterations > 0 ? 1 : 0)}};
 }
 
 nlohmann::json BenchRow::to_json() const {
+  // A view the row has no time for (no iteration, or no round trip) is
+  // null, as the table prints "-": never a 0 s a reader could take for one.
+  auto time = [this](double BenchRow::*field) { return has_time(field) ? nlohmann::json(this->*field) : nlohmann::json(); };
   nlohmann::json j = {
       {"test", test},
       {"strategy", vmx::strategy_name(strategy)},
       {"clock", clock_kind_name(clock)},
-      {"seconds_per_iteration", seconds_per_iteration},
+      {"seconds_per_iteration", time(&BenchRow::seconds_per_iteration)},
       {"iterations", iterations},
-      {"cold_iteration_seconds", cold_iteration_seconds},
-      {"seconds_per_round_trip", seconds_per_round_trip},
-      {"wall_seconds_per_iteration", iterations ? loop.wall_seconds / static_cast<double>(iterations) : 0.0},
+      {"cold_iteration_seconds", time(&BenchRow::cold_iteration_seconds)},
+      {"seconds_per_round_trip", time(&BenchRow::seconds_per_round_trip)},
+      {"wall_seconds_per_iteration",
+       iterations ? nlohmann::json(loop.wall_seconds / static_cast<double>(iterations)) : nlohmann::json()},
       {"breakdown", breakdown()},
       {"failures", failures},
       {"counters", counters.to_json()},

@@ -23,11 +23,12 @@ Result<uint32_t> narrow(SweepParam p, uint64_t value) {
 // The figures of one point, JSON and CSV alike.
 nlohmann::json point_json(const SweepPoint& p) {
   const BenchRow& r = p.row;
+  const nlohmann::json row_json = r.to_json();  // its times: null for a view it has no time for
   nlohmann::json j = {
       {"value", p.value},
       {"strategy", vmx::strategy_name(r.strategy)},
-      {"seconds_per_iteration", r.seconds_per_iteration},
-      {"seconds_per_round_trip", r.seconds_per_round_trip},
+      {"seconds_per_iteration", row_json["seconds_per_iteration"]},
+      {"seconds_per_round_trip", row_json["seconds_per_round_trip"]},
       {"iterations", r.iterations},
       {"nested_round_trips", r.counters[Counter::nested_round_trips]},
       {"remap_windows", r.counters[Counter::remap_windows]},
@@ -202,9 +203,12 @@ std::string sweep_csv(const SweepSpec& spec, const std::vector<SweepPoint>& poin
       sweep_param_name(spec.param));
   for (const SweepPoint& p : points) {
     nlohmann::json j = point_json(p);
-    auto optional = [&](const char* key) { return j.contains(key) ? fmt::format("{:.6g}", j[key].get<double>()) : ""; };
-    out += fmt::format("{},{},{:.6g},{:.6g},{},{},{},{},{},{}\n", p.value, j["strategy"].get<std::string>(),
-                       p.row.seconds_per_iteration, p.row.seconds_per_round_trip, p.row.iterations,
+    // A missing figure or a time the point has none for: an empty field.
+    auto optional = [&](const char* key) {
+      return j.contains(key) && j[key].is_number() ? fmt::format("{:.6g}", j[key].get<double>()) : "";
+    };
+    out += fmt::format("{},{},{},{},{},{},{},{},{},{}\n", p.value, j["strategy"].get<std::string>(),
+                       optional("seconds_per_iteration"), optional("seconds_per_round_trip"), p.row.iterations,
                        j["nested_round_trips"].get<uint64_t>(), j["remap_windows"].get<uint64_t>(),
                        j["stale_accesses"].get<uint64_t>(), optional("requests_per_second"),
                        optional("round_trips_per_request"));

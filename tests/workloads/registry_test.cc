@@ -299,6 +299,27 @@ TEST(RegistryBench, ARowCarriesTheStandardFieldsAndItsExtras) {
   EXPECT_EQ(j["nested_context_reuse_per_switch"], 1.0);
 }
 
+// A view a row has no time for is null in JSON, as the table prints "-":
+// never 0 s, which a reader could take for a measured time.
+TEST(RegistryBench, RowJsonHasNullForATimeItDoesNotHave) {
+  BenchRow none;  // no iteration completed
+  none.failures.push_back("no iteration completed in the run");
+  nlohmann::json j = none.to_json();
+  for (const char* key : {"seconds_per_iteration", "cold_iteration_seconds", "seconds_per_round_trip",
+                          "wall_seconds_per_iteration"})
+    EXPECT_TRUE(j[key].is_null()) << key << ": " << j[key];
+  for (const char* view : {"per_iteration", "per_round_trip", "cold_iteration"})
+    EXPECT_TRUE(j["breakdown"][view].empty()) << view;
+  BenchRow no_trip;  // an iteration but no round trip (l2-switch's single cold round)
+  no_trip.iterations = 1;
+  no_trip.seconds_per_iteration = no_trip.cold_iteration_seconds = 2e-5;
+  j = no_trip.to_json();
+  EXPECT_EQ(j["seconds_per_iteration"], 2e-5);
+  EXPECT_EQ(j["cold_iteration_seconds"], 2e-5);
+  EXPECT_TRUE(j["seconds_per_round_trip"].is_null());
+  EXPECT_TRUE(j["breakdown"]["per_round_trip"].empty());
+}
+
 TEST(RegistryBench, TheReportHasTheDocumentedTopLevelFields) {
   BenchReport rep;
   rep.options.slots = 512;

@@ -104,5 +104,22 @@ TEST(Sweep, ATinySweepRunsEveryStrategyAtEveryValue) {
   EXPECT_NE(csv.find("\n2,oracle,"), std::string::npos);
 }
 
+// A point with a time it does not have (here no round trip): null in JSON,
+// an empty CSV field; the time it has is kept.
+TEST(Sweep, APointsMissingTimeIsNullAndAnEmptyField) {
+  SweepSpec spec{SweepParam::exit_cost_ns, {0}};
+  BenchRow row;
+  row.strategy = StrategyKind::cache;
+  row.iterations = 1;
+  row.seconds_per_iteration = 5e-5;
+  std::vector<SweepPoint> points{{0, row}};
+  BenchOptions base;
+  base.strategies = {StrategyKind::cache};
+  nlohmann::json j = sweep_json("l2-switch-2", spec, base, points);
+  EXPECT_EQ(j["points"][0]["seconds_per_iteration"], 5e-5);
+  EXPECT_TRUE(j["points"][0]["seconds_per_round_trip"].is_null());
+  EXPECT_NE(sweep_csv(spec, points).find("\n0,cache,5e-05,,1,"), std::string::npos) << sweep_csv(spec, points);
+}
+
 }  // namespace
 }  // namespace nestcache::workloads
