@@ -53,7 +53,9 @@ Result<std::vector<const workloads::BenchInfo*>> resolve_tests(const std::string
 // On the wall clock the parts are still the model's accounting, which the
 // wall times of the table do not split into; the heading says so.
 void print_breakdown(std::span<const workloads::BenchRow> rows) {
-  if (std::none_of(rows.begin(), rows.end(), [](const workloads::BenchRow& r) { return r.iterations > 0; })) {
+  if (std::none_of(rows.begin(), rows.end(), [](const workloads::BenchRow& r) {
+        return r.has_time(&workloads::BenchRow::seconds_per_iteration);
+      })) {
     fmt::print("  modelled time by part: none (no row has a time to split)\n");
     return;
   }
@@ -65,11 +67,7 @@ void print_breakdown(std::span<const workloads::BenchRow> rows) {
     nlohmann::json b = r.breakdown();
     for (const char* view : {"per_round_trip", "per_iteration"}) {
       const nlohmann::json& v = b[view];
-      // As the table: nothing for a view the row has no time for.
-      const bool trip = std::string_view(view) == "per_round_trip";
-      if (v.empty() || !r.has_time(trip ? &workloads::BenchRow::seconds_per_round_trip
-                                        : &workloads::BenchRow::seconds_per_iteration))
-        continue;
+      if (v.empty()) continue;  // a view the row has no time for (BenchRow::breakdown)
       auto us = [&](const char* part) { return format_seconds(v.value(part, 0.0) / 1e9); };
       fmt::print("  {:<8} {:<14} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}\n", vmx::strategy_name(r.strategy),
                  std::string_view(view) == "per_round_trip" ? "round trip" : "iteration", us("total_ns"),

@@ -205,6 +205,10 @@ std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> 
   std::vector<std::string> out;
   const BenchRow* map = row_of(rows, StrategyKind::map);
   const BenchRow* cache = row_of(rows, StrategyKind::cache);
+  // Both rows have a time to compare: a row with no iteration has none to
+  // explain (its failure says so).
+  const bool timed = map && cache && map->has_time(&BenchRow::seconds_per_iteration) &&
+                     cache->has_time(&BenchRow::seconds_per_iteration);
   if (auto seed = seed_figures(test)) {
     out.push_back(fmt::format("seed ({} memslots, unmanaged memory, EC2 Nitro): before {:.2f} s, after {} s, {} faster.{}",
                               kSeedSlots, seed->before_s, seed->after_s, seed->ratio,
@@ -212,7 +216,7 @@ std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> 
     out.push_back(
         "Its \"before\" is above upstream's 5 s limit, so it is ONE cold iteration (view: cold iteration, map); its "
         "\"after\" is an average over many warm iterations (view: per iteration, cache).");
-    if (map && cache && map->iterations > 0 && cache->iterations > 0)
+    if (timed)
       out.push_back(fmt::format("Ours measured the seed's way: map cold {:.3g} s ÷ cache per iteration {:.3g} s = {}; "
                                 "like for like: cold {}, per iteration {}, per round trip {}.",
                                 map->cold_iteration_seconds, cache->seconds_per_iteration,
@@ -221,8 +225,7 @@ std::vector<std::string> commentary(MemslotTest test, std::span<const BenchRow> 
                                 ratio(map->seconds_per_iteration, cache->seconds_per_iteration),
                                 ratio(map->seconds_per_round_trip, cache->seconds_per_round_trip)));
   }
-  // A row with no iteration has no time to explain (its failure says so).
-  if (map && cache && map->iterations > 0 && cache->iterations > 0) {
+  if (timed) {
     for (const std::string& s : time_commentary(test, *map, *cache)) out.push_back(s);
   }
   // One line per slot layout, naming every strategy that ran with it (the

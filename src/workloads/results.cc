@@ -59,15 +59,14 @@ nlohmann::json BenchRow::breakdown() const {
 nlohmann::json BenchRow::to_json() const {
   // A view the row has no time for (no iteration, or no round trip) is
   // null, as the table prints "-": never a 0 s a reader could take for one.
-  auto time = [this](double BenchRow::*field) { return has_time(field) ? nlohmann::json(this->*field) : nlohmann::json(); };
   nlohmann::json j = {
       {"test", test},
       {"strategy", vmx::strategy_name(strategy)},
       {"clock", clock_kind_name(clock)},
-      {"seconds_per_iteration", time(&BenchRow::seconds_per_iteration)},
+      {"seconds_per_iteration", time_json(&BenchRow::seconds_per_iteration)},
       {"iterations", iterations},
-      {"cold_iteration_seconds", time(&BenchRow::cold_iteration_seconds)},
-      {"seconds_per_round_trip", time(&BenchRow::seconds_per_round_trip)},
+      {"cold_iteration_seconds", time_json(&BenchRow::cold_iteration_seconds)},
+      {"seconds_per_round_trip", time_json(&BenchRow::seconds_per_round_trip)},
       {"wall_seconds_per_iteration",
        iterations ? nlohmann::json(loop.wall_seconds / static_cast<double>(iterations)) : nlohmann::json()},
       {"breakdown", breakdown()},

@@ -86,6 +86,10 @@ struct BenchRow {
     return iterations > 0 &&
            (field != &BenchRow::seconds_per_round_trip || counters[Counter::nested_round_trips] > 0);
   }
+  // That view's time for JSON: null when the row has none (never 0 s).
+  nlohmann::json time_json(double BenchRow::*field) const {
+    return has_time(field) ? nlohmann::json(this->*field) : nlohmann::json();
+  }
 
   // The loop's modelled time by part, per iteration, per nested round trip
   // (the time seconds_per_round_trip divides) and for the cold iteration: {"per_iteration": {"transitions_ns": ...,
