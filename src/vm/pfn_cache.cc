@@ -187,7 +187,7 @@ Status PfnCache::refresh_locked(size_t len) {
   refresh_mu_.assert_held();
   if (!active_.load()) return errorf(EINVAL, "refresh of an inactive pfn cache");
   const Gpa gpa = gpa_.load(std::memory_order_relaxed);  // changes only under refresh_mu_
-  if (page_offset(gpa) + len > kPageSize)
+  if (len > kPageSize - page_offset(gpa))  // not offset + len, which can wrap
     return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
 
   uint64_t generation;

@@ -305,7 +305,8 @@ class PfnCache {
   // fold them away.
   bool fits(Gpa want, size_t len, const Snapshot& s) const {
     const Gpa gpa = want == kAnyGpa ? s.gpa : want;
-    return gpa == s.gpa && s.generation == memslots_.generation() && page_offset(gpa) + len <= kPageSize;
+    // len is compared with what is left of the page: offset + len could wrap.
+    return gpa == s.gpa && s.generation == memslots_.generation() && len <= kPageSize - page_offset(gpa);
   }
   // Starts loading, for writing, every cache line of the cache: what the
   // notifier and the refresh after it touch (the registry calls it as it
