@@ -172,6 +172,9 @@ Result<Hva> PfnCache::resolve(Gpa gpa, uint64_t& generation) const {
   generation = set->generation();
   const Memslot* s = set->find(gpa_to_gfn(gpa));
   if (!s || s->invalid) return errorf(EFAULT, "gpa {:#x} is in no memslot", gpa);
+  // Every cache maps its page writable, and KVM resolves the hva for
+  // writing (gfn_to_hva_memslot): a read-only memslot has none to give.
+  if (s->flags & kMemReadonly) return errorf(EFAULT, "gpa {:#x} is in read-only slot {}", gpa, s->id);
   return s->gfn_to_hva(gpa_to_gfn(gpa));
 }
 

@@ -210,8 +210,9 @@ class PfnCache {
   // Unmaps and stops caching; a no-op on an inactive cache.
   void deactivate() NC_EXCLUDES(refresh_mu_, rw_);
   // Re-resolves the gpa and remaps it, retrying while an invalidation races
-  // the resolve. EFAULT: no valid memslot holds the gpa; EINVAL: inactive
-  // or len crosses the page; ENOMEM: out of mappings.
+  // the resolve. EFAULT: no valid memslot holds the gpa, or a read-only one
+  // (the mapping is writable); EINVAL: inactive or len crosses the page;
+  // ENOMEM: out of mappings.
   Status refresh(size_t len) NC_EXCLUDES(refresh_mu_, rw_);
 
   // kvm_gpc_check plus the read side: a handle on [gpa, gpa + len) if the

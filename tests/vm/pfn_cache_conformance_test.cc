@@ -152,6 +152,21 @@ TEST_P(PfnCacheConformanceTest, AMemslotChangeElsewhereFailsTheCheckAndRefreshKe
   EXPECT_EQ(count(Counter::cache_refreshes), refreshes);
 }
 
+// __kvm_gpc_refresh takes the hva from gfn_to_hva_memslot, which asks for a
+// writable hva and gets KVM_HVA_ERR_RO_BAD from a KVM_MEM_READONLY memslot:
+// EFAULT, as for a gpa in no memslot.
+TEST_P(PfnCacheConformanceTest, AGpaInAReadOnlyMemslotIsEfault) {
+  Hva hva = *env.mm->create_region(kPageSize, kind());
+  ASSERT_TRUE(env.vm->set_memory_region({1, kMemReadonly, 0x100000, kPageSize, hva}));
+  PfnCache c(*env.vm);
+  Status st = c.activate(0x100000, 8);
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, EFAULT) << st.error().to_string();
+  EXPECT_TRUE(c.active());
+  EXPECT_TRUE(c.invalid());
+  EXPECT_EQ(env.phys->live_windows(), 0);
+}
+
 // kvm_gpc_check / __kvm_gpc_refresh: the cached gpa's memslot deleted, the
 // check fails by generation and the refresh is EFAULT; the cache stays
 // active, at its gpa, without a mapping.
