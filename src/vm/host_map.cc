@@ -22,7 +22,7 @@ HostMap& HostMap::operator=(HostMap&& o) noexcept {
   return *this;
 }
 
-Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* counters) {
+Result<HostMap> HostMap::map_impl(Vm& vm, Gfn gfn, CounterSet* counters, bool writable) {
   ModelClock::PartScope scope(TimePart::remap_windows);  // modelled time: what a window costs L0
   HostMap m;
   m.gfn_ = gfn;
@@ -31,6 +31,8 @@ Result<HostMap> HostMap::map(Vm& vm, Gfn gfn, CounterSet* counters) {
     const MemslotSet* set = vm.memslots().active();
     const Memslot* s = set->find(gfn);
     if (!s || s->invalid) return errorf(EFAULT, "gfn {:#x} is in no memslot", gfn);
+    if (writable && (s->flags & kMemReadonly))
+      return errorf(EFAULT, "gfn {:#x} is in read-only slot {}: no writable mapping", gfn, s->id);
     m.hva_ = s->gfn_to_hva(gfn);
     m.generation_ = set->generation();
   }

@@ -27,10 +27,20 @@ class HostMap {
   HostMap& operator=(HostMap&& o) noexcept;
   ~HostMap() { unmap(false); }
 
-  // Maps gfn. EFAULT if no valid memslot holds it (or the fault fails),
-  // ENOMEM if the remap window cannot be opened. Counts maps, unmaps,
-  // windows and stale accesses in `counters` (a vCPU's), or in the VM's.
-  static Result<HostMap> map(Vm& vm, Gfn gfn, CounterSet* counters = nullptr);
+  // Maps gfn for reading and writing (kvm_vcpu_map). EFAULT if no valid
+  // memslot holds it, if that memslot is read-only (KVM_MEM_READONLY: KVM
+  // refuses it a writable mapping) or if the fault fails; ENOMEM if the remap
+  // window cannot be opened. Counts maps, unmaps, windows and stale accesses
+  // in `counters` (a vCPU's), or in the VM's.
+  static Result<HostMap> map(Vm& vm, Gfn gfn, CounterSet* counters = nullptr) {
+    return map_impl(vm, gfn, counters, true);
+  }
+  // The same for reading only (kvm_vcpu_map_readonly): a read-only memslot
+  // is fine. The mapping itself is the same; the caller promises not to
+  // write through it.
+  static Result<HostMap> map_readonly(Vm& vm, Gfn gfn, CounterSet* counters = nullptr) {
+    return map_impl(vm, gfn, counters, false);
+  }
   // Releases the mapping. `dirty` records that the guest page was written
   // (no dirty log is modelled; kept for the call sites' honesty).
   void unmap(bool dirty);
@@ -59,6 +69,7 @@ class HostMap {
   }
 
  private:
+  static Result<HostMap> map_impl(Vm& vm, Gfn gfn, CounterSet* counters, bool writable);
   Vm* vm_ = nullptr;
   CounterSet* counters_ = nullptr;
   Gfn gfn_ = 0;

@@ -66,12 +66,18 @@ void PfnCache::set_invalid_locked() {
 
 void PfnCache::publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) {
   rw_.assert_held();
-  const uint64_t seq = seq_.load(std::memory_order_relaxed);
-  NC_CHECK(seq & kInvalidBit);
+  NC_CHECK(seq_.load(std::memory_order_relaxed) & kInvalidBit);
   generation_.store(generation, std::memory_order_release);
   khva_.store(khva, std::memory_order_release);
   version_cell_.store(vm_.phys().version_cell(tag.pfn), std::memory_order_release);
   tag_version_.store(tag.version, std::memory_order_release);
+  revalidate_locked();
+}
+
+void PfnCache::revalidate_locked() {
+  rw_.assert_held();
+  const uint64_t seq = seq_.load(std::memory_order_relaxed);
+  NC_CHECK(seq & kInvalidBit);
   seq_.store((seq & ~kInvalidBit) + kVersionStep, std::memory_order_release);  // valid, a new version
 }
 
@@ -106,16 +112,14 @@ PfnCache::~PfnCache() { deactivate(); }
 
 Status PfnCache::activate(Gpa gpa, size_t len) {
   MutexLock r(refresh_mu_);
-  {
+  if (!active_.load()) {
     WriterLock w(rw_);
-    if (gpa_.load() != gpa) {
-      set_invalid_locked();
-      gpa_.store(gpa, std::memory_order_release);
-    }
-    if (!active_.load()) vm_.counters().add(Counter::cache_activations);
+    vm_.counters().add(Counter::cache_activations);
     active_.store(true);
   }
-  return refresh_locked(len);
+  // The gpa is taken by the refresh, not here: a length that does not fit
+  // must leave a valid cache serving its old gpa, as KVM's activation does.
+  return refresh_locked(gpa, len);
 }
 
 void PfnCache::deactivate() {
@@ -141,7 +145,7 @@ void PfnCache::deactivate() {
 
 Status PfnCache::refresh(size_t len) {
   MutexLock r(refresh_mu_);
-  return refresh_locked(len);
+  return refresh_locked(gpa_.load(std::memory_order_relaxed), len);  // gpa_ changes only under refresh_mu_
 }
 
 Result<PfnCache::Mapping> PfnCache::map_frame(Hva hva) {
@@ -168,14 +172,18 @@ Result<Hva> PfnCache::resolve(Gpa gpa, uint64_t& generation) const {
   generation = set->generation();
   const Memslot* s = set->find(gpa_to_gfn(gpa));
   if (!s || s->invalid) return errorf(EFAULT, "gpa {:#x} is in no memslot", gpa);
+  // Every cache maps its page writable, and KVM resolves the hva for
+  // writing (gfn_to_hva_memslot): a read-only memslot has none to give.
+  if (s->flags & kMemReadonly) return errorf(EFAULT, "gpa {:#x} is in read-only slot {}", gpa, s->id);
   return s->gfn_to_hva(gpa_to_gfn(gpa));
 }
 
-void PfnCache::drop_mapping() {
+void PfnCache::drop_mapping(Gpa gpa) {
   host::RemapWindow old_window;
   {
     WriterLock w(rw_);
     set_invalid_locked();
+    gpa_.store(gpa, std::memory_order_release);
     khva_.store(nullptr, std::memory_order_release);
     version_cell_.store(nullptr, std::memory_order_release);
     old_window = std::move(window_);
@@ -183,17 +191,18 @@ void PfnCache::drop_mapping() {
   release_window(std::move(old_window));
 }
 
-Status PfnCache::refresh_locked(size_t len) {
+Status PfnCache::refresh_locked(Gpa gpa, size_t len) {
   refresh_mu_.assert_held();
   if (!active_.load()) return errorf(EINVAL, "refresh of an inactive pfn cache");
-  const Gpa gpa = gpa_.load(std::memory_order_relaxed);  // changes only under refresh_mu_
-  if (page_offset(gpa) + len > kPageSize)
+  // Before anything changes: a length that crosses the page is the caller's
+  // error and leaves the cache as it was.
+  if (len > kPageSize - page_offset(gpa))  // not offset + len, which can wrap
     return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
 
   uint64_t generation;
   Result<Hva> hva = resolve(gpa, generation);
   if (!hva) {
-    drop_mapping();
+    drop_mapping(gpa);
     return tl::unexpected(hva.error());
   }
 
@@ -206,16 +215,27 @@ Status PfnCache::refresh_locked(size_t len) {
     WriterLock w(rw_);
     hva_ = *hva;
     set_invalid_locked();
+    gpa_.store(gpa, std::memory_order_release);
   } else {
-    // Same hva and still valid (only the memslot generation moved): the
-    // mapping is good, as KVM keeps it; adopt the new generation. Only this
-    // field changes, so a lock-free reader sees the old or the new value of
-    // it with the same mapping either way.
+    // Same hva and still valid: the mapping is good, as KVM keeps it, whether
+    // only the memslot generation moved or the gpa did too (another offset
+    // in the page, or a memslot aliasing the same host page). A new gpa is
+    // published while the cache reads as invalid, so that no reader pairs it
+    // with the old one's fields; the generation alone needs no such care: a
+    // lock-free reader sees its old or new value with the same mapping.
     WriterLock w(rw_);
     if (!(seq_.load() & kInvalidBit)) {
-      generation_.store(generation, std::memory_order_release);
+      if (gpa_.load() != gpa) {
+        set_invalid_locked();
+        gpa_.store(gpa, std::memory_order_release);
+        generation_.store(generation, std::memory_order_release);
+        revalidate_locked();
+      } else {
+        generation_.store(generation, std::memory_order_release);
+      }
       return ok();
     }
+    gpa_.store(gpa, std::memory_order_release);
   }
   return map_and_install(*hva, generation);
 }

@@ -200,15 +200,19 @@ class PfnCache {
   PfnCache(const PfnCache&) = delete;
   PfnCache& operator=(const PfnCache&) = delete;
 
-  // Starts caching gpa (len bytes must fit in its page) and maps it.
-  // Returns the refresh error if the gpa cannot be resolved or mapped; the
-  // cache then stays active and invalid.
+  // Starts caching gpa (len bytes must fit in its page) and maps it
+  // (kvm_gpc_activate). A gpa that resolves to the host page already mapped
+  // (another offset in it, an aliasing memslot) keeps the mapping. Errors:
+  // EINVAL if len crosses the page, and nothing changes (a valid cache keeps
+  // serving its old gpa); otherwise the refresh error if the gpa cannot be
+  // resolved or mapped, and the cache stays active and invalid at gpa.
   Status activate(Gpa gpa, size_t len) NC_EXCLUDES(refresh_mu_, rw_);
   // Unmaps and stops caching; a no-op on an inactive cache.
   void deactivate() NC_EXCLUDES(refresh_mu_, rw_);
   // Re-resolves the gpa and remaps it, retrying while an invalidation races
-  // the resolve. EFAULT: no valid memslot holds the gpa; EINVAL: inactive
-  // or len crosses the page; ENOMEM: out of mappings.
+  // the resolve. EFAULT: no valid memslot holds the gpa, or a read-only one
+  // (the mapping is writable); EINVAL: inactive or len crosses the page;
+  // ENOMEM: out of mappings.
   Status refresh(size_t len) NC_EXCLUDES(refresh_mu_, rw_);
 
   // kvm_gpc_check plus the read side: a handle on [gpa, gpa + len) if the
@@ -305,7 +309,8 @@ class PfnCache {
   // fold them away.
   bool fits(Gpa want, size_t len, const Snapshot& s) const {
     const Gpa gpa = want == kAnyGpa ? s.gpa : want;
-    return gpa == s.gpa && s.generation == memslots_.generation() && page_offset(gpa) + len <= kPageSize;
+    // len is compared with what is left of the page: offset + len could wrap.
+    return gpa == s.gpa && s.generation == memslots_.generation() && len <= kPageSize - page_offset(gpa);
   }
   // Starts loading, for writing, every cache line of the cache: what the
   // notifier and the refresh after it touch (the registry calls it as it
@@ -315,11 +320,12 @@ class PfnCache {
   }
   // The registry's call for an invalidation of [start, end) (page aligned).
   Hit notifier_invalidate(Hva start, Hva end) NC_EXCLUDES(rw_);
-  Status refresh_locked(size_t len) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
+  // refresh / activate: makes the cache map `gpa` (KVM's __kvm_gpc_refresh).
+  Status refresh_locked(Gpa gpa, size_t len) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
   // gpa -> hva through the active memslots; `generation` is the set's.
   Result<Hva> resolve(Gpa gpa, uint64_t& generation) const;
-  // Makes the cache invalid and unmaps it (its gpa left the memslots).
-  void drop_mapping() NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
+  // Makes the cache invalid at `gpa` and unmaps it (gpa is in no memslot).
+  void drop_mapping(Gpa gpa) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
   // The retry loop of refresh: waits out an in-flight invalidation of hva,
   // maps its frame and installs it unless an invalidation of hva raced.
   Status map_and_install(Hva hva, uint64_t generation) NC_REQUIRES(refresh_mu_) NC_EXCLUDES(rw_);
@@ -328,6 +334,9 @@ class PfnCache {
   void set_invalid_locked() NC_REQUIRES(rw_);
   // Publishes new mapping fields and clears the invalid bit.
   void publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) NC_REQUIRES(rw_);
+  // Clears the invalid bit (moving the version on): the fields written
+  // since set_invalid_locked() are the cache's.
+  void revalidate_locked() NC_REQUIRES(rw_);
   // Unmaps a window taken out of the cache now (rwlock), or retires it to the
   // registry (lock-free), which unmaps it once no reader can still use it.
   void release_window(host::RemapWindow w) const;

@@ -68,12 +68,19 @@ EntryResult NestedVmx::enter(bool launch) {
     pages_->put();
     return EntryResult::internal_error(st.error());
   }
-  if (vmcs02_.vapic_bad_address) {
-    // KVM writes an invalid address into vmcs02, and the hardware entry
-    // fails on it: L1 sees VMfailValid(7).
+  // KVM writes an invalid virtual-APIC address into vmcs02 when it could not
+  // map the page (and the TPR shadow stays on): L1 sees VMfailValid(7), from
+  // the late control check where that check covers the TPR shadow (neither
+  // virtual-interrupt delivery nor APIC-access virtualization; KVM's
+  // nested_vmx_check_controls_late with warn_on_missed_cc, which check_vtpr
+  // follows too), otherwise from the hardware entry, after the guest state.
+  auto vapic_unbacked = [&] {
     pages_->put();
     return EntryResult::failed(fail_valid(VmInstructionError::kEntryInvalidControlFields, "virtual-APIC page has no backing"));
-  }
+  };
+  if (vmcs02_.vapic_bad_address &&
+      !(vmcs02_.proc2 & (proc2::kVirtualizeApicAccesses | proc2::kVirtualInterruptDelivery)))
+    return vapic_unbacked();
   // The checks that need the pages (VTPR), then the guest state, as KVM
   // orders them after nested_get_vmcs12_pages: a failure puts the pages.
   if (VmxStatus late = check_vtpr(); !late) {
@@ -88,6 +95,7 @@ EntryResult NestedVmx::enter(bool launch) {
     if (evmcs_in_use()) sync_vmcs12_to_evmcs();
     return EntryResult::exit_to_l1(guest.error().to_string());
   }
+  if (vmcs02_.vapic_bad_address) return vapic_unbacked();  // the hardware entry fails
   guest_mode_ = true;
   if (launch) vmcs12_.launch_state = kLaunchStateLaunched;
   if (evmcs_in_use()) mark_evmcs_clean();

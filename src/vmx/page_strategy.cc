@@ -62,8 +62,10 @@ class MapPageSet final : public PageSet {
       return ok();
     }
     // Not held (the MSR bitmap): map for this access only, as the kernel's
-    // merge does.
-    vm::HostMap m = NC_TRY(vm::HostMap::map(vm_, gpa_to_gfn(gpa), &counters_));
+    // merge does, and for reading only (kvm_vcpu_map_readonly), so that a
+    // read-only memslot serves it.
+    vm::HostMap m = NC_TRY(p == L1Page::msr_bitmap ? vm::HostMap::map_readonly(vm_, gpa_to_gfn(gpa), &counters_)
+                                                   : vm::HostMap::map(vm_, gpa_to_gfn(gpa), &counters_));
     fn(view(m));
     m.unmap(false);
     return ok();

@@ -135,7 +135,7 @@ struct Step {
 struct Case {
   std::string name;
   std::string follows;      // the upstream function or SDM section
-  std::string family;       // memslots | vmx-instructions | entry-checks | nested-state
+  std::string family;       // memslots | vmx-instructions | entry-checks | nested-state | nested-pages
   std::string kvm_differs;  // set: a deliberate difference (docs/kvm-differences.md)
   VmSpec vm;
   std::vector<cpu::GuestOp> l2;  // what every L2 runs, in a loop

@@ -50,6 +50,20 @@ TEST_P(HostMapTest, MappingAGfnOutsideEveryMemslotIsEfault) {
   EXPECT_EQ(m.error().code, EFAULT);
 }
 
+// kvm_vcpu_map asks kvm_follow_pfn for a writable page, which a
+// KVM_MEM_READONLY memslot refuses; kvm_vcpu_map_readonly does not.
+TEST_P(HostMapTest, AReadOnlyMemslotRefusesAWritableMapButNotAReadOnlyOne) {
+  Hva hva = *env.mm->create_region(kPageSize, GetParam());
+  ASSERT_TRUE(env.vm->set_memory_region({1, kMemReadonly, 0x100000, kPageSize, hva}));
+  auto w = HostMap::map(*env.vm, 0x100);
+  ASSERT_FALSE(w);
+  EXPECT_EQ(w.error().code, EFAULT) << w.error().to_string();
+  auto r = HostMap::map_readonly(*env.vm, 0x100);
+  ASSERT_TRUE(r) << r.error().to_string();
+  EXPECT_EQ(r->read<uint64_t>(0), 0u);
+  EXPECT_TRUE(HostMap::map(*env.vm, 2)) << "a writable slot still maps";
+}
+
 TEST_P(HostMapTest, AMapKeptAcrossAMemslotMoveIsDetectedAsStale) {
   auto m = HostMap::map(*env.vm, 2);
   ASSERT_TRUE(m);

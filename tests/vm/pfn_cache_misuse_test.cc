@@ -56,6 +56,19 @@ TEST_P(PfnCacheMisuseTest, ALengthPastThePageIsEinvalAndAZeroLengthFitsAnywhere)
   EXPECT_EQ(windows_open(), 0);
 }
 
+// The page-fit test must not wrap for a gpa that is not at the start of its
+// page either: there, offset + SIZE_MAX is a small number.
+TEST_P(PfnCacheMisuseTest, AHugeLengthAtAnUnalignedGpaDoesNotWrapThePageFit) {
+  PfnCache c(*env.vm);
+  ASSERT_TRUE(c.activate(0x3ff8, 8));
+  EXPECT_FALSE(c.read(0x3ff8, SIZE_MAX));
+  EXPECT_FALSE(c.read(SIZE_MAX));
+  EXPECT_FALSE(c.lock(0x3ff8, SIZE_MAX));
+  EXPECT_EQ(c.refresh(SIZE_MAX).error().code, EINVAL);
+  EXPECT_EQ(c.activate(0x3ff8, SIZE_MAX).error().code, EINVAL);
+  EXPECT_TRUE(c.read(0x3ff8, 8)) << "the failed calls changed nothing";
+}
+
 TEST_P(PfnCacheMisuseTest, RefreshOfAnInactiveCacheIsEinval) {
   PfnCache c(*env.vm);
   EXPECT_EQ(c.refresh(8).error().code, EINVAL);
