@@ -322,11 +322,75 @@ TEST(ScenarioParseErrors, WrongTypesAreRefusedNotThrown) {
             std::string::npos);
 }
 
+// Operands the runner passes on at a fixed width are refused when wider,
+// not cut short: slot 0x100000000 deleted slot 0, a read of size 0 divided by
+// zero, and a write of size 257 stored one byte.
+TEST(ScenarioParseErrors, FixedWidthOperandsAreRefusedNotCutShort) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "delete_memslot", "slot": "0x100000000"}])J")),
+            "f.json: case 'c', step 1 (delete_memslot): 'slot' 0x100000000 does not fit KVM's 32-bit field (at most "
+            "0xffffffff)");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "set_memslot_flags", "slot": 0, "flags": 4294967296}])J"))
+                .find("'flags' 0x100000000 does not fit KVM's 32-bit field"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "add_memslots", "first_slot": "0xfffffff0", "count": 32, "gpa": 0,
+                                    "size": "page", "hva": "ram"}])J"))
+                .find("'count' 32 slots from 'first_slot' 4294967280 go past slot 0xffffffff"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [{"slot": -1, "region": "ram"}]})J"))
+                .find("vm.memslots: 'slot' 0xffffffffffffffff does not fit KVM's 32-bit field"),
+            std::string::npos);
+  for (const char* size : {"0", "3", "16", "256", "257"}) {
+    EXPECT_EQ(error_of(one_case(fmt::format(R"J([{{"do": "read", "gpa": "scratch", "size": {}}}])J", size))),
+              fmt::format("f.json: case 'c', step 1 (read): 'size' {} is not 1, 2, 4 or 8 bytes", size));
+    EXPECT_NE(error_of(one_case(fmt::format(R"J([{{"do": "write", "gpa": 0, "value": 1, "size": {}}}])J", size)))
+                  .find("'size' "),
+              std::string::npos);
+  }
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmm_read", "gpa": 0, "size": "ram"}])J")).find("'size' ram names a region"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmm_write", "gpa": 0, "bytes": "aabb", "size": 8}])J"))
+                .find("'size' goes with 'value'"),
+            std::string::npos);
+  EXPECT_TRUE(parse_scenario_text(one_case(R"J([{"do": "read", "gpa": 0, "size": 2},
+                                               {"do": "delete_memslot", "slot": "0xffffffff", "expect": "EINVAL"}])J"),
+                                  "f.json"));
+}
+
+// An L2 operation takes its operands and no other key, as a step does: a
+// typo or a missing operand was read as 0.
+TEST(ScenarioParseErrors, L2OperationsTakeTheirOperandsOnly) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "vmcall", "bogus": 1}])J")),
+            "f.json: case 'c': l2 vmcall: unknown key 'bogus' (it takes no operand)");
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "read", "gpa": 0, "size": 4}])J")),
+            "f.json: case 'c': l2 read: unknown key 'size' (it takes gpa)");
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "wrmsr", "msr": 16}])J")),
+            "f.json: case 'c': l2 wrmsr: missing 'value'");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "bogus", "x": 1}])J"))
+                .find("l2: unknown operation 'bogus'"),
+            std::string::npos);
+}
+
+// A repeated key is found however it is written: json decodes escapes
+// before it keeps the last value.
+TEST(ScenarioParseErrors, RepeatedKeysAreFoundThroughEscapes) {
+  EXPECT_EQ(error_of(R"J({"name": "a", "follows": "x", "na\u006de": "b", "steps": [{"do": "vmxoff"}]})J"),
+            "f.json: key 'name' appears twice in one object, again at line 1, column 31");
+}
+
 TEST(ScenarioParseErrors, AMissingFileIsEnoent) {
   auto r = parse_scenario_file("/nonexistent/dir/x.json");
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, ENOENT);
   EXPECT_EQ(r.error().message, "/nonexistent/dir/x.json: cannot open the scenario file");
+}
+
+// A path naming an endless stream is refused once it outgrows any scenario
+// file, not read until memory runs out.
+TEST(ScenarioParseErrors, AnEndlessFileIsRefusedNotReadToTheEnd) {
+  auto r = parse_scenario_file("/dev/zero");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EINVAL);
+  EXPECT_EQ(r.error().message, "/dev/zero: more than 16 MiB: not a scenario file");
 }
 
 }  // namespace
