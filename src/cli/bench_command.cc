@@ -321,8 +321,7 @@ int run_bench_command(const BenchArgs& a, bool json) {
   auto tests = resolve_tests(a.tests, a.tests_option->count() > 0);
   if (!tests) {
     if (tests.error().code != EINVAL) {
-      fmt::print(stderr, "nestcache bench: {}\n", tests.error().message);
-      return kExitFailed;
+      return run_error(json, "nestcache bench", tests.error().message);
     }
     return usage_error(json, "nestcache bench", tests.error().message);
   }
@@ -402,6 +401,14 @@ class BenchPrinter {
   void add(workloads::BenchRow row) NC_EXCLUDES(mu_) {
     MutexLock l(mu_);
     report_.rows.push_back(std::move(row));
+  }
+  // A row that could not run: said on stderr as it happens, and in the JSON
+  // report, which would otherwise only lack the row.
+  void could_not_run(const std::string& test, vmx::StrategyKind s, const Error& error) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", test, vmx::strategy_name(s),
+               error.to_string());
+    report_.could_not_run.push_back({{"test", test}, {"strategy", vmx::strategy_name(s)}, {"error", error.to_string()}});
   }
   // Test `index` has all its rows: its comparison, if it has one, and the
   // tables of the tests done so far (text only).
@@ -520,8 +527,7 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
     printer.finish(false, signal_name(signo));
   });
   if (!watch) {
-    fmt::print(stderr, "nestcache bench: {}\n", watch.error().to_string());
-    return kExitFailed;
+    return run_error(o.json, "nestcache bench", watch.error().to_string());
   }
   workloads::Progress progress(!o.json);
   o.progress = &progress;
@@ -534,8 +540,7 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
       auto row = run_one(*t, o, s);
       if (!row) {
         progress.finish();
-        fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", t->name, vmx::strategy_name(s),
-                   row.error().to_string());
+        printer.could_not_run(t->name, s, row.error());
         ok = false;
         continue;
       }
