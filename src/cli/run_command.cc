@@ -210,8 +210,7 @@ int run_run_command(const RunArgs& args, bool json) {
     return true;
   });
   if (!watch) {
-    fmt::print(stderr, "nestcache run: {}\n", watch.error().to_string());
-    return kExitFailed;
+    return run_error(json, "nestcache run", watch.error().to_string());
   }
   auto paths = expand_paths(args.paths);
   if (!paths) return usage_error(json, "nestcache run", paths.error().message);
