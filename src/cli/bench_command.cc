@@ -311,6 +311,14 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
 
 int run_bench_command(const BenchArgs& a, bool json) {
   if (a.list) {
+    // An option for a run beside --list would change nothing: a mistake, not
+    // a request for the list (as selftest's options without a test).
+    for (const CLI::Option* opt : a.command->get_options()) {
+      const std::string name = opt->get_name();
+      if (opt->count() == 0 || name == "--list" || name == "--json" || name == "--help") continue;
+      return usage_error(json, "nestcache bench",
+                         fmt::format("{} applies to a run, not to --list (which lists every test)", name));
+    }
     print_bench_list(json);
     return kExitOk;
   }

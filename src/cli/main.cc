@@ -167,8 +167,14 @@ int main(int argc, char** argv) {
     // unexpected argument does ("nestcache selftest memslots: --slots: 0 is
     // out of range: 1 to 32764 (see `nestcache selftest memslots --help`)").
     const std::string command = parsed_command(app, e.what());
+    std::string what = e.what();
+    // An option given twice: CLI11 says "--tests: At Most 1 required but
+    // received 2".
+    constexpr std::string_view kTwice = ": At Most 1 required but received ";
+    if (const size_t at = what.find(kTwice); what.starts_with("--") && at != std::string::npos)
+      what = fmt::format("{}: given {} times; give it once", what.substr(0, at), what.substr(at + kTwice.size()));
     return cli::finish_output(
-        cli::usage_error(json_error, command, fmt::format("{} (see `{} --help`)", e.what(), command)), stdout_closed);
+        cli::usage_error(json_error, command, fmt::format("{} (see `{} --help`)", what, command)), stdout_closed);
   }
 
   for (const std::string& f : faults) host::inject_fault(host::parse_fault_spec(f).value());  // validated by CLI11
