@@ -32,6 +32,7 @@ Result<std::vector<std::string>> expand_paths(const std::vector<std::string>& ar
   std::vector<std::string> out;
   for (const std::string& a : args) {
     std::error_code ec;
+    if (a.empty()) return errorf(ENOENT, "an empty path: give a scenario file or a directory of them");
     if (fs::is_directory(a, ec)) {
       std::vector<std::string> files;
       for (const auto& entry : fs::directory_iterator(a, ec))
