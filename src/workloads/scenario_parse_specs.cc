@@ -20,6 +20,9 @@ std::string names_of(const json& obj) {
 
 namespace {
 
+// The most memory the regions of one VM may have together: 16 Mi frames.
+constexpr uint64_t kMaxRegionBytes = uint64_t{64} << 30;
+
 // Why `name` cannot name a page or region, or "" if it can. Expressions
 // read a name as a letter or '_' followed by letters, digits, '_' and '.';
 // anything else could never be used. A constant or control bit would be
@@ -104,6 +107,14 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
         return fail("vm.regions.{}: size {:#x} must be a non-zero multiple of 4 KiB up to 4 GiB", it.key(), bytes);
       s.regions[it.key()] = bytes;
     }
+    // Every frame of every region has its bookkeeping in the model (tens of
+    // bytes each): a file naming thousands of 4 GiB regions would use up the
+    // host's memory before the first step.
+    uint64_t total = 0;
+    for (const auto& [name, bytes] : s.regions) total += bytes;
+    if (total > kMaxRegionBytes)
+      return fail("vm.regions: {} GiB in all, more than the {} GiB a scenario VM may have", total >> 30,
+                  kMaxRegionBytes >> 30);
   }
   for (auto& [name, size] : s.regions)
     if (std::string why = bad_name(name); !why.empty()) return fail("vm.regions: '{}': {}", name, why);

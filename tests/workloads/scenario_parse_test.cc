@@ -356,6 +356,18 @@ TEST(ScenarioParseErrors, FixedWidthOperandsAreRefusedNotCutShort) {
                                   "f.json"));
 }
 
+// Regions have a size each and in all: a file naming hundreds of 4 GiB
+// regions used up the host's memory in frame bookkeeping before any step.
+TEST(ScenarioParseErrors, RegionsHaveABoundInAll) {
+  std::string regions;
+  for (int i = 0; i < 17; i++) regions += fmt::format("{}\"r{}\": \"4G\"", i ? ", " : "", i);
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [], "regions": {)J" + regions + "}}")),
+            "f.json: case 'c': vm.regions: 68 GiB in all, more than the 64 GiB a scenario VM may have");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"regions": {"ram": "8G"}})J"))
+                .find("must be a non-zero multiple of 4 KiB up to 4 GiB"),
+            std::string::npos);
+}
+
 // An L2 operation takes its operands and no other key, as a step does: a
 // typo or a missing operand was read as 0.
 TEST(ScenarioParseErrors, L2OperationsTakeTheirOperandsOnly) {
