@@ -294,7 +294,8 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   cmd->add_flag("--json", a.json, "Print one JSON object: the parameters and a row per test and strategy");
   cmd->add_flag("--verify", a.verify, "Check the values guest and host write (upstream -d)");
   cmd->add_flag("-v,--verbose", a.verbose, "Print each row's full counters and its time breakdown");
-  cmd->add_flag("--list", a.list, "List the registered bench tests and exit");
+  cmd->add_flag("--list", a.list,
+                "List the registered bench tests and exit (no option for a run beside it; with --json, as JSON)");
   cmd->footer(wrap_text(
       "L1 runs memslot_perf's tests against an L2 guest whose memory is split over --slots L2 memslots, once "
       "per strategy. Each row shows three views: upstream's average time per iteration, the cold first "
