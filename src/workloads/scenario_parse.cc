@@ -184,6 +184,17 @@ Status Parser::operand_widths(const Step& st) {
       return fail("'count' {} slots from 'first_slot' {} go past slot 0xffffffff, KVM's 32-bit slot field", count,
                   first);
   }
+  // The model's INVEPT / INVVPID operations hold a 32-bit type and a 16-bit
+  // VPID: a wider value would reach L0 cut short (type 0x100000001 as 1, a
+  // valid type), so a case cannot ask what KVM does with the upper bits.
+  if (st.verb == Verb::invept || st.verb == Verb::invvpid) {
+    for (auto [key, bits] : {std::pair{"type", 32}, std::pair{"vpid", 16}}) {
+      if (!st.has(key)) continue;
+      if (NC_TRY(constant(key)) >> bits)
+        return fail("'{}' {} is wider than the {} bits the model's {} operand holds", key, st.operand(key).text, bits,
+                    st.verb == Verb::invept ? "INVEPT" : "INVVPID");
+    }
+  }
   const bool access = st.verb == Verb::read || st.verb == Verb::write || st.verb == Verb::vmm_read ||
                       st.verb == Verb::vmm_write;
   if (access && st.has("size")) {

@@ -351,6 +351,12 @@ TEST(ScenarioParseErrors, FixedWidthOperandsAreRefusedNotCutShort) {
   EXPECT_NE(error_of(one_case(R"J([{"do": "vmm_write", "gpa": 0, "bytes": "aabb", "size": 8}])J"))
                 .find("'size' goes with 'value'"),
             std::string::npos);
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "invvpid", "type": 1, "vpid": "0x10000"}])J")),
+            "f.json: case 'c', step 1 (invvpid): 'vpid' 0x10000 is wider than the 16 bits the model's INVVPID operand "
+            "holds");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "invept", "type": "0x100000001", "eptp": 0}])J"))
+                .find("'type' 0x100000001 is wider than the 32 bits the model's INVEPT operand holds"),
+            std::string::npos);
   EXPECT_TRUE(parse_scenario_text(one_case(R"J([{"do": "read", "gpa": 0, "size": 2},
                                                {"do": "delete_memslot", "slot": "0xffffffff", "expect": "EINVAL"}])J"),
                                   "f.json"));
