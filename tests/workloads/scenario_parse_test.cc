@@ -351,6 +351,9 @@ TEST(ScenarioParseErrors, FixedWidthOperandsAreRefusedNotCutShort) {
   EXPECT_NE(error_of(one_case(R"J([{"do": "vmm_write", "gpa": 0, "bytes": "aabb", "size": 8}])J"))
                 .find("'size' goes with 'value'"),
             std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "init_region", "gpa": "vmcs", "revision": "1<<32"}])J"))
+                .find("'revision' 1<<32 does not fit KVM's 32-bit field"),
+            std::string::npos);
   EXPECT_EQ(error_of(one_case(R"J([{"do": "invvpid", "type": 1, "vpid": "0x10000"}])J")),
             "f.json: case 'c', step 1 (invvpid): 'vpid' 0x10000 is wider than the 16 bits the model's INVVPID operand "
             "holds");
