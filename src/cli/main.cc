@@ -2,7 +2,6 @@
 // registry and dispatches to the commands (commands.h).
 #include <cerrno>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -105,6 +104,9 @@ bool json_on_line(int argc, char** argv) {
 int main(int argc, char** argv) {
   using namespace nestcache;
   const bool stdout_closed = open_closed_standard_descriptors();
+  // A usage error, --help and a failure are JSON under --json too (--json
+  // may not have been parsed yet, so the line is searched for it).
+  const bool json_output = json_on_line(argc, argv);
   workloads::register_all();
 
   CLI::App app(kAbout, "nestcache");
@@ -137,9 +139,6 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    // A usage error under --json is JSON too, and so is --help (--json may
-    // not have been parsed yet, so the line is searched for it).
-    const bool json_error = json_on_line(argc, argv);
     // --help and --help-all end here too, with status 0. CLI11 expands one
     // level of sub-commands; --help-all also prints each selftest's own.
     // Under --json the text is the "help" of one object.
@@ -151,7 +150,7 @@ int main(int argc, char** argv) {
       } else {
         text = app.help();  // the deepest sub-command named on the line
       }
-      if (json_error)
+      if (json_output)
         cli::print_json({{"command", parsed_command(app)}, {"help", text}});
       else
         std::fputs(text.c_str(), stdout);
@@ -160,7 +159,7 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == 0) return app.exit(e);
     if (dynamic_cast<const CLI::ExtrasError*>(&e)) {
       const Extras x = extras_message(app);
-      return cli::finish_output(cli::usage_error(json_error, x.command, x.message), stdout_closed);
+      return cli::finish_output(cli::usage_error(json_output, x.command, x.message), stdout_closed);
     }
     // Every other parse error names the command it belongs to, as the
     // commands' own usage errors do, and points at its --help as an
@@ -174,7 +173,7 @@ int main(int argc, char** argv) {
     if (const size_t at = what.find(kTwice); what.starts_with("--") && at != std::string::npos)
       what = fmt::format("{}: given {} times; give it once", what.substr(0, at), what.substr(at + kTwice.size()));
     return cli::finish_output(
-        cli::usage_error(json_error, command, fmt::format("{} (see `{} --help`)", what, command)), stdout_closed);
+        cli::usage_error(json_output, command, fmt::format("{} (see `{} --help`)", what, command)), stdout_closed);
   }
 
   for (const std::string& f : faults) host::inject_fault(host::parse_fault_spec(f).value());  // validated by CLI11
@@ -182,15 +181,13 @@ int main(int argc, char** argv) {
   // Nothing escapes main: a resource the run could not get ends it with
   // exit status 1 and its cause, never with std::terminate. The message for
   // running out of memory is a literal, since formatting one needs memory.
-  // Under --json the failure is the error object every failed command
-  // prints (with --json on the command or the top level).
-  const bool json_failure = json_on_line(argc, argv);
+  // Under --json a failure is the error object every failed command prints.
   int status;
   int output_errno = 0;  // fmt::print's failure to write stdout, reported by finish_output
   try {
     status = dispatch(selftest_cmd, selftest, bench_cmd, bench, run_cmd, run, stress, json);
   } catch (const std::bad_alloc&) {
-    if (json_failure)
+    if (json_output)
       std::fputs("{\"error\": {\"command\": \"nestcache\", \"exit_status\": 1, \"kind\": \"failed\", "
                  "\"message\": \"ENOMEM: out of memory\"}}\n",
                  stdout);
@@ -202,11 +199,11 @@ int main(int argc, char** argv) {
       output_errno = e.code().value();
       status = cli::kExitFailed;
     } else {
-      status = cli::run_error(json_failure, parsed_command(app),
+      status = cli::run_error(json_output, parsed_command(app),
                               fmt::format("{}: {}", Error{e.code().value(), ""}.code_name(), e.what()));
     }
   } catch (const std::exception& e) {
-    status = cli::run_error(json_failure, parsed_command(app), fmt::format("unexpected error: {}", e.what()));
+    status = cli::run_error(json_output, parsed_command(app), fmt::format("unexpected error: {}", e.what()));
   }
   return cli::finish_output(status, stdout_closed, output_errno);
 }
