@@ -177,7 +177,8 @@ Status Parser::operand_widths(const Step& st) {
   for (const char* key : {"slot", "first_slot", "flags", "revision", "enlightenments"}) {
     if (!st.has(key)) continue;
     const uint64_t v = NC_TRY(constant(key));
-    if (v > UINT32_MAX) return fail("'{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, st.operand(key).text);
+    if (v > UINT32_MAX)
+      return fail("'{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, st.operand(key).text);
   }
   if (st.verb == Verb::add_memslots && st.has("first_slot") && st.has("count")) {
     const uint64_t first = NC_TRY(constant("first_slot")), count = NC_TRY(constant("count"));

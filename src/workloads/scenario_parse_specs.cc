@@ -143,7 +143,8 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
       VmSpec::Memslot ms;
       // KVM's slot and flags are 32 bits: a wider value is refused, not cut
       // short (slot 0x100000000 would be slot 0).
-      for (auto [key, member] : {std::pair{"slot", &VmSpec::Memslot::slot}, std::pair{"flags", &VmSpec::Memslot::flags}}) {
+      for (auto [key, member] :
+           {std::pair{"slot", &VmSpec::Memslot::slot}, std::pair{"flags", &VmSpec::Memslot::flags}}) {
         const Expr e = NC_TRY(expr(m.value(key, json(0)), key));
         if (e.uses_regions() || e.eval() > UINT32_MAX)
           return fail("vm.memslots: '{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, e.text);
