@@ -270,9 +270,12 @@ Result<Case> Parser::one_case(const json& c, const json& file_vm, const std::str
   if (!c.is_object()) return fail("a case is an object");
   if (!c.contains("name") || !c["name"].is_string() || c["name"].get<std::string>().empty()) return fail("missing 'name'");
   // The name is printed as it is on a line of the report and matched by
-  // --case: a control character (a newline, NUL, an escape) would garble both.
-  const std::string& name = c["name"].get_ref<const std::string&>();
-  if (std::any_of(name.begin(), name.end(), [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f; }))
+  // --case: a control character (a newline, NUL, an escape) would garble both
+  // (a newline could print a line that looks like another case's PASS).
+  auto has_control = [](const std::string& t) {
+    return std::any_of(t.begin(), t.end(), [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f; });
+  };
+  if (has_control(c["name"].get_ref<const std::string&>()))
     return fail("'name' {} holds a control character", c["name"].dump());
   Case out;
   out.name = case_ = c["name"].get<std::string>();
@@ -285,6 +288,10 @@ Result<Case> Parser::one_case(const json& c, const json& file_vm, const std::str
     if (c.contains(key) && !c[key].is_string()) return fail("'{}' must be a string", key);
   out.family = c.value("family", file_family);
   out.kvm_differs = c.value("kvm_differs", "");
+  // Printed beside the name on the report's lines (family in the summary).
+  for (auto [key, text] : {std::pair{"follows", &out.follows}, std::pair{"family", &out.family},
+                           std::pair{"kvm_differs", &out.kvm_differs}})
+    if (has_control(*text)) return fail("'{}' {} holds a control character", key, json(*text).dump());
   json vm = default_vm_json();
   merge_vm(vm, file_vm);
   if (c.contains("vm")) {

@@ -213,6 +213,15 @@ TEST(ScenarioParseErrors, CaseNamesHoldNoControlCharacters) {
   EXPECT_EQ(error_of(named("a\\nb")), "f.json: case '#1': 'name' \"a\\nb\" holds a control character");
   EXPECT_NE(error_of(named("a\\u0000b")).find("holds a control character"), std::string::npos);
   EXPECT_NE(error_of(named("a\\u001b[31mred")).find("holds a control character"), std::string::npos);
+  // The texts printed beside the name too: a newline in 'follows' printed a
+  // line of its own, which could read as another case's PASS.
+  EXPECT_EQ(error_of(R"J({"name": "c", "follows": "x)\n  PASS fake  (y", "steps": [{"do": "vmxoff"}]})J"),
+            "f.json: case 'c': 'follows' \"x)\\n  PASS fake  (y\" holds a control character");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "kvm_differs": "a\tb")J")).find("'kvm_differs' "),
+            std::string::npos);
+  EXPECT_NE(error_of(R"J({"family": "a\u001b[2J", "cases": [{"name": "c", "follows": "x", "steps": [{"do": "vmxoff"}]}]})J")
+                .find("case 'c': 'family' "),
+            std::string::npos);
   auto f = parse_scenario_text(named("\\u00e9t\\u00e9 \\ud83d\\ude00"), "f.json");
   ASSERT_TRUE(f) << f.error().message;
   EXPECT_EQ(f->cases[0].name, "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80");
