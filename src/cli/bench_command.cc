@@ -294,7 +294,8 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
   cmd->add_flag("--json", a.json, "Print one JSON object: the parameters and a row per test and strategy");
   cmd->add_flag("--verify", a.verify, "Check the values guest and host write (upstream -d)");
   cmd->add_flag("-v,--verbose", a.verbose, "Print each row's full counters and its time breakdown");
-  cmd->add_flag("--list", a.list, "List the registered bench tests and exit");
+  cmd->add_flag("--list", a.list,
+                "List the registered bench tests and exit (no option for a run beside it; with --json, as JSON)");
   cmd->footer(wrap_text(
       "L1 runs memslot_perf's tests against an L2 guest whose memory is split over --slots L2 memslots, once "
       "per strategy. Each row shows three views: upstream's average time per iteration, the cold first "
@@ -311,6 +312,14 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
 
 int run_bench_command(const BenchArgs& a, bool json) {
   if (a.list) {
+    // An option for a run beside --list would change nothing: a mistake, not
+    // a request for the list (as selftest's options without a test).
+    for (const CLI::Option* opt : a.command->get_options()) {
+      const std::string name = opt->get_name();
+      if (opt->count() == 0 || name == "--list" || name == "--json" || name == "--help") continue;
+      return usage_error(json, "nestcache bench",
+                         fmt::format("{} applies to a run, not to --list (which lists every test)", name));
+    }
     print_bench_list(json);
     return kExitOk;
   }
@@ -321,8 +330,7 @@ int run_bench_command(const BenchArgs& a, bool json) {
   auto tests = resolve_tests(a.tests, a.tests_option->count() > 0);
   if (!tests) {
     if (tests.error().code != EINVAL) {
-      fmt::print(stderr, "nestcache bench: {}\n", tests.error().message);
-      return kExitFailed;
+      return run_error(json, "nestcache bench", tests.error().message);
     }
     return usage_error(json, "nestcache bench", tests.error().message);
   }
@@ -402,6 +410,14 @@ class BenchPrinter {
   void add(workloads::BenchRow row) NC_EXCLUDES(mu_) {
     MutexLock l(mu_);
     report_.rows.push_back(std::move(row));
+  }
+  // A row that could not run: said on stderr as it happens, and in the JSON
+  // report, which would otherwise only lack the row.
+  void could_not_run(const std::string& test, vmx::StrategyKind s, const Error& error) NC_EXCLUDES(mu_) {
+    MutexLock l(mu_);
+    fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", test, vmx::strategy_name(s),
+               error.to_string());
+    report_.could_not_run.push_back({{"test", test}, {"strategy", vmx::strategy_name(s)}, {"error", error.to_string()}});
   }
   // Test `index` has all its rows: its comparison, if it has one, and the
   // tables of the tests done so far (text only).
@@ -520,8 +536,7 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
     printer.finish(false, signal_name(signo));
   });
   if (!watch) {
-    fmt::print(stderr, "nestcache bench: {}\n", watch.error().to_string());
-    return kExitFailed;
+    return run_error(o.json, "nestcache bench", watch.error().to_string());
   }
   workloads::Progress progress(!o.json);
   o.progress = &progress;
@@ -534,8 +549,7 @@ int run_bench(std::span<const workloads::BenchInfo* const> tests, workloads::Ben
       auto row = run_one(*t, o, s);
       if (!row) {
         progress.finish();
-        fmt::print(stderr, "nestcache bench: {} with {} could not run: {}\n", t->name, vmx::strategy_name(s),
-                   row.error().to_string());
+        printer.could_not_run(t->name, s, row.error());
         ok = false;
         continue;
       }

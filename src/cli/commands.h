@@ -246,5 +246,12 @@ int usage_error(bool json, std::string_view command, const std::string& message)
 // {"error": {"kind": "failed", "message", "exit_status": 1}} on stdout.
 // Returns kExitFailed.
 int run_error(bool json, std::string_view command, const std::string& message);
+// The end of every command: flushes stdout and returns `status`, or 1 (0
+// becomes 1; a failure's status is kept) with "nestcache: cannot write the
+// output: ENOSPC: ..." on stderr when what was printed could not be written
+// (a full disk, /dev/full; `write_errno`, if not 0, is why an earlier write
+// failed) or stdout was closed (`stdout_closed`). A reader that leaves a
+// pipe ends the process with SIGPIPE first, as it does `cat`.
+int finish_output(int status, bool stdout_closed, int write_errno = 0);
 
 }  // namespace nestcache::cli

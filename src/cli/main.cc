@@ -1,9 +1,13 @@
 // The `nestcache` program: builds the command line from the workload
 // registry and dispatches to the commands (commands.h).
+#include <cerrno>
 #include <cstdio>
 #include <string>
 #include <system_error>
 #include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 
@@ -71,10 +75,38 @@ int dispatch(CLI::App* selftest_cmd, nestcache::cli::SelftestArgs& selftest, CLI
   return cli::run_default_job(json);
 }
 
+// Descriptors 0, 1 and 2 that the caller closed (`nestcache ... >&-`) are
+// opened on /dev/null before anything else is: otherwise the first memfd
+// would become descriptor 1 and what is printed would be written into guest
+// memory. Returns true if stdout was closed (its output then has nowhere to
+// go: an error at the end).
+bool open_closed_standard_descriptors() {
+  bool stdout_closed = false;
+  for (int fd = 0; fd <= 2; fd++) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    const int opened = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+    if (opened >= 0 && opened != fd) close(opened);  // cannot happen: the lowest free number is fd
+    stdout_closed = stdout_closed || fd == 1;
+  }
+  return stdout_closed;
+}
+
+// Whether --json is on the command line (a usage error or --help may come
+// before it is parsed).
+bool json_on_line(int argc, char** argv) {
+  for (int i = 1; i < argc; i++)
+    if (std::string_view(argv[i]) == "--json") return true;
+  return false;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   using namespace nestcache;
+  const bool stdout_closed = open_closed_standard_descriptors();
+  // A usage error, --help and a failure are JSON under --json too (--json
+  // may not have been parsed yet, so the line is searched for it).
+  const bool json_output = json_on_line(argc, argv);
   workloads::register_all();
 
   CLI::App app(kAbout, "nestcache");
@@ -109,26 +141,39 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     // --help and --help-all end here too, with status 0. CLI11 expands one
     // level of sub-commands; --help-all also prints each selftest's own.
-    if (dynamic_cast<const CLI::CallForAllHelp*>(&e)) {
-      std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
-      for (CLI::App* sub : selftest.test_commands) fmt::print("\n{}", sub->help());
-      return cli::kExitOk;
+    // Under --json the text is the "help" of one object.
+    if (dynamic_cast<const CLI::CallForAllHelp*>(&e) || dynamic_cast<const CLI::CallForHelp*>(&e)) {
+      std::string text;
+      if (dynamic_cast<const CLI::CallForAllHelp*>(&e)) {
+        text = app.help("", CLI::AppFormatMode::All);
+        for (CLI::App* sub : selftest.test_commands) text += "\n" + sub->help();
+      } else {
+        text = app.help();  // the deepest sub-command named on the line
+      }
+      if (json_output)
+        cli::print_json({{"command", parsed_command(app)}, {"help", text}});
+      else
+        std::fputs(text.c_str(), stdout);
+      return cli::finish_output(cli::kExitOk, stdout_closed);
     }
     if (e.get_exit_code() == 0) return app.exit(e);
-    bool json_error = false;
-    // A usage error under --json is JSON too (--json may not have been
-    // parsed yet, so the line is searched for it).
-    for (int i = 1; i < argc; i++) json_error = json_error || std::string_view(argv[i]) == "--json";
     if (dynamic_cast<const CLI::ExtrasError*>(&e)) {
       const Extras x = extras_message(app);
-      return cli::usage_error(json_error, x.command, x.message);
+      return cli::finish_output(cli::usage_error(json_output, x.command, x.message), stdout_closed);
     }
     // Every other parse error names the command it belongs to, as the
     // commands' own usage errors do, and points at its --help as an
     // unexpected argument does ("nestcache selftest memslots: --slots: 0 is
     // out of range: 1 to 32764 (see `nestcache selftest memslots --help`)").
     const std::string command = parsed_command(app, e.what());
-    return cli::usage_error(json_error, command, fmt::format("{} (see `{} --help`)", e.what(), command));
+    std::string what = e.what();
+    // An option given twice: CLI11 says "--tests: At Most 1 required but
+    // received 2".
+    constexpr std::string_view kTwice = ": At Most 1 required but received ";
+    if (const size_t at = what.find(kTwice); what.starts_with("--") && at != std::string::npos)
+      what = fmt::format("{}: given {} times; give it once", what.substr(0, at), what.substr(at + kTwice.size()));
+    return cli::finish_output(
+        cli::usage_error(json_output, command, fmt::format("{} (see `{} --help`)", what, command)), stdout_closed);
   }
 
   for (const std::string& f : faults) host::inject_fault(host::parse_fault_spec(f).value());  // validated by CLI11
@@ -136,19 +181,29 @@ int main(int argc, char** argv) {
   // Nothing escapes main: a resource the run could not get ends it with
   // exit status 1 and its cause, never with std::terminate. The message for
   // running out of memory is a literal, since formatting one needs memory.
+  // Under --json a failure is the error object every failed command prints.
   int status;
+  int output_errno = 0;  // fmt::print's failure to write stdout, reported by finish_output
   try {
     status = dispatch(selftest_cmd, selftest, bench_cmd, bench, run_cmd, run, stress, json);
   } catch (const std::bad_alloc&) {
-    std::fputs("nestcache: ENOMEM: out of memory\n", stderr);
+    if (json_output)
+      std::fputs("{\"error\": {\"command\": \"nestcache\", \"exit_status\": 1, \"kind\": \"failed\", "
+                 "\"message\": \"ENOMEM: out of memory\"}}\n",
+                 stdout);
+    else
+      std::fputs("nestcache: ENOMEM: out of memory\n", stderr);
     status = cli::kExitFailed;
   } catch (const std::system_error& e) {
-    std::fprintf(stderr, "nestcache: %s: %s\n", Error{e.code().value(), ""}.code_name(), e.what());
-    status = cli::kExitFailed;
+    if (std::ferror(stdout)) {
+      output_errno = e.code().value();
+      status = cli::kExitFailed;
+    } else {
+      status = cli::run_error(json_output, parsed_command(app),
+                              fmt::format("{}: {}", Error{e.code().value(), ""}.code_name(), e.what()));
+    }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "nestcache: unexpected error: %s\n", e.what());
-    status = cli::kExitFailed;
+    status = cli::run_error(json_output, parsed_command(app), fmt::format("unexpected error: {}", e.what()));
   }
-  std::fflush(stdout);
-  return status;
+  return cli::finish_output(status, stdout_closed, output_errno);
 }

@@ -1,6 +1,8 @@
 // Human and JSON output shared by the commands (see commands.h).
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 #include <fmt/format.h>
 
@@ -121,6 +123,21 @@ int usage_error(bool json, std::string_view command, const std::string& message)
 
 int run_error(bool json, std::string_view command, const std::string& message) {
   return report_error(json, "failed", kExitFailed, command, message);
+}
+
+int finish_output(int status, bool stdout_closed, int write_errno) {
+  errno = 0;
+  const bool failed = std::fflush(stdout) != 0 || std::ferror(stdout) != 0;
+  if (!failed && !stdout_closed) return status;
+  const int err = stdout_closed ? EBADF : write_errno != 0 ? write_errno : errno;
+  // fprintf, not fmt::print, which throws when stderr fails too. A write
+  // that failed before this flush (a command's own fflush) left no errno.
+  if (err == 0)
+    std::fputs("nestcache: cannot write the output: a write to stdout failed\n", stderr);
+  else
+    std::fprintf(stderr, "nestcache: cannot write the output: %s: %s\n", Error{err, ""}.code_name(),
+                 stdout_closed ? "stdout is closed" : std::strerror(err));
+  return status == kExitOk ? kExitFailed : status;
 }
 
 }  // namespace nestcache::cli

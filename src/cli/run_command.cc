@@ -32,6 +32,7 @@ Result<std::vector<std::string>> expand_paths(const std::vector<std::string>& ar
   std::vector<std::string> out;
   for (const std::string& a : args) {
     std::error_code ec;
+    if (a.empty()) return errorf(ENOENT, "an empty path: give a scenario file or a directory of them");
     if (fs::is_directory(a, ec)) {
       std::vector<std::string> files;
       for (const auto& entry : fs::directory_iterator(a, ec))
@@ -210,8 +211,7 @@ int run_run_command(const RunArgs& args, bool json) {
     return true;
   });
   if (!watch) {
-    fmt::print(stderr, "nestcache run: {}\n", watch.error().to_string());
-    return kExitFailed;
+    return run_error(json, "nestcache run", watch.error().to_string());
   }
   auto paths = expand_paths(args.paths);
   if (!paths) return usage_error(json, "nestcache run", paths.error().message);

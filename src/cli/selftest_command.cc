@@ -202,10 +202,7 @@ int run_selftest_command(SelftestArgs& args, bool json) {
       else
         fmt::print("\nInterrupted by {}: selftest {} did not finish.\n", signal_name(signo), name);
     });
-    if (!watch) {
-      fmt::print(stderr, "nestcache selftest: {}\n", watch.error().to_string());
-      return kExitFailed;
-    }
+    if (!watch) return run_error(json, "nestcache selftest", watch.error().to_string());
     workloads::Progress progress(!json);
     opts.progress = &progress;
     workloads::SelftestResult r = workloads::run_selftest(tests[i], opts);
@@ -246,8 +243,7 @@ int run_selftest_command(SelftestArgs& args, bool json) {
 
 int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloads::RunOptions opts) {
   if (tests.empty()) {
-    fmt::print(stderr, "nestcache: no selftest is registered\n");
-    return kExitFailed;
+    return run_error(opts.json, "nestcache selftest", "no selftest is registered");
   }
   SelftestReport report(opts, tests.size());
   // SIGINT / SIGTERM: the tests finished so far are reported, marked as
@@ -256,10 +252,7 @@ int run_selftests(std::span<const workloads::SelftestInfo* const> tests, workloa
     std::fputs("\n", stderr);  // past the progress line
     report.finish(signal_name(signo));
   });
-  if (!watch) {
-    fmt::print(stderr, "nestcache selftest: {}\n", watch.error().to_string());
-    return kExitFailed;
-  }
+  if (!watch) return run_error(opts.json, "nestcache selftest", watch.error().to_string());
   workloads::Progress progress(!opts.json);
   for (size_t i = 0; i < tests.size(); i++) {
     const workloads::SelftestInfo& t = *tests[i];

@@ -153,8 +153,7 @@ int run_stress_command(const StressArgs& a, bool json) {
     return true;
   });
   if (!watch) {
-    fmt::print(stderr, "nestcache stress: {}\n", watch.error().to_string());
-    return kExitFailed;
+    return run_error(json, "nestcache stress", watch.error().to_string());
   }
   o.stop = &stop;
   if (!json) {

@@ -108,8 +108,12 @@ class SweepPrinter {
     std::string text = workloads::sweep_csv(spec_, points_);
     bool written = std::fwrite(text.data(), 1, text.size(), csv_.get()) == text.size();
     written = std::fclose(csv_.release()) == 0 && written;
-    if (!written) run_error(false, "nestcache bench", fmt::format("--csv: cannot write {}: {}", csv_path_,
-                                                                  std::strerror(errno)));
+    if (!written) {
+      // On stderr, and in the JSON report as "error" (it only lacked the file).
+      const std::string message = fmt::format("--csv: cannot write {}: {}", csv_path_, std::strerror(errno));
+      run_error(false, "nestcache bench", message);
+      if (error_.empty()) error_ = message;
+    }
     return written;
   }
 

@@ -105,7 +105,7 @@ nlohmann::json BenchReport::to_json() const {
   for (vmx::StrategyKind s : options.strategies) strategies.push_back(vmx::strategy_name(s));
   nlohmann::json results = nlohmann::json::array();
   for (const BenchRow& row : rows) results.push_back(row.to_json());
-  return {
+  nlohmann::json j = {
       {"clock", clock_kind_name(options.clock)},
       {"guest_op_ns", options.costs.op_ns},
       {"locked_op_ns", options.costs.locked_op_ns},
@@ -131,6 +131,8 @@ nlohmann::json BenchReport::to_json() const {
       {"results", results},
       {"comparisons", comparisons},
   };
+  if (!could_not_run.empty()) j["could_not_run"] = could_not_run;
+  return j;
 }
 
 CounterSnapshot merge_run_counters(const CounterSnapshot& phys, std::span<const CounterSnapshot> others) {

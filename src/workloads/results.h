@@ -112,6 +112,9 @@ struct BenchReport {
   std::vector<BenchRow> rows;
   // Per test with BenchInfo::compare: what compares its rows.
   nlohmann::json comparisons = nlohmann::json::object();
+  // The rows that could not run at all (a resource the run could not have):
+  // {test, strategy, error} each; in the JSON only when there is one.
+  nlohmann::json could_not_run = nlohmann::json::array();
 
   // The exit cost to report: the option if given, else what the rows used.
   uint64_t exit_cost_ns() const;

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <fstream>
 #include <set>
-#include <sstream>
 
 #include "base/counters.h"
 #include "workloads/scenario_parser.h"
@@ -164,6 +163,50 @@ Status Parser::step_specials(const json& s, Step& st) {
   return ok();
 }
 
+// Operands the runner passes on at a fixed width: KVM's memslot slot and
+// flags, a region's revision identifier and the eVMCS enlightenments are 32
+// bits (a wider value would be cut short without a word: slot 0x100000000
+// is slot 0), and an access moves 1, 2, 4 or 8 bytes (no instruction moves
+// another width). A region's address is no such value.
+Status Parser::operand_widths(const Step& st) {
+  auto constant = [&](const char* key) -> Result<uint64_t> {
+    const Expr& e = st.operand(key);
+    if (e.uses_regions()) return fail("'{}' {} names a region: its value is a number, not a host address", key, e.text);
+    return e.eval();
+  };
+  for (const char* key : {"slot", "first_slot", "flags", "revision", "enlightenments"}) {
+    if (!st.has(key)) continue;
+    const uint64_t v = NC_TRY(constant(key));
+    if (v > UINT32_MAX)
+      return fail("'{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, st.operand(key).text);
+  }
+  if (st.verb == Verb::add_memslots && st.has("first_slot") && st.has("count")) {
+    const uint64_t first = NC_TRY(constant("first_slot")), count = NC_TRY(constant("count"));
+    if (count > 0 && count - 1 > UINT32_MAX - first)
+      return fail("'count' {} slots from 'first_slot' {} go past slot 0xffffffff, KVM's 32-bit slot field", count,
+                  first);
+  }
+  // The model's INVEPT / INVVPID operations hold a 32-bit type and a 16-bit
+  // VPID: a wider value would reach L0 cut short (type 0x100000001 as 1, a
+  // valid type), so a case cannot ask what KVM does with the upper bits.
+  if (st.verb == Verb::invept || st.verb == Verb::invvpid) {
+    for (auto [key, bits] : {std::pair{"type", 32}, std::pair{"vpid", 16}}) {
+      if (!st.has(key)) continue;
+      if (NC_TRY(constant(key)) >> bits)
+        return fail("'{}' {} is wider than the {} bits the model's {} operand holds", key, st.operand(key).text, bits,
+                    st.verb == Verb::invept ? "INVEPT" : "INVVPID");
+    }
+  }
+  const bool access = st.verb == Verb::read || st.verb == Verb::write || st.verb == Verb::vmm_read ||
+                      st.verb == Verb::vmm_write;
+  if (access && st.has("size")) {
+    const uint64_t size = NC_TRY(constant("size"));
+    if (size != 1 && size != 2 && size != 4 && size != 8)
+      return fail("'size' {} is not 1, 2, 4 or 8 bytes", size);
+  }
+  return ok();
+}
+
 Result<Step> Parser::step(const json& s) {
   if (!s.is_object()) return fail("a step is an object with \"do\"");
   if (!s.contains("do") || !s["do"].is_string()) return fail("missing \"do\" (the step's verb)");
@@ -210,7 +253,10 @@ Result<Step> Parser::step(const json& s) {
     st.vcpu = s["vcpu"].get<int>();
   }
   NC_TRY(step_specials(s, st));
+  NC_TRY(operand_widths(st));
   if (st.verb == Verb::vmm_write && st.has("value") == !st.bytes.empty()) return fail("give exactly one of 'value' and 'bytes'");
+  if (st.verb == Verb::vmm_write && !st.bytes.empty() && st.has("size"))
+    return fail("'size' goes with 'value'; 'bytes' writes as many bytes as it holds");
   if ((st.verb == Verb::vmm_write || st.verb == Verb::vmm_read) && st.has("gpa") == st.has("hva"))
     return fail("give exactly one of 'gpa' and 'hva'");
   st.expect = NC_TRY(expectation(s, st));
@@ -224,9 +270,12 @@ Result<Case> Parser::one_case(const json& c, const json& file_vm, const std::str
   if (!c.is_object()) return fail("a case is an object");
   if (!c.contains("name") || !c["name"].is_string() || c["name"].get<std::string>().empty()) return fail("missing 'name'");
   // The name is printed as it is on a line of the report and matched by
-  // --case: a control character (a newline, NUL, an escape) would garble both.
-  const std::string& name = c["name"].get_ref<const std::string&>();
-  if (std::any_of(name.begin(), name.end(), [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f; }))
+  // --case: a control character (a newline, NUL, an escape) would garble both
+  // (a newline could print a line that looks like another case's PASS).
+  auto has_control = [](const std::string& t) {
+    return std::any_of(t.begin(), t.end(), [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f; });
+  };
+  if (has_control(c["name"].get_ref<const std::string&>()))
     return fail("'name' {} holds a control character", c["name"].dump());
   Case out;
   out.name = case_ = c["name"].get<std::string>();
@@ -239,6 +288,10 @@ Result<Case> Parser::one_case(const json& c, const json& file_vm, const std::str
     if (c.contains(key) && !c[key].is_string()) return fail("'{}' must be a string", key);
   out.family = c.value("family", file_family);
   out.kvm_differs = c.value("kvm_differs", "");
+  // Printed beside the name on the report's lines (family in the summary).
+  for (auto [key, text] : {std::pair{"follows", &out.follows}, std::pair{"family", &out.family},
+                           std::pair{"kvm_differs", &out.kvm_differs}})
+    if (has_control(*text)) return fail("'{}' {} holds a control character", key, json(*text).dump());
   json vm = default_vm_json();
   merge_vm(vm, file_vm);
   if (c.contains("vm")) {
@@ -303,6 +356,9 @@ namespace {
 // deeper file could exhaust the stack.
 constexpr size_t kMaxJsonDepth = 64;
 
+// A scenario file is a few KiB (the largest conformance file under 100 KiB).
+constexpr size_t kMaxScenarioFileBytes = size_t{16} << 20;
+
 // "line L, column C" of byte `offset` of `text` (both from 1).
 std::string position(const std::string& text, size_t offset) {
   size_t line = 1, col = 1;
@@ -322,7 +378,7 @@ std::string position(const std::string& text, size_t offset) {
 // last one without a word, which would silently change a case). `text` is
 // what json::parse accepted, with no NUL byte (refused before: the parser
 // would stop there); the scan still stops at the end of the text whatever it
-// holds. Keys are compared as written, escapes undecoded.
+// holds. Keys are compared decoded, as json keeps them.
 Status check_json_shape(const std::string& text, const std::string& path) {
   struct Level {
     bool object;
@@ -345,6 +401,8 @@ Status check_json_shape(const std::string& text, const std::string& path) {
       const size_t next = text.find_first_not_of(" \t\r\n", end + 1);
       if (!levels.empty() && levels.back().object && next < n && text[next] == ':') {
         std::string key = text.substr(i + 1, end - i - 1);
+        // Compared as the parser reads it: "na\u006de" is "name" again.
+        if (key.find('\\') != std::string::npos) key = json::parse(text.substr(i, end - i + 1)).get<std::string>();
         if (!levels.back().keys.insert(key).second)
           return errorf(EINVAL, "{}: key '{}' appears twice in one object, again at {}", path, key, position(text, i));
       }
@@ -377,12 +435,20 @@ Result<ScenarioFile> parse_scenario_text(const std::string& text, const std::str
 }
 
 Result<ScenarioFile> parse_scenario_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) return errorf(ENOENT, "{}: cannot open the scenario file", path);
-  std::ostringstream text;
-  text << in.rdbuf();
+  // Read in chunks up to a bound, so that a path naming an endless stream
+  // (/dev/zero, a pipe that never ends) is refused rather than read until
+  // memory runs out.
+  std::string text;
+  char chunk[65536];
+  while (in.read(chunk, sizeof chunk) || in.gcount() > 0) {
+    text.append(chunk, static_cast<size_t>(in.gcount()));
+    if (text.size() > kMaxScenarioFileBytes)
+      return errorf(EINVAL, "{}: more than {} MiB: not a scenario file", path, kMaxScenarioFileBytes >> 20);
+  }
   if (in.bad()) return errorf(EIO, "{}: read error", path);
-  return parse_scenario_text(text.str(), path);
+  return parse_scenario_text(text, path);
 }
 
 }  // namespace nestcache::workloads::scenario

@@ -2,6 +2,9 @@
 // program, and the vmcs12, nested-state and blob specs (see scenario_parser.h).
 #include <algorithm>
 #include <cctype>
+#include <map>
+
+#include <fmt/ranges.h>
 
 #include "vmx/nested_state_format.h"
 #include "vmx/vmcs12.h"
@@ -16,6 +19,9 @@ std::string names_of(const json& obj) {
 }
 
 namespace {
+
+// The most memory the regions of one VM may have together: 16 Mi frames.
+constexpr uint64_t kMaxRegionBytes = uint64_t{64} << 30;
 
 // Why `name` cannot name a page or region, or "" if it can. Expressions
 // read a name as a letter or '_' followed by letters, digits, '_' and '.';
@@ -101,6 +107,14 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
         return fail("vm.regions.{}: size {:#x} must be a non-zero multiple of 4 KiB up to 4 GiB", it.key(), bytes);
       s.regions[it.key()] = bytes;
     }
+    // Every frame of every region has its bookkeeping in the model (tens of
+    // bytes each): a file naming thousands of 4 GiB regions would use up the
+    // host's memory before the first step.
+    uint64_t total = 0;
+    for (const auto& [name, bytes] : s.regions) total += bytes;
+    if (total > kMaxRegionBytes)
+      return fail("vm.regions: {} GiB in all, more than the {} GiB a scenario VM may have", total >> 30,
+                  kMaxRegionBytes >> 30);
   }
   for (auto& [name, size] : s.regions)
     if (std::string why = bad_name(name); !why.empty()) return fail("vm.regions: '{}': {}", name, why);
@@ -127,8 +141,15 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
       for (auto it = m.begin(); it != m.end(); ++it)
         if (!kSlotKeys.count(it.key())) return fail("vm.memslots: unknown key '{}' (known: slot, gpa, size, region, offset, hva, flags)", it.key());
       VmSpec::Memslot ms;
-      ms.slot = static_cast<uint32_t>(NC_TRY(expr(m.value("slot", json(0)), "slot")).eval());
-      ms.flags = static_cast<uint32_t>(NC_TRY(expr(m.value("flags", json(0)), "flags")).eval());
+      // KVM's slot and flags are 32 bits: a wider value is refused, not cut
+      // short (slot 0x100000000 would be slot 0).
+      for (auto [key, member] :
+           {std::pair{"slot", &VmSpec::Memslot::slot}, std::pair{"flags", &VmSpec::Memslot::flags}}) {
+        const Expr e = NC_TRY(expr(m.value(key, json(0)), key));
+        if (e.uses_regions() || e.eval() > UINT32_MAX)
+          return fail("vm.memslots: '{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, e.text);
+        ms.*member = static_cast<uint32_t>(e.eval());
+      }
       ms.gpa = NC_TRY(expr(m.value("gpa", json(0)), "gpa"));
       if (m.contains("region") == m.contains("hva")) return fail("vm.memslots: give exactly one of 'region' and 'hva'");
       if (m.contains("region")) {
@@ -157,6 +178,25 @@ Result<std::vector<cpu::GuestOp>> Parser::l2_program(const json& l2) {
     if (!obj.is_object() || !obj.contains("op") || !obj["op"].is_string())
       return fail("l2: each operation is a name (\"vmcall\") or an object with \"op\"");
     const std::string op = obj["op"].get<std::string>();
+    // Each operation's operands, all required; any other key is refused, as
+    // in a step (a typo never silently becomes gpa 0).
+    static const std::map<std::string, std::vector<std::string>, std::less<>> kOperands = {
+        {"rdmsr", {"msr"}},           {"wrmsr", {"msr", "value"}}, {"read", {"gpa"}},     {"write", {"gpa", "value"}},
+        {"write_cr8", {"value"}},     {"vmread", {"field"}},       {"vmwrite", {"field", "value"}},
+        {"vmptrld", {"gpa"}},         {"vmclear", {"gpa"}},        {"vmxon", {"gpa"}}};
+    static const std::set<std::string, std::less<>> kNoOperand = {"vmcall",  "hlt",      "read_cr8", "vmxoff",
+                                                                  "vmptrst", "vmlaunch", "vmresume"};
+    static const std::vector<std::string> kNone;
+    const auto found = kOperands.find(op);
+    const std::vector<std::string>& operands = found == kOperands.end() ? kNone : found->second;
+    const bool known = found != kOperands.end() || kNoOperand.count(op);
+    for (auto it = obj.begin(); known && it != obj.end(); ++it)
+      if (it.key() != "op" && std::find(operands.begin(), operands.end(), it.key()) == operands.end())
+        return fail("l2 {}: unknown key '{}' ({})", op, it.key(),
+                    operands.empty() ? std::string("it takes no operand")
+                                     : fmt::format("it takes {}", fmt::join(operands, ", ")));
+    for (const std::string& k : operands)
+      if (!obj.contains(k)) return fail("l2 {}: missing '{}'", op, k);
     auto num = [&](const char* k) -> Result<uint64_t> { return NC_TRY(expr(obj.value(k, json(0)), k)).eval(); };
     auto fld = [&]() -> Result<uint32_t> {
       const json name = obj.value("field", json(""));

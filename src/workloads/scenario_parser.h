@@ -49,6 +49,7 @@ class Parser {
   Result<std::vector<cpu::GuestOp>> l2_program(const json& l2);
   Result<Step> step(const json& s);
   Status step_specials(const json& s, Step& st);
+  Status operand_widths(const Step& st);
   Result<Expect> expectation(const json& s, const Step& st);
   Result<Expr> expr(const json& v, std::string_view key);
   Result<Vmcs12Spec> vmcs12_spec(const json& s);

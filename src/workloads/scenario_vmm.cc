@@ -158,7 +158,8 @@ Result<std::vector<std::byte>> Session::blob_for(const Step& s) {
       b.resize(p.size, std::byte{0});
       continue;
     }
-    if (p.offset + p.size > b.size())
+    // Written so that no sum wraps: the offset may be anything up to 2^64-1.
+    if (p.offset > b.size() || p.size > b.size() - p.offset)
       return errorf(EINVAL, "patch {}: offset {} + {} bytes is beyond the blob's {} bytes", p.what, p.offset, p.size,
                     b.size());
     const uint64_t v = eval(p.value);

@@ -111,6 +111,27 @@ TEST_P(BenchFaultSweep, EveryOperationOfEverySiteFailsInTurn) {
   expect_clean(run());
 }
 
+// The remap window is measured once per cost (a process-wide cache), after
+// the first row's run: the sweep above, warmed, never sees it fail. With a
+// cost not measured before, the memfd after the run's own is the
+// measurement's: the row could not run, and the figures it was building
+// when the error returned are freed (LeakSanitizer reported them).
+TEST_P(BenchFaultSweep, TheWindowMeasurementFailingAfterTheRun) {
+  expect_clean(run());  // warm: the calibrated cost measured
+  host::count_operations(FaultSite::memfd);
+  expect_clean(run());
+  const uint64_t run_memfds = host::operations(FaultSite::memfd);
+  host::clear_faults();
+  opts_.window_cost_ns = 987'651 + static_cast<uint64_t>(GetParam());  // measured by no other test
+  host::inject_fault({FaultSite::memfd, run_memfds + 1, false, EMFILE});
+  Result<BenchRow> row = run();
+  host::clear_faults();
+  ASSERT_FALSE(row);
+  EXPECT_EQ(row.error().code, EMFILE) << row.error().to_string();
+  EXPECT_TRUE(test_support::names_resource(FaultSite::memfd, row.error().message)) << row.error().to_string();
+  expect_clean(run());
+}
+
 INSTANTIATE_TEST_SUITE_P(Strategies, BenchFaultSweep, ::testing::Values(StrategyKind::map, StrategyKind::cache),
                          [](const ::testing::TestParamInfo<StrategyKind>& i) {
                            return std::string(vmx::strategy_name(i.param));

@@ -213,6 +213,15 @@ TEST(ScenarioParseErrors, CaseNamesHoldNoControlCharacters) {
   EXPECT_EQ(error_of(named("a\\nb")), "f.json: case '#1': 'name' \"a\\nb\" holds a control character");
   EXPECT_NE(error_of(named("a\\u0000b")).find("holds a control character"), std::string::npos);
   EXPECT_NE(error_of(named("a\\u001b[31mred")).find("holds a control character"), std::string::npos);
+  // The texts printed beside the name too: a newline in 'follows' printed a
+  // line of its own, which could read as another case's PASS.
+  EXPECT_EQ(error_of(R"J({"name": "c", "follows": "x)\n  PASS fake  (y", "steps": [{"do": "vmxoff"}]})J"),
+            "f.json: case 'c': 'follows' \"x)\\n  PASS fake  (y\" holds a control character");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "kvm_differs": "a\tb")J")).find("'kvm_differs' "),
+            std::string::npos);
+  EXPECT_NE(error_of(R"J({"family": "a\u001b[2J", "cases": [{"name": "c", "follows": "x", "steps": [{"do": "vmxoff"}]}]})J")
+                .find("case 'c': 'family' "),
+            std::string::npos);
   auto f = parse_scenario_text(named("\\u00e9t\\u00e9 \\ud83d\\ude00"), "f.json");
   ASSERT_TRUE(f) << f.error().message;
   EXPECT_EQ(f->cases[0].name, "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80");
@@ -322,11 +331,96 @@ TEST(ScenarioParseErrors, WrongTypesAreRefusedNotThrown) {
             std::string::npos);
 }
 
+// Operands the runner passes on at a fixed width are refused when wider,
+// not cut short: slot 0x100000000 deleted slot 0, a read of size 0 divided by
+// zero, and a write of size 257 stored one byte.
+TEST(ScenarioParseErrors, FixedWidthOperandsAreRefusedNotCutShort) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "delete_memslot", "slot": "0x100000000"}])J")),
+            "f.json: case 'c', step 1 (delete_memslot): 'slot' 0x100000000 does not fit KVM's 32-bit field (at most "
+            "0xffffffff)");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "set_memslot_flags", "slot": 0, "flags": 4294967296}])J"))
+                .find("'flags' 0x100000000 does not fit KVM's 32-bit field"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "add_memslots", "first_slot": "0xfffffff0", "count": 32, "gpa": 0,
+                                    "size": "page", "hva": "ram"}])J"))
+                .find("'count' 32 slots from 'first_slot' 4294967280 go past slot 0xffffffff"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [{"slot": -1, "region": "ram"}]})J"))
+                .find("vm.memslots: 'slot' 0xffffffffffffffff does not fit KVM's 32-bit field"),
+            std::string::npos);
+  for (const char* size : {"0", "3", "16", "256", "257"}) {
+    EXPECT_EQ(error_of(one_case(fmt::format(R"J([{{"do": "read", "gpa": "scratch", "size": {}}}])J", size))),
+              fmt::format("f.json: case 'c', step 1 (read): 'size' {} is not 1, 2, 4 or 8 bytes", size));
+    EXPECT_NE(error_of(one_case(fmt::format(R"J([{{"do": "write", "gpa": 0, "value": 1, "size": {}}}])J", size)))
+                  .find("'size' "),
+              std::string::npos);
+  }
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmm_read", "gpa": 0, "size": "ram"}])J")).find("'size' ram names a region"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmm_write", "gpa": 0, "bytes": "aabb", "size": 8}])J"))
+                .find("'size' goes with 'value'"),
+            std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "init_region", "gpa": "vmcs", "revision": "1<<32"}])J"))
+                .find("'revision' 1<<32 does not fit KVM's 32-bit field"),
+            std::string::npos);
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "invvpid", "type": 1, "vpid": "0x10000"}])J")),
+            "f.json: case 'c', step 1 (invvpid): 'vpid' 0x10000 is wider than the 16 bits the model's INVVPID operand "
+            "holds");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "invept", "type": "0x100000001", "eptp": 0}])J"))
+                .find("'type' 0x100000001 is wider than the 32 bits the model's INVEPT operand holds"),
+            std::string::npos);
+  EXPECT_TRUE(parse_scenario_text(one_case(R"J([{"do": "read", "gpa": 0, "size": 2},
+                                               {"do": "delete_memslot", "slot": "0xffffffff", "expect": "EINVAL"}])J"),
+                                  "f.json"));
+}
+
+// Regions have a size each and in all: a file naming hundreds of 4 GiB
+// regions used up the host's memory in frame bookkeeping before any step.
+TEST(ScenarioParseErrors, RegionsHaveABoundInAll) {
+  std::string regions;
+  for (int i = 0; i < 17; i++) regions += fmt::format("{}\"r{}\": \"4G\"", i ? ", " : "", i);
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [], "regions": {)J" + regions + "}}")),
+            "f.json: case 'c': vm.regions: 68 GiB in all, more than the 64 GiB a scenario VM may have");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"regions": {"ram": "8G"}})J"))
+                .find("must be a non-zero multiple of 4 KiB up to 4 GiB"),
+            std::string::npos);
+}
+
+// An L2 operation takes its operands and no other key, as a step does: a
+// typo or a missing operand was read as 0.
+TEST(ScenarioParseErrors, L2OperationsTakeTheirOperandsOnly) {
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "vmcall", "bogus": 1}])J")),
+            "f.json: case 'c': l2 vmcall: unknown key 'bogus' (it takes no operand)");
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "read", "gpa": 0, "size": 4}])J")),
+            "f.json: case 'c': l2 read: unknown key 'size' (it takes gpa)");
+  EXPECT_EQ(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "wrmsr", "msr": 16}])J")),
+            "f.json: case 'c': l2 wrmsr: missing 'value'");
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "l2": [{"op": "bogus", "x": 1}])J"))
+                .find("l2: unknown operation 'bogus'"),
+            std::string::npos);
+}
+
+// A repeated key is found however it is written: json decodes escapes
+// before it keeps the last value.
+TEST(ScenarioParseErrors, RepeatedKeysAreFoundThroughEscapes) {
+  EXPECT_EQ(error_of(R"J({"name": "a", "follows": "x", "na\u006de": "b", "steps": [{"do": "vmxoff"}]})J"),
+            "f.json: key 'name' appears twice in one object, again at line 1, column 31");
+}
+
 TEST(ScenarioParseErrors, AMissingFileIsEnoent) {
   auto r = parse_scenario_file("/nonexistent/dir/x.json");
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, ENOENT);
   EXPECT_EQ(r.error().message, "/nonexistent/dir/x.json: cannot open the scenario file");
+}
+
+// A path naming an endless stream is refused once it outgrows any scenario
+// file, not read until memory runs out.
+TEST(ScenarioParseErrors, AnEndlessFileIsRefusedNotReadToTheEnd) {
+  auto r = parse_scenario_file("/dev/zero");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EINVAL);
+  EXPECT_EQ(r.error().message, "/dev/zero: more than 16 MiB: not a scenario file");
 }
 
 }  // namespace

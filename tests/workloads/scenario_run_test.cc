@@ -123,6 +123,21 @@ TEST(ScenarioRun, NestedStateGetPatchSetAndRun) {
   EXPECT_TRUE(r.passed()) << describe(r);
 }
 
+// A patch whose offset is near 2^64 is beyond the blob: refused, never
+// written before the blob's start (offset + size wrapped past zero).
+TEST(ScenarioRun, APatchOffsetNearTwoToTheSixtyFourIsBeyondTheBlob) {
+  CaseResult r = run_one(R"J({"name": "x", "follows": "t", "steps": [
+      {"do": "get_nested_state", "save_as": "s"},
+      {"do": "set_nested_state", "blob": "s", "patch": [{"at": 18446744073709551615, "value": 1}]},
+      {"do": "set_nested_state", "blob": "s", "patch": [{"at": 18446744073709551612, "size": 8, "value": 1}]},
+      {"do": "set_nested_state", "state": {}, "patch": [{"at": 60, "size": 8, "value": 1}]}]})J");
+  ASSERT_EQ(r.steps.size(), 4u) << describe(r);
+  for (size_t i = 1; i < 4; i++) {
+    EXPECT_EQ(r.steps[i].observed, "error") << describe(r);
+    EXPECT_NE(r.steps[i].detail.find("is beyond the blob's 64 bytes"), std::string::npos) << describe(r);
+  }
+}
+
 TEST(ScenarioRun, AKvmInternalErrorStopsTheMachineAndLaterL1StepsSaySo) {
   CaseResult r = run_one(R"J({"name": "x", "follows": "t", "steps": [
       {"do": "enter_vmx"},
