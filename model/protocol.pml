@@ -182,9 +182,11 @@ inline refresh(v) {
   :: rc == AGAIN ->
      if
      :: r_hva != c_idx[v] ->
-        /* Filed at the new hva before the sequence snapshot below. */
+        /* Invalid first, while still filed (and matched) at the old hva;
+         * then filed at the new hva before the sequence snapshot below. */
+        atomic { c_valid[v] = false }
         atomic { c_idx[v] = r_hva; printf("@@ index %d %d\n", v, r_hva) }
-        atomic { c_hva[v] = r_hva; c_valid[v] = false }
+        atomic { c_hva[v] = r_hva }
      :: else
      fi;
 #ifdef STALE_SNAPSHOT

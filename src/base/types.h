@@ -28,5 +28,8 @@ constexpr Gfn gpa_to_gfn(Gpa gpa) { return gpa >> kPageShift; }
 constexpr Gpa gfn_to_gpa(Gfn gfn) { return gfn << kPageShift; }
 constexpr uint64_t page_offset(uint64_t addr) { return addr & (kPageSize - 1); }
 constexpr bool page_aligned(uint64_t addr) { return page_offset(addr) == 0; }
+// Whether len bytes from addr stay in addr's page (len compared with what is
+// left of the page: offset + len could wrap).
+constexpr bool fits_in_page(uint64_t addr, uint64_t len) { return len <= kPageSize - page_offset(addr); }
 
 }  // namespace nestcache

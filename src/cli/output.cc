@@ -111,8 +111,8 @@ namespace {
 int report_error(bool json, std::string_view kind, int status, std::string_view command, const std::string& message) {
   if (json)
     print_json({{"error", {{"kind", kind}, {"command", command}, {"message", message}, {"exit_status", status}}}});
-  else
-    fmt::print(stderr, "{}: {}\n", command, message);
+  else  // fputs, not fmt::print, which throws when stderr cannot be written (2>/dev/full)
+    std::fputs(fmt::format("{}: {}\n", command, message).c_str(), stderr);
   return status;
 }
 }  // namespace

@@ -111,14 +111,17 @@ PfnCache::PfnCache(Vm& vm, CacheReadSide side, Vcpu* guest_uses_pfn, const host:
 PfnCache::~PfnCache() { deactivate(); }
 
 Status PfnCache::activate(Gpa gpa, size_t len) {
+  // Checked before the cache is touched, as kvm_gpc_activate does: a length
+  // that does not fit leaves an inactive cache inactive and a valid one
+  // serving its old gpa.
+  if (!fits_in_page(gpa, len)) return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
   MutexLock r(refresh_mu_);
   if (!active_.load()) {
     WriterLock w(rw_);
     vm_.counters().add(Counter::cache_activations);
     active_.store(true);
   }
-  // The gpa is taken by the refresh, not here: a length that does not fit
-  // must leave a valid cache serving its old gpa, as KVM's activation does.
+  // The gpa is taken by the refresh, not here.
   return refresh_locked(gpa, len);
 }
 
@@ -195,9 +198,8 @@ Status PfnCache::refresh_locked(Gpa gpa, size_t len) {
   refresh_mu_.assert_held();
   if (!active_.load()) return errorf(EINVAL, "refresh of an inactive pfn cache");
   // Before anything changes: a length that crosses the page is the caller's
-  // error and leaves the cache as it was.
-  if (len > kPageSize - page_offset(gpa))  // not offset + len, which can wrap
-    return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
+  // error and leaves the cache as it was (kvm_gpc_refresh).
+  if (!fits_in_page(gpa, len)) return errorf(EINVAL, "{} bytes at gpa {:#x} cross a page boundary", len, gpa);
 
   uint64_t generation;
   Result<Hva> hva = resolve(gpa, generation);
@@ -209,13 +211,23 @@ Status PfnCache::refresh_locked(Gpa gpa, size_t len) {
   // Be findable at the new hva before the loop: from then on an invalidation
   // of that hva finds this cache (and bumps invalidations_) or, if its search
   // ran before, is still in progress when the loop first waits.
+  //
+  // Invalid first, while still indexed (and matched, hva_ unchanged) at the
+  // old hva: until the index moves, an invalidation of the old page finds
+  // the cache and waits for the readers of its old mapping, and no reader
+  // starts on that mapping once the cache is indexed elsewhere. (The rwlock
+  // side's writer lock here also waits for the handles on it.) The registry
+  // takes its lock before rw_, so the two steps cannot be one.
   if (*hva != indexed_hva_) {
+    {
+      WriterLock w(rw_);
+      set_invalid_locked();
+      gpa_.store(gpa, std::memory_order_release);
+    }
     vm_.caches().index(this, indexed_hva_, *hva);
     indexed_hva_ = *hva;
     WriterLock w(rw_);
     hva_ = *hva;
-    set_invalid_locked();
-    gpa_.store(gpa, std::memory_order_release);
   } else {
     // Same hva and still valid: the mapping is good, as KVM keeps it, whether
     // only the memslot generation moved or the gpa did too (another offset

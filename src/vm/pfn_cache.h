@@ -203,8 +203,8 @@ class PfnCache {
   // Starts caching gpa (len bytes must fit in its page) and maps it
   // (kvm_gpc_activate). A gpa that resolves to the host page already mapped
   // (another offset in it, an aliasing memslot) keeps the mapping. Errors:
-  // EINVAL if len crosses the page, and nothing changes (a valid cache keeps
-  // serving its old gpa); otherwise the refresh error if the gpa cannot be
+  // EINVAL if len crosses the page, and nothing changes (an inactive cache
+  // stays inactive, a valid one keeps serving its old gpa); otherwise the refresh error if the gpa cannot be
   // resolved or mapped, and the cache stays active and invalid at gpa.
   Status activate(Gpa gpa, size_t len) NC_EXCLUDES(refresh_mu_, rw_);
   // Unmaps and stops caching; a no-op on an inactive cache.
@@ -233,7 +233,8 @@ class PfnCache {
   bool invalid() const { return active() && (seq_.load() & kInvalidBit); }
   bool active() const { return active_.load(); }
   // The gpa the cache holds (kInvalidGpa before the first activation).
-  // Lock-free; it changes only in activate.
+  // Lock-free; it changes only when activate names another gpa (which the
+  // cache takes even if the refresh then fails, as KVM records it).
   Gpa gpa() const { return gpa_.load(std::memory_order_relaxed); }
   CacheReadSide read_side() const { return read_side_; }
 
@@ -309,8 +310,7 @@ class PfnCache {
   // fold them away.
   bool fits(Gpa want, size_t len, const Snapshot& s) const {
     const Gpa gpa = want == kAnyGpa ? s.gpa : want;
-    // len is compared with what is left of the page: offset + len could wrap.
-    return gpa == s.gpa && s.generation == memslots_.generation() && len <= kPageSize - page_offset(gpa);
+    return gpa == s.gpa && s.generation == memslots_.generation() && fits_in_page(gpa, len);
   }
   // Starts loading, for writing, every cache line of the cache: what the
   // notifier and the refresh after it touch (the registry calls it as it

@@ -193,6 +193,40 @@ TEST_P(CacheReadTest, AnInvalidationOfAPageTheCacheLeftWaitsForAHandleOnIt) {
   EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
 }
 
+// The same with the activation and the migration on two threads, so that the
+// migration can start while the cache is on its way to the new page (under
+// the rwlock, the activation waits for the handle): the cache is invalid and
+// still findable at the page it is leaving until it is indexed at the new
+// one, so the migration finds it, or its retired mapping, and waits. It was
+// indexed at the new page first, and a migration meanwhile found neither.
+TEST_P(CacheReadTest, AnInvalidationOfThePageACacheIsLeavingWaitsForAHandleOnIt) {
+  PfnCache c(*env.vm);
+  ASSERT_TRUE(c.activate(4 * kPageSize, 16));
+  CachePtr p = c.read(4 * kPageSize, 16);
+  ASSERT_TRUE(p);
+  std::atomic<bool> migrated{false};
+  std::thread vcpu([&] { EXPECT_TRUE(c.activate(5 * kPageSize, 16)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the activation under way
+  std::thread host([&] {
+    EXPECT_TRUE(env.mm->migrate(env.hva_of(4 * kPageSize)));
+    migrated.store(true);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(migrated.load()) << "the page the cache was leaving migrated under a handle on it";
+  p.write<uint64_t>(8, 0x77);
+  EXPECT_TRUE(p.check_tag());
+  p.reset();
+  vcpu.join();
+  host.join();
+  uint64_t back = 0;
+  ASSERT_TRUE(env.vm->read_guest(4 * kPageSize + 8, &back, 8));
+  EXPECT_EQ(back, 0x77u) << "a write through the handle was lost to the migration";
+  Result<CachePtr> q = c.lock(5 * kPageSize, 16);
+  ASSERT_TRUE(q);
+  EXPECT_EQ(q->read<uint64_t>(0), stamp(5 * kPageSize));
+  EXPECT_EQ(env.phys->counters().get(Counter::stale_accesses), 0u);
+}
+
 // A lock-free cache that moves from page to page retires each old mapping
 // (the hva it left and, on unmanaged memory, its remap window); the registry
 // waits for their readers once per kRetiredBatch, and deactivation drains the

@@ -32,9 +32,10 @@ class PfnCacheConformanceTest : public ::testing::TestWithParam<KindAndSide> {
   const Gpa outside = 0x10000000;  // in no memslot
 };
 
-// __kvm_gpc_refresh checks the length before it takes any lock: an
-// activation whose length crosses the page fails and the cache, valid at
-// another gpa, keeps serving that one.
+// __kvm_gpc_activate checks the length before it takes any lock (since
+// "KVM: Check validity of offset+length of gfn_to_pfn_cache prior to
+// activation", 2024): an activation whose length crosses the page fails and
+// the cache, valid at another gpa, keeps serving that one.
 TEST_P(PfnCacheConformanceTest, ActivateWithALengthCrossingThePageChangesNothing) {
   PfnCache c(*env.vm);
   ASSERT_TRUE(c.activate(0x3000, 8));
@@ -49,18 +50,20 @@ TEST_P(PfnCacheConformanceTest, ActivateWithALengthCrossingThePageChangesNothing
   EXPECT_EQ(windows_made(), windows);
 }
 
-// __kvm_gpc_activate puts an inactive cache on the VM's list and marks it
-// active before the refresh fails on the length: active, not valid, and the
-// gpa it never took is not recorded.
-TEST_P(PfnCacheConformanceTest, ActivateOfAnInactiveCacheWithABadLengthLeavesItActiveAndInvalid) {
+// The same check keeps an inactive cache inactive: before that fix KVM put
+// it on the VM's list and marked it active with no gpa, which syzbot found
+// refreshing a cache with neither a gpa nor an hva.
+TEST_P(PfnCacheConformanceTest, ActivateOfAnInactiveCacheWithABadLengthLeavesItInactive) {
   PfnCache c(*env.vm);
+  const uint64_t activations = count(Counter::cache_activations);
   EXPECT_EQ(c.activate(0x3000, kPageSize + 1).error().code, EINVAL);
-  EXPECT_TRUE(c.active());
-  EXPECT_TRUE(c.invalid());
-  EXPECT_EQ(c.gpa(), kInvalidGpa);
-  EXPECT_EQ(c.refresh(8).error().code, EINVAL) << "no gpa to refresh (KVM: a gpa and an hva both invalid)";
-  c.deactivate();
+  EXPECT_EQ(c.activate(0x3001, SIZE_MAX).error().code, EINVAL) << "offset + len wraps";
   EXPECT_FALSE(c.active());
+  EXPECT_EQ(c.gpa(), kInvalidGpa);
+  EXPECT_EQ(count(Counter::cache_activations), activations);
+  EXPECT_EQ(c.refresh(1).error().code, EINVAL) << "a refresh of an inactive cache";
+  ASSERT_TRUE(c.activate(0x3000, 8)) << "the cache is as new";
+  EXPECT_TRUE(c.read(0x3000, 8));
 }
 
 // __kvm_gpc_refresh: a gpa in no memslot records the gpa, fails with
