@@ -68,25 +68,11 @@ EntryResult NestedVmx::enter(bool launch) {
     pages_->put();
     return EntryResult::internal_error(st.error());
   }
-  // KVM writes an invalid virtual-APIC address into vmcs02 when it could not
-  // map the page (and the TPR shadow stays on): L1 sees VMfailValid(7), from
-  // the late control check where that check covers the TPR shadow (neither
-  // virtual-interrupt delivery nor APIC-access virtualization; KVM's
-  // nested_vmx_check_controls_late with warn_on_missed_cc, which check_vtpr
-  // follows too), otherwise from the hardware entry, after the guest state.
-  auto vapic_unbacked = [&] {
-    pages_->put();
-    return EntryResult::failed(fail_valid(VmInstructionError::kEntryInvalidControlFields, "virtual-APIC page has no backing"));
-  };
-  if (vmcs02_.vapic_bad_address &&
-      !(vmcs02_.proc2 & (proc2::kVirtualizeApicAccesses | proc2::kVirtualInterruptDelivery)))
-    return vapic_unbacked();
-  // The checks that need the pages (VTPR), then the guest state, as KVM
-  // orders them after nested_get_vmcs12_pages: a failure puts the pages.
-  if (VmxStatus late = check_vtpr(); !late) {
-    pages_->put();
-    return EntryResult::failed(fail(late.error()));
-  }
+  // The guest state is checked in software; what needs the pages is left to
+  // the hardware entry after it, as stock KVM leaves it (its
+  // nested_vmx_check_controls_late checks the vTPR and the virtual-APIC page
+  // only with the warn_on_missed_cc parameter, off by default): a bad guest
+  // state is an entry failure first. A failure puts the pages.
   if (VmxStatus guest = check_entry_guest_state(vmcs12_, env); !guest) {
     pages_->put();
     ExitInfo e = ExitInfo::of(guest.error().exit_reason, guest.error().qualification);
@@ -95,7 +81,18 @@ EntryResult NestedVmx::enter(bool launch) {
     if (evmcs_in_use()) sync_vmcs12_to_evmcs();
     return EntryResult::exit_to_l1(guest.error().to_string());
   }
-  if (vmcs02_.vapic_bad_address) return vapic_unbacked();  // the hardware entry fails
+  // The hardware entry: KVM writes an invalid virtual-APIC address into
+  // vmcs02 when it could not map the page (and the TPR shadow stays on), and
+  // the processor checks the TPR threshold against the vTPR (SDM 26.2.1.1);
+  // either fails the entry, which L1 sees as VMfailValid(7).
+  if (vmcs02_.vapic_bad_address) {
+    pages_->put();
+    return EntryResult::failed(fail_valid(VmInstructionError::kEntryInvalidControlFields, "virtual-APIC page has no backing"));
+  }
+  if (VmxStatus late = check_vtpr(); !late) {
+    pages_->put();
+    return EntryResult::failed(fail(late.error()));
+  }
   guest_mode_ = true;
   if (launch) vmcs12_.launch_state = kLaunchStateLaunched;
   if (evmcs_in_use()) mark_evmcs_clean();
