@@ -146,7 +146,9 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
       for (auto [key, member] :
            {std::pair{"slot", &VmSpec::Memslot::slot}, std::pair{"flags", &VmSpec::Memslot::flags}}) {
         const Expr e = NC_TRY(expr(m.value(key, json(0)), key));
-        if (e.uses_regions() || e.eval() > UINT32_MAX)
+        if (e.uses_regions())
+          return fail("vm.memslots: '{}' {} names a region: its value is a number, not a host address", key, e.text);
+        if (e.eval() > UINT32_MAX)
           return fail("vm.memslots: '{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, e.text);
         ms.*member = static_cast<uint32_t>(e.eval());
       }

@@ -348,6 +348,9 @@ TEST(ScenarioParseErrors, FixedWidthOperandsAreRefusedNotCutShort) {
   EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [{"slot": -1, "region": "ram"}]})J"))
                 .find("vm.memslots: 'slot' 0xffffffffffffffff does not fit KVM's 32-bit field"),
             std::string::npos);
+  EXPECT_NE(error_of(one_case(R"J([{"do": "vmxoff"}])J", R"J(, "vm": {"memslots": [{"slot": "ram", "region": "ram"}]})J"))
+                .find("vm.memslots: 'slot' ram names a region: its value is a number"),
+            std::string::npos);
   for (const char* size : {"0", "3", "16", "256", "257"}) {
     EXPECT_EQ(error_of(one_case(fmt::format(R"J([{{"do": "read", "gpa": "scratch", "size": {}}}])J", size))),
               fmt::format("f.json: case 'c', step 1 (read): 'size' {} is not 1, 2, 4 or 8 bytes", size));
