@@ -2,7 +2,7 @@
 // program, and the vmcs12, nested-state and blob specs (see scenario_parser.h).
 #include <algorithm>
 #include <cctype>
-#include <map>
+#include <set>
 
 #include <fmt/ranges.h>
 
@@ -171,60 +171,88 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
   return s;
 }
 
-Result<std::vector<cpu::GuestOp>> Parser::l2_program(const json& l2) {
+namespace {
+
+// An L2 operation's operands, as the scenario file gives them.
+struct L2Operands {
+  uint64_t msr = 0, value = 0, gpa = 0;
+  uint32_t field = 0;
+};
+
+// The L2 operations a scenario can name: each one's operands (all required,
+// no other key) and how it is built from them.
+struct L2OpSpec {
+  std::string_view name;
+  std::vector<std::string_view> operands;
+  cpu::GuestOp (*build)(const L2Operands&);
+};
+
+const std::vector<L2OpSpec>& l2_ops() {
   using cpu::GuestOp;
+  using A = const L2Operands&;
+  static const std::vector<L2OpSpec> kOps = {
+      {"vmcall", {}, [](A) -> GuestOp { return GuestOp::Vmcall{}; }},
+      {"hlt", {}, [](A) -> GuestOp { return GuestOp::Hlt{}; }},
+      // RDMSR and WRMSR take the MSR from ECX: wider values lose their upper
+      // bits on the processor too.
+      {"rdmsr", {"msr"}, [](A a) -> GuestOp { return GuestOp::Rdmsr{static_cast<uint32_t>(a.msr)}; }},
+      {"wrmsr", {"msr", "value"}, [](A a) -> GuestOp { return GuestOp::Wrmsr{static_cast<uint32_t>(a.msr), a.value}; }},
+      {"read", {"gpa"}, [](A a) -> GuestOp { return GuestOp::Read{a.gpa, 8}; }},
+      {"write", {"gpa", "value"}, [](A a) -> GuestOp { return GuestOp::Write{a.gpa, 8, a.value}; }},
+      {"write_cr8", {"value"}, [](A a) -> GuestOp { return GuestOp::WriteCr8{a.value}; }},
+      {"read_cr8", {}, [](A) -> GuestOp { return GuestOp::ReadCr8{}; }},
+      {"vmread", {"field"}, [](A a) -> GuestOp { return GuestOp::Vmread{a.field}; }},
+      {"vmwrite", {"field", "value"}, [](A a) -> GuestOp { return GuestOp::Vmwrite{a.field, a.value}; }},
+      {"vmptrld", {"gpa"}, [](A a) -> GuestOp { return GuestOp::Vmptrld{a.gpa}; }},
+      {"vmclear", {"gpa"}, [](A a) -> GuestOp { return GuestOp::Vmclear{a.gpa}; }},
+      {"vmxon", {"gpa"}, [](A a) -> GuestOp { return GuestOp::Vmxon{a.gpa}; }},
+      {"vmxoff", {}, [](A) -> GuestOp { return GuestOp::Vmxoff{}; }},
+      {"vmptrst", {}, [](A) -> GuestOp { return GuestOp::Vmptrst{}; }},
+      {"vmlaunch", {}, [](A) -> GuestOp { return GuestOp::Vmlaunch{}; }},
+      {"vmresume", {}, [](A) -> GuestOp { return GuestOp::Vmresume{}; }},
+  };
+  return kOps;
+}
+
+}  // namespace
+
+Result<std::vector<cpu::GuestOp>> Parser::l2_program(const json& l2) {
   if (!l2.is_array() || l2.empty()) return fail("'l2' must be a non-empty array of operations");
-  std::vector<GuestOp> ops;
+  std::vector<cpu::GuestOp> ops;
   for (const json& o : l2) {
     const json obj = o.is_string() ? json{{"op", o}} : o;
     if (!obj.is_object() || !obj.contains("op") || !obj["op"].is_string())
       return fail("l2: each operation is a name (\"vmcall\") or an object with \"op\"");
     const std::string op = obj["op"].get<std::string>();
-    // Each operation's operands, all required; any other key is refused, as
-    // in a step (a typo never silently becomes gpa 0).
-    static const std::map<std::string, std::vector<std::string>, std::less<>> kOperands = {
-        {"rdmsr", {"msr"}},           {"wrmsr", {"msr", "value"}}, {"read", {"gpa"}},     {"write", {"gpa", "value"}},
-        {"write_cr8", {"value"}},     {"vmread", {"field"}},       {"vmwrite", {"field", "value"}},
-        {"vmptrld", {"gpa"}},         {"vmclear", {"gpa"}},        {"vmxon", {"gpa"}}};
-    static const std::set<std::string, std::less<>> kNoOperand = {"vmcall",  "hlt",      "read_cr8", "vmxoff",
-                                                                  "vmptrst", "vmlaunch", "vmresume"};
-    static const std::vector<std::string> kNone;
-    const auto found = kOperands.find(op);
-    const std::vector<std::string>& operands = found == kOperands.end() ? kNone : found->second;
-    const bool known = found != kOperands.end() || kNoOperand.count(op);
-    for (auto it = obj.begin(); known && it != obj.end(); ++it)
+    const auto spec = std::find_if(l2_ops().begin(), l2_ops().end(), [&](const L2OpSpec& s) { return s.name == op; });
+    if (spec == l2_ops().end()) {
+      std::vector<std::string_view> names;
+      for (const L2OpSpec& s : l2_ops()) names.push_back(s.name);
+      return fail("l2: unknown operation '{}' ({})", op, fmt::join(names, ", "));
+    }
+    // Any key but the operation's operands is refused, as in a step (a typo
+    // never silently becomes gpa 0).
+    const std::vector<std::string_view>& operands = spec->operands;
+    for (auto it = obj.begin(); it != obj.end(); ++it)
       if (it.key() != "op" && std::find(operands.begin(), operands.end(), it.key()) == operands.end())
         return fail("l2 {}: unknown key '{}' ({})", op, it.key(),
                     operands.empty() ? std::string("it takes no operand")
                                      : fmt::format("it takes {}", fmt::join(operands, ", ")));
-    for (const std::string& k : operands)
-      if (!obj.contains(k)) return fail("l2 {}: missing '{}'", op, k);
-    auto num = [&](const char* k) -> Result<uint64_t> { return NC_TRY(expr(obj.value(k, json(0)), k)).eval(); };
-    auto fld = [&]() -> Result<uint32_t> {
-      const json name = obj.value("field", json(""));
-      auto f = parse_field(name.is_string() ? name.get<std::string>() : "");
-      if (!f) return fail("l2 {}: {}", op, f.error().message);
-      return *f;
-    };
-    if (op == "vmcall") ops.push_back(GuestOp::Vmcall{});
-    else if (op == "hlt") ops.push_back(GuestOp::Hlt{});
-    else if (op == "rdmsr") ops.push_back(GuestOp::Rdmsr{static_cast<uint32_t>(NC_TRY(num("msr")))});
-    else if (op == "wrmsr") ops.push_back(GuestOp::Wrmsr{static_cast<uint32_t>(NC_TRY(num("msr"))), NC_TRY(num("value"))});
-    else if (op == "read") ops.push_back(GuestOp::Read{NC_TRY(num("gpa")), 8});
-    else if (op == "write") ops.push_back(GuestOp::Write{NC_TRY(num("gpa")), 8, NC_TRY(num("value"))});
-    else if (op == "write_cr8") ops.push_back(GuestOp::WriteCr8{NC_TRY(num("value"))});
-    else if (op == "read_cr8") ops.push_back(GuestOp::ReadCr8{});
-    else if (op == "vmread") ops.push_back(GuestOp::Vmread{NC_TRY(fld())});
-    else if (op == "vmwrite") ops.push_back(GuestOp::Vmwrite{NC_TRY(fld()), NC_TRY(num("value"))});
-    else if (op == "vmptrld") ops.push_back(GuestOp::Vmptrld{NC_TRY(num("gpa"))});
-    else if (op == "vmclear") ops.push_back(GuestOp::Vmclear{NC_TRY(num("gpa"))});
-    else if (op == "vmxon") ops.push_back(GuestOp::Vmxon{NC_TRY(num("gpa"))});
-    else if (op == "vmxoff") ops.push_back(GuestOp::Vmxoff{});
-    else if (op == "vmptrst") ops.push_back(GuestOp::Vmptrst{});
-    else if (op == "vmlaunch") ops.push_back(GuestOp::Vmlaunch{});
-    else if (op == "vmresume") ops.push_back(GuestOp::Vmresume{});
-    else return fail("l2: unknown operation '{}' (vmcall, hlt, rdmsr, wrmsr, read, write, write_cr8, read_cr8, vmread, "
-                     "vmwrite, vmptrld, vmclear, vmxon, vmxoff, vmptrst, vmlaunch, vmresume)", op);
+    L2Operands a;
+    for (std::string_view k : operands) {
+      const std::string key(k);
+      if (!obj.contains(key)) return fail("l2 {}: missing '{}'", op, key);
+      if (k == "field") {
+        const json& name = obj[key];
+        auto f = parse_field(name.is_string() ? name.get<std::string>() : "");
+        if (!f) return fail("l2 {}: {}", op, f.error().message);
+        a.field = *f;
+        continue;
+      }
+      const uint64_t v = NC_TRY(expr(obj[key], k)).eval();
+      (k == "msr" ? a.msr : k == "value" ? a.value : a.gpa) = v;
+    }
+    ops.push_back(spec->build(a));
   }
   return ops;
 }
