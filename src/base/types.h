@@ -31,5 +31,7 @@ constexpr bool page_aligned(uint64_t addr) { return page_offset(addr) == 0; }
 // Whether len bytes from addr stay in addr's page (len compared with what is
 // left of the page: offset + len could wrap).
 constexpr bool fits_in_page(uint64_t addr, uint64_t len) { return len <= kPageSize - page_offset(addr); }
+// Whether an access of `size` bytes is one an instruction makes: 1, 2, 4 or 8.
+constexpr bool is_access_width(uint64_t size) { return size == 1 || size == 2 || size == 4 || size == 8; }
 
 }  // namespace nestcache

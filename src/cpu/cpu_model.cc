@@ -105,9 +105,8 @@ CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::Frame
   MonitorTable& monitors = v.m_.monitors();
   // No instruction moves another width: #UD, never a division by zero
   // (size 0) or an 8-byte access past the frame (size 6 at offset 4092).
-  auto width_ok = [](uint8_t size) { return size == 1 || size == 2 || size == 4 || size == 8; };
   if (auto* r = op.get_if<GuestOp::Read>()) {
-    if (!width_ok(r->size)) return OpResult::exception(kVectorUD);
+    if (!is_access_width(r->size)) return OpResult::exception(kVectorUD);
     if (gpa % r->size) return OpResult::exception(kVectorGP);  // the model needs natural alignment
     uint64_t value = 0;
     monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] {
@@ -117,7 +116,7 @@ CpuModel::Outcome CpuModel::access(Vcpu& v, const GuestOp& op, const host::Frame
     return OpResult::success(value);
   }
   if (auto* w = op.get_if<GuestOp::Write>()) {
-    if (!width_ok(w->size)) return OpResult::exception(kVectorUD);
+    if (!is_access_width(w->size)) return OpResult::exception(kVectorUD);
     if (gpa % w->size) return OpResult::exception(kVectorGP);
     monitors.access(tag.pfn, page_offset(gpa), v.clock_, [&] {
       store(w->size, w->value);

@@ -201,7 +201,7 @@ Status Parser::operand_widths(const Step& st) {
                       st.verb == Verb::vmm_write;
   if (access && st.has("size")) {
     const uint64_t size = NC_TRY(constant("size"));
-    if (size != 1 && size != 2 && size != 4 && size != 8)
+    if (!is_access_width(size))
       return fail("'size' {} is not 1, 2, 4 or 8 bytes", size);
   }
   return ok();

@@ -346,7 +346,7 @@ Result<std::vector<Patch>> Parser::patches(const json& p) {
       if (!e["size"].is_number_unsigned()) return fail("patch '{}': size must be 1, 2, 4 or 8", pt.what);
       pt.size = e["size"].get<uint64_t>();
     }
-    if (pt.size != 1 && pt.size != 2 && pt.size != 4 && pt.size != 8) return fail("patch '{}': size must be 1, 2, 4 or 8", pt.what);
+    if (!is_access_width(pt.size)) return fail("patch '{}': size must be 1, 2, 4 or 8", pt.what);
     pt.value = NC_TRY(expr(e["value"], "value"));
     out.push_back(pt);
   }

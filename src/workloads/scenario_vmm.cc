@@ -91,7 +91,7 @@ Observation Session::add_memslots(const Step& s) {
 // region, as a VMM writes its guest's RAM.
 Observation Session::guest_memory_step(const Step& s) {
   const size_t size = s.bytes.empty() ? operand(s, "size", 8) : s.bytes.size();
-  if (s.bytes.empty() && size != 1 && size != 2 && size != 4 && size != 8)
+  if (s.bytes.empty() && !is_access_width(size))
     return runner_error(fmt::format("size {} is not 1, 2, 4 or 8", size));
   std::vector<uint8_t> data = s.bytes;
   if (data.empty()) {
