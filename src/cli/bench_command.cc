@@ -84,16 +84,11 @@ void print_test_table(const workloads::BenchInfo& info, std::span<const workload
   fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n", "strategy",
              "per iteration", "iterations", "cold iteration", "per round trip", "round trips", "shootdowns",
              "ept12", "maps", "unmaps", "windows", "stale");
-  // A view a row has no time for (no iteration, or no round trip) prints
-  // "-", not 0 s, and gives no ratio.
-  auto shown = [&](const workloads::BenchRow& r, double workloads::BenchRow::*field) {
-    return r.has_time(field) ? format_seconds(r.*field) : std::string("-");
-  };
   for (const auto& r : rows) {
     fmt::print("  {:<8} {:>13} {:>10} {:>13} {:>14} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
-               vmx::strategy_name(r.strategy), shown(r, &workloads::BenchRow::seconds_per_iteration), r.iterations,
-               shown(r, &workloads::BenchRow::cold_iteration_seconds),
-               shown(r, &workloads::BenchRow::seconds_per_round_trip),
+               vmx::strategy_name(r.strategy), format_row_time(r, &workloads::BenchRow::seconds_per_iteration),
+               r.iterations, format_row_time(r, &workloads::BenchRow::cold_iteration_seconds),
+               format_row_time(r, &workloads::BenchRow::seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::shootdowns],
                r.counters[Counter::ept12_faults], r.counters[Counter::maps], r.counters[Counter::unmaps],
                r.counters[Counter::remap_windows], r.counters[Counter::stale_accesses]);

@@ -224,6 +224,10 @@ CLI::Validator registry_validator(Parse parse, const std::string& name) {
 
 // "1.23 ms", "870 ns", "4.20 s": three significant digits.
 std::string format_seconds(double seconds);
+// A bench row's time for the view `field` (BenchRow::seconds_per_iteration,
+// ...) as tables print it: format_seconds, or "-" for a view the row has no
+// time for (no iteration, or no round trip), never 0 s.
+std::string format_row_time(const workloads::BenchRow& row, double workloads::BenchRow::*field);
 // "17.2x", or "-" when the denominator is zero.
 std::string format_ratio(double num, double den);
 // Prints a selftest's human summary to stdout.

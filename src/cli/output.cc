@@ -31,6 +31,10 @@ std::string format_seconds(double s) {
   return fmt::format("{} s", s);
 }
 
+std::string format_row_time(const workloads::BenchRow& row, double workloads::BenchRow::*field) {
+  return row.has_time(field) ? format_seconds(row.*field) : std::string("-");
+}
+
 std::string format_ratio(double num, double den) {
   if (den <= 0 || num < 0) return "-";
   double r = num / den;

@@ -88,13 +88,9 @@ class SweepPrinter {
     if (io)
       tail = fmt::format(" {:>12.0f} {:>14.2f}", r.extra.value("requests_per_second", 0.0),
                          r.extra.value("round_trips_per_request", 0.0));
-    // As bench's table: "-" for a time the point does not have (no
-    // iteration, no round trip), not 0 s.
-    auto shown = [&](double workloads::BenchRow::*field) {
-      return r.has_time(field) ? format_seconds(r.*field) : std::string("-");
-    };
     fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", p.value, vmx::strategy_name(r.strategy),
-               shown(&workloads::BenchRow::seconds_per_iteration), shown(&workloads::BenchRow::seconds_per_round_trip),
+               format_row_time(r, &workloads::BenchRow::seconds_per_iteration),
+               format_row_time(r, &workloads::BenchRow::seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::remap_windows],
                r.counters[Counter::stale_accesses], tail);
     for (const auto& f : r.failures)
