@@ -216,25 +216,23 @@ std::vector<std::string> commentary(int n, std::span<const BenchRow> rows) {
                                   ? "Every L2 keeps its context: cache maps nothing after the cold round."
                                   : "More L2s than the 8 contexts: 8 L2s keep theirs, the others fall back to the "
                                     "vCPU's own caches, which remap on every switch (windows column)."));
-  if (map && cache && map->extra.contains("remap_window_ns") && map->extra.value("memory", "") == memory_kind_name(MemoryKind::managed)) {
-    // Managed memory has no remap window: HostMap pins each page and uses
-    // the direct map, so map's cost per switch is its pins' map + unmap.
-    auto pins = [](const BenchRow* r) { return r->extra.value("pins_per_warm_switch", 0.0); };
-    const double map_ns = map->extra["remap_window_ns"].get<double>();
-    const double extra_pins = pins(map) - pins(cache);
-    out.push_back(fmt::format("Check: map − cache = {:.2f} µs per switch; map opens no remap window on managed memory "
-                              "(HostMap pins each page and uses the direct map): {:.2f} more pins per switch × {:.2f} "
-                              "µs per HostMap map + unmap (measured alone) = {:.2f} µs.",
-                              (map->seconds_per_round_trip - cache->seconds_per_round_trip) * 1e6, extra_pins,
-                              map_ns / 1e3, extra_pins * map_ns / 1e3));
-  } else if (map && cache && map->extra.contains("remap_window_ns")) {
-    double window_ns = map->extra["remap_window_ns"].get<double>();
-    auto windows = [](const BenchRow* r) { return r->extra.value("remap_windows_per_warm_switch", 0.0); };
-    double extra_windows = windows(map) - windows(cache);
-    out.push_back(fmt::format("Check: map − cache = {:.2f} µs per switch; {:.2f} more remap windows per switch × "
-                              "{:.2f} µs per window (measured alone) = {:.2f} µs.",
-                              (map->seconds_per_round_trip - cache->seconds_per_round_trip) * 1e6, extra_windows,
-                              window_ns / 1e3, extra_windows * window_ns / 1e3));
+  if (map && cache && map->extra.contains("remap_window_ns")) {
+    // Map's cost per switch: a remap window per page on unmanaged memory; on
+    // managed memory no window (HostMap pins each page and uses the direct
+    // map), a pin, at HostMap's map + unmap cost.
+    const bool managed = map->extra.value("memory", "") == memory_kind_name(MemoryKind::managed);
+    const char* field = managed ? "pins_per_warm_switch" : "remap_windows_per_warm_switch";
+    auto per_switch = [field](const BenchRow* r) { return r->extra.value(field, 0.0); };
+    const double cost_ns = map->extra["remap_window_ns"].get<double>();
+    const double extra = per_switch(map) - per_switch(cache);
+    out.push_back(fmt::format("Check: map − cache = {:.2f} µs per switch; {}{:.2f} more {} per switch × {:.2f} µs per "
+                              "{} (measured alone) = {:.2f} µs.",
+                              (map->seconds_per_round_trip - cache->seconds_per_round_trip) * 1e6,
+                              managed ? "map opens no remap window on managed memory (HostMap pins each page and uses "
+                                        "the direct map): "
+                                      : "",
+                              extra, managed ? "pins" : "remap windows", cost_ns / 1e3,
+                              managed ? "HostMap map + unmap" : "window", extra * cost_ns / 1e3));
   }
   return out;
 }
