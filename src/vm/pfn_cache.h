@@ -204,8 +204,9 @@ class PfnCache {
   // (kvm_gpc_activate). A gpa that resolves to the host page already mapped
   // (another offset in it, an aliasing memslot) keeps the mapping. Errors:
   // EINVAL if len crosses the page, and nothing changes (an inactive cache
-  // stays inactive, a valid one keeps serving its old gpa); otherwise the refresh error if the gpa cannot be
-  // resolved or mapped, and the cache stays active and invalid at gpa.
+  // stays inactive, a valid one keeps serving its old gpa); otherwise the
+  // refresh error if the gpa cannot be resolved or mapped, and the cache
+  // stays active and invalid at gpa.
   Status activate(Gpa gpa, size_t len) NC_EXCLUDES(refresh_mu_, rw_);
   // Unmaps and stops caching; a no-op on an inactive cache.
   void deactivate() NC_EXCLUDES(refresh_mu_, rw_);
