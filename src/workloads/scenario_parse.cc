@@ -163,23 +163,27 @@ Status Parser::step_specials(const json& s, Step& st) {
   return ok();
 }
 
+Result<uint64_t> Parser::number(const Expr& e, std::string_view key, std::string_view where) {
+  if (e.uses_regions())
+    return fail("{}'{}' {} names a region: its value is a number, not a host address", where, key, e.text);
+  return e.eval();
+}
+
+Result<uint32_t> Parser::u32_field(const Expr& e, std::string_view key, std::string_view where) {
+  const uint64_t v = NC_TRY(number(e, key, where));
+  if (v > UINT32_MAX) return fail("{}'{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", where, key, e.text);
+  return static_cast<uint32_t>(v);
+}
+
 // Operands the runner passes on at a fixed width: KVM's memslot slot and
 // flags, a region's revision identifier and the eVMCS enlightenments are 32
 // bits (a wider value would be cut short without a word: slot 0x100000000
 // is slot 0), and an access moves 1, 2, 4 or 8 bytes (no instruction moves
 // another width). A region's address is no such value.
 Status Parser::operand_widths(const Step& st) {
-  auto constant = [&](const char* key) -> Result<uint64_t> {
-    const Expr& e = st.operand(key);
-    if (e.uses_regions()) return fail("'{}' {} names a region: its value is a number, not a host address", key, e.text);
-    return e.eval();
-  };
-  for (const char* key : {"slot", "first_slot", "flags", "revision", "enlightenments"}) {
-    if (!st.has(key)) continue;
-    const uint64_t v = NC_TRY(constant(key));
-    if (v > UINT32_MAX)
-      return fail("'{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, st.operand(key).text);
-  }
+  auto constant = [&](const char* key) { return number(st.operand(key), key); };
+  for (const char* key : {"slot", "first_slot", "flags", "revision", "enlightenments"})
+    if (st.has(key)) NC_TRY(u32_field(st.operand(key), key));
   if (st.verb == Verb::add_memslots && st.has("first_slot") && st.has("count")) {
     const uint64_t first = NC_TRY(constant("first_slot")), count = NC_TRY(constant("count"));
     if (count > 0 && count - 1 > UINT32_MAX - first)

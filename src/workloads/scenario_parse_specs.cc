@@ -141,17 +141,9 @@ Result<VmSpec> Parser::vm_spec(const json& vm) {
       for (auto it = m.begin(); it != m.end(); ++it)
         if (!kSlotKeys.count(it.key())) return fail("vm.memslots: unknown key '{}' (known: slot, gpa, size, region, offset, hva, flags)", it.key());
       VmSpec::Memslot ms;
-      // KVM's slot and flags are 32 bits: a wider value is refused, not cut
-      // short (slot 0x100000000 would be slot 0).
       for (auto [key, member] :
-           {std::pair{"slot", &VmSpec::Memslot::slot}, std::pair{"flags", &VmSpec::Memslot::flags}}) {
-        const Expr e = NC_TRY(expr(m.value(key, json(0)), key));
-        if (e.uses_regions())
-          return fail("vm.memslots: '{}' {} names a region: its value is a number, not a host address", key, e.text);
-        if (e.eval() > UINT32_MAX)
-          return fail("vm.memslots: '{}' {} does not fit KVM's 32-bit field (at most 0xffffffff)", key, e.text);
-        ms.*member = static_cast<uint32_t>(e.eval());
-      }
+           {std::pair{"slot", &VmSpec::Memslot::slot}, std::pair{"flags", &VmSpec::Memslot::flags}})
+        ms.*member = NC_TRY(u32_field(NC_TRY(expr(m.value(key, json(0)), key)), key, "vm.memslots: "));
       ms.gpa = NC_TRY(expr(m.value("gpa", json(0)), "gpa"));
       if (m.contains("region") == m.contains("hva")) return fail("vm.memslots: give exactly one of 'region' and 'hva'");
       if (m.contains("region")) {

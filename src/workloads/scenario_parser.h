@@ -50,6 +50,13 @@ class Parser {
   Result<Step> step(const json& s);
   Status step_specials(const json& s, Step& st);
   Status operand_widths(const Step& st);
+  // An operand's value as a number: refused when it names a region (its
+  // value would be a host address). `where` starts the message
+  // ("vm.memslots: ").
+  Result<uint64_t> number(const Expr& e, std::string_view key, std::string_view where = {});
+  // The same for a field KVM holds in 32 bits (a memslot's slot and flags,
+  // ...): refused when wider, never cut short (slot 0x100000000 would be 0).
+  Result<uint32_t> u32_field(const Expr& e, std::string_view key, std::string_view where = {});
   Result<Expect> expectation(const json& s, const Step& st);
   Result<Expr> expr(const json& v, std::string_view key);
   Result<Vmcs12Spec> vmcs12_spec(const json& s);
