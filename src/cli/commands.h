@@ -169,6 +169,7 @@ struct RunArgs {
   bool json = false;
   bool quiet = false;
   std::string case_filter;
+  CLI::Option* case_option = nullptr;  // given (perhaps empty) or not
   CLI::App* command = nullptr;
 };
 

@@ -181,7 +181,7 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
   cmd->add_option("PATH", args.paths, "Scenario files, or directories of them (*.json)")->required();
   cmd->add_flag("--json", args.json, "Print the results as one JSON object");
   cmd->add_flag("-q,--quiet", args.quiet, "Print only the cases and steps that did not hold, and the summary");
-  cmd->add_option("--case", args.case_filter, "Run only the cases whose name contains this text");
+  args.case_option = cmd->add_option("--case", args.case_filter, "Run only the cases whose name contains this text");
   cmd->footer(wrap_text(
       "The format is documented in docs/scenarios.md; tests/conformance holds the conformance suite. Every file is "
       "checked before anything runs.\nExit status: 0 when every expectation held, 1 when a step's outcome differed or "
@@ -213,6 +213,10 @@ int run_run_command(const RunArgs& args, bool json) {
   if (!watch) {
     return run_error(json, "nestcache run", watch.error().to_string());
   }
+  // Every name contains the empty text: '' would run every case, which is
+  // not what giving --case asks for.
+  if (args.case_option->count() > 0 && args.case_filter.empty())
+    return usage_error(json, "nestcache run", "--case: an empty pattern; give part of a case's name");
   auto paths = expand_paths(args.paths);
   if (!paths) return usage_error(json, "nestcache run", paths.error().message);
   std::vector<sc::ScenarioFile> files;
