@@ -35,8 +35,16 @@ Result<std::vector<std::string>> expand_paths(const std::vector<std::string>& ar
     if (a.empty()) return errorf(ENOENT, "an empty path: give a scenario file or a directory of them");
     if (fs::is_directory(a, ec)) {
       std::vector<std::string> files;
-      for (const auto& entry : fs::directory_iterator(a, ec))
-        if (entry.is_regular_file() && entry.path().extension() == ".json") files.push_back(entry.path().string());
+      for (const auto& entry : fs::directory_iterator(a, ec)) {
+        if (entry.path().extension() != ".json") continue;
+        // A link to nothing is a scenario file that went missing, not a
+        // name to pass over: say which.
+        std::error_code target_ec;
+        if (entry.is_symlink(target_ec) && !fs::exists(entry.path(), target_ec))
+          return errorf(ENOENT, "{}: a symbolic link to {}, which does not exist", entry.path().string(),
+                        fs::read_symlink(entry.path(), target_ec).string());
+        if (entry.is_regular_file()) files.push_back(entry.path().string());
+      }
       if (ec) return errorf(EIO, "{}: cannot list the directory: {}", a, ec.message());
       if (files.empty()) return errorf(ENOENT, "{}: the directory holds no .json scenario file", a);
       std::sort(files.begin(), files.end());
