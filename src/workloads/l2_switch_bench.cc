@@ -48,6 +48,7 @@ struct SwitchConfig {
 struct SwitchTimes {
   std::vector<uint64_t> round_ns;
   uint64_t loop_ns = 0;
+  uint64_t cold_ns = 0;  // loop_ns when the cold round ended, as `cold` is timed
   LoopTime loop;
   LoopTime cold;
   // PhysMem's remap windows and frame pins when the cold round ended: map's
@@ -70,6 +71,7 @@ GuestTask l1_switcher(SwitchConfig c, const std::vector<SwitchedL2>& l2, SwitchT
     out.loop_ns = t1 - start;
     out.loop = watch.elapsed();
     if (round == 0) {
+      out.cold_ns = out.loop_ns;
       out.cold = out.loop;
       mark_cold_end(out);
     }
@@ -133,12 +135,11 @@ BenchRow row_of_run(const SwitchRun& run, int n, const BenchOptions& o, Strategy
   row.strategy = s;
   row.iterations = run.times.round_ns.size();
   row.seconds_per_iteration = run.seconds_per_iteration();
-  row.cold_iteration_seconds = run.times.round_ns.empty() ? 0 : run.times.round_ns.front() / 1e9;
+  row.cold_iteration_seconds = static_cast<double>(run.times.cold_ns) / 1e9;
   // Every warm switch is one round trip (VMRESUME after the VMCALL exit);
   // the cold round enters by VMLAUNCH, so it is left out of this view.
   uint64_t trips = run.counters[Counter::nested_round_trips];
-  double cold_ns = run.times.round_ns.empty() ? 0 : static_cast<double>(run.times.round_ns.front());
-  double warm_seconds = (static_cast<double>(run.times.loop_ns) - cold_ns) / 1e9;
+  double warm_seconds = static_cast<double>(run.times.loop_ns - run.times.cold_ns) / 1e9;
   row.seconds_per_round_trip = trips ? warm_seconds / static_cast<double>(trips) : 0;
   row.round_trips_after_cold = true;
   row.exit_cost_ns = o.exit_cost_ns.value_or(cpu::kDefaultExitCostNs);
