@@ -105,6 +105,17 @@ TEST(NestedIo, CacheMapsOnlyOnceWhileEveryL2HasAContext) {
       << "map maps the pages on every entry";
 }
 
+// --extra-caches are idle caches the VMM activated before the run: their
+// remap windows are the set-up's, not the strategy's (8 L2s with cache: one
+// window per page of each, as above), as the memslot tests count them.
+TEST(NestedIo, ExtraCachesWindowsAreNotTheRunsWindows) {
+  NestedIoConfig c = small(StrategyKind::cache, MemoryKind::unmanaged, 8, 1);
+  c.extra_caches = 16;
+  NestedIoRun r = run(c);
+  EXPECT_TRUE(r.failures.empty());
+  EXPECT_EQ(r.counters[Counter::remap_windows], 8u * 4);
+}
+
 TEST(NestedIoBench, RowsCarryThePerRequestFiguresAndTheComparison) {
   register_all();
   const BenchInfo* b = find_bench("nested-io");
