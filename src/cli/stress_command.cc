@@ -159,8 +159,8 @@ int run_stress_command(const StressArgs& a, bool json) {
   if (!json) {
     std::vector<std::string_view> names;
     for (vmx::StrategyKind s : o.strategies) names.push_back(vmx::strategy_name(s));
-    fmt::print("nestcache stress: {} for {} s each, {} rounds per epoch, memory {}\n", fmt::join(names, ", "),
-               o.seconds, o.rounds, workloads::memory_kind_name(o.memory));
+    fmt::print("nestcache stress: {} for {} s each, {} round{} per epoch, memory {}\n", fmt::join(names, ", "),
+               o.seconds, o.rounds, o.rounds == 1 ? "" : "s", workloads::memory_kind_name(o.memory));
     std::fflush(stdout);
   }
   workloads::Progress progress(!json);
