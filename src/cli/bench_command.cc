@@ -480,14 +480,7 @@ class BenchPrinter {
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");
     if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
-    if (nlohmann::json w = report_.window_cost(); w.is_object())
-      fmt::print("remap window {} ns (mmap {} + munmap {}), {}\n", w["open_ns"].get<uint64_t>() + w["close_ns"].get<uint64_t>(),
-                 w["open_ns"].get<uint64_t>(), w["close_ns"].get<uint64_t>(),
-                 w["source"] == "calibrated"
-                     ? fmt::format("calibrated with another thread of the process on another CPU ({} of {} samples{})",
-                                   w["concurrent_samples"].get<uint64_t>(), w["samples"].get<uint64_t>(),
-                                   w["sibling_ran"].get<bool>() ? "" : "; too few: all samples used")
-                     : std::string("--window-cost-ns"));
+    if (nlohmann::json w = report_.window_cost(); w.is_object()) fmt::print("{}\n", format_window_cost(w));
   }
   // Prints tests [printed_, end) that have rows.
   void print_tests_locked(size_t end) NC_REQUIRES(mu_) {

@@ -75,6 +75,9 @@ class SweepPrinter {
     if (exit_cost_ns && spec_.param != workloads::SweepParam::exit_cost_ns)
       fmt::print("  exit cost {} ns per VM exit + entry{}\n", *exit_cost_ns,
                  options_.exit_cost_ns ? "" : " (model default)");
+    // The cost every map row's windows were charged, as bench prints it.
+    if (nlohmann::json w = workloads::sweep_window_cost(options_); w.is_object())
+      fmt::print("  {}\n", format_window_cost(w));
     fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", workloads::sweep_param_name(spec_.param),
                "strategy", io ? "per request" : "per iteration", "per round trip", "round trips", "windows", "stale",
                io ? "   requests/s  trips/request" : "");

@@ -71,8 +71,12 @@ struct SweepPoint {
 Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec,
                                           const std::function<void(const SweepPoint&)>& on_point = nullptr);
 
-// {"test", "parameter", "values": [...], "strategies": [...],
-//  "points": [{"value", "strategy", "seconds_per_iteration",
+// The remap window's cost every point's run charged, as bench --json's
+// "window_cost" (null on the wall clock).
+nlohmann::json sweep_window_cost(const BenchOptions& o);
+
+// {"test", "parameter", "values": [...], "strategies": [...], "memory",
+//  "clock", "window_cost", "points": [{"value", "strategy", "seconds_per_iteration",
 //  "seconds_per_round_trip", "iterations", "nested_round_trips",
 //  "remap_windows", "stale_accesses", "exit_cost_ns", "failures", "breakdown_per_round_trip",
 //  "requests_per_second"?, "round_trips_per_request"?}]}.
