@@ -262,6 +262,9 @@ int run_run_command(const RunArgs& args, bool json) {
   cases_running.store(true);
   for (const sc::ScenarioFile& f : files) {
     if (interrupted_by.load()) break;
+    // A file --case leaves no case of is not part of the run: no heading
+    // for it (text), no entry (JSON).
+    if (std::none_of(f.cases.begin(), f.cases.end(), selected)) continue;
     report.begin_file(f.path);
     for (const sc::Case& c : f.cases) {
       if (interrupted_by.load()) break;
