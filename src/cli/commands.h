@@ -37,11 +37,12 @@ inline constexpr int kExitUsage = 2;
 // "nan" through a floating-point range). Its help text is Range's ("UINT in
 // [1 - 100]").
 //
-// A whole number is written in decimal digits, as --sweep's values and a
-// selftest's own options are read: "016" is 16, "0x10" and "+16" are
-// refused with the digits to write. The text is rewritten in plain digits
-// ("016" -> "16"), because CLI11 reads a leading 0 as octal once the check
-// passed: add it with Option::transform (Option::check gets a copy).
+// A number is written in decimal, as --sweep's values and a selftest's own
+// options are read: "016" is 16, "1e-3" a thousandth; "0x10", "0x1p-3" and
+// "+16" are refused with the decimal to write. A whole number's text is
+// rewritten in plain digits ("016" -> "16"), because CLI11 reads a leading 0
+// as octal once the check passed: add it with Option::transform
+// (Option::check gets a copy).
 template <class T>
 CLI::Validator in_range(T lo, T hi) {
   auto check = [lo, hi](std::string& text) -> std::string {
@@ -52,16 +53,19 @@ CLI::Validator in_range(T lo, T hi) {
       parsed = ec == std::errc() && end == text.data() + text.size();
       if (parsed) text = std::to_string(v);
     } else {
-      parsed = CLI::detail::lexical_cast(text, v) && !std::isnan(static_cast<double>(v));
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      parsed = ec == std::errc() && end == text.data() + text.size() && !std::isnan(static_cast<double>(v));
     }
     if (!parsed) {
       double d = 0;
-      if constexpr (std::is_integral_v<T>) {
-        if (CLI::detail::lexical_cast(text, d) && std::isfinite(d)) {
+      if (CLI::detail::lexical_cast(text, d) && std::isfinite(d)) {
+        if constexpr (std::is_integral_v<T>) {
           if (d != std::trunc(d)) return fmt::format("{} is not a whole number", text);
           if (d < static_cast<double>(lo) || d > static_cast<double>(hi))
             return fmt::format("{} is out of range: {} to {}", text, lo, hi);
           return fmt::format("'{}': write a whole number in digits ({:.0f})", text, d);
+        } else {
+          return fmt::format("'{}': write the number in decimal ({})", text, d);
         }
       }
       return fmt::format("'{}' is not a number", text);

@@ -89,6 +89,31 @@ TEST(InRange, OutOfRangeIsSaidInDecimal) {
   EXPECT_THROW(parse_uint("-3"), CLI::ValidationError);
 }
 
+// A fraction is decimal too: CLI11 took --seconds 0x10 as 16 s and
+// 0x1p-3 as 0.125 s while --slots 0x10 is refused.
+double parse_double(const std::string& text) {
+  CLI::App app;
+  double v = 0;
+  app.add_option("--x", v)->transform(in_range(0.001, 100.0));
+  app.parse(std::vector<std::string>{text, "--x"});
+  return v;
+}
+
+TEST(InRange, AFractionIsReadInDecimal) {
+  EXPECT_EQ(parse_double("1e-2"), 0.01);
+  EXPECT_EQ(parse_double("016"), 16.0);
+  for (const char* text : {"0x10", "0x1p-3", "+1", " 1"}) {
+    try {
+      parse_double(text);
+      ADD_FAILURE() << "accepted '" << text << "'";
+    } catch (const CLI::ValidationError& e) {
+      EXPECT_NE(std::string(e.what()).find("write the number in decimal"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(parse_double("nan"), CLI::ValidationError);
+  EXPECT_THROW(parse_double("inf"), CLI::ValidationError);
+}
+
 TEST(TestOptions, EveryRegisteredSelftestsOptionsBuildACommandLine) {
   workloads::register_all();
   for (const workloads::SelftestInfo& t : workloads::selftests()) {
