@@ -193,6 +193,27 @@ TEST(NestedIoBench, CommentaryExplainsARateAboveTheOfferedOne) {
   EXPECT_NE(it->find("(cache 15585/s)"), std::string::npos) << *it << ": only the row above the offered rate";
 }
 
+// At a low offered rate the served one is printed with the digits that make
+// it differ: "(oracle 1/s)" said it served more than 1/s.
+TEST(NestedIoBench, ALowRateAboveTheOfferedOneShowsItsDigits) {
+  register_all();
+  const BenchInfo* b = find_bench("nested-io");
+  ASSERT_NE(b, nullptr);
+  std::vector<BenchRow> rows(1);
+  rows[0].strategy = StrategyKind::oracle;
+  rows[0].extra = {{"offered_rate", 1}, {"requests_per_second", 1.0612}, {"requests", 100}};
+  std::vector<std::string> lines = b->commentary(rows);
+  bool said = false;
+  for (const std::string& l : lines) {
+    if (l.starts_with("oracle: ")) EXPECT_TRUE(l.starts_with("oracle: 1.06 requests/s,")) << l;
+    if (l.starts_with("Served more than the 1 requests/s offered")) {
+      said = true;
+      EXPECT_NE(l.find("(oracle 1.06/s)"), std::string::npos) << l;
+    }
+  }
+  EXPECT_TRUE(said);
+}
+
 TEST(NestedIoOptions, ValidateNamesTheBadOption) {
   BenchOptions o;
   o.io.l1_vcpus = 2;
