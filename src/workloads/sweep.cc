@@ -37,7 +37,7 @@ nlohmann::json point_json(const SweepPoint& p) {
       {"failures", r.failures},
       {"breakdown_per_round_trip", r.breakdown()["per_round_trip"]},
   };
-  for (const char* key : {"requests_per_second", "round_trips_per_request"})
+  for (const char* key : {"requests_per_second", "round_trips_per_request", "slots_used", "slots_capped"})
     if (r.extra.contains(key)) j[key] = r.extra[key];
   return j;
 }

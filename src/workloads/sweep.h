@@ -79,7 +79,9 @@ nlohmann::json sweep_window_cost(const BenchOptions& o);
 //  "clock", "window_cost", "points": [{"value", "strategy", "seconds_per_iteration",
 //  "seconds_per_round_trip", "iterations", "nested_round_trips",
 //  "remap_windows", "stale_accesses", "exit_cost_ns", "failures", "breakdown_per_round_trip",
-//  "requests_per_second"?, "round_trips_per_request"?}]}.
+//  "requests_per_second"?, "round_trips_per_request"?, "slots_used"?,
+//  "slots_capped"?}]} (the memslot tests' slots as applied: an area with
+//  fewer pages than the value runs with fewer slots).
 nlohmann::json sweep_json(std::string_view test, const SweepSpec& spec, const BenchOptions& base,
                           const std::vector<SweepPoint>& points);
 // The same points as CSV, one line per point after a header line:
