@@ -186,19 +186,19 @@ void add_nested_io_options(CLI::App* cmd, BenchArgs& a) {
   using namespace workloads;
   cmd->add_option("--rate", a.io.rate, "nested-io: requests per second offered, all L2 vCPUs together")
       ->default_str(std::to_string(kDefaultIoRate))
-      ->check(in_range(1u, kMaxIoRate));
+      ->transform(in_range(1u, kMaxIoRate));
   cmd->add_option("--work", a.io.work, "nested-io: L2 memory operations per request")
       ->default_str(std::to_string(kDefaultIoWork))
-      ->check(in_range(0u, kMaxIoWork));
+      ->transform(in_range(0u, kMaxIoWork));
   cmd->add_option("--l2-vcpus", a.io.l2_vcpus, "nested-io: L2 vCPUs serving requests")
       ->default_str("1")
-      ->check(in_range(1u, kMaxIoL2Vcpus));
+      ->transform(in_range(1u, kMaxIoL2Vcpus));
   cmd->add_option("--l1-vcpus", a.io.l1_vcpus, "nested-io: L1 vCPUs the L2 vCPUs are spread over")
       ->default_str("1")
-      ->check(in_range(1u, kMaxIoL1Vcpus));
+      ->transform(in_range(1u, kMaxIoL1Vcpus));
   cmd->add_option("--msr-every", a.io.msr_every, "nested-io: one request in N writes an MSR L1 intercepts (0: none)")
       ->default_str(std::to_string(kDefaultIoMsrEvery))
-      ->check(in_range(0u, 1'000'000u));
+      ->transform(in_range(0u, 1'000'000u));
 }
 
 // What modelled time charges (DESIGN.md §5).
@@ -212,18 +212,18 @@ void add_time_model_options(CLI::App* cmd, BenchArgs& a) {
       ->check(registry_validator(parse_clock_kind, "clock"));
   cmd->add_option("--guest-op-ns", a.guest_op_ns, "Modelled cost of a guest instruction (an L1d-hit load at 2.5 GHz)")
       ->default_str(std::to_string(a.guest_op_ns))
-      ->check(in_range(uint64_t{0}, kMaxGuestOpNs));
+      ->transform(in_range(uint64_t{0}, kMaxGuestOpNs));
   cmd->add_option("--locked-op-ns", a.locked_op_ns, "Modelled cost of a locked compare-exchange")
       ->default_str(std::to_string(a.locked_op_ns))
-      ->check(in_range(uint64_t{0}, kMaxGuestOpNs));
+      ->transform(in_range(uint64_t{0}, kMaxGuestOpNs));
   cmd->add_option("--pause-ns", a.pause_ns, "Modelled cost of PAUSE (about 140 cycles since Skylake)")
       ->default_str(std::to_string(a.pause_ns))
-      ->check(in_range(uint64_t{0}, kMaxGuestOpNs));
+      ->transform(in_range(uint64_t{0}, kMaxGuestOpNs));
   a.window_cost_option =
       cmd->add_option("--window-cost-ns", a.window_cost_ns,
                       "Modelled cost of one remap window, mmap + munmap (default: measured once at start while "
                       "another thread of the process runs on another CPU, so each munmap pays one TLB shootdown)")
-          ->check(in_range(uint64_t{0}, kMaxWindowCostNs));
+          ->transform(in_range(uint64_t{0}, kMaxWindowCostNs));
 }
 
 }  // namespace
@@ -244,38 +244,38 @@ CLI::App* add_bench_command(CLI::App& app, BenchArgs& a) {
       ->check(registry_validator(parse_memory_kind, "memory"));
   cmd->add_option("--slots", a.slots, "L2 memslots the guest memory is split over")
       ->default_str(std::to_string(kDefaultBenchSlots))
-      ->check(in_range(kMinBenchSlots, kMaxBenchSlots));
+      ->transform(in_range(kMinBenchSlots, kMaxBenchSlots));
   CLI::Option* seconds = cmd->add_option("--seconds", a.seconds,
                                          "Iterate while the elapsed time is under this, on --clock's clock: modelled "
                                          "time by default, not the run's real duration (upstream -l)")
                              ->default_str(fmt::format("{}", kDefaultBenchSeconds))
-                             ->check(in_range(0.001, 86400.0));
+                             ->transform(in_range(0.001, 86400.0));
   cmd->add_option("--iterations", a.iterations,
                   "Run exactly this many iterations instead of a time limit (not with --seconds)")
-      ->check(in_range(uint64_t{1}, uint64_t{1'000'000'000}))
+      ->transform(in_range(uint64_t{1}, uint64_t{1'000'000'000}))
       ->excludes(seconds);
   cmd->add_option("--runs", a.runs, "Repeat each test this many times and keep the best (upstream -r)")
       ->default_str("1")
-      ->check(in_range(1u, 1000u));
+      ->transform(in_range(1u, 1000u));
   a.exit_cost_option =
       cmd->add_option("--exit-cost-ns", a.exit_cost_ns,
                       "Modelled cost of a hardware VM exit + entry, ns (default: the CPU model's published "
                       "figure, 1,530 cycles of a VMCALL round trip on Skylake-SP at 2.5 GHz)")
           ->default_str(std::to_string(cpu::kDefaultExitCostNs))
-          ->check(in_range(uint64_t{0}, kMaxExitCostNs));
+          ->transform(in_range(uint64_t{0}, kMaxExitCostNs));
   a.l1_hz_option = cmd->add_option("--l1-hz", a.l1_hz,
                                    "L1 timer ticks per second interrupting L2 (0: off; nested-io: 1000 unless given)")
                        ->default_str(std::to_string(kDefaultL1Hz))
-                       ->check(in_range(0u, 100000u));
+                       ->transform(in_range(0u, 100000u));
   cmd->add_option("--extra-caches", a.extra_caches,
                   "Idle pfn caches the VMM keeps registered on L1 memory during the run: every MMU-notifier "
                   "invalidation checks each, whatever the strategy")
       ->default_str("0")
-      ->check(in_range(0u, kMaxExtraCaches));
+      ->transform(in_range(0u, kMaxExtraCaches));
   add_nested_io_options(cmd, a);
   cmd->add_option("--scale", a.scale, "Shrink upstream's area sizes by this factor (quick runs)")
       ->default_str("1")
-      ->check(in_range(0.0001, 1.0));
+      ->transform(in_range(0.0001, 1.0));
   add_time_model_options(cmd, a);
   a.sweep_option = cmd->add_option("--sweep", a.sweep,
                   "Run the one test named by --tests at each value of one parameter, every strategy at each: "
@@ -480,14 +480,7 @@ class BenchPrinter {
                             : fmt::format("{} s per run", o.seconds),
                o.runs, o.runs == 1 ? "" : "s");
     if (o.scale != 1) fmt::print("areas scaled by {}\n", o.scale);
-    if (nlohmann::json w = report_.window_cost(); w.is_object())
-      fmt::print("remap window {} ns (mmap {} + munmap {}), {}\n", w["open_ns"].get<uint64_t>() + w["close_ns"].get<uint64_t>(),
-                 w["open_ns"].get<uint64_t>(), w["close_ns"].get<uint64_t>(),
-                 w["source"] == "calibrated"
-                     ? fmt::format("calibrated with another thread of the process on another CPU ({} of {} samples{})",
-                                   w["concurrent_samples"].get<uint64_t>(), w["samples"].get<uint64_t>(),
-                                   w["sibling_ran"].get<bool>() ? "" : "; too few: all samples used")
-                     : std::string("--window-cost-ns"));
+    if (nlohmann::json w = report_.window_cost(); w.is_object()) fmt::print("{}\n", format_window_cost(w));
   }
   // Prints tests [printed_, end) that have rows.
   void print_tests_locked(size_t end) NC_REQUIRES(mu_) {

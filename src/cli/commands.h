@@ -10,6 +10,7 @@
 // 2 a usage error (bad option value, unknown test name).
 #pragma once
 
+#include <charconv>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -35,18 +36,36 @@ inline constexpr int kExitUsage = 2;
 // 100" (CLI11 says "Value abc not in range 1 to 100" for all three, and lets
 // "nan" through a floating-point range). Its help text is Range's ("UINT in
 // [1 - 100]").
+//
+// A number is written in decimal, as --sweep's values and a selftest's own
+// options are read: "016" is 16, "1e-3" a thousandth; "0x10", "0x1p-3" and
+// "+16" are refused with the decimal to write. A whole number's text is
+// rewritten in plain digits ("016" -> "16"), because CLI11 reads a leading 0
+// as octal once the check passed: add it with Option::transform
+// (Option::check gets a copy).
 template <class T>
 CLI::Validator in_range(T lo, T hi) {
   auto check = [lo, hi](std::string& text) -> std::string {
     T v{};
-    if (!CLI::detail::lexical_cast(text, v) || (std::is_floating_point_v<T> && std::isnan(static_cast<double>(v)))) {
+    bool parsed = false;
+    if constexpr (std::is_integral_v<T>) {
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      parsed = ec == std::errc() && end == text.data() + text.size();
+      if (parsed) text = std::to_string(v);
+    } else {
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      parsed = ec == std::errc() && end == text.data() + text.size() && !std::isnan(static_cast<double>(v));
+    }
+    if (!parsed) {
       double d = 0;
-      if constexpr (std::is_integral_v<T>) {
-        if (CLI::detail::lexical_cast(text, d) && std::isfinite(d)) {
+      if (CLI::detail::lexical_cast(text, d) && std::isfinite(d)) {
+        if constexpr (std::is_integral_v<T>) {
           if (d != std::trunc(d)) return fmt::format("{} is not a whole number", text);
           if (d < static_cast<double>(lo) || d > static_cast<double>(hi))
             return fmt::format("{} is out of range: {} to {}", text, lo, hi);
           return fmt::format("'{}': write a whole number in digits ({:.0f})", text, d);
+        } else {
+          return fmt::format("'{}': write the number in decimal ({})", text, d);
         }
       }
       return fmt::format("'{}' is not a number", text);
@@ -169,6 +188,7 @@ struct RunArgs {
   bool json = false;
   bool quiet = false;
   std::string case_filter;
+  CLI::Option* case_option = nullptr;  // given (perhaps empty) or not
   CLI::App* command = nullptr;
 };
 
@@ -228,6 +248,10 @@ std::string format_seconds(double seconds);
 // ...) as tables print it: format_seconds, or "-" for a view the row has no
 // time for (no iteration, or no round trip), never 0 s.
 std::string format_row_time(const workloads::BenchRow& row, double workloads::BenchRow::*field);
+// The remap window's cost as bench and sweep headers print it, from
+// BenchReport::window_cost's object: "remap window 17900 ns (mmap 2000 +
+// munmap 15900), calibrated with another thread ..." or "..., --window-cost-ns".
+std::string format_window_cost(const nlohmann::json& w);
 // "17.2x", or "-" when the denominator is zero.
 std::string format_ratio(double num, double den);
 // Prints a selftest's human summary to stdout.

@@ -35,6 +35,17 @@ std::string format_row_time(const workloads::BenchRow& row, double workloads::Be
   return row.has_time(field) ? format_seconds(row.*field) : std::string("-");
 }
 
+std::string format_window_cost(const nlohmann::json& w) {
+  return fmt::format("remap window {} ns (mmap {} + munmap {}), {}",
+                     w["open_ns"].get<uint64_t>() + w["close_ns"].get<uint64_t>(), w["open_ns"].get<uint64_t>(),
+                     w["close_ns"].get<uint64_t>(),
+                     w["source"] == "calibrated"
+                         ? fmt::format("calibrated with another thread of the process on another CPU ({} of {} samples{})",
+                                       w["concurrent_samples"].get<uint64_t>(), w["samples"].get<uint64_t>(),
+                                       w["sibling_ran"].get<bool>() ? "" : "; too few: all samples used")
+                         : std::string("--window-cost-ns"));
+}
+
 std::string format_ratio(double num, double den) {
   if (den <= 0 || num < 0) return "-";
   double r = num / den;

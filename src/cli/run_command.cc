@@ -35,8 +35,16 @@ Result<std::vector<std::string>> expand_paths(const std::vector<std::string>& ar
     if (a.empty()) return errorf(ENOENT, "an empty path: give a scenario file or a directory of them");
     if (fs::is_directory(a, ec)) {
       std::vector<std::string> files;
-      for (const auto& entry : fs::directory_iterator(a, ec))
-        if (entry.is_regular_file() && entry.path().extension() == ".json") files.push_back(entry.path().string());
+      for (const auto& entry : fs::directory_iterator(a, ec)) {
+        if (entry.path().extension() != ".json") continue;
+        // A link to nothing is a scenario file that went missing, not a
+        // name to pass over: say which.
+        std::error_code target_ec;
+        if (entry.is_symlink(target_ec) && !fs::exists(entry.path(), target_ec))
+          return errorf(ENOENT, "{}: a symbolic link to {}, which does not exist", entry.path().string(),
+                        fs::read_symlink(entry.path(), target_ec).string());
+        if (entry.is_regular_file()) files.push_back(entry.path().string());
+      }
       if (ec) return errorf(EIO, "{}: cannot list the directory: {}", a, ec.message());
       if (files.empty()) return errorf(ENOENT, "{}: the directory holds no .json scenario file", a);
       std::sort(files.begin(), files.end());
@@ -181,7 +189,7 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& args) {
   cmd->add_option("PATH", args.paths, "Scenario files, or directories of them (*.json)")->required();
   cmd->add_flag("--json", args.json, "Print the results as one JSON object");
   cmd->add_flag("-q,--quiet", args.quiet, "Print only the cases and steps that did not hold, and the summary");
-  cmd->add_option("--case", args.case_filter, "Run only the cases whose name contains this text");
+  args.case_option = cmd->add_option("--case", args.case_filter, "Run only the cases whose name contains this text");
   cmd->footer(wrap_text(
       "The format is documented in docs/scenarios.md; tests/conformance holds the conformance suite. Every file is "
       "checked before anything runs.\nExit status: 0 when every expectation held, 1 when a step's outcome differed or "
@@ -213,6 +221,10 @@ int run_run_command(const RunArgs& args, bool json) {
   if (!watch) {
     return run_error(json, "nestcache run", watch.error().to_string());
   }
+  // Every name contains the empty text: '' would run every case, which is
+  // not what giving --case asks for.
+  if (args.case_option->count() > 0 && args.case_filter.empty())
+    return usage_error(json, "nestcache run", "--case: an empty pattern; give part of a case's name");
   auto paths = expand_paths(args.paths);
   if (!paths) return usage_error(json, "nestcache run", paths.error().message);
   std::vector<sc::ScenarioFile> files;
@@ -250,6 +262,9 @@ int run_run_command(const RunArgs& args, bool json) {
   cases_running.store(true);
   for (const sc::ScenarioFile& f : files) {
     if (interrupted_by.load()) break;
+    // A file --case leaves no case of is not part of the run: no heading
+    // for it (text), no entry (JSON).
+    if (std::none_of(f.cases.begin(), f.cases.end(), selected)) continue;
     report.begin_file(f.path);
     for (const sc::Case& c : f.cases) {
       if (interrupted_by.load()) break;

@@ -134,7 +134,7 @@ void TestOptions::add(CLI::App& app, std::span<const workloads::OptionSpec> spec
     } else {
       e->option = app.add_option(spec.flag, e->value, spec.help)->type_name(spec.type_name.empty() ? "VALUE" : spec.type_name);
       if (!spec.default_value.empty()) e->option->default_str(spec.default_value);
-      if (spec.range) e->option->check(in_range(spec.range->first, spec.range->second));
+      if (spec.range) e->option->transform(in_range(spec.range->first, spec.range->second));
       if (!spec.choices.empty()) e->option->check(CLI::IsMember(spec.choices));
     }
     entries_.push_back(std::move(e));

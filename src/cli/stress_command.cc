@@ -97,7 +97,7 @@ CLI::App* add_stress_command(CLI::App& app, StressArgs& a) {
   a.command = cmd;
   cmd->add_option("--seconds", a.seconds, "Run each strategy this long (a started epoch finishes)")
       ->default_str(fmt::format("{}", kDefaultStressSeconds))
-      ->check(in_range(0.001, kMaxStressSeconds));
+      ->transform(in_range(0.001, kMaxStressSeconds));
   cmd->add_option("--strategy", a.strategy, "Strategies to run, comma-separated, one after the other (or all)")
       ->type_name("map,cache,oracle")
       ->default_str("cache,oracle")
@@ -109,7 +109,7 @@ CLI::App* add_stress_command(CLI::App& app, StressArgs& a) {
   cmd->add_option("--rounds", a.rounds, "Rounds of the pages workload per epoch (one VM each); an epoch runs all its rounds "
                   "(milliseconds each), so a large value makes one epoch outlast --seconds")
       ->default_str(std::to_string(kDefaultStressRounds))
-      ->check(in_range(int64_t{1}, int64_t{kMaxStressRounds}));
+      ->transform(in_range(int64_t{1}, int64_t{kMaxStressRounds}));
   cmd->add_flag("--json", a.json, "Print one JSON object: a result per strategy, each with its teardown figures");
   cmd->add_flag("-v,--verbose", a.verbose, "Print every counter and the run's details");
   cmd->footer(wrap_text(
@@ -159,8 +159,8 @@ int run_stress_command(const StressArgs& a, bool json) {
   if (!json) {
     std::vector<std::string_view> names;
     for (vmx::StrategyKind s : o.strategies) names.push_back(vmx::strategy_name(s));
-    fmt::print("nestcache stress: {} for {} s each, {} rounds per epoch, memory {}\n", fmt::join(names, ", "),
-               o.seconds, o.rounds, workloads::memory_kind_name(o.memory));
+    fmt::print("nestcache stress: {} for {} s each, {} round{} per epoch, memory {}\n", fmt::join(names, ", "),
+               o.seconds, o.rounds, o.rounds == 1 ? "" : "s", workloads::memory_kind_name(o.memory));
     std::fflush(stdout);
   }
   workloads::Progress progress(!json);

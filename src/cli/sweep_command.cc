@@ -75,6 +75,9 @@ class SweepPrinter {
     if (exit_cost_ns && spec_.param != workloads::SweepParam::exit_cost_ns)
       fmt::print("  exit cost {} ns per VM exit + entry{}\n", *exit_cost_ns,
                  options_.exit_cost_ns ? "" : " (model default)");
+    // The cost every map row's windows were charged, as bench prints it.
+    if (nlohmann::json w = workloads::sweep_window_cost(options_); w.is_object())
+      fmt::print("  {}\n", format_window_cost(w));
     fmt::print("  {:>12} {:<8} {:>14} {:>14} {:>11} {:>9} {:>6}{}\n", workloads::sweep_param_name(spec_.param),
                "strategy", io ? "per request" : "per iteration", "per round trip", "round trips", "windows", "stale",
                io ? "   requests/s  trips/request" : "");
@@ -93,6 +96,13 @@ class SweepPrinter {
                format_row_time(r, &workloads::BenchRow::seconds_per_round_trip),
                r.counters[Counter::nested_round_trips], r.counters[Counter::remap_windows],
                r.counters[Counter::stale_accesses], tail);
+    // The value is what was asked for; an area with fewer pages than slots
+    // ran with fewer (bench's note), once per value.
+    if (r.extra.value("slots_capped", false) && capped_noted_ != p.value) {
+      capped_noted_ = p.value;
+      fmt::print("  {:>12} too many slots for this area; ran with {} slots of {} page(s)\n", "",
+                 r.extra.value("slots_used", 0), r.extra.value("pages_per_slot", 0));
+    }
     for (const auto& f : r.failures)
       fmt::print("  FAILED {}={} / {}: {}\n", workloads::sweep_param_name(spec_.param), p.value,
                  vmx::strategy_name(r.strategy), f);
@@ -121,6 +131,7 @@ class SweepPrinter {
   const std::string csv_path_;
   std::vector<workloads::SweepPoint> points_ NC_GUARDED_BY(mu_);
   bool header_printed_ NC_GUARDED_BY(mu_) = false;
+  std::optional<uint64_t> capped_noted_ NC_GUARDED_BY(mu_);  // the last value noted as capped
   bool finished_ NC_GUARDED_BY(mu_) = false;
   std::string error_ NC_GUARDED_BY(mu_);
 };

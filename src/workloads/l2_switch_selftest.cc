@@ -285,9 +285,10 @@ SelftestResult run_l2_switch(const RunOptions& o) {
                        worst, cost, memory_kind_name(o.memory),
                        managed ? " (no remap window: its frames are permanently mapped)" : ""));
   } else {
-    r.note(fmt::format("{}: {} runs, the seed's reuse/recycle formulas checked in each ({} reuses, {} recycles in "
+    r.note(fmt::format("{}: {} run{}, the seed's reuse/recycle formulas checked in {} ({} reuses, {} recycles in "
                        "all)",
-                       strategy_name(o.strategy), total, reuse, recycle));
+                       strategy_name(o.strategy), total, total == 1 ? "" : "s", total == 1 ? "it" : "each", reuse,
+                       recycle));
   }
   return r;
 }

@@ -81,6 +81,7 @@ Result<BenchRow> row_of_run(const MemslotPerfRun& run, MemslotTest test, const M
       {"flush_kicks", run.flush_kicks},
       {"timer_ticks", run.timer_ticks},
       {"remap_window_ns", window_ns},
+      {"remap_window_cost_source", o.window_cost_ns ? "--window-cost-ns" : "calibrated"},
       {"remap_window_ns_in_run",
        run.windows ? static_cast<double>(run.work[TimePart::remap_windows]) / static_cast<double>(run.windows) : 0.0},
       {"windows_per_round_trip", trips ? static_cast<double>(run.counters[Counter::remap_windows]) / trips : 0.0},
@@ -154,9 +155,11 @@ std::vector<std::string> time_commentary(MemslotTest test, const BenchRow& map, 
   out.push_back(fmt::format(
       "Remap window (HostMap map + unmap): {:.2f} µs alone, {:.2f} µs on average in map's run ({}).", window_us,
       in_run_us,
-      map.clock == cpu::ClockKind::modelled
-          ? "the mmap and munmap at their calibrated cost, with one TLB shootdown, plus the fault-in in CPU time"
-          : "thread CPU time; munmap's TLB shootdown waits for another CPU only while one runs the process"));
+      map.clock != cpu::ClockKind::modelled
+          ? "thread CPU time; munmap's TLB shootdown waits for another CPU only while one runs the process"
+      : map.extra.value("remap_window_cost_source", std::string()) == "--window-cost-ns"
+          ? "the mmap and munmap at the cost --window-cost-ns gave, plus the fault-in in CPU time"
+          : "the mmap and munmap at their calibrated cost, with one TLB shootdown, plus the fault-in in CPU time"));
   out.push_back(fmt::format(
       "map opens {:.2f} windows per round trip: map − cache = {:.2f} µs per round trip; windows × cost in the run "
       "= {:.2f} µs ({}), of which {:.2f} µs on the critical path (the breakdown's remap-window part; the rest "

@@ -130,6 +130,13 @@ nlohmann::json nested_io_comparison(std::span<const BenchRow> rows) {
 
 namespace {
 
+// Requests per second as the commentary prints them: whole above 100, else
+// three significant digits, so a rate just above a low offered one (1.06
+// against 1) does not print as the same number.
+std::string format_rate(double per_second) {
+  return per_second >= 100 ? fmt::format("{:.0f}", per_second) : fmt::format("{:.3g}", per_second);
+}
+
 std::vector<std::string> commentary(std::span<const BenchRow> rows) {
   std::vector<std::string> out;
   if (rows.empty()) return out;
@@ -146,9 +153,10 @@ std::vector<std::string> commentary(std::span<const BenchRow> rows) {
   for (const BenchRow& r : rows) {
     const nlohmann::json c = r.extra.value("cost_per_request", nlohmann::json::object());
     out.push_back(fmt::format(
-        "{}: {:.0f} requests/s, {:.2f} nested round trips per request, {:.2f} µs per request ({}transitions {:.2f}, "
+        "{}: {} requests/s, {:.2f} nested round trips per request, {:.2f} µs per request ({}transitions {:.2f}, "
         "guest ops {:.2f}, remap windows {:.2f}, pfn cache {:.2f}, other L0 {:.2f})",
-        strategy_name(r.strategy), r.extra.value("requests_per_second", 0.0), r.extra.value("round_trips_per_request", 0.0),
+        strategy_name(r.strategy), format_rate(r.extra.value("requests_per_second", 0.0)),
+        r.extra.value("round_trips_per_request", 0.0),
         r.seconds_per_iteration * 1e6,
         r.clock == cpu::ClockKind::wall
             ? fmt::format("wall time; the model's accounting: {:.2f} µs, ", c.value("busy_ns", 0.0) / 1e3)
@@ -164,7 +172,7 @@ std::vector<std::string> commentary(std::span<const BenchRow> rows) {
   for (const BenchRow& r : rows) {
     const double served = r.extra.value("requests_per_second", 0.0);
     if (offered > 0 && served > offered * 1.05)
-      above.push_back(fmt::format("{} {:.0f}/s", strategy_name(r.strategy), served));
+      above.push_back(fmt::format("{} {}/s", strategy_name(r.strategy), format_rate(served)));
   }
   const uint64_t requests = x.value("requests", uint64_t{0});
   if (!above.empty() && requests < 2)

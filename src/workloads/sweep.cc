@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "workloads/progress.h"
+#include "workloads/window_cost.h"
 
 namespace nestcache::workloads {
 
@@ -36,7 +37,7 @@ nlohmann::json point_json(const SweepPoint& p) {
       {"failures", r.failures},
       {"breakdown_per_round_trip", r.breakdown()["per_round_trip"]},
   };
-  for (const char* key : {"requests_per_second", "round_trips_per_request"})
+  for (const char* key : {"requests_per_second", "round_trips_per_request", "slots_used", "slots_capped"})
     if (r.extra.contains(key)) j[key] = r.extra[key];
   return j;
 }
@@ -180,6 +181,12 @@ Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOpti
   return points;
 }
 
+nlohmann::json sweep_window_cost(const BenchOptions& o) {
+  if (o.clock != cpu::ClockKind::modelled) return nullptr;
+  auto j = window_cost_json(o.window_cost_ns);
+  return j ? *j : nlohmann::json(nullptr);
+}
+
 nlohmann::json sweep_json(std::string_view test, const SweepSpec& spec, const BenchOptions& base,
                           const std::vector<SweepPoint>& points) {
   nlohmann::json strategies = nlohmann::json::array();
@@ -192,6 +199,7 @@ nlohmann::json sweep_json(std::string_view test, const SweepSpec& spec, const Be
           {"strategies", strategies},
           {"memory", memory_kind_name(base.memory)},
           {"clock", clock_kind_name(base.clock)},
+          {"window_cost", sweep_window_cost(base)},
           {"points", list}};
 }
 

@@ -71,11 +71,17 @@ struct SweepPoint {
 Result<std::vector<SweepPoint>> run_sweep(const BenchInfo& test, const BenchOptions& base, const SweepSpec& spec,
                                           const std::function<void(const SweepPoint&)>& on_point = nullptr);
 
-// {"test", "parameter", "values": [...], "strategies": [...],
-//  "points": [{"value", "strategy", "seconds_per_iteration",
+// The remap window's cost every point's run charged, as bench --json's
+// "window_cost" (null on the wall clock).
+nlohmann::json sweep_window_cost(const BenchOptions& o);
+
+// {"test", "parameter", "values": [...], "strategies": [...], "memory",
+//  "clock", "window_cost", "points": [{"value", "strategy", "seconds_per_iteration",
 //  "seconds_per_round_trip", "iterations", "nested_round_trips",
 //  "remap_windows", "stale_accesses", "exit_cost_ns", "failures", "breakdown_per_round_trip",
-//  "requests_per_second"?, "round_trips_per_request"?}]}.
+//  "requests_per_second"?, "round_trips_per_request"?, "slots_used"?,
+//  "slots_capped"?}]} (the memslot tests' slots as applied: an area with
+//  fewer pages than the value runs with fewer slots).
 nlohmann::json sweep_json(std::string_view test, const SweepSpec& spec, const BenchOptions& base,
                           const std::vector<SweepPoint>& points);
 // The same points as CSV, one line per point after a header line:

@@ -53,6 +53,67 @@ TEST(TestOptions, ValidatorsOnDeclaredOptionsRefuseBadValues) {
   EXPECT_EQ(r.parse({"--page", "pi"})["page"], "pi");
 }
 
+TEST(TestOptions, AWholeNumberIsReadInDecimalDigits) {
+  ParsedOptions p;
+  EXPECT_EQ(p.parse({"--delay-ms", "010"})["delay-ms"], "10");  // not octal 8
+  ParsedOptions q;
+  EXPECT_THROW(q.parse({"--delay-ms", "0x10"}), CLI::ValidationError);
+}
+
+// in_range on a typed option: the value bound is the decimal one, and every
+// other spelling of a whole number is refused with the digits to write, as
+// --sweep refuses it ("016" was octal 14 and "0x10" 16 for bench --slots).
+uint32_t parse_uint(const std::string& text) {
+  CLI::App app;
+  uint32_t v = 0;
+  app.add_option("--n", v)->transform(in_range(2u, 100u));
+  app.parse(std::vector<std::string>{text, "--n"});
+  return v;
+}
+
+TEST(InRange, LeadingZerosAreDecimal) { EXPECT_EQ(parse_uint("016"), 16u); }
+
+TEST(InRange, OtherSpellingsOfAWholeNumberAreRefused) {
+  for (const char* text : {"0x10", "0X10", "+16", " 16", "1e1"}) {
+    try {
+      parse_uint(text);
+      ADD_FAILURE() << "accepted '" << text << "'";
+    } catch (const CLI::ValidationError& e) {
+      EXPECT_NE(std::string(e.what()).find("write a whole number in digits"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(InRange, OutOfRangeIsSaidInDecimal) {
+  EXPECT_THROW(parse_uint("0101"), CLI::ValidationError);  // 101, not octal 65
+  EXPECT_THROW(parse_uint("-3"), CLI::ValidationError);
+}
+
+// A fraction is decimal too: CLI11 took --seconds 0x10 as 16 s and
+// 0x1p-3 as 0.125 s while --slots 0x10 is refused.
+double parse_double(const std::string& text) {
+  CLI::App app;
+  double v = 0;
+  app.add_option("--x", v)->transform(in_range(0.001, 100.0));
+  app.parse(std::vector<std::string>{text, "--x"});
+  return v;
+}
+
+TEST(InRange, AFractionIsReadInDecimal) {
+  EXPECT_EQ(parse_double("1e-2"), 0.01);
+  EXPECT_EQ(parse_double("016"), 16.0);
+  for (const char* text : {"0x10", "0x1p-3", "+1", " 1"}) {
+    try {
+      parse_double(text);
+      ADD_FAILURE() << "accepted '" << text << "'";
+    } catch (const CLI::ValidationError& e) {
+      EXPECT_NE(std::string(e.what()).find("write the number in decimal"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(parse_double("nan"), CLI::ValidationError);
+  EXPECT_THROW(parse_double("inf"), CLI::ValidationError);
+}
+
 TEST(TestOptions, EveryRegisteredSelftestsOptionsBuildACommandLine) {
   workloads::register_all();
   for (const workloads::SelftestInfo& t : workloads::selftests()) {

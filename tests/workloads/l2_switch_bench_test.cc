@@ -114,5 +114,33 @@ TEST(L2SwitchBench, BreakdownPerRoundTripIsTheWarmTimePerRoundTrip) {
   EXPECT_NEAR(parts_ns, total_ns, 1e-6) << b.dump();
 }
 
+// The windows of --extra-caches open when the VMM activates them, before
+// the run: oracle's row has none, as in the memslot tests.
+TEST(L2SwitchBench, ExtraCachesWindowsAreNotTheRunsWindows) {
+  register_all();
+  BenchOptions o;
+  o.iterations = kRounds;
+  o.exit_cost_ns = 0;
+  o.extra_caches = 16;
+  auto row = find_bench("l2-switch-2")->run(o, StrategyKind::oracle);
+  ASSERT_TRUE(row) << row.error().to_string();
+  EXPECT_TRUE(row->failures.empty()) << row->to_json().dump();
+  EXPECT_EQ(row->counters[Counter::remap_windows], 0u);
+}
+
+// The cold view's time is the time its breakdown splits: the loop from its
+// start to the end of round 0 (it was round 0 alone, which left out the
+// clock read that opens the round: a guest operation's 2 ns).
+TEST(L2SwitchBench, ColdIterationTimeIsItsBreakdownsTotal) {
+  register_all();
+  BenchOptions o;
+  o.iterations = kRounds;
+  auto row = find_bench("l2-switch-2")->run(o, StrategyKind::cache);
+  ASSERT_TRUE(row) << row.error().to_string();
+  nlohmann::json b = row->breakdown();
+  ASSERT_FALSE(b["cold_iteration"].empty()) << b.dump();
+  EXPECT_NEAR(b["cold_iteration"]["total_ns"].get<double>(), row->cold_iteration_seconds * 1e9, 0.5) << b.dump();
+}
+
 }  // namespace
 }  // namespace nestcache::workloads

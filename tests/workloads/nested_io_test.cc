@@ -105,6 +105,17 @@ TEST(NestedIo, CacheMapsOnlyOnceWhileEveryL2HasAContext) {
       << "map maps the pages on every entry";
 }
 
+// --extra-caches are idle caches the VMM activated before the run: their
+// remap windows are the set-up's, not the strategy's (8 L2s with cache: one
+// window per page of each, as above), as the memslot tests count them.
+TEST(NestedIo, ExtraCachesWindowsAreNotTheRunsWindows) {
+  NestedIoConfig c = small(StrategyKind::cache, MemoryKind::unmanaged, 8, 1);
+  c.extra_caches = 16;
+  NestedIoRun r = run(c);
+  EXPECT_TRUE(r.failures.empty());
+  EXPECT_EQ(r.counters[Counter::remap_windows], 8u * 4);
+}
+
 TEST(NestedIoBench, RowsCarryThePerRequestFiguresAndTheComparison) {
   register_all();
   const BenchInfo* b = find_bench("nested-io");
@@ -180,6 +191,27 @@ TEST(NestedIoBench, CommentaryExplainsARateAboveTheOfferedOne) {
                          [](const std::string& l) { return l.starts_with("Served more than the 10000 requests/s offered"); });
   ASSERT_NE(it, lines.end());
   EXPECT_NE(it->find("(cache 15585/s)"), std::string::npos) << *it << ": only the row above the offered rate";
+}
+
+// At a low offered rate the served one is printed with the digits that make
+// it differ: "(oracle 1/s)" said it served more than 1/s.
+TEST(NestedIoBench, ALowRateAboveTheOfferedOneShowsItsDigits) {
+  register_all();
+  const BenchInfo* b = find_bench("nested-io");
+  ASSERT_NE(b, nullptr);
+  std::vector<BenchRow> rows(1);
+  rows[0].strategy = StrategyKind::oracle;
+  rows[0].extra = {{"offered_rate", 1}, {"requests_per_second", 1.0612}, {"requests", 100}};
+  std::vector<std::string> lines = b->commentary(rows);
+  bool said = false;
+  for (const std::string& l : lines) {
+    if (l.starts_with("oracle: ")) EXPECT_TRUE(l.starts_with("oracle: 1.06 requests/s,")) << l;
+    if (l.starts_with("Served more than the 1 requests/s offered")) {
+      said = true;
+      EXPECT_NE(l.find("(oracle 1.06/s)"), std::string::npos) << l;
+    }
+  }
+  EXPECT_TRUE(said);
 }
 
 TEST(NestedIoOptions, ValidateNamesTheBadOption) {
