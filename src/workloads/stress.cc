@@ -2,9 +2,12 @@
 // VMM page churn and nested-state migration, all at once (see stress.h).
 #include "workloads/stress.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <functional>
+#include <string>
 #include <thread>
 
 #include "guest/l1_pages.h"
@@ -135,7 +138,9 @@ Result<std::vector<Hva>> set_up_switching(NestedEnv& env) {
 
 // One epoch: a VM, its programs and its VMM thread, run to the end of the
 // pages workload and torn down. Failures go into `r` prefixed with the epoch.
-void run_epoch(const StressOptions& o, StrategyKind s, Totals& tot, SelftestResult& r) {
+// `show_progress` draws the progress line for round `rounds_done` of it.
+void run_epoch(const StressOptions& o, StrategyKind s, Totals& tot, SelftestResult& r,
+               const std::function<void(int epoch, int rounds_done)>& show_progress) {
   const int epoch = ++tot.epochs;
   NestedEnvConfig ec{s, o.memory};
   ec.vcpus = kL1Vcpus;
@@ -161,6 +166,12 @@ void run_epoch(const StressOptions& o, StrategyKind s, Totals& tot, SelftestResu
     PagesWorkloadConfig pc;
     pc.rounds = static_cast<int>(o.rounds);
     pc.churn = true;
+    // An epoch of many rounds lasts minutes: the line follows its rounds, a
+    // hundred steps an epoch at most.
+    const int step = std::max(1, pc.rounds / 100);
+    pc.on_round = [&, epoch, step](int done) {
+      if (done % step == 0 || done == pc.rounds) show_progress(epoch, done);
+    };
     // The VMM thread is joined whatever happens to the run.
     try {
       t = run_pages_workload(env, pc, e);
@@ -290,14 +301,22 @@ SelftestResult run_stress(const StressOptions& o, StrategyKind s) {
       // A started epoch always finishes; a failed one ends the run, and so
       // does a stop request. Past the time, the run goes on only until every
       // churn has run.
+      // The bar is the strategy's time; the label names the epoch and,
+      // once one has run, the round it is on.
+      auto show_progress = [&](int epoch, int rounds_done) {
+        if (!o.progress) return;
+        const std::chrono::duration<double> done = Clock::now() - start;
+        const std::string label =
+            rounds_done == 0 ? fmt::format("stress {}: epoch {}", strategy_name(s), epoch)
+                             : fmt::format("stress {}: epoch {}, round {} of {}", strategy_name(s), epoch,
+                                           rounds_done, o.rounds);
+        o.progress->update(static_cast<uint64_t>(std::min(done.count(), o.seconds) * 1000),
+                           static_cast<uint64_t>(o.seconds * 1000), label);
+      };
       int past_the_time = 0;
       do {
-        std::chrono::duration<double> done = Clock::now() - start;
-        if (o.progress)
-          o.progress->update(static_cast<uint64_t>(std::min(done.count(), o.seconds) * 1000),
-                             static_cast<uint64_t>(o.seconds * 1000),
-                             fmt::format("stress {}: epoch {}", strategy_name(s), tot.epochs + 1));
-        run_epoch(o, s, tot, r);
+        show_progress(tot.epochs + 1, 0);
+        run_epoch(o, s, tot, r, show_progress);
         const bool in_time = Clock::now() < deadline;
         tot.stopped_early = stop_requested(o) && (in_time || !tot.every_churn_ran());
         if (!in_time) past_the_time++;
