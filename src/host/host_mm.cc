@@ -309,13 +309,16 @@ void HostMm::remove_notifier(MmuNotifier* n) {
 
 void HostMm::notify_start(Hva start, Hva end) {
   counters_.add(Counter::notifier_invalidations);
-  ReaderLock l(notifiers_mu_);
+  // Held until notify_end: taken again for the end, it let a subscriber
+  // added in between get an end without its start (a Vm then ended another
+  // invalidation of its own still in progress, or aborted on a zero count).
+  notifiers_mu_.lock_shared();
   for (MmuNotifier* n : notifiers_) n->invalidate_range_start(start, end);
 }
 
 void HostMm::notify_end(Hva start, Hva end) {
-  ReaderLock l(notifiers_mu_);
   for (MmuNotifier* n : notifiers_) n->invalidate_range_end(start, end);
+  notifiers_mu_.unlock_shared();
 }
 
 }  // namespace nestcache::host

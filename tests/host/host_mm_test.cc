@@ -2,9 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 
 namespace nestcache::host {
 namespace {
@@ -123,6 +125,41 @@ TEST_F(HostMmTest, DiscardOfAPinnedPageStalesTheTagButKeepsTheFrameUntilUnpinned
   EXPECT_EQ(phys->free_frames(FrameKind::managed), free_before);
   pinned->pin.reset();
   EXPECT_EQ(phys->free_frames(FrameKind::managed), free_before + 1);
+}
+
+// A subscriber sees every invalidation whole or not at all: one that
+// subscribes while an invalidation is between its start and its end must not
+// get the end alone (a Vm would take it for the end of one of its own
+// invalidations still in progress, or abort on a count of zero). Linux makes
+// mmu_notifier_register wait out invalidations under the mmap lock; HostMm
+// used to take its notifier lock once for the start and again for the end.
+// (The subscription and the migrations race freely; with the lock taken twice
+// a subscription landed between the two within a few hundred migrations.)
+TEST_F(HostMmTest, ASubscriberAddedDuringAnInvalidationNeverGetsItsEndAlone) {
+  struct Balance : MmuNotifier {
+    void invalidate_range_start(Hva, Hva) override { open.fetch_add(1); }
+    void invalidate_range_end(Hva, Hva) override {
+      if (open.load() == 0)
+        unmatched_ends.fetch_add(1);
+      else
+        open.fetch_sub(1);
+    }
+    std::atomic<int> open{0}, unmatched_ends{0};
+  } late;
+  Hva base = *mm->create_region(kPageSize, FrameKind::managed);
+  ASSERT_TRUE(mm->fault_in(base, true));
+  std::atomic<bool> done{false};
+  std::thread subscriber([&] {
+    while (!done.load()) {
+      mm->add_notifier(&late);
+      mm->remove_notifier(&late);
+      late.open.store(0);  // unsubscribed: a start whose end it missed is forgotten
+    }
+  });
+  for (int i = 0; i < 3000 && late.unmatched_ends.load() == 0; i++) ASSERT_TRUE(mm->migrate(base));
+  done.store(true);
+  subscriber.join();
+  EXPECT_EQ(late.unmatched_ends.load(), 0);
 }
 
 TEST_F(HostMmTest, DestroyFreesEveryFrame) {
