@@ -105,6 +105,7 @@ class HostMm {
     Hva base = 0;
     size_t npages = 0;
     FrameKind kind = FrameKind::managed;
+    uint64_t serial = 0;  // unique per HostMm: tells a region from a later one at the same hva
     // Per page, read at random by faults and migrations (huge pages when
     // large: base/huge_pages.h).
     template <class T>
@@ -132,6 +133,7 @@ class HostMm {
   mutable CounterSet counters_;
   mutable SharedMutex mu_{LockRank::kHostMm};
   std::map<Hva, std::unique_ptr<Region>> regions_ NC_GUARDED_BY(mu_);  // and each Region's vectors
+  uint64_t next_serial_ NC_GUARDED_BY(mu_) = 0;
   mutable SharedMutex notifiers_mu_{LockRank::kMmNotifiers};
   std::vector<MmuNotifier*> notifiers_ NC_GUARDED_BY(notifiers_mu_);
 };

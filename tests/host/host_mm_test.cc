@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 #include <thread>
+#include <utility>
 
 namespace nestcache::host {
 namespace {
@@ -168,6 +169,35 @@ TEST_F(HostMmTest, DestroyFreesEveryFrame) {
   ASSERT_TRUE(mm->fault_in(base, true));
   ASSERT_TRUE(mm->migrate(base));
   ASSERT_TRUE(mm->destroy_region(base));
+  EXPECT_EQ(phys->free_frames(FrameKind::managed), managed);
+}
+
+// A region destroyed while a migration of one of its pages is between its
+// notifier calls: the migration finds the region again and fails, instead of
+// writing the freed region (AddressSanitizer: heap-use-after-free before),
+// and frees only its own new frame (destroy_region freed the old one).
+TEST_F(HostMmTest, ARegionDestroyedDuringAMigrationFailsItCleanly) {
+  size_t managed = phys->free_frames(FrameKind::managed);
+  Hva base = *mm->create_region(4 * kPageSize, FrameKind::managed);
+  ASSERT_TRUE(mm->fault_in(base, true));
+  struct DestroyOnStart : MmuNotifier {
+    void invalidate_range_start(Hva, Hva) override {
+      if (std::exchange(armed, false)) std::thread([this] { destroyed = static_cast<bool>(mm->destroy_region(base)); }).join();
+    }
+    void invalidate_range_end(Hva, Hva) override {}
+    HostMm* mm = nullptr;
+    Hva base = 0;
+    bool armed = true, destroyed = false;
+  } destroyer;
+  destroyer.mm = mm.get();
+  destroyer.base = base;
+  mm->add_notifier(&destroyer);
+  Status st = mm->migrate(base);
+  mm->remove_notifier(&destroyer);
+  ASSERT_TRUE(destroyer.destroyed);
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, EFAULT);
+  EXPECT_FALSE(mm->region_kind(base));
   EXPECT_EQ(phys->free_frames(FrameKind::managed), managed);
 }
 
