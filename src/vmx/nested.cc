@@ -29,8 +29,9 @@ void NestedVmx::release_nested() {
   // mapped in the table for whichever vCPU loads it next.
   clear_context(current_);
   // A context kept from an earlier vmcs12 (a load found every context
-  // attached) is this vCPU's too: detach it as well.
-  if (ctx_) clear_context(ctx_->key());
+  // attached) is this vCPU's too: detach it as well, unless another vCPU
+  // took it meanwhile.
+  if (ctx_ && !context_lost()) clear_context(ctx_->key());
   current_ = kInvalidGpa;
   guest_mode_ = false;
   pages_->release();
