@@ -80,6 +80,7 @@ Result<Hva> HostMm::create_region(size_t bytes, FrameKind kind) {
   }
   Hva base = r->base;
   WriterLock l(mu_);
+  r->serial = ++next_serial_;
   regions_.emplace(base, std::move(r));
   return base;
 }
@@ -177,6 +178,7 @@ Status HostMm::migrate(Hva hva) {
   Pfn old_pfn, new_pfn;
   Region* r;
   size_t idx;
+  uint64_t serial;
   {
     WriterLock l(mu_);
     r = find_locked(hva);
@@ -191,6 +193,7 @@ Status HostMm::migrate(Hva hva) {
     }
     new_pfn = NC_TRY(phys_.alloc(r->kind));
     r->busy[idx] = 1;
+    serial = r->serial;
   }
 
   // Subscribers drop the old pfn before we copy: after this no mapping of
@@ -199,8 +202,15 @@ Status HostMm::migrate(Hva hva) {
   Status st = ok();
   {
     WriterLock l(mu_);
-    r->busy[idx] = 0;
-    if (r->pfn[idx] != old_pfn) {
+    // Found again: with no lock held, destroy_region may have freed the
+    // region (and its frames, old_pfn among them), and another may have
+    // taken its place.
+    r = find_locked(hva);
+    const bool same_region = r && r->serial == serial;
+    if (same_region) r->busy[idx] = 0;
+    if (!same_region) {
+      st = errorf(EFAULT, "the region of hva {:#x} was destroyed during migration", hva);
+    } else if (r->pfn[idx] != old_pfn) {
       st = errorf(EAGAIN, "page at hva {:#x} was discarded during migration", hva);
     } else if (phys_.pin_count(old_pfn) > 0) {
       counters_.add(Counter::migrate_ebusy);
@@ -309,13 +319,16 @@ void HostMm::remove_notifier(MmuNotifier* n) {
 
 void HostMm::notify_start(Hva start, Hva end) {
   counters_.add(Counter::notifier_invalidations);
-  ReaderLock l(notifiers_mu_);
+  // Held until notify_end: taken again for the end, it let a subscriber
+  // added in between get an end without its start (a Vm then ended another
+  // invalidation of its own still in progress, or aborted on a zero count).
+  notifiers_mu_.lock_shared();
   for (MmuNotifier* n : notifiers_) n->invalidate_range_start(start, end);
 }
 
 void HostMm::notify_end(Hva start, Hva end) {
-  ReaderLock l(notifiers_mu_);
   for (MmuNotifier* n : notifiers_) n->invalidate_range_end(start, end);
+  notifiers_mu_.unlock_shared();
 }
 
 }  // namespace nestcache::host

@@ -93,6 +93,7 @@ class HostMm {
   Status copy_to(Hva hva, const void* src, size_t len) NC_EXCLUDES(mu_);
   Status copy_from(Hva hva, void* dst, size_t len) NC_EXCLUDES(mu_);
 
+  // Both wait for every invalidation in flight to end (see notify_start).
   void add_notifier(MmuNotifier* n) NC_EXCLUDES(notifiers_mu_);
   void remove_notifier(MmuNotifier* n) NC_EXCLUDES(notifiers_mu_);
 
@@ -104,6 +105,7 @@ class HostMm {
     Hva base = 0;
     size_t npages = 0;
     FrameKind kind = FrameKind::managed;
+    uint64_t serial = 0;  // unique per HostMm: tells a region from a later one at the same hva
     // Per page, read at random by faults and migrations (huge pages when
     // large: base/huge_pages.h).
     template <class T>
@@ -116,8 +118,14 @@ class HostMm {
   Region* find_locked(Hva hva) const NC_REQUIRES_SHARED(mu_);
   Result<FrameTag> populate_locked(Region& r, size_t idx) NC_REQUIRES(mu_);
   Status map_pages(Hva addr, PfnRun run);
-  void notify_start(Hva start, Hva end) NC_EXCLUDES(notifiers_mu_);
-  void notify_end(Hva start, Hva end) NC_EXCLUDES(notifiers_mu_);
+  // One invalidation's two halves. notify_start takes notifiers_mu_ shared
+  // and notify_end releases it, so the subscribers that get the end are
+  // exactly those that got the start: add_notifier and remove_notifier wait
+  // for invalidations in flight (Linux registers a notifier under the mmap
+  // write lock, which excludes them). Call both on one thread, with nothing
+  // between them that subscribes or unsubscribes.
+  void notify_start(Hva start, Hva end) NC_ACQUIRE_SHARED(notifiers_mu_);
+  void notify_end(Hva start, Hva end) NC_RELEASE_SHARED(notifiers_mu_);
   template <class Fn>
   Status copy_pages(Hva hva, size_t len, Fn&& fn) NC_EXCLUDES(mu_);
 
@@ -125,6 +133,7 @@ class HostMm {
   mutable CounterSet counters_;
   mutable SharedMutex mu_{LockRank::kHostMm};
   std::map<Hva, std::unique_ptr<Region>> regions_ NC_GUARDED_BY(mu_);  // and each Region's vectors
+  uint64_t next_serial_ NC_GUARDED_BY(mu_) = 0;
   mutable SharedMutex notifiers_mu_{LockRank::kMmNotifiers};
   std::vector<MmuNotifier*> notifiers_ NC_GUARDED_BY(notifiers_mu_);
 };

@@ -92,10 +92,17 @@ void PfnCache::release_window(host::RemapWindow w) const {
 PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
   WriterLock w(rw_);
   if (!active_.load() || hva_ < start || hva_ >= end) return {};
-  Hit hit{true, !(seq_.load() & kInvalidBit), vcpu_.load()};
+  const bool flipped = !(seq_.load() & kInvalidBit);
   invalidations_.fetch_add(1);
   set_invalid_locked();
-  return hit;
+  if (test_hooks_ && test_hooks_->invalidate) test_hooks_->invalidate();
+  // The bound vCPU only now, after the invalid bit: a vCPU that takes the
+  // cache over (set_vcpu, then read, both seq_cst: CachePageSet::lock) either
+  // reads it invalid or is the vCPU named here, and waited for. Named first,
+  // a rebind and a read of the old pfn could both land before the bit, and
+  // the notifier would wait for the previous vCPU while the new one entered
+  // the guest with the pfn. (Neither lock orders set_vcpu: it takes none.)
+  return {true, flipped, vcpu_.load(std::memory_order_seq_cst)};
 }
 
 // --- PfnCache: activate, refresh, deactivate -------------------------------------------------
@@ -267,7 +274,7 @@ Status PfnCache::map_and_install(Hva hva, uint64_t generation) {
     }
     Result<Mapping> m = map_frame(hva);
     if (!m) return tl::unexpected(m.error());
-    if (refresh_hook_) (*refresh_hook_)();
+    if (test_hooks_ && test_hooks_->refresh) test_hooks_->refresh();
     host::RemapWindow old_window;
     bool installed = false;
     {

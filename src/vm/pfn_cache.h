@@ -240,14 +240,23 @@ class PfnCache {
   CacheReadSide read_side() const { return read_side_; }
 
   // The vCPU whose hardware uses the pfn; rebinding is seed patch 9 (v4).
+  // set_vcpu is a seq_cst store, and read()'s first load of seq_ is seq_cst:
+  // with the notifier's seq_cst store of the invalid bit before its seq_cst
+  // load of vcpu_ (notifier_invalidate), a rebind followed by a read either
+  // sees the cache invalid or is seen by the invalidation, which then kicks
+  // and waits for the new vCPU.
   Vcpu* vcpu() const { return vcpu_.load(); }
-  void set_vcpu(Vcpu* v) { vcpu_.store(v); }
+  void set_vcpu(Vcpu* v) { vcpu_.store(v, std::memory_order_seq_cst); }
 
-  // Test hook: runs inside refresh after the new frame is mapped and before
+  // Test hooks, set before any other thread uses the cache (nullptr clears).
+  // Refresh: runs inside refresh after the new frame is mapped and before
   // the cache lock is retaken, to land an invalidation deterministically.
-  void set_refresh_hook(std::function<void()> hook) {
-    refresh_hook_ = hook ? std::make_unique<std::function<void()>>(std::move(hook)) : nullptr;
-  }
+  void set_refresh_hook(std::function<void()> hook) { test_hooks().refresh = std::move(hook); }
+  // Invalidate: runs on the notifier's thread inside an invalidation that
+  // finds the cache active in its range, with rw_ held exclusive, between
+  // marking the cache invalid and naming its bound vCPU; to land a rebind
+  // (set_vcpu) and a read there.
+  void set_invalidate_hook(std::function<void()> hook) { test_hooks().invalidate = std::move(hook); }
 
   Vm& vm() const { return vm_; }
 
@@ -383,9 +392,17 @@ class PfnCache {
   Vm& vm_;
   const host::HardwareView* hw_;
   Hva indexed_hva_ NC_GUARDED_BY(refresh_mu_) = 0;  // key in the registry
-  // Test hook (set_refresh_hook); null when unset, which is all a refresh
-  // loads of it.
-  std::unique_ptr<std::function<void()>> refresh_hook_;
+  // Test hooks (set_refresh_hook, set_invalidate_hook); null until one is
+  // set, which is all a refresh or an invalidation loads of them.
+  struct TestHooks {
+    std::function<void()> refresh;
+    std::function<void()> invalidate;
+  };
+  TestHooks& test_hooks() {
+    if (!test_hooks_) test_hooks_ = std::make_unique<TestHooks>();
+    return *test_hooks_;
+  }
+  std::unique_ptr<TestHooks> test_hooks_;
   // What only activate / refresh / deactivate take.
   mutable Mutex refresh_mu_{LockRank::kCacheRefresh};
   host::RemapWindow window_ NC_GUARDED_BY(rw_);
@@ -420,8 +437,9 @@ inline host::FrameTag CachePtr::tag() const {
   // The seqcount read: a valid version, the fields, the same version again.
   // An invalidation that flips seq_ after our first load waits for our slot.
   // Acquire loads throughout (plain loads on x86): none of the field loads
-  // may move after the second load of seq_.
-  const uint64_t seq = seq_.load(std::memory_order_acquire);
+  // may move after the second load of seq_. The first is seq_cst (also a
+  // plain load on x86), for a read right after set_vcpu (see there).
+  const uint64_t seq = seq_.load(std::memory_order_seq_cst);
   const Snapshot s{gpa_.load(std::memory_order_acquire), generation_.load(std::memory_order_acquire),
                    khva_.load(std::memory_order_acquire), version_cell_.load(std::memory_order_acquire),
                    tag_version_.load(std::memory_order_acquire)};

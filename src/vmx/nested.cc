@@ -29,8 +29,9 @@ void NestedVmx::release_nested() {
   // mapped in the table for whichever vCPU loads it next.
   clear_context(current_);
   // A context kept from an earlier vmcs12 (a load found every context
-  // attached) is this vCPU's too: detach it as well.
-  if (ctx_) clear_context(ctx_->key());
+  // attached) is this vCPU's too: detach it as well, unless another vCPU
+  // took it meanwhile.
+  if (ctx_ && !context_lost()) clear_context(ctx_->key());
   current_ = kInvalidGpa;
   guest_mode_ = false;
   pages_->release();
@@ -43,15 +44,27 @@ void NestedVmx::load_context(Gpa vmptr) {
   // Found, new or recycled: the context's caches serve this vmcs12 from now
   // on. nullptr (every context attached): keep the current set, which the
   // next entry re-activates at this vmcs12's addresses.
-  if (VmxNestedContext* ctx = contexts_->load(vcpu_, vmptr)) {
+  int taken_from = NestedContext::kDetached;
+  if (VmxNestedContext* ctx = contexts_->load(vcpu_, vmptr, &taken_from)) {
     ctx_ = ctx;
     pages_->use_bundle(&ctx->bundle);
   }
+  if (taken_from != NestedContext::kDetached) stop_context_user(taken_from);
 }
+
+void NestedVmx::stop_context_user(int id) {
+  for (vm::Vcpu* v : vm_.vcpus()) {
+    if (v->id() != id || v == &vcpu_) continue;
+    vm::Vcpu::make_request_and_wait(std::span<vm::Vcpu* const>(&v, 1), vm::Request::kRefreshGuestPages);
+  }
+}
+
+bool NestedVmx::context_lost() const { return ctx_ && ctx_->vcpu_id() != vcpu_.id(); }
 
 void NestedVmx::clear_context(Gpa vmptr) {
   if (!contexts_ || vmptr == kInvalidGpa) return;
-  contexts_->clear(vcpu_, vmptr);
+  const int holder = contexts_->clear(vcpu_, vmptr);
+  if (holder != NestedContext::kDetached && holder != vcpu_.id()) stop_context_user(holder);
   // A detached context belongs to the table (another vCPU may recycle it at
   // any moment), so stop using its caches. The seed keeps the stale pointers
   // until the next load; going back to the vCPU's own set costs nothing

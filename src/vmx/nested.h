@@ -223,6 +223,15 @@ class NestedVmx {
   // VMCLEAR / VMXOFF / teardown clear.
   void load_context(Gpa vmptr);
   void clear_context(Gpa vmptr);
+  // A context this vCPU held was taken from it (a handover) or detached by
+  // another vCPU's VMCLEAR, both L1's doing: another vCPU may now rebind its
+  // caches, and invalidations then wait for that vCPU only. So the vCPU that
+  // did it makes vCPU `id` leave guest mode (kRefreshGuestPages) and waits,
+  // before it can use the caches; the vCPU that lost it no longer enters
+  // with their pfns (context_lost(): the last check cancels, and the next
+  // vmcs02 build goes back to the vCPU's own caches).
+  void stop_context_user(int id);
+  bool context_lost() const;
   // Nested state (nested_state.cc). Whether this vCPU can restore a blob
   // with the eVMCS flag: EINVAL unless enable_evmcs() was called.
   Status check_evmcs_nested_state(const NestedStateImage& s) const;

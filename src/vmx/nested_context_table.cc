@@ -16,16 +16,17 @@ NestedContextTable::NestedContextTable(NestedContextOps& ops, CounterSet& counte
 
 NestedContextTable::~NestedContextTable() { destroy(); }
 
-NestedContext* NestedContextTable::load(int vcpu_id, Gpa key) {
+NestedContext* NestedContextTable::load(int vcpu_id, Gpa key, int* taken_from) {
   NC_CHECK(vcpu_id >= 0);
   NC_CHECK(key != kInvalidGpa);
   std::unique_ptr<NestedContext> spare;
   NestedContext* ctx = nullptr;
   Outcome outcome = Outcome::kNone;
+  int from = NestedContext::kDetached;
   for (;;) {
     {
       MutexLock lock(mu_);
-      outcome = load_locked(vcpu_id, key, spare, &ctx);
+      outcome = load_locked(vcpu_id, key, spare, &ctx, &from);
     }
     if (outcome != Outcome::kNeedAlloc) break;
     // Allocation runs vendor code that may block, so the lock is dropped; the
@@ -39,20 +40,24 @@ NestedContext* NestedContextTable::load(int vcpu_id, Gpa key) {
   // The recycled context is already attached to us, so no other vCPU can take
   // it before the reset; resetting outside the lock keeps other loads moving.
   if (outcome == Outcome::kRecycled) ops_.reset(*ctx);
+  if (taken_from) *taken_from = from;
   return ctx;
 }
 
 NestedContextTable::Outcome NestedContextTable::load_locked(int vcpu_id, Gpa key,
                                                             std::unique_ptr<NestedContext>& spare,
-                                                            NestedContext** out) {
+                                                            NestedContext** out, int* taken_from) {
   mu_.assert_held();
   if (auto it = by_key_.find(key); it != by_key_.end()) {
     NestedContext* ctx = it->second.get();
     // One vmcs12 current on two vCPUs is L1's doing (the SDM leaves it
     // undefined), so it must not stop L0: the context is handed over, as
-    // the seed does after its WARN, and counted. The vCPU it leaves keeps
-    // running on the handed-over caches until its next VMPTRLD.
-    if (ctx->attached() && ctx->vcpu_id() != vcpu_id) counters_.add(Counter::nested_context_handovers);
+    // the seed does after its WARN, and counted. The vCPU it leaves may
+    // still be using its contents: the caller learns which (taken_from).
+    if (ctx->attached() && ctx->vcpu_id() != vcpu_id) {
+      counters_.add(Counter::nested_context_handovers);
+      *taken_from = ctx->vcpu_id();
+    }
     if (!ctx->attached()) lru_remove_locked(ctx);
     attach_locked(ctx, vcpu_id);
     counters_.add(Counter::nested_context_reuse);
@@ -85,16 +90,18 @@ NestedContextTable::Outcome NestedContextTable::load_locked(int vcpu_id, Gpa key
   return Outcome::kRecycled;
 }
 
-void NestedContextTable::clear(int /*vcpu_id: not checked, as in the seed*/, Gpa key) {
+int NestedContextTable::clear(int /*vcpu_id: not checked, as in the seed*/, Gpa key) {
   MutexLock lock(mu_);
   auto it = by_key_.find(key);
-  if (it == by_key_.end()) return;
+  if (it == by_key_.end()) return NestedContext::kDetached;
   NestedContext* ctx = it->second.get();
   // A detached context keeps its LRU place: a second VMCLEAR must not make it
   // look recently used, nor link it twice.
-  if (!ctx->attached()) return;
+  if (!ctx->attached()) return NestedContext::kDetached;
+  const int holder = ctx->vcpu_id();
   ctx->vcpu_id_.store(NestedContext::kDetached, std::memory_order_relaxed);
   lru_append_locked(ctx);
+  return holder;
 }
 
 void NestedContextTable::destroy() {

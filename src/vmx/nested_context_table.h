@@ -127,15 +127,19 @@ class NestedContextTable {
   // Returns nullptr when every context is attached or ops.alloc() failed; the
   // caller then keeps the caches it has. Counters are unchanged in that case.
   // The pointer stays valid until destroy(); see the file comment for when its
-  // contents may be used.
-  NestedContext* load(int vcpu_id, Gpa key) NC_EXCLUDES(mu_);
+  // contents may be used. With `taken_from`, a handover stores there the vCPU
+  // the context was taken from (kDetached otherwise): that vCPU may still be
+  // using the contents, and its user must stop it before using them.
+  NestedContext* load(int vcpu_id, Gpa key, int* taken_from = nullptr) NC_EXCLUDES(mu_);
 
   // VMCLEAR of `key` (and VMXOFF / vCPU teardown for the current key): if a
   // context has `key` and is attached, detaches it and appends it to the LRU
   // tail; it stays findable by `key`. Otherwise does nothing (an unknown key,
   // kInvalidGpa, or an already detached context, which keeps its LRU place).
-  // Like the seed, does not check that `vcpu_id` is the holder.
-  void clear(int vcpu_id, Gpa key) NC_EXCLUDES(mu_);
+  // Like the seed, does not check that `vcpu_id` is the holder. Returns the
+  // vCPU the context was detached from, kDetached if nothing was detached (a
+  // holder other than `vcpu_id` may still be using the contents: see load).
+  int clear(int vcpu_id, Gpa key) NC_EXCLUDES(mu_);
 
   // VM teardown: frees every context, attached or not (their destructors run
   // without the lock). Requires that no vCPU uses the table or any context any
@@ -171,7 +175,7 @@ class NestedContextTable {
   // One pass of load() under the lock. Consumes `spare` (a context allocated
   // outside the lock) when it inserts a new context.
   Outcome load_locked(int vcpu_id, Gpa key, std::unique_ptr<NestedContext>& spare,
-                      NestedContext** out) NC_REQUIRES(mu_);
+                      NestedContext** out, int* taken_from) NC_REQUIRES(mu_);
   size_t capacity_locked() const NC_REQUIRES(mu_);
   void attach_locked(NestedContext* ctx, int vcpu_id) NC_REQUIRES(mu_);
   void lru_append_locked(NestedContext* ctx) NC_REQUIRES(mu_);

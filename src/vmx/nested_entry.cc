@@ -125,6 +125,12 @@ VmxStatus NestedVmx::check_vtpr() {
 }
 
 Status NestedVmx::get_vmcs12_pages() {
+  // A context another vCPU took (or detached) is no longer this vCPU's: its
+  // caches may be bound to that vCPU now. Back to the vCPU's own set.
+  if (context_lost()) {
+    ctx_ = nullptr;
+    pages_->use_bundle(nullptr);
+  }
   // Build into a copy and install it only whole: a failure half-way must not
   // leave vmcs02 with the controls of one build and the pfns of another.
   const Vmcs12& v = vmcs12_;
@@ -199,7 +205,7 @@ Status NestedVmx::merge_msr_bitmap(Vmcs02& o) {
   return ok();
 }
 
-bool NestedVmx::last_check_fails() const { return guest_mode_ && pages_->any_invalid(); }
+bool NestedVmx::last_check_fails() const { return guest_mode_ && (context_lost() || pages_->any_invalid()); }
 
 bool NestedVmx::check_before_hardware_entry() {
   if (!guest_mode_) return true;

@@ -27,13 +27,13 @@ VmxNestedContexts::VmxNestedContexts(vm::Vm& vm, const host::HardwareView* hw)
 
 VmxNestedContexts::~VmxNestedContexts() { table_.destroy(); }
 
-VmxNestedContext* VmxNestedContexts::load(vm::Vcpu& vcpu, Gpa vmptr) {
+VmxNestedContext* VmxNestedContexts::load(vm::Vcpu& vcpu, Gpa vmptr, int* taken_from) {
   // Every context this table holds was made by alloc() below.
-  return static_cast<VmxNestedContext*>(table_.load(vcpu.id(), vmptr));
+  return static_cast<VmxNestedContext*>(table_.load(vcpu.id(), vmptr, taken_from));
 }
 
-void VmxNestedContexts::clear(vm::Vcpu& vcpu, Gpa vmptr) {
-  if (vmptr != kInvalidGpa) table_.clear(vcpu.id(), vmptr);
+int VmxNestedContexts::clear(vm::Vcpu& vcpu, Gpa vmptr) {
+  return vmptr != kInvalidGpa ? table_.clear(vcpu.id(), vmptr) : NestedContext::kDetached;
 }
 
 std::unique_ptr<NestedContext> VmxNestedContexts::alloc(int vcpu_id) {

@@ -56,10 +56,12 @@ class VmxNestedContexts final : public NestedContextOps {
   // VMPTRLD of `vmptr` on `vcpu`: the context now attached to it for that
   // address, or nullptr when every context is attached (the vCPU then keeps
   // the cache set it has; the caches refresh because the gpa differs).
-  VmxNestedContext* load(vm::Vcpu& vcpu, Gpa vmptr);
+  // `taken_from`: as NestedContextTable::load.
+  VmxNestedContext* load(vm::Vcpu& vcpu, Gpa vmptr, int* taken_from = nullptr);
   // VMCLEAR of `vmptr` (and VMXOFF / vCPU teardown of the current one):
-  // detach its context; it stays findable for a later load.
-  void clear(vm::Vcpu& vcpu, Gpa vmptr);
+  // detach its context; it stays findable for a later load. Returns the vCPU
+  // it was detached from (NestedContext::kDetached: none).
+  int clear(vm::Vcpu& vcpu, Gpa vmptr);
   // VM teardown: frees every context, deactivating its caches. Requires that
   // no vCPU runs any more.
   void destroy() { table_.destroy(); }

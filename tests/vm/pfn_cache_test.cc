@@ -221,6 +221,33 @@ TEST_P(PfnCacheTest, RebindingMovesTheKickToTheNewVcpu) {
   EXPECT_FALSE(a.test_request(Request::kOutsideGuestMode));
 }
 
+// A vCPU that takes a cache over (CachePageSet::lock: set_vcpu, then read)
+// while an invalidation is inside the cache must either see it invalid or be
+// the vCPU the notifier kicks and waits for. The notifier named the bound vCPU
+// before it marked the cache invalid, so B could rebind and read the old pfn in
+// between, pass its last check and enter the guest with it, while the notifier
+// waited for A only and the host freed the frame under B.
+TEST_P(PfnCacheTest, ARebindDuringAnInvalidationSeesTheCacheInvalidOrIsWaitedFor) {
+  if (side() != CacheReadSide::lockfree) GTEST_SKIP() << "under the rwlock the read waits for the notifier's write lock";
+  HarnessVcpu a(0), b(1);
+  PfnCache c(*env.vm, &a);
+  ASSERT_TRUE(c.activate(c_gpa, 8));
+  bool b_read_valid = false;
+  c.set_invalidate_hook([&] {
+    // On another thread, as B's vCPU thread would; the notifier waits here
+    // until B has rebound the cache and read it.
+    std::thread([&] {
+      c.set_vcpu(&b);
+      b_read_valid = c.check(8);
+    }).join();
+  });
+  ASSERT_TRUE(env.mm->migrate(env.hva_of(c_gpa)));
+  c.set_invalidate_hook(nullptr);
+  EXPECT_TRUE(!b_read_valid || b.test_request(Request::kOutsideGuestMode))
+      << "B read the old pfn, and the notifier neither kicked B nor waited for it";
+  EXPECT_EQ(c.vcpu(), &b);
+}
+
 TEST_P(PfnCacheTest, InvalidationFindsOnlyTheAffectedCachesAmongMany) {
   std::vector<std::unique_ptr<PfnCache>> caches;
   for (int i = 0; i < 40; i++) {

@@ -263,7 +263,8 @@ TEST_F(NestedContextTableTest, ClearOfDetachedContextNeitherRelinksNorRefreshesI
 TEST_F(NestedContextTableTest, ClearDoesNotCheckWhichVcpuHoldsTheContext) {
   online = 4;
   NestedContext* ctx = table.load(0, key(0));
-  table.clear(3, key(0));
+  EXPECT_EQ(table.clear(3, key(0)), 0) << "clear names the vCPU it detached the context from";
+  EXPECT_EQ(table.clear(3, key(0)), NestedContext::kDetached) << "nothing detached";
   EXPECT_FALSE(ctx->attached());
   EXPECT_EQ(table.detached_count(), 1u);
 }
@@ -278,9 +279,13 @@ TEST_F(NestedContextTableTest, LoadOfContextAttachedToAnotherVcpuHandsItOverAndC
   NestedContext* ctx = table.load(0, key(0));
   EXPECT_EQ(table.load(0, key(0)), ctx);
   EXPECT_EQ(counters.get(Counter::nested_context_handovers), 0u);
-  EXPECT_EQ(table.load(1, key(0)), ctx);
+  int taken_from = 7;
+  EXPECT_EQ(table.load(1, key(0), &taken_from), ctx);
+  EXPECT_EQ(taken_from, 0) << "the caller learns whose context it took";
   EXPECT_EQ(ctx->vcpu_id(), 1);
-  EXPECT_EQ(reuse(), 2u);
+  EXPECT_EQ(table.load(1, key(0), &taken_from), ctx);
+  EXPECT_EQ(taken_from, NestedContext::kDetached) << "no handover";
+  EXPECT_EQ(reuse(), 3u);
   EXPECT_EQ(counters.get(Counter::nested_context_handovers), 1u);
   table.check_invariants();
 }
