@@ -74,7 +74,7 @@ ours_job() {  # <n> <config> <safety|progress> [cc flags]
   fi
   t1=$(now)
   if [ "$(errors)" = 0 ] && complete; then
-    printf "  %-24s %-8s verified: %9s states, %10s transitions, %6ss search, %5ss with compilation\n" \
+    printf "  %-30s %-8s verified: %9s states, %10s transitions, %6ss search, %5ss with compilation\n" \
       "$cfg" "$prop" "$(field 'states, stored')" "$(field 'transitions')" "$(field 'elapsed time')" "$(secs "$t0" "$t1")" \
       >"$work/$n.out"
     echo ok >"$work/$n.st"
@@ -117,8 +117,9 @@ variant_job() {  # <n> <name> <property> <config> <what>
 
 # Configurations: vCPUs, host changes (migrate or discard of hva A, or of B
 # once memslot changes exist; each in its own thread), memslot changes
-# (move, delete, re-create).
-configs=("NVCPU=1 NINV=1 NSLOT=2" "NVCPU=1 NINV=2 NSLOT=0" "NVCPU=2 NINV=1 NSLOT=0")
+# (move, delete, re-create); REBIND: vCPU 0 may give its L2 up and vCPU 1 then
+# take its cache over.
+configs=("NVCPU=1 NINV=1 NSLOT=2" "NVCPU=1 NINV=2 NSLOT=0" "NVCPU=2 NINV=1 NSLOT=0" "NVCPU=2 NINV=1 NSLOT=1 REBIND")
 full_configs=("NVCPU=1 NINV=1 NSLOT=3" "NVCPU=1 NINV=2 NSLOT=1" "NVCPU=2 NINV=1 NSLOT=1")
 
 # Variants: name | property it must break | configuration | what it drops.
@@ -132,6 +133,7 @@ variants=(
   "SW_DEACTIVATE|safety|NVCPU=1 NINV=1 NSLOT=2|a failed software refresh deactivates the cache"
   "NO_DEACTIVATE|progress|NVCPU=1 NINV=1 NSLOT=2|a vCPU-bound cache whose activation fails stays active (no patch-4 deactivation)"
   "STALE_SNAPSHOT|progress|NVCPU=1 NINV=1 NSLOT=2|refresh snapshots mmu_invalidate_seq once instead of on every try"
+  "NAME_FIRST|safety|NVCPU=2 NINV=1 NSLOT=0 REBIND|the notifier names a cache's bound vCPU before marking the cache invalid (nestcache before 3bddd42)"
 )
 
 n=0
@@ -169,7 +171,7 @@ if [ -z "$only" ]; then
   echo "safety: every access L2 makes through vmcs02's pfn, and every access L0 software makes"
   echo "  through the cache, hits a frame that is not free and still backs its hva; at every entry"
   echo "  into L2, vmcs02's frame is the one its valid cache holds, filed at that frame's hva"
-  echo "progress (weak fairness): vCPU 0 runs L2 again and again (no entry is cancelled forever,"
+  echo "progress (weak fairness): vCPU 0 (with REBIND: vCPU 0 or 1) runs L2 again and again (no entry is cancelled forever,"
   echo "  every refresh ends once invalidations stop) and every host change returns"
 fi
 status=0

@@ -25,12 +25,18 @@
  *   NO_DEACTIVATE   a vCPU-bound cache whose activation fails stays active
  *                   (no patch-4 deactivation)
  *   STALE_SNAPSHOT  refresh snapshots mmu_invalidate_seq once, not per try
+ *   NAME_FIRST      the notifier names a cache's bound vCPU before marking the
+ *                   cache invalid, not after (nestcache before 3bddd42)
  *
  * ENTRY_INVARIANT adds the invariant behind the safety property as an
  * assertion at every entry into L2 (check.sh checks it for ours).
  * HOST_AFTER_SLOT_CHANGE restricts the runs, not the protocol: host changes
  * start only once the first memslot change is committed (check.sh uses it to
  * print the seed's counterexample through a memslot move).
+ * REBIND (with NVCPU 2) adds a context handover: vCPU 0 runs L2 on cache 0,
+ * may give it up (L1's VMCLEAR; vCPU 0 runs only L1 from then on), and vCPU 1
+ * then takes cache 0 over (VMPTRLD: CachePageSet::lock binds the cache to
+ * vCPU 1, then reads it) and runs L2 on it. Cache 1 is not used.
  *
  * Bounds: NVCPU vCPUs (1 or 2; with 2 their caches map the same page),
  * NINV host changes (each a migrate or a discard of hva A, or of hva B when
@@ -41,6 +47,9 @@
 
 #ifndef NVCPU
 #define NVCPU 1
+#endif
+#if defined(REBIND) && NVCPU != 2
+#error REBIND needs NVCPU=2
 #endif
 #ifndef NINV
 #define NINV 1
@@ -88,7 +97,10 @@ bool req_refresh[NVCPU];  /* kRefreshGuestPages */
  * until that guest-mode episode ends (exit_guest_mode clears it). */
 bool armed[NINV * NVCPU];
 
-/* ---- each vCPU's bound cache of the page (PfnCache) ---- */
+/* ---- the caches of the page (PfnCache), one per vCPU ---- */
+byte cur[NVCPU];        /* the cache a vCPU builds vmcs02 from (cache v, until a rebind) */
+byte owner[NVCPU];      /* the cache's bound vCPU (vcpu_): whom an invalidation waits for */
+bool released;          /* REBIND: vCPU 0 gave cache 0 up */
 bool c_active[NVCPU];
 bool c_valid[NVCPU];
 byte c_hva[NVCPU];      /* hva_ */
@@ -126,16 +138,16 @@ inline l2_access(v) {
 }
 
 /* L0 software uses the cache's frame (under the cache's read lock). */
-inline sw_use(v) {
+inline sw_use(v, c) {
   if
-  :: freed[c_frame[v]] ->
-     printf("@@ VIOLATION sw_freed %d %d\n", v, c_frame[v]);
-     assert(!freed[c_frame[v]])
-  :: !freed[c_frame[v]] && backing[c_hva[v]] != c_frame[v] ->
-     printf("@@ VIOLATION sw_stale %d %d %d\n", v, c_frame[v], c_hva[v]);
-     assert(backing[c_hva[v]] == c_frame[v])
-  :: !freed[c_frame[v]] && backing[c_hva[v]] == c_frame[v] ->
-     printf("@@ sw_access %d %d\n", v, c_frame[v])
+  :: freed[c_frame[c]] ->
+     printf("@@ VIOLATION sw_freed %d %d\n", v, c_frame[c]);
+     assert(!freed[c_frame[c]])
+  :: !freed[c_frame[c]] && backing[c_hva[c]] != c_frame[c] ->
+     printf("@@ VIOLATION sw_stale %d %d %d\n", v, c_frame[c], c_hva[c]);
+     assert(backing[c_hva[c]] == c_frame[c])
+  :: !freed[c_frame[c]] && backing[c_hva[c]] == c_frame[c] ->
+     printf("@@ sw_access %d %d\n", v, c_frame[c])
   fi
 }
 
@@ -157,36 +169,36 @@ inline exit_guest(v) {
 }
 
 /* PfnCache::deactivate (and its unindex). Used inside atomic blocks. */
-inline deactivate(v) {
-  c_active[v] = false; c_valid[v] = false; c_hva[v] = NONE; c_idx[v] = NONE;
-  c_frame[v] = NONE; c_gen[v] = 0;
+inline deactivate(v, c) {
+  c_active[c] = false; c_valid[c] = false; c_hva[c] = NONE; c_idx[c] = NONE;
+  c_frame[c] = NONE; c_gen[c] = 0;
   printf("@@ deactivate %d\n", v)
 }
 
 /* PfnCache::refresh_locked: resolve the gpa, file the cache at its hva,
  * then map the frame and install it unless an invalidation raced the
  * resolve. Sets rc to OK or EFAULT. */
-inline refresh(v) {
+inline refresh(v, c) {
   atomic {
     r_hva = slot_hva; r_gen = gen;
     printf("@@ resolve %d %d %d\n", v, r_hva, r_gen);
     if
     :: r_hva == NONE ->
-       c_valid[v] = false; c_frame[v] = NONE; rc = EFAULT; printf("@@ efault %d\n", v)
-    :: r_hva != NONE && r_hva == c_idx[v] && c_valid[v] ->
-       c_gen[v] = r_gen; rc = OK; printf("@@ same_hva %d %d\n", v, r_gen)
-    :: r_hva != NONE && !(r_hva == c_idx[v] && c_valid[v]) -> rc = AGAIN
+       c_valid[c] = false; c_frame[c] = NONE; rc = EFAULT; printf("@@ efault %d\n", v)
+    :: r_hva != NONE && r_hva == c_idx[c] && c_valid[c] ->
+       c_gen[c] = r_gen; rc = OK; printf("@@ same_hva %d %d\n", v, r_gen)
+    :: r_hva != NONE && !(r_hva == c_idx[c] && c_valid[c]) -> rc = AGAIN
     fi
   }
   if
   :: rc == AGAIN ->
      if
-     :: r_hva != c_idx[v] ->
+     :: r_hva != c_idx[c] ->
         /* Invalid first, while still filed (and matched) at the old hva;
          * then filed at the new hva before the sequence snapshot below. */
-        atomic { c_valid[v] = false }
-        atomic { c_idx[v] = r_hva; printf("@@ index %d %d\n", v, r_hva) }
-        atomic { c_hva[v] = r_hva }
+        atomic { c_valid[c] = false }
+        atomic { c_idx[c] = r_hva; printf("@@ index %d %d\n", v, r_hva) }
+        atomic { c_hva[c] = r_hva }
      :: else
      fi;
 #ifdef STALE_SNAPSHOT
@@ -212,7 +224,7 @@ inline refresh(v) {
 #else
           :: !((in_progress > 0 && (range & BIT(r_hva))) || mmu_seq != r_seq) ->
 #endif
-             c_frame[v] = r_frame; c_gen[v] = r_gen; c_valid[v] = true; rc = OK;
+             c_frame[c] = r_frame; c_gen[c] = r_gen; c_valid[c] = true; rc = OK;
              printf("@@ install %d %d\n", v, r_frame)
 #ifndef NO_RETRY
           :: else -> printf("@@ retry %d %d %d\n", v, in_progress, mmu_seq)
@@ -230,22 +242,22 @@ inline refresh(v) {
 
 /* NestedVmx::get_vmcs12_pages for the page: CachePageSet::get_hw -> lock ->
  * PfnCache::with_read_lock (check, or activate / refresh), then vmcs02. */
-inline build(v) {
+inline build(v, c) {
   do
   :: atomic {
        if
-       :: c_active[v] && c_valid[v] && c_gen[v] == gen ->
+       :: c_active[c] && c_valid[c] && c_gen[c] == gen ->
           /* under the cache's read lock: the pfn goes into vmcs02 */
-          v02_used[v] = true; v02_frame[v] = c_frame[v]; v02_hva[v] = c_hva[v]; done = true;
+          v02_used[v] = true; v02_frame[v] = c_frame[c]; v02_hva[v] = c_hva[c]; done = true;
           printf("@@ check_ok %d %d %d\n", v, v02_frame[v], v02_hva[v])
-       :: !c_active[v] -> c_active[v] = true; printf("@@ activate %d\n", v)
-       :: c_active[v] && !(c_valid[v] && c_gen[v] == gen) -> printf("@@ check_fail %d\n", v)
+       :: !c_active[c] -> c_active[c] = true; printf("@@ activate %d\n", v)
+       :: c_active[c] && !(c_valid[c] && c_gen[c] == gen) -> printf("@@ check_fail %d\n", v)
        fi
      }
      if
      :: done -> break
      :: else ->
-        refresh(v);
+        refresh(v, c);
         if
         :: rc != OK -> break
         :: else
@@ -256,7 +268,7 @@ inline build(v) {
     if
     :: !done ->   /* KVM's fallback: vmcs02 without the page */
 #ifndef NO_DEACTIVATE
-       deactivate(v);
+       deactivate(v, c);
 #else
        printf("@@ keep_active %d\n", v);
 #endif
@@ -270,23 +282,23 @@ inline build(v) {
 
 /* CachePageSet::access for a page the hardware uses (the posted-interrupt
  * completion): refresh an active cache, never activate one. */
-inline sw_access(v) {
+inline sw_access(v, c) {
   do
   :: atomic {
        if
-       :: !c_active[v] -> printf("@@ sw_enoent %d\n", v); done = true
-       :: c_active[v] && c_valid[v] && c_gen[v] == gen -> sw_use(v); done = true
-       :: c_active[v] && !(c_valid[v] && c_gen[v] == gen) -> printf("@@ sw_check_fail %d\n", v)
+       :: !c_active[c] -> printf("@@ sw_enoent %d\n", v); done = true
+       :: c_active[c] && c_valid[c] && c_gen[c] == gen -> sw_use(v, c); done = true
+       :: c_active[c] && !(c_valid[c] && c_gen[c] == gen) -> printf("@@ sw_check_fail %d\n", v)
        fi
      }
      if
      :: done -> break
      :: else ->
-        refresh(v);
+        refresh(v, c);
         if
         :: rc != OK ->
 #ifdef SW_DEACTIVATE
-           atomic { deactivate(v) };
+           atomic { deactivate(v, c) };
 #endif
            break
         :: else
@@ -303,11 +315,23 @@ inline sw_access(v) {
 
 /* The run loop (cpu::Vcpu::run_loop) of a vCPU whose L1 runs an L2. */
 proctype vcpu(byte v) {
-  byte r_hva, r_gen, r_seq, r_frame, rc, k;
+  byte r_hva, r_gen, r_seq, r_frame, rc, k, c;
   bool done;
 
+  c = v;
+#ifdef REBIND
+  if
+  :: v == 1 ->
+     /* VMPTRLD of vCPU 0's old vmcs12: the context's caches are vCPU 1's
+      * now. set_vcpu, then the reads of the build below. */
+     released;
+     atomic { cur[v] = 0; c = 0 }
+     atomic { owner[0] = v; printf("@@ rebind %d %d\n", v, c) }
+  :: else
+  fi;
+#endif
   printf("@@ vmlaunch %d\n", v);
-  build(v);
+  build(v, c);
   do
   :: true ->
      /* process_requests */
@@ -320,7 +344,7 @@ proctype vcpu(byte v) {
        fi
      }
      if
-     :: done -> done = false; build(v)
+     :: done -> done = false; build(v, c)
      :: else
      fi;
      /* enter_guest_mode: publish the mode, then look at requests */
@@ -332,16 +356,16 @@ proctype vcpu(byte v) {
         if
 #ifndef NO_LAST_CHECK
         :: atomic {
-             (c_active[v] && !c_valid[v]) ->
+             (c_active[c] && !c_valid[c]) ->
              printf("@@ last_check_fail %d\n", v); exit_guest(v); req_refresh[v] = true
            }
         :: atomic {
-             !(c_active[v] && !c_valid[v]) -> in_l2[v] = true; printf("@@ l2 %d\n", v);
+             !(c_active[c] && !c_valid[c]) -> in_l2[v] = true; printf("@@ l2 %d\n", v);
 #ifdef ENTRY_INVARIANT
              /* What makes the accesses safe (model/README.md): at entry,
               * vmcs02's frame is the valid cache's, filed at its hva. */
-             assert(!v02_used[v] || (c_active[v] && c_valid[v] && c_frame[v] == v02_frame[v] &&
-                                     c_hva[v] == v02_hva[v] && c_idx[v] == v02_hva[v]))
+             assert(!v02_used[v] || (c_active[c] && c_valid[c] && c_frame[c] == v02_frame[v] &&
+                                     c_hva[c] == v02_hva[v] && c_idx[c] == v02_hva[v]))
 #endif
            }
 #else
@@ -359,8 +383,14 @@ proctype vcpu(byte v) {
            od;
            if
            :: printf("@@ exit_l0 %d\n", v)
-           :: printf("@@ exit_sw %d\n", v); sw_access(v)
-           :: printf("@@ exit_l1 %d\n", v); build(v)
+           :: printf("@@ exit_sw %d\n", v); sw_access(v, c)
+           :: printf("@@ exit_l1 %d\n", v); build(v, c)
+#ifdef REBIND
+           :: v == 0 && !released ->
+              /* L1 clears this L2's vmcs12 and runs on without it */
+              atomic { released = true; printf("@@ release %d %d\n", v, c) };
+              break
+#endif
            fi
         :: else
         fi
@@ -381,7 +411,21 @@ inline notify_start(i, h) {
     printf("@@ start %d %d\n", i, h)
   }
   /* CacheRegistry::invalidate, under the registry mutex: mark each cache
-   * filed in the range (under its write lock), collect its vCPU. */
+   * filed in the range (under its write lock), then name its bound vCPU
+   * (PfnCache::notifier_invalidate). */
+#ifdef NAME_FIRST
+  atomic {
+    v = 0;
+    do
+    :: v < NVCPU -> named[v] = owner[v]; v++
+    :: else -> break
+    od;
+    v = 0;
+    printf("@@ name %d\n", i)
+  }
+#else
+#define named owner
+#endif
   atomic {
     v = 0;
     k = 0;   /* caches found */
@@ -391,12 +435,12 @@ inline notify_start(i, h) {
        :: c_active[v] && c_idx[v] == h && c_hva[v] == h ->
           k++;
           if
-          :: c_valid[v] -> c_valid[v] = false; collect[v] = true; printf("@@ mark %d %d\n", i, v)
+          :: c_valid[v] -> c_valid[v] = false; collect[named[v]] = true; printf("@@ mark %d %d\n", i, named[v])
           :: else ->
 #ifndef FLIPPED_ONLY
-             collect[v] = true; printf("@@ collect %d %d\n", i, v)
+             collect[named[v]] = true; printf("@@ collect %d %d\n", i, named[v])
 #else
-             printf("@@ skip_invalid %d %d\n", i, v)
+             printf("@@ skip_invalid %d %d\n", i, named[v])
 #endif
           fi
        :: else
@@ -462,6 +506,9 @@ inline notify_end(i, h) {
 proctype invalidator(byte i) {
   byte h, old, new, v, k;
   bool collect[NVCPU];
+#ifdef NAME_FIRST
+  byte named[NVCPU];   /* the caches' bound vCPUs, read before the marking */
+#endif
   bool moved;
 
 #ifdef HOST_AFTER_SLOT_CHANGE
@@ -547,6 +594,7 @@ init {
     do
     :: i < NVCPU ->
        mode[i] = OUTSIDE; c_hva[i] = NONE; c_idx[i] = NONE; c_frame[i] = NONE;
+       cur[i] = i; owner[i] = i;
        v02_frame[i] = NONE; v02_hva[i] = NONE;
        i++
     :: else -> break
@@ -568,5 +616,11 @@ init {
 /* Progress under weak fairness (pan -a -f): vCPU 0 runs L2 again and again
  * (so none of its entries is cancelled forever and each of its refreshes
  * ends), and every host change returns from the notifier. The vCPUs run the
- * same code on the same page, so what holds for vCPU 0 holds for vCPU 1. */
+ * same code on the same page, so what holds for vCPU 0 holds for vCPU 1.
+ * With REBIND, L2 runs again and again on vCPU 0 or, once it took the
+ * cache over, on vCPU 1. */
+#ifdef REBIND
+ltl progress { ([] <> (in_l2[0] || in_l2[1])) && (<> (hosts_done == NINV)) }
+#else
 ltl progress { ([] <> in_l2[0]) && (<> (hosts_done == NINV)) }
+#endif

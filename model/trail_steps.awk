@@ -13,6 +13,7 @@ function def(key, actor, text, code) { A[key] = actor; T[key] = text; C[key] = c
 
 BEGIN {
   # --- vCPU thread --------------------------------------------------------
+  def("rebind", "v", "L1 loads the vmcs12 vCPU 0 cleared: the context's cache {n2} is bound to this vCPU, then read", "src/vmx/page_strategy.cc CachePageSet::lock (PfnCache::set_vcpu)")
   def("vmlaunch", "v", "L1 executes VMLAUNCH: L0 builds vmcs02", "src/vmx/nested_entry.cc NestedVmx::enter")
   def("check_ok", "v", "the cache checks valid: vmcs02 gets frame {f2} (hva {h3})", "src/vm/pfn_cache.h PfnCache::with_read_lock (check)")
   def("activate", "v", "activates the cache", "src/vm/pfn_cache.cc PfnCache::activate")
@@ -47,13 +48,15 @@ BEGIN {
   def("sw_enoent", "v", "L0 software finds the cache inactive: page not mapped, nothing accessed", "src/vmx/page_strategy.cc CachePageSet::access")
   def("sw_access", "v", "L0 software accesses frame {f2} through the cache", "src/vmx/page_strategy.cc CachePageSet::access (PageView)")
   def("sw_request", "v", "after that refresh, requests kRefreshGuestPages (vmcs02 may hold the old pfn)", "src/vmx/page_strategy.cc CachePageSet::access")
+  def("release", "v", "L1 clears this L2's vmcs12 (VMCLEAR) and runs on without it: cache {n2} is free for another vCPU", "src/vmx/nested.cc NestedVmx::clear_context")
   def("sw_norequest", "v", "after that refresh, requests nothing: vmcs02 keeps its pfn (the seed)", "src/vmx/page_strategy.cc CachePageSet::access")
   # --- host threads --------------------------------------------------------
   def("migrate", "h", "migrates hva {h2}: frame {f3} to a new frame {f4}", "src/host/host_mm.cc HostMm::migrate")
   def("migrate_refused", "h", "migrate of hva {h2} refused (not present, or already migrating)", "src/host/host_mm.cc HostMm::migrate")
   def("discard", "h", "discards hva {h2}", "src/host/host_mm.cc HostMm::discard")
   def("start", "h", "notifier: invalidate_range_start(hva {h2})", "src/vm/vm.cc Vm::invalidate_range_start")
-  def("mark", "h", "notifier: marks vCPU{v2}'s cache invalid", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
+  def("name", "h", "notifier: names each cache's bound vCPU, before marking it", "src/vm/pfn_cache.cc PfnCache::notifier_invalidate")
+  def("mark", "h", "notifier: marks the cache bound to vCPU{v2} invalid", "src/vm/pfn_cache.cc CacheRegistry::invalidate, PfnCache::notifier_invalidate")
   def("nocache", "h", "notifier: no cache is filed at hva {h2}: nothing to mark, no vCPU to wait for", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
   def("collect", "h", "notifier: vCPU{v2}'s cache was already invalid: waits for vCPU{v2} all the same", "src/vm/pfn_cache.cc CacheRegistry::invalidate")
   def("skip_invalid", "h", "notifier: vCPU{v2}'s cache was already invalid: vCPU{v2} is not waited for", "src/vm/pfn_cache.cc CacheRegistry::invalidate")

@@ -93,16 +93,30 @@ PfnCache::Hit PfnCache::notifier_invalidate(Hva start, Hva end) {
   WriterLock w(rw_);
   if (!active_.load() || hva_ < start || hva_ >= end) return {};
   const bool flipped = !(seq_.load() & kInvalidBit);
+  // The bound vCPU is named only after the invalid bit: a vCPU that takes
+  // the cache over (set_vcpu, then read, both seq_cst: CachePageSet::lock)
+  // either reads it invalid or is the vCPU named here, and waited for. Named
+  // first, a rebind and a read of the old pfn could both land before the
+  // bit, and the notifier would wait for the previous vCPU while the new one
+  // entered the guest with the pfn. (Neither lock orders set_vcpu: it takes
+  // none.) model/protocol.pml checks this with REBIND; the other order is
+  // there only for the replay of its NAME_FIRST counterexample.
+  Vcpu* named;
+  if (vm_.protocol().name_vcpu_after_marking) {
+    mark_invalid_for_notifier();
+    if (test_hooks_ && test_hooks_->invalidate) test_hooks_->invalidate();
+    named = vcpu_.load(std::memory_order_seq_cst);
+  } else {
+    named = vcpu_.load(std::memory_order_seq_cst);
+    if (test_hooks_ && test_hooks_->invalidate) test_hooks_->invalidate();
+    mark_invalid_for_notifier();
+  }
+  return {true, flipped, named};
+}
+
+void PfnCache::mark_invalid_for_notifier() {
   invalidations_.fetch_add(1);
   set_invalid_locked();
-  if (test_hooks_ && test_hooks_->invalidate) test_hooks_->invalidate();
-  // The bound vCPU only now, after the invalid bit: a vCPU that takes the
-  // cache over (set_vcpu, then read, both seq_cst: CachePageSet::lock) either
-  // reads it invalid or is the vCPU named here, and waited for. Named first,
-  // a rebind and a read of the old pfn could both land before the bit, and
-  // the notifier would wait for the previous vCPU while the new one entered
-  // the guest with the pfn. (Neither lock orders set_vcpu: it takes none.)
-  return {true, flipped, vcpu_.load(std::memory_order_seq_cst)};
 }
 
 // --- PfnCache: activate, refresh, deactivate -------------------------------------------------

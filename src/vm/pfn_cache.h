@@ -254,8 +254,9 @@ class PfnCache {
   void set_refresh_hook(std::function<void()> hook) { test_hooks().refresh = std::move(hook); }
   // Invalidate: runs on the notifier's thread inside an invalidation that
   // finds the cache active in its range, with rw_ held exclusive, between
-  // marking the cache invalid and naming its bound vCPU; to land a rebind
-  // (set_vcpu) and a read there.
+  // marking the cache invalid and naming its bound vCPU (naming and marking,
+  // under the model's NAME_FIRST); to land a rebind (set_vcpu) and a read
+  // there.
   void set_invalidate_hook(std::function<void()> hook) { test_hooks().invalidate = std::move(hook); }
 
   Vm& vm() const { return vm_; }
@@ -342,6 +343,9 @@ class PfnCache {
   Result<Mapping> map_frame(Hva hva);
   // Sets the invalid bit (moving the version on) if it is clear.
   void set_invalid_locked() NC_REQUIRES(rw_);
+  // The notifier's mark: counts the invalidation that found the cache, then
+  // set_invalid_locked().
+  void mark_invalid_for_notifier() NC_REQUIRES(rw_);
   // Publishes new mapping fields and clears the invalid bit.
   void publish_locked(const host::FrameTag& tag, std::byte* khva, uint64_t generation) NC_REQUIRES(rw_);
   // Clears the invalid bit (moving the version on): the fields written

@@ -21,6 +21,8 @@ std::optional<ProtocolVariant> ProtocolVariant::from_model(std::string_view name
     v.deactivate_failed_activation = false;
   } else if (name == "SW_DEACTIVATE") {
     v.software_refresh_failure_deactivates = true;
+  } else if (name == "NAME_FIRST") {
+    v.name_vcpu_after_marking = false;
   } else {
     return std::nullopt;
   }

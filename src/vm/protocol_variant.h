@@ -40,6 +40,9 @@ struct ProtocolVariant {
   // vmx CachePageSet::access: a software refresh that fails deactivates the
   // cache [SW_DEACTIVATE: yes].
   bool software_refresh_failure_deactivates = false;
+  // PfnCache::notifier_invalidate: name the cache's bound vCPU after marking
+  // the cache invalid [NAME_FIRST: before].
+  bool name_vcpu_after_marking = true;
 
   // The variant the model selects with macro `name` ("SEED", "NO_WAIT", ...;
   // "OURS" is the default), or nullopt if the model has no such variant.

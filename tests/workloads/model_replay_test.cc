@@ -42,9 +42,11 @@ constexpr uint32_t kVapicSlot = 2;
 // without the page").
 class TrailReplay {
  public:
-  explicit TrailReplay(std::string_view variant) {
+  // `vcpus`: the L1 vCPUs; vCPU 0 runs the trail's L2 (REBIND trails use
+  // vCPU 1 as the vCPU that takes its cache over).
+  explicit TrailReplay(std::string_view variant, int vcpus = 1) {
     NestedEnvConfig ec{StrategyKind::cache, MemoryKind::unmanaged};
-    ec.vcpus = 1;
+    ec.vcpus = vcpus;
     ec.l1_bytes = 8 << 20;
     ec.stale_fatal = false;
     auto e = NestedEnv::create(ec);
@@ -329,6 +331,42 @@ bool replay_stale_snapshot(std::string_view variant) {
   return !cycle;
 }
 
+// NAME_FIRST (REBIND): the notifier names the cache's bound vCPU before
+// marking it invalid; vCPU 1 takes the cache over in between, reads it valid
+// and runs L2 on its pfn, and the notifier waits for vCPU 0 only. vCPU 1's
+// moves run inside the invalidation hook (between naming and marking in
+// either order), on a thread of its own, as CachePageSet::lock makes them.
+bool replay_name_first(std::string_view variant) {
+  TrailReplay r(variant, 2);
+  cpu::Vcpu& b = r.env->machine->vcpu(1);
+  EXPECT_TRUE(r.vmlaunch());  // 1-8, 11: vCPU 0's vmcs02 holds frame 0 of hva A
+  EXPECT_TRUE(r.enter_l2());  // 12-14
+  r.leave_l2();               // 15-16; 17: L1 clears the vmcs12 on vCPU 0
+  std::optional<host::FrameTag> b_frame;  // the frame vCPU 1's vmcs02 takes
+  r.cache().set_invalidate_hook([&] {
+    std::thread([&] {
+      r.cache().set_vcpu(&b);  // 18: vCPU 1's VMPTRLD binds the cache to it
+      // 19-20: the check; a valid cache's pfn goes into vmcs02 (the read
+      // ends with the statement, so the notifier need not wait for it).
+      if (vm::CachePtr p = r.cache().read(sizeof(uint32_t))) b_frame = p.tag();
+      if (b_frame) {
+        EXPECT_TRUE(b.enter_guest_mode());  // 21-23: L2 runs on vCPU 1
+      }
+    }).join();
+  });
+  // 9-10, 24-27: the discard names the bound vCPU and marks the cache (ours:
+  // marks, then names vCPU 1, which read it invalid), requests
+  // kOutsideGuestMode of the vCPU named, and unmaps hva A once it is out.
+  r.host([&] { r.discard_page(); });
+  r.until([&] { return b.mode() == vm::VcpuMode::exiting || r.hosts_returned() == 1; });
+  // 28: vCPU 1's L2 uses the frame its vmcs02 took.
+  bool live = !b_frame || r.env->phys->check(*b_frame, "virtual-APIC page", &b.counters());
+  if (b.mode() != vm::VcpuMode::outside) b.exit_guest_mode();
+  r.join_hosts();
+  r.cache().set_invalidate_hook(nullptr);
+  return live;
+}
+
 // One replay per trail check.sh prints, in its order: the variant's macro
 // name and the replay.
 struct TrailCase {
@@ -346,6 +384,7 @@ constexpr TrailCase kTrails[] = {
     {"SW_DEACTIVATE", "SW_DEACTIVATE", replay_sw_deactivate},
     {"NO_DEACTIVATE", "NO_DEACTIVATE", replay_no_deactivate},
     {"STALE_SNAPSHOT", "STALE_SNAPSHOT", replay_stale_snapshot},
+    {"NAME_FIRST", "NAME_FIRST", replay_name_first},
 };
 
 void PrintTo(const TrailCase& t, std::ostream* os) { *os << t.trail; }
