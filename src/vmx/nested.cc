@@ -27,11 +27,12 @@ void NestedVmx::release_nested() {
   // may have restored already.
   // Patch 9 (v4): free_nested clears the current context; its caches stay
   // mapped in the table for whichever vCPU loads it next.
-  clear_context(current_);
+  // Only what this vCPU holds: a context another vCPU took over is that
+  // vCPU's (release_context).
+  release_context(current_);
   // A context kept from an earlier vmcs12 (a load found every context
-  // attached) is this vCPU's too: detach it as well, unless another vCPU
-  // took it meanwhile.
-  if (ctx_ && !context_lost()) clear_context(ctx_->key());
+  // attached) is this vCPU's too: detach it as well.
+  if (ctx_) release_context(ctx_->key());
   current_ = kInvalidGpa;
   guest_mode_ = false;
   pages_->release();
@@ -69,10 +70,18 @@ void NestedVmx::clear_context(Gpa vmptr) {
   // any moment), so stop using its caches. The seed keeps the stale pointers
   // until the next load; going back to the vCPU's own set costs nothing
   // until that set is used.
-  if (ctx_ && ctx_->key() == vmptr) {
-    ctx_ = nullptr;
-    pages_->use_bundle(nullptr);
-  }
+  if (ctx_ && ctx_->key() == vmptr) use_own_pages();
+}
+
+void NestedVmx::release_context(Gpa vmptr) {
+  if (!contexts_ || vmptr == kInvalidGpa) return;
+  contexts_->release(vcpu_, vmptr);
+  if (ctx_ && ctx_->key() == vmptr) use_own_pages();
+}
+
+void NestedVmx::use_own_pages() {
+  ctx_ = nullptr;
+  pages_->use_bundle(nullptr);
 }
 
 // --- nested exit ----------------------------------------------------------------------------
@@ -133,6 +142,14 @@ void NestedVmx::reflect_exit(const ExitInfo& exit) {
 }
 
 Status NestedVmx::access_page(L1Page p, Gpa gpa, const std::function<void(const PageView&)>& fn) {
+  // A context another vCPU took is not this vCPU's to refresh: a refresh
+  // would make the cache valid again, with the request to rewrite vmcs02
+  // going to this vCPU and not to the one whose vmcs02 holds the old pfn.
+  // So this vCPU goes back to its own caches (and vmcs02) first.
+  if (context_lost()) {
+    use_own_pages();
+    NC_TRY(refresh_guest_pages());
+  }
   return pages_->access(p, gpa, fn);
 }
 

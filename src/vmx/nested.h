@@ -232,6 +232,12 @@ class NestedVmx {
   // vmcs02 build goes back to the vCPU's own caches).
   void stop_context_user(int id);
   bool context_lost() const;
+  // This vCPU stops using `vmptr` without L1 clearing it (VMXOFF, teardown,
+  // another eVMCS): as clear_context, but a context another vCPU took stays
+  // that vCPU's.
+  void release_context(Gpa vmptr);
+  // Back to the vCPU's own cache set (no context).
+  void use_own_pages();
   // Nested state (nested_state.cc). Whether this vCPU can restore a blob
   // with the eVMCS flag: EINVAL unless enable_evmcs() was called.
   Status check_evmcs_nested_state(const NestedStateImage& s) const;

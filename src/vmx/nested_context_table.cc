@@ -92,6 +92,16 @@ NestedContextTable::Outcome NestedContextTable::load_locked(int vcpu_id, Gpa key
 
 int NestedContextTable::clear(int /*vcpu_id: not checked, as in the seed*/, Gpa key) {
   MutexLock lock(mu_);
+  return detach_locked(key, std::nullopt);
+}
+
+void NestedContextTable::release(int vcpu_id, Gpa key) {
+  MutexLock lock(mu_);
+  detach_locked(key, vcpu_id);
+}
+
+int NestedContextTable::detach_locked(Gpa key, std::optional<int> only_from) {
+  mu_.assert_held();
   auto it = by_key_.find(key);
   if (it == by_key_.end()) return NestedContext::kDetached;
   NestedContext* ctx = it->second.get();
@@ -99,6 +109,7 @@ int NestedContextTable::clear(int /*vcpu_id: not checked, as in the seed*/, Gpa 
   // look recently used, nor link it twice.
   if (!ctx->attached()) return NestedContext::kDetached;
   const int holder = ctx->vcpu_id();
+  if (only_from && holder != *only_from) return NestedContext::kDetached;
   ctx->vcpu_id_.store(NestedContext::kDetached, std::memory_order_relaxed);
   lru_append_locked(ctx);
   return holder;

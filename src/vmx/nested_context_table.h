@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 
 #include "base/counters.h"
@@ -141,6 +142,12 @@ class NestedContextTable {
   // holder other than `vcpu_id` may still be using the contents: see load).
   int clear(int vcpu_id, Gpa key) NC_EXCLUDES(mu_);
 
+  // VMXOFF, vCPU teardown, a switch to another eVMCS: `vcpu_id` stops using
+  // `key`. As clear, but only if `vcpu_id` holds the context: one another
+  // vCPU took over (a handover, or a foreign VMCLEAR and a load) is that
+  // vCPU's and stays attached to it.
+  void release(int vcpu_id, Gpa key) NC_EXCLUDES(mu_);
+
   // VM teardown: frees every context, attached or not (their destructors run
   // without the lock). Requires that no vCPU uses the table or any context any
   // more. The table is empty afterwards and may be used again.
@@ -176,6 +183,10 @@ class NestedContextTable {
   // outside the lock) when it inserts a new context.
   Outcome load_locked(int vcpu_id, Gpa key, std::unique_ptr<NestedContext>& spare,
                       NestedContext** out, int* taken_from) NC_REQUIRES(mu_);
+  // clear and release under the lock: detaches the context of `key` if it is
+  // attached (to `only_from`, when given); returns the vCPU it was detached
+  // from, or kDetached.
+  int detach_locked(Gpa key, std::optional<int> only_from) NC_REQUIRES(mu_);
   size_t capacity_locked() const NC_REQUIRES(mu_);
   void attach_locked(NestedContext* ctx, int vcpu_id) NC_REQUIRES(mu_);
   void lru_append_locked(NestedContext* ctx) NC_REQUIRES(mu_);

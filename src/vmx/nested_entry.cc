@@ -127,10 +127,7 @@ VmxStatus NestedVmx::check_vtpr() {
 Status NestedVmx::get_vmcs12_pages() {
   // A context another vCPU took (or detached) is no longer this vCPU's: its
   // caches may be bound to that vCPU now. Back to the vCPU's own set.
-  if (context_lost()) {
-    ctx_ = nullptr;
-    pages_->use_bundle(nullptr);
-  }
+  if (context_lost()) use_own_pages();
   // Build into a copy and install it only whole: a failure half-way must not
   // leave vmcs02 with the controls of one build and the pfns of another.
   const Vmcs12& v = vmcs12_;

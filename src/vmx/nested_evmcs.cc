@@ -77,7 +77,7 @@ NestedVmx::Evmptrld NestedVmx::handle_enlightened_vmptrld(bool launch, std::stri
     // current_vmptr here.
     release_evmcs();
     if (current_ != kInvalidGpa) {
-      clear_context(current_);
+      release_context(current_);
       current_ = kInvalidGpa;
     }
     load_context(*gpa);
@@ -138,7 +138,7 @@ void NestedVmx::release_evmcs() {
   force_msr_bitmap_recalc_ = true;
   pages_->release_evmcs();
   // Detached, its eVMCS cache stays mapped in the table for the next load.
-  clear_context(old);
+  release_context(old);
 }
 
 Status NestedVmx::get_evmcs_page() {

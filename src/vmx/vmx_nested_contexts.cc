@@ -36,6 +36,10 @@ int VmxNestedContexts::clear(vm::Vcpu& vcpu, Gpa vmptr) {
   return vmptr != kInvalidGpa ? table_.clear(vcpu.id(), vmptr) : NestedContext::kDetached;
 }
 
+void VmxNestedContexts::release(vm::Vcpu& vcpu, Gpa vmptr) {
+  if (vmptr != kInvalidGpa) table_.release(vcpu.id(), vmptr);
+}
+
 std::unique_ptr<NestedContext> VmxNestedContexts::alloc(int vcpu_id) {
   vm::Vcpu* owner = nullptr;
   for (vm::Vcpu* v : vm_.vcpus())

@@ -62,6 +62,9 @@ class VmxNestedContexts final : public NestedContextOps {
   // detach its context; it stays findable for a later load. Returns the vCPU
   // it was detached from (NestedContext::kDetached: none).
   int clear(vm::Vcpu& vcpu, Gpa vmptr);
+  // `vcpu` stops using `vmptr` (VMXOFF, teardown, another eVMCS): detach its
+  // context only if `vcpu` holds it (NestedContextTable::release).
+  void release(vm::Vcpu& vcpu, Gpa vmptr);
   // VM teardown: frees every context, deactivating its caches. Requires that
   // no vCPU runs any more.
   void destroy() { table_.destroy(); }

@@ -94,6 +94,29 @@ struct Handover : ::testing::TestWithParam<bool> {
     env.vm->remove_vcpu(&a);
     env.vm->remove_vcpu(&b);
   }
+  // A's context (A in guest mode on its vmcs12) goes to B. handover: B
+  // makes A's vmcs12 current; otherwise B VMCLEARs it while A holds it (the
+  // table does not check the holder, as the seed), then makes it current,
+  // which attaches the detached context to B. B's vmcs02 is then built from
+  // the context's caches, which B's lock rebinds to B.
+  void take_context(bool handover) {
+    const VmxNestedContext* ctx = na->context();
+    ASSERT_NE(ctx, nullptr);
+    if (handover) {
+      ASSERT_TRUE(nb->set_nested_state(encode(in_guest_mode(kVmxonB))));  // VMPTRLD of A's vmcs12: handed over
+      EXPECT_EQ(env.vm->counters().get(Counter::nested_context_handovers), 1u);
+    } else {
+      NestedStateImage s;
+      s.vmxon_gpa = kVmxonB;  // B in VMX operation, in L1, no current VMCS
+      ASSERT_TRUE(nb->set_nested_state(encode(s)));
+      ASSERT_TRUE(nb->vmclear(kVmcs).ok()) << "B VMCLEARs the vmcs12 A holds: the context is detached";
+      ASSERT_TRUE(nb->set_nested_state(encode(in_guest_mode(kVmxonB))));
+      EXPECT_EQ(env.vm->counters().get(Counter::nested_context_handovers), 0u);
+    }
+    ASSERT_EQ(nb->context(), ctx) << "B has A's context";
+    ASSERT_TRUE(nb->get_nested_state_pages());
+  }
+
   test_support::VmEnv env;
   HardwareVcpu a;
   vm::Vcpu b;
@@ -102,38 +125,54 @@ struct Handover : ::testing::TestWithParam<bool> {
   std::unique_ptr<NestedVmx> na, nb;
 };
 
-// true: B makes A's vmcs12 current (a handover); false: B VMCLEARs it while A
-// holds it (the table does not check the holder, as the seed), then makes it
-// current, which attaches the detached context to B.
+// Param true: a handover; false: a foreign VMCLEAR, then a load (take_context).
 TEST_P(Handover, TheVcpuThatLostAContextIsOutOfGuestModeBeforeTheTakerRebindsItsCaches) {
-  const bool handover = GetParam();
   ASSERT_TRUE(na->set_nested_state(encode(in_guest_mode(kVmxonA))));
   ASSERT_TRUE(na->get_nested_state_pages());
-  const VmxNestedContext* ctx = na->context();  // A's thread owns na from here
-  ASSERT_NE(ctx, nullptr);
-  a.start(*na);
+  a.start(*na);  // A's thread owns na from here
   while (a.ops.load() < 100) std::this_thread::yield();  // A runs L2 on the context's pfns
-
-  if (handover) {
-    ASSERT_TRUE(nb->set_nested_state(encode(in_guest_mode(kVmxonB))));  // VMPTRLD of A's vmcs12: handed over
-    EXPECT_EQ(env.vm->counters().get(Counter::nested_context_handovers), 1u);
-  } else {
-    NestedStateImage s;
-    s.vmxon_gpa = kVmxonB;  // B in VMX operation, in L1, no current VMCS
-    ASSERT_TRUE(nb->set_nested_state(encode(s)));
-    ASSERT_TRUE(nb->vmclear(kVmcs).ok()) << "B VMCLEARs the vmcs12 A holds: the context is detached";
-    // And makes it current: the detached context is found and attached to B.
-    ASSERT_TRUE(nb->set_nested_state(encode(in_guest_mode(kVmxonB))));
-    EXPECT_EQ(env.vm->counters().get(Counter::nested_context_handovers), 0u);
-  }
-  ASSERT_EQ(nb->context(), ctx) << "B has A's context";
-  ASSERT_TRUE(nb->get_nested_state_pages());  // B's lock rebinds the context's caches to B
+  take_context(GetParam());
+  if (HasFatalFailure()) return;
 
   const uint64_t ops = a.ops.load();
   ASSERT_TRUE(env.mm->migrate(env.hva_of(kVapicPage)));
   while (a.ops.load() < ops + 100) std::this_thread::yield();  // A runs on after the old frame is freed
   a.stop();
   EXPECT_EQ(a.stale.load(), 0u) << "A's hardware used the virtual-APIC frame the host migrated away";
+}
+
+// A, out of guest mode but still handling the exit it was taking when the
+// context went, reaches the virtual-APIC page in software (the
+// posted-interrupt completion). It must not refresh the context's cache: the
+// refresh would make the cache B's vmcs02 was built from valid again on the
+// new frame, with the vmcs02 rewrite requested of A, and B's last check would
+// let B in on the old frame.
+TEST_P(Handover, TheVcpuThatLostAContextDoesNotRefreshTheTakersCaches) {
+  ASSERT_TRUE(na->set_nested_state(encode(in_guest_mode(kVmxonA))));
+  ASSERT_TRUE(na->get_nested_state_pages());
+  take_context(GetParam());
+  if (HasFatalFailure()) return;
+  // The cache goes invalid; B is outside guest mode, so nothing waits.
+  ASSERT_TRUE(env.mm->migrate(env.hva_of(kVapicPage)));
+  EXPECT_TRUE(na->access_page(L1Page::vapic, kVapicPage, [](const PageView&) {}));
+  EXPECT_TRUE(!nb->check_before_hardware_entry() || env.phys->check(nb->vmcs02().vapic.tag, "virtual-APIC page (B)"))
+      << "B's last check let it enter with the virtual-APIC frame the host migrated away";
+}
+
+// A leaving VMX operation (here its teardown) releases what it holds, not
+// the context B took from it: that stays attached to B, and B is not sent
+// out of guest mode.
+TEST_P(Handover, TheVcpuThatLostAContextLeavesItToTheTakerWhenItLeavesVmxOperation) {
+  ASSERT_TRUE(na->set_nested_state(encode(in_guest_mode(kVmxonA))));
+  ASSERT_TRUE(na->get_nested_state_pages());
+  take_context(GetParam());
+  if (HasFatalFailure()) return;
+  const VmxNestedContext* ctx = nb->context();
+  while (b.check_request(vm::Request::kRefreshGuestPages)) {
+  }
+  na.reset();
+  EXPECT_EQ(ctx->vcpu_id(), b.id()) << "A's teardown detached the context B holds";
+  EXPECT_FALSE(b.test_request(vm::Request::kRefreshGuestPages)) << "A's teardown sent B out of guest mode";
 }
 
 INSTANTIATE_TEST_SUITE_P(HandoverOrForeignVmclear, Handover, ::testing::Bool());

@@ -240,6 +240,21 @@ TEST_F(NestedContextTableTest, ClearDetachesButKeepsTheContextFindable) {
   EXPECT_EQ(table.attached_count(), 0u);
 }
 
+// clear ignores the holder, as the seed; release detaches only the holder's.
+TEST_F(NestedContextTableTest, ClearReturnsTheHolderAndReleaseDetachesOnlyTheHolders) {
+  NestedContext* ctx = table.load(1, key(0));
+  table.release(0, key(0));  // vCPU 0 does not hold it
+  EXPECT_EQ(ctx->vcpu_id(), 1);
+  EXPECT_EQ(table.detached_count(), 0u);
+  table.release(1, key(0));
+  EXPECT_FALSE(ctx->attached());
+  EXPECT_EQ(table.find(key(0)), ctx);
+  table.load(1, key(0));
+  EXPECT_EQ(table.clear(0, key(0)), 1) << "a VMCLEAR on vCPU 0 detaches vCPU 1's context and says so";
+  EXPECT_EQ(table.clear(0, key(0)), NestedContext::kDetached);
+  table.check_invariants();
+}
+
 TEST_F(NestedContextTableTest, ClearOfUnknownKeyIsANoOp) {
   table.clear(0, key(0));  // empty table
   table.load(0, key(1));
