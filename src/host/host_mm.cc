@@ -87,21 +87,28 @@ Result<Hva> HostMm::create_region(size_t bytes, FrameKind kind) {
 
 Status HostMm::destroy_region(Hva base) {
   size_t npages;
+  uint64_t serial;
   {
     ReaderLock l(mu_);
     auto it = regions_.find(base);
     if (it == regions_.end()) return errorf(EINVAL, "no region at hva {:#x}", base);
     npages = it->second->npages;
+    serial = it->second->serial;
   }
   notify_start(base, base + npages * kPageSize);
   std::unique_ptr<Region> r;
   {
     WriterLock l(mu_);
+    // Found again: with no lock held, another destroy_region may have taken
+    // it (and a new region its place).
     auto it = regions_.find(base);
-    r = std::move(it->second);
-    regions_.erase(it);
+    if (it != regions_.end() && it->second->serial == serial) {
+      r = std::move(it->second);
+      regions_.erase(it);
+    }
   }
   notify_end(base, base + npages * kPageSize);
+  if (!r) return errorf(EINVAL, "the region at hva {:#x} was destroyed meanwhile", base);
   munmap(reinterpret_cast<void*>(base), npages * kPageSize);
   for (size_t i = 0; i < npages; i++) {
     if (r->pfn[i] != kInvalidPfn) phys_.free(r->pfn[i]);

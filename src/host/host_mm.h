@@ -93,7 +93,10 @@ class HostMm {
   Status copy_to(Hva hva, const void* src, size_t len) NC_EXCLUDES(mu_);
   Status copy_from(Hva hva, void* dst, size_t len) NC_EXCLUDES(mu_);
 
-  // Both wait for every invalidation in flight to end (see notify_start).
+  // Both wait for every invalidation in flight to end (see notify_start), and
+  // an invalidation waits for vCPUs to leave guest mode: so no code a vCPU
+  // runs on its way out of guest mode may call them (Vm's constructor and
+  // destructor are their only callers).
   void add_notifier(MmuNotifier* n) NC_EXCLUDES(notifiers_mu_);
   void remove_notifier(MmuNotifier* n) NC_EXCLUDES(notifiers_mu_);
 

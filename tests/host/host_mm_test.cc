@@ -201,6 +201,34 @@ TEST_F(HostMmTest, ARegionDestroyedDuringAMigrationFailsItCleanly) {
   EXPECT_EQ(phys->free_frames(FrameKind::managed), managed);
 }
 
+// Two destroys of one region: the one that finds it gone after its notifier
+// start fails with EINVAL instead of erasing a region that is not there.
+TEST_F(HostMmTest, ARegionDestroyedTwiceAtOnceIsDestroyedOnce) {
+  size_t managed = phys->free_frames(FrameKind::managed);
+  Hva base = *mm->create_region(4 * kPageSize, FrameKind::managed);
+  ASSERT_TRUE(mm->fault_in(base, true));
+  struct DestroyOnStart : MmuNotifier {
+    void invalidate_range_start(Hva, Hva) override {
+      if (std::exchange(armed, false)) std::thread([this] { inner = mm->destroy_region(base); }).join();
+    }
+    void invalidate_range_end(Hva, Hva) override {}
+    HostMm* mm = nullptr;
+    Hva base = 0;
+    bool armed = true;
+    Status inner = ok();
+  } destroyer;
+  destroyer.mm = mm.get();
+  destroyer.base = base;
+  mm->add_notifier(&destroyer);
+  Status outer = mm->destroy_region(base);
+  mm->remove_notifier(&destroyer);
+  EXPECT_TRUE(destroyer.inner) << "the destroy that ran whole inside the other's start";
+  ASSERT_FALSE(outer);
+  EXPECT_EQ(outer.error().code, EINVAL);
+  EXPECT_FALSE(mm->region_kind(base));
+  EXPECT_EQ(phys->free_frames(FrameKind::managed), managed);
+}
+
 TEST(HostMmLarge, AGigabyteRegionWithThousandsOfMigratedPagesStaysWithinTheMappingLimit) {
   const size_t pages = (size_t{1} << 30) / kPageSize;
   auto phys = std::move(*PhysMem::create({0, pages + 8192}));
