@@ -8,7 +8,7 @@
 // Outermost first:
 //
 //   kSlots          Vm::slots_lock_        memslot updates (KVM slots_lock)
-//   kMmNotifiers    HostMm::notifiers_mu_  notifier list (held shared around callbacks)
+//   kMmNotifiers    HostMm::notifiers_mu_  notifier list (held shared from an invalidation's start to its end)
 //   kMmu            Vm::mmu_lock_          EPT01 map, invalidation counters
 //   kCacheRefresh   PfnCache::refresh_mu_  one refresh/activate at a time
 //   kCacheRegistry  CacheRegistry::mu_     index of active caches by hva
@@ -34,8 +34,10 @@
 //
 // Nested-VMX and CPU locks (vCPU run state, nested-context table) rank below
 // kSlots: a vCPU thread may call into the vm layer while holding them, never
-// the reverse. The notifier waits for vCPUs to leave guest mode while holding
-// none of these locks.
+// the reverse. The notifier waits for vCPUs to leave guest mode holding only
+// kMmNotifiers, shared, from an invalidation's start to its end: no path a
+// vCPU takes to leave guest mode subscribes or unsubscribes a notifier (only
+// Vm's constructor and destructor do), so nothing it waits for needs it.
 #pragma once
 
 namespace nestcache {

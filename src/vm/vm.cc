@@ -201,8 +201,9 @@ void Vm::invalidate_range_start(Hva start, Hva end) {
       zapped += zap_gfn_range_locked(first, last);
     });
   }
-  // No lock is held from here: the vCPUs we wait for may need any of them on
-  // their way out of guest mode.
+  // No lock of the vm layer is held from here (the host holds its notifier
+  // list, which no vCPU's way out of guest mode takes): the vCPUs we wait
+  // for may need any of them on their way out of guest mode.
   if (zapped) flush_all_tlbs();
   // Marks the caches, waits for their lock-free readers, and names the
   // vCPUs whose hardware may still use the old pfns.
