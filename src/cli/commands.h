@@ -54,7 +54,11 @@ CLI::Validator in_range(T lo, T hi) {
       if (parsed) text = std::to_string(v);
     } else {
       auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-      parsed = ec == std::errc() && end == text.data() + text.size() && !std::isnan(static_cast<double>(v));
+      const bool whole = end == text.data() + text.size();
+      // A decimal too large or too small for a double (1e400, 1e-400).
+      if (ec == std::errc::result_out_of_range && whole)
+        return fmt::format("{} is out of range: {} to {}", text, lo, hi);
+      parsed = ec == std::errc() && whole && !std::isnan(static_cast<double>(v));
     }
     if (!parsed) {
       double d = 0;

@@ -112,6 +112,15 @@ TEST(InRange, AFractionIsReadInDecimal) {
   }
   EXPECT_THROW(parse_double("nan"), CLI::ValidationError);
   EXPECT_THROW(parse_double("inf"), CLI::ValidationError);
+  // Decimal, but beyond a double: out of range, not "not a number".
+  for (const char* text : {"1e400", "1e-400"}) {
+    try {
+      parse_double(text);
+      ADD_FAILURE() << "accepted '" << text << "'";
+    } catch (const CLI::ValidationError& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string(text) + " is out of range"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(TestOptions, EveryRegisteredSelftestsOptionsBuildACommandLine) {
