@@ -172,6 +172,21 @@ TEST_F(HostMmTest, DestroyFreesEveryFrame) {
   EXPECT_EQ(phys->free_frames(FrameKind::managed), managed);
 }
 
+// A notifier that destroys the region at `base` inside the first
+// invalidation's start, on a thread of its own: a destroy_region that lands
+// while another host change is between its notifier calls.
+struct DestroyOnFirstStart : MmuNotifier {
+  DestroyOnFirstStart(HostMm& mm, Hva base) : mm(mm), base(base) {}
+  void invalidate_range_start(Hva, Hva) override {
+    if (std::exchange(armed, false)) std::thread([this] { result = mm.destroy_region(base); }).join();
+  }
+  void invalidate_range_end(Hva, Hva) override {}
+  HostMm& mm;
+  const Hva base;
+  bool armed = true;
+  Status result = ok();
+};
+
 // A region destroyed while a migration of one of its pages is between its
 // notifier calls: the migration finds the region again and fails, instead of
 // writing the freed region (AddressSanitizer: heap-use-after-free before),
@@ -180,21 +195,12 @@ TEST_F(HostMmTest, ARegionDestroyedDuringAMigrationFailsItCleanly) {
   size_t managed = phys->free_frames(FrameKind::managed);
   Hva base = *mm->create_region(4 * kPageSize, FrameKind::managed);
   ASSERT_TRUE(mm->fault_in(base, true));
-  struct DestroyOnStart : MmuNotifier {
-    void invalidate_range_start(Hva, Hva) override {
-      if (std::exchange(armed, false)) std::thread([this] { destroyed = static_cast<bool>(mm->destroy_region(base)); }).join();
-    }
-    void invalidate_range_end(Hva, Hva) override {}
-    HostMm* mm = nullptr;
-    Hva base = 0;
-    bool armed = true, destroyed = false;
-  } destroyer;
-  destroyer.mm = mm.get();
-  destroyer.base = base;
+  DestroyOnFirstStart destroyer(*mm, base);
   mm->add_notifier(&destroyer);
   Status st = mm->migrate(base);
   mm->remove_notifier(&destroyer);
-  ASSERT_TRUE(destroyer.destroyed);
+  ASSERT_FALSE(destroyer.armed);
+  ASSERT_TRUE(destroyer.result);
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, EFAULT);
   EXPECT_FALSE(mm->region_kind(base));
@@ -207,22 +213,12 @@ TEST_F(HostMmTest, ARegionDestroyedTwiceAtOnceIsDestroyedOnce) {
   size_t managed = phys->free_frames(FrameKind::managed);
   Hva base = *mm->create_region(4 * kPageSize, FrameKind::managed);
   ASSERT_TRUE(mm->fault_in(base, true));
-  struct DestroyOnStart : MmuNotifier {
-    void invalidate_range_start(Hva, Hva) override {
-      if (std::exchange(armed, false)) std::thread([this] { inner = mm->destroy_region(base); }).join();
-    }
-    void invalidate_range_end(Hva, Hva) override {}
-    HostMm* mm = nullptr;
-    Hva base = 0;
-    bool armed = true;
-    Status inner = ok();
-  } destroyer;
-  destroyer.mm = mm.get();
-  destroyer.base = base;
+  DestroyOnFirstStart destroyer(*mm, base);
   mm->add_notifier(&destroyer);
   Status outer = mm->destroy_region(base);
   mm->remove_notifier(&destroyer);
-  EXPECT_TRUE(destroyer.inner) << "the destroy that ran whole inside the other's start";
+  ASSERT_FALSE(destroyer.armed);
+  EXPECT_TRUE(destroyer.result) << "the destroy that ran whole inside the other's start";
   ASSERT_FALSE(outer);
   EXPECT_EQ(outer.error().code, EINVAL);
   EXPECT_FALSE(mm->region_kind(base));
