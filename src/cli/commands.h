@@ -47,19 +47,13 @@ template <class T>
 CLI::Validator in_range(T lo, T hi) {
   auto check = [lo, hi](std::string& text) -> std::string {
     T v{};
-    bool parsed = false;
-    if constexpr (std::is_integral_v<T>) {
-      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-      parsed = ec == std::errc() && end == text.data() + text.size();
-      if (parsed) text = std::to_string(v);
-    } else {
-      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-      const bool whole = end == text.data() + text.size();
-      // A decimal too large or too small for a double (1e400, 1e-400).
-      if (ec == std::errc::result_out_of_range && whole)
-        return fmt::format("{} is out of range: {} to {}", text, lo, hi);
-      parsed = ec == std::errc() && whole && !std::isnan(static_cast<double>(v));
-    }
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    const bool whole = end == text.data() + text.size();
+    // A decimal too large or too small for a double (1e400, 1e-400).
+    if (std::is_floating_point_v<T> && ec == std::errc::result_out_of_range && whole)
+      return fmt::format("{} is out of range: {} to {}", text, lo, hi);
+    const bool parsed = ec == std::errc() && whole && !std::isnan(static_cast<double>(v));
+    if (std::is_integral_v<T> && parsed) text = std::to_string(v);
     if (!parsed) {
       double d = 0;
       if (CLI::detail::lexical_cast(text, d) && std::isfinite(d)) {
