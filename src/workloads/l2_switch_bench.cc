@@ -124,9 +124,7 @@ Result<SwitchRun> run_switches(const SwitchConfig& c, const BenchOptions& o, Str
   // one takes in any build.
   Status st = env->machine->run(bench_watchdog(c.seconds, c.iterations, std::chrono::seconds(1)));
   if (!st) return tl::unexpected(st.error());
-  run.counters = env->counters() - setup;
-  // Every stale access of the whole run: none is harmless.
-  run.counters[Counter::stale_accesses] = env->counters()[Counter::stale_accesses];
+  run.counters = NestedEnv::counted_since_setup(env->counters(), setup);
   run.warm_windows = phys->counters().get(Counter::remap_windows) - run.times.windows_after_cold;
   run.warm_pins = phys->counters().get(Counter::pins) - run.times.pins_after_cold;
   if (auto* t = env->machine->nested_contexts()) run.contexts = t->table().size();

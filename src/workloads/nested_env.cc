@@ -91,6 +91,12 @@ CounterSnapshot NestedEnv::run_counters(std::span<const CounterSnapshot> others)
   return merge_run_counters(CounterSnapshot::of(phys->counters()), all);
 }
 
+CounterSnapshot NestedEnv::counted_since_setup(const CounterSnapshot& total, const CounterSnapshot& setup) {
+  CounterSnapshot run = total - setup;
+  run[Counter::stale_accesses] = total[Counter::stale_accesses];
+  return run;
+}
+
 nlohmann::json NestedEnv::counters_by_vcpu() const {
   nlohmann::json j = nlohmann::json::object();
   for (int i = 0; i < machine->num_vcpus(); i++)

@@ -103,6 +103,10 @@ class NestedEnv {
   CounterSnapshot run_counters(std::span<const CounterSnapshot> others) const;
   // The same per vCPU ({"vcpu0": {...}, ...}; the VM's own events under "vm").
   nlohmann::json counters_by_vcpu() const;
+  // A run's counters when the set-up counted some of its own (the activation
+  // of --extra-caches): `total` less `setup`, except stale accesses, which
+  // count over the whole run (none is harmless).
+  static CounterSnapshot counted_since_setup(const CounterSnapshot& total, const CounterSnapshot& setup);
 
   NestedEnvConfig config;
   std::unique_ptr<host::PhysMem> phys;

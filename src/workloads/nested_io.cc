@@ -313,10 +313,7 @@ Result<NestedIoRun> run_nested_io(const NestedIoConfig& c) {
   Status st = env->machine->run(run_watchdog(ops / 100 + 2 * load_ms, std::chrono::microseconds(1'000)));
   if (!st) return tl::unexpected(st.error());
   CounterSnapshot others[] = {env->machine->counters()};
-  const CounterSnapshot total = env->run_counters(others);
-  run.counters = total - setup;
-  // Every stale access of the whole run: none is harmless.
-  run.counters[Counter::stale_accesses] = total[Counter::stale_accesses];
+  run.counters = NestedEnv::counted_since_setup(env->run_counters(others), setup);
   Leaks leaks = env->tear_down();
   IoVcpuTally t = run.total();
   const uint64_t want = c.requests_per_l2 * c.io.l2_vcpus;
