@@ -217,10 +217,10 @@ class NestedVmx {
   VmxStatus check_vtpr();
   // KVM's free_nested: leaves nested operation without writing the cached
   // vmcs12 back to L1 memory (only VMCLEAR and the VMPTRLD of another VMCS
-  // do that), releases the eVMCS, clears the contexts and puts the pages.
+  // do that), releases the eVMCS and the contexts it holds, and puts the pages.
   void release_nested();
   // Nested contexts (vmx_nested_contexts.h): VMPTRLD of a new address loads,
-  // VMCLEAR / VMXOFF / teardown clear.
+  // VMCLEAR clears; VMXOFF, teardown and another eVMCS release.
   void load_context(Gpa vmptr);
   void clear_context(Gpa vmptr);
   // A context this vCPU held was taken from it (a handover) or detached by

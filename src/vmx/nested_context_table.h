@@ -133,13 +133,13 @@ class NestedContextTable {
   // using the contents, and its user must stop it before using them.
   NestedContext* load(int vcpu_id, Gpa key, int* taken_from = nullptr) NC_EXCLUDES(mu_);
 
-  // VMCLEAR of `key` (and VMXOFF / vCPU teardown for the current key): if a
-  // context has `key` and is attached, detaches it and appends it to the LRU
-  // tail; it stays findable by `key`. Otherwise does nothing (an unknown key,
-  // kInvalidGpa, or an already detached context, which keeps its LRU place).
-  // Like the seed, does not check that `vcpu_id` is the holder. Returns the
-  // vCPU the context was detached from, kDetached if nothing was detached (a
-  // holder other than `vcpu_id` may still be using the contents: see load).
+  // VMCLEAR of `key`: if a context has `key` and is attached, detaches it
+  // and appends it to the LRU tail; it stays findable by `key`. Otherwise
+  // does nothing (an unknown key, kInvalidGpa, or an already detached
+  // context, which keeps its LRU place). Like the seed, does not check that
+  // `vcpu_id` is the holder. Returns the vCPU the context was detached from,
+  // kDetached if nothing was detached (a holder other than `vcpu_id` may
+  // still be using the contents: see load).
   int clear(int vcpu_id, Gpa key) NC_EXCLUDES(mu_);
 
   // VMXOFF, vCPU teardown, a switch to another eVMCS: `vcpu_id` stops using

@@ -58,9 +58,9 @@ class VmxNestedContexts final : public NestedContextOps {
   // the cache set it has; the caches refresh because the gpa differs).
   // `taken_from`: as NestedContextTable::load.
   VmxNestedContext* load(vm::Vcpu& vcpu, Gpa vmptr, int* taken_from = nullptr);
-  // VMCLEAR of `vmptr` (and VMXOFF / vCPU teardown of the current one):
-  // detach its context; it stays findable for a later load. Returns the vCPU
-  // it was detached from (NestedContext::kDetached: none).
+  // VMCLEAR of `vmptr`: detach its context, whichever vCPU holds it; it stays
+  // findable for a later load. Returns the vCPU it was detached from
+  // (NestedContext::kDetached: none).
   int clear(vm::Vcpu& vcpu, Gpa vmptr);
   // `vcpu` stops using `vmptr` (VMXOFF, teardown, another eVMCS): detach its
   // context only if `vcpu` holds it (NestedContextTable::release).
