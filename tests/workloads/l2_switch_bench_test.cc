@@ -11,13 +11,19 @@ namespace {
 
 constexpr uint64_t kRounds = 3;
 
-BenchRow run(const std::string& name, StrategyKind s) {
+BenchOptions no_exit_cost() {
+  BenchOptions o;
+  o.exit_cost_ns = 0;
+  return o;
+}
+
+// Test `name`'s row for `s`, kRounds rounds of it with options `o`.
+BenchRow run(const std::string& name, StrategyKind s, BenchOptions o = no_exit_cost()) {
   register_all();
   const BenchInfo* b = find_bench(name);
   EXPECT_NE(b, nullptr) << name;
-  BenchOptions o;
+  if (!b) return BenchRow{};
   o.iterations = kRounds;
-  o.exit_cost_ns = 0;
   auto row = b->run(o, s);
   EXPECT_TRUE(row) << (row ? "" : row.error().to_string());
   return row ? *row : BenchRow{};
@@ -57,19 +63,12 @@ TEST(L2SwitchBench, MapRemapsOnEverySwitchAndUsesNoContexts) {
 // On managed memory map opens no remap window (HostMap pins): the check
 // line says so instead of multiplying 0 windows by a window's cost.
 TEST(L2SwitchBench, ManagedMemoryCheckCountsPinsNotWindows) {
-  register_all();
-  const BenchInfo* b = find_bench("l2-switch-2");
-  ASSERT_NE(b, nullptr);
-  BenchOptions o;
-  o.iterations = kRounds;
-  o.exit_cost_ns = 0;
+  BenchOptions o = no_exit_cost();
   o.memory = MemoryKind::managed;
   std::vector<BenchRow> rows;
-  for (StrategyKind s : {StrategyKind::map, StrategyKind::cache}) {
-    auto row = b->run(o, s);
-    ASSERT_TRUE(row) << row.error().to_string();
-    rows.push_back(*row);
-  }
+  for (StrategyKind s : {StrategyKind::map, StrategyKind::cache}) rows.push_back(run("l2-switch-2", s, o));
+  ASSERT_FALSE(HasFailure()) << "a row did not run";
+  const BenchInfo* b = find_bench("l2-switch-2");
   ASSERT_EQ(rows[0].counters[Counter::remap_windows], 0u);
   ASSERT_GT(rows[0].counters[Counter::maps], 0u);
   // Map pins each of the vmcs12 pages on every entry; cache keeps its pins.
@@ -99,15 +98,11 @@ TEST(L2SwitchBench, SixteenL2sShareTheEightContexts) {
 // leave out the cold round's VMLAUNCHes. (Modelled time with costs, so the
 // parts are not all zero.)
 TEST(L2SwitchBench, BreakdownPerRoundTripIsTheWarmTimePerRoundTrip) {
-  register_all();
-  BenchOptions o;
-  o.iterations = kRounds;
-  auto row = find_bench("l2-switch-2")->run(o, StrategyKind::cache);
-  ASSERT_TRUE(row) << row.error().to_string();
-  nlohmann::json b = row->breakdown();
+  const BenchRow row = run("l2-switch-2", StrategyKind::cache, BenchOptions{});
+  nlohmann::json b = row.breakdown();
   ASSERT_FALSE(b["per_round_trip"].empty()) << b.dump();
   double total_ns = b["per_round_trip"]["total_ns"].get<double>();
-  EXPECT_NEAR(total_ns, row->seconds_per_round_trip * 1e9, 1) << b.dump();
+  EXPECT_NEAR(total_ns, row.seconds_per_round_trip * 1e9, 1) << b.dump();
   double parts_ns = 0;
   for (const auto& [part, ns] : b["per_round_trip"].items())
     if (part != "total_ns") parts_ns += ns.get<double>();
@@ -117,29 +112,21 @@ TEST(L2SwitchBench, BreakdownPerRoundTripIsTheWarmTimePerRoundTrip) {
 // The windows of --extra-caches open when the VMM activates them, before
 // the run: oracle's row has none, as in the memslot tests.
 TEST(L2SwitchBench, ExtraCachesWindowsAreNotTheRunsWindows) {
-  register_all();
-  BenchOptions o;
-  o.iterations = kRounds;
-  o.exit_cost_ns = 0;
+  BenchOptions o = no_exit_cost();
   o.extra_caches = 16;
-  auto row = find_bench("l2-switch-2")->run(o, StrategyKind::oracle);
-  ASSERT_TRUE(row) << row.error().to_string();
-  EXPECT_TRUE(row->failures.empty()) << row->to_json().dump();
-  EXPECT_EQ(row->counters[Counter::remap_windows], 0u);
+  const BenchRow row = run("l2-switch-2", StrategyKind::oracle, o);
+  EXPECT_TRUE(row.failures.empty()) << row.to_json().dump();
+  EXPECT_EQ(row.counters[Counter::remap_windows], 0u);
 }
 
 // The cold view's time is the time its breakdown splits: the loop from its
 // start to the end of round 0 (it was round 0 alone, which left out the
 // clock read that opens the round: a guest operation's 2 ns).
 TEST(L2SwitchBench, ColdIterationTimeIsItsBreakdownsTotal) {
-  register_all();
-  BenchOptions o;
-  o.iterations = kRounds;
-  auto row = find_bench("l2-switch-2")->run(o, StrategyKind::cache);
-  ASSERT_TRUE(row) << row.error().to_string();
-  nlohmann::json b = row->breakdown();
+  const BenchRow row = run("l2-switch-2", StrategyKind::cache, BenchOptions{});
+  nlohmann::json b = row.breakdown();
   ASSERT_FALSE(b["cold_iteration"].empty()) << b.dump();
-  EXPECT_NEAR(b["cold_iteration"]["total_ns"].get<double>(), row->cold_iteration_seconds * 1e9, 0.5) << b.dump();
+  EXPECT_NEAR(b["cold_iteration"]["total_ns"].get<double>(), row.cold_iteration_seconds * 1e9, 0.5) << b.dump();
 }
 
 }  // namespace
